@@ -1,0 +1,97 @@
+"""`amaas` command line: run stages, the whole pipeline, serving and operator actions."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from pipelines.config import ConfigError, Paths, load_settings
+from pipelines.registry import Registry, RegistryError
+from pipelines.stages import STAGES, run_stage
+
+log = logging.getLogger("amaas")
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="amaas", description=__doc__)
+    parser.add_argument("--params", help="settings file (default: $AMAAS_PARAMS or ./params.yaml)")
+    parser.add_argument("--root", help="project folder for data/, models/, reports/ (default: $AMAAS_ROOT or .)")
+    parser.add_argument("-v", "--verbose", action="store_true")
+    sub = parser.add_subparsers(dest="command", required=True)
+    for stage in STAGES:
+        p = sub.add_parser(stage, help=f"run the {stage} stage")
+        if stage == "promote":
+            p.add_argument("--force", action="store_true", help="skip the gate: make a version champion")
+            p.add_argument("--version", help="with --force: the version to promote (default: the challenger)")
+            p.add_argument("--reason", default="", help="why (recorded in the registry)")
+    sub.add_parser("run", help="run every stage in order: " + " -> ".join(STAGES))
+    rb = sub.add_parser("rollback", help="make the previous champion champion again")
+    rb.add_argument("--reason", default="", help="why (recorded in the registry)")
+    sub.add_parser("status", help="show champion, challenger and the last decision")
+    sv = sub.add_parser("serve", help="serve the champion's bento over HTTP")
+    sv.add_argument("--host")
+    sv.add_argument("--port", type=int)
+    return parser
+
+
+def _serve(args: argparse.Namespace, paths: Paths) -> int:
+    from pipelines.bento import bento_tag, use_project_home
+
+    settings = load_settings(args.params)
+    champion = Registry(paths.registry).champion
+    if champion is None:
+        raise RegistryError("no champion to serve yet: run `amaas run` (or `dvc repro`) first")
+    use_project_home(paths)
+    host, port = args.host or settings.serve.host, args.port or settings.serve.port
+    cmd = [str(Path(sys.executable).with_name("bentoml")), "serve", bento_tag(champion), "--host", host,
+           "--port", str(port)]
+    log.info("serving champion %s at http://%s:%d (POST /predict)", champion, host, port)
+    return subprocess.call(cmd, env=os.environ.copy())
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    paths = Paths(Path(args.root).resolve()) if args.root else Paths.from_env()
+    from pipelines.promote import force_promote, rollback
+    from pipelines.validate import DataValidationError
+
+    try:
+        if args.command == "serve":
+            return _serve(args, paths)
+        if args.command == "rollback":
+            print(json.dumps({"champion": rollback(paths, args.reason)}))
+        elif args.command == "status":
+            registry = Registry(paths.registry)
+            print(json.dumps({**registry.aliases(), "last_decision": (registry.decisions() or [None])[-1]}, indent=2))
+        elif args.command == "promote" and args.force:
+            print(json.dumps({"champion": force_promote(paths, args.version, args.reason)}))
+        else:
+            stages = STAGES if args.command == "run" else (args.command,)
+            for stage in stages:
+                summary = run_stage(stage, args.params, paths.root)
+                print(json.dumps({stage: summary}, default=str))
+            if args.command == "run":
+                _print_where(paths)
+    except (ConfigError, DataValidationError, RegistryError, FileNotFoundError, ValueError) as exc:
+        print(f"amaas: error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def _print_where(paths: Paths) -> None:
+    champion = Registry(paths.registry).champion
+    print(f"\nModel (challenger):  {paths.challenger}")
+    print(f"Champion:            {champion} in {paths.registry}")
+    print(f"Reports:             {paths.reports} (metrics.json, drift.html, validation.json, promotion.json)")
+    print("Serve the champion:  amaas serve  ->  POST http://127.0.0.1:3000/predict")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

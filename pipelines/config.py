@@ -1,0 +1,254 @@
+"""Typed settings loaded from params.yaml, and the project's file layout.
+
+Every tunable lives in params.yaml; this module turns it into validated objects and turns
+mistakes into messages that name the key and how to fix it.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from datetime import date
+from pathlib import Path
+from typing import Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+PARAMS_ENV = "AMAAS_PARAMS"
+ROOT_ENV = "AMAAS_ROOT"
+
+
+class ConfigError(ValueError):
+    """params.yaml is missing, unreadable or holds a bad value."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class SimulatorConfig(_Strict):
+    start_date: date
+    n_batches: int = Field(ge=1, le=3650)
+    rows_per_batch: int = Field(ge=10)
+    malformed_share: float = Field(ge=0, le=1)
+    drift_start_batch: int | None = Field(default=None, ge=0)
+    drift_strength: float = Field(default=1.0, ge=0)
+
+
+class SourceConfig(_Strict):
+    kind: Literal["simulator"] = "simulator"
+    simulator: SimulatorConfig
+
+
+class NumericRule(_Strict):
+    min: float
+    max: float
+    nullable: bool = False
+
+    @model_validator(mode="after")
+    def _ordered(self) -> NumericRule:
+        if self.min > self.max:
+            raise ValueError(f"min ({self.min}) must not exceed max ({self.max})")
+        return self
+
+
+class SchemaConfig(_Strict):
+    id_column: str
+    time_column: str
+    target: str
+    numeric: dict[str, NumericRule]
+    categorical: dict[str, list[str]]
+
+    @property
+    def feature_columns(self) -> list[str]:
+        return [*self.numeric, *self.categorical]
+
+    @property
+    def columns(self) -> list[str]:
+        return [self.id_column, self.time_column, *self.feature_columns, self.target]
+
+    @model_validator(mode="after")
+    def _categories(self) -> SchemaConfig:
+        for col, cats in self.categorical.items():
+            if not cats:
+                raise ValueError(f"categorical column {col!r} needs at least one allowed category")
+        return self
+
+
+class ValidateConfig(_Strict):
+    max_bad_share: float = Field(ge=0, le=1)
+    min_rows: int = Field(ge=0)
+
+
+class PrepareConfig(_Strict):
+    valid_share: float = Field(gt=0, lt=0.5)
+    test_share: float = Field(gt=0, lt=0.5)
+    clip_quantiles: tuple[float, float] = (0.001, 0.999)
+
+    @model_validator(mode="after")
+    def _quantiles(self) -> PrepareConfig:
+        lo, hi = self.clip_quantiles
+        if not 0 <= lo < hi <= 1:
+            raise ValueError("clip_quantiles must be [low, high] with 0 <= low < high <= 1")
+        return self
+
+
+class LightGBMConfig(_Strict):
+    n_estimators: int = Field(ge=1)
+    learning_rate: float = Field(gt=0, le=1)
+    num_leaves: int = Field(ge=2)
+    min_child_samples: int = Field(ge=1)
+    early_stopping_rounds: int = Field(ge=1)
+
+
+class XGBoostConfig(_Strict):
+    n_estimators: int = Field(ge=1)
+    learning_rate: float = Field(gt=0, le=1)
+    max_depth: int = Field(ge=1)
+    early_stopping_rounds: int = Field(ge=1)
+
+
+class MLPConfig(_Strict):
+    hidden: list[int] = Field(min_length=1)
+    embedding_dim: int = Field(ge=1)
+    epochs: int = Field(ge=1)
+    batch_size: int = Field(ge=1)
+    learning_rate: float = Field(gt=0)
+    patience: int = Field(ge=1)
+
+
+Learner = Literal["lightgbm", "xgboost", "mlp"]
+
+
+class TrainConfig(_Strict):
+    ensemble: Literal["averaging", "blending", "stacking"]
+    learners: list[Learner] = Field(min_length=1)
+    stacking_folds: int = Field(ge=2, le=20)
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    threads: int = Field(ge=1)
+    lightgbm: LightGBMConfig
+    xgboost: XGBoostConfig
+    mlp: MLPConfig
+
+
+class EvaluateConfig(_Strict):
+    threshold: float = Field(gt=0, lt=1)
+
+
+class PromoteConfig(_Strict):
+    metric: Literal["roc_auc", "pr_auc"]
+    min_improvement: float = Field(ge=0)
+    bootstrap_samples: int = Field(ge=10)
+    max_p_value: float = Field(gt=0, le=1)
+
+
+class ReportConfig(_Strict):
+    drift_share_threshold: float = Field(gt=0, le=1)
+
+
+class ServeConfig(_Strict):
+    host: str
+    port: int = Field(ge=1, le=65535)
+    max_batch_size: int = Field(ge=1)
+    max_latency_ms: int = Field(ge=1)
+
+
+class Settings(_Strict):
+    seed: int
+    source: SourceConfig
+    schema_: SchemaConfig = Field(alias="schema")
+    validate_: ValidateConfig = Field(alias="validate")
+    prepare: PrepareConfig
+    train: TrainConfig
+    evaluate: EvaluateConfig
+    promote: PromoteConfig
+    report: ReportConfig
+    serve: ServeConfig
+
+    @property
+    def data_schema(self) -> SchemaConfig:
+        return self.schema_
+
+    @property
+    def validation(self) -> ValidateConfig:
+        return self.validate_
+
+
+def _format_errors(exc: ValidationError, path: Path) -> str:
+    lines = [f"{path} has {exc.error_count()} invalid setting(s):"]
+    for err in exc.errors():
+        key = ".".join(str(p) for p in err["loc"]) or "<top level>"
+        got = err.get("input")
+        if err["type"] == "missing":
+            fix = "add this key (see the shipped params.yaml for an example)"
+        elif err["type"] == "extra_forbidden":
+            fix = "remove it or fix its spelling"
+        else:
+            fix = f"got {got!r}; change it"
+        lines.append(f"  - {key}: {err['msg']} -> {fix}")
+    return "\n".join(lines)
+
+
+def load_settings(path: str | Path | None = None) -> Settings:
+    """Load and validate params.yaml (default: $AMAAS_PARAMS, else ./params.yaml)."""
+    path = Path(path or os.environ.get(PARAMS_ENV) or "params.yaml")
+    if not path.is_file():
+        raise ConfigError(f"settings file {path} not found: run from the project root or set {PARAMS_ENV}")
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path} is not valid YAML: {exc}") from exc
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path} must be a YAML mapping of settings, got {type(raw).__name__}")
+    try:
+        return Settings.model_validate(raw)
+    except ValidationError as exc:
+        raise ConfigError(_format_errors(exc, path)) from None
+
+
+@dataclass(frozen=True)
+class Paths:
+    """Where every stage reads and writes, relative to one project root."""
+
+    root: Path
+
+    @classmethod
+    def from_env(cls) -> Paths:
+        return cls(Path(os.environ.get(ROOT_ENV) or Path.cwd()).resolve())
+
+    @property
+    def raw(self) -> Path:
+        return self.root / "data" / "raw"
+
+    @property
+    def validated(self) -> Path:
+        return self.root / "data" / "validated"
+
+    @property
+    def quarantine(self) -> Path:
+        return self.root / "data" / "quarantine"
+
+    @property
+    def features(self) -> Path:
+        return self.root / "data" / "features"
+
+    @property
+    def reference(self) -> Path:
+        return self.root / "data" / "reference"
+
+    @property
+    def challenger(self) -> Path:
+        return self.root / "models" / "challenger"
+
+    @property
+    def registry(self) -> Path:
+        return self.root / "models" / "registry"
+
+    @property
+    def reports(self) -> Path:
+        return self.root / "reports"
+
+    @property
+    def bentoml_home(self) -> Path:
+        return self.root / ".bentoml"

@@ -1,0 +1,114 @@
+"""Ensembles of learners: plain averaging, weighted blending, stacking on out-of-fold predictions."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Self
+
+import numpy as np
+import pandas as pd
+from scipy.optimize import minimize
+from scipy.special import expit, logit, softmax
+
+from pipelines.models.base import Learner, as_proba, log
+
+METHODS = ("averaging", "blending", "stacking")
+
+
+def _clipped_logit(p: np.ndarray) -> np.ndarray:
+    return logit(np.clip(p, 1e-6, 1 - 1e-6))
+
+
+def _log_loss(y: np.ndarray, p: np.ndarray) -> float:
+    p = np.clip(p, 1e-7, 1 - 1e-7)
+    return float(-np.mean(y * np.log(p) + (1 - y) * np.log(1 - p)))
+
+
+class Ensemble:
+    """Combines base learners; itself follows the Learner rules so it can stand in for one."""
+
+    def __init__(self, learners: list[Learner], method: str = "blending", folds: int = 5, seed: int = 0) -> None:
+        if method not in METHODS:
+            raise ValueError(f"ensemble method must be one of {METHODS}, got {method!r}")
+        if not learners:
+            raise ValueError("an ensemble needs at least one learner")
+        self.learners, self.method, self.folds, self.seed = learners, method, folds, seed
+
+    @property
+    def names(self) -> list[str]:
+        return [learner.kind for learner in self.learners]
+
+    def fit(self, X: pd.DataFrame, y: np.ndarray, X_valid: pd.DataFrame, y_valid: np.ndarray) -> Self:
+        y, y_valid = np.asarray(y), np.asarray(y_valid)
+        if self.method == "stacking":
+            meta_X = self._out_of_fold(X, y)
+        self.members_ = [learner.clone().fit(X, y, X_valid, y_valid) for learner in self.learners]
+        valid_preds = self.member_predictions(X_valid)
+        self.member_valid_log_loss_ = {n: _log_loss(y_valid, valid_preds[:, i]) for i, n in enumerate(self.names)}
+        if self.method == "averaging":
+            self.weights_ = np.full(len(self.members_), 1 / len(self.members_))
+        elif self.method == "blending":
+            self.weights_ = self._fit_blend_weights(valid_preds, y_valid)
+        else:
+            self.weights_, self.intercept_ = self._fit_meta(meta_X, y)
+        log.info("ensemble %s weights %s", self.method, dict(zip(self.names, np.round(self.weights_, 4), strict=True)))
+        return self
+
+    def _out_of_fold(self, X: pd.DataFrame, y: np.ndarray) -> np.ndarray:
+        """Each training row predicted by learners that never saw it: the meta-learner's inputs."""
+        from sklearn.model_selection import StratifiedKFold
+
+        oof = np.zeros((len(X), len(self.learners)))
+        splitter = StratifiedKFold(self.folds, shuffle=True, random_state=self.seed)
+        for fit_idx, pred_idx in splitter.split(X, y):
+            X_fit, y_fit = X.iloc[fit_idx], y[fit_idx]
+            X_hold, y_hold = X.iloc[pred_idx], y[pred_idx]
+            for j, learner in enumerate(self.learners):
+                model = learner.clone().fit(X_fit, y_fit, X_hold, y_hold)
+                oof[pred_idx, j] = model.predict_proba(X_hold)[:, 1]
+        return oof
+
+    @staticmethod
+    def _fit_blend_weights(preds: np.ndarray, y: np.ndarray) -> np.ndarray:
+        """Non-negative weights summing to 1 that minimize validation log loss."""
+        def loss(z: np.ndarray) -> float:
+            return _log_loss(y, preds @ softmax(z))
+
+        res = minimize(loss, np.zeros(preds.shape[1]), method="L-BFGS-B")
+        return softmax(res.x)
+
+    def _fit_meta(self, oof: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, float]:
+        from sklearn.linear_model import LogisticRegression
+
+        meta = LogisticRegression(C=1.0, random_state=self.seed).fit(_clipped_logit(oof), y)
+        return meta.coef_[0].astype("float64"), float(meta.intercept_[0])
+
+    def member_predictions(self, X: pd.DataFrame) -> np.ndarray:
+        return np.column_stack([m.predict_proba(X)[:, 1] for m in self.members_])
+
+    def predict_proba(self, X: pd.DataFrame) -> np.ndarray:
+        preds = self.member_predictions(X)
+        if self.method == "stacking":
+            return as_proba(expit(_clipped_logit(preds) @ self.weights_ + self.intercept_))
+        return as_proba(preds @ self.weights_)
+
+    def save(self, path: Path) -> None:
+        path.mkdir(parents=True, exist_ok=True)
+        for name, member in zip(self.names, self.members_, strict=True):
+            member.save(path / name)
+        meta: dict[str, Any] = {"method": self.method, "folds": self.folds, "seed": self.seed, "members": self.names,
+                                "weights_": self.weights_.tolist(), "intercept_": getattr(self, "intercept_", 0.0),
+                                "member_valid_log_loss_": self.member_valid_log_loss_}
+        (path / "ensemble.json").write_text(json.dumps(meta, indent=2, sort_keys=True))
+
+    @classmethod
+    def load(cls, path: Path) -> Ensemble:
+        meta = json.loads((path / "ensemble.json").read_text())
+        members = [Learner.load(path / name) for name in meta["members"]]
+        ens = cls(members, meta["method"], meta["folds"], meta["seed"])
+        ens.members_ = members
+        ens.weights_ = np.asarray(meta["weights_"])
+        ens.intercept_ = meta["intercept_"]
+        ens.member_valid_log_loss_ = meta["member_valid_log_loss_"]
+        return ens

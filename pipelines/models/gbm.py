@@ -1,0 +1,117 @@
+"""Gradient-boosted tree learners: LightGBM and XGBoost behind the Learner interface."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Self
+
+import numpy as np
+import pandas as pd
+
+from pipelines.models.base import Learner, as_proba, log, resolve_device
+
+
+class LightGBMLearner(Learner):
+    kind = "lightgbm"
+
+    def __init__(self, categorical: dict[str, int] | None = None, n_estimators: int = 400,
+                 learning_rate: float = 0.05, num_leaves: int = 31, min_child_samples: int = 20,
+                 early_stopping_rounds: int = 30, seed: int = 0, threads: int = 1, device: str = "auto") -> None:
+        super().__init__(categorical=categorical or {}, n_estimators=n_estimators, learning_rate=learning_rate,
+                         num_leaves=num_leaves, min_child_samples=min_child_samples,
+                         early_stopping_rounds=early_stopping_rounds, seed=seed, threads=threads, device=device)
+
+    def fit(self, X: pd.DataFrame, y: np.ndarray, X_valid: pd.DataFrame | None = None,
+            y_valid: np.ndarray | None = None) -> Self:
+        import lightgbm as lgb
+
+        p = self.params
+        # The PyPI wheel of LightGBM has no CUDA support, so it trains on CPU whatever the device.
+        self.device_ = "cpu"
+        log.info("lightgbm: device=cpu (PyPI build has no CUDA), requested %s", resolve_device(p["device"]))
+        params = {
+            "objective": "binary", "learning_rate": p["learning_rate"], "num_leaves": p["num_leaves"],
+            "min_child_samples": p["min_child_samples"], "seed": p["seed"], "num_threads": p["threads"],
+            "deterministic": True, "force_row_wise": True, "verbosity": -1,
+        }
+        cats = list(p["categorical"])
+        train = lgb.Dataset(X, y, categorical_feature=cats or "auto", free_raw_data=True)
+        valid_sets, callbacks = [], []
+        if X_valid is not None:
+            valid_sets = [lgb.Dataset(X_valid, y_valid, reference=train)]
+            callbacks = [lgb.early_stopping(p["early_stopping_rounds"], verbose=False)]
+        self.booster_ = lgb.train(params, train, num_boost_round=p["n_estimators"], valid_sets=valid_sets,
+                                  callbacks=callbacks)
+        return self
+
+    def predict_proba(self, X: pd.DataFrame) -> np.ndarray:
+        return as_proba(self.booster_.predict(X, num_iteration=self.booster_.best_iteration or None))
+
+    def _state(self) -> dict[str, Any]:
+        return {"device_": self.device_}
+
+    def _save_model(self, path: Path) -> None:
+        self.booster_.save_model(str(path / "model.txt"), num_iteration=self.booster_.best_iteration or None)
+
+    def _load_model(self, path: Path, state: dict[str, Any]) -> None:
+        import lightgbm as lgb
+
+        self.booster_ = lgb.Booster(model_file=str(path / "model.txt"))
+        self.device_ = state["device_"]
+
+
+class XGBoostLearner(Learner):
+    kind = "xgboost"
+
+    def __init__(self, categorical: dict[str, int] | None = None, n_estimators: int = 400,
+                 learning_rate: float = 0.05, max_depth: int = 5, early_stopping_rounds: int = 30,
+                 seed: int = 0, threads: int = 1, device: str = "auto") -> None:
+        super().__init__(categorical=categorical or {}, n_estimators=n_estimators, learning_rate=learning_rate,
+                         max_depth=max_depth, early_stopping_rounds=early_stopping_rounds, seed=seed,
+                         threads=threads, device=device)
+
+    def _matrix(self, X: pd.DataFrame, y: np.ndarray | None = None) -> Any:
+        import xgboost as xgb
+
+        X = X.copy()
+        for col, card in self.params["categorical"].items():
+            X[col] = pd.Categorical(X[col], categories=range(card))
+        return xgb.DMatrix(X, label=y, enable_categorical=True, nthread=self.params["threads"])
+
+    def fit(self, X: pd.DataFrame, y: np.ndarray, X_valid: pd.DataFrame | None = None,
+            y_valid: np.ndarray | None = None) -> Self:
+        import xgboost as xgb
+
+        p = self.params
+        self.device_ = resolve_device(p["device"])
+        log.info("xgboost: device=%s", self.device_)
+        params = {
+            "objective": "binary:logistic", "eval_metric": "logloss", "eta": p["learning_rate"],
+            "max_depth": p["max_depth"], "seed": p["seed"], "nthread": p["threads"], "tree_method": "hist",
+            "device": self.device_, "max_cat_to_onehot": 1,
+        }
+        train = self._matrix(X, y)
+        evals, stop = [], None
+        if X_valid is not None:
+            evals, stop = [(self._matrix(X_valid, y_valid), "valid")], p["early_stopping_rounds"]
+        self.booster_ = xgb.train(params, train, num_boost_round=p["n_estimators"], evals=evals,
+                                  early_stopping_rounds=stop, verbose_eval=False)
+        return self
+
+    def predict_proba(self, X: pd.DataFrame) -> np.ndarray:
+        best = getattr(self.booster_, "best_iteration", None)
+        rng = (0, best + 1) if best is not None else (0, 0)
+        return as_proba(self.booster_.predict(self._matrix(X), iteration_range=rng))
+
+    def _state(self) -> dict[str, Any]:
+        return {"device_": self.device_}
+
+    def _save_model(self, path: Path) -> None:
+        self.booster_.save_model(str(path / "model.ubj"))
+
+    def _load_model(self, path: Path, state: dict[str, Any]) -> None:
+        import xgboost as xgb
+
+        self.booster_ = xgb.Booster(model_file=str(path / "model.ubj"))
+        self.booster_.set_param({"nthread": self.params["threads"], "device": resolve_device(self.params["device"])})
+        self.device_ = state["device_"]

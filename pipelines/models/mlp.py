@@ -1,0 +1,132 @@
+"""PyTorch MLP with an embedding per categorical column, behind the Learner interface."""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Any, Self
+
+import numpy as np
+import pandas as pd
+
+from pipelines.models.base import Learner, as_proba, log, resolve_device
+
+
+def _build_net(n_numeric: int, cardinalities: dict[str, int], embedding_dim: int, hidden: list[int]) -> Any:
+    import torch
+    from torch import nn
+
+    class TabularMLP(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.embeddings = nn.ModuleList(nn.Embedding(card, embedding_dim) for card in cardinalities.values())
+            layers: list[nn.Module] = []
+            width = n_numeric + embedding_dim * len(cardinalities)
+            for size in hidden:
+                layers += [nn.Linear(width, size), nn.ReLU(), nn.Dropout(0.1)]
+                width = size
+            layers.append(nn.Linear(width, 1))
+            self.body = nn.Sequential(*layers)
+
+        def forward(self, numeric: torch.Tensor, codes: torch.Tensor) -> torch.Tensor:
+            parts = [numeric] + [emb(codes[:, i]) for i, emb in enumerate(self.embeddings)]
+            return self.body(torch.cat(parts, dim=1)).squeeze(1)
+
+    return TabularMLP()
+
+
+class MLPLearner(Learner):
+    kind = "mlp"
+
+    def __init__(self, categorical: dict[str, int] | None = None, hidden: list[int] | None = None,
+                 embedding_dim: int = 4, epochs: int = 30, batch_size: int = 256, learning_rate: float = 3e-3,
+                 patience: int = 5, seed: int = 0, threads: int = 1, device: str = "auto") -> None:
+        super().__init__(categorical=categorical or {}, hidden=list(hidden or [64, 32]),
+                         embedding_dim=embedding_dim, epochs=epochs, batch_size=batch_size,
+                         learning_rate=learning_rate, patience=patience, seed=seed, threads=threads, device=device)
+
+    def _tensors(self, X: pd.DataFrame) -> tuple[Any, Any]:
+        import torch
+
+        cats = list(self.params["categorical"])
+        numeric = X.drop(columns=cats).to_numpy(dtype="float32")
+        codes = X[cats].to_numpy(dtype="int64") if cats else np.zeros((len(X), 0), dtype="int64")
+        return (torch.from_numpy(numeric).to(self.device_), torch.from_numpy(codes).to(self.device_))
+
+    def fit(self, X: pd.DataFrame, y: np.ndarray, X_valid: pd.DataFrame | None = None,
+            y_valid: np.ndarray | None = None) -> Self:
+        import torch
+
+        p = self.params
+        self.device_ = resolve_device(p["device"])
+        log.info("mlp: device=%s", self.device_)
+        torch.manual_seed(p["seed"])
+        torch.set_num_threads(p["threads"])
+        self.columns_ = list(X.columns)
+        self.net_ = _build_net(X.shape[1] - len(p["categorical"]), p["categorical"], p["embedding_dim"],
+                               p["hidden"]).to(self.device_)
+        num, codes = self._tensors(X)
+        target = torch.as_tensor(np.asarray(y, dtype="float32"), device=self.device_)
+        valid = (self._tensors(X_valid), np.asarray(y_valid)) if X_valid is not None else None
+        optim = torch.optim.Adam(self.net_.parameters(), lr=p["learning_rate"])
+        loss_fn = torch.nn.BCEWithLogitsLoss()
+        gen = torch.Generator().manual_seed(p["seed"])
+        best_loss, best_state, stale = np.inf, None, 0
+        for epoch in range(p["epochs"]):
+            self.net_.train()
+            for idx in torch.randperm(len(target), generator=gen).split(p["batch_size"]):
+                idx = idx.to(self.device_)
+                optim.zero_grad()
+                loss_fn(self.net_(num[idx], codes[idx]), target[idx]).backward()
+                optim.step()
+            if valid is None:
+                continue
+            loss = _log_loss(valid[1], self._predict(*valid[0]))
+            if loss < best_loss - 1e-5:
+                best_loss, best_state, stale = loss, copy.deepcopy(self.net_.state_dict()), 0
+            else:
+                stale += 1
+                if stale >= p["patience"]:
+                    log.info("mlp: early stop at epoch %d (best valid log loss %.4f)", epoch, best_loss)
+                    break
+        if best_state is not None:
+            self.net_.load_state_dict(best_state)
+        self.net_.eval()
+        return self
+
+    def _predict(self, num: Any, codes: Any) -> np.ndarray:
+        import torch
+
+        self.net_.eval()
+        with torch.no_grad():
+            return torch.sigmoid(self.net_(num, codes)).double().cpu().numpy()
+
+    def predict_proba(self, X: pd.DataFrame) -> np.ndarray:
+        return as_proba(self._predict(*self._tensors(X[self.columns_])))
+
+    def _state(self) -> dict[str, Any]:
+        return {"device_": self.device_, "columns_": self.columns_}
+
+    def _save_model(self, path: Path) -> None:
+        import torch
+
+        torch.save({k: v.cpu() for k, v in self.net_.state_dict().items()}, path / "model.pt")
+
+    def _load_model(self, path: Path, state: dict[str, Any]) -> None:
+        import torch
+
+        self.columns_ = state["columns_"]
+        self.device_ = resolve_device(self.params["device"])
+        p = self.params
+        self.net_ = _build_net(len(self.columns_) - len(p["categorical"]), p["categorical"], p["embedding_dim"],
+                               p["hidden"])
+        self.net_.load_state_dict(torch.load(path / "model.pt", map_location="cpu", weights_only=True))
+        self.net_.to(self.device_).eval()
+        self.trained_on_ = state["device_"]
+
+
+def _log_loss(y: np.ndarray, p: np.ndarray) -> float:
+    p = np.clip(p, 1e-7, 1 - 1e-7)
+    return float(-np.mean(y * np.log(p) + (1 - y) * np.log(1 - p)))
+
+

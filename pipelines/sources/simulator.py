@@ -1,0 +1,121 @@
+"""Simulator of a production loan table: realistic, noisy, and drifting when asked.
+
+Each daily batch is a pure function of (seed, batch index), so a rerun gives the same rows.
+"""
+
+from __future__ import annotations
+
+from datetime import timedelta
+
+import numpy as np
+import pandas as pd
+
+from pipelines.config import SimulatorConfig
+
+HOME = ["rent", "own", "mortgage", "other"]
+PURPOSE = ["debt_consolidation", "credit_card", "home_improvement", "small_business", "car", "medical", "other"]
+REGION = ["north", "south", "east", "west"]
+_PURPOSE_RISK = dict(zip(PURPOSE, [0.1, 0.0, -0.2, 0.6, -0.3, 0.3, 0.1], strict=True))
+_HOME_RISK = dict(zip(HOME, [0.25, -0.2, -0.1, 0.1], strict=True))
+ID_STRIDE = 10_000_000  # ids of batch k start at k * ID_STRIDE: unique across batches
+
+
+def batch_date(cfg: SimulatorConfig, index: int) -> pd.Timestamp:
+    return pd.Timestamp(cfg.start_date + timedelta(days=index))
+
+
+def _drift(cfg: SimulatorConfig, index: int) -> float:
+    if cfg.drift_start_batch is None or index < cfg.drift_start_batch:
+        return 0.0
+    return cfg.drift_strength
+
+
+def generate_batch(cfg: SimulatorConfig, seed: int, index: int) -> pd.DataFrame:
+    """Rows of batch `index` (one day), with the configured share of malformed rows."""
+    rng = np.random.default_rng([seed, index])
+    n, d = cfg.rows_per_batch, _drift(cfg, index)
+
+    age = rng.integers(18, 76, n)
+    income = np.round(rng.lognormal(np.log(55_000) - 0.25 * d, 0.5, n), 2)
+    employment = np.minimum(age - 18, np.round(rng.gamma(2.0, 3.0, n), 1))
+    home = rng.choice(HOME, n, p=[0.4, 0.2, 0.35, 0.05])
+    p_purpose = np.array([0.35, 0.2, 0.12, 0.06, 0.12, 0.05, 0.1]) + d * np.array([-0.1, 0, 0, 0.06, 0, 0.04, 0])
+    purpose = rng.choice(PURPOSE, n, p=p_purpose / p_purpose.sum())
+    region = rng.choice(REGION, n)
+    credit = np.clip(np.round(rng.normal(680 - 30 * d, 60, n)), 300, 850)
+    amount = np.round(np.clip(rng.lognormal(np.log(15_000), 0.6, n), 500, 500_000), 2)
+    term = rng.choice([36, 60], n, p=[0.7, 0.3])
+    rate = np.round(np.clip(4 + (850 - credit) / 25 + rng.normal(0, 1.5, n) + d, 1, 35), 2)
+    dti = np.round(np.clip(amount * 12 / term / income + rng.beta(2, 5, n) * 0.4, 0, 4.9), 4)
+    accounts = rng.poisson(8, n)
+    delinq = rng.poisson(0.3 + 0.2 * d, n)
+
+    z = (
+        -2.3
+        + 0.015 * (680 - credit)
+        + 1.5 * (dti - 0.35)
+        + 0.12 * (rate - 12)
+        + 0.45 * delinq
+        + 0.35 * (term == 60)
+        + np.vectorize(_PURPOSE_RISK.get)(purpose)
+        + np.vectorize(_HOME_RISK.get)(home)
+        - 0.03 * employment
+        + 0.5 * (age < 25)
+        + 0.8 * ((dti > 0.5) & (credit < 640))
+        + d * 0.6 * (region == "south")  # concept drift: the same applicant gets riskier in one region
+    )
+    target = (rng.random(n) < 1 / (1 + np.exp(-z))).astype("int64")
+
+    seconds = np.sort(rng.uniform(0, 86_400, n))
+    df = pd.DataFrame(
+        {
+            "loan_id": index * ID_STRIDE + np.arange(1, n + 1),
+            "event_time": batch_date(cfg, index) + pd.to_timedelta(seconds, unit="s"),
+            "age": age.astype("float64"),
+            "income": income,
+            "loan_amount": amount,
+            "term_months": term.astype("float64"),
+            "interest_rate": rate,
+            "credit_score": credit,
+            "debt_to_income": dti,
+            "employment_years": employment,
+            "open_accounts": accounts.astype("float64"),
+            "delinquencies_2y": delinq.astype("float64"),
+            "home_ownership": home.astype(object),
+            "purpose": purpose.astype(object),
+            "region": region.astype(object),
+            "default": target,
+        }
+    )
+    _add_real_world_noise(df, rng)
+    _add_malformed_rows(df, rng, cfg.malformed_share)
+    return df
+
+
+def _add_real_world_noise(df: pd.DataFrame, rng: np.random.Generator) -> None:
+    """Missing values and messy category spelling: cleaning handles these, validation passes them."""
+    n = len(df)
+    missing_income = rng.random(n) < 0.04
+    df.loc[missing_income, ["income", "debt_to_income"]] = np.nan
+    df.loc[rng.random(n) < 0.06, "employment_years"] = np.nan
+    messy = rng.random(n) < 0.03
+    df.loc[messy, "home_ownership"] = df.loc[messy, "home_ownership"].str.upper().str.pad(8, side="both")
+
+
+def _add_malformed_rows(df: pd.DataFrame, rng: np.random.Generator, share: float) -> None:
+    """Defects a production table really has; each must end in quarantine, not in training."""
+    n_bad = int(round(share * len(df)))
+    if n_bad == 0:
+        return
+    rows = rng.choice(np.arange(1, len(df)), size=min(n_bad, len(df) - 1), replace=False)
+    for row, kind in zip(rows, rng.integers(0, 5, len(rows)), strict=True):
+        if kind == 0:
+            df.loc[row, "age"] = rng.choice([-1.0, 150.0])
+        elif kind == 1:
+            df.loc[row, "credit_score"] = 9999.0
+        elif kind == 2:
+            df.loc[row, "purpose"] = "crypto"
+        elif kind == 3:
+            df.loc[row, "loan_amount"] = np.nan
+        else:
+            df.loc[row, "loan_id"] = df.loc[row - 1, "loan_id"]

@@ -1,0 +1,30 @@
+"""The pipeline's stages in order, and the one function every entry point uses to run one.
+
+dvc.yaml, the training DAG and `amaas run` all follow STAGES; a test checks they agree.
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+from pipelines.config import Paths, load_settings
+
+STAGES = ("collect", "validate", "prepare", "train", "evaluate", "report", "package", "promote")
+log = logging.getLogger(__name__)
+
+
+def run_stage(name: str, params: str | Path | None = None, root: str | Path | None = None) -> dict[str, Any]:
+    """Run stage `name` with settings from `params` on the project at `root`; return its summary."""
+    if name not in STAGES:
+        raise ValueError(f"unknown stage {name!r}; stages are: {', '.join(STAGES)}")
+    settings = load_settings(params)
+    paths = Paths(Path(root).resolve()) if root else Paths.from_env()
+    module = importlib.import_module(f"pipelines.{name}")
+    started = time.perf_counter()
+    summary = module.run(settings, paths)
+    log.info("stage %s done in %.1f s", name, time.perf_counter() - started)
+    return summary

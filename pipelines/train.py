@@ -1,0 +1,66 @@
+"""train: fit the base learners and combine them into the challenger model bundle."""
+
+from __future__ import annotations
+
+import logging
+import shutil
+from typing import Any
+
+import pandas as pd
+
+from pipelines.bundle import ENSEMBLE_DIR, METADATA_FILE, TRANSFORM_FILE
+from pipelines.config import Paths, Settings
+from pipelines.io import atomic_dir, tree_sha256, write_json
+from pipelines.lineage import git_commit, md5_of
+from pipelines.models import LEARNERS, Ensemble, Learner, resolve_device
+from pipelines.transform import FeatureTransform
+
+log = logging.getLogger(__name__)
+
+
+def build_learners(settings: Settings, cardinalities: dict[str, int]) -> list[Learner]:
+    """One learner per name in train.learners, configured from its params section."""
+    cfg = settings.train
+    common = {"categorical": cardinalities, "seed": settings.seed, "threads": cfg.threads, "device": cfg.device}
+    return [LEARNERS[name](**common, **getattr(cfg, name).model_dump()) for name in cfg.learners]
+
+
+def run(settings: Settings, paths: Paths) -> dict[str, Any]:
+    """Fit on data/features/train, early-stop and combine on valid; write models/challenger/."""
+    target = settings.data_schema.target
+    transform = FeatureTransform.load(paths.features / TRANSFORM_FILE)
+    train = pd.read_parquet(paths.features / "train.parquet")
+    valid = pd.read_parquet(paths.features / "valid.parquet")
+    X, y = train.drop(columns=[target]), train[target].to_numpy()
+    X_valid, y_valid = valid.drop(columns=[target]), valid[target].to_numpy()
+
+    learners = build_learners(settings, transform.cardinalities)
+    ensemble = Ensemble(learners, settings.train.ensemble, settings.train.stacking_folds, settings.seed)
+    ensemble.fit(X, y, X_valid, y_valid)
+
+    with atomic_dir(paths.challenger) as out:
+        shutil.copy2(paths.features / TRANSFORM_FILE, out / TRANSFORM_FILE)
+        ensemble.save(out / ENSEMBLE_DIR)
+        version = "v" + tree_sha256(out)[:12]  # content-addressed: same data + params + code = same version
+        metadata = {
+            "version": version,
+            "ensemble": ensemble.method,
+            "learners": ensemble.names,
+            "weights": dict(zip(ensemble.names, ensemble.weights_.tolist(), strict=True)),
+            "member_valid_log_loss": ensemble.member_valid_log_loss_,
+            "device": resolve_device(settings.train.device),
+            "member_devices": {m.kind: getattr(m, "device_", "cpu") for m in ensemble.members_},
+            "data_md5": md5_of(paths.validated / "data.parquet"),
+            "git_commit": git_commit(paths.root),
+            "params": settings.train.model_dump(mode="json"),
+            "seed": settings.seed,
+            "train_rows": len(train),
+            "valid_rows": len(valid),
+            "features": transform.feature_names,
+        }
+        write_json(out / METADATA_FILE, metadata)
+    summary = {"version": version, "ensemble": ensemble.method, "weights": metadata["weights"],
+               "member_valid_log_loss": ensemble.member_valid_log_loss_, "model_dir": str(paths.challenger)}
+    write_json(paths.reports / "train.json", {k: v for k, v in summary.items() if k != "model_dir"})
+    log.info("trained challenger %s", version)
+    return summary
