@@ -10,7 +10,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from pipelines.config import ConfigError, Paths, load_settings
+from pipelines.config import ConfigError, Paths, Settings, load_settings
 from pipelines.registry import Registry, RegistryError
 from pipelines.stages import STAGES, run_stage
 
@@ -33,6 +33,7 @@ def _parser() -> argparse.ArgumentParser:
     rb = sub.add_parser("rollback", help="make the previous champion champion again")
     rb.add_argument("--reason", default="", help="why (recorded in the registry)")
     sub.add_parser("status", help="show champion, challenger and the last decision")
+    sub.add_parser("where", help="print where the model, the reports and the endpoint are")
     sv = sub.add_parser("serve", help="serve the champion's bento over HTTP")
     sv.add_argument("--host")
     sv.add_argument("--port", type=int)
@@ -70,6 +71,8 @@ def main(argv: list[str] | None = None) -> int:
         elif args.command == "status":
             registry = Registry(paths.registry)
             print(json.dumps({**registry.aliases(), "last_decision": (registry.decisions() or [None])[-1]}, indent=2))
+        elif args.command == "where":
+            _print_where(paths, load_settings(args.params))
         elif args.command == "promote" and args.force:
             print(json.dumps({"champion": force_promote(paths, args.version, args.reason)}))
         else:
@@ -78,19 +81,21 @@ def main(argv: list[str] | None = None) -> int:
                 summary = run_stage(stage, args.params, paths.root)
                 print(json.dumps({stage: summary}, default=str))
             if args.command == "run":
-                _print_where(paths)
+                _print_where(paths, load_settings(args.params))
     except (ConfigError, DataValidationError, RegistryError, FileNotFoundError, ValueError) as exc:
         print(f"amaas: error: {exc}", file=sys.stderr)
         return 2
     return 0
 
 
-def _print_where(paths: Paths) -> None:
+def _print_where(paths: Paths, settings: Settings) -> None:
     champion = Registry(paths.registry).champion
-    print(f"\nModel (challenger):  {paths.challenger}")
-    print(f"Champion:            {champion} in {paths.registry}")
-    print(f"Reports:             {paths.reports} (metrics.json, drift.html, validation.json, promotion.json)")
-    print("Serve the champion:  amaas serve  ->  POST http://127.0.0.1:3000/predict")
+    url = f"http://{settings.serve.host}:{settings.serve.port}"
+    print(f"\nChallenger model:  {paths.challenger}")
+    print(f"Champion:          {champion} (registry: {paths.registry})")
+    print(f"Reports:           {paths.reports}/ metrics.json, drift.html, validation.json, promotion.json")
+    print(f"Quarantined rows:  {paths.quarantine / 'quarantine.parquet'}")
+    print(f"Endpoint:          `make serve` (or `amaas serve`) -> POST {url}/predict, docs at {url}/")
 
 
 if __name__ == "__main__":

@@ -45,9 +45,8 @@ def run(settings: Settings, paths: Paths) -> dict[str, Any]:
     proba = bundle.predict_proba(test)
     result = classification_metrics(y, proba, settings.evaluate.threshold)
     member_preds = bundle.ensemble.member_predictions(bundle.transform.transform(test))
-    result["members_roc_auc"] = {
-        name: float(skm.roc_auc_score(y, member_preds[:, i])) for i, name in enumerate(bundle.ensemble.names)
-    }
+    for i, name in enumerate(bundle.ensemble.names):
+        result[f"roc_auc_{name}"] = float(skm.roc_auc_score(y, member_preds[:, i]))
     result["version"] = bundle.version
     result["test_rows"] = len(test)
     write_json(paths.reports / "metrics.json", result)

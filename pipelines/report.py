@@ -13,6 +13,7 @@ from pipelines.config import Paths, Settings
 from pipelines.io import atomic_path, write_json
 
 log = logging.getLogger(__name__)
+METRIC_KEYS = ("current_batch", "drift_share", "n_drifted", "n_columns", "retrain_needed")
 _VALUE_DRIFT = re.compile(r"ValueDrift\(column=(?P<column>[^,]+),method=(?P<method>[^,]+),threshold=(?P<thr>[^)]+)\)")
 
 
@@ -59,7 +60,8 @@ def run(settings: Settings, paths: Paths) -> dict[str, Any]:
         snapshot.save_html(str(tmp))
     summary = {"current_batch": newest, "current_rows": len(current), "reference_rows": len(reference),
                **drift_summary(snapshot.dict(), settings.report.drift_share_threshold)}
-    write_json(paths.reports / "drift.json", summary)
+    write_json(paths.reports / "drift_details.json", summary)
+    write_json(paths.reports / "drift.json", {k: summary[k] for k in METRIC_KEYS})
     log.info("drift: %d/%d columns drifted in batch %s (retrain_needed=%s)", summary["n_drifted"],
              summary["n_columns"], newest, summary["retrain_needed"])
-    return {k: summary[k] for k in ("current_batch", "drift_share", "drifted_columns", "retrain_needed")}
+    return {**{k: summary[k] for k in METRIC_KEYS}, "drifted_columns": summary["drifted_columns"]}

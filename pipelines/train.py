@@ -61,6 +61,7 @@ def run(settings: Settings, paths: Paths) -> dict[str, Any]:
         write_json(out / METADATA_FILE, metadata)
     summary = {"version": version, "ensemble": ensemble.method, "weights": metadata["weights"],
                "member_valid_log_loss": ensemble.member_valid_log_loss_, "model_dir": str(paths.challenger)}
-    write_json(paths.reports / "train.json", {k: v for k, v in summary.items() if k != "model_dir"})
+    write_json(paths.reports / "train.json", {"version": version, "ensemble": ensemble.method,
+                                              **{f"weight_{n}": w for n, w in metadata["weights"].items()}})
     log.info("trained challenger %s", version)
     return summary

@@ -21,27 +21,32 @@ log = logging.getLogger(__name__)
 
 ROW = "__row__"  # position of a row in the collected data; GE reports failures by it
 REASONS = "quarantine_reasons"
+METRIC_KEYS = ("status", "rows_in", "rows_clean", "rows_quarantined", "bad_share")
 
 
 class DataValidationError(RuntimeError):
     """The batch must not reach training; the message says which columns and why."""
 
 
-def load_raw(paths: Paths) -> pd.DataFrame:
-    """All collected batches, in manifest order, with a `batch` column."""
+def load_batches(paths: Paths) -> list[tuple[str, pd.DataFrame]]:
+    """Every collected batch as (name, rows), in manifest order."""
     manifest_file = paths.raw / "manifest.json"
     if not manifest_file.is_file():
         raise DataValidationError(f"{manifest_file} not found: run `amaas collect` first")
-    frames = []
+    batches = []
     for entry in read_json(manifest_file)["batches"]:
         try:
-            frame = pd.read_parquet(paths.raw / entry["file"])
+            batches.append((entry["batch"], pd.read_parquet(paths.raw / entry["file"])))
         except Exception as exc:  # a truncated or corrupt file is a data problem, not a crash
             raise DataValidationError(f"batch file {entry['file']} cannot be read ({exc}); re-collect it") from exc
-        frames.append(frame.assign(batch=entry["batch"]))
-    if not frames:
+    if not batches:
         raise DataValidationError("the source returned no batches: check source settings in params.yaml")
-    return pd.concat(frames, ignore_index=True)
+    return batches
+
+
+def load_raw(paths: Paths) -> pd.DataFrame:
+    """All collected batches in one frame, with a `batch` column."""
+    return pd.concat([rows.assign(batch=name) for name, rows in load_batches(paths)], ignore_index=True)
 
 
 def check_schema(df: pd.DataFrame, schema: SchemaConfig) -> list[str]:
@@ -130,23 +135,31 @@ def run_expectations(df: pd.DataFrame, schema: SchemaConfig) -> tuple[dict[int, 
 
 
 def split_rows(
-    df: pd.DataFrame, reasons: dict[int, list[str]]
+    raw: pd.DataFrame, typed: pd.DataFrame, reasons: dict[int, list[str]]
 ) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """Clean rows and quarantined rows (with their reasons); together they are exactly `df`."""
-    bad = df[ROW].isin(list(reasons))
-    quarantine = df[bad].copy()
+    """Clean (typed) rows and quarantined rows as they arrived, with their reasons.
+
+    Together they are exactly the input rows. Quarantined values are kept as received (a value
+    that failed to cast stays visible), with mixed-type columns stored as text.
+    """
+    bad = raw[ROW].isin(list(reasons))
+    quarantine = raw[bad].copy()
+    for col in quarantine.select_dtypes(include="object").columns:
+        quarantine[col] = quarantine[col].map(lambda v: None if v is None or v != v else str(v))
     quarantine[REASONS] = ["; ".join(sorted(set(reasons[int(r)]))) for r in quarantine[ROW]]
-    return df[~bad].copy(), quarantine
+    return typed[~bad.to_numpy()].copy(), quarantine
 
 
 def run(settings: Settings, paths: Paths) -> dict[str, Any]:
     """Validate every collected row; write clean rows, quarantined rows and reports/validation.json."""
     schema, rules = settings.data_schema, settings.validation
-    raw = load_raw(paths)
+    batches = load_batches(paths)
+    raw = pd.concat([rows.assign(batch=name) for name, rows in batches], ignore_index=True)
     raw.insert(0, ROW, range(len(raw)))
     report_file = paths.reports / "validation.json"
 
-    problems = check_schema(raw, schema)
+    # per batch: after concatenation a column missing from one batch would look like nulls
+    problems = [f"batch {name}: {problem}" for name, rows in batches for problem in check_schema(rows, schema)]
     if problems:
         _fail(report_file, len(raw), "schema", problems)
 
@@ -161,7 +174,7 @@ def run(settings: Settings, paths: Paths) -> dict[str, Any]:
         "success": not dupes.any(), "unexpected_count": int(dupes.sum())
     }
 
-    clean, quarantine = split_rows(typed, reasons)
+    clean, quarantine = split_rows(raw, typed, reasons)
     assert len(clean) + len(quarantine) == len(raw), "validate lost or duplicated rows"
     bad_share = {str(b): float(s) for b, s in typed[ROW].isin(list(reasons)).groupby(typed["batch"]).mean().items()}
     summary = {
@@ -184,10 +197,12 @@ def run(settings: Settings, paths: Paths) -> dict[str, Any]:
         _fail(report_file, len(raw), "too_few_rows",
               [f"{len(clean)} clean rows, fewer than validate.min_rows={rules.min_rows}"], summary)
 
+    clean = clean.astype({schema.id_column: "int64", schema.target: "int64"})  # not null once validated
     write_parquet(paths.validated / "data.parquet", clean.drop(columns=[ROW]))
-    write_json(report_file, summary)
+    write_json(paths.reports / "validation_details.json", summary)
+    write_json(report_file, {k: summary[k] for k in METRIC_KEYS})
     log.info("validated %d rows: %d clean, %d quarantined", len(raw), len(clean), len(quarantine))
-    return {k: summary[k] for k in ("rows_in", "rows_clean", "rows_quarantined", "bad_share")}
+    return {k: summary[k] for k in METRIC_KEYS}
 
 
 def _fail(report_file: Any, rows: int, kind: str, problems: list[str], summary: dict[str, Any] | None = None) -> None:

@@ -1,0 +1,48 @@
+"""Time every stage of one pipeline run on the default simulator data; print seconds and peak memory.
+
+Usage: python benchmarks/pipeline.py [--params params.yaml] [--rows-per-batch N]
+Runs in a temporary project folder, so the repository's data/ and models/ are not touched.
+"""
+
+from __future__ import annotations
+
+import argparse
+import resource
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import yaml
+
+from pipelines.stages import STAGES, run_stage
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--params", default="params.yaml")
+    parser.add_argument("--rows-per-batch", type=int)
+    args = parser.parse_args()
+    params = yaml.safe_load(Path(args.params).read_text())
+    if args.rows_per_batch:
+        params["source"]["simulator"]["rows_per_batch"] = args.rows_per_batch
+    with tempfile.TemporaryDirectory(prefix="amaas-bench-") as tmp:
+        root = Path(tmp)
+        (root / "params.yaml").write_text(yaml.safe_dump(params))
+        sim = params["source"]["simulator"]
+        print(f"rows: {sim['n_batches'] * sim['rows_per_batch']} ({sim['n_batches']} batches)")
+        print(f"{'stage':<10} {'seconds':>8} {'peak RSS MiB':>13}")
+        total = 0.0
+        for stage in STAGES:
+            start = time.perf_counter()
+            run_stage(stage, root / "params.yaml", root)
+            took = time.perf_counter() - start
+            total += took
+            peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+            print(f"{stage:<10} {took:>8.2f} {peak:>13.0f}")
+        print(f"{'total':<10} {total:>8.2f}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,58 @@
+"""`dvc repro` on a fresh copy of the project: runs everything once, then nothing; same as `amaas run`."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+
+import pytest
+import yaml
+
+from pipelines.stages import STAGES
+from tests.conftest import BIN, REPO, copy_project_files, write_params
+
+pytestmark = pytest.mark.slow
+
+
+def test_dvc_yaml_follows_stage_order():
+    stages = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]
+    assert tuple(stages) == STAGES
+    assert all(spec["cmd"] == f"amaas {name}" for name, spec in stages.items())
+
+
+def _run(cmd: list[str], cwd, **kw) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}"}
+    return subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, **kw)
+
+
+def test_dvc_repro_twice_and_same_metrics_as_amaas_run(tmp_path, trained_project):
+    copy_project_files(tmp_path)
+    write_params(tmp_path)
+    (tmp_path / ".dvc").mkdir()
+    shutil.copy2(REPO / ".dvc" / "config", tmp_path / ".dvc" / "config")
+    assert _run(["git", "init", "-q"], tmp_path).returncode == 0
+
+    first = _run(["dvc", "repro"], tmp_path)
+    assert first.returncode == 0, first.stdout[-2000:] + first.stderr[-3000:]
+    for stage in STAGES:
+        assert f"Running stage '{stage}'" in first.stdout
+
+    second = _run(["dvc", "repro"], tmp_path)
+    assert second.returncode == 0, second.stderr[-2000:]
+    assert "Running stage" not in second.stdout
+    assert "Data and pipelines are up to date" in second.stdout
+
+    shown = _run(["dvc", "metrics", "show", "--json"], tmp_path)
+    metrics = json.loads(shown.stdout)
+    dvc_metrics = next(iter(metrics.values()))["data"]["reports/metrics.json"]["data"]
+    assert 0.5 < dvc_metrics["roc_auc"] <= 1
+
+    # the same stage functions through the CLI give the same model and the same numbers
+    amaas_metrics = json.loads((trained_project / "reports" / "metrics.json").read_text())
+    assert amaas_metrics == dvc_metrics
+
+    pushed = _run(["dvc", "push"], tmp_path)
+    assert pushed.returncode == 0, pushed.stderr[-2000:]
+    assert any((tmp_path / ".dvc-storage").rglob("*"))

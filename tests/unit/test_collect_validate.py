@@ -1,0 +1,109 @@
+import numpy as np
+import pandas as pd
+import pytest
+
+from pipelines import collect, validate
+from pipelines.config import Paths, load_settings
+from pipelines.io import read_json, write_json
+from pipelines.sources import simulator
+from pipelines.validate import REASONS, DataValidationError
+from tests.conftest import write_params
+
+
+@pytest.fixture
+def project(tmp_path):
+    return load_settings(write_params(tmp_path)), Paths(tmp_path)
+
+
+def test_simulator_is_deterministic_and_drifts(project):
+    settings, _ = project
+    cfg = settings.source.simulator
+    a = simulator.generate_batch(cfg, settings.seed, 1)
+    pd.testing.assert_frame_equal(a, simulator.generate_batch(cfg, settings.seed, 1))
+    drifted_cfg = cfg.model_copy(update={"drift_start_batch": 1, "drift_strength": 2.0})
+    drifted = simulator.generate_batch(drifted_cfg, settings.seed, 1)
+    assert drifted["credit_score"].mean() < a["credit_score"].mean() - 30
+    assert drifted["default"].mean() > a["default"].mean()
+
+
+def test_rows_in_equal_clean_plus_quarantined(project):
+    settings, paths = project
+    collect.run(settings, paths)
+    summary = validate.run(settings, paths)
+    clean = pd.read_parquet(paths.validated / "data.parquet")
+    quarantine = pd.read_parquet(paths.quarantine / "quarantine.parquet")
+    raw = validate.load_raw(paths)
+    assert summary["rows_in"] == len(raw) == len(clean) + len(quarantine)
+    assert len(quarantine) > 0 and quarantine[REASONS].str.len().gt(0).all()
+    # no row lost or duplicated: the (id, time) pairs of both sides together are exactly the input's
+    key = ["loan_id", "event_time"]
+    together = pd.concat([clean[key], quarantine[key]]).sort_values(key).reset_index(drop=True)
+    expected = raw[key].sort_values(key).reset_index(drop=True)
+    pd.testing.assert_frame_equal(together, expected, check_dtype=False)
+    assert not clean["loan_id"].duplicated().any()
+
+
+def _corrupt(paths: Paths, change) -> None:
+    """Apply `change` to the first collected batch file and refresh the manifest."""
+    manifest = read_json(paths.raw / "manifest.json")
+    file = paths.raw / manifest["batches"][0]["file"]
+    df = change(pd.read_parquet(file))
+    df.to_parquet(file, index=False)
+    manifest["batches"][0]["rows"] = len(df)
+    write_json(paths.raw / "manifest.json", manifest)
+
+
+def test_each_malformed_row_is_quarantined_with_its_reason(tmp_path):
+    settings = load_settings(write_params(tmp_path, **{"source.simulator.malformed_share": 0}))
+    paths = Paths(tmp_path)
+    collect.run(settings, paths)
+
+    def break_rows(df):
+        # a text column, as a CSV export gives: one value is not a number
+        df["income"] = df["income"].map(lambda v: None if pd.isna(v) else str(v)).astype(object)
+        df.loc[1, "age"] = 12
+        df.loc[2, "purpose"] = "lottery"
+        df.loc[3, "region"] = None
+        df.loc[4, "loan_id"] = df.loc[5, "loan_id"]
+        df.loc[6, "income"] = "lots"
+        df.loc[7, "home_ownership"] = "  MORTGAGE "  # messy but valid: normalized, not quarantined
+        return df
+
+    _corrupt(paths, break_rows)
+    validate.run(settings, paths)
+    q = pd.read_parquet(paths.quarantine / "quarantine.parquet").set_index("__row__")[REASONS]
+    assert "expect_column_values_to_be_between(age)" in q[1]
+    assert "expect_column_values_to_be_in_set(purpose)" in q[2]
+    assert "expect_column_values_to_not_be_null(region)" in q[3]
+    assert "expect_column_values_to_be_unique(loan_id)" in q[5]  # the later duplicate goes, the first stays
+    assert "expect_column_values_to_be_of_type(income)" in q[6]
+    assert pd.read_parquet(paths.quarantine / "quarantine.parquet").set_index("__row__").loc[6, "income"] == "lots"
+    assert 7 not in q.index and 4 not in q.index
+
+
+def test_missing_column_stops_with_named_column(project):
+    settings, paths = project
+    collect.run(settings, paths)
+    _corrupt(paths, lambda df: df.drop(columns=["credit_score"]))
+    with pytest.raises(DataValidationError, match="'credit_score' is missing"):
+        validate.run(settings, paths)
+    assert read_json(paths.reports / "validation.json")["status"] == "failed"
+
+
+def test_bad_share_over_threshold_stops(project):
+    settings, paths = project
+    collect.run(settings, paths)
+    _corrupt(paths, lambda df: df.assign(age=np.where(np.arange(len(df)) % 2 == 0, 500.0, df["age"])))
+    with pytest.raises(DataValidationError, match="failed expectations"):
+        validate.run(settings, paths)
+    assert (paths.quarantine / "quarantine.parquet").is_file()
+    assert not (paths.validated / "data.parquet").exists()
+
+
+def test_truncated_file_is_a_clear_error(project):
+    settings, paths = project
+    collect.run(settings, paths)
+    file = next(paths.raw.glob("batch_*.parquet"))
+    file.write_bytes(file.read_bytes()[:100])
+    with pytest.raises(DataValidationError, match="cannot be read"):
+        validate.run(settings, paths)

@@ -1,0 +1,63 @@
+"""The promotion gate on real trained bundles: better wins, worse loses, rollback restores."""
+
+import numpy as np
+import pytest
+
+from pipelines import collect, prepare, promote, train, validate
+from pipelines.config import Paths, load_settings
+from pipelines.registry import Registry, RegistryError
+from tests.conftest import write_params
+
+WEAK = {"train.learners": ["lightgbm"], "train.lightgbm.n_estimators": 2, "train.lightgbm.num_leaves": 2}
+
+
+def _train(root, **overrides):
+    settings = load_settings(write_params(root, **{"source.simulator.rows_per_batch": 1500, **overrides}))
+    paths = Paths(root)
+    train.run(settings, paths)
+    return settings, paths
+
+
+def test_gate_promotes_better_keeps_champion_against_worse_and_rolls_back(tmp_path):
+    settings = load_settings(write_params(tmp_path, **{"source.simulator.rows_per_batch": 1500}))
+    paths = Paths(tmp_path)
+    for stage in (collect, validate, prepare):
+        stage.run(settings, paths)
+    registry = Registry(paths.registry)
+
+    weak_settings, _ = _train(tmp_path, **WEAK)
+    first = promote.run(weak_settings, paths)
+    assert first["promoted"] and first["reason"] == "no champion yet"
+    weak = registry.champion
+
+    strong_settings, _ = _train(tmp_path)
+    better = promote.run(strong_settings, paths)
+    assert better["promoted"], better["reason"]
+    assert better["gain"] >= strong_settings.promote.min_improvement and better["p_value"] <= 0.05
+    strong = registry.champion
+    assert strong != weak
+
+    _train(tmp_path, **WEAK)
+    worse = promote.run(weak_settings, paths)
+    assert not worse["promoted"] and worse["gain"] < 0 and "fails the gate" in worse["reason"]
+    assert registry.champion == strong
+
+    assert promote.rollback(paths, reason="test") == weak
+    assert registry.champion == weak
+    with pytest.raises(RegistryError, match="nothing to roll back"):
+        promote.rollback(paths)
+    actions = [d["action"] for d in registry.decisions()]
+    assert actions == ["gate", "gate", "gate", "rollback"]
+
+    assert promote.force_promote(paths, strong, reason="test") == strong
+    assert registry.decisions()[-1]["action"] == "force_promote"
+
+
+def test_small_gain_is_not_enough(tmp_path):
+    """Same predictions plus noise: a gain below the margin or not significant keeps the champion."""
+    rng = np.random.default_rng(0)
+    y = rng.integers(0, 2, 2000)
+    champion = np.clip(y * 0.3 + rng.random(2000) * 0.7, 0, 1)
+    challenger = np.clip(champion + rng.normal(0, 0.01, 2000), 0, 1)
+    stats = promote.paired_bootstrap(y, champion, challenger, "roc_auc", 200, seed=1)
+    assert abs(stats["gain"]) < 0.002 and stats["p_value"] > 0.05
