@@ -1,0 +1,32 @@
+"""The CLI turns user mistakes into one clear line and exit code 2, not a traceback."""
+
+import yaml
+
+from pipelines.cli import main
+from tests.conftest import small_params
+
+
+def test_bad_params_file_gives_clear_error(tmp_path, capsys):
+    params = small_params(**{"source.simulator.rows_per_batch": "many"})
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    code = main(["--params", str(tmp_path / "params.yaml"), "--root", str(tmp_path), "collect"])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert "source.simulator.rows_per_batch" in err and "'many'" in err and "Traceback" not in err
+    assert not (tmp_path / "data").exists()
+
+
+def test_stage_before_its_input_names_the_fix(tmp_path, capsys):
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(small_params()))
+    code = main(["--params", str(tmp_path / "params.yaml"), "--root", str(tmp_path), "validate"])
+    assert code == 2
+    assert "run `amaas collect` first" in capsys.readouterr().err
+
+
+def test_serve_without_champion_and_rollback_without_history(tmp_path, capsys):
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(small_params()))
+    base = ["--params", str(tmp_path / "params.yaml"), "--root", str(tmp_path)]
+    assert main([*base, "serve"]) == 2
+    assert "no champion to serve yet" in capsys.readouterr().err
+    assert main([*base, "rollback"]) == 2
+    assert "nothing to roll back" in capsys.readouterr().err
