@@ -1,6 +1,6 @@
 """BentoML service: serves one amaas model bundle with adaptive batching.
 
-The model tag and batching limits are bento arguments set by `amaas package` from params.yaml
+The model tag, batching limits and label threshold are bento arguments set by `amaas package` from params.yaml
 (or `bentoml serve ... --arg model_tag=amaas:<version>` in development). Rows are scored through
 `pipelines.bundle.ModelBundle`, the same code path as offline evaluation: no training/serving skew.
 """
@@ -17,6 +17,7 @@ class ServiceArgs(BaseModel):
     model_tag: str = "amaas:latest"
     max_batch_size: int = 256
     max_latency_ms: int = 20
+    threshold: float = 0.5
 
 
 ARGS = bentoml.use_arguments(ServiceArgs)
@@ -35,7 +36,7 @@ class AmaasService:
 
         self._pd = pd
         self.bundle = ModelBundle.load(Path(self.model_ref.path))
-        self.threshold = 0.5
+        self.threshold = ARGS.threshold
 
     @bentoml.api(batchable=True, max_batch_size=ARGS.max_batch_size, max_latency_ms=ARGS.max_latency_ms)
     def predict(self, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:

@@ -6,7 +6,7 @@ import logging
 from typing import Any
 
 from pipelines.config import Paths, Settings
-from pipelines.io import atomic_dir, file_sha256, write_json
+from pipelines.io import atomic_dir, file_digest, write_json
 from pipelines.sources import iter_batches
 
 log = logging.getLogger(__name__)
@@ -19,7 +19,7 @@ def run(settings: Settings, paths: Paths) -> dict[str, Any]:
         for name, df in iter_batches(settings):
             file = out / f"batch_{name}.parquet"
             df.to_parquet(file, index=False)
-            manifest.append({"batch": name, "file": file.name, "rows": len(df), "sha256": file_sha256(file)})
+            manifest.append({"batch": name, "file": file.name, "rows": len(df), "sha256": file_digest(file)})
             log.info("collected batch %s: %d rows", name, len(df))
         write_json(out / "manifest.json", {"source": settings.source.kind, "batches": manifest})
     rows = sum(b["rows"] for b in manifest)

@@ -68,12 +68,10 @@ def write_text(path: Path, text: str) -> None:
         tmp.write_text(text)
 
 
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
+def file_digest(path: Path, algorithm: str = "sha256") -> str:
+    """Hex digest of a file's bytes, read in chunks."""
     with path.open("rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
+        return hashlib.file_digest(fh, algorithm).hexdigest()
 
 
 def tree_sha256(root: Path) -> str:
@@ -81,5 +79,5 @@ def tree_sha256(root: Path) -> str:
     digest = hashlib.sha256()
     for path in sorted(p for p in root.rglob("*") if p.is_file()):
         digest.update(path.relative_to(root).as_posix().encode())
-        digest.update(file_sha256(path).encode())
+        digest.update(file_digest(path).encode())
     return digest.hexdigest()

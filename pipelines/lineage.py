@@ -2,18 +2,15 @@
 
 from __future__ import annotations
 
-import hashlib
 import subprocess
 from pathlib import Path
+
+from pipelines.io import file_digest
 
 
 def md5_of(path: Path) -> str:
     """The md5 DVC records for a file, so a model can be traced to a DVC data version."""
-    digest = hashlib.md5()
-    with path.open("rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
+    return file_digest(path, "md5")
 
 
 def git_commit(root: Path) -> str | None:

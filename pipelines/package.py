@@ -39,7 +39,7 @@ def run(settings: Settings, paths: Paths) -> dict[str, Any]:
             build_ctx=str(CODE_ROOT),
             version=version,
             args={"model_tag": str(model.tag), "max_batch_size": serve.max_batch_size,
-                  "max_latency_ms": serve.max_latency_ms},
+                  "max_latency_ms": serve.max_latency_ms, "threshold": settings.evaluate.threshold},
         )
     summary = {"version": version, "model_tag": str(model.tag), "bento_tag": str(bento.tag),
                "bentoml_home": str(paths.bentoml_home)}

@@ -84,3 +84,9 @@ class Learner:
 def as_proba(p1: np.ndarray) -> np.ndarray:
     p1 = np.clip(np.asarray(p1, dtype="float64"), 0.0, 1.0)
     return np.column_stack([1.0 - p1, p1])
+
+
+def log_loss(y: np.ndarray, p: np.ndarray) -> float:
+    """Binary log loss with probabilities clipped away from 0 and 1."""
+    p = np.clip(p, 1e-7, 1 - 1e-7)
+    return float(-np.mean(y * np.log(p) + (1 - y) * np.log(1 - p)))

@@ -11,7 +11,7 @@ import pandas as pd
 from scipy.optimize import minimize
 from scipy.special import expit, logit, softmax
 
-from pipelines.models.base import Learner, as_proba, log
+from pipelines.models.base import Learner, as_proba, log, log_loss
 
 METHODS = ("averaging", "blending", "stacking")
 
@@ -19,10 +19,6 @@ METHODS = ("averaging", "blending", "stacking")
 def _clipped_logit(p: np.ndarray) -> np.ndarray:
     return logit(np.clip(p, 1e-6, 1 - 1e-6))
 
-
-def _log_loss(y: np.ndarray, p: np.ndarray) -> float:
-    p = np.clip(p, 1e-7, 1 - 1e-7)
-    return float(-np.mean(y * np.log(p) + (1 - y) * np.log(1 - p)))
 
 
 class Ensemble:
@@ -45,7 +41,7 @@ class Ensemble:
             meta_X = self._out_of_fold(X, y)
         self.members_ = [learner.clone().fit(X, y, X_valid, y_valid) for learner in self.learners]
         valid_preds = self.member_predictions(X_valid)
-        self.member_valid_log_loss_ = {n: _log_loss(y_valid, valid_preds[:, i]) for i, n in enumerate(self.names)}
+        self.member_valid_log_loss_ = {n: log_loss(y_valid, valid_preds[:, i]) for i, n in enumerate(self.names)}
         if self.method == "averaging":
             self.weights_ = np.full(len(self.members_), 1 / len(self.members_))
         elif self.method == "blending":
@@ -73,7 +69,7 @@ class Ensemble:
     def _fit_blend_weights(preds: np.ndarray, y: np.ndarray) -> np.ndarray:
         """Non-negative weights summing to 1 that minimize validation log loss."""
         def loss(z: np.ndarray) -> float:
-            return _log_loss(y, preds @ softmax(z))
+            return log_loss(y, preds @ softmax(z))
 
         res = minimize(loss, np.zeros(preds.shape[1]), method="L-BFGS-B")
         return softmax(res.x)

@@ -9,7 +9,7 @@ from typing import Any, Self
 import numpy as np
 import pandas as pd
 
-from pipelines.models.base import Learner, as_proba, log, resolve_device
+from pipelines.models.base import Learner, as_proba, log, log_loss, resolve_device
 
 
 def _build_net(n_numeric: int, cardinalities: dict[str, int], embedding_dim: int, hidden: list[int]) -> Any:
@@ -81,7 +81,7 @@ class MLPLearner(Learner):
                 optim.step()
             if valid is None:
                 continue
-            loss = _log_loss(valid[1], self._predict(*valid[0]))
+            loss = log_loss(valid[1], self._predict(*valid[0]))
             if loss < best_loss - 1e-5:
                 best_loss, best_state, stale = loss, copy.deepcopy(self.net_.state_dict()), 0
             else:
@@ -124,9 +124,5 @@ class MLPLearner(Learner):
         self.net_.to(self.device_).eval()
         self.trained_on_ = state["device_"]
 
-
-def _log_loss(y: np.ndarray, p: np.ndarray) -> float:
-    p = np.clip(p, 1e-7, 1 - 1e-7)
-    return float(-np.mean(y * np.log(p) + (1 - y) * np.log(1 - p)))
 
 
