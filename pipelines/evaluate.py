@@ -42,9 +42,9 @@ def run(settings: Settings, paths: Paths) -> dict[str, Any]:
     bundle = ModelBundle.load(paths.challenger)
     test = pd.read_parquet(paths.reference / "test.parquet")
     y = test[schema.target].to_numpy()
-    proba = bundle.predict_proba(test)
-    result = classification_metrics(y, proba, settings.evaluate.threshold)
     member_preds = bundle.ensemble.member_predictions(bundle.transform.transform(test))
+    proba = bundle.ensemble.combine(member_preds)[:, 1]  # what bundle.predict_proba gives, members kept
+    result = classification_metrics(y, proba, settings.evaluate.threshold)
     for i, name in enumerate(bundle.ensemble.names):
         result[f"roc_auc_{name}"] = float(skm.roc_auc_score(y, member_preds[:, i]))
     result["version"] = bundle.version

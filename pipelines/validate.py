@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import os
 from collections import defaultdict
+from pathlib import Path
 from typing import Any
 
 import pandas as pd
@@ -44,9 +45,13 @@ def load_batches(paths: Paths) -> list[tuple[str, pd.DataFrame]]:
     return batches
 
 
+def concat_batches(batches: list[tuple[str, pd.DataFrame]]) -> pd.DataFrame:
+    """All batches in one frame, with a `batch` column."""
+    return pd.concat([rows.assign(batch=name) for name, rows in batches], ignore_index=True)
+
+
 def load_raw(paths: Paths) -> pd.DataFrame:
-    """All collected batches in one frame, with a `batch` column."""
-    return pd.concat([rows.assign(batch=name) for name, rows in load_batches(paths)], ignore_index=True)
+    return concat_batches(load_batches(paths))
 
 
 def check_schema(df: pd.DataFrame, schema: SchemaConfig) -> list[str]:
@@ -154,7 +159,7 @@ def run(settings: Settings, paths: Paths) -> dict[str, Any]:
     """Validate every collected row; write clean rows, quarantined rows and reports/validation.json."""
     schema, rules = settings.data_schema, settings.validation
     batches = load_batches(paths)
-    raw = pd.concat([rows.assign(batch=name) for name, rows in batches], ignore_index=True)
+    raw = concat_batches(batches)
     raw.insert(0, ROW, range(len(raw)))
     report_file = paths.reports / "validation.json"
 
@@ -205,7 +210,7 @@ def run(settings: Settings, paths: Paths) -> dict[str, Any]:
     return {k: summary[k] for k in METRIC_KEYS}
 
 
-def _fail(report_file: Any, rows: int, kind: str, problems: list[str], summary: dict[str, Any] | None = None) -> None:
+def _fail(report_file: Path, rows: int, kind: str, problems: list[str], summary: dict[str, Any] | None = None) -> None:
     write_json(report_file, {**(summary or {}), "status": "failed", "rows_in": rows, "failure": kind,
                              "problems": problems})
     raise DataValidationError(f"validation failed ({kind}), pipeline stopped before training:\n  - "

@@ -83,11 +83,14 @@ class Ensemble:
     def member_predictions(self, X: pd.DataFrame) -> np.ndarray:
         return np.column_stack([m.predict_proba(X)[:, 1] for m in self.members_])
 
-    def predict_proba(self, X: pd.DataFrame) -> np.ndarray:
-        preds = self.member_predictions(X)
+    def combine(self, member_preds: np.ndarray) -> np.ndarray:
+        """Ensemble probabilities (n, 2) from the members' positive-class probabilities."""
         if self.method == "stacking":
-            return as_proba(expit(_clipped_logit(preds) @ self.weights_ + self.intercept_))
-        return as_proba(preds @ self.weights_)
+            return as_proba(expit(_clipped_logit(member_preds) @ self.weights_ + self.intercept_))
+        return as_proba(member_preds @ self.weights_)
+
+    def predict_proba(self, X: pd.DataFrame) -> np.ndarray:
+        return self.combine(self.member_predictions(X))
 
     def save(self, path: Path) -> None:
         path.mkdir(parents=True, exist_ok=True)
