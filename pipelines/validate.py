@@ -50,10 +50,6 @@ def concat_batches(batches: list[tuple[str, pd.DataFrame]]) -> pd.DataFrame:
     return pd.concat([rows.assign(batch=name) for name, rows in batches], ignore_index=True)
 
 
-def load_raw(paths: Paths) -> pd.DataFrame:
-    return concat_batches(load_batches(paths))
-
-
 def check_schema(df: pd.DataFrame, schema: SchemaConfig) -> list[str]:
     """Batch-level problems: missing columns, or columns whose values are not of the declared type."""
     problems = [f"column {c!r} is missing" for c in schema.columns if c not in df.columns]
@@ -140,14 +136,13 @@ def run_expectations(df: pd.DataFrame, schema: SchemaConfig) -> tuple[dict[int, 
 
 
 def split_rows(
-    raw: pd.DataFrame, typed: pd.DataFrame, reasons: dict[int, list[str]]
+    raw: pd.DataFrame, typed: pd.DataFrame, bad: pd.Series, reasons: dict[int, list[str]]
 ) -> tuple[pd.DataFrame, pd.DataFrame]:
     """Clean (typed) rows and quarantined rows as they arrived, with their reasons.
 
     Together they are exactly the input rows. Quarantined values are kept as received (a value
     that failed to cast stays visible), with mixed-type columns stored as text.
     """
-    bad = raw[ROW].isin(list(reasons))
     quarantine = raw[bad].copy()
     for col in quarantine.select_dtypes(include="object").columns:
         quarantine[col] = quarantine[col].map(lambda v: None if v is None or v != v else str(v))
@@ -179,9 +174,10 @@ def run(settings: Settings, paths: Paths) -> dict[str, Any]:
         "success": not dupes.any(), "unexpected_count": int(dupes.sum())
     }
 
-    clean, quarantine = split_rows(raw, typed, reasons)
+    bad = raw[ROW].isin(list(reasons))
+    clean, quarantine = split_rows(raw, typed, bad, reasons)
     assert len(clean) + len(quarantine) == len(raw), "validate lost or duplicated rows"
-    bad_share = {str(b): float(s) for b, s in typed[ROW].isin(list(reasons)).groupby(typed["batch"]).mean().items()}
+    bad_share = {str(b): float(s) for b, s in bad.groupby(raw["batch"]).mean().items()}
     summary = {
         "status": "passed",
         "rows_in": len(raw),

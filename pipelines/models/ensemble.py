@@ -20,7 +20,6 @@ def _clipped_logit(p: np.ndarray) -> np.ndarray:
     return logit(np.clip(p, 1e-6, 1 - 1e-6))
 
 
-
 class Ensemble:
     """Combines base learners; itself follows the Learner rules so it can stand in for one."""
 

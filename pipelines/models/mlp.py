@@ -123,6 +123,3 @@ class MLPLearner(Learner):
         self.net_.load_state_dict(torch.load(path / "model.pt", map_location="cpu", weights_only=True))
         self.net_.to(self.device_).eval()
         self.trained_on_ = state["device_"]
-
-
-

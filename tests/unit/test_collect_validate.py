@@ -32,7 +32,7 @@ def test_rows_in_equal_clean_plus_quarantined(project):
     summary = validate.run(settings, paths)
     clean = pd.read_parquet(paths.validated / "data.parquet")
     quarantine = pd.read_parquet(paths.quarantine / "quarantine.parquet")
-    raw = validate.load_raw(paths)
+    raw = validate.concat_batches(validate.load_batches(paths))
     assert summary["rows_in"] == len(raw) == len(clean) + len(quarantine)
     assert len(quarantine) > 0 and quarantine[REASONS].str.len().gt(0).all()
     # no row lost or duplicated: the (id, time) pairs of both sides together are exactly the input's
