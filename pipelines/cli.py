@@ -25,6 +25,9 @@ def _parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     for stage in STAGES:
         p = sub.add_parser(stage, help=f"run the {stage} stage")
+        if stage == "collect":
+            p.add_argument("--rerun", metavar="BATCH", help="read that batch's interval again: check the source "
+                           "gives the same rows, restore the file if it was lost or damaged")
         if stage == "promote":
             p.add_argument("--force", action="store_true", help="skip the gate: make a version champion")
             p.add_argument("--version", help="with --force: the version to promote (default: the challenger)")
@@ -61,6 +64,7 @@ def main(argv: list[str] | None = None) -> int:
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     paths = Paths(Path(args.root).resolve()) if args.root else Paths.from_env()
     from pipelines.promote import force_promote, rollback
+    from pipelines.sources import SourceError
     from pipelines.validate import DataValidationError
 
     try:
@@ -75,6 +79,8 @@ def main(argv: list[str] | None = None) -> int:
             _print_where(paths, load_settings(args.params))
         elif args.command == "promote" and args.force:
             print(json.dumps({"champion": force_promote(paths, args.version, args.reason)}))
+        elif args.command == "collect" and args.rerun:
+            print(json.dumps({"collect": run_stage("collect", args.params, paths.root, rerun=args.rerun)}))
         else:
             stages = STAGES if args.command == "run" else (args.command,)
             for stage in stages:
@@ -82,7 +88,7 @@ def main(argv: list[str] | None = None) -> int:
                 print(json.dumps({stage: summary}, default=str))
             if args.command == "run":
                 _print_where(paths, load_settings(args.params))
-    except (ConfigError, DataValidationError, RegistryError, FileNotFoundError, ValueError) as exc:
+    except (ConfigError, SourceError, DataValidationError, RegistryError, FileNotFoundError, ValueError) as exc:
         print(f"amaas: error: {exc}", file=sys.stderr)
         return 2
     return 0
@@ -94,6 +100,7 @@ def _print_where(paths: Paths, settings: Settings) -> None:
     print(f"\nChallenger model:  {paths.challenger}")
     print(f"Champion:          {champion} (registry: {paths.registry})")
     print(f"Reports:           {paths.reports}/ metrics.json, drift.html, validation.json, promotion.json")
+    print(f"Data Docs:         {paths.reports / 'data_docs' / 'index.html'} (Great Expectations, per batch)")
     print(f"Quarantined rows:  {paths.quarantine / 'quarantine.parquet'}")
     print(f"Endpoint:          `make serve` (or `amaas serve`) -> POST {url}/predict, docs at {url}/")
 

@@ -36,9 +36,30 @@ class SimulatorConfig(_Strict):
     drift_strength: float = Field(default=1.0, ge=0)
 
 
+class SqlSourceConfig(_Strict):
+    url: str = Field(min_length=1)  # SQLAlchemy URL; a relative sqlite path is taken from the project root
+    table: str = Field(min_length=1)
+    db_schema: str | None = Field(default=None, alias="schema")
+
+
+class FilesSourceConfig(_Strict):
+    path: str = Field(min_length=1)  # drop folder, relative to the project root
+    pattern: str = "*.parquet"  # glob inside it; files ending in .csv or .parquet
+
+
 class SourceConfig(_Strict):
-    kind: Literal["simulator"] = "simulator"
+    kind: Literal["simulator", "sql", "files"] = "simulator"
+    watermark_column: str | None = None  # default: schema.time_column
+    split_by_day: bool = True
     simulator: SimulatorConfig
+    sql: SqlSourceConfig | None = None
+    files: FilesSourceConfig | None = None
+
+    @model_validator(mode="after")
+    def _kind_has_settings(self) -> SourceConfig:
+        if getattr(self, self.kind) is None:
+            raise ValueError(f"source.kind is {self.kind!r} but there is no source.{self.kind} section: add it")
+        return self
 
 
 class NumericRule(_Strict):
@@ -79,19 +100,35 @@ class SchemaConfig(_Strict):
 class ValidateConfig(_Strict):
     max_bad_share: float = Field(ge=0, le=1)
     min_rows: int = Field(ge=0)
+    batch_rows: tuple[int, int] = (1, 10_000_000)
+    expectations_file: str | None = None  # extra GE expectations (JSON list), relative to the project root
+
+    @model_validator(mode="after")
+    def _bounds(self) -> ValidateConfig:
+        lo, hi = self.batch_rows
+        if not 0 <= lo <= hi:
+            raise ValueError("batch_rows must be [min, max] with 0 <= min <= max")
+        return self
+
+
+class CleanConfig(_Strict):
+    normalize_categories: bool = True
+    impute: Literal["median", "mean", "zero"] = "median"
+    missing_indicators: bool = True
+    clip_quantiles: tuple[float, float] | None = (0.001, 0.999)
+
+    @model_validator(mode="after")
+    def _quantiles(self) -> CleanConfig:
+        if self.clip_quantiles is not None:
+            lo, hi = self.clip_quantiles
+            if not 0 <= lo < hi <= 1:
+                raise ValueError("clip_quantiles must be [low, high] with 0 <= low < high <= 1, or null")
+        return self
 
 
 class PrepareConfig(_Strict):
     valid_share: float = Field(gt=0, lt=0.5)
     test_share: float = Field(gt=0, lt=0.5)
-    clip_quantiles: tuple[float, float] = (0.001, 0.999)
-
-    @model_validator(mode="after")
-    def _quantiles(self) -> PrepareConfig:
-        lo, hi = self.clip_quantiles
-        if not 0 <= lo < hi <= 1:
-            raise ValueError("clip_quantiles must be [low, high] with 0 <= low < high <= 1")
-        return self
 
 
 class LightGBMConfig(_Strict):
@@ -159,6 +196,7 @@ class Settings(_Strict):
     source: SourceConfig
     schema_: SchemaConfig = Field(alias="schema")
     validate_: ValidateConfig = Field(alias="validate")
+    clean: CleanConfig
     prepare: PrepareConfig
     train: TrainConfig
     evaluate: EvaluateConfig
@@ -173,6 +211,17 @@ class Settings(_Strict):
     @property
     def validation(self) -> ValidateConfig:
         return self.validate_
+
+    @property
+    def watermark_column(self) -> str:
+        return self.source.watermark_column or self.schema_.time_column
+
+    @model_validator(mode="after")
+    def _watermark_known(self) -> Settings:
+        if self.watermark_column not in (self.schema_.id_column, self.schema_.time_column):
+            raise ValueError(f"source.watermark_column {self.watermark_column!r} must be the schema's id_column "
+                             f"or time_column")
+        return self
 
 
 def _format_errors(exc: ValidationError, path: Path) -> str:
@@ -236,6 +285,10 @@ class Paths:
     @property
     def reference(self) -> Path:
         return self.root / "data" / "reference"
+
+    def resolve(self, path: str) -> Path:
+        """A path from params.yaml: relative ones are taken from the project root."""
+        return self.root / Path(path).expanduser()
 
     @property
     def challenger(self) -> Path:

@@ -68,6 +68,17 @@ def write_text(path: Path, text: str) -> None:
         tmp.write_text(text)
 
 
+def text_if_mixed(df: pd.DataFrame) -> pd.DataFrame:
+    """Object columns as text (nulls kept), so Parquet can store a column that mixes numbers and strings.
+
+    Raw data keeps what arrived, e.g. "lots" in a numeric column; validation casts it later.
+    """
+    out = df.copy()
+    for col in out.select_dtypes(include="object").columns:
+        out[col] = out[col].map(lambda v: None if v is None or v != v else str(v))
+    return out
+
+
 def file_digest(path: Path, algorithm: str = "sha256") -> str:
     """Hex digest of a file's bytes, read in chunks."""
     with path.open("rb") as fh:

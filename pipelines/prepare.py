@@ -34,7 +34,7 @@ def run(settings: Settings, paths: Paths) -> dict[str, Any]:
     schema, cfg = settings.data_schema, settings.prepare
     data = pd.read_parquet(paths.validated / "data.parquet")
     splits = split_by_time(data, schema.time_column, schema.id_column, cfg.valid_share, cfg.test_share)
-    transform = FeatureTransform.fit(splits["train"], schema, cfg.clip_quantiles)
+    transform = FeatureTransform.fit(splits["train"], schema, settings.clean)
     transform.save(paths.features / "transform.json")
     summary: dict[str, Any] = {}
     for name, rows in splits.items():

@@ -17,14 +17,17 @@ STAGES = ("collect", "validate", "prepare", "train", "evaluate", "report", "pack
 log = logging.getLogger(__name__)
 
 
-def run_stage(name: str, params: str | Path | None = None, root: str | Path | None = None) -> dict[str, Any]:
-    """Run stage `name` with settings from `params` on the project at `root`; return its summary."""
+def run_stage(name: str, params: str | Path | None = None, root: str | Path | None = None, **options: Any
+              ) -> dict[str, Any]:
+    """Run stage `name` with settings from `params` on the project at `root`; return its summary.
+
+    `options` go to the stage's run() as keyword arguments (e.g. collect's `rerun`)."""
     if name not in STAGES:
         raise ValueError(f"unknown stage {name!r}; stages are: {', '.join(STAGES)}")
     settings = load_settings(params)
     paths = Paths(Path(root).resolve()) if root else Paths.from_env()
     module = importlib.import_module(f"pipelines.{name}")
     started = time.perf_counter()
-    summary = module.run(settings, paths)
+    summary = module.run(settings, paths, **options)
     log.info("stage %s done in %.1f s", name, time.perf_counter() - started)
     return summary

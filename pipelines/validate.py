@@ -1,28 +1,39 @@
 """validate: check raw batches with Great Expectations; bad rows go to quarantine with reasons.
 
-Invariant: rows in = clean rows + quarantined rows. A broken schema, too few rows, or a bad-row
-share over the threshold stops the pipeline (DataValidationError) after writing a report that says why.
+The suite is generated from `schema` and `validate` in params.yaml (types, ranges, allowed categories,
+not-null, unique id, batch row count), plus the user's own expectations from `validate.expectations_file`.
+Each batch is validated on its own and gets a Great Expectations Data Docs page (reports/data_docs/).
+
+Invariant: rows in = clean rows + quarantined rows. A broken schema, a batch-level expectation that
+fails (row count), too few rows, or a bad-row share over the threshold stops the pipeline
+(DataValidationError) after writing a report that says which batch, which columns and why.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 from collections import defaultdict
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pandas as pd
 
 from pipelines.config import Paths, SchemaConfig, Settings
-from pipelines.io import read_json, write_json, write_parquet
+from pipelines.io import atomic_dir, read_json, text_if_mixed, write_json, write_parquet
 from pipelines.transform import normalize_category
 
 log = logging.getLogger(__name__)
 
 ROW = "__row__"  # position of a row in the collected data; GE reports failures by it
 REASONS = "quarantine_reasons"
-METRIC_KEYS = ("status", "rows_in", "rows_clean", "rows_quarantined", "bad_share")
+METRIC_KEYS = ("status", "batches", "rows_in", "rows_clean", "rows_quarantined", "bad_share")
+UNIQUE = "expect_column_values_to_be_unique"
+SUITE = "amaas_suite"
+DOCS_SITE = "amaas"
 
 
 class DataValidationError(RuntimeError):
@@ -39,7 +50,8 @@ def load_batches(paths: Paths) -> list[tuple[str, pd.DataFrame]]:
         try:
             batches.append((entry["batch"], pd.read_parquet(paths.raw / entry["file"])))
         except Exception as exc:  # a truncated or corrupt file is a data problem, not a crash
-            raise DataValidationError(f"batch file {entry['file']} cannot be read ({exc}); re-collect it") from exc
+            raise DataValidationError(f"batch file {entry['file']} cannot be read ({exc}); restore it from the "
+                                      f"source with `amaas collect --rerun {entry['batch']}`") from exc
     if not batches:
         raise DataValidationError("the source returned no batches: check source settings in params.yaml")
     return batches
@@ -52,7 +64,10 @@ def concat_batches(batches: list[tuple[str, pd.DataFrame]]) -> pd.DataFrame:
 
 def check_schema(df: pd.DataFrame, schema: SchemaConfig) -> list[str]:
     """Batch-level problems: missing columns, or columns whose values are not of the declared type."""
-    problems = [f"column {c!r} is missing" for c in schema.columns if c not in df.columns]
+    missing = [c for c in schema.columns if c not in df.columns]
+    extra = [c for c in df.columns if c not in schema.columns]
+    hint = f" (the batch has unexpected column(s) {', '.join(map(repr, extra))}: renamed?)" if extra else ""
+    problems = [f"column {c!r} is missing{hint}" for c in missing]
     for col in [*schema.numeric, schema.id_column, schema.target]:
         if col in df.columns and df[col].notna().any():
             coerced = pd.to_numeric(df[col], errors="coerce")
@@ -65,8 +80,13 @@ def check_schema(df: pd.DataFrame, schema: SchemaConfig) -> list[str]:
     return problems
 
 
-def coerce_types(df: pd.DataFrame, schema: SchemaConfig) -> tuple[pd.DataFrame, dict[int, list[str]]]:
-    """Cast columns to their declared types; a value that will not cast is a row failure."""
+def coerce_types(df: pd.DataFrame, schema: SchemaConfig, normalize: bool = True
+                 ) -> tuple[pd.DataFrame, dict[int, list[str]]]:
+    """Cast columns to their declared types; a value that will not cast is a row failure.
+
+    With `normalize` (params clean.normalize_categories), categories are normalized before they are
+    checked, exactly as the fitted transform normalizes them for training and serving.
+    """
     out = df.copy()
     reasons: dict[int, list[str]] = defaultdict(list)
     for col in [*schema.numeric, schema.id_column, schema.target]:
@@ -79,60 +99,118 @@ def coerce_types(df: pd.DataFrame, schema: SchemaConfig) -> tuple[pd.DataFrame, 
         reasons[int(row)].append(f"expect_column_values_to_be_of_type({schema.time_column})")
     out[schema.time_column] = time
     for col in schema.categorical:
-        out[col] = normalize_category(out[col])
+        out[col] = normalize_category(out[col]) if normalize else out[col].astype(object)
     return out, reasons
 
 
-def _expectations(schema: SchemaConfig) -> list[Any]:
-    import great_expectations as gx
+def _gx() -> Any:
+    """great_expectations, imported quietly and with no network calls from a pipeline stage."""
+    logging.getLogger("great_expectations").setLevel(logging.WARNING)  # its INFO lines are noise here
+    os.environ.setdefault("GX_ANALYTICS_ENABLED", "False")
+    import great_expectations
 
-    e = gx.expectations
-    rules: list[Any] = [
+    return great_expectations
+
+
+def build_suite(settings: Settings, paths: Paths) -> list[Any]:
+    """The expectations: generated from params.yaml, then the user's own from validate.expectations_file."""
+    gx = _gx()
+    schema, rules, e = settings.data_schema, settings.validation, gx.expectations
+    suite: list[Any] = [
+        e.ExpectTableRowCountToBeBetween(min_value=rules.batch_rows[0], max_value=rules.batch_rows[1]),
         e.ExpectColumnValuesToNotBeNull(column=schema.id_column),
+        e.ExpectColumnValuesToBeUnique(column=schema.id_column),
         e.ExpectColumnValuesToNotBeNull(column=schema.time_column),
         e.ExpectColumnValuesToNotBeNull(column=schema.target),
         e.ExpectColumnValuesToBeInSet(column=schema.target, value_set=[0, 1]),
     ]
     for col, rule in schema.numeric.items():
-        rules.append(e.ExpectColumnValuesToBeBetween(column=col, min_value=rule.min, max_value=rule.max))
+        suite.append(e.ExpectColumnValuesToBeBetween(column=col, min_value=rule.min, max_value=rule.max))
         if not rule.nullable:
-            rules.append(e.ExpectColumnValuesToNotBeNull(column=col))
+            suite.append(e.ExpectColumnValuesToNotBeNull(column=col))
     for col, cats in schema.categorical.items():
-        rules.append(e.ExpectColumnValuesToBeInSet(column=col, value_set=cats))
-        rules.append(e.ExpectColumnValuesToNotBeNull(column=col))
-    return rules
+        suite.append(e.ExpectColumnValuesToBeInSet(column=col, value_set=cats))
+        suite.append(e.ExpectColumnValuesToNotBeNull(column=col))
+    if rules.expectations_file:
+        suite.extend(_user_expectations(paths.resolve(rules.expectations_file)))
+    return suite
 
 
-def run_expectations(df: pd.DataFrame, schema: SchemaConfig) -> tuple[dict[int, list[str]], dict[str, Any]]:
-    """Run the suite built from params on `df`; return failures per row and a JSON summary."""
-    logging.getLogger("great_expectations").setLevel(logging.WARNING)  # its INFO lines are noise here
-    os.environ.setdefault("GX_ANALYTICS_ENABLED", "False")  # no network calls from a pipeline stage
-    import great_expectations as gx
+def _user_expectations(file: Path) -> list[Any]:
+    """Expectations in GE's JSON form: [{"type": "expect_column_values_to_match_regex", "kwargs": {...}}]."""
+    from great_expectations.expectations.expectation_configuration import ExpectationConfiguration
+
+    if not file.is_file():
+        raise DataValidationError(f"validate.expectations_file {file} not found: create it or set it to null")
+    try:
+        entries = json.loads(file.read_text())
+        return [ExpectationConfiguration(type=x["type"], kwargs=x.get("kwargs", {})).to_domain_obj()
+                for x in entries]
+    except Exception as exc:
+        raise DataValidationError(f"{file} is not a JSON list of expectations like "
+                                  f'[{{"type": "expect_column_values_to_be_between", "kwargs": {{"column": "age", '
+                                  f'"min_value": 18}}}}]: {exc}') from exc
+
+
+@dataclass
+class SuiteResult:
+    """What Great Expectations found in all batches."""
+
+    row_failures: dict[int, list[str]] = field(default_factory=lambda: defaultdict(list))
+    batch_failures: list[str] = field(default_factory=list)
+    expectations: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+
+def run_expectations(batches: list[tuple[str, pd.DataFrame]], suite: list[Any], docs_dir: Path | None
+                     ) -> SuiteResult:
+    """Validate each batch with the suite; row failures by `__row__`, batch-level failures by name.
+
+    With `docs_dir`, Great Expectations Data Docs (one validation page per batch) are built there.
+    """
+    gx = _gx()
     from great_expectations.data_context.types.base import ProgressBarsConfig
 
     ctx = gx.get_context(mode="ephemeral")
     ctx.variables.progress_bars = ProgressBarsConfig(globally=False)
-    batch_def = (
-        ctx.data_sources.add_pandas("amaas")
-        .add_dataframe_asset("batch")
-        .add_batch_definition_whole_dataframe("all")
-    )
-    suite = ctx.suites.add(gx.ExpectationSuite(name="amaas_suite", expectations=_expectations(schema)))
-    definition = ctx.validation_definitions.add(gx.ValidationDefinition(name="amaas", data=batch_def, suite=suite))
-    result = definition.run(
-        batch_parameters={"dataframe": df},
-        result_format={"result_format": "COMPLETE", "unexpected_index_column_names": [ROW]},
-    )
-    reasons: dict[int, list[str]] = defaultdict(list)
-    summary: dict[str, Any] = {}
-    for res in result.results:
-        cfg = res.expectation_config
-        name = f"{cfg.type}({cfg.kwargs.get('column')})"
-        failed = res.result.get("unexpected_index_list") or []
-        summary[name] = {"success": bool(res.success), "unexpected_count": len(failed)}
+    actions = []
+    if docs_dir is not None:
+        ctx.add_data_docs_site(site_name=DOCS_SITE, site_config={
+            "class_name": "SiteBuilder", "site_index_builder": {"class_name": "DefaultSiteIndexBuilder"},
+            "store_backend": {"class_name": "TupleFilesystemStoreBackend", "base_directory": str(docs_dir)}})
+        actions = [gx.checkpoint.UpdateDataDocsAction(name="data_docs", site_names=[DOCS_SITE])]
+    batch_def = ctx.data_sources.add_pandas("amaas").add_dataframe_asset("batch").add_batch_definition_whole_dataframe(
+        "whole")
+    gx_suite = ctx.suites.add(gx.ExpectationSuite(name=SUITE, expectations=suite))
+    result = SuiteResult()
+    for name, rows in batches:
+        definition = ctx.validation_definitions.add(gx.ValidationDefinition(name=name, data=batch_def, suite=gx_suite))
+        checkpoint = ctx.checkpoints.add(gx.Checkpoint(
+            name=f"batch {name}", validation_definitions=[definition], actions=actions,
+            result_format={"result_format": "COMPLETE", "unexpected_index_column_names": [ROW]}))
+        # one consolidated frame: GE copies its input per metric, and a fragmented frame is slow to copy
+        run = checkpoint.run(batch_parameters={"dataframe": rows.copy()}, run_id=gx.RunIdentifier(run_name=name))
+        for res in next(iter(run.run_results.values())).results:
+            _collect(result, name, res)
+    return result
+
+
+def _collect(result: SuiteResult, batch: str, res: Any) -> None:
+    cfg = res.expectation_config
+    column = cfg.kwargs.get("column")
+    name = f"{cfg.type}({column})" if column else cfg.type
+    failed = res.result.get("unexpected_index_list")
+    seen = result.expectations.setdefault(name, {"success": True, "unexpected_count": 0})
+    seen["success"] &= bool(res.success)
+    seen["unexpected_count"] += len(failed or [])
+    if res.success:
+        return
+    if failed is None:  # a batch-level expectation (row count, column statistics): the batch cannot go on
+        observed = res.result.get("observed_value")
+        result.batch_failures.append(f"batch {batch}: {name} failed (observed {observed}, expected "
+                                     f"{ {k: v for k, v in cfg.kwargs.items() if k not in ('column', 'batch_id')} })")
+    elif cfg.type != UNIQUE:  # GE flags every copy of an id; amaas keeps the first copy (checked across batches)
         for hit in failed:
-            reasons[int(hit[ROW])].append(name)
-    return reasons, summary
+            result.row_failures[int(hit[ROW])].append(name)
 
 
 def split_rows(
@@ -143,15 +221,13 @@ def split_rows(
     Together they are exactly the input rows. Quarantined values are kept as received (a value
     that failed to cast stays visible), with mixed-type columns stored as text.
     """
-    quarantine = raw[bad].copy()
-    for col in quarantine.select_dtypes(include="object").columns:
-        quarantine[col] = quarantine[col].map(lambda v: None if v is None or v != v else str(v))
+    quarantine = text_if_mixed(raw[bad])
     quarantine[REASONS] = ["; ".join(sorted(set(reasons[int(r)]))) for r in quarantine[ROW]]
     return typed[~bad.to_numpy()].copy(), quarantine
 
 
 def run(settings: Settings, paths: Paths) -> dict[str, Any]:
-    """Validate every collected row; write clean rows, quarantined rows and reports/validation.json."""
+    """Validate every collected row; write clean rows, quarantined rows, Data Docs and reports/validation.json."""
     schema, rules = settings.data_schema, settings.validation
     batches = load_batches(paths)
     raw = concat_batches(batches)
@@ -163,31 +239,40 @@ def run(settings: Settings, paths: Paths) -> dict[str, Any]:
     if problems:
         _fail(report_file, len(raw), "schema", problems)
 
-    typed, reasons = coerce_types(raw, schema)
-    ge_reasons, expectations = run_expectations(typed, schema)
-    for row, names in ge_reasons.items():
+    typed, reasons = coerce_types(raw, schema, settings.clean.normalize_categories)
+    suite = build_suite(settings, paths)
+    columns = [ROW, *schema.columns]
+    ends = np.cumsum([len(rows) for _, rows in batches])
+    per_batch = [(name, typed.iloc[end - len(rows) : end][columns])
+                 for (name, rows), end in zip(batches, ends, strict=True)]
+    with atomic_dir(paths.reports / "data_docs") as docs:
+        checked = run_expectations(per_batch, suite, docs)
+    for row, names in checked.row_failures.items():
         reasons[row].extend(names)
     dupes = typed[schema.id_column].notna() & typed.duplicated(schema.id_column, keep="first")
     for row in typed.loc[dupes, ROW]:
-        reasons[int(row)].append(f"expect_column_values_to_be_unique({schema.id_column})")
-    expectations[f"expect_column_values_to_be_unique({schema.id_column})"] = {
-        "success": not dupes.any(), "unexpected_count": int(dupes.sum())
-    }
+        reasons[int(row)].append(f"{UNIQUE}({schema.id_column})")
+    checked.expectations[f"{UNIQUE}({schema.id_column})"] = {"success": not dupes.any(),
+                                                            "unexpected_count": int(dupes.sum())}
 
     bad = raw[ROW].isin(list(reasons))
     clean, quarantine = split_rows(raw, typed, bad, reasons)
     assert len(clean) + len(quarantine) == len(raw), "validate lost or duplicated rows"
-    bad_share = {str(b): float(s) for b, s in bad.groupby(raw["batch"]).mean().items()}
+    bad_share = {str(b): float(s) for b, s in bad.groupby(raw["batch"], sort=False).mean().items()}
     summary = {
         "status": "passed",
+        "batches": len(batches),
         "rows_in": len(raw),
         "rows_clean": len(clean),
         "rows_quarantined": len(quarantine),
         "bad_share": round(len(quarantine) / max(len(raw), 1), 6),
         "bad_share_by_batch": bad_share,
-        "expectations": expectations,
+        "expectations": checked.expectations,
+        "data_docs": str(paths.reports / "data_docs" / "index.html"),
     }
     write_parquet(paths.quarantine / "quarantine.parquet", quarantine)
+    if checked.batch_failures:
+        _fail(report_file, len(raw), "batch_expectations", checked.batch_failures, summary)
     over = {b: s for b, s in bad_share.items() if s > rules.max_bad_share}
     if over:
         _fail(report_file, len(raw), "bad_share", [
@@ -202,7 +287,8 @@ def run(settings: Settings, paths: Paths) -> dict[str, Any]:
     write_parquet(paths.validated / "data.parquet", clean.drop(columns=[ROW]))
     write_json(paths.reports / "validation_details.json", summary)
     write_json(report_file, {k: summary[k] for k in METRIC_KEYS})
-    log.info("validated %d rows: %d clean, %d quarantined", len(raw), len(clean), len(quarantine))
+    log.info("validated %d rows in %d batches: %d clean, %d quarantined", len(raw), len(batches), len(clean),
+             len(quarantine))
     return {k: summary[k] for k in METRIC_KEYS}
 
 

@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+import glob
 import os
 import shutil
+import socket
 import subprocess
 import sys
+import tempfile
+import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +36,7 @@ def small_params(**overrides: Any) -> dict[str, Any]:
         "train.xgboost.n_estimators": 60,
         "train.mlp.epochs": 4,
         "promote.bootstrap_samples": 100,
+        "validate.expectations_file": None,
         **overrides,
     }
     for dotted, value in small.items():
@@ -57,7 +63,7 @@ def amaas(*args: str, root: Path, check: bool = True, **kwargs: Any) -> subproce
 
 def copy_project_files(dest: Path) -> None:
     """What a fresh clone has that dvc.yaml depends on: code, dvc.yaml, DVC config."""
-    for name in ("pipelines", "bentos", "dags"):
+    for name in ("pipelines", "bentos", "dags", "expectations"):
         shutil.copytree(REPO / name, dest / name, ignore=shutil.ignore_patterns("__pycache__"))
     shutil.copy2(REPO / "dvc.yaml", dest / "dvc.yaml")
 
@@ -70,3 +76,51 @@ def trained_project(tmp_path_factory: pytest.TempPathFactory) -> Path:
     proc = amaas("run", root=root, check=False)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return root
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _postgres_bin() -> Path | None:
+    found = shutil.which("initdb") or next(iter(sorted(glob.glob("/usr/lib/postgresql/*/bin/initdb"))[-1:]), None)
+    return Path(found).parent if found else None
+
+
+@pytest.fixture(scope="session")
+def postgres_url() -> Iterator[str]:
+    """A real PostgreSQL server of our own on 127.0.0.1 (Debian's postgresql package; .ci/run installs it)."""
+    bin_dir = _postgres_bin()
+    if bin_dir is None:
+        if os.environ.get("CI"):
+            pytest.fail("PostgreSQL server binaries not found: .ci/run must install Debian's postgresql package")
+        pytest.skip("PostgreSQL server binaries not installed (apt-get install postgresql)")
+    # initdb and postgres refuse to run as root: run them as the postgres user the Debian package creates,
+    # in a folder of /tmp that user can reach (pytest's own tmp folders are private to root)
+    data = Path(tempfile.mkdtemp(prefix="amaas-pg-"))
+    as_user = ["runuser", "-u", "postgres", "--"] if os.geteuid() == 0 else []
+    if as_user:
+        shutil.chown(data, "postgres")
+    port = free_port()
+    subprocess.run([*as_user, str(bin_dir / "initdb"), "-D", str(data), "-U", "postgres", "--auth=trust", "-E",
+                    "UTF8"], check=True, capture_output=True)
+    server = subprocess.Popen([*as_user, str(bin_dir / "postgres"), "-D", str(data), "-p", str(port), "-k",
+                               str(data), "-c", "listen_addresses=127.0.0.1", "-c", "fsync=off"],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    import psycopg
+
+    deadline = time.monotonic() + 60
+    while True:
+        try:
+            psycopg.connect(host="127.0.0.1", port=port, user="postgres", dbname="postgres", connect_timeout=2).close()
+            break
+        except psycopg.OperationalError:
+            if server.poll() is not None or time.monotonic() > deadline:
+                pytest.fail("PostgreSQL did not start")
+            time.sleep(0.2)
+    yield f"postgresql+psycopg://postgres@127.0.0.1:{port}/postgres"
+    server.terminate()
+    server.wait(timeout=30)
+    shutil.rmtree(data, ignore_errors=True)

@@ -11,6 +11,7 @@ import numpy as np
 import pandas as pd
 
 from pipelines.config import SimulatorConfig
+from pipelines.sources import Watermark, Watermarks
 
 HOME = ["rent", "own", "mortgage", "other"]
 PURPOSE = ["debt_consolidation", "credit_card", "home_improvement", "small_business", "car", "medical", "other"]
@@ -18,6 +19,27 @@ REGION = ["north", "south", "east", "west"]
 _PURPOSE_RISK = dict(zip(PURPOSE, [0.1, 0.0, -0.2, 0.6, -0.3, 0.3, 0.1], strict=True))
 _HOME_RISK = dict(zip(HOME, [0.25, -0.2, -0.1, 0.1], strict=True))
 ID_STRIDE = 10_000_000  # ids of batch k start at k * ID_STRIDE: unique across batches
+
+
+class SimulatorSource:
+    """The simulated production table: `n_batches` days of rows, each day a pure function of (seed, day)."""
+
+    def __init__(self, cfg: SimulatorConfig, seed: int, watermarks: Watermarks) -> None:
+        self.cfg, self.seed, self.watermarks = cfg, seed, watermarks
+        self.description = f"simulator(seed={seed}, days={cfg.n_batches} from {cfg.start_date})"
+
+    def read(self, low: Watermark | None, high: Watermark | None) -> tuple[pd.DataFrame, int]:
+        days = [generate_batch(self.cfg, self.seed, i) for i in range(self.cfg.n_batches) if self._may_hold(i, low)]
+        rows = pd.concat(days, ignore_index=True) if days else generate_batch(self.cfg, self.seed, 0).head(0)
+        return self.watermarks.select(rows, low, high), 0
+
+    def _may_hold(self, index: int, low: Watermark | None) -> bool:
+        """Whether day `index` can hold a row newer than `low` (skips generating days already collected)."""
+        if low is None:
+            return True
+        if self.watermarks.is_time:
+            return batch_date(self.cfg, index) + pd.Timedelta(days=1) > low
+        return (index + 1) * ID_STRIDE > int(low)
 
 
 def batch_date(cfg: SimulatorConfig, index: int) -> pd.Timestamp:

@@ -1,3 +1,5 @@
+import json
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -107,3 +109,68 @@ def test_truncated_file_is_a_clear_error(project):
     file.write_bytes(file.read_bytes()[:100])
     with pytest.raises(DataValidationError, match="cannot be read"):
         validate.run(settings, paths)
+
+
+def test_empty_batch_stops_with_the_row_count_expectation(project):
+    settings, paths = project
+    collect.run(settings, paths)
+    _corrupt(paths, lambda df: df.head(0))
+    with pytest.raises(DataValidationError, match="batch 2026-01-01: expect_table_row_count_to_be_between failed"):
+        validate.run(settings, paths)
+    report = read_json(paths.reports / "validation.json")
+    assert report["failure"] == "batch_expectations" and report["rows_in"] == 2000
+
+
+def test_wrong_type_and_renamed_column_stop_with_named_columns(project):
+    settings, paths = project
+    collect.run(settings, paths)
+    _corrupt(paths, lambda df: df.assign(credit_score="high").rename(columns={"region": "Region"}))
+    with pytest.raises(DataValidationError) as err:
+        validate.run(settings, paths)
+    message = str(err.value)
+    assert "column 'region' is missing (the batch has unexpected column(s) 'Region': renamed?)" in message
+    assert "column 'credit_score' should be numeric but has type object" in message
+
+
+def test_user_expectations_are_added_to_the_generated_suite(tmp_path):
+    (tmp_path / "rules.json").write_text(json.dumps([
+        {"type": "expect_column_values_to_be_between", "kwargs": {"column": "interest_rate", "max_value": 15}},
+    ]))
+    settings = load_settings(write_params(tmp_path, **{"validate.expectations_file": "rules.json"}))
+    paths = Paths(tmp_path)
+    collect.run(settings, paths)
+    validate.run(settings, paths)
+    quarantine = pd.read_parquet(paths.quarantine / "quarantine.parquet")
+    user_rule = quarantine[quarantine[REASONS].str.contains("be_between(interest_rate)", regex=False)]
+    assert len(user_rule) > 0 and (user_rule["interest_rate"].astype(float) > 15).all()
+    details = read_json(paths.reports / "validation_details.json")
+    assert details["expectations"]["expect_table_row_count_to_be_between"]["success"]
+
+    (tmp_path / "rules.json").write_text("{not json")
+    with pytest.raises(DataValidationError, match="rules.json is not a JSON list of expectations"):
+        validate.run(settings, paths)
+
+
+def test_data_docs_have_a_page_per_batch(project):
+    settings, paths = project
+    collect.run(settings, paths)
+    validate.run(settings, paths)
+    docs = paths.reports / "data_docs"
+    assert (docs / "index.html").is_file()
+    pages = sorted(p.parent.parent.name for p in (docs / "validations").rglob("*.html"))
+    assert pages == ["2026-01-01", "2026-01-02", "2026-01-03"]
+    page = next((docs / "validations").rglob("*.html")).read_text()
+    assert "values must never be null" in page and "credit_score" in page
+    assert (docs / "expectations" / "amaas_suite.html").is_file()
+
+
+def test_normalizing_categories_can_be_switched_off(tmp_path):
+    settings = load_settings(write_params(tmp_path, **{"clean.normalize_categories": False,
+                                                       "source.simulator.malformed_share": 0}))
+    paths = Paths(tmp_path)
+    collect.run(settings, paths)
+    validate.run(settings, paths)
+    quarantine = pd.read_parquet(paths.quarantine / "quarantine.parquet")
+    # the simulator spells ~3% of home_ownership messily ("  RENT  "): valid only once normalized
+    assert len(quarantine) > 0
+    assert quarantine[REASONS].eq("expect_column_values_to_be_in_set(home_ownership)").all()

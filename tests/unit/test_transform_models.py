@@ -15,7 +15,7 @@ def data(tmp_path_factory):
     settings = load_settings(write_params(tmp_path_factory.mktemp("p"), **{"source.simulator.malformed_share": 0}))
     cfg = settings.source.simulator
     raw = pd.concat([generate_batch(cfg, settings.seed, i) for i in range(3)], ignore_index=True)
-    transform = FeatureTransform.fit(raw.iloc[:2000], settings.data_schema, (0.001, 0.999))
+    transform = FeatureTransform.fit(raw.iloc[:2000], settings.data_schema, settings.clean)
     X = transform.transform(raw)
     y = raw["default"].to_numpy()
     return settings, transform, X.iloc[:2000], y[:2000], X.iloc[2000:], y[2000:]
