@@ -26,6 +26,8 @@ def main() -> int:
     params = yaml.safe_load(Path(args.params).read_text())
     if args.rows_per_batch:
         params["source"]["simulator"]["rows_per_batch"] = args.rows_per_batch
+    if params["validate"].get("expectations_file"):  # the run happens elsewhere: point at this project's file
+        params["validate"]["expectations_file"] = str(Path(params["validate"]["expectations_file"]).resolve())
     with tempfile.TemporaryDirectory(prefix="amaas-bench-") as tmp:
         root = Path(tmp)
         (root / "params.yaml").write_text(yaml.safe_dump(params))

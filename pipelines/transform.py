@@ -103,7 +103,11 @@ class FeatureTransform:
 
     @classmethod
     def load(cls, path: Path) -> FeatureTransform:
-        return cls(**json.loads(path.read_text()))
+        fields = json.loads(path.read_text())
+        if "medians" in fields:  # saved before cleaning was configurable: median imputation, flags, normalized
+            fields = {"normalize": True, "impute": "median", "missing_indicators": True,
+                      "fill_values": fields.pop("medians"), **fields}
+        return cls(**fields)
 
 
 def _as_text(values: pd.Series) -> pd.Series:

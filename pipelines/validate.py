@@ -11,6 +11,7 @@ fails (row count), too few rows, or a bad-row share over the threshold stops the
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import os
@@ -161,11 +162,27 @@ class SuiteResult:
     expectations: dict[str, dict[str, Any]] = field(default_factory=dict)
 
 
+def frames_for_ge(typed: pd.DataFrame, batches: list[tuple[str, pd.DataFrame]], schema: SchemaConfig
+                  ) -> list[tuple[str, pd.DataFrame]]:
+    """Each batch's typed rows as GE checks them: the schema's columns, categories as a pandas category.
+
+    The category dtype gives the same results as text for in-set and not-null checks, and GE, which
+    copies its input for every metric, runs about 2.5 times faster on it.
+    """
+    frame = typed[[ROW, *schema.columns]].astype({c: "category" for c in schema.categorical})
+    sizes = [len(rows) for _, rows in batches]  # `typed` holds the batches one after the other
+    ends = np.cumsum(sizes)
+    return [(name, frame.iloc[end - size : end]) for (name, _), size, end in zip(batches, sizes, ends, strict=True)]
+
+
 def run_expectations(batches: list[tuple[str, pd.DataFrame]], suite: list[Any], docs_dir: Path | None
                      ) -> SuiteResult:
     """Validate each batch with the suite; row failures by `__row__`, batch-level failures by name.
 
-    With `docs_dir`, Great Expectations Data Docs (one validation page per batch) are built there.
+    Two passes per batch, because most expectations pass and listing every unexpected row is GE's
+    costly part: the whole suite with BASIC results (counts and a sample; these feed Data Docs, one
+    page per batch, built in `docs_dir` when given), then only the expectations that found unexpected
+    rows, with COMPLETE results that list every such row.
     """
     gx = _gx()
     from great_expectations.data_context.types.base import ProgressBarsConfig
@@ -180,37 +197,55 @@ def run_expectations(batches: list[tuple[str, pd.DataFrame]], suite: list[Any], 
         actions = [gx.checkpoint.UpdateDataDocsAction(name="data_docs", site_names=[DOCS_SITE])]
     batch_def = ctx.data_sources.add_pandas("amaas").add_dataframe_asset("batch").add_batch_definition_whole_dataframe(
         "whole")
-    gx_suite = ctx.suites.add(gx.ExpectationSuite(name=SUITE, expectations=suite))
+
+    def add_suite(name: str, expectations: list[Any]) -> Any:
+        # copies: GE binds an expectation to the suite it joins, and the caller may run `suite` again
+        return ctx.suites.add(gx.ExpectationSuite(name=name, expectations=[copy.copy(e) for e in expectations]))
+
+    full = add_suite(SUITE, suite)
     result = SuiteResult()
     for name, rows in batches:
-        definition = ctx.validation_definitions.add(gx.ValidationDefinition(name=name, data=batch_def, suite=gx_suite))
+        frame = rows.copy()  # consolidated: GE copies its input per metric, and a fragmented frame copies slowly
+        definition = ctx.validation_definitions.add(gx.ValidationDefinition(name=name, data=batch_def, suite=full))
         checkpoint = ctx.checkpoints.add(gx.Checkpoint(
             name=f"batch {name}", validation_definitions=[definition], actions=actions,
-            result_format={"result_format": "COMPLETE", "unexpected_index_column_names": [ROW]}))
-        # one consolidated frame: GE copies its input per metric, and a fragmented frame is slow to copy
-        run = checkpoint.run(batch_parameters={"dataframe": rows.copy()}, run_id=gx.RunIdentifier(run_name=name))
-        for res in next(iter(run.run_results.values())).results:
-            _collect(result, name, res)
+            result_format={"result_format": "BASIC"}))
+        run = checkpoint.run(batch_parameters={"dataframe": frame}, run_id=gx.RunIdentifier(run_name=name))
+        with_rows = [res.expectation_config for res in next(iter(run.run_results.values())).results
+                     if _summarize(result, name, res)]
+        if not with_rows:
+            continue
+        detail = ctx.validation_definitions.add(gx.ValidationDefinition(
+            name=f"{name} rows", data=batch_def, suite=add_suite(f"{SUITE} rows {name}", with_rows)))
+        listed = detail.run(batch_parameters={"dataframe": frame},
+                            result_format={"result_format": "COMPLETE", "unexpected_index_column_names": [ROW]})
+        for res in listed.results:
+            for hit in res.result["unexpected_index_list"]:
+                result.row_failures[int(hit[ROW])].append(_name(res.expectation_config))
     return result
 
 
-def _collect(result: SuiteResult, batch: str, res: Any) -> None:
-    cfg = res.expectation_config
+def _name(cfg: Any) -> str:
     column = cfg.kwargs.get("column")
-    name = f"{cfg.type}({column})" if column else cfg.type
-    failed = res.result.get("unexpected_index_list")
+    return f"{cfg.type}({column})" if column else cfg.type
+
+
+def _summarize(result: SuiteResult, batch: str, res: Any) -> bool:
+    """Record one expectation's outcome on a batch; True if it found rows that must go to quarantine."""
+    cfg, name = res.expectation_config, _name(res.expectation_config)
+    unexpected = res.result.get("unexpected_count")
     seen = result.expectations.setdefault(name, {"success": True, "unexpected_count": 0})
     seen["success"] &= bool(res.success)
-    seen["unexpected_count"] += len(failed or [])
-    if res.success:
-        return
-    if failed is None:  # a batch-level expectation (row count, column statistics): the batch cannot go on
-        observed = res.result.get("observed_value")
-        result.batch_failures.append(f"batch {batch}: {name} failed (observed {observed}, expected "
-                                     f"{ {k: v for k, v in cfg.kwargs.items() if k not in ('column', 'batch_id')} })")
-    elif cfg.type != UNIQUE:  # GE flags every copy of an id; amaas keeps the first copy (checked across batches)
-        for hit in failed:
-            result.row_failures[int(hit[ROW])].append(name)
+    seen["unexpected_count"] += unexpected or 0
+    if unexpected is None:  # a batch-level expectation (row count, a column statistic): a failed batch stops
+        if not res.success:
+            observed = res.result.get("observed_value")
+            expected = {k: v for k, v in cfg.kwargs.items() if k not in ("column", "batch_id")}
+            result.batch_failures.append(f"batch {batch}: {name} failed (observed {observed}, expected {expected})")
+        return False
+    # every unexpected row goes, even where `mostly` lets the expectation pass; GE flags every copy of an
+    # id, but amaas keeps the first copy, so uniqueness rows come from the check across batches instead
+    return unexpected > 0 and cfg.type != UNIQUE
 
 
 def split_rows(
@@ -241,12 +276,8 @@ def run(settings: Settings, paths: Paths) -> dict[str, Any]:
 
     typed, reasons = coerce_types(raw, schema, settings.clean.normalize_categories)
     suite = build_suite(settings, paths)
-    columns = [ROW, *schema.columns]
-    ends = np.cumsum([len(rows) for _, rows in batches])
-    per_batch = [(name, typed.iloc[end - len(rows) : end][columns])
-                 for (name, rows), end in zip(batches, ends, strict=True)]
     with atomic_dir(paths.reports / "data_docs") as docs:
-        checked = run_expectations(per_batch, suite, docs)
+        checked = run_expectations(frames_for_ge(typed, batches, schema), suite, docs)
     for row, names in checked.row_failures.items():
         reasons[row].extend(names)
     dupes = typed[schema.id_column].notna() & typed.duplicated(schema.id_column, keep="first")
