@@ -57,9 +57,13 @@ def run(settings: Settings, paths: Paths, rerun: str | None = None) -> dict[str,
 def load_manifest(paths: Paths, watermark_column: str) -> dict[str, Any]:
     """The collected batches so far (an empty manifest before the first run)."""
     file = paths.raw / MANIFEST
+    empty = {"watermark_column": watermark_column, "watermark": None, "batches": []}
     if not file.is_file():
-        return {"watermark_column": watermark_column, "watermark": None, "batches": []}
+        return empty
     manifest = read_json(file)
+    if "watermark" not in manifest:  # written before collect was incremental: it had no intervals to go on
+        log.warning("%s predates incremental collect: collecting every batch again", file)
+        return empty
     if manifest.get("watermark_column") != watermark_column:
         raise SourceError(f"{file} was collected with watermark column {manifest.get('watermark_column')!r}, "
                           f"params.yaml now says {watermark_column!r}: restore the setting, or move data/raw "
