@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import os
@@ -11,6 +12,7 @@ import sys
 from pathlib import Path
 
 from pipelines.config import ConfigError, Paths, Settings, load_settings
+from pipelines.lock import PipelineLocked, project_lock
 from pipelines.registry import Registry, RegistryError
 from pipelines.stages import STAGES, run_stage
 
@@ -71,27 +73,35 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "serve":
             return _serve(args, paths)
         if args.command == "rollback":
-            print(json.dumps({"champion": rollback(paths, args.reason)}))
+            with _locked(args, paths):
+                print(json.dumps({"champion": rollback(paths, args.reason)}))
         elif args.command == "status":
             registry = Registry(paths.registry)
             print(json.dumps({**registry.aliases(), "last_decision": (registry.decisions() or [None])[-1]}, indent=2))
         elif args.command == "where":
             _print_where(paths, load_settings(args.params))
         elif args.command == "promote" and args.force:
-            print(json.dumps({"champion": force_promote(paths, args.version, args.reason)}))
+            with _locked(args, paths):
+                print(json.dumps({"champion": force_promote(paths, args.version, args.reason)}))
         elif args.command == "collect" and args.rerun:
             print(json.dumps({"collect": run_stage("collect", args.params, paths.root, rerun=args.rerun)}))
         else:
             stages = STAGES if args.command == "run" else (args.command,)
-            for stage in stages:
-                summary = run_stage(stage, args.params, paths.root)
-                print(json.dumps({stage: summary}, default=str))
+            with _locked(args, paths):  # `amaas run` holds the project across all its stages
+                for stage in stages:
+                    summary = run_stage(stage, args.params, paths.root)
+                    print(json.dumps({stage: summary}, default=str))
             if args.command == "run":
                 _print_where(paths, load_settings(args.params))
-    except (ConfigError, SourceError, DataValidationError, RegistryError, FileNotFoundError, ValueError) as exc:
+    except (ConfigError, SourceError, DataValidationError, RegistryError, PipelineLocked, FileNotFoundError,
+            ValueError) as exc:
         print(f"amaas: error: {exc}", file=sys.stderr)
         return 2
     return 0
+
+
+def _locked(args: argparse.Namespace, paths: Paths) -> contextlib.AbstractContextManager[None]:
+    return project_lock(paths.root, load_settings(args.params).pipeline.lock_timeout_s)
 
 
 def _print_where(paths: Paths, settings: Settings) -> None:

@@ -191,8 +191,13 @@ class ServeConfig(_Strict):
     max_latency_ms: int = Field(ge=1)
 
 
+class PipelineConfig(_Strict):
+    lock_timeout_s: float = Field(ge=0)
+
+
 class Settings(_Strict):
     seed: int
+    pipeline: PipelineConfig
     source: SourceConfig
     schema_: SchemaConfig = Field(alias="schema")
     validate_: ValidateConfig = Field(alias="validate")

@@ -6,6 +6,7 @@ A run killed mid-write leaves either the old artifact or the new one, never half
 from __future__ import annotations
 
 import contextlib
+import glob
 import hashlib
 import json
 import os
@@ -18,10 +19,29 @@ from typing import Any
 import pandas as pd
 
 
+def _clear_leftovers(target: Path) -> None:
+    """Remove what a run killed mid-write (SIGKILL skips `finally`) left beside `target`.
+
+    A temp file or folder is deleted; a previous version parked as `.name.old` by atomic_dir is put
+    back if the kill came between its two renames. Writers of one project are serialized by
+    pipelines.lock, so nothing else is writing these names now.
+    """
+    old = target.with_name(f".{target.name}.old")
+    if old.exists() and not target.exists():
+        os.replace(old, target)
+    # tempfile names are the prefix, 8 random characters, the suffix: no other target's temp matches
+    for leftover in target.parent.glob(f".{glob.escape(target.name)}.????????.tmp"):
+        if leftover.is_dir():
+            shutil.rmtree(leftover, ignore_errors=True)
+        else:
+            leftover.unlink(missing_ok=True)
+
+
 @contextlib.contextmanager
 def atomic_path(target: Path) -> Iterator[Path]:
     """Yield a temp path beside `target`; rename it onto `target` only if the block succeeds."""
     target.parent.mkdir(parents=True, exist_ok=True)
+    _clear_leftovers(target)
     fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
     os.close(fd)
     tmp = Path(tmp_name)
@@ -36,6 +56,7 @@ def atomic_path(target: Path) -> Iterator[Path]:
 def atomic_dir(target: Path) -> Iterator[Path]:
     """Yield an empty temp folder beside `target`; swap it in for `target` if the block succeeds."""
     target.parent.mkdir(parents=True, exist_ok=True)
+    _clear_leftovers(target)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent))
     old = target.with_name(f".{target.name}.old")
     try:

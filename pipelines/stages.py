@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from pipelines.config import Paths, load_settings
+from pipelines.lock import project_lock
 
 STAGES = ("collect", "validate", "prepare", "train", "evaluate", "report", "package", "promote")
 log = logging.getLogger(__name__)
@@ -27,7 +28,8 @@ def run_stage(name: str, params: str | Path | None = None, root: str | Path | No
     settings = load_settings(params)
     paths = Paths(Path(root).resolve()) if root else Paths.from_env()
     module = importlib.import_module(f"pipelines.{name}")
-    started = time.perf_counter()
-    summary = module.run(settings, paths, **options)
+    with project_lock(paths.root, settings.pipeline.lock_timeout_s):
+        started = time.perf_counter()
+        summary = module.run(settings, paths, **options)
     log.info("stage %s done in %.1f s", name, time.perf_counter() - started)
     return summary

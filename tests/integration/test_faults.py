@@ -1,0 +1,124 @@
+"""Fault handling: SIGKILL mid-write leaves no partial output and a rerun succeeds; concurrent runs are serialized."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from pipelines.bundle import ModelBundle
+from tests.conftest import BIN, REPO, amaas, write_params
+
+pytestmark = pytest.mark.slow
+
+
+def _killed_inside(block: str, tmp_path: Path) -> None:
+    """Run `block` in a child inside an atomic write; SIGKILL it once it has written half its output."""
+    script = textwrap.dedent(f"""
+        import sys, time
+        from pathlib import Path
+        from pipelines.io import atomic_dir, atomic_path
+        root = Path({str(tmp_path)!r})
+        {block}
+    """)
+    child = subprocess.Popen([sys.executable, "-c", script], cwd=REPO)
+    marker = tmp_path / "half-written"
+    deadline = time.monotonic() + 30
+    while not marker.exists():
+        assert child.poll() is None and time.monotonic() < deadline, "child never reached the write"
+        time.sleep(0.05)
+    child.send_signal(signal.SIGKILL)
+    child.wait()
+
+
+def test_sigkill_inside_atomic_writes_leaves_old_or_nothing(tmp_path):
+    from pipelines.io import atomic_dir, write_json
+
+    write_json(tmp_path / "out.json", {"version": 1})
+    _killed_inside("""
+        with atomic_path(root / "out.json") as tmp:
+            tmp.write_text('{"version": 2, "trunc')
+            (root / "half-written").touch(); time.sleep(60)
+    """, tmp_path)
+    assert json.loads((tmp_path / "out.json").read_text()) == {"version": 1}
+    assert list(tmp_path.glob(".out.json.*.tmp"))  # SIGKILL skips cleanup: the next write removes it
+    write_json(tmp_path / "out.json", {"version": 3})
+    assert not list(tmp_path.glob(".out.json.*.tmp"))
+
+    (tmp_path / "model").mkdir()
+    (tmp_path / "model" / "a.txt").write_text("old")
+    (tmp_path / "half-written").unlink()
+    _killed_inside("""
+        import os
+        with atomic_dir(root / "model") as tmp:
+            (tmp / "a.txt").write_text("new")
+        # replay atomic_dir's swap up to the kill: the old folder parked, the new one not yet in place
+        os.rename(root / "model", root / ".model.old")
+        (root / "half-written").touch(); time.sleep(60)
+    """, tmp_path)
+    assert not (tmp_path / "model").exists()
+    with atomic_dir(tmp_path / "model") as out:  # the next writer of `model` first puts the old one back
+        assert (tmp_path / "model" / "a.txt").read_text() == "new"
+        (out / "a.txt").write_text("newer")
+    assert (tmp_path / "model" / "a.txt").read_text() == "newer"
+    assert not list(tmp_path.glob(".model*"))
+
+
+def _outputs_are_whole(root: Path) -> None:
+    """Whatever exists after a kill is complete: readable Parquet and JSON, a loadable model."""
+    for file in [*root.glob("data/**/*.parquet"), *root.glob("reports/**/*.parquet")]:
+        if not file.name.startswith("."):
+            pd.read_parquet(file)
+    for file in [*root.glob("data/**/*.json"), *root.glob("reports/*.json"), *root.glob("models/**/*.json")]:
+        if not file.name.startswith("."):
+            json.loads(file.read_text())
+    if (root / "models" / "challenger").exists():
+        ModelBundle.load(root / "models" / "challenger")
+
+
+def test_pipeline_killed_at_any_point_reruns_to_the_same_result(tmp_path, trained_project):
+    write_params(tmp_path)
+    env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}"}
+    for delay in (1.5, 3.0, 4.5, 6.0, 7.5):
+        proc = subprocess.Popen([str(BIN / "amaas"), "--params", str(tmp_path / "params.yaml"), "--root",
+                                 str(tmp_path), "run"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                                env=env)
+        time.sleep(delay)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        _outputs_are_whole(tmp_path)
+    final = amaas("run", root=tmp_path)
+    assert final.returncode == 0
+    assert not [p for p in tmp_path.rglob("*.tmp")], "a rerun leaves no temp files behind"
+    metrics = json.loads((tmp_path / "reports" / "metrics.json").read_text())
+    assert metrics == json.loads((trained_project / "reports" / "metrics.json").read_text())
+
+
+def test_concurrent_runs_are_serialized_with_a_clear_message(tmp_path):
+    write_params(tmp_path)
+    first = subprocess.Popen([str(BIN / "amaas"), "--params", str(tmp_path / "params.yaml"), "--root",
+                              str(tmp_path), "run"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    lock = tmp_path / ".amaas.lock"
+    deadline = time.monotonic() + 30
+    while not (lock.exists() and lock.read_text()):
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+
+    impatient = write_params(tmp_path / "impatient", **{"pipeline.lock_timeout_s": 1})
+    refused = subprocess.run([str(BIN / "amaas"), "--params", str(impatient), "--root", str(tmp_path), "collect"],
+                             capture_output=True, text=True)
+    assert refused.returncode == 2
+    assert f"another pipeline run holds {lock}" in refused.stderr and f"pid {first.pid}" in refused.stderr
+
+    second = amaas("run", root=tmp_path)  # waits for the first, then runs
+    assert "waiting for another pipeline run on this project to finish" in second.stderr
+    assert first.wait(timeout=10) == 0  # the first had finished before the second could start
+    assert json.loads(second.stdout.splitlines()[0])["collect"]["new_rows"] == 0
