@@ -39,6 +39,11 @@ def _parser() -> argparse.ArgumentParser:
     rb.add_argument("--reason", default="", help="why (recorded in the registry)")
     sub.add_parser("status", help="show champion, challenger and the last decision")
     sub.add_parser("where", help="print where the model, the reports and the endpoint are")
+    sc = sub.add_parser("score", help="batch-score a CSV/Parquet file with the champion, in chunks (Dask optional)")
+    sc.add_argument("input", type=Path)
+    sc.add_argument("output", type=Path, help="Parquet file of id, probability, label, model_version")
+    sc.add_argument("--version", help="score with this registry version instead of the champion")
+    sc.add_argument("--workers", type=int, help="score on a local Dask cluster of this many worker processes")
     sv = sub.add_parser("serve", help="serve the champion's bento over HTTP")
     sv.add_argument("--host")
     sv.add_argument("--port", type=int)
@@ -78,6 +83,11 @@ def main(argv: list[str] | None = None) -> int:
         elif args.command == "status":
             registry = Registry(paths.registry)
             print(json.dumps({**registry.aliases(), "last_decision": (registry.decisions() or [None])[-1]}, indent=2))
+        elif args.command == "score":
+            from pipelines import score
+
+            summary = score.run(load_settings(args.params), paths, args.input, args.output, args.version, args.workers)
+            print(json.dumps({"score": summary}))
         elif args.command == "where":
             _print_where(paths, load_settings(args.params))
         elif args.command == "promote" and args.force:

@@ -195,6 +195,11 @@ class PipelineConfig(_Strict):
     lock_timeout_s: float = Field(ge=0)
 
 
+class ScaleConfig(_Strict):
+    dask_scheduler: str | None = None  # tcp://host:8786; null = this machine
+    score_chunk_rows: int = Field(ge=1)
+
+
 class Settings(_Strict):
     seed: int
     pipeline: PipelineConfig
@@ -208,6 +213,7 @@ class Settings(_Strict):
     promote: PromoteConfig
     report: ReportConfig
     serve: ServeConfig
+    scale: ScaleConfig
 
     @property
     def data_schema(self) -> SchemaConfig:

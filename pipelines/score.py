@@ -1,0 +1,113 @@
+"""Batch scoring: a large table in, one Parquet file of predictions out, in chunks.
+
+`amaas score INPUT OUTPUT` scores a CSV or Parquet file with the champion (or `--version`). The input
+is read in chunks of `scale.score_chunk_rows`, so memory stays bounded whatever its size. With a Dask
+scheduler (`scale.dask_scheduler`, or `--workers N` for a LocalCluster here) the chunks are scored on
+the workers and the results are merged in input order; without one they are scored in this process.
+Every path gives the same numbers as `ModelBundle.predict_proba` on the whole table. The output is
+written to a temp file and renamed, so a failed run leaves no partial file.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import deque
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from pipelines.bundle import ModelBundle
+from pipelines.config import Paths, Settings
+from pipelines.io import atomic_path
+from pipelines.registry import Registry, RegistryError
+
+log = logging.getLogger(__name__)
+
+
+def read_chunks(path: Path, chunk_rows: int) -> Iterator[pd.DataFrame]:
+    """The rows of a Parquet or CSV file, `chunk_rows` at a time, in file order."""
+    if not path.is_file():
+        raise FileNotFoundError(f"input {path} not found")
+    suffix = path.suffix.lower()
+    if suffix in (".parquet", ".pq"):
+        for batch in pq.ParquetFile(path).iter_batches(batch_size=chunk_rows):
+            yield batch.to_pandas()
+    elif suffix == ".csv":
+        yield from pd.read_csv(path, chunksize=chunk_rows)
+    else:
+        raise ValueError(f"input {path} must be a .parquet or .csv file")
+
+
+def score_chunk(bundle: ModelBundle, rows: pd.DataFrame, threshold: float, id_column: str) -> pd.DataFrame:
+    """Predictions for one chunk: the id (when the input has it), probability, label, model version."""
+    proba = bundle.predict_proba(rows)
+    out = pd.DataFrame({"probability": proba, "label": (proba >= threshold).astype("int64")})
+    if id_column in rows.columns:
+        out.insert(0, id_column, rows[id_column].to_numpy())
+    out["model_version"] = bundle.version
+    return out
+
+
+def run(settings: Settings, paths: Paths, input_path: Path, output_path: Path, version: str | None = None,
+        workers: int | None = None) -> dict[str, Any]:
+    """Score `input_path` into `output_path`; return row count, chunks, model version and where it ran."""
+    registry = Registry(paths.registry)
+    version = version or registry.champion
+    if version is None:
+        raise RegistryError("no champion to score with yet: run `amaas run` first, or pass --version")
+    bundle = ModelBundle.load(registry.version_dir(version))
+    chunks = read_chunks(input_path, settings.scale.score_chunk_rows)
+    args = (settings.evaluate.threshold, settings.data_schema.id_column)
+    scheduler = settings.scale.dask_scheduler
+    if scheduler or workers:
+        from distributed import Client, LocalCluster
+
+        cluster = None if scheduler else LocalCluster(n_workers=workers, threads_per_worker=1, processes=True,
+                                                      dashboard_address=None)
+        with Client(scheduler or cluster) as client:
+            where = f"dask {scheduler or f'LocalCluster({workers} workers)'}"
+            rows, n = _write(output_path, _on_dask(client, bundle, chunks, args))
+        if cluster is not None:
+            cluster.close()
+    else:
+        where = "in process"
+        rows, n = _write(output_path, (score_chunk(bundle, chunk, *args) for chunk in chunks))
+    log.info("scored %d rows in %d chunks with %s (%s) -> %s", rows, n, version, where, output_path)
+    return {"rows": rows, "chunks": n, "model_version": version, "ran": where, "output": str(output_path)}
+
+
+def _on_dask(client: Any, bundle: ModelBundle, chunks: Iterator[pd.DataFrame], args: tuple[Any, ...]
+             ) -> Iterator[pd.DataFrame]:
+    """Score chunks on the cluster, a bounded number in flight, yielding results in input order."""
+    model = client.scatter(bundle, broadcast=True)  # sent to each worker once, not with every chunk
+    in_flight: deque[Any] = deque()
+    limit = 2 * max(len(client.scheduler_info()["workers"]), 1)
+    for chunk in chunks:
+        data = client.scatter(chunk)  # shipped as data, not inside the task graph
+        in_flight.append(client.submit(score_chunk, model, data, *args, pure=False))
+        if len(in_flight) >= limit:
+            yield in_flight.popleft().result()
+    while in_flight:
+        yield in_flight.popleft().result()
+
+
+def _write(output_path: Path, results: Iterator[pd.DataFrame]) -> tuple[int, int]:
+    rows = chunks = 0
+    with atomic_path(output_path) as tmp:
+        writer = None
+        try:
+            for frame in results:
+                table = pa.Table.from_pandas(frame, preserve_index=False)
+                writer = writer or pq.ParquetWriter(tmp, table.schema)
+                writer.write_table(table)
+                rows, chunks = rows + len(frame), chunks + 1
+        finally:
+            if writer is not None:
+                writer.close()
+        if writer is None:
+            raise ValueError("the input has no rows to score")
+    return rows, chunks
