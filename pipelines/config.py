@@ -196,7 +196,8 @@ class PipelineConfig(_Strict):
 
 
 class ScaleConfig(_Strict):
-    dask_scheduler: str | None = None  # tcp://host:8786; null = this machine
+    dask_scheduler: str | None = None  # null: this process; "local": a LocalCluster; or tcp://host:8786
+    dask_workers: int = Field(default=2, ge=1)  # worker processes of the "local" cluster
     score_chunk_rows: int = Field(ge=1)
 
 

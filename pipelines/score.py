@@ -23,6 +23,7 @@ import pyarrow.parquet as pq
 from pipelines.bundle import ModelBundle
 from pipelines.config import Paths, Settings
 from pipelines.io import atomic_path
+from pipelines.models.cluster import dask_cluster, describe
 from pipelines.registry import Registry, RegistryError
 
 log = logging.getLogger(__name__)
@@ -62,22 +63,13 @@ def run(settings: Settings, paths: Paths, input_path: Path, output_path: Path, v
     bundle = ModelBundle.load(registry.version_dir(version))
     chunks = read_chunks(input_path, settings.scale.score_chunk_rows)
     args = (settings.evaluate.threshold, settings.data_schema.id_column)
-    scheduler = settings.scale.dask_scheduler
-    if scheduler or workers:
-        from distributed import Client, LocalCluster
-
-        cluster = None if scheduler else LocalCluster(n_workers=workers, threads_per_worker=1, processes=True,
-                                                      dashboard_address=None)
-        with Client(scheduler or cluster) as client:
-            where = f"dask {scheduler or f'LocalCluster({workers} workers)'}"
-            rows, n = _write(output_path, _on_dask(client, bundle, chunks, args))
-        if cluster is not None:
-            cluster.close()
-    else:
-        where = "in process"
-        rows, n = _write(output_path, (score_chunk(bundle, chunk, *args) for chunk in chunks))
+    address = "local" if workers else settings.scale.dask_scheduler
+    with dask_cluster(address, workers or settings.scale.dask_workers) as client:
+        where = describe(client)
+        results = _on_dask(client, bundle, chunks, args) if client else (score_chunk(bundle, c, *args) for c in chunks)
+        rows, n = _write(output_path, results)
     log.info("scored %d rows in %d chunks with %s (%s) -> %s", rows, n, version, where, output_path)
-    return {"rows": rows, "chunks": n, "model_version": version, "ran": where, "output": str(output_path)}
+    return {"rows": rows, "chunks": n, "model_version": version, "ran_on": where, "output": str(output_path)}
 
 
 def _on_dask(client: Any, bundle: ModelBundle, chunks: Iterator[pd.DataFrame], args: tuple[Any, ...]

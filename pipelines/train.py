@@ -13,6 +13,7 @@ from pipelines.config import Paths, Settings
 from pipelines.io import atomic_dir, tree_sha256, write_json
 from pipelines.lineage import git_commit, md5_of
 from pipelines.models import LEARNERS, Ensemble, Learner, resolve_device
+from pipelines.models.cluster import dask_cluster, describe
 from pipelines.transform import FeatureTransform
 
 log = logging.getLogger(__name__)
@@ -36,7 +37,9 @@ def run(settings: Settings, paths: Paths) -> dict[str, Any]:
 
     learners = build_learners(settings, transform.cardinalities)
     ensemble = Ensemble(learners, settings.train.ensemble, settings.train.stacking_folds, settings.seed)
-    ensemble.fit(X, y, X_valid, y_valid)
+    with dask_cluster(settings.scale.dask_scheduler, settings.scale.dask_workers) as client:
+        trained_on = describe(client)  # LightGBM and XGBoost train there; the MLP trains here
+        ensemble.fit(X, y, X_valid, y_valid)
 
     with atomic_dir(paths.challenger) as out:
         shutil.copy2(paths.features / TRANSFORM_FILE, out / TRANSFORM_FILE)
@@ -49,6 +52,7 @@ def run(settings: Settings, paths: Paths) -> dict[str, Any]:
             "weights": dict(zip(ensemble.names, ensemble.weights_.tolist(), strict=True)),
             "member_valid_log_loss": ensemble.member_valid_log_loss_,
             "device": resolve_device(settings.train.device),
+            "trained_on": trained_on,
             "member_devices": {m.kind: getattr(m, "device_", "cpu") for m in ensemble.members_},
             "data_md5": md5_of(paths.validated / "data.parquet"),
             "git_commit": git_commit(paths.root),

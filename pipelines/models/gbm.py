@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 from typing import Any, Self
 
@@ -9,6 +10,7 @@ import numpy as np
 import pandas as pd
 
 from pipelines.models.base import Learner, as_proba, log, resolve_device
+from pipelines.models.cluster import current_client, describe, partitioned
 
 
 class LightGBMLearner(Learner):
@@ -35,6 +37,9 @@ class LightGBMLearner(Learner):
             "deterministic": True, "force_row_wise": True, "verbosity": -1,
         }
         cats = list(p["categorical"])
+        client = current_client()
+        if client is not None:
+            return self._fit_dask(client, params, cats, X, y, X_valid, y_valid)
         train = lgb.Dataset(X, y, categorical_feature=cats or "auto", free_raw_data=True)
         valid_sets, callbacks = [], []
         if X_valid is not None:
@@ -42,6 +47,29 @@ class LightGBMLearner(Learner):
             callbacks = [lgb.early_stopping(p["early_stopping_rounds"], verbose=False)]
         self.booster_ = lgb.train(params, train, num_boost_round=p["n_estimators"], valid_sets=valid_sets,
                                   callbacks=callbacks)
+        return self
+
+    def _fit_dask(self, client: Any, params: dict[str, Any], cats: list[str], X: pd.DataFrame, y: np.ndarray,
+                  X_valid: pd.DataFrame | None, y_valid: np.ndarray | None) -> Self:
+        """Data-parallel training on the cluster (lightgbm.dask). Its Dask API has no early stopping,
+        so every round is trained and the best one on the validation rows is kept, as early stopping
+        would have kept it."""
+        import lightgbm as lgb
+
+        p = {k: v for k, v in params.items() if k not in ("objective", "seed", "num_threads")}
+        model = lgb.DaskLGBMClassifier(client=client, n_estimators=self.params["n_estimators"],
+                                       random_state=params["seed"], **p)
+        dX, dy = partitioned(client, X, pd.Series(y, index=X.index))
+        fit: dict[str, Any] = {"categorical_feature": cats or "auto"}
+        if X_valid is not None:
+            vX, vy = partitioned(client, X_valid, pd.Series(y_valid, index=X_valid.index))
+            fit.update(eval_set=[(vX, vy)], eval_names=["valid"])
+        model.fit(dX, dy, **fit)
+        self.booster_ = model.booster_
+        if X_valid is not None:
+            losses = model.evals_result_["valid"]["binary_logloss"]
+            self.booster_.best_iteration = int(np.argmin(losses)) + 1
+        log.info("lightgbm: trained on %s", describe(client))
         return self
 
     def predict_proba(self, X: pd.DataFrame) -> np.ndarray:
@@ -70,13 +98,16 @@ class XGBoostLearner(Learner):
                          max_depth=max_depth, early_stopping_rounds=early_stopping_rounds, seed=seed,
                          threads=threads, device=device)
 
-    def _matrix(self, X: pd.DataFrame, y: np.ndarray | None = None) -> Any:
-        import xgboost as xgb
-
+    def _categorized(self, X: pd.DataFrame) -> pd.DataFrame:
         X = X.copy()
         for col, card in self.params["categorical"].items():
             X[col] = pd.Categorical(X[col], categories=range(card))
-        return xgb.DMatrix(X, label=y, enable_categorical=True, nthread=self.params["threads"])
+        return X
+
+    def _matrix(self, X: pd.DataFrame, y: np.ndarray | None = None) -> Any:
+        import xgboost as xgb
+
+        return xgb.DMatrix(self._categorized(X), label=y, enable_categorical=True, nthread=self.params["threads"])
 
     def fit(self, X: pd.DataFrame, y: np.ndarray, X_valid: pd.DataFrame | None = None,
             y_valid: np.ndarray | None = None) -> Self:
@@ -90,13 +121,27 @@ class XGBoostLearner(Learner):
             "max_depth": p["max_depth"], "seed": p["seed"], "nthread": p["threads"], "tree_method": "hist",
             "device": self.device_, "max_cat_to_onehot": 1,
         }
-        train = self._matrix(X, y)
+        client = current_client()
+        matrix = self._matrix if client is None else functools.partial(self._dask_matrix, client)
         evals, stop = [], None
         if X_valid is not None:
-            evals, stop = [(self._matrix(X_valid, y_valid), "valid")], p["early_stopping_rounds"]
-        self.booster_ = xgb.train(params, train, num_boost_round=p["n_estimators"], evals=evals,
-                                  early_stopping_rounds=stop, verbose_eval=False)
+            evals, stop = [(matrix(X_valid, y_valid), "valid")], p["early_stopping_rounds"]
+        if client is None:
+            self.booster_ = xgb.train(params, matrix(X, y), num_boost_round=p["n_estimators"], evals=evals,
+                                      early_stopping_rounds=stop, verbose_eval=False)
+        else:  # data-parallel on the cluster; early stopping works the same there
+            import xgboost.dask
+
+            self.booster_ = xgboost.dask.train(client, params, matrix(X, y), num_boost_round=p["n_estimators"],
+                                               evals=evals, early_stopping_rounds=stop, verbose_eval=False)["booster"]
+            log.info("xgboost: trained on %s", describe(client))
         return self
+
+    def _dask_matrix(self, client: Any, X: pd.DataFrame, y: np.ndarray) -> Any:
+        import xgboost.dask
+
+        dX, dy = partitioned(client, self._categorized(X), pd.Series(y, index=X.index))
+        return xgboost.dask.DaskDMatrix(client, dX, dy, enable_categorical=True)
 
     def predict_proba(self, X: pd.DataFrame) -> np.ndarray:
         best = getattr(self.booster_, "best_iteration", None)

@@ -37,7 +37,7 @@ def test_chunked_scoring_of_1m_rows_equals_in_memory(trained_project, champion):
     out = trained_project / "scores.parquet"
     summary = json.loads(amaas("score", str(trained_project / "big.parquet"), str(out),
                                root=trained_project).stdout)["score"]
-    assert summary["rows"] == 1_000_000 and summary["chunks"] == 10 and summary["ran"] == "in process"
+    assert summary["rows"] == 1_000_000 and summary["chunks"] == 10 and summary["ran_on"] == "this process"
     scored = pd.read_parquet(out)
     assert list(scored.columns) == ["loan_id", "probability", "label", "model_version"]
     np.testing.assert_array_equal(scored["loan_id"], table["loan_id"])  # input order kept
@@ -58,7 +58,8 @@ def test_dask_local_cluster_scoring_equals_in_memory(trained_project, champion, 
     proc = amaas("--params", str(small_chunks), "score", str(tmp_path / "mid.csv"), str(out), "--workers", "2",
                  root=trained_project)
     summary = json.loads(proc.stdout)["score"]
-    assert summary["ran"] == "dask LocalCluster(2 workers)" and summary["chunks"] == 5
+    assert summary["ran_on"].startswith("dask tcp://127.0.0.1:") and summary["ran_on"].endswith("(2 workers)")
+    assert summary["chunks"] == 5
     scored = pd.read_parquet(out)
     assert "loan_id" not in scored.columns  # no id in the input, none invented
     np.testing.assert_allclose(scored["probability"], champion.predict_proba(table), rtol=1e-9, atol=1e-12)
