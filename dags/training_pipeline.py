@@ -21,6 +21,7 @@ from airflow.sdk import dag, task
 from pipelines.stages import STAGES
 
 PROJECT = Path(__file__).resolve().parent.parent
+SCHEDULE = os.environ.get("AMAAS_TRAINING_SCHEDULE", "@weekly")  # a cron string, a preset, or "none": manual only
 
 
 def _run(stage: str) -> dict:
@@ -33,7 +34,7 @@ def _run(stage: str) -> dict:
 
 @dag(
     dag_id="training_pipeline",
-    schedule=os.environ.get("AMAAS_TRAINING_SCHEDULE", "@weekly"),
+    schedule=None if SCHEDULE.lower() in ("", "none") else SCHEDULE,
     start_date=pendulum.datetime(2026, 1, 1, tz="UTC"),
     catchup=False,
     max_active_runs=1,

@@ -124,3 +124,38 @@ def postgres_url() -> Iterator[str]:
     server.terminate()
     server.wait(timeout=30)
     shutil.rmtree(data, ignore_errors=True)
+
+
+def server_binary(name: str, package: str) -> str:
+    """Path of a server program from a Debian package; fails in CI (.ci/run installs it), else skips."""
+    found = shutil.which(name)
+    if found is None:
+        if os.environ.get("CI"):
+            pytest.fail(f"{name} not found: .ci/run must install Debian's {package} package")
+        pytest.skip(f"{name} not installed (apt-get install {package})")
+    return found
+
+
+@pytest.fixture(scope="session")
+def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """A real Redis server of our own on 127.0.0.1, nothing persisted."""
+    binary = server_binary("redis-server", "redis-server")
+    port = free_port()
+    folder = tmp_path_factory.mktemp("redis")
+    server = subprocess.Popen([binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly",
+                               "no", "--dir", str(folder)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 30
+    while True:
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=1) as conn:
+                conn.sendall(b"PING\r\n")
+                if conn.recv(16).startswith(b"+PONG"):
+                    break
+        except OSError:
+            pass
+        if server.poll() is not None or time.monotonic() > deadline:
+            pytest.fail("Redis did not start")
+        time.sleep(0.2)
+    yield f"redis://127.0.0.1:{port}/0"
+    server.terminate()
+    server.wait(timeout=30)

@@ -1,0 +1,100 @@
+"""Airflow with the CeleryExecutor, a real Redis broker and a real PostgreSQL metadata database runs
+training_pipeline to success: the scale-out setup of infra/, on one machine."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import psycopg
+import pytest
+
+from tests.conftest import BIN, REPO, free_port, write_params
+
+pytestmark = pytest.mark.slow
+
+
+def _database(postgres_url: str, name: str) -> str:
+    """A fresh database on the test server; its SQLAlchemy URL."""
+    dsn = postgres_url.replace("postgresql+psycopg://", "postgresql://")
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        conn.execute(f"DROP DATABASE IF EXISTS {name}")
+        conn.execute(f"CREATE DATABASE {name}")
+    return postgres_url.rsplit("/", 1)[0] + f"/{name}"
+
+
+def _airflow(env: dict[str, str], *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([str(BIN / "airflow"), *args], env=env, capture_output=True, text=True, check=check,
+                          timeout=300)
+
+
+def test_celery_executor_runs_training_pipeline(tmp_path, postgres_url, redis_url):
+    write_params(tmp_path)
+    db = _database(postgres_url, "airflow_celery")
+    api_port = free_port()
+    env = {
+        **os.environ,
+        "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}",
+        "AIRFLOW_HOME": str(tmp_path / ".airflow"),
+        "AIRFLOW__CORE__DAGS_FOLDER": str(REPO / "dags"),
+        "AIRFLOW__CORE__LOAD_EXAMPLES": "False",
+        "AIRFLOW__CORE__EXECUTOR": "CeleryExecutor",
+        "AIRFLOW__CORE__DAGS_ARE_PAUSED_AT_CREATION": "False",
+        "AIRFLOW__CORE__EXECUTION_API_SERVER_URL": f"http://127.0.0.1:{api_port}/execution/",
+        "AIRFLOW__DATABASE__SQL_ALCHEMY_CONN": db,
+        "AIRFLOW__DATABASE__SQL_ALCHEMY_CONN_ASYNC": db,  # psycopg 3 also speaks asyncio
+        "AIRFLOW__CELERY__BROKER_URL": redis_url,
+        "AIRFLOW__CELERY__RESULT_BACKEND": "db+" + db,
+        "AIRFLOW__CELERY__WORKER_CONCURRENCY": "1",
+        "AIRFLOW__API_AUTH__JWT_SECRET": "celery-test-" + os.urandom(16).hex(),
+        "AIRFLOW__LOGGING__WORKER_LOG_SERVER_PORT": str(free_port()),
+        "AMAAS_ROOT": str(tmp_path),
+        "AMAAS_PARAMS": str(tmp_path / "params.yaml"),
+        "AMAAS_TRAINING_SCHEDULE": "none",  # only the run this test triggers
+    }
+    _airflow(env, "db", "migrate")
+    logs = tmp_path / "logs"
+    logs.mkdir()
+    services = {
+        "api-server": ["api-server", "--port", str(api_port)],
+        "scheduler": ["scheduler"],
+        "dag-processor": ["dag-processor"],
+        "worker": ["celery", "worker"],
+    }
+    procs = [subprocess.Popen([str(BIN / "airflow"), *cmd], env=env, stdout=(logs / f"{name}.log").open("w"),
+                              stderr=subprocess.STDOUT, start_new_session=True) for name, cmd in services.items()]
+    try:
+        deadline = time.monotonic() + 120
+        while _airflow(env, "dags", "trigger", "training_pipeline", check=False).returncode != 0:
+            assert time.monotonic() < deadline, "the DAG processor never registered training_pipeline"
+            time.sleep(2)
+        deadline = time.monotonic() + 420
+        while True:
+            listed = _airflow(env, "dags", "list-runs", "training_pipeline", "-o", "json").stdout.splitlines()
+            runs = next((json.loads(line) for line in reversed(listed) if line.startswith("[")), [])
+            state = runs[0]["state"] if runs else "none"
+            if state in ("success", "failed") or time.monotonic() > deadline:
+                break
+            time.sleep(3)
+        assert state == "success", _tails(logs)
+    finally:
+        for proc in procs:
+            os.killpg(proc.pid, signal.SIGTERM)
+        for proc in procs:
+            try:
+                proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+
+    worker_log = (logs / "worker.log").read_text()
+    assert worker_log.count("execute_workload") >= 8 and " succeeded in " in worker_log  # tasks ran on Celery
+    decision = json.loads((tmp_path / "reports" / "promotion.json").read_text())
+    assert decision["promoted"]
+
+
+def _tails(logs: Path) -> str:
+    return "\n".join(f"--- {f.name}\n{f.read_text()[-2000:]}" for f in sorted(logs.glob("*.log")))
