@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import glob
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -159,3 +161,34 @@ def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     yield f"redis://127.0.0.1:{port}/0"
     server.terminate()
     server.wait(timeout=30)
+
+
+@contextlib.contextmanager
+def served(root: Path) -> Iterator[str]:
+    """A real `amaas serve` of `root`'s champion on a free localhost port; yields its URL."""
+    import requests
+
+    port = free_port()
+    log = (root / "serve.log").open("w")
+    proc = subprocess.Popen([str(BIN / "amaas"), "--params", str(root / "params.yaml"), "--root", str(root),
+                             "serve", "--port", str(port)], stdout=log, stderr=subprocess.STDOUT,
+                            start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            if proc.poll() is not None:
+                pytest.fail(f"server exited: {(root / 'serve.log').read_text()[-3000:]}")
+            try:
+                if requests.get(f"{url}/readyz", timeout=1).status_code == 200:
+                    break
+            except (requests.ConnectionError, requests.Timeout):
+                pass
+            if time.monotonic() > deadline:
+                pytest.fail("server not ready in 120 s")
+            time.sleep(0.5)
+        yield url
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(timeout=30)
+        log.close()

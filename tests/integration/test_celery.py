@@ -18,6 +18,19 @@ from tests.conftest import BIN, REPO, free_port, write_params
 pytestmark = pytest.mark.slow
 
 
+def celery_settings(db: str, broker: str, execution_api: str, jwt_secret: str) -> dict[str, str]:
+    """The Airflow settings of a CeleryExecutor deployment; infra/ uses the same keys (test_infra checks)."""
+    return {
+        "AIRFLOW__CORE__EXECUTOR": "CeleryExecutor",
+        "AIRFLOW__CORE__EXECUTION_API_SERVER_URL": execution_api,
+        "AIRFLOW__DATABASE__SQL_ALCHEMY_CONN": db,
+        "AIRFLOW__DATABASE__SQL_ALCHEMY_CONN_ASYNC": db,  # psycopg 3 speaks asyncio too: no asyncpg needed
+        "AIRFLOW__CELERY__BROKER_URL": broker,
+        "AIRFLOW__CELERY__RESULT_BACKEND": "db+" + db,
+        "AIRFLOW__API_AUTH__JWT_SECRET": jwt_secret,
+    }
+
+
 def _database(postgres_url: str, name: str) -> str:
     """A fresh database on the test server; its SQLAlchemy URL."""
     dsn = postgres_url.replace("postgresql+psycopg://", "postgresql://")
@@ -42,15 +55,9 @@ def test_celery_executor_runs_training_pipeline(tmp_path, postgres_url, redis_ur
         "AIRFLOW_HOME": str(tmp_path / ".airflow"),
         "AIRFLOW__CORE__DAGS_FOLDER": str(REPO / "dags"),
         "AIRFLOW__CORE__LOAD_EXAMPLES": "False",
-        "AIRFLOW__CORE__EXECUTOR": "CeleryExecutor",
         "AIRFLOW__CORE__DAGS_ARE_PAUSED_AT_CREATION": "False",
-        "AIRFLOW__CORE__EXECUTION_API_SERVER_URL": f"http://127.0.0.1:{api_port}/execution/",
-        "AIRFLOW__DATABASE__SQL_ALCHEMY_CONN": db,
-        "AIRFLOW__DATABASE__SQL_ALCHEMY_CONN_ASYNC": db,  # psycopg 3 also speaks asyncio
-        "AIRFLOW__CELERY__BROKER_URL": redis_url,
-        "AIRFLOW__CELERY__RESULT_BACKEND": "db+" + db,
+        **celery_settings(db, redis_url, f"http://127.0.0.1:{api_port}/execution/", os.urandom(16).hex()),
         "AIRFLOW__CELERY__WORKER_CONCURRENCY": "1",
-        "AIRFLOW__API_AUTH__JWT_SECRET": "celery-test-" + os.urandom(16).hex(),
         "AIRFLOW__LOGGING__WORKER_LOG_SERVER_PORT": str(free_port()),
         "AMAAS_ROOT": str(tmp_path),
         "AMAAS_PARAMS": str(tmp_path / "params.yaml"),

@@ -1,9 +1,11 @@
-"""Fault handling: SIGKILL mid-write leaves no partial output and a rerun succeeds; concurrent runs are serialized."""
+"""Fault handling: SIGKILL mid-write leaves no partial output and a rerun succeeds; concurrent runs are
+serialized; a failed package leaves the champion serving."""
 
 from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -13,9 +15,10 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
+import requests
 
 from pipelines.bundle import ModelBundle
-from tests.conftest import BIN, REPO, amaas, write_params
+from tests.conftest import BIN, REPO, amaas, served, write_params
 
 pytestmark = pytest.mark.slow
 
@@ -122,3 +125,31 @@ def test_concurrent_runs_are_serialized_with_a_clear_message(tmp_path):
     assert "waiting for another pipeline run on this project to finish" in second.stderr
     assert first.wait(timeout=10) == 0  # the first had finished before the second could start
     assert json.loads(second.stdout.splitlines()[0])["collect"]["new_rows"] == 0
+
+
+def test_failed_package_leaves_the_champion_serving(tmp_path, trained_project):
+    project = tmp_path / "project"
+    shutil.copytree(trained_project, project, symlinks=True)
+    registry = project / "models" / "registry"
+    champion = json.loads((registry / "aliases.json").read_text())["champion"]
+    row = pd.read_parquet(project / "data" / "reference" / "test.parquet").head(1)
+    features = [c for c in row.columns if c not in ("loan_id", "event_time", "default", "batch")]
+    payload = {"rows": [{k: (None if pd.isna(v) else v) for k, v in row[features].iloc[0].items()}]}
+
+    with served(project) as url:
+        before = requests.post(f"{url}/predict", json=payload, timeout=30).json()
+        # new data arrives and a new challenger trains, but the model store is broken when it is packaged
+        write_params(project, **{"source.simulator.n_batches": 5})
+        store = project / ".bentoml" / "models"
+        store.rename(project / ".bentoml" / "models.saved")
+        store.write_text("not a folder")
+        failed = amaas("run", root=project, check=False)
+        assert failed.returncode != 0
+        done = [next(iter(json.loads(line))) for line in failed.stdout.splitlines() if line.startswith("{")]
+        assert done == ["collect", "validate", "prepare", "train", "evaluate", "report"]  # package failed
+        assert json.loads((project / "models" / "challenger" / "metadata.json").read_text())["version"] != champion
+
+        # the registry never saw the challenger, and the running server still answers with the champion
+        assert json.loads((registry / "aliases.json").read_text())["champion"] == champion
+        after = requests.post(f"{url}/predict", json=payload, timeout=30).json()
+        assert after == before and after[0]["model_version"] == champion

@@ -2,12 +2,6 @@
 
 from __future__ import annotations
 
-import os
-import signal
-import socket
-import subprocess
-import time
-
 import numpy as np
 import pandas as pd
 import pytest
@@ -15,42 +9,15 @@ import requests
 
 from pipelines.bundle import ModelBundle
 from pipelines.registry import Registry
-from tests.conftest import BIN
+from tests.conftest import served
 
 pytestmark = pytest.mark.slow
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def server(trained_project):
-    port = _free_port()
-    log = (trained_project / "serve.log").open("w")
-    proc = subprocess.Popen(
-        [str(BIN / "amaas"), "--params", str(trained_project / "params.yaml"), "--root", str(trained_project),
-         "serve", "--port", str(port)],
-        stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-    )
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            pytest.fail(f"server exited: {(trained_project / 'serve.log').read_text()[-3000:]}")
-        try:
-            if requests.get(f"{url}/readyz", timeout=1).status_code == 200:
-                break
-        except (requests.ConnectionError, requests.Timeout):
-            pass
-        time.sleep(0.5)
-    else:
-        pytest.fail("server not ready in 120 s")
-    yield url
-    os.killpg(proc.pid, signal.SIGTERM)
-    proc.wait(timeout=30)
+    with served(trained_project) as url:
+        yield url
 
 
 def test_prediction_equals_offline_predict_proba(server, trained_project):

@@ -1,0 +1,58 @@
+"""infra/ cannot run here (no Docker, no Kubernetes): check its files parse, hang together, and use the
+Airflow settings that tests/integration/test_celery.py proved on a real Redis + PostgreSQL."""
+
+from __future__ import annotations
+
+import yaml
+
+from tests.conftest import BIN, REPO
+from tests.integration.test_celery import celery_settings
+
+INFRA = REPO / "infra"
+PROVEN = celery_settings("postgresql+psycopg://u:p@h/db", "redis://h:6379/0", "http://h:8080/execution/", "s")
+
+
+def test_compose_services_use_the_proven_celery_settings():
+    compose = yaml.safe_load((INFRA / "docker-compose.yml").read_text())
+    services = compose["services"]
+    assert {"postgres", "redis", "minio", "minio-init", "airflow-init", "airflow-api-server", "airflow-scheduler",
+            "airflow-dag-processor", "airflow-worker", "dask-scheduler", "dask-worker", "amaas-serve"} <= set(services)
+    for name in ("airflow-api-server", "airflow-scheduler", "airflow-dag-processor", "airflow-worker"):
+        env = services[name]["environment"]
+        assert set(PROVEN) <= set(env), (name, set(PROVEN) - set(env))
+        assert env["AIRFLOW__CORE__EXECUTOR"] == "CeleryExecutor"
+        assert env["AIRFLOW__CELERY__RESULT_BACKEND"] == "db+" + env["AIRFLOW__DATABASE__SQL_ALCHEMY_CONN"]
+        assert env["AIRFLOW__DATABASE__SQL_ALCHEMY_CONN"].startswith("postgresql+psycopg://")
+    commands = {name: s["command"][:3] for name, s in services.items() if isinstance(s.get("command"), list)}
+    assert commands["airflow-worker"] == ["airflow", "celery", "worker"]
+    for program in ("airflow", "dask"):  # the commands the services run exist in the project's environment
+        assert (BIN / program).is_file(), program
+    assert services["amaas-serve"]["healthcheck"]["test"][-1].endswith("/readyz")
+
+
+def test_kubernetes_manifests_hang_together():
+    docs = [d for f in sorted((INFRA / "k8s").glob("*.yaml")) for d in yaml.safe_load_all(f.read_text()) if d]
+    by_kind: dict[str, dict[str, dict]] = {}
+    for doc in docs:
+        assert {"apiVersion", "kind", "metadata"} <= set(doc), doc
+        by_kind.setdefault(doc["kind"], {})[doc["metadata"]["name"]] = doc
+        if doc["kind"] != "Namespace":
+            assert doc["metadata"]["namespace"] == "amaas", doc["metadata"]
+    secret_keys = set(by_kind["Secret"]["amaas-secrets"]["stringData"])
+    workloads = {**by_kind["Deployment"], **by_kind["StatefulSet"]}
+    labels = [w["spec"]["template"]["metadata"]["labels"] for w in workloads.values()]
+    for name, workload in workloads.items():
+        assert workload["spec"]["selector"]["matchLabels"].items() <= workload["spec"]["template"]["metadata"][
+            "labels"].items(), name
+        for container in workload["spec"]["template"]["spec"]["containers"]:
+            for env in container.get("env", []):
+                ref = env.get("valueFrom", {}).get("secretKeyRef")
+                assert ref is None or ref["key"] in secret_keys, (name, ref)
+    for name, service in by_kind["Service"].items():  # every Service selects a workload that exists
+        assert any(service["spec"]["selector"].items() <= lab.items() for lab in labels), name
+    airflow_env = {e["name"] for e in workloads["airflow-worker"]["spec"]["template"]["spec"]["containers"][0]["env"]}
+    config = by_kind["ConfigMap"]["amaas-config"]["data"]
+    assert set(PROVEN) <= airflow_env | set(config), set(PROVEN) - airflow_env - set(config)
+    serve = workloads["amaas-serve"]["spec"]
+    assert serve["strategy"]["rollingUpdate"]["maxUnavailable"] == 0
+    assert serve["template"]["spec"]["containers"][0]["readinessProbe"]["httpGet"]["path"] == "/readyz"
