@@ -158,19 +158,51 @@ class MLPConfig(_Strict):
 Learner = Literal["lightgbm", "xgboost", "mlp"]
 
 
+class SearchRange(_Strict):
+    low: float
+    high: float
+    scale: Literal["linear", "log", "int"] = "linear"
+
+    @model_validator(mode="after")
+    def _ordered(self) -> SearchRange:
+        if self.low > self.high or (self.scale == "log" and self.low <= 0):
+            raise ValueError("a search range needs low <= high, and low > 0 on a log scale")
+        return self
+
+
+class TuningConfig(_Strict):
+    trials: int = Field(default=0, ge=0)  # 0: no tuning
+    time_budget_s: float = Field(default=600, gt=0)  # per learner
+    space: dict[Learner, dict[str, SearchRange]] = {}
+
+
 class TrainConfig(_Strict):
-    ensemble: Literal["averaging", "blending", "stacking"]
+    ensemble: Literal["averaging", "blending", "stacking", "bagging"]
     learners: list[Learner] = Field(min_length=1)
     stacking_folds: int = Field(ge=2, le=20)
+    bags: int = Field(default=5, ge=2, le=50)  # bagging: bootstrap fits of each learner
     device: Literal["auto", "cpu", "cuda"] = "auto"
     threads: int = Field(ge=1)
     lightgbm: LightGBMConfig
     xgboost: XGBoostConfig
     mlp: MLPConfig
+    tuning: TuningConfig = TuningConfig()
+
+    @model_validator(mode="after")
+    def _tunable(self) -> TrainConfig:
+        for kind, space in self.tuning.space.items():
+            known = set(type(getattr(self, kind)).model_fields)
+            wrong = sorted(set(space) - known)
+            if wrong:
+                raise ValueError(f"tuning.space.{kind} names {wrong}, which {kind} does not have "
+                                 f"(it has {', '.join(sorted(known))})")
+        return self
 
 
 class EvaluateConfig(_Strict):
     threshold: float = Field(gt=0, lt=1)
+    slices: list[str] = []  # categorical columns to report metrics per value of
+    calibration_bins: int = Field(default=10, ge=2, le=100)
 
 
 class PromoteConfig(_Strict):
@@ -227,6 +259,14 @@ class Settings(_Strict):
     @property
     def watermark_column(self) -> str:
         return self.source.watermark_column or self.schema_.time_column
+
+    @model_validator(mode="after")
+    def _slices_known(self) -> Settings:
+        unknown = [c for c in self.evaluate.slices if c not in self.schema_.categorical]
+        if unknown:
+            raise ValueError(f"evaluate.slices {unknown} are not categorical columns of the schema "
+                             f"({', '.join(self.schema_.categorical)})")
+        return self
 
     @model_validator(mode="after")
     def _watermark_known(self) -> Settings:

@@ -15,6 +15,7 @@ from pipelines.lineage import git_commit, md5_of
 from pipelines.models import LEARNERS, Ensemble, Learner, resolve_device
 from pipelines.models.cluster import dask_cluster, describe
 from pipelines.transform import FeatureTransform
+from pipelines.tuning import tune
 
 log = logging.getLogger(__name__)
 
@@ -35,11 +36,14 @@ def run(settings: Settings, paths: Paths) -> dict[str, Any]:
     X, y = train.drop(columns=[target]), train[target].to_numpy()
     X_valid, y_valid = valid.drop(columns=[target]), valid[target].to_numpy()
 
-    learners = build_learners(settings, transform.cardinalities)
-    ensemble = Ensemble(learners, settings.train.ensemble, settings.train.stacking_folds, settings.seed)
+    cfg = settings.train
     with dask_cluster(settings.scale.dask_scheduler, settings.scale.dask_workers) as client:
         trained_on = describe(client)  # LightGBM and XGBoost train there; the MLP trains here
+        learners, tuning = tune(build_learners(settings, transform.cardinalities), cfg.tuning, settings.seed,
+                                X, y, X_valid, y_valid)
+        ensemble = Ensemble(learners, cfg.ensemble, cfg.stacking_folds, settings.seed, cfg.bags)
         ensemble.fit(X, y, X_valid, y_valid)
+    write_json(paths.reports / "tuning.json", tuning)
 
     with atomic_dir(paths.challenger) as out:
         shutil.copy2(paths.features / TRANSFORM_FILE, out / TRANSFORM_FILE)
@@ -53,10 +57,12 @@ def run(settings: Settings, paths: Paths) -> dict[str, Any]:
             "member_valid_log_loss": ensemble.member_valid_log_loss_,
             "device": resolve_device(settings.train.device),
             "trained_on": trained_on,
-            "member_devices": {m.kind: getattr(m, "device_", "cpu") for m in ensemble.members_},
+            "member_devices": {n: getattr(m, "device_", "cpu") for n, m in zip(ensemble.names, ensemble.members_,
+                                                                                strict=True)},
             "data_md5": md5_of(paths.validated / "data.parquet"),
             "git_commit": git_commit(paths.root),
             "params": settings.train.model_dump(mode="json"),
+            "tuned_params": {kind: t["best_params"] for kind, t in tuning.items()},
             "seed": settings.seed,
             "train_rows": len(train),
             "valid_rows": len(valid),

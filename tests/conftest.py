@@ -71,6 +71,24 @@ def copy_project_files(dest: Path) -> None:
 
 
 @pytest.fixture(scope="session")
+def data(tmp_path_factory: pytest.TempPathFactory) -> tuple[Any, ...]:
+    """Small model inputs: (settings, fitted transform, X train, y train, X valid, y valid)."""
+    import pandas as pd
+
+    from pipelines.config import load_settings
+    from pipelines.sources.simulator import generate_batch
+    from pipelines.transform import FeatureTransform
+
+    settings = load_settings(write_params(tmp_path_factory.mktemp("p"), **{"source.simulator.malformed_share": 0}))
+    cfg = settings.source.simulator
+    raw = pd.concat([generate_batch(cfg, settings.seed, i) for i in range(3)], ignore_index=True)
+    transform = FeatureTransform.fit(raw.iloc[:2000], settings.data_schema, settings.clean)
+    X = transform.transform(raw)
+    y = raw["default"].to_numpy()
+    return settings, transform, X.iloc[:2000], y[:2000], X.iloc[2000:], y[2000:]
+
+
+@pytest.fixture(scope="session")
 def trained_project(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A project folder after one full `amaas run` on small data (shared by slow tests)."""
     root = tmp_path_factory.mktemp("project")

@@ -1,4 +1,4 @@
-"""Ensembles of learners: plain averaging, weighted blending, stacking on out-of-fold predictions."""
+"""Ensembles of learners: plain averaging, weighted blending, stacking on out-of-fold predictions, bagging."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from scipy.special import expit, logit, softmax
 
 from pipelines.models.base import Learner, as_proba, log, log_loss
 
-METHODS = ("averaging", "blending", "stacking")
+METHODS = ("averaging", "blending", "stacking", "bagging")
 
 
 def _clipped_logit(p: np.ndarray) -> np.ndarray:
@@ -23,25 +23,30 @@ def _clipped_logit(p: np.ndarray) -> np.ndarray:
 class Ensemble:
     """Combines base learners; itself follows the Learner rules so it can stand in for one."""
 
-    def __init__(self, learners: list[Learner], method: str = "blending", folds: int = 5, seed: int = 0) -> None:
+    def __init__(self, learners: list[Learner], method: str = "blending", folds: int = 5, seed: int = 0,
+                 bags: int = 5) -> None:
         if method not in METHODS:
             raise ValueError(f"ensemble method must be one of {METHODS}, got {method!r}")
         if not learners:
             raise ValueError("an ensemble needs at least one learner")
-        self.learners, self.method, self.folds, self.seed = learners, method, folds, seed
+        self.learners, self.method, self.folds, self.seed, self.bags = learners, method, folds, seed, bags
 
     @property
     def names(self) -> list[str]:
-        return [learner.kind for learner in self.learners]
+        """One name per member: the learner kind, with the bag number when bagging."""
+        return getattr(self, "names_", [learner.kind for learner in self.learners])
 
     def fit(self, X: pd.DataFrame, y: np.ndarray, X_valid: pd.DataFrame, y_valid: np.ndarray) -> Self:
         y, y_valid = np.asarray(y), np.asarray(y_valid)
         if self.method == "stacking":
             meta_X = self._out_of_fold(X, y)
-        self.members_ = [learner.clone().fit(X, y, X_valid, y_valid) for learner in self.learners]
+        if self.method == "bagging":
+            self.names_, self.members_ = self._bag(X, y, X_valid, y_valid)
+        else:
+            self.members_ = [learner.clone().fit(X, y, X_valid, y_valid) for learner in self.learners]
         valid_preds = self.member_predictions(X_valid)
         self.member_valid_log_loss_ = {n: log_loss(y_valid, valid_preds[:, i]) for i, n in enumerate(self.names)}
-        if self.method == "averaging":
+        if self.method in ("averaging", "bagging"):
             self.weights_ = np.full(len(self.members_), 1 / len(self.members_))
         elif self.method == "blending":
             self.weights_ = self._fit_blend_weights(valid_preds, y_valid)
@@ -49,6 +54,17 @@ class Ensemble:
             self.weights_, self.intercept_ = self._fit_meta(meta_X, y)
         log.info("ensemble %s weights %s", self.method, dict(zip(self.names, np.round(self.weights_, 4), strict=True)))
         return self
+
+    def _bag(self, X: pd.DataFrame, y: np.ndarray, X_valid: pd.DataFrame, y_valid: np.ndarray
+             ) -> tuple[list[str], list[Learner]]:
+        """`bags` fits of every learner, each on a bootstrap resample of the training rows."""
+        names, members = [], []
+        for learner in self.learners:
+            for b in range(self.bags):
+                rows = np.random.default_rng([self.seed, b]).integers(0, len(X), len(X))
+                members.append(learner.clone().fit(X.iloc[rows], y[rows], X_valid, y_valid))
+                names.append(f"{learner.kind}_bag{b}")
+        return names, members
 
     def _out_of_fold(self, X: pd.DataFrame, y: np.ndarray) -> np.ndarray:
         """Each training row predicted by learners that never saw it: the meta-learner's inputs."""
@@ -95,7 +111,8 @@ class Ensemble:
         path.mkdir(parents=True, exist_ok=True)
         for name, member in zip(self.names, self.members_, strict=True):
             member.save(path / name)
-        meta: dict[str, Any] = {"method": self.method, "folds": self.folds, "seed": self.seed, "members": self.names,
+        meta: dict[str, Any] = {"method": self.method, "folds": self.folds, "seed": self.seed, "bags": self.bags,
+                                "members": self.names,
                                 "weights_": self.weights_.tolist(), "intercept_": getattr(self, "intercept_", 0.0),
                                 "member_valid_log_loss_": self.member_valid_log_loss_}
         (path / "ensemble.json").write_text(json.dumps(meta, indent=2, sort_keys=True))
@@ -104,8 +121,8 @@ class Ensemble:
     def load(cls, path: Path) -> Ensemble:
         meta = json.loads((path / "ensemble.json").read_text())
         members = [Learner.load(path / name) for name in meta["members"]]
-        ens = cls(members, meta["method"], meta["folds"], meta["seed"])
-        ens.members_ = members
+        ens = cls(members, meta["method"], meta["folds"], meta["seed"], meta.get("bags", 5))
+        ens.members_, ens.names_ = members, meta["members"]
         ens.weights_ = np.asarray(meta["weights_"])
         ens.intercept_ = meta["intercept_"]
         ens.member_valid_log_loss_ = meta["member_valid_log_loss_"]

@@ -13,14 +13,14 @@ from tests.conftest import write_params
 
 
 @pytest.fixture(scope="module")
-def data(tmp_path_factory):
+def sample_rows(tmp_path_factory):
     settings = load_settings(write_params(tmp_path_factory.mktemp("p"), **{"source.simulator.malformed_share": 0}))
     return settings.data_schema, generate_batch(settings.source.simulator, 1, 0)
 
 
 @pytest.mark.parametrize("impute", ["median", "mean", "zero"])
-def test_imputation_fills_with_the_fitted_value(data, impute):
-    schema, rows = data
+def test_imputation_fills_with_the_fitted_value(sample_rows, impute):
+    schema, rows = sample_rows
     t = FeatureTransform.fit(rows, schema, CleanConfig(impute=impute, clip_quantiles=None))
     income = rows["income"]
     expected = {"median": income.median(), "mean": income.mean(), "zero": 0.0}[impute]
@@ -30,8 +30,8 @@ def test_imputation_fills_with_the_fitted_value(data, impute):
     assert scaled == pytest.approx((expected - t.means["income"]) / t.stds["income"])
 
 
-def test_clipping_and_indicators_follow_the_config(data, tmp_path):
-    schema, rows = data
+def test_clipping_and_indicators_follow_the_config(sample_rows, tmp_path):
+    schema, rows = sample_rows
     clipped = FeatureTransform.fit(rows, schema, CleanConfig(clip_quantiles=(0.05, 0.95)))
     plain = FeatureTransform.fit(rows, schema, CleanConfig(clip_quantiles=None, missing_indicators=False))
     outlier = rows.iloc[[0]].assign(loan_amount=1e9)
@@ -45,8 +45,8 @@ def test_clipping_and_indicators_follow_the_config(data, tmp_path):
     pd.testing.assert_frame_equal(loaded.transform(rows), plain.transform(rows))
 
 
-def test_category_normalization_can_be_off(data):
-    schema, rows = data
+def test_category_normalization_can_be_off(sample_rows):
+    schema, rows = sample_rows
     messy = rows.iloc[[0]].assign(home_ownership="  RENT ")
     normalizing = FeatureTransform.fit(rows, schema, CleanConfig())
     exact = FeatureTransform.fit(rows, schema, CleanConfig(normalize_categories=False))

@@ -2,23 +2,9 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from pipelines.config import load_settings
 from pipelines.models import LEARNERS, Ensemble, Learner, resolve_device
-from pipelines.sources.simulator import generate_batch
 from pipelines.train import build_learners
 from pipelines.transform import UNKNOWN, FeatureTransform
-from tests.conftest import write_params
-
-
-@pytest.fixture(scope="module")
-def data(tmp_path_factory):
-    settings = load_settings(write_params(tmp_path_factory.mktemp("p"), **{"source.simulator.malformed_share": 0}))
-    cfg = settings.source.simulator
-    raw = pd.concat([generate_batch(cfg, settings.seed, i) for i in range(3)], ignore_index=True)
-    transform = FeatureTransform.fit(raw.iloc[:2000], settings.data_schema, settings.clean)
-    X = transform.transform(raw)
-    y = raw["default"].to_numpy()
-    return settings, transform, X.iloc[:2000], y[:2000], X.iloc[2000:], y[2000:]
 
 
 def test_transform_normalizes_and_handles_unknowns(data, tmp_path):
@@ -58,15 +44,22 @@ def test_learner_is_reproducible(data):
     np.testing.assert_array_equal(a.predict_proba(Xv), b.predict_proba(Xv))
 
 
-@pytest.mark.parametrize("method", ["averaging", "blending", "stacking"])
+@pytest.mark.parametrize("method", ["averaging", "blending", "stacking", "bagging"])
 def test_ensemble_methods_round_trip(method, data, tmp_path):
     settings, transform, X, y, Xv, yv = data
-    ens = Ensemble(build_learners(settings, transform.cardinalities), method, folds=2, seed=0).fit(X, y, Xv, yv)
+    learners = build_learners(settings, transform.cardinalities)
+    ens = Ensemble(learners, method, folds=2, seed=0, bags=2).fit(X, y, Xv, yv)
     if method != "stacking":
         assert np.isclose(ens.weights_.sum(), 1) and (ens.weights_ >= 0).all()
+    if method == "bagging":  # every learner twice, each fit on its own bootstrap resample
+        assert ens.names == [f"{lr.kind}_bag{b}" for lr in learners for b in range(2)]
+        first, second = ens.members_[0].predict_proba(Xv), ens.members_[1].predict_proba(Xv)
+        assert not np.allclose(first, second)
     proba = ens.predict_proba(Xv)
     ens.save(tmp_path / "e")
-    np.testing.assert_allclose(Ensemble.load(tmp_path / "e").predict_proba(Xv), proba, rtol=1e-6, atol=1e-7)
+    loaded = Ensemble.load(tmp_path / "e")
+    assert loaded.names == ens.names
+    np.testing.assert_allclose(loaded.predict_proba(Xv), proba, rtol=1e-6, atol=1e-7)
 
 
 def test_device_resolution_without_gpu():
