@@ -17,8 +17,10 @@ import numpy as np
 import pandas as pd
 from sklearn import metrics as skm
 
+from pipelines import modelcard
+from pipelines.bundle import METADATA_FILE
 from pipelines.config import Paths, Settings
-from pipelines.io import write_json
+from pipelines.io import read_json, write_json, write_text
 from pipelines.registry import Registry
 
 log = logging.getLogger(__name__)
@@ -46,8 +48,10 @@ def run(settings: Settings, paths: Paths) -> dict[str, Any]:
     """Register the challenger; make it champion if the gate passes (or if there is no champion)."""
     cfg = settings.promote
     registry = Registry(paths.registry)
-    extra = {"reports": {"validation": "reports/validation.json", "drift": "reports/drift.json",
-                         "metrics": "reports/metrics.json"}}
+    reports = {name: paths.reports / f"{name}.json" for name in ("validation", "drift", "metrics", "slices")}
+    found = {name: read_json(path) if path.is_file() else {} for name, path in reports.items()}
+    extra = {"reports": {name: str(path.relative_to(paths.root)) for name, path in reports.items()},
+             "metrics": found["metrics"]}
     challenger = registry.register(paths.challenger, extra)
     champion = registry.champion
     decision: dict[str, Any] = {"challenger": challenger, "champion_before": champion, "metric": cfg.metric,
@@ -71,6 +75,11 @@ def run(settings: Settings, paths: Paths) -> dict[str, Any]:
     decision["champion_after"] = registry.champion
     registry.record({"action": "gate", **decision})
     write_json(paths.reports / "promotion.json", decision)
+    card = modelcard.render(read_json(registry.version_dir(challenger) / METADATA_FILE), found["metrics"],
+                            found["slices"], found["validation"], found["drift"], decision,
+                            settings.data_schema.target)
+    write_text(registry.version_dir(challenger) / "MODEL_CARD.md", card)
+    write_text(paths.reports / "model_card.md", card)
     log.info("promotion decision: %s -> champion %s (%s)", challenger, decision["champion_after"], decision["reason"])
     return decision
 

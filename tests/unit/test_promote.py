@@ -37,9 +37,18 @@ def test_gate_promotes_better_keeps_champion_against_worse_and_rolls_back(tmp_pa
     strong = registry.champion
     assert strong != weak
 
+    # the registry keeps each version's lineage and a model card with the decision
+    record = registry.load(strong).metadata
+    assert {"data_md5", "git_commit", "params", "device", "metrics", "reports"} <= set(record)
+    assert record["reports"]["validation"] == "reports/validation.json"
+    card = (registry.version_dir(strong) / "MODEL_CARD.md").read_text()
+    assert f"# Model card: {strong}" in card and "Status after its latest gate:** champion" in card
+    assert f"gain {better['gain']:+.4f} over champion {weak}" in card
+
     _train(tmp_path, **WEAK)
     worse = promote.run(weak_settings, paths)
     assert not worse["promoted"] and worse["gain"] < 0 and "fails the gate" in worse["reason"]
+    assert "Status after its latest gate:** not promoted" in (paths.reports / "model_card.md").read_text()
     assert registry.champion == strong
 
     assert promote.rollback(paths, reason="test") == weak

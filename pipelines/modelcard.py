@@ -1,0 +1,79 @@
+"""A model card per registered version (Markdown): what the model is, what it was trained and tested on,
+how it does overall and per slice, where it came from, and what the promotion gate decided."""
+
+from __future__ import annotations
+
+from typing import Any
+
+METRIC_ROWS = ("roc_auc", "pr_auc", "log_loss", "brier", "calibration_error", "accuracy", "precision", "recall",
+               "f1", "cohen_kappa")
+
+
+def render(metadata: dict[str, Any], metrics: dict[str, Any], slices: dict[str, Any], validation: dict[str, Any],
+           drift: dict[str, Any], decision: dict[str, Any], target: str) -> str:
+    """The card as Markdown, from the bundle metadata and the reports of the run that produced it."""
+    version = metadata["version"]
+    status = "champion" if decision.get("champion_after") == version else "not promoted"
+    lines = [
+        f"# Model card: {version}",
+        "",
+        f"**Status after its latest gate:** {status} ({decision.get('reason', 'no decision recorded')}).",
+        "",
+        "## Model",
+        f"- Predicts the probability that `{target}` is 1 for one row of the input table.",
+        f"- Ensemble: **{metadata['ensemble']}** of "
+        + ", ".join(f"{name} (weight {w:.3f})" for name, w in metadata["weights"].items()) + ".",
+        f"- Device: {metadata['device']}; trained on: {metadata.get('trained_on', 'this process')}.",
+    ]
+    if metadata.get("tuned_params"):
+        lines.append("- Tuned parameters: " + "; ".join(f"{k}: {v}" for k, v in metadata["tuned_params"].items()))
+    lines += [
+        "",
+        "## Data",
+        f"- Data version (md5 of `data/validated/data.parquet`, DVC's hash of it): `{metadata['data_md5']}`.",
+        f"- Rows: {metadata['train_rows']} train, {metadata['valid_rows']} validation (early stopping, ensemble "
+        f"weights, tuning), {metrics.get('test_rows', '?')} held-out test; split by time, newest rows last.",
+        f"- Validation: {validation.get('rows_in', '?')} rows in {validation.get('batches', '?')} batches, "
+        f"{validation.get('rows_quarantined', '?')} quarantined ({validation.get('bad_share', 0):.2%}).",
+        f"- Drift of the newest batch ({drift.get('current_batch', '?')}) against training rows: "
+        f"{drift.get('n_drifted', '?')} of {drift.get('n_columns', '?')} columns "
+        f"(retrain needed: {drift.get('retrain_needed', '?')}).",
+        "",
+        "## Metrics on held-out test rows",
+        "",
+        "| metric | value |",
+        "| --- | --- |",
+        *(f"| {m} | {_num(metrics.get(m))} |" for m in METRIC_ROWS if m in metrics),
+        *(f"| {k} | {_num(v)} |" for k, v in sorted(metrics.items()) if k.startswith("roc_auc_")),
+    ]
+    for column, values in slices.items():
+        lines += ["", f"### By {column}", "",
+                  "| value | rows | positive rate | ROC-AUC | log loss | calibration error |",
+                  "| --- | --- | --- | --- | --- | --- |"]
+        lines += [f"| {value} | {s['rows']} | {_num(s['positive_rate'])} | {_num(s['roc_auc'])} | "
+                  f"{_num(s['log_loss'])} | {_num(s['calibration_error'])} |" for value, s in values.items()]
+    lines += [
+        "",
+        "## Lineage",
+        f"- Code: git commit `{metadata.get('git_commit')}`; seed {metadata.get('seed')}.",
+        f"- Training parameters: {metadata.get('params')}",
+        "- Reports of the run: " + ", ".join(f"`{p}`" for p in metadata.get("reports", {}).values()),
+        "",
+        "## Promotion decision",
+    ]
+    if "gain" in decision:
+        lines.append(f"- Gate on {decision['metric']}: gain {decision['gain']:+.4f} over champion "
+                     f"{decision['champion_before']} (95% bootstrap CI {decision['ci_low']:+.4f} to "
+                     f"{decision['ci_high']:+.4f}, p={decision['p_value']:.3f}); needs >= "
+                     f"{decision['min_improvement']} and p <= {decision['max_p_value']}.")
+    lines += [f"- Promoted: {decision.get('promoted')}; champion after: {decision.get('champion_after')}.",
+              "",
+              "## Limits",
+              "- Valid for data like the training rows: the drift report and the monitoring say when that stops.",
+              "- Slices with few rows have wide error bars; a metric missing there had one class only.",
+              ""]
+    return "\n".join(lines)
+
+
+def _num(value: Any) -> str:
+    return "n/a" if value is None else f"{value:.4f}" if isinstance(value, float) else str(value)
