@@ -9,18 +9,16 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
-import tempfile
 import time
-from pathlib import Path
 
 import pandas as pd
-import yaml
+from _project import trained_project  # beside this script
 from distributed import LocalCluster
 
 from pipelines import score
 from pipelines.config import Paths, load_settings
 from pipelines.sources.simulator import generate_batch
-from pipelines.stages import STAGES, run_stage
+from pipelines.stages import STAGES
 
 
 def main() -> int:
@@ -29,13 +27,7 @@ def main() -> int:
     parser.add_argument("--params", default="params.yaml")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
-    params = yaml.safe_load(Path(args.params).read_text())
-    params["validate"]["expectations_file"] = None
-    with tempfile.TemporaryDirectory(prefix="amaas-score-") as tmp:
-        root = Path(tmp)
-        (root / "params.yaml").write_text(yaml.safe_dump(params))
-        for stage in STAGES[:4] + ("promote",):
-            run_stage(stage, root / "params.yaml", root)
+    with trained_project(args.params, "amaas-score-", STAGES[:4] + ("promote",)) as (root, _):
         settings, paths = load_settings(root / "params.yaml"), Paths(root)
         cfg = settings.source.simulator.model_copy(update={"rows_per_batch": args.rows // 4})
         pd.concat([generate_batch(cfg, 3, i) for i in range(4)], ignore_index=True).to_parquet(root / "in.parquet")

@@ -1,16 +1,32 @@
-"""BentoML service: serves one amaas model bundle with adaptive batching.
+"""BentoML service: the champion (and the challenger, for canary or shadow traffic) with adaptive batching.
 
-The model tag, batching limits and label threshold are bento arguments set by `amaas package` from params.yaml
-(or `bentoml serve ... --arg model_tag=amaas:<version>` in development). Rows are scored through
-`pipelines.bundle.ModelBundle`, the same code path as offline evaluation: no training/serving skew.
+Bento arguments: `model_tag`, batching limits and threshold are set by `amaas package`. `amaas serve` sets
+$AMAAS_ROOT to the project: the server then follows that project's registry (promote and rollback switch
+the model within `serve.reload_interval_s`, while requests in flight finish on the model they started
+with), checks API keys from its key store, and appends every prediction to its prediction log. Without
+$AMAAS_ROOT (a container of the bento alone) it serves the bento's own model, with keys and log under
+the working folder. Rows are scored
+through `pipelines.bundle.ModelBundle`, the same code path as offline evaluation: no training/serving skew.
 """
 
 from __future__ import annotations
 
+import logging
+import os
+import threading
+import time
+from pathlib import Path
 from typing import Any
 
 import bentoml
 from pydantic import BaseModel
+
+from pipelines.bundle import ModelBundle
+from pipelines.config import ROOT_ENV, Paths, load_settings
+from pipelines.registry import Registry
+from pipelines.serving import REQUEST_ID, ROUTE, Gateway, PredictionLog, now_iso
+
+log = logging.getLogger("amaas.service")
 
 
 class ServiceArgs(BaseModel):
@@ -21,27 +37,134 @@ class ServiceArgs(BaseModel):
 
 
 ARGS = bentoml.use_arguments(ServiceArgs)
+PROJECT = os.environ.get(ROOT_ENV)  # baked bento args win over `bentoml serve --arg`, so the root comes this way
+PATHS = Paths.from_env()
+SETTINGS = load_settings(PATHS.root / "params.yaml" if PROJECT else Path(__file__).parent.parent / "params.yaml")
 
 
-@bentoml.service(name="amaas_service", traffic={"timeout": 30})
+class Models:
+    """The bundles being served, swapped as one reference so a batch never mixes two generations."""
+
+    def __init__(self, champion: ModelBundle) -> None:
+        self.current: dict[str, ModelBundle | None] = {"champion": champion, "challenger": None}
+        self.canary_share, self.shadow = SETTINGS.serve.canary_share, SETTINGS.serve.shadow
+        self._aliases: dict[str, Any] | None = None
+        self._params_mtime: float | None = None
+
+    def routing(self) -> tuple[float, bool]:
+        """(canary share, shadow) as they apply now: nothing goes to a challenger that is not loaded."""
+        if self.current["challenger"] is None:
+            return 0.0, False
+        return self.canary_share, self.shadow
+
+    def follow(self, registry: Registry) -> None:
+        """Take up what params.yaml (canary, shadow) and the registry aliases say now, if they changed.
+
+        Bundles load before the swap, so requests never wait for a load and never see half a switch.
+        """
+        params = PATHS.root / "params.yaml"
+        mtime = params.stat().st_mtime if params.is_file() else None
+        if mtime != self._params_mtime:
+            serve = load_settings(params).serve
+            self.canary_share, self.shadow, self._params_mtime = serve.canary_share, serve.shadow, mtime
+            log.info("canary share %.2f, shadow %s", self.canary_share, self.shadow)
+        aliases = registry.aliases()
+        if aliases == self._aliases:
+            return
+        wanted = {"champion": aliases["champion"],
+                  "challenger": aliases["challenger"] if aliases["challenger"] != aliases["champion"] else None}
+        loaded = dict(self.current)
+        for role, version in wanted.items():
+            have = loaded[role]
+            if version is None:
+                loaded[role] = None
+            elif have is None or have.version != version:
+                loaded[role] = _load(version, registry)
+        self.current, self._aliases = loaded, aliases
+        log.info("serving champion %s, challenger %s", wanted["champion"], wanted["challenger"])
+
+
+def _load(version: str, registry: Registry) -> ModelBundle:
+    """A version from the BentoML model store (where `amaas package` put it), else from the registry."""
+    try:
+        return ModelBundle.load(Path(bentoml.models.get(f"amaas:{version}").path))
+    except bentoml.exceptions.NotFound:
+        log.warning("amaas:%s is not in the BentoML store; loading it from the registry", version)
+        return registry.load(version)
+
+
+# every prediction is in the prediction log already; no access-log line per request (522 -> 561 rps measured)
+@bentoml.service(name="amaas_service", traffic={"timeout": 30}, logging={"access": {"enabled": False}})
 class AmaasService:
     model_ref = bentoml.models.BentoModel(ARGS.model_tag)
 
     def __init__(self) -> None:
-        from pathlib import Path
-
         import pandas as pd
 
-        from pipelines.bundle import ModelBundle
-
         self._pd = pd
-        self.bundle = ModelBundle.load(Path(self.model_ref.path))
+        self.models = MODELS.get(ModelBundle.load(Path(self.model_ref.path)))
         self.threshold = ARGS.threshold
+        self.log = PredictionLog(PATHS.prediction_log)
+        self.features = [*SETTINGS.data_schema.numeric, *SETTINGS.data_schema.categorical]
+        self.id_column = SETTINGS.data_schema.id_column
+        if PROJECT:
+            registry = Registry(PATHS.registry)
+            self.models.follow(registry)
+            threading.Thread(target=self._watch, args=(registry,), daemon=True, name="registry-watch").start()
+
+    def _watch(self, registry: Registry) -> None:
+        while True:
+            time.sleep(SETTINGS.serve.reload_interval_s)
+            try:
+                self.models.follow(registry)
+            except Exception:  # a half-finished registry write or a bad bundle must not stop serving
+                log.exception("could not follow the registry; still serving the current models")
 
     @bentoml.api(batchable=True, max_batch_size=ARGS.max_batch_size, max_latency_ms=ARGS.max_latency_ms)
     def predict(self, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
-        """Probability of default for each row, with the label and the model version."""
-        proba = self.bundle.predict_proba(self._pd.DataFrame.from_records(rows))
-        version = self.bundle.version
-        return [{"probability": float(p), "label": int(p >= self.threshold), "model_version": version}
-                for p in proba]
+        """Probability of the positive class for each row, with the label, model version and request id."""
+        models = self.models.current  # one generation for the whole batch
+        champion, challenger = models["champion"], models["challenger"]
+        assert champion is not None
+        frame = self._pd.DataFrame.from_records(rows)
+        routes = [row.get(ROUTE, "champion") for row in rows]
+        answered_by = [challenger if route == "challenger" and challenger else champion for route in routes]
+        proba = [0.0] * len(rows)
+        for bundle in {id(b): b for b in answered_by}.values():
+            picked = [i for i, b in enumerate(answered_by) if b is bundle]
+            for i, p in zip(picked, bundle.predict_proba(frame.iloc[picked][self.features]), strict=True):
+                proba[i] = float(p)
+        shadowed = [i for i, route in enumerate(routes) if route == "shadow"] if challenger else []
+        shadow = dict(zip(shadowed, challenger.predict_proba(frame.iloc[shadowed][self.features]), strict=True)
+                      ) if shadowed and challenger else {}
+        out, records, at = [], [], now_iso()
+        for i, row in enumerate(rows):
+            result = {"probability": proba[i], "label": int(proba[i] >= self.threshold),
+                      "model_version": answered_by[i].version, "request_id": row.get(REQUEST_ID)}
+            out.append(result)
+            record = {"time": at, **result, "route": routes[i], "id": row.get(self.id_column),
+                      "features": {f: row.get(f) for f in self.features}}
+            if i in shadow:
+                record |= {"shadow_model_version": challenger.version, "shadow_probability": float(shadow[i])}
+            records.append(record)
+        self.log.append(records)
+        return out
+
+
+class _Shared:
+    """The Models of this server process, shared by the service and the gateway middleware."""
+
+    def __init__(self) -> None:
+        self.models: Models | None = None
+
+    def get(self, champion: ModelBundle) -> Models:
+        self.models = self.models or Models(champion)
+        return self.models
+
+    def routing(self) -> tuple[float, bool]:
+        return self.models.routing() if self.models else (0.0, False)
+
+
+MODELS = _Shared()
+AmaasService.add_asgi_middleware(Gateway, schema=SETTINGS.data_schema, serve=SETTINGS.serve,
+                                 keys_file=PATHS.api_keys, routing=MODELS.routing)

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 import sys
 from pathlib import Path
+from typing import Any
 
-from pipelines.config import Paths
+from pipelines.config import Paths, Settings
 
 MODEL_NAME = "amaas"
 SERVICE_NAME = "amaas_service"
@@ -30,5 +33,16 @@ def model_tag(version: str) -> str:
     return f"{MODEL_NAME}:{version}"
 
 
-def bento_tag(version: str) -> str:
-    return f"{SERVICE_NAME}:{version}"
+def bento_args(settings: Settings, version: str) -> dict[str, Any]:
+    """The arguments baked into a bento: the model and the serving settings that batching needs at import."""
+    serve = settings.serve
+    return {"model_tag": model_tag(version), "max_batch_size": serve.max_batch_size,
+            "max_latency_ms": serve.max_latency_ms, "threshold": settings.evaluate.threshold}
+
+
+def bento_tag(version: str, args: dict[str, Any]) -> str:
+    """`amaas_service:<model version>-<hash of the code and args it carries>`: a change of either builds anew."""
+    digest = hashlib.sha256(json.dumps(args, sort_keys=True).encode())
+    for path in sorted([BENTOFILE, CODE_ROOT / "bentos" / "service.py", *(CODE_ROOT / "pipelines").rglob("*.py")]):
+        digest.update(path.relative_to(CODE_ROOT).as_posix().encode() + b"\0" + path.read_bytes())
+    return f"{SERVICE_NAME}:{version}-{digest.hexdigest()[:8]}"

@@ -11,9 +11,10 @@ import subprocess
 import sys
 from pathlib import Path
 
-from pipelines.config import ConfigError, Paths, Settings, load_settings
+from pipelines.config import ROOT_ENV, ConfigError, Paths, Settings, load_settings
 from pipelines.lock import PipelineLocked, project_lock
 from pipelines.registry import Registry, RegistryError
+from pipelines.serving import ApiKeys
 from pipelines.stages import STAGES, run_stage
 
 log = logging.getLogger("amaas")
@@ -44,6 +45,9 @@ def _parser() -> argparse.ArgumentParser:
     sc.add_argument("output", type=Path, help="Parquet file of id, probability, label, model_version")
     sc.add_argument("--version", help="score with this registry version instead of the champion")
     sc.add_argument("--workers", type=int, help="score on a local Dask cluster of this many worker processes")
+    keys = sub.add_parser("keys", help="API keys of the HTTP service (stored hashed)")
+    keys.add_argument("action", choices=["add", "list", "revoke"])
+    keys.add_argument("name", nargs="?", help="the key's name (add, revoke)")
     sv = sub.add_parser("serve", help="serve the champion's bento over HTTP")
     sv.add_argument("--host")
     sv.add_argument("--port", type=int)
@@ -51,18 +55,22 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _serve(args: argparse.Namespace, paths: Paths) -> int:
-    from pipelines.bento import bento_tag, use_project_home
+    from pipelines.package import ensure_bento
 
     settings = load_settings(args.params)
-    champion = Registry(paths.registry).champion
-    if champion is None:
+    registry = Registry(paths.registry)
+    if registry.champion is None:
         raise RegistryError("no champion to serve yet: run `amaas run` (or `dvc repro`) first")
-    use_project_home(paths)
+    champion = registry.champion
+    bento = ensure_bento(settings, paths, registry.version_dir(champion))["bento_tag"]  # this code, this model
     host, port = args.host or settings.serve.host, args.port or settings.serve.port
-    cmd = [str(Path(sys.executable).with_name("bentoml")), "serve", bento_tag(champion), "--host", host,
+    cmd = [str(Path(sys.executable).with_name("bentoml")), "serve", bento, "--host", host,
            "--port", str(port)]
+    if settings.serve.auth and not ApiKeys(paths.api_keys).names():
+        log.warning("serve.auth is on and there is no API key yet: every /predict gets 401 until you run "
+                    "`amaas keys add NAME`")
     log.info("serving champion %s at http://%s:%d (POST /predict)", champion, host, port)
-    return subprocess.call(cmd, env=os.environ.copy())
+    return subprocess.call(cmd, env={**os.environ, ROOT_ENV: str(paths.root)})  # the project the server follows
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -83,6 +91,8 @@ def main(argv: list[str] | None = None) -> int:
         elif args.command == "status":
             registry = Registry(paths.registry)
             print(json.dumps({**registry.aliases(), "last_decision": (registry.decisions() or [None])[-1]}, indent=2))
+        elif args.command == "keys":
+            _keys(args, paths)
         elif args.command == "score":
             from pipelines import score
 
@@ -110,6 +120,22 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def _keys(args: argparse.Namespace, paths: Paths) -> None:
+    store = ApiKeys(paths.api_keys)
+    if args.action == "list":
+        print(json.dumps(store.names(), indent=2))
+        return
+    if not args.name:
+        raise ValueError(f"`amaas keys {args.action}` needs a NAME")
+    if args.action == "add":
+        print(store.add(args.name))  # the only time the key is shown
+        print(f"API key {args.name!r} created: send it as 'Authorization: Bearer <key>'; it is stored only as a "
+              f"hash in {paths.api_keys}", file=sys.stderr)
+    else:
+        store.revoke(args.name)
+        print(f"API key {args.name!r} revoked", file=sys.stderr)
+
+
 def _locked(args: argparse.Namespace, paths: Paths) -> contextlib.AbstractContextManager[None]:
     return project_lock(paths.root, load_settings(args.params).pipeline.lock_timeout_s)
 
@@ -122,7 +148,8 @@ def _print_where(paths: Paths, settings: Settings) -> None:
     print(f"Reports:           {paths.reports}/ metrics.json, drift.html, validation.json, promotion.json")
     print(f"Data Docs:         {paths.reports / 'data_docs' / 'index.html'} (Great Expectations, per batch)")
     print(f"Quarantined rows:  {paths.quarantine / 'quarantine.parquet'}")
-    print(f"Endpoint:          `make serve` (or `amaas serve`) -> POST {url}/predict, docs at {url}/")
+    print(f"Endpoint:          `make serve` (or `amaas serve`) -> POST {url}/predict, docs at {url}/docs "
+          f"(API key: `amaas keys add NAME`)")
 
 
 if __name__ == "__main__":

@@ -221,6 +221,12 @@ class ServeConfig(_Strict):
     port: int = Field(ge=1, le=65535)
     max_batch_size: int = Field(ge=1)
     max_latency_ms: int = Field(ge=1)
+    auth: bool = True  # API keys required on /predict (health, metrics and docs stay open)
+    max_rows: int = Field(default=1000, ge=1)  # rows in one request; more is 413
+    max_body_bytes: int = Field(default=1_000_000, ge=1024)  # request body size; more is 413
+    canary_share: float = Field(default=0.0, ge=0, le=1)  # share of requests the challenger answers
+    shadow: bool = False  # score every request with the challenger too, answer with the champion
+    reload_interval_s: float = Field(default=2.0, gt=0)  # how often a server checks the registry aliases
 
 
 class PipelineConfig(_Strict):
@@ -353,6 +359,14 @@ class Paths:
     @property
     def reports(self) -> Path:
         return self.root / "reports"
+
+    @property
+    def api_keys(self) -> Path:
+        return self.root / ".amaas" / "api_keys.json"
+
+    @property
+    def prediction_log(self) -> Path:
+        return self.root / "logs" / "predictions"
 
     @property
     def bentoml_home(self) -> Path:

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import logging
 import shutil
+from pathlib import Path
 from typing import Any
 
-from pipelines.bento import BENTOFILE, CODE_ROOT, bento_tag, model_tag, use_project_home
+from pipelines.bento import BENTOFILE, CODE_ROOT, bento_args, bento_tag, model_tag, use_project_home
 from pipelines.config import Paths, Settings
 from pipelines.io import read_json, write_json
 
@@ -14,11 +15,18 @@ log = logging.getLogger(__name__)
 
 
 def run(settings: Settings, paths: Paths) -> dict[str, Any]:
-    """Model `amaas:<version>` and bento `amaas_service:<version>`; both are skipped if already there."""
+    """Model `amaas:<version>` and bento `amaas_service:<version>-<code>` of the challenger (each built once)."""
+    summary = ensure_bento(settings, paths, paths.challenger)
+    write_json(paths.root / "models" / "package.json", summary)
+    return summary
+
+
+def ensure_bento(settings: Settings, paths: Paths, bundle_dir: Path) -> dict[str, Any]:
+    """The model in the BentoML store and a bento of it with the current code, built if missing."""
     use_project_home(paths)
     import bentoml
 
-    metadata = read_json(paths.challenger / "metadata.json")
+    metadata = read_json(bundle_dir / "metadata.json")
     version = metadata["version"]
     try:
         model = bentoml.models.get(model_tag(version))
@@ -27,22 +35,16 @@ def run(settings: Settings, paths: Paths) -> dict[str, Any]:
             model_tag(version),
             labels={"ensemble": metadata["ensemble"], "data_md5": metadata["data_md5"]},
             metadata={k: metadata[k] for k in ("learners", "weights", "device", "git_commit", "seed")
-                      if metadata[k] is not None},
+                      if metadata.get(k) is not None},
         ) as model:
-            shutil.copytree(paths.challenger, model.path, dirs_exist_ok=True)
+            shutil.copytree(bundle_dir, model.path, dirs_exist_ok=True)
+    args = bento_args(settings, version)
+    tag = bento_tag(version, args)
     try:
-        bento = bentoml.get(bento_tag(version))
+        bento = bentoml.get(tag)
     except bentoml.exceptions.NotFound:
-        serve = settings.serve
-        bento = bentoml.bentos.build_bentofile(
-            str(BENTOFILE),
-            build_ctx=str(CODE_ROOT),
-            version=version,
-            args={"model_tag": str(model.tag), "max_batch_size": serve.max_batch_size,
-                  "max_latency_ms": serve.max_latency_ms, "threshold": settings.evaluate.threshold},
-        )
-    summary = {"version": version, "model_tag": str(model.tag), "bento_tag": str(bento.tag),
-               "bentoml_home": str(paths.bentoml_home)}
-    write_json(paths.root / "models" / "package.json", summary)
-    log.info("packaged model %s into bento %s", model.tag, bento.tag)
-    return summary
+        bento = bentoml.bentos.build_bentofile(str(BENTOFILE), build_ctx=str(CODE_ROOT),
+                                               version=tag.split(":", 1)[1], args=args)
+        log.info("packaged model %s into bento %s", model.tag, bento.tag)
+    return {"version": version, "model_tag": str(model.tag), "bento_tag": str(bento.tag),
+            "bentoml_home": str(paths.bentoml_home)}

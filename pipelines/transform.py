@@ -9,8 +9,11 @@ nowhere else; the fitted values and the choices are both in the saved JSON.
 from __future__ import annotations
 
 import json
+import re
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -19,12 +22,24 @@ from pipelines.config import CleanConfig, SchemaConfig
 from pipelines.io import write_text
 
 UNKNOWN = 0  # code of a category never seen in training; known categories are 1..n
+_SPACES = re.compile(r"\s+")
+
+
+def normalize_value(value: object) -> str:
+    """'  Rent ' -> 'rent': trim, lower-case, inner spaces to underscores."""
+    return _SPACES.sub("_", str(value).strip().lower())
 
 
 def normalize_category(values: pd.Series) -> pd.Series:
-    """'  Rent ' -> 'rent': trim, lower-case, inner spaces to underscores. Nulls stay null."""
-    out = values.astype("string").str.strip().str.lower().str.replace(r"\s+", "_", regex=True)
-    return out.astype(object).where(out.notna(), None)
+    """normalize_value on every value of a column; nulls stay null. Each distinct value is spelled once."""
+    return pd.Series(_per_distinct(values, normalize_value, None), index=values.index, dtype=object, name=values.name)
+
+
+def _per_distinct(values: pd.Series, spell: Callable[[object], Any], missing: Any) -> np.ndarray:
+    """`spell` applied to each distinct value (fast on large and on one-row inputs); `missing` for nulls."""
+    keys, distinct = pd.factorize(values, use_na_sentinel=True)
+    spelled = np.array([spell(v) for v in distinct] + [missing], dtype=object)
+    return spelled[keys]  # -1, the null key, picks the trailing `missing`
 
 
 @dataclass
@@ -86,17 +101,23 @@ class FeatureTransform:
         missing = [c for c in (*self.numeric, *self.categorical) if c not in df.columns]
         if missing:
             raise KeyError(f"input is missing feature column(s) {missing}")
-        x = df[self.numeric].apply(pd.to_numeric, errors="coerce").astype("float64")
-        flags = x.isna().astype("float64").add_suffix("_missing")
-        x = x.clip(pd.Series(self.clip_low), pd.Series(self.clip_high), axis=1).fillna(pd.Series(self.fill_values))
-        x = (x - pd.Series(self.means)) / pd.Series(self.stds)
-        codes = {}
-        spell = normalize_category if self.normalize else _as_text
+        try:
+            x = df[self.numeric].to_numpy(dtype="float64", na_value=np.nan)
+        except (TypeError, ValueError):  # text in a numeric column: what will not parse is missing
+            x = df[self.numeric].apply(pd.to_numeric, errors="coerce").to_numpy(dtype="float64")
+        missing = np.isnan(x)
+        vector = lambda values: np.array([values[c] for c in self.numeric])  # noqa: E731
+        x = np.where(missing, vector(self.fill_values), np.clip(x, vector(self.clip_low), vector(self.clip_high)))
+        x = (x - vector(self.means)) / vector(self.stds)
+        columns: dict[str, np.ndarray] = {c: x[:, i] for i, c in enumerate(self.numeric)}
+        if self.missing_indicators:
+            columns |= {f"{c}_missing": missing[:, i].astype("float64") for i, c in enumerate(self.numeric)}
+        spell = normalize_value if self.normalize else str
         for col in self.categorical:
             lookup = {cat: i + 1 for i, cat in enumerate(self.vocab[col])}
-            codes[col] = spell(df[col]).map(lookup).fillna(UNKNOWN).astype("int64")
-        out = pd.concat([x, flags, pd.DataFrame(codes, index=df.index)], axis=1)
-        return out[self.feature_names].reset_index(drop=True)
+            columns[col] = _per_distinct(df[col], lambda v, lk=lookup: lk.get(spell(v), UNKNOWN),
+                                         UNKNOWN).astype("int64")
+        return pd.DataFrame(columns)[self.feature_names]
 
     def save(self, path: Path) -> None:
         write_text(path, json.dumps(asdict(self), indent=2, sort_keys=True) + "\n")
@@ -112,8 +133,7 @@ class FeatureTransform:
 
 def _as_text(values: pd.Series) -> pd.Series:
     """Categories exactly as spelled (clean.normalize_categories: false). Nulls stay null."""
-    out = values.astype("string")
-    return out.astype(object).where(out.notna(), None)
+    return pd.Series(_per_distinct(values, str, None), index=values.index, dtype=object, name=values.name)
 
 
 def _floats(series: pd.Series) -> dict[str, float]:

@@ -13,6 +13,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -181,11 +182,21 @@ def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     server.wait(timeout=30)
 
 
+@dataclass
+class Server:
+    url: str
+    session: Any  # a requests.Session that sends a valid API key
+
+
 @contextlib.contextmanager
-def served(root: Path) -> Iterator[str]:
-    """A real `amaas serve` of `root`'s champion on a free localhost port; yields its URL."""
+def served(root: Path) -> Iterator[Server]:
+    """A real `amaas serve` of `root`'s champion on a free localhost port, and a client with an API key."""
     import requests
 
+    from pipelines.serving import ApiKeys
+
+    names = ApiKeys(root / ".amaas" / "api_keys.json").names()
+    key = ApiKeys(root / ".amaas" / "api_keys.json").add(f"tests-{len(names)}")
     port = free_port()
     log = (root / "serve.log").open("w")
     proc = subprocess.Popen([str(BIN / "amaas"), "--params", str(root / "params.yaml"), "--root", str(root),
@@ -205,7 +216,9 @@ def served(root: Path) -> Iterator[str]:
             if time.monotonic() > deadline:
                 pytest.fail("server not ready in 120 s")
             time.sleep(0.5)
-        yield url
+        session = requests.Session()
+        session.headers["Authorization"] = f"Bearer {key}"
+        yield Server(url, session)
     finally:
         os.killpg(proc.pid, signal.SIGTERM)
         proc.wait(timeout=30)

@@ -1,23 +1,36 @@
-"""A real `amaas serve` (bentoml serve of the champion's bento) on localhost answers predictions."""
+"""A real `amaas serve` (bentoml serve of the champion's bento) on localhost: predictions equal offline
+scoring, auth, request validation and limits, the prediction log, canary and shadow traffic, and a
+rollback while requests keep coming."""
 
 from __future__ import annotations
+
+import json
+import shutil
+import threading
+import time
 
 import numpy as np
 import pandas as pd
 import pytest
 import requests
+import yaml
 
 from pipelines.bundle import ModelBundle
 from pipelines.registry import Registry
-from tests.conftest import served
+from pipelines.serving import read_prediction_log
+from tests.conftest import amaas, served
 
 pytestmark = pytest.mark.slow
+
+ROW = {"age": 41, "income": None, "loan_amount": 12000, "term_months": 60, "interest_rate": 14.5,
+       "credit_score": 610, "debt_to_income": None, "employment_years": 3, "open_accounts": 7,
+       "delinquencies_2y": 1, "home_ownership": "  RENT ", "purpose": "credit_card", "region": "south"}
 
 
 @pytest.fixture(scope="module")
 def server(trained_project):
-    with served(trained_project) as url:
-        yield url
+    with served(trained_project) as running:
+        yield running
 
 
 def test_prediction_equals_offline_predict_proba(server, trained_project):
@@ -27,21 +40,153 @@ def test_prediction_equals_offline_predict_proba(server, trained_project):
     rows = test[bundle.transform.numeric + bundle.transform.categorical]
     payload = {"rows": [{k: (None if pd.isna(v) else v) for k, v in r.items()} for r in rows.to_dict("records")]}
 
-    response = requests.post(f"{server}/predict", json=payload, timeout=30)
+    response = server.session.post(f"{server.url}/predict", json=payload, timeout=30)
     assert response.status_code == 200, response.text
     body = response.json()
     assert len(body) == len(rows)
     assert {b["model_version"] for b in body} == {champion}
-    served = np.array([b["probability"] for b in body])
-    np.testing.assert_allclose(served, bundle.predict_proba(rows), rtol=1e-9, atol=1e-12)
-    assert [b["label"] for b in body] == [int(p >= 0.5) for p in served]
+    served_proba = np.array([b["probability"] for b in body])
+    np.testing.assert_allclose(served_proba, bundle.predict_proba(rows), rtol=1e-9, atol=1e-12)
+    assert [b["label"] for b in body] == [int(p >= 0.5) for p in served_proba]
+    assert len({b["request_id"] for b in body}) == 1 == len({response.headers["x-request-id"]})
 
 
 def test_raw_messy_input_is_cleaned_like_training(server):
-    row = {"age": 41, "income": None, "loan_amount": 12000, "term_months": 60, "interest_rate": 14.5,
-           "credit_score": 610, "debt_to_income": None, "employment_years": 3, "open_accounts": 7,
-           "delinquencies_2y": 1, "home_ownership": "  RENT ", "purpose": "credit_card", "region": "south"}
-    first = requests.post(f"{server}/predict", json={"rows": [row]}, timeout=30).json()
-    second = requests.post(f"{server}/predict", json={"rows": [{**row, "home_ownership": "rent"}]}, timeout=30).json()
+    first = server.session.post(f"{server.url}/predict", json={"row": ROW}, timeout=30).json()
+    second = server.session.post(f"{server.url}/predict", json={"rows": [{**ROW, "home_ownership": "rent"}]},
+                                 timeout=30).json()
     assert 0 < first[0]["probability"] < 1
     assert first[0]["probability"] == second[0]["probability"]
+
+
+def test_api_keys_are_required_and_health_stays_open(server, trained_project):
+    assert requests.post(f"{server.url}/predict", json={"row": ROW}, timeout=30).status_code == 401
+    wrong = requests.post(f"{server.url}/predict", json={"row": ROW}, timeout=30,
+                          headers={"Authorization": "Bearer amaas_not-a-key"})
+    assert wrong.status_code == 401 and "amaas keys add" in wrong.json()["error"]
+    for path in ("/readyz", "/livez", "/metrics", "/docs", "/docs.json"):
+        assert requests.get(f"{server.url}{path}", timeout=30).status_code == 200, path
+    assert "/predict" in requests.get(f"{server.url}/docs.json", timeout=30).json()["paths"]
+    assert "bentoml_service_request" in requests.get(f"{server.url}/metrics", timeout=30).text
+    stored = json.loads((trained_project / ".amaas" / "api_keys.json").read_text())
+    assert all(set(entry) == {"sha256", "created"} for entry in stored.values())  # hashes only
+
+    created = amaas("keys", "add", "temporary", root=trained_project).stdout.strip()
+    ok = requests.post(f"{server.url}/predict", json={"row": ROW}, timeout=30,
+                       headers={"Authorization": f"Bearer {created}"})
+    assert ok.status_code == 200
+    amaas("keys", "revoke", "temporary", root=trained_project)
+    revoked = requests.post(f"{server.url}/predict", json={"row": ROW}, timeout=30,
+                            headers={"Authorization": f"Bearer {created}"})
+    assert revoked.status_code == 401
+
+
+def test_bad_requests_get_422_with_field_errors_and_413_over_the_limits(server):
+    post = server.session.post
+    wrong_type = post(f"{server.url}/predict", json={"rows": [{**ROW, "age": "forty"}]}, timeout=30)
+    assert wrong_type.status_code == 422
+    assert wrong_type.json()["detail"][0]["loc"] == ["rows", 0, "age"]
+    missing = post(f"{server.url}/predict", json={"rows": [{k: v for k, v in ROW.items() if k != "region"}]},
+                   timeout=30)
+    assert missing.status_code == 422 and missing.json()["detail"][0]["loc"] == ["rows", 0, "region"]
+    out_of_range = post(f"{server.url}/predict", json={"row": {**ROW, "credit_score": 9999}}, timeout=30)
+    assert out_of_range.status_code == 422 and out_of_range.json()["detail"][0]["loc"] == ["row", "credit_score"]
+    unknown = post(f"{server.url}/predict", json={"row": {**ROW, "salary": 1}}, timeout=30)
+    assert unknown.status_code == 422 and unknown.json()["detail"][0]["loc"] == ["row", "salary"]
+    assert post(f"{server.url}/predict", data=b"{not json", timeout=30).status_code == 422
+    assert post(f"{server.url}/predict", json={"rows": [ROW] * 1001}, timeout=30).status_code == 413
+    huge = post(f"{server.url}/predict", data=b'{"rows": [' + b" " * 2_000_000 + b"]}", timeout=30)
+    assert huge.status_code == 413
+
+
+def test_every_answered_prediction_is_in_the_log(server, trained_project):
+    rid = f"log-check-{time.time_ns()}"
+    answer = server.session.post(f"{server.url}/predict", json={"rows": [{**ROW, "loan_id": 77}, ROW]},
+                                 headers={"X-Request-ID": rid}, timeout=30).json()
+    logged = [r for r in read_prediction_log(trained_project / "logs" / "predictions") if r["request_id"] == rid]
+    assert [r["probability"] for r in logged] == [a["probability"] for a in answer]
+    assert logged[0]["id"] == 77 and logged[0]["features"]["credit_score"] == 610
+    assert logged[0]["features"]["home_ownership"] == "  RENT "  # as received; the model cleans it
+    assert {r["model_version"] for r in logged} == {answer[0]["model_version"]}
+
+
+@pytest.fixture(scope="module")
+def two_models(trained_project, tmp_path_factory):
+    """A project whose registry holds the champion and a weaker challenger that failed the gate."""
+    root = tmp_path_factory.mktemp("two-models")
+    shutil.copytree(trained_project, root, dirs_exist_ok=True, symlinks=True)
+    shutil.rmtree(root / "logs", ignore_errors=True)
+    params = yaml.safe_load((root / "params.yaml").read_text())
+    params["train"]["learners"] = ["lightgbm"]
+    params["train"]["lightgbm"].update(n_estimators=3, num_leaves=2)
+    (root / "params.yaml").write_text(yaml.safe_dump(params))
+    for stage in ("train", "evaluate", "package", "promote"):
+        amaas(stage, root=root)
+    registry = Registry(root / "models" / "registry")
+    aliases = registry.aliases()
+    assert aliases["challenger"] != aliases["champion"]
+    return root, aliases["champion"], aliases["challenger"]
+
+
+def _serve_params(root, **serve) -> None:
+    params = yaml.safe_load((root / "params.yaml").read_text())
+    params["serve"].update(reload_interval_s=0.5, **serve)
+    (root / "params.yaml").write_text(yaml.safe_dump(params))
+
+
+def test_canary_shadow_and_rollback_while_serving(two_models):
+    root, champion, challenger = two_models
+    _serve_params(root, canary_share=0.3)
+    with served(root) as server:
+        versions = [server.session.post(f"{server.url}/predict", json={"row": ROW}, timeout=30,
+                                        headers={"X-Request-ID": f"canary-{i}"}).json()[0]["model_version"]
+                    for i in range(400)]
+        share = versions.count(challenger) / len(versions)
+        # the route is a hash of the request id: 400 ids give a binomial share, sd 0.023; allow 3.5 sd
+        assert abs(share - 0.3) < 0.08, share
+        assert set(versions) == {champion, challenger}
+        again = server.session.post(f"{server.url}/predict", json={"row": ROW}, timeout=30,
+                                    headers={"X-Request-ID": "canary-7"}).json()[0]["model_version"]
+        assert again == versions[7]  # a retry with the same id lands on the same model
+
+        _serve_params(root, canary_share=0.0, shadow=True)  # the server follows params.yaml while running
+        deadline = time.monotonic() + 20
+        while True:
+            rid = f"shadow-{time.monotonic_ns()}"
+            answer = server.session.post(f"{server.url}/predict", json={"row": ROW}, timeout=30,
+                                         headers={"X-Request-ID": rid}).json()[0]
+            record = next(r for r in read_prediction_log(root / "logs" / "predictions") if r["request_id"] == rid)
+            if "shadow_probability" in record or time.monotonic() > deadline:
+                break
+            time.sleep(0.2)
+        assert answer["model_version"] == champion and record["shadow_model_version"] == challenger
+        assert record["shadow_probability"] != answer["probability"]
+
+        # promote the challenger by force, then roll back, while a client keeps sending requests
+        statuses, seen, stop = [], [], threading.Event()
+
+        def client() -> None:
+            while not stop.is_set():
+                r = server.session.post(f"{server.url}/predict", json={"row": ROW}, timeout=30)
+                statuses.append(r.status_code)
+                if r.status_code == 200:
+                    seen.append(r.json()[0]["model_version"])
+
+        thread = threading.Thread(target=client)
+        thread.start()
+        amaas("promote", "--force", "--reason", "test", root=root)
+        _wait_for(seen, challenger)
+        amaas("rollback", "--reason", "test", root=root)
+        _wait_for(seen, champion)
+        stop.set()
+        thread.join(timeout=30)
+    assert statuses and set(statuses) == {200}, set(statuses)  # no request dropped while models switched
+    switched = [v for i, v in enumerate(seen) if i == 0 or v != seen[i - 1]]
+    assert switched[-2:] == [challenger, champion]
+
+
+def _wait_for(seen: list[str], version: str, timeout: float = 20) -> None:
+    deadline = time.monotonic() + timeout
+    while not (seen and seen[-1] == version):
+        assert time.monotonic() < deadline, f"server still answers with {seen[-1:]} instead of {version}"
+        time.sleep(0.1)

@@ -1,0 +1,27 @@
+"""A throwaway project for a benchmark: the given params.yaml, its own folder, the stages already run."""
+
+from __future__ import annotations
+
+import contextlib
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from pipelines.stages import STAGES, run_stage
+
+
+@contextlib.contextmanager
+def trained_project(params_file: str, prefix: str, stages: tuple[str, ...] = STAGES
+                    ) -> Iterator[tuple[Path, dict[str, Any]]]:
+    """Yield (root, params) of a temporary project after running `stages` on it; removed afterwards."""
+    params = yaml.safe_load(Path(params_file).read_text())
+    params["validate"]["expectations_file"] = None  # this project's own expectations file is not there
+    with tempfile.TemporaryDirectory(prefix=prefix) as tmp:
+        root = Path(tmp)
+        (root / "params.yaml").write_text(yaml.safe_dump(params))
+        for stage in stages:
+            run_stage(stage, root / "params.yaml", root)
+        yield root, params
