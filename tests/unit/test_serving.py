@@ -1,0 +1,116 @@
+"""The serving pieces without a server: keys, routing, the request schema, the gateway, the prediction log."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+
+import pytest
+
+from pipelines.config import load_settings
+from pipelines.serving import REQUEST_ID, ROUTE, ApiKeys, Gateway, PredictionLog, read_prediction_log, route
+from tests.conftest import write_params
+
+ROW = {"age": 41, "income": None, "loan_amount": 12000, "term_months": 60, "interest_rate": 14.5,
+       "credit_score": 610, "debt_to_income": None, "employment_years": 3, "open_accounts": 7,
+       "delinquencies_2y": 1, "home_ownership": "rent", "purpose": "car", "region": "south"}
+
+
+def test_api_keys_are_stored_hashed_and_revocable(tmp_path):
+    keys = ApiKeys(tmp_path / "keys.json")
+    key = keys.add("app")
+    assert key.startswith("amaas_") and len(key) > 40
+    assert key not in (tmp_path / "keys.json").read_text()
+    assert oct(os.stat(tmp_path / "keys.json").st_mode & 0o777) == "0o600"
+    assert keys.valid(key) and not keys.valid(key + "x") and not keys.valid(None)
+    with pytest.raises(ValueError, match="exists"):
+        keys.add("app")
+    keys.revoke("app")
+    assert not keys.valid(key)
+    with pytest.raises(ValueError, match="no API key named 'app'"):
+        keys.revoke("app")
+
+
+def test_routing_is_a_stable_share_of_request_ids():
+    routes = [route(f"r{i}", 0.25, False) for i in range(4000)]
+    assert abs(routes.count("challenger") / 4000 - 0.25) < 0.03
+    assert routes == [route(f"r{i}", 0.25, False) for i in range(4000)]
+    assert {route(f"r{i}", 0.0, False) for i in range(100)} == {"champion"}
+    assert {route(f"r{i}", 0.5, True) for i in range(100)} == {"shadow"}
+
+
+def test_prediction_log_appends_and_skips_a_torn_last_line(tmp_path):
+    log = PredictionLog(tmp_path)
+    log.append([{"request_id": "a", "probability": 0.1}, {"request_id": "b", "probability": 0.2}])
+    file = next(tmp_path.glob("*.jsonl"))
+    with file.open("a") as fh:
+        fh.write('{"request_id": "c", "probab')  # a crash mid-write of an unacknowledged batch
+    assert [r["request_id"] for r in read_prediction_log(tmp_path)] == ["a", "b"]
+
+
+class _App:
+    """Stands in for BentoML behind the gateway: records what reached it."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[str, bytes]] = []
+
+    async def __call__(self, scope, receive, send) -> None:
+        body = (await receive()).get("body", b"")
+        self.calls.append((scope["path"], body))
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b"[]"})
+
+
+def _call(gateway: Gateway, path: str, body: bytes, headers: dict[str, str]) -> tuple[int, dict, dict]:
+    sent: list[dict] = []
+
+    async def receive() -> dict:
+        return {"type": "http.request", "body": body, "more_body": False}
+
+    async def send(message: dict) -> None:
+        sent.append(message)
+
+    scope = {"type": "http", "method": "POST", "path": path,
+             "headers": [(k.lower().encode(), v.encode()) for k, v in headers.items()]}
+    asyncio.run(gateway(scope, receive, send))
+    start = sent[0]
+    payload = b"".join(m.get("body", b"") for m in sent[1:])
+    return start["status"], dict((k.decode(), v.decode()) for k, v in start["headers"]), json.loads(payload or b"0")
+
+
+@pytest.fixture
+def gateway(tmp_path):
+    settings = load_settings(write_params(tmp_path, **{"serve.max_rows": 3, "serve.max_body_bytes": 4096,
+                                                       "serve.canary_share": 1.0}))
+    app = _App()
+    keys = ApiKeys(tmp_path / "keys.json")
+    key = keys.add("t")
+    return Gateway(app, settings.data_schema, settings.serve, tmp_path / "keys.json", lambda: (1.0, False)), app, key
+
+
+def test_gateway_answers_401_413_422_and_forwards_tagged_rows(gateway):
+    gw, app, key = gateway
+    auth = {"Authorization": f"Bearer {key}"}
+    assert _call(gw, "/predict", json.dumps({"row": ROW}).encode(), {})[0] == 401
+    assert _call(gw, "/predict", b"{}", {"X-API-Key": "nope"})[0] == 401
+    assert _call(gw, "/predict", json.dumps({"rows": [ROW] * 4}).encode(), auth)[0] == 413
+    assert _call(gw, "/predict", b" " * 5000, auth)[0] == 413
+    status, _, body = _call(gw, "/predict", json.dumps({"rows": [{**ROW, "age": 7}]}).encode(), auth)
+    assert status == 422 and body["detail"][0]["loc"] == ["rows", 0, "age"]
+    assert _call(gw, "/predict", json.dumps({"rows": [ROW], "row": ROW}).encode(), auth)[0] == 422
+    assert not app.calls  # nothing invalid reached the model
+
+    status, headers, _ = _call(gw, "/predict", json.dumps({"row": ROW}).encode(), {**auth, "X-Request-ID": "r1"})
+    assert status == 200 and headers["x-request-id"] == "r1"
+    path, forwarded = app.calls[-1]
+    rows = json.loads(forwarded)["rows"]
+    assert path == "/predict" and rows[0][REQUEST_ID] == "r1" and rows[0][ROUTE] == "challenger"
+    assert rows[0]["home_ownership"] == "rent" and rows[0]["loan_id"] is None
+
+
+def test_gateway_leaves_health_metrics_and_docs_open(gateway):
+    gw, app, _ = gateway
+    for path in ("/readyz", "/metrics", "/docs"):
+        assert _call(gw, path, b"", {})[0] == 200
+    assert app.calls[-1][0] == "/"  # /docs shows the Swagger UI that BentoML serves at /
