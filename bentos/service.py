@@ -22,7 +22,7 @@ import bentoml
 from pydantic import BaseModel
 
 from pipelines.bundle import ModelBundle
-from pipelines.config import ROOT_ENV, Paths, load_settings
+from pipelines.config import PARAMS_ENV, ROOT_ENV, Paths, load_settings
 from pipelines.registry import Registry
 from pipelines.serving import REQUEST_ID, ROUTE, Gateway, PredictionLog, now_iso
 
@@ -39,7 +39,9 @@ class ServiceArgs(BaseModel):
 ARGS = bentoml.use_arguments(ServiceArgs)
 PROJECT = os.environ.get(ROOT_ENV)  # baked bento args win over `bentoml serve --arg`, so the root comes this way
 PATHS = Paths.from_env()
-SETTINGS = load_settings(PATHS.root / "params.yaml" if PROJECT else Path(__file__).parent.parent / "params.yaml")
+PARAMS = Path(os.environ.get(PARAMS_ENV) or PATHS.root / "params.yaml") if PROJECT else (
+    Path(__file__).parent.parent / "params.yaml")  # the copy inside the bento
+SETTINGS = load_settings(PARAMS)
 
 
 class Models:
@@ -62,14 +64,13 @@ class Models:
 
         Bundles load before the swap, so requests never wait for a load and never see half a switch.
         """
-        params = PATHS.root / "params.yaml"
-        mtime = params.stat().st_mtime if params.is_file() else None
+        mtime = PARAMS.stat().st_mtime if PARAMS.is_file() else None
         if mtime != self._params_mtime:
-            serve = load_settings(params).serve
+            serve = load_settings(PARAMS).serve
             self.canary_share, self.shadow, self._params_mtime = serve.canary_share, serve.shadow, mtime
             log.info("canary share %.2f, shadow %s", self.canary_share, self.shadow)
         aliases = registry.aliases()
-        if aliases == self._aliases:
+        if aliases == self._aliases or aliases["champion"] is None:  # no registry yet: keep the bento's model
             return
         wanted = {"champion": aliases["champion"],
                   "challenger": aliases["challenger"] if aliases["challenger"] != aliases["champion"] else None}

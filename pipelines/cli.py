@@ -11,7 +11,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from pipelines.config import ROOT_ENV, ConfigError, Paths, Settings, load_settings
+from pipelines.config import PARAMS_ENV, ROOT_ENV, ConfigError, Paths, Settings, load_settings
 from pipelines.lock import PipelineLocked, project_lock
 from pipelines.registry import Registry, RegistryError
 from pipelines.serving import ApiKeys
@@ -70,7 +70,9 @@ def _serve(args: argparse.Namespace, paths: Paths) -> int:
         log.warning("serve.auth is on and there is no API key yet: every /predict gets 401 until you run "
                     "`amaas keys add NAME`")
     log.info("serving champion %s at http://%s:%d (POST /predict)", champion, host, port)
-    return subprocess.call(cmd, env={**os.environ, ROOT_ENV: str(paths.root)})  # the project the server follows
+    params = Path(args.params or os.environ.get(PARAMS_ENV) or "params.yaml").resolve()
+    # the project the server follows: its registry, params, keys and prediction log
+    return subprocess.call(cmd, env={**os.environ, ROOT_ENV: str(paths.root), PARAMS_ENV: str(params)})
 
 
 def main(argv: list[str] | None = None) -> int:
