@@ -216,6 +216,16 @@ class ReportConfig(_Strict):
     drift_share_threshold: float = Field(gt=0, le=1)
 
 
+class AlertsConfig(_Strict):
+    webhook_url: str | None = None  # $AMAAS_ALERT_WEBHOOK overrides it
+    timeout_s: float = Field(default=5, gt=0)
+    retries: int = Field(default=2, ge=0)
+    smtp_host: str | None = None
+    smtp_port: int = Field(default=25, ge=1, le=65535)
+    email_from: str = "amaas@localhost"
+    email_to: list[str] = []
+
+
 class ServeConfig(_Strict):
     host: str
     port: int = Field(ge=1, le=65535)
@@ -251,6 +261,7 @@ class Settings(_Strict):
     evaluate: EvaluateConfig
     promote: PromoteConfig
     report: ReportConfig
+    alerts: AlertsConfig = AlertsConfig()
     serve: ServeConfig
     scale: ScaleConfig
 

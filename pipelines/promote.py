@@ -18,6 +18,7 @@ import pandas as pd
 from sklearn import metrics as skm
 
 from pipelines import modelcard
+from pipelines.alerts import alert
 from pipelines.bundle import METADATA_FILE
 from pipelines.config import Paths, Settings
 from pipelines.io import read_json, write_json, write_text
@@ -80,6 +81,9 @@ def run(settings: Settings, paths: Paths) -> dict[str, Any]:
                             settings.data_schema.target)
     write_text(registry.version_dir(challenger) / "MODEL_CARD.md", card)
     write_text(paths.reports / "model_card.md", card)
+    if "gain" in decision and not decision["promoted"]:
+        alert(settings, paths, "gate_failed", f"challenger {challenger} not promoted: {decision['reason']}",
+              decision)
     log.info("promotion decision: %s -> champion %s (%s)", challenger, decision["champion_after"], decision["reason"])
     return decision
 

@@ -9,6 +9,7 @@ from typing import Any
 
 import pandas as pd
 
+from pipelines.alerts import alert
 from pipelines.config import Paths, Settings
 from pipelines.io import atomic_path, write_json
 
@@ -64,4 +65,8 @@ def run(settings: Settings, paths: Paths) -> dict[str, Any]:
     write_json(paths.reports / "drift.json", {k: summary[k] for k in METRIC_KEYS})
     log.info("drift: %d/%d columns drifted in batch %s (retrain_needed=%s)", summary["n_drifted"],
              summary["n_columns"], newest, summary["retrain_needed"])
+    if summary["retrain_needed"]:
+        alert(settings, paths, "drift", f"{summary['n_drifted']} of {summary['n_columns']} columns drifted in "
+              f"batch {newest} (threshold {settings.report.drift_share_threshold:.0%})",
+              {k: summary[k] for k in (*METRIC_KEYS, "drifted_columns")})
     return {**{k: summary[k] for k in METRIC_KEYS}, "drifted_columns": summary["drifted_columns"]}

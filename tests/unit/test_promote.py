@@ -18,7 +18,7 @@ def _train(root, **overrides):
     return settings, paths
 
 
-def test_gate_promotes_better_keeps_champion_against_worse_and_rolls_back(tmp_path):
+def test_gate_promotes_better_keeps_champion_against_worse_and_rolls_back(tmp_path, caplog):
     settings = load_settings(write_params(tmp_path, **{"source.simulator.rows_per_batch": 1500}))
     paths = Paths(tmp_path)
     for stage in (collect, validate, prepare):
@@ -49,6 +49,7 @@ def test_gate_promotes_better_keeps_champion_against_worse_and_rolls_back(tmp_pa
     worse = promote.run(weak_settings, paths)
     assert not worse["promoted"] and worse["gain"] < 0 and "fails the gate" in worse["reason"]
     assert "Status after its latest gate:** not promoted" in (paths.reports / "model_card.md").read_text()
+    assert any(r.getMessage().startswith("ALERT gate_failed: challenger") for r in caplog.records)
     assert registry.champion == strong
 
     assert promote.rollback(paths, reason="test") == weak
