@@ -11,6 +11,7 @@ through `pipelines.bundle.ModelBundle`, the same code path as offline evaluation
 
 from __future__ import annotations
 
+import gc
 import logging
 import os
 import threading
@@ -31,6 +32,7 @@ log = logging.getLogger("amaas.service")
 
 class ServiceArgs(BaseModel):
     model_tag: str = "amaas:latest"
+    batching: bool = True
     max_batch_size: int = 256
     max_latency_ms: int = 20
     threshold: float = 0.5
@@ -116,6 +118,10 @@ class AmaasService:
             registry = Registry(PATHS.registry)
             self.models.follow(registry)
             threading.Thread(target=self._watch, args=(registry,), daemon=True, name="registry-watch").start()
+        # The loaded libraries and models are millions of long-lived objects: without this, each full
+        # garbage collection walks them all and stalls requests (~170 ms every ~4 s at 200 rps, measured).
+        gc.collect()
+        gc.freeze()
 
     def _watch(self, registry: Registry) -> None:
         while True:
@@ -125,7 +131,7 @@ class AmaasService:
             except Exception:  # a half-finished registry write or a bad bundle must not stop serving
                 log.exception("could not follow the registry; still serving the current models")
 
-    @bentoml.api(batchable=True, max_batch_size=ARGS.max_batch_size, max_latency_ms=ARGS.max_latency_ms)
+    @bentoml.api(batchable=ARGS.batching, max_batch_size=ARGS.max_batch_size, max_latency_ms=ARGS.max_latency_ms)
     def predict(self, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
         """Probability of the positive class for each row, with the label, model version and request id."""
         models = self.models.current  # one generation for the whole batch

@@ -36,7 +36,7 @@ def model_tag(version: str) -> str:
 def bento_args(settings: Settings, version: str) -> dict[str, Any]:
     """The arguments baked into a bento: the model and the serving settings that batching needs at import."""
     serve = settings.serve
-    return {"model_tag": model_tag(version), "max_batch_size": serve.max_batch_size,
+    return {"model_tag": model_tag(version), "batching": serve.batching, "max_batch_size": serve.max_batch_size,
             "max_latency_ms": serve.max_latency_ms, "threshold": settings.evaluate.threshold}
 
 

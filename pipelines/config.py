@@ -229,7 +229,8 @@ class AlertsConfig(_Strict):
 class ServeConfig(_Strict):
     host: str
     port: int = Field(ge=1, le=65535)
-    max_batch_size: int = Field(ge=1)
+    batching: bool = True  # adaptive batching; false scores each request on its own
+    max_batch_size: int = Field(ge=2)  # BentoML's lower bound for a batchable API
     max_latency_ms: int = Field(ge=1)
     auth: bool = True  # API keys required on /predict (health, metrics and docs stay open)
     max_rows: int = Field(default=1000, ge=1)  # rows in one request; more is 413
