@@ -12,7 +12,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -105,19 +105,32 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def _postgres_bin() -> Path | None:
-    found = shutil.which("initdb") or next(iter(sorted(glob.glob("/usr/lib/postgresql/*/bin/initdb"))[-1:]), None)
-    return Path(found).parent if found else None
+def server_binary(name: str, package: str, also: str | None = None) -> str:
+    """Path of a server program from a Debian package (or the `also` glob); fails in CI, where .ci/run
+    installs the package, and skips elsewhere."""
+    found = shutil.which(name)
+    if found is None and also:
+        found = next(iter(sorted(glob.glob(also))[-1:]), None)
+    if found is None:
+        if os.environ.get("CI"):
+            pytest.fail(f"{name} not found: .ci/run must install Debian's {package} package")
+        pytest.skip(f"{name} not installed (apt-get install {package})")
+    return found
+
+
+def wait_until(ready: Callable[[], bool], server: subprocess.Popen[Any], what: str, timeout: float = 60) -> None:
+    """Poll `ready` until it is true; fail if the server process exits or `timeout` passes."""
+    deadline = time.monotonic() + timeout
+    while not ready():
+        if server.poll() is not None or time.monotonic() > deadline:
+            pytest.fail(f"{what} did not start")
+        time.sleep(0.2)
 
 
 @pytest.fixture(scope="session")
 def postgres_url() -> Iterator[str]:
     """A real PostgreSQL server of our own on 127.0.0.1 (Debian's postgresql package; .ci/run installs it)."""
-    bin_dir = _postgres_bin()
-    if bin_dir is None:
-        if os.environ.get("CI"):
-            pytest.fail("PostgreSQL server binaries not found: .ci/run must install Debian's postgresql package")
-        pytest.skip("PostgreSQL server binaries not installed (apt-get install postgresql)")
+    bin_dir = Path(server_binary("initdb", "postgresql", also="/usr/lib/postgresql/*/bin/initdb")).parent
     # initdb and postgres refuse to run as root: run them as the postgres user the Debian package creates,
     # in a folder of /tmp that user can reach (pytest's own tmp folders are private to root)
     data = Path(tempfile.mkdtemp(prefix="amaas-pg-"))
@@ -132,29 +145,18 @@ def postgres_url() -> Iterator[str]:
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     import psycopg
 
-    deadline = time.monotonic() + 60
-    while True:
+    def accepts_logins() -> bool:
         try:
             psycopg.connect(host="127.0.0.1", port=port, user="postgres", dbname="postgres", connect_timeout=2).close()
-            break
+            return True
         except psycopg.OperationalError:
-            if server.poll() is not None or time.monotonic() > deadline:
-                pytest.fail("PostgreSQL did not start")
-            time.sleep(0.2)
+            return False
+
+    wait_until(accepts_logins, server, "PostgreSQL")
     yield f"postgresql+psycopg://postgres@127.0.0.1:{port}/postgres"
     server.terminate()
     server.wait(timeout=30)
     shutil.rmtree(data, ignore_errors=True)
-
-
-def server_binary(name: str, package: str) -> str:
-    """Path of a server program from a Debian package; fails in CI (.ci/run installs it), else skips."""
-    found = shutil.which(name)
-    if found is None:
-        if os.environ.get("CI"):
-            pytest.fail(f"{name} not found: .ci/run must install Debian's {package} package")
-        pytest.skip(f"{name} not installed (apt-get install {package})")
-    return found
 
 
 @pytest.fixture(scope="session")
@@ -165,18 +167,15 @@ def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     folder = tmp_path_factory.mktemp("redis")
     server = subprocess.Popen([binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly",
                                "no", "--dir", str(folder)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.monotonic() + 30
-    while True:
+    def pongs() -> bool:
         try:
             with socket.create_connection(("127.0.0.1", port), timeout=1) as conn:
                 conn.sendall(b"PING\r\n")
-                if conn.recv(16).startswith(b"+PONG"):
-                    break
+                return conn.recv(16).startswith(b"+PONG")
         except OSError:
-            pass
-        if server.poll() is not None or time.monotonic() > deadline:
-            pytest.fail("Redis did not start")
-        time.sleep(0.2)
+            return False
+
+    wait_until(pongs, server, "Redis")
     yield f"redis://127.0.0.1:{port}/0"
     server.terminate()
     server.wait(timeout=30)
