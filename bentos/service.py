@@ -175,7 +175,17 @@ class _Shared:
     def routing(self) -> tuple[float, bool]:
         return self.models.routing() if self.models else (0.0, False)
 
+    def versions(self) -> dict[str, Any]:
+        """What answers requests now: GET /models, which `amaas deploy` polls."""
+        if self.models is None:
+            return {"champion": None, "challenger": None, "canary_share": 0.0, "shadow": False}
+        current = self.models.current
+        share, shadow = self.models.routing()
+        return {role: (bundle.version if bundle else None) for role, bundle in current.items()} | {
+            "canary_share": share, "shadow": shadow}
+
 
 MODELS = _Shared()
 AmaasService.add_asgi_middleware(Gateway, schema=SETTINGS.data_schema, serve=SETTINGS.serve,
-                                 keys_file=PATHS.api_keys, routing=MODELS.routing)
+                                 keys_file=PATHS.api_keys, routing=MODELS.routing,
+                                 versions=MODELS.versions)

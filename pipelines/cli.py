@@ -80,7 +80,9 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     paths = Paths(Path(args.root).resolve()) if args.root else Paths.from_env()
+    from pipelines.deploy import DeployError
     from pipelines.promote import force_promote, rollback
+    from pipelines.report import MonitoringError
     from pipelines.sources import SourceError
     from pipelines.validate import DataValidationError
 
@@ -115,8 +117,8 @@ def main(argv: list[str] | None = None) -> int:
                     print(json.dumps({stage: summary}, default=str))
             if args.command == "run":
                 _print_where(paths, load_settings(args.params))
-    except (ConfigError, SourceError, DataValidationError, RegistryError, PipelineLocked, FileNotFoundError,
-            ValueError) as exc:
+    except (ConfigError, SourceError, DataValidationError, RegistryError, PipelineLocked, DeployError,
+            MonitoringError, FileNotFoundError, ValueError) as exc:
         print(f"amaas: error: {exc}", file=sys.stderr)
         return 2
     return 0

@@ -213,7 +213,19 @@ class PromoteConfig(_Strict):
 
 
 class ReportConfig(_Strict):
+    current: Literal["batch", "prediction_log"] = "batch"  # what is compared with the champion's reference
+    window_hours: float = Field(default=24, gt=0)  # prediction_log: the newest this many hours of predictions
+    reference_rows: int = Field(default=20_000, ge=100)  # training rows kept with a model as its drift reference
     drift_share_threshold: float = Field(gt=0, le=1)
+    prediction_drift_threshold: float = Field(default=0.1, gt=0)  # normed Wasserstein distance of probabilities
+    max_metric_drop: float = Field(default=0.03, ge=0)  # promote.metric on labelled rows this far under the champion's
+    min_labeled_rows: int = Field(default=200, ge=10)  # fewer labelled rows: no performance verdict
+
+
+class DeployConfig(_Strict):
+    endpoint: str | None = None  # a running `amaas serve` to check (http://host:port); null: build the bento only
+    timeout_s: float = Field(default=60, gt=0)  # how long the endpoint has to serve the new champion
+    rollback_on_failure: bool = True  # the endpoint never served it: return the registry to the previous champion
 
 
 class AlertsConfig(_Strict):
@@ -264,6 +276,7 @@ class Settings(_Strict):
     report: ReportConfig
     alerts: AlertsConfig = AlertsConfig()
     serve: ServeConfig
+    deploy: DeployConfig = DeployConfig()
     scale: ScaleConfig
 
     @property

@@ -35,9 +35,9 @@ def render(metadata: dict[str, Any], metrics: dict[str, Any], slices: dict[str, 
         f"weights, tuning), {metrics.get('test_rows', '?')} held-out test; split by time, newest rows last.",
         f"- Validation: {validation.get('rows_in', '?')} rows in {validation.get('batches', '?')} batches, "
         f"{validation.get('rows_quarantined', '?')} quarantined ({validation.get('bad_share', 0):.2%}).",
-        f"- Drift of the newest batch ({drift.get('current_batch', '?')}) against training rows: "
-        f"{drift.get('n_drifted', '?')} of {drift.get('n_columns', '?')} columns "
-        f"(retrain needed: {drift.get('retrain_needed', '?')}).",
+        f"- Monitoring of {drift.get('current', '?')} against the champion's reference at training time: "
+        f"{drift.get('n_drifted', '?')} of {drift.get('n_columns', '?')} feature columns drifted, prediction "
+        f"drift {drift.get('prediction_drift', '?')} (retrain needed: {drift.get('retrain_needed', '?')}).",
         "",
         "## Metrics on held-out test rows",
         "",

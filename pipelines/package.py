@@ -10,6 +10,7 @@ from typing import Any
 from pipelines.bento import BENTOFILE, CODE_ROOT, bento_args, bento_tag, model_tag, use_project_home
 from pipelines.config import Paths, Settings
 from pipelines.io import read_json, write_json
+from pipelines.registry import MONITORING_DIR
 
 log = logging.getLogger(__name__)
 
@@ -37,7 +38,8 @@ def ensure_bento(settings: Settings, paths: Paths, bundle_dir: Path) -> dict[str
             metadata={k: metadata[k] for k in ("learners", "weights", "device", "git_commit", "seed")
                       if metadata.get(k) is not None},
         ) as model:
-            shutil.copytree(bundle_dir, model.path, dirs_exist_ok=True)
+            shutil.copytree(bundle_dir, model.path, dirs_exist_ok=True,
+                            ignore=shutil.ignore_patterns(MONITORING_DIR))  # the server needs the model only
     args = bento_args(settings, version)
     tag = bento_tag(version, args)
     try:

@@ -9,6 +9,7 @@ import pandas as pd
 
 from pipelines.config import Paths, Settings
 from pipelines.io import write_json, write_parquet
+from pipelines.registry import SAMPLE_FILE
 from pipelines.transform import FeatureTransform
 
 log = logging.getLogger(__name__)
@@ -44,6 +45,9 @@ def run(settings: Settings, paths: Paths) -> dict[str, Any]:
         write_parquet(paths.features / f"{name}.parquet", features)
         summary[f"{name}_rows"] = len(rows)
         summary[f"{name}_positive_rate"] = round(float(rows[schema.target].mean()), 6)
+    sample = splits["train"].sample(n=min(settings.report.reference_rows, len(splits["train"])),
+                                    random_state=settings.seed).sort_index()
+    write_parquet(paths.reference / SAMPLE_FILE, sample)  # kept with the model: monitoring's drift reference
     write_json(paths.reports / "prepare.json", summary)
     log.info("prepared splits %s", summary)
     return summary

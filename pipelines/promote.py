@@ -22,7 +22,7 @@ from pipelines.alerts import alert
 from pipelines.bundle import METADATA_FILE
 from pipelines.config import Paths, Settings
 from pipelines.io import read_json, write_json, write_text
-from pipelines.registry import Registry
+from pipelines.registry import SAMPLE_FILE, TEST_PREDICTIONS_FILE, Registry
 
 log = logging.getLogger(__name__)
 METRICS = {"roc_auc": skm.roc_auc_score, "pr_auc": skm.average_precision_score}
@@ -53,7 +53,9 @@ def run(settings: Settings, paths: Paths) -> dict[str, Any]:
     found = {name: read_json(path) if path.is_file() else {} for name, path in reports.items()}
     extra = {"reports": {name: str(path.relative_to(paths.root)) for name, path in reports.items()},
              "metrics": found["metrics"]}
-    challenger = registry.register(paths.challenger, extra)
+    monitoring = {SAMPLE_FILE: paths.reference / SAMPLE_FILE,
+                  TEST_PREDICTIONS_FILE: paths.reports / "test_predictions.parquet"}
+    challenger = registry.register(paths.challenger, extra, {k: v for k, v in monitoring.items() if v.is_file()})
     champion = registry.champion
     decision: dict[str, Any] = {"challenger": challenger, "champion_before": champion, "metric": cfg.metric,
                                 "min_improvement": cfg.min_improvement, "max_p_value": cfg.max_p_value}

@@ -1,7 +1,8 @@
 """Model registry under models/registry/: versions, champion/challenger aliases, decision log.
 
-Layout: versions/<version>/ (a full model bundle), aliases.json, decisions.json. Every write is
-atomic, so a crash never leaves an alias pointing at a half-copied version.
+Layout: versions/<version>/ (a full model bundle, plus monitoring/: the sample of its training rows and
+its test predictions that monitoring compares new data with), aliases.json, decisions.json. Every write
+is atomic, so a crash never leaves an alias pointing at a half-copied version.
 """
 
 from __future__ import annotations
@@ -13,6 +14,10 @@ from typing import Any
 
 from pipelines.bundle import METADATA_FILE, ModelBundle
 from pipelines.io import atomic_dir, read_json, write_json
+
+MONITORING_DIR = "monitoring"  # inside a version: what monitoring compares new data with
+SAMPLE_FILE = "train_sample.parquet"  # a seeded sample of the model's training rows (report.reference_rows)
+TEST_PREDICTIONS_FILE = "test_predictions.parquet"  # id, actual, prediction on the model's held-out test rows
 
 
 class RegistryError(RuntimeError):
@@ -52,8 +57,11 @@ class Registry:
             raise RegistryError(f"model version {version!r} is not in the registry at {self.root}")
         return ModelBundle.load(self.version_dir(version))
 
-    def register(self, bundle_dir: Path, extra: dict[str, Any] | None = None) -> str:
-        """Copy a bundle into versions/<version>/ (once) and mark it as the challenger."""
+    def register(self, bundle_dir: Path, extra: dict[str, Any] | None = None,
+                 monitoring: dict[str, Path] | None = None) -> str:
+        """Copy a bundle into versions/<version>/ (once) and mark it as the challenger.
+
+        `extra` is merged into its metadata; `monitoring` files (name -> source) go into monitoring/."""
         version = str(read_json(bundle_dir / METADATA_FILE)["version"])
         target = self.version_dir(version)
         if not (target / METADATA_FILE).is_file():
@@ -61,6 +69,9 @@ class Registry:
                 shutil.copytree(bundle_dir, tmp, dirs_exist_ok=True)
                 if extra:
                     write_json(tmp / METADATA_FILE, {**read_json(tmp / METADATA_FILE), **extra})
+                for name, source in (monitoring or {}).items():
+                    (tmp / MONITORING_DIR).mkdir(exist_ok=True)
+                    shutil.copy2(source, tmp / MONITORING_DIR / name)
         self._set_aliases(challenger=version)
         return version
 

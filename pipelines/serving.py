@@ -25,6 +25,7 @@ from pipelines.config import SchemaConfig, ServeConfig
 from pipelines.io import read_json, write_json
 
 log = logging.getLogger(__name__)
+MODELS_PATH = "/models"  # GET: the versions being served and the canary routing (open, like health)
 OPEN_PATHS = ("/readyz", "/livez", "/healthz", "/metrics", "/docs", "/docs.json", "/")
 REQUEST_ID = "_request_id"  # added to each row by the gateway, carried through the adaptive batch
 ROUTE = "_route"  # champion | challenger | shadow
@@ -149,11 +150,12 @@ class Gateway:
     (422 with field errors), a request id and a route per request. Health, metrics and docs stay open."""
 
     def __init__(self, app: Any, schema: SchemaConfig, serve: ServeConfig, keys_file: Path,
-                 routing: Callable[[], tuple[float, bool]]) -> None:
+                 routing: Callable[[], tuple[float, bool]], versions: Callable[[], dict[str, Any]]) -> None:
         self.app, self.serve = app, serve
         self.model = request_model(schema, serve.max_rows)
         self.keys = ApiKeys(keys_file)
         self.routing = routing  # (canary share, shadow) now: follows the registry while serving
+        self.versions = versions  # GET /models: what is being served now (deploy checks it)
 
     async def __call__(self, scope: dict[str, Any], receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -162,6 +164,8 @@ class Gateway:
         if path == "/docs":  # the Swagger UI lives at /; /docs is where people look for it
             scope = {**scope, "path": "/", "raw_path": b"/"}
             path = "/"
+        if path == MODELS_PATH and scope["method"] == "GET":
+            return await _reply(send, 200, self.versions())
         if path in OPEN_PATHS or scope["method"] != "POST":
             return await self.app(scope, receive, send)
         headers = {k.decode().lower(): v.decode() for k, v in scope["headers"]}

@@ -7,14 +7,15 @@ from __future__ import annotations
 
 import importlib
 import logging
+import os
 import time
 from pathlib import Path
 from typing import Any
 
-from pipelines.config import Paths, load_settings
+from pipelines.config import PARAMS_ENV, ROOT_ENV, Paths, load_settings
 from pipelines.lock import project_lock
 
-STAGES = ("collect", "validate", "prepare", "train", "evaluate", "report", "package", "promote")
+STAGES = ("collect", "validate", "prepare", "train", "evaluate", "report", "package", "promote", "deploy")
 log = logging.getLogger(__name__)
 
 
@@ -33,3 +34,24 @@ def run_stage(name: str, params: str | Path | None = None, root: str | Path | No
         summary = module.run(settings, paths, **options)
     log.info("stage %s done in %.1f s", name, time.perf_counter() - started)
     return summary
+
+
+def project_files(default_root: Path) -> tuple[Path, Path]:
+    """(params file, project root) for an orchestrator: $AMAAS_PARAMS / $AMAAS_ROOT, else the given project."""
+    root = Path(os.environ.get(ROOT_ENV) or default_root).resolve()
+    return Path(os.environ.get(PARAMS_ENV) or root / "params.yaml"), root
+
+
+def run_in_project(name: str, default_root: Path, **options: Any) -> dict[str, Any]:
+    """What an Airflow task runs: stage `name` on the project (see project_files)."""
+    params, root = project_files(default_root)
+    return run_stage(name, params, root, **options)
+
+
+def rollback_in_project(default_root: Path, reason: str) -> str:
+    """Operator rollback from an orchestrator: the previous champion becomes champion again."""
+    from pipelines.promote import rollback
+
+    params, root = project_files(default_root)
+    with project_lock(root, load_settings(params).pipeline.lock_timeout_s):
+        return rollback(Paths(root), reason)

@@ -14,6 +14,7 @@ import pandas as pd
 import pytest
 import requests
 import yaml
+from sklearn.metrics import roc_auc_score
 
 from pipelines.bundle import ModelBundle
 from pipelines.registry import Registry
@@ -110,6 +111,34 @@ def test_every_answered_prediction_is_in_the_log(server, trained_project):
     assert {r["model_version"] for r in logged} == {answer[0]["model_version"]}
 
 
+def test_monitoring_judges_served_predictions_and_joins_delayed_labels(server, trained_project, tmp_path):
+    validated = pd.read_parquet(trained_project / "data" / "validated" / "data.parquet")
+    rows = validated.sample(300, random_state=1)
+    transform = ModelBundle.load(trained_project / "models" / "challenger").transform
+    features = [*transform.numeric, *transform.categorical]
+    payload = [{k: (None if pd.isna(v) else v) for k, v in r.items()}
+               for r in rows[["loan_id", *features]].to_dict("records")]
+    assert server.session.post(f"{server.url}/predict", json={"rows": payload}, timeout=60).status_code == 200
+    assert server.session.post(f"{server.url}/predict", json={"row": ROW}, timeout=60).status_code == 200  # no id
+
+    root = tmp_path / "project"
+    root.mkdir()
+    for part in ("params.yaml", "data/validated", "models/registry", "logs"):
+        (shutil.copytree if (trained_project / part).is_dir() else shutil.copy2)(trained_project / part, root / part)
+    _set_params(root, "report", current="prediction_log", min_labeled_rows=100)
+    amaas("report", root=root)
+    summary = json.loads((root / "reports" / "drift_details.json").read_text())
+
+    logged = pd.DataFrame(read_prediction_log(root / "logs" / "predictions"))
+    labels = validated.drop_duplicates("loan_id").set_index("loan_id")["default"]
+    joined = logged[logged["id"].isin(labels.index)]
+    assert summary["current_rows"] == len(logged) and summary["labeled_rows"] == len(joined) >= 300
+    expected = roc_auc_score(labels.loc[joined["id"].astype("int64")].to_numpy(), joined["probability"].to_numpy())
+    assert summary["metric_current"] == pytest.approx(expected, abs=1e-6)
+    assert summary["prediction_drift"] is not None and summary["n_columns"] == len(features)
+    assert (root / "reports" / "performance.html").stat().st_size > 10_000
+
+
 @pytest.fixture(scope="module")
 def two_models(trained_project, tmp_path_factory):
     """A project whose registry holds the champion and a weaker challenger that failed the gate."""
@@ -128,10 +157,28 @@ def two_models(trained_project, tmp_path_factory):
     return root, aliases["champion"], aliases["challenger"]
 
 
-def _serve_params(root, **serve) -> None:
+def _set_params(root, section: str, **values) -> None:
     params = yaml.safe_load((root / "params.yaml").read_text())
-    params["serve"].update(reload_interval_s=0.5, **serve)
+    params[section].update(values)
     (root / "params.yaml").write_text(yaml.safe_dump(params))
+
+
+def _serve_params(root, **serve) -> None:
+    _set_params(root, "serve", reload_interval_s=0.5, **serve)
+
+
+def test_a_release_the_service_never_takes_up_is_rolled_back(two_models, tmp_path):
+    source, champion, challenger = two_models
+    root = tmp_path / "project"
+    shutil.copytree(source, root, symlinks=True)
+    amaas("promote", "--force", "--reason", "test", root=root)
+    _set_params(root, "deploy", endpoint="http://127.0.0.1:9", timeout_s=1)  # nothing listens there
+    failed = amaas("deploy", root=root, check=False)
+    assert failed.returncode == 2 and "did not serve champion" in failed.stderr
+    assert f"the registry is back on {champion}" in failed.stderr
+    assert Registry(root / "models" / "registry").champion == champion
+    assert Registry(root / "models" / "registry").decisions()[-1]["action"] == "rollback"
+    assert json.loads((root / "models" / "deployment.json").read_text())["champion"] == champion  # still live
 
 
 def test_canary_shadow_and_rollback_while_serving(two_models):
@@ -175,6 +222,10 @@ def test_canary_shadow_and_rollback_while_serving(two_models):
         thread = threading.Thread(target=client)
         thread.start()
         amaas("promote", "--force", "--reason", "test", root=root)
+        _set_params(root, "deploy", endpoint=server.url, timeout_s=30)
+        amaas("deploy", root=root)  # returns once the live server answers with the new champion
+        deployed = json.loads((root / "models" / "deployment.json").read_text())
+        assert deployed["verified"] and deployed["served"]["champion"] == challenger
         _wait_for(seen, challenger)
         amaas("rollback", "--reason", "test", root=root)
         _wait_for(seen, champion)

@@ -62,7 +62,8 @@ class _App:
         await send({"type": "http.response.body", "body": b"[]"})
 
 
-def _call(gateway: Gateway, path: str, body: bytes, headers: dict[str, str]) -> tuple[int, dict, dict]:
+def _call(gateway: Gateway, path: str, body: bytes, headers: dict[str, str], method: str = "POST"
+          ) -> tuple[int, dict, dict]:
     sent: list[dict] = []
 
     async def receive() -> dict:
@@ -71,7 +72,7 @@ def _call(gateway: Gateway, path: str, body: bytes, headers: dict[str, str]) -> 
     async def send(message: dict) -> None:
         sent.append(message)
 
-    scope = {"type": "http", "method": "POST", "path": path,
+    scope = {"type": "http", "method": method, "path": path,
              "headers": [(k.lower().encode(), v.encode()) for k, v in headers.items()]}
     asyncio.run(gateway(scope, receive, send))
     start = sent[0]
@@ -86,7 +87,8 @@ def gateway(tmp_path):
     app = _App()
     keys = ApiKeys(tmp_path / "keys.json")
     key = keys.add("t")
-    return Gateway(app, settings.data_schema, settings.serve, tmp_path / "keys.json", lambda: (1.0, False)), app, key
+    return Gateway(app, settings.data_schema, settings.serve, tmp_path / "keys.json", lambda: (1.0, False),
+                   lambda: {"champion": "v1", "challenger": None}), app, key
 
 
 def test_gateway_answers_401_413_422_and_forwards_tagged_rows(gateway):
@@ -114,3 +116,7 @@ def test_gateway_leaves_health_metrics_and_docs_open(gateway):
     for path in ("/readyz", "/metrics", "/docs"):
         assert _call(gw, path, b"", {})[0] == 200
     assert app.calls[-1][0] == "/"  # /docs shows the Swagger UI that BentoML serves at /
+    calls = len(app.calls)
+    status, _, body = _call(gw, "/models", b"", {}, method="GET")
+    assert (status, body) == (200, {"champion": "v1", "challenger": None})
+    assert len(app.calls) == calls  # answered by the gateway itself
