@@ -1,12 +1,17 @@
 """
 ### training_pipeline
 
-Runs every amaas stage in order: **collect → validate → prepare → train → evaluate → report →
-package → promote**. Each task calls `pipelines.stages.run_stage`, the same function as
-`amaas <stage>` and `dvc repro`, and passes only its small summary through XCom.
+Collects the newest data, retrains the ensemble and releases it only if it is better:
 
-Settings come from `params.yaml` in the project (or `$AMAAS_PARAMS`); outputs go under the
-project folder (or `$AMAAS_ROOT`). A failed validation stops the run before training.
+- **data**: collect → validate (a broken batch stops the run here, before training)
+- **model**: prepare → train → evaluate → report (drift and performance of the champion)
+- **release**: package → promote (the gate: the challenger must beat the champion) → deploy
+
+Each task calls `pipelines.stages.run_in_project`, the same stage function as `amaas <stage>` and
+`dvc repro`, and passes only its small summary through XCom. Runs weekly (`$AMAAS_TRAINING_SCHEDULE`:
+a cron string, a preset, or `none`), when the `monitoring` DAG finds drift or decay, or by hand with the
+form below. Settings: the project's `params.yaml` (or `$AMAAS_PARAMS`); outputs under the project
+(or `$AMAAS_ROOT`).
 """
 
 from __future__ import annotations
@@ -16,20 +21,27 @@ from datetime import timedelta
 from pathlib import Path
 
 import pendulum
-from airflow.sdk import dag, task
-
-from pipelines.stages import STAGES
+from airflow.sdk import Param, dag, get_current_context, task, task_group
 
 PROJECT = Path(__file__).resolve().parent.parent
-SCHEDULE = os.environ.get("AMAAS_TRAINING_SCHEDULE", "@weekly")  # a cron string, a preset, or "none": manual only
+SCHEDULE = os.environ.get("AMAAS_TRAINING_SCHEDULE", "@weekly")
+GROUPS = {"data": ("collect", "validate"), "model": ("prepare", "train", "evaluate", "report"),
+          "release": ("package", "promote", "deploy")}  # in the order of pipelines.stages.STAGES
 
 
 def _run(stage: str) -> dict:
-    from pipelines.stages import run_stage
+    import logging
 
-    root = os.environ.get("AMAAS_ROOT") or str(PROJECT)
-    params = os.environ.get("AMAAS_PARAMS") or str(Path(root) / "params.yaml")
-    return run_stage(stage, params, root)
+    from pipelines.stages import run_in_project
+
+    params = get_current_context()["params"]
+    if stage == "deploy" and not params["deploy"]:
+        from airflow.exceptions import AirflowSkipException
+
+        raise AirflowSkipException("deploy switched off for this run (trigger form)")
+    if stage == "collect":
+        logging.getLogger("amaas").info("training run because: %s", params["reason"])
+    return run_in_project(stage, PROJECT)
 
 
 @dag(
@@ -39,16 +51,31 @@ def _run(stage: str) -> dict:
     catchup=False,
     max_active_runs=1,
     default_args={"retries": 1, "retry_delay": timedelta(minutes=1)},
+    params={
+        "reason": Param("scheduled", type="string", title="Reason",
+                        description="Why this run: recorded in the log (monitoring fills in the drift it found)."),
+        "deploy": Param(True, type="boolean", title="Deploy",
+                        description="Put a newly promoted champion into service at the end."),
+    },
     doc_md=__doc__,
     tags=["amaas"],
 )
 def training_pipeline() -> None:
     previous = None
-    for stage in STAGES:
-        current = task(task_id=stage, doc_md=f"Runs `amaas {stage}`.")(_run)(stage)
+    for group, stages in GROUPS.items():
+        @task_group(group_id=group)
+        def stage_group(stages: tuple[str, ...] = stages) -> None:
+            inner = None
+            for stage in stages:
+                current = task(task_id=stage, doc_md=f"Runs `amaas {stage}`.")(_run)(stage)
+                if inner is not None:
+                    inner >> current
+                inner = current
+
+        current_group = stage_group()
         if previous is not None:
-            previous >> current
-        previous = current
+            previous >> current_group
+        previous = current_group
 
 
 training_pipeline()

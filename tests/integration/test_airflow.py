@@ -7,6 +7,7 @@ import os
 import subprocess
 
 import pytest
+import yaml
 
 from pipelines.stages import STAGES
 from tests.conftest import BIN, REPO, write_params
@@ -31,26 +32,90 @@ def test_dags_import_without_errors_and_follow_stage_order(tmp_path):
     script = (
         "import json; from airflow.dag_processing.dagbag import DagBag\n"
         f"bag = DagBag(dag_folder={str(REPO / 'dags')!r})\n"
-        "dag = bag.dags.get('training_pipeline')\n"
-        "order = [t.task_id for t in dag.topological_sort()] if dag else []\n"
-        "print(json.dumps({'errors': {k: str(v) for k, v in bag.import_errors.items()}, 'order': order,"
-        " 'retries': [t.retries for t in dag.tasks] if dag else []}))\n"
+        "print(json.dumps({'errors': {k: str(v) for k, v in bag.import_errors.items()}, 'dags': {d.dag_id: {"
+        "'order': [t.task_id for t in d.topological_sort()], 'retries': [t.retries for t in d.tasks],"
+        "'params': sorted(d.params), 'doc': bool(d.doc_md)} for d in bag.dags.values()}}))\n"
     )
     proc = subprocess.run([str(BIN / "python"), "-c", script], env=_airflow_env(tmp_path), capture_output=True,
                           text=True, check=True)
     result = json.loads(proc.stdout.strip().splitlines()[-1])
     assert result["errors"] == {}
-    assert tuple(result["order"]) == STAGES
-    assert all(r >= 1 for r in result["retries"])
+    dags = result["dags"]
+    assert set(dags) == {"training_pipeline", "monitoring", "rollback"}
+    training = dags["training_pipeline"]
+    assert [t.split(".")[-1] for t in training["order"]] == list(STAGES)  # task groups: data., model., release.
+    assert {t.split(".")[0] for t in training["order"]} == {"data", "model", "release"}
+    assert all(r >= 1 for r in training["retries"]) and training["params"] == ["deploy", "reason"]
+    assert dags["monitoring"]["order"] == ["collect", "validate", "report", "retrain_needed", "trigger_training"]
+    assert dags["rollback"]["order"] == ["rollback", "deploy"] and dags["rollback"]["params"] == ["reason"]
+    assert all(d["doc"] for d in dags.values())
 
 
-def test_airflow_dags_test_runs_training_pipeline(tmp_path):
-    write_params(tmp_path)
-    env = _airflow_env(tmp_path)
-    subprocess.run([str(BIN / "airflow"), "db", "migrate"], env=env, capture_output=True, text=True, check=True)
-    proc = subprocess.run([str(BIN / "airflow"), "dags", "test", "training_pipeline"], env=env,
-                          capture_output=True, text=True, timeout=900)
+def _dags_test(env: dict[str, str], *args: str) -> str:
+    proc = subprocess.run([str(BIN / "airflow"), "dags", "test", *args], env=env, capture_output=True, text=True,
+                          timeout=900)
     output = proc.stdout + proc.stderr
     assert proc.returncode == 0, output[-4000:]
+    return output
+
+
+def _training_runs(env: dict[str, str]) -> list[dict]:
+    script = ("import json; from airflow.models import DagRun; from airflow.utils.session import create_session\n"
+              "with create_session() as s:\n"
+              "    runs = s.query(DagRun).filter(DagRun.dag_id == 'training_pipeline').order_by(DagRun.id)\n"
+              "    print(json.dumps([{'state': str(r.state), 'conf': r.conf,"
+              " 'logical_date': r.logical_date.isoformat()} for r in runs]))\n")
+    proc = subprocess.run([str(BIN / "python"), "-c", script], env=env, capture_output=True, text=True, check=True)
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def _next_day(root, days: int = 1, **overrides) -> None:
+    params = yaml.safe_load((root / "params.yaml").read_text())
+    params["source"]["simulator"]["n_batches"] += days  # the source has more days of rows
+    params["source"]["simulator"].update(overrides)
+    (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+
+
+def test_days_of_monitoring_retrain_only_on_drift_and_promote_only_if_better(tmp_path):
+    """Day 0 trains the champion; stable days: no retrain; drift: monitoring triggers training_pipeline,
+    whose challenger replaces the champion only through the gate; the rollback DAG undoes it."""
+    write_params(tmp_path, **{"source.simulator.rows_per_batch": 2000})
+    env = _airflow_env(tmp_path)
+    subprocess.run([str(BIN / "airflow"), "db", "migrate"], env=env, capture_output=True, text=True, check=True)
+    _dags_test(env, "training_pipeline")
     decision = json.loads((tmp_path / "reports" / "promotion.json").read_text())
-    assert decision["promoted"] and decision["champion_after"] == decision["challenger"]
+    first = decision["champion_after"]
+    assert decision["promoted"] and first == decision["challenger"]
+    assert json.loads((tmp_path / "models" / "deployment.json").read_text())["champion"] == first
+
+    for _ in range(2):  # stable days
+        _next_day(tmp_path)
+        _dags_test(env, "monitoring")
+        drift = json.loads((tmp_path / "reports" / "drift_details.json").read_text())
+        assert not drift["retrain_needed"], drift["reasons"]
+        assert drift["reference"] == f"champion {first}" and drift["labeled_rows"] > 1900
+    assert len(_training_runs(env)) == 1  # only day 0's run
+
+    # the world changes on day 5; monitoring next runs when days 5-7 have arrived (so training rows hold some)
+    _next_day(tmp_path, days=3, drift_start_batch=5, drift_strength=2.0)
+    _dags_test(env, "monitoring")
+    drift = json.loads((tmp_path / "reports" / "drift_details.json").read_text())
+    assert drift["retrain_needed"] and drift["current"] == "batch 2026-01-08"
+    assert any(r.startswith("data drift") for r in drift["reasons"])
+    history = json.loads((tmp_path / "reports" / "monitoring_history.json").read_text())
+    assert [h["retrain_needed"] for h in history[-3:]] == [False, False, True]
+    triggered = _training_runs(env)[-1]
+    assert triggered["state"] == "queued" and "data drift" in triggered["conf"]["reason"]
+
+    # what the scheduler would do with the queued run: run it, with its conf
+    output = _dags_test(env, "training_pipeline", triggered["logical_date"], "--conf", json.dumps(triggered["conf"]))
+    assert "training run because: monitoring" in output
+    decision = json.loads((tmp_path / "reports" / "promotion.json").read_text())
+    passes = decision["gain"] >= decision["min_improvement"] and decision["p_value"] <= decision["max_p_value"]
+    assert decision["promoted"] == passes
+    assert decision["champion_after"] == (decision["challenger"] if passes else first)
+    assert decision["promoted"], decision["reason"]  # trained on drifted rows too, it beats the old champion
+
+    _dags_test(env, "rollback", "--conf", json.dumps({"reason": "test: back to the first model"}))
+    assert json.loads((tmp_path / "models" / "registry" / "aliases.json").read_text())["champion"] == first
+    assert json.loads((tmp_path / "models" / "deployment.json").read_text())["champion"] == first

@@ -1,0 +1,108 @@
+"""Monitoring cost: Evidently report time on 100k and 1M current rows, and Airflow's orchestration overhead.
+
+Usage: python benchmarks/report.py [--params params.yaml] [--sizes 100000 1000000] [--skip-airflow]
+
+1. Trains a champion on the given params in a temporary project, then for each size generates that many
+   drifted simulator rows, scores them with the champion and times each Evidently part of `amaas report`
+   (data drift of every feature against the champion's reference sample, prediction drift, the
+   classification report on labelled rows), HTML written as the stage does.
+2. Runs `airflow db migrate` and `airflow dags test training_pipeline` on a fresh project and compares
+   the wall time with the sum of the stage times the tasks log ("stage X done in Y s").
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import yaml
+from _project import trained_project
+
+from pipelines import report
+from pipelines.config import Paths, load_settings
+from pipelines.sources.simulator import generate_batch
+
+BIN = Path(sys.executable).parent
+DAGS = Path(__file__).resolve().parent.parent / "dags"
+
+
+def evidently_times(params_file: str, sizes: list[int]) -> None:
+    with trained_project(params_file, "amaas-bench-report-",
+                         ("collect", "validate", "prepare", "train", "evaluate", "package", "promote")) as (root, _):
+        settings, paths = load_settings(root / "params.yaml"), Paths(root)
+        reference = report.load_reference(settings, paths)
+        sim = settings.source.simulator.model_copy(update={"drift_start_batch": 0, "drift_strength": 1.0})
+        target = settings.data_schema.target
+        print(f"reference: {reference['name']}, {len(reference['rows'])} training rows, "
+              f"{len(reference['predictions'])} test predictions")
+        print(f"{'rows':>9} {'score s':>8} {'data drift s':>13} {'pred drift s':>13} {'classif. s':>11} "
+              f"{'Evidently s':>12} {'rows/s':>10} {'peak RSS MiB':>13}")
+        for n in sizes:
+            current = generate_batch(sim.model_copy(update={"rows_per_batch": n, "malformed_share": 0.0}),
+                                     settings.seed, 99)
+            started = time.perf_counter()
+            current[report.PREDICTION] = reference["model"].predict_proba(current)
+            scored = time.perf_counter()
+            summary = report.drift_summary(report.data_drift_report(settings, current, reference["rows"],
+                                                             paths.reports / "drift.html"), 0.3)
+            drifted = time.perf_counter()
+            report.prediction_drift_report(settings, current, reference["predictions"], paths)
+            predicted = time.perf_counter()
+            report.performance_report(settings, current, reference, paths)  # simulator rows carry their labels
+            done = time.perf_counter()
+            evidently_s = done - scored
+            peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+            print(f"{n:>9} {scored - started:>8.2f} {drifted - scored:>13.2f} {predicted - drifted:>13.2f} "
+                  f"{done - predicted:>11.2f} {evidently_s:>12.2f} {n / evidently_s:>10,.0f} {peak:>13.0f}"
+                  f"   ({summary['n_drifted']}/{summary['n_columns']} columns drifted, "
+                  f"labels: {int(current[target].sum())} positive)")
+
+
+def airflow_overhead(params_file: str) -> None:
+    params = yaml.safe_load(Path(params_file).read_text())
+    params["validate"]["expectations_file"] = None
+    with tempfile.TemporaryDirectory(prefix="amaas-bench-airflow-") as tmp:
+        root = Path(tmp)
+        (root / "params.yaml").write_text(yaml.safe_dump(params))
+        env = {**os.environ, "AIRFLOW_HOME": str(root / ".airflow"), "AIRFLOW__CORE__DAGS_FOLDER": str(DAGS),
+               "AIRFLOW__CORE__LOAD_EXAMPLES": "False", "AMAAS_ROOT": str(root),
+               "AMAAS_PARAMS": str(root / "params.yaml"), "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}"}
+        started = time.perf_counter()
+        subprocess.run([str(BIN / "airflow"), "db", "migrate"], env=env, capture_output=True, check=True)
+        migrated = time.perf_counter()
+        proc = subprocess.run([str(BIN / "airflow"), "dags", "test", "training_pipeline"], env=env,
+                              capture_output=True, text=True)
+        finished = time.perf_counter()
+        if proc.returncode != 0:
+            print((proc.stdout + proc.stderr)[-3000:])
+            raise SystemExit("airflow dags test training_pipeline failed")
+        stages = {m[1]: float(m[2]) for m in re.finditer(r"stage (\w+) done in ([\d.]+) s", proc.stdout + proc.stderr)}
+        wall, work = finished - migrated, sum(stages.values())
+        print(f"airflow db migrate: {migrated - started:.1f} s")
+        print("stage times logged by the tasks: " + ", ".join(f"{k} {v:.1f}" for k, v in stages.items()))
+        print(f"airflow dags test training_pipeline: {wall:.1f} s wall, stages {work:.1f} s, "
+              f"orchestration overhead {wall - work:.1f} s ({(wall - work) / len(stages):.2f} s per task, "
+              f"{wall / work:.2f}x the stage time)")
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--params", default="params.yaml")
+    parser.add_argument("--sizes", type=int, nargs="+", default=[100_000, 1_000_000])
+    parser.add_argument("--skip-airflow", action="store_true")
+    args = parser.parse_args()
+    evidently_times(args.params, args.sizes)
+    if not args.skip_airflow:
+        airflow_overhead(args.params)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,68 @@
+"""
+### monitoring
+
+Daily watch over the champion: **collect → validate → report → retrain_needed → trigger_training**.
+
+`report` compares the newest batch (or, with `report.current: prediction_log`, the served predictions
+of the last `report.window_hours`) with the champion's own training rows and test predictions, using
+Evidently: data drift, prediction drift, and performance once labels have arrived. The thresholds in
+`params.yaml` (`report:`) decide whether retraining is needed; the decision and its reasons go to
+`reports/monitoring_history.json`, alerts go out, and `training_pipeline` is triggered with the reasons
+as its `reason`. The new model is released only if it passes the promotion gate.
+Schedule: `$AMAAS_MONITORING_SCHEDULE` (default `@daily`; `none` = manual only).
+"""
+
+from __future__ import annotations
+
+import os
+from datetime import timedelta
+from pathlib import Path
+
+import pendulum
+from airflow.providers.standard.operators.trigger_dagrun import TriggerDagRunOperator
+from airflow.sdk import Param, dag, get_current_context, task
+
+PROJECT = Path(__file__).resolve().parent.parent
+SCHEDULE = os.environ.get("AMAAS_MONITORING_SCHEDULE", "@daily")
+
+
+def _run(stage: str) -> dict:
+    from pipelines.stages import run_in_project
+
+    return run_in_project(stage, PROJECT)
+
+
+@dag(
+    dag_id="monitoring",
+    schedule=None if SCHEDULE.lower() in ("", "none") else SCHEDULE,
+    start_date=pendulum.datetime(2026, 1, 1, tz="UTC"),
+    catchup=False,
+    max_active_runs=1,
+    default_args={"retries": 1, "retry_delay": timedelta(minutes=1)},
+    params={"retrain": Param(True, type="boolean", title="Retrain on drift",
+                             description="Trigger training_pipeline when the report says retraining is needed.")},
+    doc_md=__doc__,
+    tags=["amaas"],
+)
+def monitoring() -> None:
+    collect = task(task_id="collect", doc_md="Runs `amaas collect`: the new batch.")(_run)("collect")
+    validate = task(task_id="validate", doc_md="Runs `amaas validate`.")(_run)("validate")
+    report = task(task_id="report", doc_md="Runs `amaas report`: drift and performance.")(_run)("report")
+
+    @task.short_circuit(task_id="retrain_needed")
+    def retrain_needed(summary: dict) -> bool:
+        """Go on to trigger training only when the report found a reason (and the form allows it)."""
+        return bool(summary["retrain_needed"]) and bool(get_current_context()["params"]["retrain"])
+
+    trigger = TriggerDagRunOperator(
+        task_id="trigger_training",
+        trigger_dag_id="training_pipeline",
+        conf={"reason": "monitoring {{ run_id }}: {{ ti.xcom_pull(task_ids='report')['reasons'] | join('; ') }}"},
+        wait_for_completion=False,
+        doc_md="Starts `training_pipeline` with the reasons as its `reason`.",
+    )
+    collect >> validate >> report
+    retrain_needed(report) >> trigger
+
+
+monitoring()

@@ -1,0 +1,48 @@
+"""
+### rollback
+
+Manual: the previous champion becomes champion again (`amaas rollback`), then `deploy` checks that the
+service answers with it. A running `amaas serve` switches within `serve.reload_interval_s`; requests in
+flight finish on the model they started with. The reason you give is recorded in the registry.
+"""
+
+from __future__ import annotations
+
+from datetime import timedelta
+from pathlib import Path
+
+import pendulum
+from airflow.sdk import Param, dag, get_current_context, task
+
+PROJECT = Path(__file__).resolve().parent.parent
+
+
+@dag(
+    dag_id="rollback",
+    schedule=None,
+    start_date=pendulum.datetime(2026, 1, 1, tz="UTC"),
+    catchup=False,
+    max_active_runs=1,
+    default_args={"retries": 0, "retry_delay": timedelta(minutes=1)},  # a rollback is never repeated blindly
+    params={"reason": Param(type="string", minLength=3, title="Reason",
+                            description="Why the current champion is taken out of service (recorded).")},
+    doc_md=__doc__,
+    tags=["amaas"],
+)
+def rollback() -> None:
+    @task(task_id="rollback")
+    def rollback_champion() -> str:
+        from pipelines.stages import rollback_in_project
+
+        return rollback_in_project(PROJECT, get_current_context()["params"]["reason"])
+
+    @task(task_id="deploy")
+    def deploy() -> dict:
+        from pipelines.stages import run_in_project
+
+        return run_in_project("deploy", PROJECT)
+
+    rollback_champion() >> deploy()
+
+
+rollback()
