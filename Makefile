@@ -9,8 +9,9 @@ export BENTOML_HOME := $(CURDIR)/.bentoml
 export GX_ANALYTICS_ENABLED := False
 export BENTOML_DO_NOT_TRACK := True
 export DVC_NO_ANALYTICS := 1
+AIRFLOW_PORT ?= 8080
 
-.PHONY: install run test test-fast serve lint constraints clean
+.PHONY: install run test test-fast serve airflow lint constraints clean
 
 $(VENV)/.installed: pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -33,6 +34,9 @@ test-fast: install
 
 serve: install  ## serve the champion on localhost:3000
 	amaas serve
+
+airflow: install  ## Airflow UI with the project's DAGs on localhost:$(AIRFLOW_PORT); prints the login
+	python scripts/airflow_standalone.py --root $(CURDIR) --port $(AIRFLOW_PORT)
 
 lint: install
 	ruff check pipelines dags bentos tests benchmarks

@@ -1,0 +1,156 @@
+"""The Airflow UI as `make airflow` starts it: log in with the generated password, trigger training_pipeline
+with the Trigger button and see the run succeed."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+import signal
+import subprocess
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import psutil
+import pytest
+import requests
+from playwright.sync_api import Page, sync_playwright
+
+from tests.conftest import BIN, REPO, free_port, wait_until, write_params
+
+CHROMIUM = Path("/usr/bin/chromium")
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.skipif(not CHROMIUM.exists(), reason=f"{CHROMIUM} not installed (apt-get install chromium)"),
+    pytest.mark.timeout(1200),  # Airflow's start, the DAG's parsing and up to RUN_TIMEOUT for the run
+]
+DAG_ID = "training_pipeline"
+# the login lines scripts/airflow_standalone.py prints once the UI answers
+BANNER = re.compile(r"^Airflow UI: (\S+)\nUser:\s+(\S+)\nPassword:\s+(\S+)$", re.MULTILINE)
+RUN_TIMEOUT = 600
+
+
+@dataclass
+class Airflow:
+    url: str
+    user: str
+    password: str
+    log: Path
+
+
+def _stop(server: subprocess.Popen[bytes]) -> None:
+    """SIGTERM everything Airflow started, then SIGKILL what is left. Task processes run in process groups of
+    their own, so they are found as descendants before anything is killed."""
+    try:
+        family = [psutil.Process(server.pid), *psutil.Process(server.pid).children(recursive=True)]
+    except psutil.NoSuchProcess:
+        family = []
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(server.pid, signal.SIGTERM)
+    for process in family:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            process.terminate()
+    for process in psutil.wait_procs(family, timeout=30)[1]:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            process.kill()
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(server.pid, signal.SIGKILL)  # anything that left the tree but not the session's group
+    server.wait(timeout=30)
+
+
+@pytest.fixture
+def airflow(tmp_path: Path) -> Iterator[Airflow]:
+    """`make airflow`'s script on a small project in `tmp_path`, on free ports."""
+    write_params(tmp_path)
+    env = {
+        **os.environ,
+        "AIRFLOW_HOME": str(tmp_path / ".airflow"),  # `make test` exports the repository's own
+        "AIRFLOW__CORE__UNIT_TEST_MODE": "False",
+        "AMAAS_TRAINING_SCHEDULE": "none",  # unpausing a @weekly DAG would start a scheduled run before ours
+        # the log servers' fixed ports would clash with a `make airflow` running on this machine
+        "AIRFLOW__LOGGING__WORKER_LOG_SERVER_PORT": str(free_port()),
+        "AIRFLOW__LOGGING__TRIGGER_LOG_SERVER_PORT": str(free_port()),
+    }
+    log_path = tmp_path / "airflow.log"
+    with log_path.open("w") as log:
+        server = subprocess.Popen([str(BIN / "python"), str(REPO / "scripts" / "airflow_standalone.py"), "--root",
+                                   str(tmp_path), "--port", str(free_port())], stdout=log, stderr=subprocess.STDOUT,
+                                  env=env, start_new_session=True)
+        try:
+            wait_until(lambda: BANNER.search(log_path.read_text()) is not None, server,
+                       f"Airflow (log: {log_path})", timeout=300)
+            url, user, password = BANNER.search(log_path.read_text()).groups()
+            yield Airflow(url, user, password, log_path)
+        finally:
+            _stop(server)
+
+
+def _log_in(page: Page, airflow: Airflow) -> str:
+    """Sign in through the login form; the session's API token (the `_token` cookie)."""
+    page.goto(airflow.url)
+    page.get_by_label("Username").fill(airflow.user)
+    page.get_by_label("Password").fill(airflow.password)
+    page.get_by_role("button", name="Sign in").click()
+    page.wait_for_url(lambda url: "/auth/login" not in url)
+    return next(c["value"] for c in page.context.cookies() if c["name"] == "_token")
+
+
+def _wait_for_dag(api: requests.Session, url: str) -> None:
+    """The DAG processor parses dags/ a few seconds after the API server answers."""
+    deadline = time.monotonic() + 120
+    while api.get(f"{url}/api/v2/dags/{DAG_ID}", timeout=10).status_code != 200:
+        assert time.monotonic() < deadline, f"{DAG_ID} not parsed in 120 s"
+        time.sleep(2)
+
+
+def _trigger(page: Page, url: str) -> None:
+    """The DAG page's Trigger button, then the dialog's: one manual run, unpausing the DAG if it is paused."""
+    page.goto(f"{url}/dags/{DAG_ID}")
+    page.get_by_role("button", name="Trigger Dag").click()
+    dialog = page.get_by_role("dialog")
+    confirm = dialog.get_by_role("button", name="Trigger", exact=True)
+    confirm.wait_for()
+    unpause = dialog.get_by_label(f"Unpause {DAG_ID} on trigger")  # only there while the DAG is paused
+    if unpause.count():
+        unpause.check(force=True)  # Chakra draws its own box over the real (hidden) checkbox
+    confirm.click()
+    dialog.wait_for(state="hidden")
+
+
+def _finished_runs(api: requests.Session, url: str) -> list[dict[str, Any]]:
+    """The DAG's runs once none is queued or running (or as they are after RUN_TIMEOUT)."""
+    deadline = time.monotonic() + RUN_TIMEOUT
+    while True:
+        runs = api.get(f"{url}/api/v2/dags/{DAG_ID}/dagRuns", timeout=10).json()["dag_runs"]
+        if (runs and all(r["state"] in ("success", "failed") for r in runs)) or time.monotonic() > deadline:
+            return runs
+        time.sleep(5)
+
+
+def test_training_pipeline_triggered_from_the_ui_succeeds(airflow: Airflow, tmp_path: Path) -> None:
+    with sync_playwright() as playwright:
+        home = tmp_path / "browser-home"  # Chromium keeps crash reports and dconf state under $HOME anyway
+        browser = playwright.chromium.launch(executable_path=str(CHROMIUM), headless=True, env={
+            **os.environ, "HOME": str(home), "XDG_CONFIG_HOME": str(home / ".config"),
+            "XDG_CACHE_HOME": str(home / ".cache")})
+        page = browser.new_page(viewport={"width": 1400, "height": 900})
+        try:
+            api = requests.Session()
+            api.headers["Authorization"] = f"Bearer {_log_in(page, airflow)}"
+            _wait_for_dag(api, airflow.url)
+            _trigger(page, airflow.url)
+            runs = _finished_runs(api, airflow.url)
+            assert [(r["run_type"], r["triggered_by"]) for r in runs] == [("manual", "ui")], runs
+            page.goto(f"{airflow.url}/dags/{DAG_ID}/runs/{runs[0]['dag_run_id']}")  # for the screenshot
+            assert runs[0]["state"] == "success", f"{runs[0]} (Airflow log: {airflow.log})"
+        except BaseException:  # pytest's failures are BaseExceptions
+            with contextlib.suppress(Exception):  # keep the original error if the page is gone too
+                page.wait_for_load_state("networkidle", timeout=15_000)  # the UI draws skeletons first
+                page.screenshot(path=tmp_path / "failure.png", full_page=True)
+            raise
+        finally:
+            browser.close()
+    assert (tmp_path / "reports" / "promotion.json").exists()
