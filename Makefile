@@ -36,7 +36,7 @@ serve: install  ## serve the champion on localhost:3000
 	amaas serve
 
 airflow: install  ## Airflow UI with the project's DAGs on localhost:$(AIRFLOW_PORT); prints the login
-	python scripts/airflow_standalone.py --root $(CURDIR) --port $(AIRFLOW_PORT)
+	python -m pipelines.airflow_ui --root $(CURDIR) --port $(AIRFLOW_PORT)
 
 lint: install
 	ruff check pipelines dags bentos tests benchmarks

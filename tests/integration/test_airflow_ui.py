@@ -19,7 +19,7 @@ import pytest
 import requests
 from playwright.sync_api import Page, sync_playwright
 
-from tests.conftest import BIN, REPO, free_port, wait_until, write_params
+from tests.conftest import BIN, free_port, wait_until, write_params
 
 CHROMIUM = Path("/usr/bin/chromium")
 pytestmark = [
@@ -28,7 +28,7 @@ pytestmark = [
     pytest.mark.timeout(1200),  # Airflow's start, the DAG's parsing and up to RUN_TIMEOUT for the run
 ]
 DAG_ID = "training_pipeline"
-# the login lines scripts/airflow_standalone.py prints once the UI answers
+# the login lines pipelines/airflow_ui.py (`make airflow`) prints once the UI answers
 BANNER = re.compile(r"^Airflow UI: (\S+)\nUser:\s+(\S+)\nPassword:\s+(\S+)$", re.MULTILINE)
 RUN_TIMEOUT = 600
 
@@ -76,9 +76,9 @@ def airflow(tmp_path: Path) -> Iterator[Airflow]:
     }
     log_path = tmp_path / "airflow.log"
     with log_path.open("w") as log:
-        server = subprocess.Popen([str(BIN / "python"), str(REPO / "scripts" / "airflow_standalone.py"), "--root",
-                                   str(tmp_path), "--port", str(free_port())], stdout=log, stderr=subprocess.STDOUT,
-                                  env=env, start_new_session=True)
+        server = subprocess.Popen([str(BIN / "python"), "-m", "pipelines.airflow_ui", "--root", str(tmp_path),
+                                   "--port", str(free_port())], stdout=log, stderr=subprocess.STDOUT, env=env,
+                                  start_new_session=True)
         try:
             wait_until(lambda: BANNER.search(log_path.read_text()) is not None, server,
                        f"Airflow (log: {log_path})", timeout=300)
