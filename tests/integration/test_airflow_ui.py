@@ -19,12 +19,10 @@ import pytest
 import requests
 from playwright.sync_api import Page, sync_playwright
 
-from tests.conftest import BIN, free_port, wait_until, write_params
+from tests.conftest import BIN, free_port, server_binary, wait_until, write_params
 
-CHROMIUM = Path("/usr/bin/chromium")
 pytestmark = [
     pytest.mark.slow,
-    pytest.mark.skipif(not CHROMIUM.exists(), reason=f"{CHROMIUM} not installed (apt-get install chromium)"),
     pytest.mark.timeout(1200),  # Airflow's start, the DAG's parsing and up to RUN_TIMEOUT for the run
 ]
 DAG_ID = "training_pipeline"
@@ -133,7 +131,7 @@ def _finished_runs(api: requests.Session, url: str) -> list[dict[str, Any]]:
 def test_training_pipeline_triggered_from_the_ui_succeeds(airflow: Airflow, tmp_path: Path) -> None:
     with sync_playwright() as playwright:
         home = tmp_path / "browser-home"  # Chromium keeps crash reports and dconf state under $HOME anyway
-        browser = playwright.chromium.launch(executable_path=str(CHROMIUM), headless=True, env={
+        browser = playwright.chromium.launch(executable_path=server_binary("chromium", "chromium"), headless=True, env={
             **os.environ, "HOME": str(home), "XDG_CONFIG_HOME": str(home / ".config"),
             "XDG_CACHE_HOME": str(home / ".cache")})
         page = browser.new_page(viewport={"width": 1400, "height": 900})
