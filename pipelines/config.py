@@ -220,6 +220,7 @@ class ReportConfig(_Strict):
     prediction_drift_threshold: float = Field(default=0.1, gt=0)  # normed Wasserstein distance of probabilities
     max_metric_drop: float = Field(default=0.03, ge=0)  # promote.metric on labelled rows this far under the champion's
     min_labeled_rows: int = Field(default=200, ge=10)  # fewer labelled rows: no performance verdict
+    max_p_value: float = Field(default=0.05, gt=0, le=1)  # bootstrap: the decay must be this significant
 
 
 class DeployConfig(_Strict):

@@ -6,7 +6,8 @@ validated batch scored by that model (`report.current: batch`), or the served pr
 `report.window_hours` from the prediction log (`prediction_log`). Labels join the current rows by id as
 they arrive in collected data. Three checks decide "retrain needed", each with its reason:
 data drift (share of drifted feature columns), prediction drift (distance of the predicted probabilities)
-and performance decay (promote.metric on labelled rows against the champion's test value).
+and performance decay (promote.metric on labelled rows under the champion's test value by more than
+the allowed drop, significant by a bootstrap over those rows).
 HTML for people (reports/drift.html, prediction_drift.html, performance.html), JSON for machines.
 """
 
@@ -31,8 +32,7 @@ from pipelines.serving import read_prediction_log
 log = logging.getLogger(__name__)
 PREDICTION = "prediction"
 METRIC_KEYS = ("current", "current_rows", "drift_share", "n_drifted", "n_columns", "prediction_drift",
-               "labeled_rows", "metric_current", "metric_reference", "retrain_needed")
-HTML_FILES = ("drift.html", "prediction_drift.html", "performance.html")
+               "labeled_rows", "metric_current", "metric_reference", "decay_p_value", "retrain_needed")
 _VALUE_DRIFT = re.compile(r"ValueDrift\(column=(?P<column>[^,]+),method=(?P<method>[^,]+),threshold=(?P<thr>[^)]+)\)")
 
 
@@ -68,7 +68,7 @@ def run(settings: Settings, paths: Paths) -> dict[str, Any]:
     snapshot = data_drift_report(settings, current, reference["rows"], paths.reports / "drift.html")
     summary |= drift_summary(snapshot, cfg.drift_share_threshold)
     summary |= prediction_drift_report(settings, current, reference["predictions"], paths)
-    summary |= performance_report(settings, labeled, reference, paths)
+    summary |= {"decay_p_value": None} | performance_report(settings, labeled, reference, paths)
     reasons = decide(settings, summary)
     summary |= {"retrain_needed": bool(reasons), "reasons": reasons}
 
@@ -96,11 +96,11 @@ def decide(settings: Settings, summary: dict[str, Any]) -> list[str]:
     if summary["prediction_drift"] is not None and summary["prediction_drift"] >= cfg.prediction_drift_threshold:
         reasons.append(f"prediction drift: distance {summary['prediction_drift']:.3f} of the predicted "
                        f"probabilities >= {cfg.prediction_drift_threshold}")
-    now, before = summary["metric_current"], summary["metric_reference"]
-    if now is not None and before is not None and now < before - cfg.max_metric_drop:
+    now, before, p = summary["metric_current"], summary["metric_reference"], summary.get("decay_p_value")
+    if p is not None and p <= cfg.max_p_value:  # p is there only when `now` is under the allowed drop
         reasons.append(f"performance decay: {metric} {now:.4f} on {summary['labeled_rows']} labelled rows, "
                        f"{before - now:.4f} under the champion's test {before:.4f} "
-                       f"(allowed drop {cfg.max_metric_drop})")
+                       f"(allowed drop {cfg.max_metric_drop}, bootstrap p={p:.3f} <= {cfg.max_p_value})")
     return reasons
 
 
@@ -219,11 +219,33 @@ def performance_report(settings: Settings, labeled: pd.DataFrame, reference: dic
         return out
     y, proba = labeled[target].to_numpy().astype(int), labeled[PREDICTION].to_numpy()
     out["metric_current"] = round(float(METRICS[settings.promote.metric](y, proba)), 6)
+    allowed = None if reference["metric"] is None else reference["metric"] - settings.report.max_metric_drop
+    if allowed is not None and out["metric_current"] < allowed:
+        out["decay_p_value"] = decay_p_value(y, proba, allowed, settings.promote.metric,
+                                             settings.promote.bootstrap_samples, settings.seed)
     if reference["predictions"] is not None:
         _classification_html(labeled[[target, PREDICTION]],
                              reference["predictions"].rename(columns={"actual": target})[[target, PREDICTION]],
                              target, paths.reports / "performance.html")
     return out
+
+
+def decay_p_value(y: np.ndarray, proba: np.ndarray, bound: float, metric: str, samples: int, seed: int,
+                  max_rows: int = 50_000) -> float:
+    """Share of bootstrap resamples whose metric still reaches `bound`: small means it really fell under it."""
+    from pipelines.promote import METRICS
+
+    rng = np.random.default_rng(seed)
+    if len(y) > max_rows:  # the metric's error is tiny by then; resampling fewer rows only widens it (cautious)
+        keep = rng.choice(len(y), max_rows, replace=False)
+        y, proba = y[keep], proba[keep]
+    score = METRICS[metric]
+    values = []
+    for _ in range(samples):
+        idx = rng.integers(0, len(y), len(y))
+        if y[idx].min() != y[idx].max():  # a resample with one class has no AUC
+            values.append(score(y[idx], proba[idx]))
+    return round(float(np.mean(np.asarray(values) >= bound)), 6)
 
 
 def _classification_html(current: pd.DataFrame, reference: pd.DataFrame, target: str, html: Path) -> None:
