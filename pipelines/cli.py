@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 
 from pipelines.config import PARAMS_ENV, ROOT_ENV, ConfigError, Paths, Settings, load_settings
+from pipelines.io import read_json
 from pipelines.lock import PipelineLocked, project_lock
 from pipelines.registry import Registry, RegistryError
 from pipelines.serving import ApiKeys
@@ -38,7 +39,7 @@ def _parser() -> argparse.ArgumentParser:
     sub.add_parser("run", help="run every stage in order: " + " -> ".join(STAGES))
     rb = sub.add_parser("rollback", help="make the previous champion champion again")
     rb.add_argument("--reason", default="", help="why (recorded in the registry)")
-    sub.add_parser("status", help="show champion, challenger and the last decision")
+    sub.add_parser("status", help="show champion, challenger, the last registry decision and the last monitoring")
     sub.add_parser("where", help="print where the model, the reports and the endpoint are")
     sc = sub.add_parser("score", help="batch-score a CSV/Parquet file with the champion, in chunks (Dask optional)")
     sc.add_argument("input", type=Path)
@@ -94,7 +95,10 @@ def main(argv: list[str] | None = None) -> int:
                 print(json.dumps({"champion": rollback(paths, args.reason)}))
         elif args.command == "status":
             registry = Registry(paths.registry)
-            print(json.dumps({**registry.aliases(), "last_decision": (registry.decisions() or [None])[-1]}, indent=2))
+            history = paths.reports / "monitoring_history.json"
+            print(json.dumps({**registry.aliases(), "last_decision": (registry.decisions() or [None])[-1],
+                              "last_monitoring": (read_json(history) if history.is_file() else [None])[-1]},
+                             indent=2))
         elif args.command == "keys":
             _keys(args, paths)
         elif args.command == "score":

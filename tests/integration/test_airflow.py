@@ -10,7 +10,7 @@ import pytest
 import yaml
 
 from pipelines.stages import STAGES
-from tests.conftest import BIN, REPO, write_params
+from tests.conftest import BIN, REPO, amaas, write_params
 
 pytestmark = pytest.mark.slow
 
@@ -104,6 +104,8 @@ def test_days_of_monitoring_retrain_only_on_drift_and_promote_only_if_better(tmp
     assert any(r.startswith("data drift") for r in drift["reasons"])
     history = json.loads((tmp_path / "reports" / "monitoring_history.json").read_text())
     assert [h["retrain_needed"] for h in history[-3:]] == [False, False, True]
+    status = json.loads(amaas("status", root=tmp_path).stdout)
+    assert status["champion"] == first and status["last_monitoring"]["reasons"] == drift["reasons"]
     triggered = _training_runs(env)[-1]
     assert triggered["state"] == "queued" and "data drift" in triggered["conf"]["reason"]
 
