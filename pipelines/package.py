@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import shutil
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -45,8 +46,21 @@ def ensure_bento(settings: Settings, paths: Paths, bundle_dir: Path) -> dict[str
     try:
         bento = bentoml.get(tag)
     except bentoml.exceptions.NotFound:
-        bento = bentoml.bentos.build_bentofile(str(BENTOFILE), build_ctx=str(CODE_ROOT),
-                                               version=tag.split(":", 1)[1], args=args)
+        with tempfile.TemporaryDirectory(prefix="amaas-bento-") as tmp:
+            context = build_context(Path(tmp))
+            bento = bentoml.bentos.build_bentofile(str(context / BENTOFILE.relative_to(CODE_ROOT)),
+                                                   build_ctx=str(context), version=tag.split(":", 1)[1], args=args)
         log.info("packaged model %s into bento %s", model.tag, bento.tag)
     return {"version": version, "model_tag": str(model.tag), "bento_tag": str(bento.tag),
             "bentoml_home": str(paths.bentoml_home)}
+
+
+def build_context(folder: Path) -> Path:
+    """A copy of just what the bento carries, to build from.
+
+    BentoML walks its whole build context before filtering, so building from the repository would walk
+    .venv, and a store inside it (.bentoml/, where `make run` keeps it) would copy itself into itself."""
+    for part in ("bentos", "pipelines"):
+        shutil.copytree(CODE_ROOT / part, folder / part, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+    shutil.copy2(CODE_ROOT / "params.yaml", folder / "params.yaml")
+    return folder
