@@ -1,7 +1,8 @@
 """
 ### monitoring
 
-Daily watch over the champion: **collect → validate → report → retrain_needed → trigger_training**.
+Daily watch over the champion: **collect → validate → report → retrain_needed → trigger_training**, and
+**version** (`dvc commit` + `dvc push` of the new batch and the report, in a DVC project).
 
 `report` compares the newest batch (or, with `report.current: prediction_log`, the served predictions
 of the last `report.window_hours`) with the champion's own training rows and test predictions, using
@@ -61,7 +62,13 @@ def monitoring() -> None:
         wait_for_completion=False,
         doc_md="Starts `training_pipeline` with the reasons as its `reason`.",
     )
-    collect >> validate >> report
+    @task(task_id="version", doc_md="`dvc commit` + `dvc push` of the new batch and the report.")
+    def version() -> dict:
+        from pipelines.stages import version_in_project
+
+        return version_in_project(PROJECT, ("collect", "validate", "report"))
+
+    collect >> validate >> report >> version()
     retrain_needed(report) >> trigger
 
 

@@ -6,6 +6,8 @@ Collects the newest data, retrains the ensemble and releases it only if it is be
 - **data**: collect → validate (a broken batch stops the run here, before training)
 - **model**: prepare → train → evaluate → report (drift and performance of the champion)
 - **release**: package → promote (the gate: the challenger must beat the champion) → deploy
+- **version**: `dvc commit` and `dvc push` of everything the run wrote (in a DVC project), so a later
+  `dvc repro` skips it and `dvc pull` elsewhere gets the same data and models
 
 Each task calls `pipelines.stages.run_in_project`, the same stage function as `amaas <stage>` and
 `dvc repro`, and passes only its small summary through XCom. Runs weekly (`$AMAAS_TRAINING_SCHEDULE`:
@@ -76,6 +78,14 @@ def training_pipeline() -> None:
         if previous is not None:
             previous >> current_group
         previous = current_group
+
+    @task(task_id="version", trigger_rule="none_failed", doc_md="`dvc commit` + `dvc push` of what the run wrote.")
+    def version() -> dict:
+        from pipelines.stages import version_in_project
+
+        return version_in_project(PROJECT)
+
+    previous >> version()  # also after a skipped deploy
 
 
 training_pipeline()

@@ -55,3 +55,12 @@ def rollback_in_project(default_root: Path, reason: str) -> str:
     params, root = project_files(default_root)
     with project_lock(root, load_settings(params).pipeline.lock_timeout_s):
         return rollback(Paths(root), reason)
+
+
+def version_in_project(default_root: Path, stages: tuple[str, ...] = ()) -> dict[str, Any]:
+    """What the DAGs run after the stages: DVC versions their outputs (see pipelines.versioning)."""
+    from pipelines.versioning import record
+
+    params, root = project_files(default_root)
+    with project_lock(root, load_settings(params).pipeline.lock_timeout_s):
+        return record(root, stages)

@@ -64,6 +64,20 @@ def amaas(*args: str, root: Path, check: bool = True, **kwargs: Any) -> subproce
                           capture_output=True, text=True, check=check, **kwargs)
 
 
+def airflow_env(root: Path) -> dict[str, str]:
+    """Environment for `airflow ...` on the project at `root`: its own AIRFLOW_HOME, the repository's DAGs."""
+    return {
+        **os.environ,
+        "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}",
+        "AIRFLOW_HOME": str(root / ".airflow"),
+        "AIRFLOW__CORE__DAGS_FOLDER": str(REPO / "dags"),
+        "AIRFLOW__CORE__LOAD_EXAMPLES": "False",
+        "AIRFLOW__CORE__UNIT_TEST_MODE": "False",
+        "AMAAS_ROOT": str(root),
+        "AMAAS_PARAMS": str(root / "params.yaml"),
+    }
+
+
 def copy_project_files(dest: Path) -> None:
     """What a fresh clone has that dvc.yaml depends on: code, dvc.yaml, DVC config."""
     for name in ("pipelines", "bentos", "dags", "expectations"):

@@ -3,29 +3,15 @@
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 
 import pytest
 import yaml
 
 from pipelines.stages import STAGES
-from tests.conftest import BIN, REPO, amaas, write_params
+from tests.conftest import BIN, REPO, airflow_env, amaas, write_params
 
 pytestmark = pytest.mark.slow
-
-
-def _airflow_env(home) -> dict[str, str]:
-    return {
-        **os.environ,
-        "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}",
-        "AIRFLOW_HOME": str(home / ".airflow"),
-        "AIRFLOW__CORE__DAGS_FOLDER": str(REPO / "dags"),
-        "AIRFLOW__CORE__LOAD_EXAMPLES": "False",
-        "AIRFLOW__CORE__UNIT_TEST_MODE": "False",
-        "AMAAS_ROOT": str(home),
-        "AMAAS_PARAMS": str(home / "params.yaml"),
-    }
 
 
 def test_dags_import_without_errors_and_follow_stage_order(tmp_path):
@@ -36,17 +22,19 @@ def test_dags_import_without_errors_and_follow_stage_order(tmp_path):
         "'order': [t.task_id for t in d.topological_sort()], 'retries': [t.retries for t in d.tasks],"
         "'params': sorted(d.params), 'doc': bool(d.doc_md)} for d in bag.dags.values()}}))\n"
     )
-    proc = subprocess.run([str(BIN / "python"), "-c", script], env=_airflow_env(tmp_path), capture_output=True,
+    proc = subprocess.run([str(BIN / "python"), "-c", script], env=airflow_env(tmp_path), capture_output=True,
                           text=True, check=True)
     result = json.loads(proc.stdout.strip().splitlines()[-1])
     assert result["errors"] == {}
     dags = result["dags"]
     assert set(dags) == {"training_pipeline", "monitoring", "rollback"}
     training = dags["training_pipeline"]
-    assert [t.split(".")[-1] for t in training["order"]] == list(STAGES)  # task groups: data., model., release.
-    assert {t.split(".")[0] for t in training["order"]} == {"data", "model", "release"}
+    # task groups data., model., release., then DVC versions what the run wrote
+    assert [t.split(".")[-1] for t in training["order"]] == [*STAGES, "version"]
+    assert {t.split(".")[0] for t in training["order"][:-1]} == {"data", "model", "release"}
     assert all(r >= 1 for r in training["retries"]) and training["params"] == ["deploy", "reason"]
-    assert dags["monitoring"]["order"] == ["collect", "validate", "report", "retrain_needed", "trigger_training"]
+    assert set(dags["monitoring"]["order"]) == {"collect", "validate", "report", "retrain_needed", "trigger_training",
+                                                "version"}
     assert dags["rollback"]["order"] == ["rollback", "deploy"] and dags["rollback"]["params"] == ["reason"]
     assert all(d["doc"] for d in dags.values())
 
@@ -80,7 +68,7 @@ def test_days_of_monitoring_retrain_only_on_drift_and_promote_only_if_better(tmp
     """Day 0 trains the champion; stable days: no retrain; drift: monitoring triggers training_pipeline,
     whose challenger replaces the champion only through the gate; the rollback DAG undoes it."""
     write_params(tmp_path, **{"source.simulator.rows_per_batch": 2000})
-    env = _airflow_env(tmp_path)
+    env = airflow_env(tmp_path)
     subprocess.run([str(BIN / "airflow"), "db", "migrate"], env=env, capture_output=True, text=True, check=True)
     _dags_test(env, "training_pipeline")
     decision = json.loads((tmp_path / "reports" / "promotion.json").read_text())

@@ -11,7 +11,7 @@ import pytest
 import yaml
 
 from pipelines.stages import STAGES
-from tests.conftest import BIN, REPO, copy_project_files, write_params
+from tests.conftest import BIN, REPO, airflow_env, copy_project_files, write_params
 
 pytestmark = pytest.mark.slow
 
@@ -22,17 +22,26 @@ def test_dvc_yaml_follows_stage_order():
     assert all(spec["cmd"] == f"amaas {name}" for name, spec in stages.items())
 
 
-def _run(cmd: list[str], cwd, **kw) -> subprocess.CompletedProcess[str]:
-    env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}"}
+def _run(cmd: list[str], cwd, env: dict[str, str] | None = None, **kw) -> subprocess.CompletedProcess[str]:
+    env = env or {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}"}
     return subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, **kw)
 
 
+def _dvc_project(root) -> None:
+    """A fresh clone's worth of project: code, dvc.yaml, DVC config (local remote .dvc-storage/), git."""
+    copy_project_files(root)
+    write_params(root)
+    (root / ".dvc").mkdir()
+    shutil.copy2(REPO / ".dvc" / "config", root / ".dvc" / "config")
+    assert _run(["git", "init", "-q"], root).returncode == 0
+
+
+def _ran(repro: subprocess.CompletedProcess[str]) -> list[str]:
+    return [line for line in repro.stdout.splitlines() if "Running stage" in line]
+
+
 def test_dvc_repro_twice_and_same_metrics_as_amaas_run(tmp_path, trained_project):
-    copy_project_files(tmp_path)
-    write_params(tmp_path)
-    (tmp_path / ".dvc").mkdir()
-    shutil.copy2(REPO / ".dvc" / "config", tmp_path / ".dvc" / "config")
-    assert _run(["git", "init", "-q"], tmp_path).returncode == 0
+    _dvc_project(tmp_path)
 
     first = _run(["dvc", "repro"], tmp_path)
     assert first.returncode == 0, first.stdout[-2000:] + first.stderr[-3000:]
@@ -42,7 +51,7 @@ def test_dvc_repro_twice_and_same_metrics_as_amaas_run(tmp_path, trained_project
     # collect asks the source for new rows on every repro; with none, data/raw is unchanged and nothing after runs
     second = _run(["dvc", "repro"], tmp_path)
     assert second.returncode == 0, second.stderr[-2000:]
-    assert [line for line in second.stdout.splitlines() if "Running stage" in line] == ["Running stage 'collect':"]
+    assert _ran(second) == ["Running stage 'collect':"]
     for stage in STAGES[1:]:
         assert f"Stage '{stage}' didn't change, skipping" in second.stdout
 
@@ -58,3 +67,20 @@ def test_dvc_repro_twice_and_same_metrics_as_amaas_run(tmp_path, trained_project
     pushed = _run(["dvc", "push"], tmp_path)
     assert pushed.returncode == 0, pushed.stderr[-2000:]
     assert any((tmp_path / ".dvc-storage").rglob("*"))
+
+
+def test_an_airflow_run_is_versioned_by_dvc(tmp_path):
+    """The training DAG ends with dvc commit + push: dvc repro afterwards skips what Airflow did."""
+    _dvc_project(tmp_path)
+    env = airflow_env(tmp_path)
+    assert _run(["airflow", "db", "migrate"], tmp_path, env=env).returncode == 0
+    run = _run(["airflow", "dags", "test", "training_pipeline"], tmp_path, env=env, timeout=900)
+    assert run.returncode == 0, (run.stdout + run.stderr)[-4000:]
+    assert "'versioned': True" in run.stdout + run.stderr
+    assert any(p.is_file() for p in (tmp_path / ".dvc-storage").rglob("*"))  # pushed to the remote
+
+    repro = _run(["dvc", "repro"], tmp_path)
+    assert repro.returncode == 0, repro.stderr[-2000:]
+    assert _ran(repro) == ["Running stage 'collect':"]  # always asks the source; nothing new
+    for stage in STAGES[1:]:
+        assert f"Stage '{stage}' didn't change, skipping" in repro.stdout
