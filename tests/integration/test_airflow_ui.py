@@ -17,7 +17,7 @@ from typing import Any
 import psutil
 import pytest
 import requests
-from playwright.sync_api import Page, sync_playwright
+from playwright.sync_api import Page, expect, sync_playwright
 
 from tests.conftest import BIN, free_port, server_binary, wait_until, write_params
 
@@ -142,8 +142,11 @@ def test_training_pipeline_triggered_from_the_ui_succeeds(airflow: Airflow, tmp_
             _trigger(page, airflow.url)
             runs = _finished_runs(api, airflow.url)
             assert [(r["run_type"], r["triggered_by"]) for r in runs] == [("manual", "ui")], runs
-            page.goto(f"{airflow.url}/dags/{DAG_ID}/runs/{runs[0]['dag_run_id']}")  # for the screenshot
             assert runs[0]["state"] == "success", f"{runs[0]} (Airflow log: {airflow.log})"
+            # and as a person sees it: the run's page shows its state badge next to its id
+            page.goto(f"{airflow.url}/dags/{DAG_ID}/runs/{runs[0]['dag_run_id']}")
+            expect(page.locator("body")).to_contain_text(
+                re.compile(re.escape(runs[0]["dag_run_id"]) + r"\s*Success"), timeout=30_000)
         except BaseException:  # pytest's failures are BaseExceptions
             with contextlib.suppress(Exception):  # keep the original error if the page is gone too
                 page.wait_for_load_state("networkidle", timeout=15_000)  # the UI draws skeletons first
