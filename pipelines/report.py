@@ -124,6 +124,9 @@ def load_reference(settings: Settings, paths: Paths) -> dict[str, Any]:
         model = ModelBundle.load(paths.challenger) if (paths.challenger / METADATA_FILE).is_file() else None
         name = "training rows of this run" + (f", challenger {model.version}" if model else "")
     sample = paths.reference / SAMPLE_FILE
+    if not sample.is_file() and not (paths.reference / "train.parquet").is_file():
+        raise MonitoringError("nothing to compare with: no champion and no training rows yet; run the training "
+                              "pipeline first (`amaas run`, `dvc repro` or the training_pipeline DAG)")
     metrics = paths.reports / "metrics.json"
     predictions = paths.reports / "test_predictions.parquet"
     return {"name": name, "model": model,

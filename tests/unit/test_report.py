@@ -7,7 +7,7 @@ import pytest
 
 from pipelines.config import load_settings
 from pipelines.report import decay_p_value, decide
-from tests.conftest import write_params
+from tests.conftest import amaas, write_params
 
 CALM = {"data_drift": False, "drift_share": 0.08, "n_drifted": 1, "n_columns": 13, "drifted_columns": ["age"],
         "prediction_drift": 0.03, "labeled_rows": 4000, "metric_current": 0.78, "metric_reference": 0.79,
@@ -51,3 +51,11 @@ def test_decay_p_value_tells_noise_from_a_real_drop():
     big_y, big_proba = _scores(200_000, 1.6)
     p = decay_p_value(big_y, big_proba, roc_auc_score(big_y, big_proba) + 0.02, "roc_auc", 50, seed=1)
     assert p == 0.0  # many rows: even a small drop is certain (and only 50,000 rows are resampled)
+
+
+def test_monitoring_before_any_training_says_what_to_run(tmp_path):
+    write_params(tmp_path)
+    for stage in ("collect", "validate"):
+        assert amaas(stage, root=tmp_path).returncode == 0
+    failed = amaas("report", root=tmp_path, check=False)
+    assert failed.returncode == 2 and "run the training pipeline first" in failed.stderr
