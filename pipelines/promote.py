@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import getpass
 import logging
+from collections.abc import Iterator
 from datetime import UTC, datetime
 from typing import Any
 
@@ -28,19 +29,21 @@ log = logging.getLogger(__name__)
 METRICS = {"roc_auc": skm.roc_auc_score, "pr_auc": skm.average_precision_score}
 
 
+def bootstrap_resamples(y: np.ndarray, samples: int, rng: np.random.Generator) -> Iterator[np.ndarray]:
+    """Row indexes of `samples` resamples with replacement, less those with one class (they have no AUC)."""
+    for _ in range(samples):
+        idx = rng.integers(0, len(y), len(y))
+        if y[idx].min() != y[idx].max():
+            yield idx
+
+
 def paired_bootstrap(y: np.ndarray, champion: np.ndarray, challenger: np.ndarray, metric: str,
                      samples: int, seed: int) -> dict[str, float]:
     """Gain of challenger over champion on the same rows, with a one-sided bootstrap p-value."""
     score = METRICS[metric]
     gain = float(score(y, challenger) - score(y, champion))
-    rng = np.random.default_rng(seed)
-    gains = []
-    for _ in range(samples):
-        idx = rng.integers(0, len(y), len(y))
-        if y[idx].min() == y[idx].max():  # a resample with one class has no AUC
-            continue
-        gains.append(score(y[idx], challenger[idx]) - score(y[idx], champion[idx]))
-    arr = np.asarray(gains)
+    arr = np.asarray([score(y[idx], challenger[idx]) - score(y[idx], champion[idx])
+                      for idx in bootstrap_resamples(y, samples, np.random.default_rng(seed))])
     return {"gain": gain, "p_value": float(np.mean(arr <= 0)), "ci_low": float(np.quantile(arr, 0.025)),
             "ci_high": float(np.quantile(arr, 0.975)), "bootstrap_samples": len(arr)}
 

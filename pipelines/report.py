@@ -236,19 +236,15 @@ def performance_report(settings: Settings, labeled: pd.DataFrame, reference: dic
 def decay_p_value(y: np.ndarray, proba: np.ndarray, bound: float, metric: str, samples: int, seed: int,
                   max_rows: int = 50_000) -> float:
     """Share of bootstrap resamples whose metric still reaches `bound`: small means it really fell under it."""
-    from pipelines.promote import METRICS
+    from pipelines.promote import METRICS, bootstrap_resamples
 
     rng = np.random.default_rng(seed)
     if len(y) > max_rows:  # the metric's error is tiny by then; resampling fewer rows only widens it (cautious)
         keep = rng.choice(len(y), max_rows, replace=False)
         y, proba = y[keep], proba[keep]
     score = METRICS[metric]
-    values = []
-    for _ in range(samples):
-        idx = rng.integers(0, len(y), len(y))
-        if y[idx].min() != y[idx].max():  # a resample with one class has no AUC
-            values.append(score(y[idx], proba[idx]))
-    return round(float(np.mean(np.asarray(values) >= bound)), 6)
+    values = np.asarray([score(y[idx], proba[idx]) for idx in bootstrap_resamples(y, samples, rng)])
+    return round(float(np.mean(values >= bound)), 6)
 
 
 def _classification_html(current: pd.DataFrame, reference: pd.DataFrame, target: str, html: Path) -> None:
