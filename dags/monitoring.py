@@ -15,7 +15,6 @@ Schedule: `$AMAAS_MONITORING_SCHEDULE` (default `@daily`; `none` = manual only).
 
 from __future__ import annotations
 
-import os
 from datetime import timedelta
 from pathlib import Path
 
@@ -23,19 +22,19 @@ import pendulum
 from airflow.providers.standard.operators.trigger_dagrun import TriggerDagRunOperator
 from airflow.sdk import Param, dag, get_current_context, task
 
+from pipelines.stages import run_in_project, schedule_from_env, version_in_project
+
 PROJECT = Path(__file__).resolve().parent.parent
-SCHEDULE = os.environ.get("AMAAS_MONITORING_SCHEDULE", "@daily")
+SCHEDULE = schedule_from_env("AMAAS_MONITORING_SCHEDULE", "@daily")
 
 
 def _run(stage: str) -> dict:
-    from pipelines.stages import run_in_project
-
     return run_in_project(stage, PROJECT)
 
 
 @dag(
     dag_id="monitoring",
-    schedule=None if SCHEDULE.lower() in ("", "none") else SCHEDULE,
+    schedule=SCHEDULE,
     start_date=pendulum.datetime(2026, 1, 1, tz="UTC"),
     catchup=False,
     max_active_runs=1,
@@ -64,8 +63,6 @@ def monitoring() -> None:
     )
     @task(task_id="version", doc_md="`dvc commit` + `dvc push` of the new batch and the report.")
     def version() -> dict:
-        from pipelines.stages import version_in_project
-
         return version_in_project(PROJECT, ("collect", "validate", "report"))
 
     collect >> validate >> report >> version()

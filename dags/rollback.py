@@ -14,6 +14,8 @@ from pathlib import Path
 import pendulum
 from airflow.sdk import Param, dag, get_current_context, task
 
+from pipelines.stages import rollback_in_project, run_in_project
+
 PROJECT = Path(__file__).resolve().parent.parent
 
 
@@ -32,14 +34,10 @@ PROJECT = Path(__file__).resolve().parent.parent
 def rollback() -> None:
     @task(task_id="rollback")
     def rollback_champion() -> str:
-        from pipelines.stages import rollback_in_project
-
         return rollback_in_project(PROJECT, get_current_context()["params"]["reason"])
 
     @task(task_id="deploy")
     def deploy() -> dict:
-        from pipelines.stages import run_in_project
-
         return run_in_project("deploy", PROJECT)
 
     rollback_champion() >> deploy()

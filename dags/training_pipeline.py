@@ -18,23 +18,22 @@ form below. Settings: the project's `params.yaml` (or `$AMAAS_PARAMS`); outputs 
 
 from __future__ import annotations
 
-import os
 from datetime import timedelta
 from pathlib import Path
 
 import pendulum
 from airflow.sdk import Param, dag, get_current_context, task, task_group
 
+from pipelines.stages import run_in_project, schedule_from_env, version_in_project
+
 PROJECT = Path(__file__).resolve().parent.parent
-SCHEDULE = os.environ.get("AMAAS_TRAINING_SCHEDULE", "@weekly")
+SCHEDULE = schedule_from_env("AMAAS_TRAINING_SCHEDULE", "@weekly")
 GROUPS = {"data": ("collect", "validate"), "model": ("prepare", "train", "evaluate", "report"),
           "release": ("package", "promote", "deploy")}  # in the order of pipelines.stages.STAGES
 
 
 def _run(stage: str) -> dict:
     import logging
-
-    from pipelines.stages import run_in_project
 
     params = get_current_context()["params"]
     if stage == "deploy" and not params["deploy"]:
@@ -48,7 +47,7 @@ def _run(stage: str) -> dict:
 
 @dag(
     dag_id="training_pipeline",
-    schedule=None if SCHEDULE.lower() in ("", "none") else SCHEDULE,
+    schedule=SCHEDULE,
     start_date=pendulum.datetime(2026, 1, 1, tz="UTC"),
     catchup=False,
     max_active_runs=1,
@@ -81,8 +80,6 @@ def training_pipeline() -> None:
 
     @task(task_id="version", trigger_rule="none_failed", doc_md="`dvc commit` + `dvc push` of what the run wrote.")
     def version() -> dict:
-        from pipelines.stages import version_in_project
-
         return version_in_project(PROJECT)
 
     previous >> version()  # also after a skipped deploy

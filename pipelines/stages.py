@@ -5,10 +5,12 @@ dvc.yaml, the training DAG and `amaas run` all follow STAGES; a test checks they
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import logging
 import os
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -48,12 +50,19 @@ def run_in_project(name: str, default_root: Path, **options: Any) -> dict[str, A
     return run_stage(name, params, root, **options)
 
 
+@contextlib.contextmanager
+def _locked_project(default_root: Path) -> Iterator[Path]:
+    """The project's root (see project_files), held under the project lock like a stage."""
+    params, root = project_files(default_root)
+    with project_lock(root, load_settings(params).pipeline.lock_timeout_s):
+        yield root
+
+
 def rollback_in_project(default_root: Path, reason: str) -> str:
     """Operator rollback from an orchestrator: the previous champion becomes champion again."""
     from pipelines.promote import rollback
 
-    params, root = project_files(default_root)
-    with project_lock(root, load_settings(params).pipeline.lock_timeout_s):
+    with _locked_project(default_root) as root:
         return rollback(Paths(root), reason)
 
 
@@ -61,6 +70,11 @@ def version_in_project(default_root: Path, stages: tuple[str, ...] = ()) -> dict
     """What the DAGs run after the stages: DVC versions their outputs (see pipelines.versioning)."""
     from pipelines.versioning import record
 
-    params, root = project_files(default_root)
-    with project_lock(root, load_settings(params).pipeline.lock_timeout_s):
+    with _locked_project(default_root) as root:
         return record(root, stages)
+
+
+def schedule_from_env(variable: str, default: str) -> str | None:
+    """A DAG's schedule: $`variable` (a cron string or preset; "none" = manual only), else `default`."""
+    schedule = os.environ.get(variable, default)
+    return None if schedule.lower() in ("", "none") else schedule
