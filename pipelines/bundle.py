@@ -14,6 +14,7 @@ import numpy as np
 import pandas as pd
 
 from pipelines.io import read_json
+from pipelines.metrics import labels_of
 from pipelines.models import Ensemble
 from pipelines.transform import FeatureTransform
 
@@ -32,9 +33,51 @@ class ModelBundle:
     def version(self) -> str:
         return str(self.metadata["version"])
 
-    def predict_proba(self, rows: pd.DataFrame) -> np.ndarray:
-        """Probability of the positive class for raw rows (as collected or as sent to the API)."""
-        return self.ensemble.predict_proba(self.transform.transform(rows))[:, 1]
+    @property
+    def task(self) -> str:
+        return self.transform.task
+
+    @property
+    def classes(self) -> list[str | int] | None:
+        return self.transform.classes
+
+    @property
+    def threshold(self) -> float:
+        """The binary label cut-off chosen at training (evaluate.threshold); 0.5 where none was recorded."""
+        return float(self.metadata.get("threshold", 0.5))
+
+    def predict(self, rows: pd.DataFrame) -> np.ndarray:
+        """The canonical output for raw rows (as collected or as sent to the API): class probabilities
+        (n, k) in the order of `classes`, or predicted values (n,) for regression."""
+        return self.ensemble.predict_output(self.transform.transform(rows))
+
+    def labels(self, output: np.ndarray) -> list[str | int]:
+        """The predicted class of each row, spelled as in the data (binary: at the bundle's cut-off)."""
+        return self.transform.decode_labels(labels_of(output, self.threshold))
+
+    def monitored(self, output: np.ndarray) -> np.ndarray:
+        """One number or label per row that monitoring watches for drift: the positive-class probability
+        (binary), the predicted class (multiclass) or the predicted value (regression)."""
+        if self.task == "binary":
+            return output[:, 1]
+        if self.task == "multiclass":
+            return np.asarray([str(c) for c in self.labels(output)], dtype=object)
+        return output
+
+    def answers(self, rows: pd.DataFrame) -> list[dict[str, Any]]:
+        """What the API and batch scoring answer for each row: the label and the per-class probabilities,
+        or the value."""
+        output = self.predict(rows)
+        if self.classes is None:
+            return [{"value": float(v)} for v in output]
+        names = [str(c) for c in self.classes]
+        answers = []
+        for label, probs in zip(self.labels(output), output.tolist(), strict=True):
+            answer: dict[str, Any] = {"label": label, "probabilities": dict(zip(names, probs, strict=True))}
+            if self.task == "binary":
+                answer["probability"] = probs[1]
+            answers.append(answer)
+        return answers
 
     @classmethod
     def load(cls, path: Path) -> ModelBundle:

@@ -10,10 +10,10 @@ import os
 from dataclasses import dataclass
 from datetime import date
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 PARAMS_ENV = "AMAAS_PARAMS"
 ROOT_ENV = "AMAAS_ROOT"
@@ -74,26 +74,75 @@ class NumericRule(_Strict):
         return self
 
 
+Task = Literal["binary", "multiclass", "regression"]
+ROW_KEY = "_row_key"  # a table with no id column: a stable hash of the row identifies it (see row_keys)
+
+
+class CategoricalRule(_Strict):
+    values: list[str] = Field(min_length=1)
+    nullable: bool = False  # missing is then a category of its own, in training and in serving
+
+
 class SchemaConfig(_Strict):
-    id_column: str
-    time_column: str
+    task: Task = "binary"
+    id_column: str | None = None  # null: a stable hash of the row identifies it
+    time_column: str | None = None  # null: no time order (files: one batch per new file; sql: an increasing id)
+    time_unit: Literal["s", "ms", "us", "ns", "D"] | None = None  # an integer time column: epoch unit;
+    # null: integers are ordinal values (a year, a sequence number), never read as nanoseconds
     target: str
-    numeric: dict[str, NumericRule]
-    categorical: dict[str, list[str]]
+    classes: list[str | int] | None = None  # class labels in order (binary: the last is the positive class);
+    # null: the sorted labels of the training rows
+    numeric: dict[str, NumericRule] = {}
+    categorical: dict[str, CategoricalRule] = {}
+
+    @field_validator("categorical", mode="before")
+    @classmethod
+    def _lists_are_rules(cls, value: Any) -> Any:
+        """`col: [a, b]` is short for `col: {values: [a, b]}`."""
+        if isinstance(value, dict):
+            return {k: {"values": v} if isinstance(v, list) else v for k, v in value.items()}
+        return value
 
     @property
     def feature_columns(self) -> list[str]:
         return [*self.numeric, *self.categorical]
 
     @property
+    def key_column(self) -> str:
+        """The column that identifies a row: the id column, or the row hash of a table without one."""
+        return self.id_column or ROW_KEY
+
+    @property
     def columns(self) -> list[str]:
-        return [self.id_column, self.time_column, *self.feature_columns, self.target]
+        """The columns a batch must have, in order (id and time only where the schema names them)."""
+        return [c for c in (self.id_column, self.time_column) if c] + [*self.feature_columns, self.target]
+
+    @property
+    def is_classification(self) -> bool:
+        return self.task != "regression"
 
     @model_validator(mode="after")
-    def _categories(self) -> SchemaConfig:
-        for col, cats in self.categorical.items():
-            if not cats:
-                raise ValueError(f"categorical column {col!r} needs at least one allowed category")
+    def _consistent(self) -> SchemaConfig:
+        if not self.feature_columns:
+            raise ValueError("the schema has no feature columns: list them under schema.numeric and/or "
+                             "schema.categorical")
+        named = [c for c in (self.id_column, self.time_column, self.target, *self.feature_columns) if c]
+        twice = sorted({c for c in named if named.count(c) > 1})
+        if twice:
+            raise ValueError(f"column(s) {twice} appear in more than one role (id, time, target, feature): "
+                             f"give each column one role")
+        if self.classes is not None:
+            if self.task == "regression":
+                raise ValueError("schema.classes is for classification; remove it for task regression")
+            if len(set(map(str, self.classes))) != len(self.classes):
+                raise ValueError(f"schema.classes {self.classes} names a class twice")
+            if self.task == "binary" and len(self.classes) != 2:
+                raise ValueError(f"task binary needs exactly 2 classes, schema.classes has {len(self.classes)}: "
+                                 f"set schema.task: multiclass")
+            if self.task == "multiclass" and len(self.classes) < 3:
+                raise ValueError("task multiclass needs at least 3 classes; with 2, set schema.task: binary")
+        if self.time_unit is not None and self.time_column is None:
+            raise ValueError("schema.time_unit is set but there is no schema.time_column")
         return self
 
 
@@ -129,6 +178,8 @@ class CleanConfig(_Strict):
 class PrepareConfig(_Strict):
     valid_share: float = Field(gt=0, lt=0.5)
     test_share: float = Field(gt=0, lt=0.5)
+    split: Literal["time", "random"] = "time"  # random: stratified by class and seeded
+    drop_duplicate_rows: bool = True  # rows equal to a training row (features and label) leave valid and test
 
 
 class LightGBMConfig(_Strict):
@@ -199,14 +250,22 @@ class TrainConfig(_Strict):
         return self
 
 
+class Costs(_Strict):
+    false_positive: float = Field(ge=0)
+    false_negative: float = Field(ge=0)
+
+
 class EvaluateConfig(_Strict):
-    threshold: float = Field(gt=0, lt=1)
+    threshold: float | Literal["auto"] = Field(default=0.5)  # binary: label cut-off; auto = picked on valid rows
+    costs: Costs | None = None  # threshold auto: least expected cost with these; null: the cut-off of max F1
     slices: list[str] = []  # categorical columns to report metrics per value of
     calibration_bins: int = Field(default=10, ge=2, le=100)
 
 
 class PromoteConfig(_Strict):
-    metric: Literal["roc_auc", "pr_auc"]
+    metric: Literal["roc_auc", "pr_auc", "log_loss", "accuracy", "f1", "f1_macro", "f1_weighted", "cohen_kappa",
+                    "rmse", "mae", "r2"]
+    min_first_metric: float | None = None  # a first champion needs a defined metric at least this good
     min_improvement: float = Field(ge=0)
     bootstrap_samples: int = Field(ge=10)
     max_p_value: float = Field(gt=0, le=1)
@@ -289,8 +348,10 @@ class Settings(_Strict):
         return self.validate_
 
     @property
-    def watermark_column(self) -> str:
-        return self.source.watermark_column or self.schema_.time_column
+    def watermark_column(self) -> str | None:
+        """What collect is incremental on: source.watermark_column, else the time column, else the id column;
+        None (a files source only): each new file is a batch."""
+        return self.source.watermark_column or self.schema_.time_column or self.schema_.id_column
 
     @model_validator(mode="after")
     def _slices_known(self) -> Settings:
@@ -302,9 +363,27 @@ class Settings(_Strict):
 
     @model_validator(mode="after")
     def _watermark_known(self) -> Settings:
-        if self.watermark_column not in (self.schema_.id_column, self.schema_.time_column):
-            raise ValueError(f"source.watermark_column {self.watermark_column!r} must be the schema's id_column "
-                             f"or time_column")
+        if self.source.watermark_column is not None and self.source.watermark_column not in (
+                self.schema_.id_column, self.schema_.time_column):
+            raise ValueError(f"source.watermark_column {self.source.watermark_column!r} must be the schema's "
+                             f"id_column or time_column")
+        if self.watermark_column is None and self.source.kind != "files":
+            raise ValueError(f"source {self.source.kind} needs a watermark to collect incrementally: set "
+                             f"schema.time_column or an increasing schema.id_column")
+        return self
+
+    @model_validator(mode="after")
+    def _metric_fits_task(self) -> Settings:
+        from pipelines.metrics import TASK_METRICS
+
+        task, metric = self.schema_.task, self.promote.metric
+        if metric not in TASK_METRICS[task]:
+            raise ValueError(f"promote.metric {metric} does not apply to task {task}: use one of "
+                             f"{', '.join(TASK_METRICS[task])}")
+        if self.schema_.task != "binary" and self.evaluate.threshold == "auto":
+            raise ValueError("evaluate.threshold: auto applies to task binary only; set it to 0.5")
+        if self.prepare.split == "time" and self.schema_.time_column is None:
+            raise ValueError("prepare.split: time needs schema.time_column; set prepare.split: random")
         return self
 
 

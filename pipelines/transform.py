@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import re
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +21,7 @@ import pandas as pd
 from pipelines.config import CleanConfig, SchemaConfig
 from pipelines.io import write_text
 
-UNKNOWN = 0  # code of a category never seen in training; known categories are 1..n
+UNKNOWN = 0  # code of a category never seen in training; known categories are 1..n; missing is n+1
 _SPACES = re.compile(r"\s+")
 
 
@@ -55,6 +55,9 @@ class FeatureTransform:
     means: dict[str, float]
     stds: dict[str, float]
     vocab: dict[str, list[str]]
+    nullable: list[str] = field(default_factory=list)  # categorical columns where missing is a code of its own
+    task: str = "binary"
+    classes: list[str | int] | None = None  # classification: labels in encoded order (0..k-1)
 
     @classmethod
     def fit(cls, df: pd.DataFrame, schema: SchemaConfig, clean: CleanConfig) -> FeatureTransform:
@@ -84,6 +87,9 @@ class FeatureTransform:
             means=_floats(filled.mean().fillna(0.0)),
             stds=_floats(stds),
             vocab=vocab,
+            nullable=[c for c, rule in schema.categorical.items() if rule.nullable],
+            task=schema.task,
+            classes=fit_classes(df[schema.target], schema) if schema.is_classification else None,
         )
 
     @property
@@ -94,7 +100,7 @@ class FeatureTransform:
     @property
     def cardinalities(self) -> dict[str, int]:
         """Number of codes per categorical column, the unknown code included."""
-        return {col: len(cats) + 1 for col, cats in self.vocab.items()}
+        return {col: len(cats) + 1 + (col in self.nullable) for col, cats in self.vocab.items()}
 
     def transform(self, df: pd.DataFrame) -> pd.DataFrame:
         """Raw rows -> model features: clipped, imputed, standardized numerics + integer category codes."""
@@ -115,9 +121,27 @@ class FeatureTransform:
         spell = normalize_value if self.normalize else str
         for col in self.categorical:
             lookup = {cat: i + 1 for i, cat in enumerate(self.vocab[col])}
+            missing_code = len(lookup) + 1 if col in self.nullable else UNKNOWN
             columns[col] = _per_distinct(df[col], lambda v, lk=lookup: lk.get(spell(v), UNKNOWN),
-                                         UNKNOWN).astype("int64")
+                                         missing_code).astype("int64")
         return pd.DataFrame(columns)[self.feature_names]
+
+    def encode_target(self, values: pd.Series | np.ndarray) -> np.ndarray:
+        """Labels as the model sees them: class indexes 0..k-1 (classification) or float values (regression)."""
+        if self.classes is None:
+            return pd.to_numeric(pd.Series(values), errors="raise").to_numpy(dtype="float64")
+        index = {label_key(c): i for i, c in enumerate(self.classes)}
+        keys = [label_key(v) for v in values]
+        unknown = sorted({k for k in keys if k not in index})
+        if unknown:
+            raise ValueError(f"label(s) {unknown[:5]} are not among the model's classes "
+                             f"{[str(c) for c in self.classes]}")
+        return np.fromiter((index[k] for k in keys), dtype="int64", count=len(keys))
+
+    def decode_labels(self, indexes: np.ndarray) -> list[str | int]:
+        """Class indexes -> the labels as the data spells them."""
+        assert self.classes is not None
+        return [self.classes[int(i)] for i in indexes]
 
     def save(self, path: Path) -> None:
         write_text(path, json.dumps(asdict(self), indent=2, sort_keys=True) + "\n")
@@ -129,6 +153,36 @@ class FeatureTransform:
             fields = {"normalize": True, "impute": "median", "missing_indicators": True,
                       "fill_values": fields.pop("medians"), **fields}
         return cls(**fields)
+
+
+def label_key(value: object) -> str:
+    """One spelling per label whatever its type on the way in: 1, 1.0 and "1" are the same class."""
+    if isinstance(value, (float, np.floating)) and float(value).is_integer():
+        return str(int(value))
+    if isinstance(value, (bool, np.bool_)):
+        return str(int(value))
+    return str(value).strip()
+
+
+def fit_classes(labels: pd.Series, schema: SchemaConfig) -> list[str | int]:
+    """The class labels in encoded order: schema.classes, else the sorted labels of the training rows."""
+    if schema.classes is not None:
+        return list(schema.classes)
+    found = {label_key(v): v for v in labels.dropna()}
+    numeric = all(isinstance(v, (int, np.integer, float, np.floating)) for v in found.values())
+    ordered = sorted(found, key=lambda k: (float(k), k) if numeric else (0, k))
+    classes = [int(k) if numeric else k for k in ordered]
+    need = 2 if schema.task == "binary" else 3
+    if schema.task == "binary" and len(classes) != 2:
+        hint = (f"set schema.task: multiclass for {len(classes)} classes found" if len(classes) > 2
+                else "the training rows hold one class only")
+        raise ValueError(f"target {schema.target!r} must have 2 classes for task binary; {hint}: "
+                         f"{', '.join(map(str, classes))}")
+    if len(classes) < need:
+        raise ValueError(f"target {schema.target!r} has {len(classes)} class(es) in the training rows "
+                         f"({', '.join(map(str, classes))}); task multiclass needs at least 3 "
+                         f"(set schema.task: binary for 2)")
+    return classes
 
 
 def _as_text(values: pd.Series) -> pd.Series:

@@ -1,0 +1,133 @@
+"""Metrics of every task in one place: how each is computed, and which direction is better.
+
+A model's output is canonical everywhere: for classification the class probabilities, shape (n, k), with
+labels `y` encoded as 0..k-1 in the order of the bundle's classes; for regression the predicted values,
+shape (n,), with `y` the true values. Binary label metrics (accuracy, F1, kappa) take the bundle's cut-off.
+A metric that is undefined on the rows given (ROC-AUC on one class) is None, never NaN.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+from sklearn import metrics as skm
+
+TASK_METRICS: dict[str, tuple[str, ...]] = {
+    "binary": ("roc_auc", "pr_auc", "log_loss", "accuracy", "f1", "cohen_kappa"),
+    "multiclass": ("accuracy", "f1_macro", "f1_weighted", "log_loss", "cohen_kappa"),
+    "regression": ("rmse", "mae", "r2"),
+}
+LOWER_IS_BETTER = frozenset({"log_loss", "rmse", "mae", "brier", "calibration_error"})
+
+
+def higher_is_better(metric: str) -> bool:
+    return metric not in LOWER_IS_BETTER
+
+
+def improvement(metric: str, new: float, old: float) -> float:
+    """How much better `new` is than `old` (positive: better), whatever the metric's direction."""
+    return new - old if higher_is_better(metric) else old - new
+
+
+def labels_of(output: np.ndarray, threshold: float = 0.5) -> np.ndarray:
+    """Encoded class labels from class probabilities: the cut-off on the positive class for two classes."""
+    if output.shape[1] == 2:
+        return (output[:, 1] >= threshold).astype("int64")
+    return np.argmax(output, axis=1).astype("int64")
+
+
+def _two_classes(y: np.ndarray) -> bool:
+    return len(np.unique(y)) == 2
+
+
+def _binary(name: str) -> Callable[[np.ndarray, np.ndarray, float], float | None]:
+    ranking = {"roc_auc": skm.roc_auc_score, "pr_auc": skm.average_precision_score}[name]
+    return lambda y, p, t: float(ranking(y, p[:, 1])) if _two_classes(y) else None
+
+
+def _label_metric(fn: Callable[..., float], **kw: Any) -> Callable[[np.ndarray, np.ndarray, float], float | None]:
+    return lambda y, p, t: float(fn(y, labels_of(p, t), **kw))
+
+
+def _kappa(y: np.ndarray, p: np.ndarray, t: float) -> float | None:
+    predicted = labels_of(p, t)
+    if len(np.union1d(y, predicted)) < 2:
+        return None  # one class in truth and prediction: kappa is 0/0
+    return float(skm.cohen_kappa_score(y, predicted))
+
+
+def _log_loss(y: np.ndarray, p: np.ndarray, t: float) -> float:
+    clipped = np.clip(p, 1e-7, 1 - 1e-7)
+    clipped = clipped / clipped.sum(axis=1, keepdims=True)
+    return float(skm.log_loss(y, clipped, labels=list(range(p.shape[1]))))
+
+
+SCORERS: dict[str, Callable[[np.ndarray, np.ndarray, float], float | None]] = {
+    "roc_auc": _binary("roc_auc"),
+    "pr_auc": _binary("pr_auc"),
+    "log_loss": _log_loss,
+    "accuracy": _label_metric(skm.accuracy_score),
+    "f1": _label_metric(skm.f1_score, zero_division=0),
+    "precision": _label_metric(skm.precision_score, zero_division=0),
+    "recall": _label_metric(skm.recall_score, zero_division=0),
+    "f1_macro": _label_metric(skm.f1_score, average="macro", zero_division=0),
+    "f1_weighted": _label_metric(skm.f1_score, average="weighted", zero_division=0),
+    "precision_macro": _label_metric(skm.precision_score, average="macro", zero_division=0),
+    "recall_macro": _label_metric(skm.recall_score, average="macro", zero_division=0),
+    "cohen_kappa": _kappa,
+    "rmse": lambda y, v, t: float(np.sqrt(np.mean((np.asarray(y, float) - v) ** 2))),
+    "mae": lambda y, v, t: float(np.mean(np.abs(np.asarray(y, float) - v))),
+    "r2": lambda y, v, t: float(skm.r2_score(y, v)) if len(y) > 1 and np.var(y) > 0 else None,
+}
+REPORTED: dict[str, tuple[str, ...]] = {
+    "binary": ("roc_auc", "pr_auc", "log_loss", "accuracy", "precision", "recall", "f1", "cohen_kappa"),
+    "multiclass": ("accuracy", "f1_macro", "f1_weighted", "precision_macro", "recall_macro", "cohen_kappa",
+                   "log_loss"),
+    "regression": ("rmse", "mae", "r2"),
+}
+
+
+def score(metric: str, y: np.ndarray, output: np.ndarray, threshold: float = 0.5) -> float | None:
+    """One metric of `output` against `y`; None where it is undefined on these rows."""
+    if len(y) == 0:
+        return None
+    value = SCORERS[metric](np.asarray(y), np.asarray(output), threshold)
+    return None if value is None or not math.isfinite(value) else value
+
+
+def task_metrics(task: str, y: np.ndarray, output: np.ndarray, threshold: float = 0.5) -> dict[str, float | None]:
+    """Every metric reported for `task` (amaas evaluate, slices, the model card)."""
+    return {name: score(name, y, output, threshold) for name in REPORTED[task]}
+
+
+def bootstrap_resamples(y: np.ndarray, samples: int, rng: np.random.Generator, classification: bool = True
+                        ) -> list[np.ndarray]:
+    """Row indexes of `samples` resamples with replacement; for classification, less those with one class
+    (ranking metrics are undefined on them)."""
+    out = []
+    for _ in range(samples):
+        idx = rng.integers(0, len(y), len(y))
+        if not classification or y[idx].min() != y[idx].max():
+            out.append(idx)
+    return out
+
+
+def paired_bootstrap(metric: str, y: np.ndarray, champion: np.ndarray, challenger: np.ndarray, samples: int,
+                     seed: int, threshold: float = 0.5, classification: bool = True) -> dict[str, Any]:
+    """Gain of challenger over champion on the same rows (positive: better, in the metric's direction),
+    with a one-sided bootstrap p-value (share of resamples where the gain is <= 0) and a 95% interval."""
+    def gain(idx: np.ndarray | slice) -> float | None:
+        new, old = score(metric, y[idx], challenger[idx], threshold), score(metric, y[idx], champion[idx], threshold)
+        return None if new is None or old is None else improvement(metric, new, old)
+
+    observed = gain(slice(None))
+    draws = [g for idx in bootstrap_resamples(y, samples, np.random.default_rng(seed), classification)
+             if (g := gain(idx)) is not None]
+    if observed is None or not draws:
+        return {"gain": None, "p_value": None, "ci_low": None, "ci_high": None, "bootstrap_samples": len(draws)}
+    arr = np.asarray(draws)
+    return {"gain": observed, "p_value": float(np.mean(arr <= 0)), "ci_low": float(np.quantile(arr, 0.025)),
+            "ci_high": float(np.quantile(arr, 0.975)), "bootstrap_samples": len(arr)}
