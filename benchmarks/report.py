@@ -48,7 +48,8 @@ def evidently_times(params_file: str, sizes: list[int]) -> None:
             current = generate_batch(sim.model_copy(update={"rows_per_batch": n, "malformed_share": 0.0}),
                                      settings.seed, 99)
             started = time.perf_counter()
-            current[report.PREDICTION] = reference["model"].predict_proba(current)
+            model = reference["model"]
+            current[report.PREDICTION] = model.monitored(model.predict(current))
             scored = time.perf_counter()
             summary = report.drift_summary(report.data_drift_report(settings, current, reference["rows"],
                                                              paths.reports / "drift.html"), 0.3)

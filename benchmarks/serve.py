@@ -124,12 +124,12 @@ def main() -> int:
         registry = Registry(root / "models" / "registry")
         bundle = ModelBundle.load(registry.version_dir(registry.champion))
         rows = pd.DataFrame([ROW] * 256)
-        bundle.predict_proba(rows)
+        bundle.predict(rows)
         start, n = time.perf_counter(), 0
         while time.perf_counter() - start < 5:
-            bundle.predict_proba(rows)
+            bundle.predict(rows)
             n += len(rows)
-        print(f"in-process predict_proba, batches of 256 rows: {n / (time.perf_counter() - start):,.0f} rows/s")
+        print(f"in-process predict, batches of 256 rows: {n / (time.perf_counter() - start):,.0f} rows/s")
         print(f"single-row requests, {args.seconds:g} s per run; closed loop: {args.concurrency} clients")
         print(f"{'mode':<22} {'load':<13} {'rps':>8} {'p50 ms':>8} {'p95 ms':>8} {'p99 ms':>8} {'errors':>7}")
         for mode, batching in (("adaptive batching", True), ("batching off", False)):

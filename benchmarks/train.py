@@ -24,8 +24,8 @@ import pandas as pd
 from pipelines.config import load_settings
 
 
-def make_table(settings_path: str, rows: int, out: Path) -> dict[str, int]:
-    """Write model-ready features (27 numeric, 3 categorical codes) and the target; return cardinalities."""
+def make_table(settings_path: str, rows: int, out: Path) -> None:
+    """Write model-ready features (27 numeric, 3 categorical codes) and the target, and the transform beside."""
     from pipelines.sources.simulator import generate_batch
     from pipelines.transform import FeatureTransform
 
@@ -42,7 +42,7 @@ def make_table(settings_path: str, rows: int, out: Path) -> dict[str, int]:
         X[f"extra_{k}"] = X[a] * X[b] + rng.normal(0, 0.5, len(X)) if k % 2 else X[a] + rng.normal(0, 1, len(X))
     X["target"] = raw[settings.data_schema.target].to_numpy()
     X.to_parquet(out)
-    return transform.cardinalities
+    transform.save(out.with_suffix(".transform.json"))
 
 
 def train_one(args: argparse.Namespace) -> None:
@@ -55,7 +55,10 @@ def train_one(args: argparse.Namespace) -> None:
     data = pd.read_parquet(args.data)
     y = data.pop("target").to_numpy()
     cut = int(len(data) * 0.8)  # rows are in time order: the newest 20% validate
-    learners = build_learners(settings, json.loads(args.cardinalities))
+    from pipelines.transform import FeatureTransform
+
+    transform = FeatureTransform.load(Path(args.data).with_suffix(".transform.json"))
+    learners = build_learners(settings, transform)
     start = time.perf_counter()
     if args.worker == "ensemble":
         model = Ensemble(learners, settings.train.ensemble, settings.train.stacking_folds, settings.seed,
@@ -66,9 +69,9 @@ def train_one(args: argparse.Namespace) -> None:
         model.fit(data.iloc[:cut], y[:cut], data.iloc[cut:], y[cut:])
         device = model.device_
     took = time.perf_counter() - start
-    from pipelines.models.base import log_loss
+    from pipelines.models.base import valid_loss
 
-    loss = log_loss(y[cut:], model.predict_proba(data.iloc[cut:])[:, 1])
+    loss = valid_loss(y[cut:], model.predict_output(data.iloc[cut:]))
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     print(json.dumps({"seconds": took, "peak_mib": peak, "valid_log_loss": loss, "device": device}))
 
@@ -80,7 +83,6 @@ def main() -> int:
     parser.add_argument("--params", default="params.yaml")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     parser.add_argument("--data", help=argparse.SUPPRESS)
-    parser.add_argument("--cardinalities", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
         train_one(args)
@@ -88,14 +90,14 @@ def main() -> int:
     settings = load_settings(args.params)
     with tempfile.TemporaryDirectory(prefix="amaas-train-bench-") as tmp:
         data = Path(tmp) / "table.parquet"
-        cards = make_table(args.params, args.rows, data)
+        make_table(args.params, args.rows, data)
         width = len(pd.read_parquet(data).columns) - 1
         print(f"rows: {args.rows:,} x {width} columns; train 80% / valid 20%; device requested: {args.device}; "
               f"threads: {settings.train.threads}; ensemble: {settings.train.ensemble}")
         print(f"{'model':<10} {'device':<8} {'seconds':>8} {'peak MiB':>9} {'valid log loss':>15}")
         for worker in [*settings.train.learners, "ensemble"]:
             proc = subprocess.run([sys.executable, __file__, "--params", args.params, "--device", args.device,
-                                   "--worker", worker, "--data", str(data), "--cardinalities", json.dumps(cards)],
+                                   "--worker", worker, "--data", str(data)],
                                   capture_output=True, text=True)
             if proc.returncode != 0:
                 print(f"{worker:<10} failed: {proc.stderr.strip().splitlines()[-1]}")

@@ -1,7 +1,7 @@
 """BentoML service: the champion (and the challenger, for canary or shadow traffic) with adaptive batching.
 
-Bento arguments: `model_tag`, batching limits and threshold are set by `amaas package`. `amaas serve` sets
-$AMAAS_ROOT to the project: the server then follows that project's registry (promote and rollback switch
+Bento arguments: `model_tag` and batching limits are set by `amaas package` (the label cut-off is in the
+model). `amaas serve` sets $AMAAS_ROOT to the project: the server then follows that project's registry (promote and rollback switch
 the model within `serve.reload_interval_s`, while requests in flight finish on the model they started
 with), checks API keys from its key store, and appends every prediction to its prediction log. Without
 $AMAAS_ROOT (a container of the bento alone) it serves the bento's own model, with keys and log under
@@ -35,7 +35,6 @@ class ServiceArgs(BaseModel):
     batching: bool = True
     max_batch_size: int = 256
     max_latency_ms: int = 20
-    threshold: float = 0.5
 
 
 ARGS = bentoml.use_arguments(ServiceArgs)
@@ -110,10 +109,9 @@ class AmaasService:
         torch.set_num_threads(1)
         self._pd = pd
         self.models = MODELS.get(ModelBundle.load(Path(self.model_ref.path)))
-        self.threshold = ARGS.threshold
         self.log = PredictionLog(PATHS.prediction_log)
         self.features = [*SETTINGS.data_schema.numeric, *SETTINGS.data_schema.categorical]
-        self.id_column = SETTINGS.data_schema.id_column
+        self.id_column = SETTINGS.data_schema.id_column  # None: the table has no id, nothing to join labels by
         if PROJECT:
             registry = Registry(PATHS.registry)
             self.models.follow(registry)
@@ -133,30 +131,31 @@ class AmaasService:
 
     @bentoml.api(batchable=ARGS.batching, max_batch_size=ARGS.max_batch_size, max_latency_ms=ARGS.max_latency_ms)
     def predict(self, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
-        """Probability of the positive class for each row, with the label, model version and request id."""
+        """For each row: the label and the probability of each class (binary: also of the positive class),
+        or the predicted value; with the model version and the request id."""
         models = self.models.current  # one generation for the whole batch
         champion, challenger = models["champion"], models["challenger"]
         assert champion is not None
         frame = self._pd.DataFrame.from_records(rows)
         routes = [row.get(ROUTE, "champion") for row in rows]
         answered_by = [challenger if route == "challenger" and challenger else champion for route in routes]
-        proba = [0.0] * len(rows)
+        answers: list[dict[str, Any]] = [{}] * len(rows)
         for bundle in {id(b): b for b in answered_by}.values():
             picked = [i for i, b in enumerate(answered_by) if b is bundle]
-            for i, p in zip(picked, bundle.predict_proba(frame.iloc[picked][self.features]), strict=True):
-                proba[i] = float(p)
+            for i, answer in zip(picked, bundle.answers(frame.iloc[picked][self.features]), strict=True):
+                answers[i] = answer
         shadowed = [i for i, route in enumerate(routes) if route == "shadow"] if challenger else []
-        shadow = dict(zip(shadowed, challenger.predict_proba(frame.iloc[shadowed][self.features]), strict=True)
+        shadow = dict(zip(shadowed, challenger.answers(frame.iloc[shadowed][self.features]), strict=True)
                       ) if shadowed and challenger else {}
         out, records, at = [], [], now_iso()
         for i, row in enumerate(rows):
-            result = {"probability": proba[i], "label": int(proba[i] >= self.threshold),
-                      "model_version": answered_by[i].version, "request_id": row.get(REQUEST_ID)}
+            result = {**answers[i], "model_version": answered_by[i].version, "request_id": row.get(REQUEST_ID)}
             out.append(result)
-            record = {"time": at, **result, "route": routes[i], "id": row.get(self.id_column),
+            record = {"time": at, **result, "route": routes[i],
+                      "id": row.get(self.id_column) if self.id_column else None,
                       "features": {f: row.get(f) for f in self.features}}
             if i in shadow:
-                record |= {"shadow_model_version": challenger.version, "shadow_probability": float(shadow[i])}
+                record |= {"shadow_model_version": challenger.version, "shadow": shadow[i]}
             records.append(record)
         self.log.append(records)
         return out

@@ -43,7 +43,8 @@ def _parser() -> argparse.ArgumentParser:
     sub.add_parser("where", help="print where the model, the reports and the endpoint are")
     sc = sub.add_parser("score", help="batch-score a CSV/Parquet file with the champion, in chunks (Dask optional)")
     sc.add_argument("input", type=Path)
-    sc.add_argument("output", type=Path, help="Parquet file of id, probability, label, model_version")
+    sc.add_argument("output", type=Path, help="Parquet file of id, label, probability (binary), "
+                    "proba_<class> per class (or value for regression), model_version")
     sc.add_argument("--version", help="score with this registry version instead of the champion")
     sc.add_argument("--workers", type=int, help="score on a local Dask cluster of this many worker processes")
     keys = sub.add_parser("keys", help="API keys of the HTTP service (stored hashed)")

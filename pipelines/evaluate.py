@@ -1,4 +1,9 @@
-"""evaluate: score the challenger on held-out test rows; write DVC metrics and plots."""
+"""evaluate: score the challenger on held-out test rows; write DVC metrics and plots.
+
+What is measured follows schema.task (pipelines.metrics): ranking, threshold and calibration metrics for
+binary; accuracy, macro/weighted F1, kappa, log loss and a per-class table for multiclass; RMSE, MAE and
+R² for regression. A metric undefined on the test rows is null with the reason, never NaN.
+"""
 
 from __future__ import annotations
 
@@ -11,33 +16,12 @@ from sklearn import metrics as skm
 
 from pipelines.bundle import ModelBundle
 from pipelines.config import Paths, Settings
-from pipelines.io import atomic_path, write_json, write_parquet
+from pipelines.io import atomic_dir, write_json, write_parquet
+from pipelines.metrics import labels_of, score, task_metrics
 from pipelines.transform import normalize_category
 
 log = logging.getLogger(__name__)
-
-
-def classification_metrics(y: np.ndarray, proba: np.ndarray, threshold: float, bins: int = 10
-                           ) -> dict[str, float | None]:
-    """Threshold, ranking and calibration metrics of positive-class probabilities `proba` against labels `y`.
-
-    Kappa and the ranking metrics (ROC-AUC, PR-AUC) need both classes; on rows of one class they are None.
-    """
-    label = (proba >= threshold).astype(int)
-    both = len(np.unique(y)) == 2
-    return {
-        "accuracy": float(skm.accuracy_score(y, label)),
-        "precision": float(skm.precision_score(y, label, zero_division=0)),
-        "recall": float(skm.recall_score(y, label, zero_division=0)),
-        "f1": float(skm.f1_score(y, label, zero_division=0)),
-        "cohen_kappa": float(skm.cohen_kappa_score(y, label)) if both else None,
-        "roc_auc": float(skm.roc_auc_score(y, proba)) if both else None,
-        "pr_auc": float(skm.average_precision_score(y, proba)) if both else None,
-        "log_loss": float(skm.log_loss(y, np.clip(proba, 1e-7, 1 - 1e-7), labels=[0, 1])),
-        "brier": float(skm.brier_score_loss(y, proba)),
-        "calibration_error": float(calibration_table(y, proba, bins).eval("abs(mean_predicted - fraction_positive)"
-                                                                          " * rows").sum() / len(y)),
-    }
+PLOTS_DIR = "plots"
 
 
 def calibration_table(y: np.ndarray, proba: np.ndarray, bins: int) -> pd.DataFrame:
@@ -52,52 +36,107 @@ def calibration_table(y: np.ndarray, proba: np.ndarray, bins: int) -> pd.DataFra
     return table.reset_index()
 
 
-def slice_metrics(test: pd.DataFrame, y: np.ndarray, proba: np.ndarray, columns: list[str], threshold: float,
-                  bins: int) -> dict[str, dict[str, dict[str, float | None]]]:
-    """Metrics per value of each slice column (categories normalized as the model sees them)."""
-    out: dict[str, dict[str, dict[str, float | None]]] = {}
+def calibration_error(y: np.ndarray, proba: np.ndarray, bins: int) -> float:
+    table = calibration_table(y, proba, bins)
+    return float((table["mean_predicted"] - table["fraction_positive"]).abs().mul(table["rows"]).sum() / len(y))
+
+
+def model_metrics(task: str, y: np.ndarray, output: np.ndarray, threshold: float, bins: int
+                  ) -> dict[str, float | None]:
+    """The task's metrics, plus for classification the Brier score and the calibration error of the
+    positive class (binary) or of the top class's confidence (multiclass)."""
+    result = task_metrics(task, y, output, threshold)
+    if task == "binary":
+        result["brier"] = float(skm.brier_score_loss(y, output[:, 1]))
+        result["calibration_error"] = calibration_error(y, output[:, 1], bins)
+    elif task == "multiclass":
+        hit = (labels_of(output) == y).astype(float)
+        result["calibration_error"] = calibration_error(hit, output.max(axis=1), bins)
+    return result
+
+
+def per_class(y: np.ndarray, output: np.ndarray, classes: list[Any], threshold: float) -> dict[str, Any]:
+    """Precision, recall, F1 and support of each class."""
+    precision, recall, f1, support = skm.precision_recall_fscore_support(
+        y, labels_of(output, threshold), labels=list(range(len(classes))), zero_division=0)
+    return {str(c): {"precision": float(precision[i]), "recall": float(recall[i]), "f1": float(f1[i]),
+                     "support": int(support[i])} for i, c in enumerate(classes)}
+
+
+def slice_metrics(test: pd.DataFrame, y: np.ndarray, output: np.ndarray, columns: list[str], task: str,
+                  metric: str, threshold: float) -> dict[str, dict[str, dict[str, Any]]]:
+    """promote.metric and the rows of each value of each slice column (categories as the model sees them)."""
+    out: dict[str, dict[str, dict[str, Any]]] = {}
     for col in columns:
         values = normalize_category(test[col]).fillna("<missing>").to_numpy()
         out[col] = {}
         for value in sorted(set(values)):
             rows = values == value
-            stats = classification_metrics(y[rows], proba[rows], threshold, bins)
-            out[col][str(value)] = {"rows": int(rows.sum()), "positive_rate": float(y[rows].mean()),
-                                    **{k: stats[k] for k in ("roc_auc", "log_loss", "accuracy", "calibration_error")}}
+            out[col][str(value)] = {"rows": int(rows.sum()), metric: score(metric, y[rows], output[rows], threshold)}
+            if task == "binary":
+                out[col][str(value)]["positive_rate"] = float(y[rows].mean())
     return out
 
 
-def _write_csv(path: Any, df: pd.DataFrame) -> None:
-    with atomic_path(path) as tmp:
-        df.to_csv(tmp, index=False, float_format="%.6g")
+def plots(task: str, y: np.ndarray, output: np.ndarray, threshold: float, bins: int, classes: list[Any] | None
+          ) -> dict[str, pd.DataFrame]:
+    """The DVC plots of the task: ROC, precision-recall and calibration curves (binary), the confusion
+    matrix (classification), predicted against actual values and residuals (regression)."""
+    if task == "regression":
+        return {"residuals.csv": pd.DataFrame({"actual": y, "predicted": output, "residual": y - output})}
+    assert classes is not None
+    names = np.asarray([str(c) for c in classes], dtype=object)
+    out = {"confusion.csv": pd.DataFrame({"actual": names[y], "predicted": names[labels_of(output, threshold)]})}
+    if task == "binary":
+        fpr, tpr, _ = skm.roc_curve(y, output[:, 1]) if len(np.unique(y)) == 2 else ([], [], None)
+        precision, recall, _ = skm.precision_recall_curve(y, output[:, 1])
+        out |= {"roc.csv": pd.DataFrame({"fpr": fpr, "tpr": tpr}),
+                "pr.csv": pd.DataFrame({"recall": recall, "precision": precision}),
+                "calibration.csv": calibration_table(y, output[:, 1], bins)}
+    return out
+
+
+def prediction_frame(bundle: ModelBundle, keys: pd.Series, y: np.ndarray, output: np.ndarray, key: str
+                     ) -> pd.DataFrame:
+    """Test predictions as monitoring reads them: key, actual (encoded), prediction (bundle.monitored),
+    and the class probabilities proba_0..proba_{k-1} for classification."""
+    frame = pd.DataFrame({key: keys.to_numpy(), "actual": y, "prediction": bundle.monitored(output)})
+    if output.ndim == 2:
+        for i in range(output.shape[1]):
+            frame[f"proba_{i}"] = output[:, i]
+    return frame
 
 
 def run(settings: Settings, paths: Paths) -> dict[str, Any]:
     """Metrics of the challenger and of each of its learners on data/reference/test.parquet."""
-    schema = settings.data_schema
+    schema, cfg, metric = settings.data_schema, settings.evaluate, settings.promote.metric
     bundle = ModelBundle.load(paths.challenger)
+    task, threshold = bundle.task, bundle.threshold
     test = pd.read_parquet(paths.reference / "test.parquet")
-    y = test[schema.target].to_numpy()
+    y = bundle.transform.encode_target(test[schema.target])
     member_preds = bundle.ensemble.member_predictions(bundle.transform.transform(test))
-    proba = bundle.ensemble.combine(member_preds)[:, 1]  # what bundle.predict_proba gives, members kept
-    cfg = settings.evaluate
-    result = classification_metrics(y, proba, cfg.threshold, cfg.calibration_bins)
+    output = bundle.ensemble.combine(member_preds)  # what bundle.predict gives, members kept
+    result: dict[str, Any] = {"task": task, **model_metrics(task, y, output, threshold, cfg.calibration_bins)}
     for i, name in enumerate(bundle.ensemble.names):
-        result[f"roc_auc_{name}"] = float(skm.roc_auc_score(y, member_preds[:, i]))
+        result[f"{metric}_{name}"] = score(metric, y, member_preds[:, i], threshold)
+    undefined = sorted(k for k, v in result.items() if v is None)
+    if undefined:
+        counts = np.unique(y, return_counts=True) if bundle.classes else ([], [])
+        result["undefined"] = {"metrics": undefined, "reason": f"undefined on these {len(y)} test rows (class "
+                               f"counts {dict(zip(map(int, counts[0]), map(int, counts[1]), strict=True))})"}
+    if task == "binary":
+        result["threshold"] = threshold
+    if bundle.classes is not None:
+        result["per_class"] = per_class(y, output, bundle.classes, threshold)
     result["version"] = bundle.version
     result["test_rows"] = len(test)
     write_json(paths.reports / "metrics.json", result)
-
-    fpr, tpr, _ = skm.roc_curve(y, proba)
-    _write_csv(paths.reports / "plots" / "roc.csv", pd.DataFrame({"fpr": fpr, "tpr": tpr}))
-    precision, recall, _ = skm.precision_recall_curve(y, proba)
-    _write_csv(paths.reports / "plots" / "pr.csv", pd.DataFrame({"recall": recall, "precision": precision}))
-    _write_csv(paths.reports / "plots" / "calibration.csv", calibration_table(y, proba, cfg.calibration_bins))
-    _write_csv(paths.reports / "plots" / "confusion.csv",
-               pd.DataFrame({"actual": y, "predicted": (proba >= cfg.threshold).astype(int)}))
-    slices = slice_metrics(test, y, proba, cfg.slices, cfg.threshold, cfg.calibration_bins)
-    write_json(paths.reports / "slices.json", slices)
+    with atomic_dir(paths.reports / PLOTS_DIR) as folder:
+        for name, frame in plots(task, y, output, threshold, cfg.calibration_bins, bundle.classes).items():
+            frame.to_csv(folder / name, index=False, float_format="%.6g")
+    write_json(paths.reports / "slices.json",
+               slice_metrics(test, y, output, cfg.slices, task, metric, threshold))
     write_parquet(paths.reports / "test_predictions.parquet",
-                  pd.DataFrame({schema.id_column: test[schema.id_column].to_numpy(), "actual": y, "prediction": proba}))
-    log.info("challenger %s: roc_auc=%.4f log_loss=%.4f", bundle.version, result["roc_auc"], result["log_loss"])
-    return {k: result[k] for k in ("version", "roc_auc", "pr_auc", "log_loss", "f1", "calibration_error")}
+                  prediction_frame(bundle, test[schema.key_column], y, output, schema.key_column))
+    log.info("challenger %s: %s=%s on %d test rows", bundle.version, metric, result.get(metric), len(test))
+    return {k: result.get(k) for k in ("version", "task", metric, "test_rows")}

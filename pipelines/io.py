@@ -71,8 +71,10 @@ def atomic_dir(target: Path) -> Iterator[Path]:
 
 
 def write_json(path: Path, obj: Any) -> None:
+    """Strict JSON: a NaN or an infinity raises here rather than reaching a parser that refuses it."""
+    text = json.dumps(obj, indent=2, sort_keys=True, default=str, allow_nan=False)
     with atomic_path(path) as tmp:
-        tmp.write_text(json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n")
+        tmp.write_text(text + "\n")
 
 
 def read_json(path: Path) -> Any:

@@ -116,11 +116,14 @@ def bootstrap_resamples(y: np.ndarray, samples: int, rng: np.random.Generator, c
 
 
 def paired_bootstrap(metric: str, y: np.ndarray, champion: np.ndarray, challenger: np.ndarray, samples: int,
-                     seed: int, threshold: float = 0.5, classification: bool = True) -> dict[str, Any]:
+                     seed: int, thresholds: tuple[float, float] = (0.5, 0.5), classification: bool = True
+                     ) -> dict[str, Any]:
     """Gain of challenger over champion on the same rows (positive: better, in the metric's direction),
-    with a one-sided bootstrap p-value (share of resamples where the gain is <= 0) and a 95% interval."""
+    with a one-sided bootstrap p-value (share of resamples where the gain is <= 0) and a 95% interval.
+    `thresholds`: the binary cut-offs of (champion, challenger), each model's own."""
     def gain(idx: np.ndarray | slice) -> float | None:
-        new, old = score(metric, y[idx], challenger[idx], threshold), score(metric, y[idx], champion[idx], threshold)
+        new = score(metric, y[idx], challenger[idx], thresholds[1])
+        old = score(metric, y[idx], champion[idx], thresholds[0])
         return None if new is None or old is None else improvement(metric, new, old)
 
     observed = gain(slice(None))
@@ -131,3 +134,27 @@ def paired_bootstrap(metric: str, y: np.ndarray, champion: np.ndarray, challenge
     arr = np.asarray(draws)
     return {"gain": observed, "p_value": float(np.mean(arr <= 0)), "ci_low": float(np.quantile(arr, 0.025)),
             "ci_high": float(np.quantile(arr, 0.975)), "bootstrap_samples": len(arr)}
+
+
+def choose_threshold(y: np.ndarray, p1: np.ndarray, costs: tuple[float, float] | None = None) -> dict[str, Any]:
+    """The binary cut-off on the positive-class probability picked on validation rows: the one with the
+    highest F1, or, given (false positive cost, false negative cost), the least expected cost per row.
+    Candidates are the distinct probabilities (label 1 when p >= cut-off); ties go to the one nearest 0.5."""
+    y = np.asarray(y).astype("int64")
+    order = np.argsort(-p1, kind="mergesort")
+    p_sorted, y_sorted = p1[order], y[order]
+    last = np.r_[p_sorted[1:] != p_sorted[:-1], True]  # the last row of each run of equal probabilities
+    tp = np.cumsum(y_sorted)[last]
+    predicted = (np.arange(len(y)) + 1)[last]
+    candidates = p_sorted[last]
+    fp, fn = predicted - tp, y.sum() - tp
+    if costs is None:
+        values = 2 * tp / np.maximum(2 * tp + fp + fn, 1)
+        goodness = values
+    else:
+        values = (costs[0] * fp + costs[1] * fn) / max(len(y), 1)
+        goodness = -values
+    best = np.flatnonzero(goodness == goodness.max())
+    pick = best[np.argmin(np.abs(candidates[best] - 0.5))]
+    return {"threshold": float(candidates[pick]), "criterion": "f1" if costs is None else "expected_cost",
+            "value_on_valid": round(float(values[pick]), 6)}

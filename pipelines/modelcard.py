@@ -5,14 +5,19 @@ from __future__ import annotations
 
 from typing import Any
 
-METRIC_ROWS = ("roc_auc", "pr_auc", "log_loss", "brier", "calibration_error", "accuracy", "precision", "recall",
-               "f1", "cohen_kappa")
+from pipelines.metrics import REPORTED
+
+EXTRA_ROWS = ("brier", "calibration_error")
+WHAT = {"binary": "the probability of each class of `{t}` (two classes: {c}; label cut-off {cut})",
+        "multiclass": "the probability of each class of `{t}` ({c}); the label is the most probable class",
+        "regression": "the value of `{t}`"}
 
 
 def render(metadata: dict[str, Any], metrics: dict[str, Any], slices: dict[str, Any], validation: dict[str, Any],
            drift: dict[str, Any], decision: dict[str, Any], target: str) -> str:
     """The card as Markdown, from the bundle metadata and the reports of the run that produced it."""
     version = metadata["version"]
+    task = metadata.get("task", "binary")
     status = "champion" if decision.get("champion_after") == version else "not promoted"
     lines = [
         f"# Model card: {version}",
@@ -20,7 +25,11 @@ def render(metadata: dict[str, Any], metrics: dict[str, Any], slices: dict[str, 
         f"**Status after its latest gate:** {status} ({decision.get('reason', 'no decision recorded')}).",
         "",
         "## Model",
-        f"- Predicts the probability that `{target}` is 1 for one row of the input table.",
+        "- Predicts " + WHAT[task].format(t=target, c=", ".join(map(str, metadata.get("classes") or [])),
+                                           cut=_num(metadata.get("threshold", 0.5)))
+        + " for one row of the input table."
+        + (f" Cut-off chosen by {choice['criterion']} on the validation rows." if (
+            choice := metadata.get("threshold_choice", {})).get("criterion") in ("f1", "expected_cost") else ""),
         f"- Ensemble: **{metadata['ensemble']}** of "
         + ", ".join(f"{name} (weight {w:.3f})" for name, w in metadata["weights"].items()) + ".",
         f"- Device: {metadata['device']}; trained on: {metadata.get('trained_on', 'this process')}.",
@@ -32,7 +41,8 @@ def render(metadata: dict[str, Any], metrics: dict[str, Any], slices: dict[str, 
         "## Data",
         f"- Data version (md5 of `data/validated/data.parquet`, DVC's hash of it): `{metadata['data_md5']}`.",
         f"- Rows: {metadata['train_rows']} train, {metadata['valid_rows']} validation (early stopping, ensemble "
-        f"weights, tuning), {metrics.get('test_rows', '?')} held-out test; split by time, newest rows last.",
+        f"weights, tuning), {metrics.get('test_rows', '?')} held-out test "
+        f"(prepare.split: by time, newest rows last, or random; stratified by class).",
         f"- Validation: {validation.get('rows_in', '?')} rows in {validation.get('batches', '?')} batches, "
         f"{validation.get('rows_quarantined', '?')} quarantined ({validation.get('bad_share', 0):.2%}).",
         f"- Monitoring of {drift.get('current', '?')} against the champion's reference at training time: "
@@ -43,15 +53,21 @@ def render(metadata: dict[str, Any], metrics: dict[str, Any], slices: dict[str, 
         "",
         "| metric | value |",
         "| --- | --- |",
-        *(f"| {m} | {_num(metrics.get(m))} |" for m in METRIC_ROWS if m in metrics),
-        *(f"| {k} | {_num(v)} |" for k, v in sorted(metrics.items()) if k.startswith("roc_auc_")),
+        *(f"| {m} | {_num(metrics.get(m))} |" for m in (*REPORTED[task], *EXTRA_ROWS) if m in metrics),
+        *(f"| {k} | {_num(v)} |" for k, v in sorted(metrics.items())
+          if k.startswith(f"{decision.get('metric')}_") and not isinstance(v, dict)),
     ]
+    if metrics.get("per_class"):
+        lines += ["", "### Per class", "", "| class | precision | recall | F1 | rows |",
+                  "| --- | --- | --- | --- | --- |"]
+        lines += [f"| {c} | {_num(s['precision'])} | {_num(s['recall'])} | {_num(s['f1'])} | {s['support']} |"
+                  for c, s in metrics["per_class"].items()]
     for column, values in slices.items():
-        lines += ["", f"### By {column}", "",
-                  "| value | rows | positive rate | ROC-AUC | log loss | calibration error |",
-                  "| --- | --- | --- | --- | --- | --- |"]
-        lines += [f"| {value} | {s['rows']} | {_num(s['positive_rate'])} | {_num(s['roc_auc'])} | "
-                  f"{_num(s['log_loss'])} | {_num(s['calibration_error'])} |" for value, s in values.items()]
+        fields = [k for k in next(iter(values.values()), {}) if k != "rows"]
+        lines += ["", f"### By {column}", "", "| value | rows | " + " | ".join(fields) + " |",
+                  "| --- | --- |" + " --- |" * len(fields)]
+        lines += [f"| {value} | {s['rows']} | " + " | ".join(_num(s[f]) for f in fields) + " |"
+                  for value, s in values.items()]
     lines += [
         "",
         "## Lineage",
@@ -61,7 +77,7 @@ def render(metadata: dict[str, Any], metrics: dict[str, Any], slices: dict[str, 
         "",
         "## Promotion decision",
     ]
-    if "gain" in decision:
+    if decision.get("gain") is not None:
         lines.append(f"- Gate on {decision['metric']}: gain {decision['gain']:+.4f} over champion "
                      f"{decision['champion_before']} (95% bootstrap CI {decision['ci_low']:+.4f} to "
                      f"{decision['ci_high']:+.4f}, p={decision['p_value']:.3f}); needs >= "

@@ -1,8 +1,9 @@
 """promote: the challenger replaces the champion only if it is measurably better on the same rows.
 
-Gate: gain = metric(challenger) - metric(champion) on the current held-out test rows must be at
-least promote.min_improvement, and a paired bootstrap must say the gain is significant
-(share of resamples with gain <= 0 at most promote.max_p_value). The decision and its numbers
+Gate: the gain of the challenger over the champion in promote.metric on the current held-out test rows
+(in the metric's direction: a lower RMSE or log loss is a gain) must be at least promote.min_improvement,
+and a paired bootstrap must say the gain is significant (share of resamples with gain <= 0 at most
+promote.max_p_value). The decision and its numbers
 are recorded in the registry and in reports/promotion.json.
 """
 
@@ -10,44 +11,20 @@ from __future__ import annotations
 
 import getpass
 import logging
-from collections.abc import Iterator
 from datetime import UTC, datetime
 from typing import Any
 
-import numpy as np
 import pandas as pd
-from sklearn import metrics as skm
 
 from pipelines import modelcard
 from pipelines.alerts import alert
-from pipelines.bundle import METADATA_FILE
+from pipelines.bundle import METADATA_FILE, ModelBundle
 from pipelines.config import Paths, Settings
 from pipelines.io import read_json, write_json, write_text
+from pipelines.metrics import improvement, paired_bootstrap
 from pipelines.registry import SAMPLE_FILE, TEST_PREDICTIONS_FILE, Registry
 
 log = logging.getLogger(__name__)
-METRICS = {"roc_auc": skm.roc_auc_score, "pr_auc": skm.average_precision_score}
-
-
-def bootstrap_resamples(y: np.ndarray, samples: int, rng: np.random.Generator) -> Iterator[np.ndarray]:
-    """Row indexes of `samples` resamples with replacement, less those with one class (they have no AUC)."""
-    for _ in range(samples):
-        idx = rng.integers(0, len(y), len(y))
-        if y[idx].min() != y[idx].max():
-            yield idx
-
-
-def paired_bootstrap(y: np.ndarray, champion: np.ndarray, challenger: np.ndarray, metric: str,
-                     samples: int, seed: int) -> dict[str, float]:
-    """Gain of challenger over champion on the same rows, with a one-sided bootstrap p-value."""
-    score = METRICS[metric]
-    gain = float(score(y, challenger) - score(y, champion))
-    arr = np.asarray([score(y[idx], challenger[idx]) - score(y[idx], champion[idx])
-                      for idx in bootstrap_resamples(y, samples, np.random.default_rng(seed))])
-    return {"gain": gain, "p_value": float(np.mean(arr <= 0)), "ci_low": float(np.quantile(arr, 0.025)),
-            "ci_high": float(np.quantile(arr, 0.975)), "bootstrap_samples": len(arr)}
-
-
 def run(settings: Settings, paths: Paths) -> dict[str, Any]:
     """Register the challenger; make it champion if the gate passes (or if there is no champion)."""
     cfg = settings.promote
@@ -63,19 +40,11 @@ def run(settings: Settings, paths: Paths) -> dict[str, Any]:
     decision: dict[str, Any] = {"challenger": challenger, "champion_before": champion, "metric": cfg.metric,
                                 "min_improvement": cfg.min_improvement, "max_p_value": cfg.max_p_value}
     if champion is None:
-        decision |= {"promoted": True, "reason": "no champion yet"}
+        decision |= first_champion(cfg.metric, found["metrics"].get(cfg.metric), cfg.min_first_metric)
     elif champion == challenger:
         decision |= {"promoted": False, "reason": "challenger is already the champion"}
     else:
-        test = pd.read_parquet(paths.reference / "test.parquet")
-        y = test[settings.data_schema.target].to_numpy()
-        stats = paired_bootstrap(y, registry.load(champion).predict_proba(test),
-                                 registry.load(challenger).predict_proba(test),
-                                 cfg.metric, cfg.bootstrap_samples, settings.seed)
-        better = stats["gain"] >= cfg.min_improvement and stats["p_value"] <= cfg.max_p_value
-        reason = (f"gain {stats['gain']:+.4f} {cfg.metric} (p={stats['p_value']:.3f}) "
-                  + ("passes" if better else "fails") + f" the gate (>= {cfg.min_improvement}, p <= {cfg.max_p_value})")
-        decision |= {"promoted": better, "reason": reason, **stats}
+        decision |= gate(settings, paths, registry.load(champion), registry.load(challenger))
     if decision["promoted"]:
         registry.set_champion(challenger)
     decision["champion_after"] = registry.champion
@@ -91,6 +60,39 @@ def run(settings: Settings, paths: Paths) -> dict[str, Any]:
               decision)
     log.info("promotion decision: %s -> champion %s (%s)", challenger, decision["champion_after"], decision["reason"])
     return decision
+
+
+def first_champion(metric: str, value: float | None, minimum: float | None) -> dict[str, Any]:
+    """The first champion needs a defined metric that reaches promote.min_first_metric (when set)."""
+    if value is None:
+        return {"promoted": False, "reason": f"no champion yet, but the challenger's {metric} is undefined on the "
+                                             f"test rows (see reports/metrics.json): not promoted"}
+    if minimum is not None and improvement(metric, value, minimum) < 0:
+        return {"promoted": False, "reason": f"no champion yet, but the challenger's {metric} {value:.4f} does not "
+                                             f"reach promote.min_first_metric {minimum}: not promoted"}
+    return {"promoted": True, "reason": f"no champion yet; {metric} {value:.4f}"
+                                        + (f" reaches {minimum}" if minimum is not None else "")}
+
+
+def gate(settings: Settings, paths: Paths, champion: ModelBundle, challenger: ModelBundle) -> dict[str, Any]:
+    """Paired bootstrap of the challenger against the champion on this run's test rows."""
+    cfg = settings.promote
+    if (champion.task, champion.classes) != (challenger.task, challenger.classes):
+        return {"promoted": False, "reason": f"the champion predicts {champion.task} {champion.classes}, the "
+                                             f"challenger {challenger.task} {challenger.classes}: they cannot be "
+                                             f"compared on the same rows; promote by hand with `amaas promote "
+                                             f"--force` if the change is intended"}
+    test = pd.read_parquet(paths.reference / "test.parquet")
+    y = challenger.transform.encode_target(test[settings.data_schema.target])
+    stats = paired_bootstrap(cfg.metric, y, champion.predict(test), challenger.predict(test), cfg.bootstrap_samples,
+                             settings.seed, (champion.threshold, challenger.threshold),
+                             classification=challenger.classes is not None)
+    if stats["gain"] is None:
+        return {"promoted": False, "reason": f"{cfg.metric} is undefined on the test rows: no verdict", **stats}
+    better = stats["gain"] >= cfg.min_improvement and stats["p_value"] <= cfg.max_p_value
+    reason = (f"gain {stats['gain']:+.4f} {cfg.metric} (p={stats['p_value']:.3f}) "
+              + ("passes" if better else "fails") + f" the gate (>= {cfg.min_improvement}, p <= {cfg.max_p_value})")
+    return {"promoted": better, "reason": reason, **stats}
 
 
 def _operator_record(action: str, **fields: Any) -> dict[str, Any]:

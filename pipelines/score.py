@@ -43,11 +43,20 @@ def read_chunks(path: Path, chunk_rows: int) -> Iterator[pd.DataFrame]:
         raise ValueError(f"input {path} must be a .parquet or .csv file")
 
 
-def score_chunk(bundle: ModelBundle, rows: pd.DataFrame, threshold: float, id_column: str) -> pd.DataFrame:
-    """Predictions for one chunk: the id (when the input has it), probability, label, model version."""
-    proba = bundle.predict_proba(rows)
-    out = pd.DataFrame({"probability": proba, "label": (proba >= threshold).astype("int64")})
-    if id_column in rows.columns:
+def score_chunk(bundle: ModelBundle, rows: pd.DataFrame, id_column: str | None) -> pd.DataFrame:
+    """Predictions for one chunk: the id (when the input has it); the label and each class's probability
+    (`proba_<class>`), or the value; the model version."""
+    output = bundle.predict(rows)
+    if bundle.classes is None:
+        out = pd.DataFrame({"value": output})
+    else:
+        numeric = all(isinstance(c, int) for c in bundle.classes)
+        out = pd.DataFrame({"label": pd.Series(bundle.labels(output), dtype="int64" if numeric else object)})
+        if bundle.task == "binary":
+            out["probability"] = output[:, 1]  # of the positive class, the last of `classes`
+        for i, label in enumerate(bundle.classes):
+            out[f"proba_{label}"] = output[:, i]
+    if id_column is not None and id_column in rows.columns:
         out.insert(0, id_column, rows[id_column].to_numpy())
     out["model_version"] = bundle.version
     return out
@@ -62,7 +71,7 @@ def run(settings: Settings, paths: Paths, input_path: Path, output_path: Path, v
         raise RegistryError("no champion to score with yet: run `amaas run` first, or pass --version")
     bundle = ModelBundle.load(registry.version_dir(version))
     chunks = read_chunks(input_path, settings.scale.score_chunk_rows)
-    args = (settings.evaluate.threshold, settings.data_schema.id_column)
+    args = (settings.data_schema.id_column,)
     address = "local" if workers else settings.scale.dask_scheduler
     with dask_cluster(address, workers or settings.scale.dask_workers) as client:
         where = describe(client)

@@ -35,15 +35,16 @@ def row_model(schema: SchemaConfig) -> type[BaseModel]:
     """The pydantic model of one input row, from the schema in params.yaml.
 
     Numeric features must lie in their ranges (nullable ones may be null); categories are free text,
-    cleaned and encoded by the fitted transform (an unseen one is the unknown category). The id is
-    optional: sent, it is logged so delayed labels can be joined to the prediction.
+    cleaned and encoded by the fitted transform (an unseen one is the unknown category; null, where the
+    column is nullable, is the missing category). The id is optional: sent, it is logged so delayed labels
+    can be joined to the prediction.
     """
-    fields: dict[str, Any] = {schema.id_column: (int | None, None)}
+    fields: dict[str, Any] = {schema.id_column: (int | str | None, None)} if schema.id_column else {}
     for col, rule in schema.numeric.items():
         bounded = Field(ge=rule.min, le=rule.max, default=None if rule.nullable else ...)
         fields[col] = (float | None, bounded) if rule.nullable else (float, bounded)
-    for col in schema.categorical:
-        fields[col] = (str, ...)
+    for col, cat in schema.categorical.items():
+        fields[col] = (str | None, None) if cat.nullable else (str, ...)
     return create_model("Row", __config__=ConfigDict(extra="forbid"), **fields)
 
 

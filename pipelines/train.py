@@ -6,12 +6,14 @@ import logging
 import shutil
 from typing import Any
 
+import numpy as np
 import pandas as pd
 
 from pipelines.bundle import ENSEMBLE_DIR, METADATA_FILE, TRANSFORM_FILE
 from pipelines.config import Paths, Settings
 from pipelines.io import atomic_dir, tree_sha256, write_json
 from pipelines.lineage import git_commit, md5_of
+from pipelines.metrics import choose_threshold
 from pipelines.models import LEARNERS, Ensemble, Learner, resolve_device
 from pipelines.models.cluster import dask_cluster, describe
 from pipelines.transform import FeatureTransform
@@ -20,10 +22,11 @@ from pipelines.tuning import tune
 log = logging.getLogger(__name__)
 
 
-def build_learners(settings: Settings, cardinalities: dict[str, int]) -> list[Learner]:
-    """One learner per name in train.learners, configured from its params section."""
+def build_learners(settings: Settings, transform: FeatureTransform) -> list[Learner]:
+    """One learner per name in train.learners, configured from its params section, for the schema's task."""
     cfg = settings.train
-    common = {"categorical": cardinalities, "seed": settings.seed, "threads": cfg.threads, "device": cfg.device}
+    common = {"categorical": transform.cardinalities, "seed": settings.seed, "threads": cfg.threads,
+              "device": cfg.device, "task": transform.task, "n_classes": len(transform.classes or ())}
     return [LEARNERS[name](**common, **getattr(cfg, name).model_dump()) for name in cfg.learners]
 
 
@@ -39,11 +42,12 @@ def run(settings: Settings, paths: Paths) -> dict[str, Any]:
     cfg = settings.train
     with dask_cluster(settings.scale.dask_scheduler, settings.scale.dask_workers) as client:
         trained_on = describe(client)  # LightGBM and XGBoost train there; the MLP trains here
-        learners, tuning = tune(build_learners(settings, transform.cardinalities), cfg.tuning, settings.seed,
+        learners, tuning = tune(build_learners(settings, transform), cfg.tuning, settings.seed,
                                 X, y, X_valid, y_valid)
         ensemble = Ensemble(learners, cfg.ensemble, cfg.stacking_folds, settings.seed, cfg.bags)
         ensemble.fit(X, y, X_valid, y_valid)
     write_json(paths.reports / "tuning.json", tuning)
+    threshold = pick_threshold(settings, transform.task, y_valid, ensemble.predict_output(X_valid))
 
     with atomic_dir(paths.challenger) as out:
         shutil.copy2(paths.features / TRANSFORM_FILE, out / TRANSFORM_FILE)
@@ -53,7 +57,11 @@ def run(settings: Settings, paths: Paths) -> dict[str, Any]:
             "version": version,
             "ensemble": ensemble.method,
             "learners": ensemble.names,
-            "weights": dict(zip(ensemble.names, ensemble.weights_.tolist(), strict=True)),
+            "task": transform.task,
+            "classes": transform.classes,
+            "threshold": threshold["threshold"],
+            "threshold_choice": threshold,
+            "weights": dict(zip(ensemble.names, ensemble.member_weights.tolist(), strict=True)),
             "member_valid_log_loss": ensemble.member_valid_log_loss_,
             "device": resolve_device(settings.train.device),
             "trained_on": trained_on,
@@ -75,3 +83,17 @@ def run(settings: Settings, paths: Paths) -> dict[str, Any]:
                                               **{f"weight_{n}": w for n, w in metadata["weights"].items()}})
     log.info("trained challenger %s", version)
     return summary
+
+
+def pick_threshold(settings: Settings, task: str, y_valid: np.ndarray, output: np.ndarray) -> dict[str, Any]:
+    """The binary label cut-off: evaluate.threshold as set, or picked on the validation rows (auto)."""
+    cfg = settings.evaluate
+    if task != "binary":
+        return {"threshold": 0.5, "criterion": "argmax" if task == "multiclass" else "none"}
+    if cfg.threshold != "auto":
+        return {"threshold": float(cfg.threshold), "criterion": "evaluate.threshold"}
+    costs = (cfg.costs.false_positive, cfg.costs.false_negative) if cfg.costs else None
+    chosen = choose_threshold(y_valid, output[:, 1], costs)
+    log.info("threshold %.4f picked on %d validation rows (%s %.4f)", chosen["threshold"], len(y_valid),
+             chosen["criterion"], chosen["value_on_valid"])
+    return chosen

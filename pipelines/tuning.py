@@ -18,7 +18,7 @@ import pandas as pd
 
 from pipelines.config import SearchRange, TuningConfig
 from pipelines.models import Learner
-from pipelines.models.base import log_loss
+from pipelines.models.base import valid_loss
 
 log = logging.getLogger(__name__)
 
@@ -53,7 +53,7 @@ def tune(learners: list[Learner], cfg: TuningConfig, seed: int, X: pd.DataFrame,
                 break
             params = {} if k == 0 else sample(space, np.random.default_rng([seed, j, k]))
             candidate = type(learner)(**{**learner.get_params(), **params})
-            loss = log_loss(y_valid, candidate.fit(X, y, X_valid, y_valid).predict_proba(X_valid)[:, 1])
+            loss = valid_loss(y_valid, candidate.fit(X, y, X_valid, y_valid).predict_output(X_valid))
             trials.append({"trial": k, "params": params, "valid_log_loss": loss})
             if loss < best_loss:
                 best, best_loss = candidate, loss

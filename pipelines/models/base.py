@@ -52,9 +52,15 @@ class Learner:
             y_valid: np.ndarray | None = None) -> Self:
         raise NotImplementedError
 
-    def predict_proba(self, X: pd.DataFrame) -> np.ndarray:
-        """Probabilities of shape (n, 2), like scikit-learn."""
+    def predict_output(self, X: pd.DataFrame) -> np.ndarray:
+        """Class probabilities (n, k) for classification, values (n,) for regression (pipelines.metrics)."""
         raise NotImplementedError
+
+    def predict_proba(self, X: pd.DataFrame) -> np.ndarray:
+        """Class probabilities (n, k), like scikit-learn."""
+        if self.params.get("task") == "regression":
+            raise TypeError("a regression model has no class probabilities: use predict_output")
+        return self.predict_output(X)
 
     def save(self, path: Path) -> None:
         path.mkdir(parents=True, exist_ok=True)
@@ -81,12 +87,22 @@ class Learner:
         raise NotImplementedError
 
 
-def as_proba(p1: np.ndarray) -> np.ndarray:
-    p1 = np.clip(np.asarray(p1, dtype="float64"), 0.0, 1.0)
-    return np.column_stack([1.0 - p1, p1])
+def as_output(raw: np.ndarray, task: str) -> np.ndarray:
+    """A booster's raw prediction in the canonical shape: (n, 2) from positive-class probabilities,
+    (n, k) multiclass probabilities as they are, (n,) values."""
+    raw = np.asarray(raw, dtype="float64")
+    if task == "binary":
+        p1 = np.clip(raw.reshape(-1), 0.0, 1.0)
+        return np.column_stack([1.0 - p1, p1])
+    if task == "multiclass":
+        return raw.reshape(len(raw), -1)
+    return raw.reshape(-1)
 
 
-def log_loss(y: np.ndarray, p: np.ndarray) -> float:
-    """Binary log loss with probabilities clipped away from 0 and 1."""
-    p = np.clip(p, 1e-7, 1 - 1e-7)
-    return float(-np.mean(y * np.log(p) + (1 - y) * np.log(1 - p)))
+def valid_loss(y: np.ndarray, output: np.ndarray) -> float:
+    """What early stopping, tuning and blend weights minimize: log loss (probabilities) or mean squared error."""
+    y = np.asarray(y)
+    if output.ndim == 2:
+        p = np.clip(output[np.arange(len(y)), y.astype("int64")], 1e-7, 1.0)
+        return float(-np.mean(np.log(p)))
+    return float(np.mean((y.astype("float64") - output) ** 2))

@@ -11,7 +11,7 @@ import pandas as pd
 from scipy.optimize import minimize
 from scipy.special import expit, logit, softmax
 
-from pipelines.models.base import Learner, as_proba, log, log_loss
+from pipelines.models.base import Learner, log, valid_loss
 
 METHODS = ("averaging", "blending", "stacking", "bagging")
 
@@ -36,6 +36,10 @@ class Ensemble:
         """One name per member: the learner kind, with the bag number when bagging."""
         return getattr(self, "names_", [learner.kind for learner in self.learners])
 
+    @property
+    def task(self) -> str:
+        return str(self.learners[0].params.get("task", "binary"))
+
     def fit(self, X: pd.DataFrame, y: np.ndarray, X_valid: pd.DataFrame, y_valid: np.ndarray) -> Self:
         y, y_valid = np.asarray(y), np.asarray(y_valid)
         if self.method == "stacking":
@@ -45,15 +49,26 @@ class Ensemble:
         else:
             self.members_ = [learner.clone().fit(X, y, X_valid, y_valid) for learner in self.learners]
         valid_preds = self.member_predictions(X_valid)
-        self.member_valid_log_loss_ = {n: log_loss(y_valid, valid_preds[:, i]) for i, n in enumerate(self.names)}
+        self.member_valid_log_loss_ = {n: valid_loss(y_valid, valid_preds[:, i]) for i, n in enumerate(self.names)}
+        self.intercept_: Any = 0.0
         if self.method in ("averaging", "bagging"):
             self.weights_ = np.full(len(self.members_), 1 / len(self.members_))
         elif self.method == "blending":
             self.weights_ = self._fit_blend_weights(valid_preds, y_valid)
         else:
             self.weights_, self.intercept_ = self._fit_meta(meta_X, y)
-        log.info("ensemble %s weights %s", self.method, dict(zip(self.names, np.round(self.weights_, 4), strict=True)))
+        log.info("ensemble %s weights %s", self.method, dict(zip(self.names, np.round(self.member_weights, 4),
+                                                                  strict=True)))
         return self
+
+    @property
+    def member_weights(self) -> np.ndarray:
+        """One weight per member, for people: the blend weights, or the size of each member's stacking
+        coefficients (a matrix for multiclass and regression meta-learners)."""
+        w = np.asarray(self.weights_, dtype="float64")
+        if w.ndim == 1:
+            return w
+        return np.abs(w).reshape(w.shape[0], len(self.members_), -1).sum(axis=(0, 2))
 
     def _bag(self, X: pd.DataFrame, y: np.ndarray, X_valid: pd.DataFrame, y_valid: np.ndarray
              ) -> tuple[list[str], list[Learner]]:
@@ -68,44 +83,76 @@ class Ensemble:
 
     def _out_of_fold(self, X: pd.DataFrame, y: np.ndarray) -> np.ndarray:
         """Each training row predicted by learners that never saw it: the meta-learner's inputs."""
-        from sklearn.model_selection import StratifiedKFold
+        from sklearn.model_selection import KFold, StratifiedKFold
 
-        oof = np.zeros((len(X), len(self.learners)))
-        splitter = StratifiedKFold(self.folds, shuffle=True, random_state=self.seed)
-        for fit_idx, pred_idx in splitter.split(X, y):
+        oof: np.ndarray | None = None
+        if self.task == "regression":
+            splits = KFold(self.folds, shuffle=True, random_state=self.seed).split(X)
+        else:  # a class rarer than the folds still lands in some folds; sklearn warns, the others stay stratified
+            splits = StratifiedKFold(self.folds, shuffle=True, random_state=self.seed).split(X, y)
+        for fit_idx, pred_idx in splits:
             X_fit, y_fit = X.iloc[fit_idx], y[fit_idx]
             X_hold, y_hold = X.iloc[pred_idx], y[pred_idx]
-            for j, learner in enumerate(self.learners):
-                model = learner.clone().fit(X_fit, y_fit, X_hold, y_hold)
-                oof[pred_idx, j] = model.predict_proba(X_hold)[:, 1]
+            held = np.stack([learner.clone().fit(X_fit, y_fit, X_hold, y_hold).predict_output(X_hold)
+                             for learner in self.learners], axis=1)
+            if oof is None:
+                oof = np.zeros((len(X), *held.shape[1:]))
+            oof[pred_idx] = held
+        assert oof is not None
         return oof
 
-    @staticmethod
-    def _fit_blend_weights(preds: np.ndarray, y: np.ndarray) -> np.ndarray:
-        """Non-negative weights summing to 1 that minimize validation log loss."""
+    def _fit_blend_weights(self, preds: np.ndarray, y: np.ndarray) -> np.ndarray:
+        """Non-negative weights summing to 1 that minimize validation log loss (or squared error)."""
         def loss(z: np.ndarray) -> float:
-            return log_loss(y, preds @ softmax(z))
+            return valid_loss(y, np.tensordot(softmax(z), preds, axes=(0, 1)))
 
         res = minimize(loss, np.zeros(preds.shape[1]), method="L-BFGS-B")
         return softmax(res.x)
 
-    def _fit_meta(self, oof: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, float]:
+    def _meta_features(self, member_preds: np.ndarray) -> np.ndarray:
+        """The stacking meta-learner's inputs: each member's positive-class logit (binary), log
+        probabilities of every class (multiclass), or predicted values (regression)."""
+        if self.task == "binary":
+            return _clipped_logit(member_preds[:, :, 1])
+        if self.task == "multiclass":
+            return np.log(np.clip(member_preds, 1e-6, 1.0)).reshape(len(member_preds), -1)
+        return member_preds
+
+    def _fit_meta(self, oof: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, Any]:
+        features = self._meta_features(oof)
+        if self.task == "regression":
+            from sklearn.linear_model import LinearRegression
+
+            reg = LinearRegression(positive=True).fit(features, y)
+            return reg.coef_.astype("float64"), float(reg.intercept_)
         from sklearn.linear_model import LogisticRegression
 
-        meta = LogisticRegression(C=1.0, random_state=self.seed).fit(_clipped_logit(oof), y)
-        return meta.coef_[0].astype("float64"), float(meta.intercept_[0])
+        meta = LogisticRegression(C=1.0, random_state=self.seed, max_iter=1000).fit(features, y)
+        if self.task == "binary":
+            return meta.coef_[0].astype("float64"), float(meta.intercept_[0])
+        return meta.coef_.astype("float64"), meta.intercept_.astype("float64").tolist()
 
     def member_predictions(self, X: pd.DataFrame) -> np.ndarray:
-        return np.column_stack([m.predict_proba(X)[:, 1] for m in self.members_])
+        """Every member's output side by side: (n, members, k) probabilities or (n, members) values."""
+        return np.stack([m.predict_output(X) for m in self.members_], axis=1)
 
     def combine(self, member_preds: np.ndarray) -> np.ndarray:
-        """Ensemble probabilities (n, 2) from the members' positive-class probabilities."""
-        if self.method == "stacking":
-            return as_proba(expit(_clipped_logit(member_preds) @ self.weights_ + self.intercept_))
-        return as_proba(member_preds @ self.weights_)
+        """The ensemble's output from its members' outputs (see member_predictions)."""
+        if self.method != "stacking":
+            return np.tensordot(np.asarray(self.weights_), member_preds, axes=(0, 1))
+        z = self._meta_features(member_preds) @ np.asarray(self.weights_).T + np.asarray(self.intercept_)
+        if self.task == "binary":
+            p1 = expit(z)
+            return np.column_stack([1.0 - p1, p1])
+        if self.task == "multiclass":
+            return softmax(z, axis=1)
+        return z
+
+    def predict_output(self, X: pd.DataFrame) -> np.ndarray:
+        return self.combine(self.member_predictions(X))
 
     def predict_proba(self, X: pd.DataFrame) -> np.ndarray:
-        return self.combine(self.member_predictions(X))
+        return self.predict_output(X)
 
     def save(self, path: Path) -> None:
         path.mkdir(parents=True, exist_ok=True)
@@ -113,7 +160,7 @@ class Ensemble:
             member.save(path / name)
         meta: dict[str, Any] = {"method": self.method, "folds": self.folds, "seed": self.seed, "bags": self.bags,
                                 "members": self.names,
-                                "weights_": self.weights_.tolist(), "intercept_": getattr(self, "intercept_", 0.0),
+                                "weights_": np.asarray(self.weights_).tolist(), "intercept_": self.intercept_,
                                 "member_valid_log_loss_": self.member_valid_log_loss_}
         (path / "ensemble.json").write_text(json.dumps(meta, indent=2, sort_keys=True))
 

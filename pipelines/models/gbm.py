@@ -9,8 +9,19 @@ from typing import Any, Self
 import numpy as np
 import pandas as pd
 
-from pipelines.models.base import Learner, as_proba, log, resolve_device
+from pipelines.models.base import Learner, as_output, log, resolve_device
 from pipelines.models.cluster import current_client, describe, partitioned
+
+_LGB_OBJECTIVES = {
+    "binary": lambda k: {"objective": "binary"},
+    "multiclass": lambda k: {"objective": "multiclass", "num_class": k},
+    "regression": lambda k: {"objective": "regression"},
+}
+_XGB_OBJECTIVES = {
+    "binary": lambda k: {"objective": "binary:logistic", "eval_metric": "logloss"},
+    "multiclass": lambda k: {"objective": "multi:softprob", "eval_metric": "mlogloss", "num_class": k},
+    "regression": lambda k: {"objective": "reg:squarederror", "eval_metric": "rmse"},
+}
 
 
 class LightGBMLearner(Learner):
@@ -18,10 +29,12 @@ class LightGBMLearner(Learner):
 
     def __init__(self, categorical: dict[str, int] | None = None, n_estimators: int = 400,
                  learning_rate: float = 0.05, num_leaves: int = 31, min_child_samples: int = 20,
-                 early_stopping_rounds: int = 30, seed: int = 0, threads: int = 1, device: str = "auto") -> None:
+                 early_stopping_rounds: int = 30, seed: int = 0, threads: int = 1, device: str = "auto",
+                 task: str = "binary", n_classes: int = 2) -> None:
         super().__init__(categorical=categorical or {}, n_estimators=n_estimators, learning_rate=learning_rate,
                          num_leaves=num_leaves, min_child_samples=min_child_samples,
-                         early_stopping_rounds=early_stopping_rounds, seed=seed, threads=threads, device=device)
+                         early_stopping_rounds=early_stopping_rounds, seed=seed, threads=threads, device=device,
+                         task=task, n_classes=n_classes)
 
     def fit(self, X: pd.DataFrame, y: np.ndarray, X_valid: pd.DataFrame | None = None,
             y_valid: np.ndarray | None = None) -> Self:
@@ -32,7 +45,8 @@ class LightGBMLearner(Learner):
         self.device_ = "cpu"
         log.info("lightgbm: device=cpu (PyPI build has no CUDA), requested %s", resolve_device(p["device"]))
         params = {
-            "objective": "binary", "learning_rate": p["learning_rate"], "num_leaves": p["num_leaves"],
+            **_LGB_OBJECTIVES[p["task"]](p["n_classes"]), "learning_rate": p["learning_rate"],
+            "num_leaves": p["num_leaves"],
             "min_child_samples": p["min_child_samples"], "seed": p["seed"], "num_threads": p["threads"],
             "deterministic": True, "force_row_wise": True, "verbosity": -1,
         }
@@ -56,8 +70,9 @@ class LightGBMLearner(Learner):
         would have kept it."""
         import lightgbm as lgb
 
-        p = {k: v for k, v in params.items() if k not in ("objective", "seed", "num_threads")}
-        model = lgb.DaskLGBMClassifier(client=client, n_estimators=self.params["n_estimators"],
+        p = {k: v for k, v in params.items() if k not in ("objective", "num_class", "seed", "num_threads")}
+        estimator = lgb.DaskLGBMRegressor if self.params["task"] == "regression" else lgb.DaskLGBMClassifier
+        model = estimator(client=client, n_estimators=self.params["n_estimators"],
                                        random_state=params["seed"], **p)
         dX, dy = partitioned(client, X, pd.Series(y, index=X.index))
         fit: dict[str, Any] = {"categorical_feature": cats or "auto"}
@@ -67,13 +82,14 @@ class LightGBMLearner(Learner):
         model.fit(dX, dy, **fit)
         self.booster_ = model.booster_
         if X_valid is not None:
-            losses = model.evals_result_["valid"]["binary_logloss"]
+            losses = next(iter(model.evals_result_["valid"].values()))
             self.booster_.best_iteration = int(np.argmin(losses)) + 1
         log.info("lightgbm: trained on %s", describe(client))
         return self
 
-    def predict_proba(self, X: pd.DataFrame) -> np.ndarray:
-        return as_proba(self.booster_.predict(X, num_iteration=self.booster_.best_iteration or None))
+    def predict_output(self, X: pd.DataFrame) -> np.ndarray:
+        return as_output(self.booster_.predict(X, num_iteration=self.booster_.best_iteration or None),
+                         self.params["task"])
 
     def _state(self) -> dict[str, Any]:
         return {"device_": self.device_}
@@ -93,10 +109,11 @@ class XGBoostLearner(Learner):
 
     def __init__(self, categorical: dict[str, int] | None = None, n_estimators: int = 400,
                  learning_rate: float = 0.05, max_depth: int = 5, early_stopping_rounds: int = 30,
-                 seed: int = 0, threads: int = 1, device: str = "auto") -> None:
+                 seed: int = 0, threads: int = 1, device: str = "auto", task: str = "binary",
+                 n_classes: int = 2) -> None:
         super().__init__(categorical=categorical or {}, n_estimators=n_estimators, learning_rate=learning_rate,
                          max_depth=max_depth, early_stopping_rounds=early_stopping_rounds, seed=seed,
-                         threads=threads, device=device)
+                         threads=threads, device=device, task=task, n_classes=n_classes)
 
     def _categorized(self, X: pd.DataFrame) -> pd.DataFrame:
         X = X.copy()
@@ -117,7 +134,7 @@ class XGBoostLearner(Learner):
         self.device_ = resolve_device(p["device"])
         log.info("xgboost: device=%s", self.device_)
         params = {
-            "objective": "binary:logistic", "eval_metric": "logloss", "eta": p["learning_rate"],
+            **_XGB_OBJECTIVES[p["task"]](p["n_classes"]), "eta": p["learning_rate"],
             "max_depth": p["max_depth"], "seed": p["seed"], "nthread": p["threads"], "tree_method": "hist",
             "device": self.device_, "max_cat_to_onehot": 1,
         }
@@ -143,10 +160,10 @@ class XGBoostLearner(Learner):
         dX, dy = partitioned(client, self._categorized(X), pd.Series(y, index=X.index))
         return xgboost.dask.DaskDMatrix(client, dX, dy, enable_categorical=True)
 
-    def predict_proba(self, X: pd.DataFrame) -> np.ndarray:
+    def predict_output(self, X: pd.DataFrame) -> np.ndarray:
         best = getattr(self.booster_, "best_iteration", None)
         rng = (0, best + 1) if best is not None else (0, 0)
-        return as_proba(self.booster_.predict(self._matrix(X), iteration_range=rng))
+        return as_output(self.booster_.predict(self._matrix(X), iteration_range=rng), self.params["task"])
 
     def _state(self) -> dict[str, Any]:
         return {"device_": self.device_}

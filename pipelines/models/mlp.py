@@ -9,10 +9,11 @@ from typing import Any, Self
 import numpy as np
 import pandas as pd
 
-from pipelines.models.base import Learner, as_proba, log, log_loss, resolve_device
+from pipelines.models.base import Learner, log, resolve_device, valid_loss
 
 
-def _build_net(n_numeric: int, cardinalities: dict[str, int], embedding_dim: int, hidden: list[int]) -> Any:
+def _build_net(n_numeric: int, cardinalities: dict[str, int], embedding_dim: int, hidden: list[int], outputs: int
+               ) -> Any:
     import torch
     from torch import nn
 
@@ -25,12 +26,12 @@ def _build_net(n_numeric: int, cardinalities: dict[str, int], embedding_dim: int
             for size in hidden:
                 layers += [nn.Linear(width, size), nn.ReLU(), nn.Dropout(0.1)]
                 width = size
-            layers.append(nn.Linear(width, 1))
+            layers.append(nn.Linear(width, outputs))
             self.body = nn.Sequential(*layers)
 
         def forward(self, numeric: torch.Tensor, codes: torch.Tensor) -> torch.Tensor:
             parts = [numeric] + [emb(codes[:, i]) for i, emb in enumerate(self.embeddings)]
-            return self.body(torch.cat(parts, dim=1)).squeeze(1)
+            return self.body(torch.cat(parts, dim=1))
 
     return TabularMLP()
 
@@ -40,10 +41,17 @@ class MLPLearner(Learner):
 
     def __init__(self, categorical: dict[str, int] | None = None, hidden: list[int] | None = None,
                  embedding_dim: int = 4, epochs: int = 30, batch_size: int = 256, learning_rate: float = 3e-3,
-                 patience: int = 5, seed: int = 0, threads: int = 1, device: str = "auto") -> None:
+                 patience: int = 5, seed: int = 0, threads: int = 1, device: str = "auto", task: str = "binary",
+                 n_classes: int = 2) -> None:
         super().__init__(categorical=categorical or {}, hidden=list(hidden or [64, 32]),
                          embedding_dim=embedding_dim, epochs=epochs, batch_size=batch_size,
-                         learning_rate=learning_rate, patience=patience, seed=seed, threads=threads, device=device)
+                         learning_rate=learning_rate, patience=patience, seed=seed, threads=threads, device=device,
+                         task=task, n_classes=n_classes)
+
+    @property
+    def _outputs(self) -> int:
+        """One logit (binary), one per class (multiclass, softmax), one value (regression)."""
+        return self.params["n_classes"] if self.params["task"] == "multiclass" else 1
 
     def _tensors(self, X: pd.DataFrame) -> tuple[Any, Any]:
         import torch
@@ -64,12 +72,21 @@ class MLPLearner(Learner):
         torch.set_num_threads(p["threads"])
         self.columns_ = list(X.columns)
         self.net_ = _build_net(X.shape[1] - len(p["categorical"]), p["categorical"], p["embedding_dim"],
-                               p["hidden"]).to(self.device_)
+                               p["hidden"], self._outputs).to(self.device_)
         num, codes = self._tensors(X)
-        target = torch.as_tensor(np.asarray(y, dtype="float32"), device=self.device_)
+        y = np.asarray(y)
+        # regression learns the standardized target (a scale-free loss); predictions are scaled back
+        regression = p["task"] == "regression"
+        self.y_mean_, self.y_std_ = (float(y.mean()), float(y.std() or 1.0)) if regression else (0.0, 1.0)
+        if p["task"] == "multiclass":
+            target = torch.as_tensor(y.astype("int64"), device=self.device_)
+            loss_fn: Any = torch.nn.CrossEntropyLoss()
+        else:
+            scaled = (y.astype("float64") - self.y_mean_) / self.y_std_
+            target = torch.as_tensor(scaled.astype("float32"), device=self.device_).unsqueeze(1)
+            loss_fn = torch.nn.BCEWithLogitsLoss() if p["task"] == "binary" else torch.nn.MSELoss()
         valid = (self._tensors(X_valid), np.asarray(y_valid)) if X_valid is not None else None
         optim = torch.optim.Adam(self.net_.parameters(), lr=p["learning_rate"])
-        loss_fn = torch.nn.BCEWithLogitsLoss()
         gen = torch.Generator().manual_seed(p["seed"])
         best_loss, best_state, stale = np.inf, None, 0
         for epoch in range(p["epochs"]):
@@ -81,7 +98,7 @@ class MLPLearner(Learner):
                 optim.step()
             if valid is None:
                 continue
-            loss = log_loss(valid[1], self._predict(*valid[0]))
+            loss = valid_loss(valid[1], self._predict(*valid[0]))
             if loss < best_loss - 1e-5:
                 best_loss, best_state, stale = loss, copy.deepcopy(self.net_.state_dict()), 0
             else:
@@ -95,17 +112,25 @@ class MLPLearner(Learner):
         return self
 
     def _predict(self, num: Any, codes: Any) -> np.ndarray:
+        """The canonical output (pipelines.metrics): class probabilities (n, k) or values (n,)."""
         import torch
 
         self.net_.eval()
         with torch.no_grad():
-            return torch.sigmoid(self.net_(num, codes)).double().cpu().numpy()
+            logits = self.net_(num, codes).double()
+            task = self.params["task"]
+            if task == "binary":
+                p1 = torch.sigmoid(logits[:, 0])
+                return torch.stack([1 - p1, p1], dim=1).cpu().numpy()
+            if task == "multiclass":
+                return torch.softmax(logits, dim=1).cpu().numpy()
+            return (logits[:, 0] * self.y_std_ + self.y_mean_).cpu().numpy()
 
-    def predict_proba(self, X: pd.DataFrame) -> np.ndarray:
-        return as_proba(self._predict(*self._tensors(X[self.columns_])))
+    def predict_output(self, X: pd.DataFrame) -> np.ndarray:
+        return self._predict(*self._tensors(X[self.columns_]))
 
     def _state(self) -> dict[str, Any]:
-        return {"device_": self.device_, "columns_": self.columns_}
+        return {"device_": self.device_, "columns_": self.columns_, "y_mean_": self.y_mean_, "y_std_": self.y_std_}
 
     def _save_model(self, path: Path) -> None:
         import torch
@@ -116,10 +141,11 @@ class MLPLearner(Learner):
         import torch
 
         self.columns_ = state["columns_"]
+        self.y_mean_, self.y_std_ = state.get("y_mean_", 0.0), state.get("y_std_", 1.0)
         self.device_ = resolve_device(self.params["device"])
         p = self.params
         self.net_ = _build_net(len(self.columns_) - len(p["categorical"]), p["categorical"], p["embedding_dim"],
-                               p["hidden"])
+                               p["hidden"], self._outputs)
         self.net_.load_state_dict(torch.load(path / "model.pt", map_location="cpu", weights_only=True))
         self.net_.to(self.device_).eval()
         self.trained_on_ = state["device_"]

@@ -26,6 +26,7 @@ def test_ensemble_beats_or_equals_best_base_learner_on_default_data(tmp_path):
     y = test["default"].to_numpy()
     members = bundle.ensemble.member_predictions(bundle.transform.transform(test))
     ensemble = bundle.ensemble.combine(members)[:, 1]
+    members = members[:, :, 1]  # each member's positive-class probability
 
     member_auc = [skm.roc_auc_score(y, members[:, i]) for i in range(members.shape[1])]
     member_loss = [log_loss(y, members[:, i]) for i in range(members.shape[1])]

@@ -39,10 +39,10 @@ def test_chunked_scoring_of_1m_rows_equals_in_memory(trained_project, champion):
                                root=trained_project).stdout)["score"]
     assert summary["rows"] == 1_000_000 and summary["chunks"] == 10 and summary["ran_on"] == "this process"
     scored = pd.read_parquet(out)
-    assert list(scored.columns) == ["loan_id", "probability", "label", "model_version"]
+    assert list(scored.columns) == ["loan_id", "label", "probability", "proba_0", "proba_1", "model_version"]
     np.testing.assert_array_equal(scored["loan_id"], table["loan_id"])  # input order kept
     # the MLP runs in float32: a row's result moves in the 10th digit with the rows batched beside it
-    np.testing.assert_allclose(scored["probability"], champion.predict_proba(table), rtol=1e-9, atol=1e-12)
+    np.testing.assert_allclose(scored["probability"], champion.predict(table)[:, 1], rtol=1e-9, atol=1e-12)
     assert (scored["model_version"] == champion.version).all()
 
 
@@ -62,7 +62,7 @@ def test_dask_local_cluster_scoring_equals_in_memory(trained_project, champion, 
     assert summary["chunks"] == 5
     scored = pd.read_parquet(out)
     assert "loan_id" not in scored.columns  # no id in the input, none invented
-    np.testing.assert_allclose(scored["probability"], champion.predict_proba(table), rtol=1e-9, atol=1e-12)
+    np.testing.assert_allclose(scored["probability"], champion.predict(table)[:, 1], rtol=1e-9, atol=1e-12)
 
 
 def test_score_errors_are_clear(trained_project, tmp_path):

@@ -5,6 +5,7 @@ import pytest
 
 from pipelines import collect, prepare, promote, train, validate
 from pipelines.config import Paths, load_settings
+from pipelines.metrics import paired_bootstrap
 from pipelines.registry import Registry, RegistryError
 from tests.conftest import write_params
 
@@ -69,5 +70,6 @@ def test_small_gain_is_not_enough(tmp_path):
     y = rng.integers(0, 2, 2000)
     champion = np.clip(y * 0.3 + rng.random(2000) * 0.7, 0, 1)
     challenger = np.clip(champion + rng.normal(0, 0.01, 2000), 0, 1)
-    stats = promote.paired_bootstrap(y, champion, challenger, "roc_auc", 200, seed=1)
+    as_output = lambda p1: np.column_stack([1 - p1, p1])  # noqa: E731
+    stats = paired_bootstrap("roc_auc", y, as_output(champion), as_output(challenger), 200, seed=1)
     assert abs(stats["gain"]) < 0.002 and stats["p_value"] > 0.05

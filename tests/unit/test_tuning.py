@@ -22,7 +22,7 @@ def test_tuning_keeps_the_best_trial_and_is_reproducible(data):
     cfg = TuningConfig(trials=4, time_budget_s=600, space={"lightgbm": {
         "learning_rate": SearchRange(low=0.02, high=0.3, scale="log"),
         "num_leaves": SearchRange(low=4, high=64, scale="int")}})
-    learners = [lr for lr in build_learners(settings, transform.cardinalities) if lr.kind in ("lightgbm", "mlp")]
+    learners = [lr for lr in build_learners(settings, transform) if lr.kind in ("lightgbm", "mlp")]
     tuned, report = tune(learners, cfg, settings.seed, X, y, Xv, yv)
     assert list(report) == ["lightgbm"]  # the MLP has no search space here: left as configured
     assert tuned[1] is learners[1]
@@ -40,6 +40,6 @@ def test_time_budget_stops_the_search(data):
     settings, transform, X, y, Xv, yv = data
     cfg = TuningConfig(trials=50, time_budget_s=0.001, space={"lightgbm": {
         "num_leaves": SearchRange(low=4, high=64, scale="int")}})
-    learner = next(lr for lr in build_learners(settings, transform.cardinalities) if lr.kind == "lightgbm")
+    learner = next(lr for lr in build_learners(settings, transform) if lr.kind == "lightgbm")
     _, report = tune([learner], cfg, settings.seed, X, y, Xv, yv)
     assert 1 <= len(report["lightgbm"]["trials"]) < 50
