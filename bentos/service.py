@@ -2,11 +2,11 @@
 
 Bento arguments: `model_tag` and batching limits are set by `amaas package` (the label cut-off is in the
 model). `amaas serve` sets $AMAAS_ROOT to the project: the server then follows that project's registry
-(promote and rollback switch the model within `serve.reload_interval_s`, while requests in flight finish on the model they started
-with), checks API keys from its key store, and appends every prediction to its prediction log. Without
-$AMAAS_ROOT (a container of the bento alone) it serves the bento's own model, with keys and log under
-the working folder. Rows are scored
-through `pipelines.bundle.ModelBundle`, the same code path as offline evaluation: no training/serving skew.
+(promote and rollback switch the model within `serve.reload_interval_s`, while requests in flight finish
+on the model they started with), checks API keys from its key store, and appends every prediction to its
+prediction log. Without $AMAAS_ROOT (a container of the bento alone) it serves the bento's own model, with
+keys and log under the working folder. Rows are scored through `pipelines.bundle.ModelBundle`, the same
+code path as offline evaluation: no training/serving skew.
 """
 
 from __future__ import annotations
