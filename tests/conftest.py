@@ -85,6 +85,22 @@ def copy_project_files(dest: Path) -> None:
     shutil.copy2(REPO / "dvc.yaml", dest / "dvc.yaml")
 
 
+def dvc_project(root: Path) -> None:
+    """A fresh clone's worth of project at `root` (params.yaml written by the caller): code, dvc.yaml, DVC
+    config (local remote .dvc-storage/), git."""
+    copy_project_files(root)
+    (root / ".dvc").mkdir()
+    shutil.copy2(REPO / ".dvc" / "config", root / ".dvc" / "config")
+    subprocess.run(["git", "init", "-q"], cwd=root, check=True)
+
+
+def run_tool(cmd: list[str], cwd: Path, env: dict[str, str] | None = None, **kw: Any
+             ) -> subprocess.CompletedProcess[str]:
+    """A command of the venv (dvc, airflow, amaas) in `cwd`, output captured."""
+    env = env or {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}"}
+    return subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, **kw)
+
+
 @pytest.fixture(scope="session")
 def data(tmp_path_factory: pytest.TempPathFactory) -> tuple[Any, ...]:
     """Small model inputs: (settings, fitted transform, X train, y train, X valid, y valid)."""

@@ -3,15 +3,13 @@
 from __future__ import annotations
 
 import json
-import os
-import shutil
 import subprocess
 
 import pytest
 import yaml
 
 from pipelines.stages import STAGES
-from tests.conftest import BIN, REPO, airflow_env, copy_project_files, write_params
+from tests.conftest import REPO, airflow_env, dvc_project, run_tool, write_params
 
 pytestmark = pytest.mark.slow
 
@@ -22,18 +20,9 @@ def test_dvc_yaml_follows_stage_order():
     assert all(spec["cmd"] == f"amaas {name}" for name, spec in stages.items())
 
 
-def _run(cmd: list[str], cwd, env: dict[str, str] | None = None, **kw) -> subprocess.CompletedProcess[str]:
-    env = env or {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}"}
-    return subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, **kw)
-
-
 def _dvc_project(root) -> None:
-    """A fresh clone's worth of project: code, dvc.yaml, DVC config (local remote .dvc-storage/), git."""
-    copy_project_files(root)
+    dvc_project(root)
     write_params(root)
-    (root / ".dvc").mkdir()
-    shutil.copy2(REPO / ".dvc" / "config", root / ".dvc" / "config")
-    assert _run(["git", "init", "-q"], root).returncode == 0
 
 
 def _ran(repro: subprocess.CompletedProcess[str]) -> list[str]:
@@ -43,19 +32,19 @@ def _ran(repro: subprocess.CompletedProcess[str]) -> list[str]:
 def test_dvc_repro_twice_and_same_metrics_as_amaas_run(tmp_path, trained_project):
     _dvc_project(tmp_path)
 
-    first = _run(["dvc", "repro"], tmp_path)
+    first = run_tool(["dvc", "repro"], tmp_path)
     assert first.returncode == 0, first.stdout[-2000:] + first.stderr[-3000:]
     for stage in STAGES:
         assert f"Running stage '{stage}'" in first.stdout
 
     # collect asks the source for new rows on every repro; with none, data/raw is unchanged and nothing after runs
-    second = _run(["dvc", "repro"], tmp_path)
+    second = run_tool(["dvc", "repro"], tmp_path)
     assert second.returncode == 0, second.stderr[-2000:]
     assert _ran(second) == ["Running stage 'collect':"]
     for stage in STAGES[1:]:
         assert f"Stage '{stage}' didn't change, skipping" in second.stdout
 
-    shown = _run(["dvc", "metrics", "show", "--json"], tmp_path)
+    shown = run_tool(["dvc", "metrics", "show", "--json"], tmp_path)
     metrics = json.loads(shown.stdout)
     dvc_metrics = next(iter(metrics.values()))["data"]["reports/metrics.json"]["data"]
     assert 0.5 < dvc_metrics["roc_auc"] <= 1
@@ -64,7 +53,7 @@ def test_dvc_repro_twice_and_same_metrics_as_amaas_run(tmp_path, trained_project
     amaas_metrics = json.loads((trained_project / "reports" / "metrics.json").read_text())
     assert amaas_metrics == dvc_metrics
 
-    pushed = _run(["dvc", "push"], tmp_path)
+    pushed = run_tool(["dvc", "push"], tmp_path)
     assert pushed.returncode == 0, pushed.stderr[-2000:]
     assert any((tmp_path / ".dvc-storage").rglob("*"))
 
@@ -73,13 +62,13 @@ def test_an_airflow_run_is_versioned_by_dvc(tmp_path):
     """The training DAG ends with dvc commit + push: dvc repro afterwards skips what Airflow did."""
     _dvc_project(tmp_path)
     env = airflow_env(tmp_path)
-    assert _run(["airflow", "db", "migrate"], tmp_path, env=env).returncode == 0
-    run = _run(["airflow", "dags", "test", "training_pipeline"], tmp_path, env=env, timeout=900)
+    assert run_tool(["airflow", "db", "migrate"], tmp_path, env=env).returncode == 0
+    run = run_tool(["airflow", "dags", "test", "training_pipeline"], tmp_path, env=env, timeout=900)
     assert run.returncode == 0, (run.stdout + run.stderr)[-4000:]
     assert "'versioned': True" in run.stdout + run.stderr
     assert any(p.is_file() for p in (tmp_path / ".dvc-storage").rglob("*"))  # pushed to the remote
 
-    repro = _run(["dvc", "repro"], tmp_path)
+    repro = run_tool(["dvc", "repro"], tmp_path)
     assert repro.returncode == 0, repro.stderr[-2000:]
     assert _ran(repro) == ["Running stage 'collect':"]  # always asks the source; nothing new
     for stage in STAGES[1:]:

@@ -47,8 +47,9 @@ def test_prediction_equals_offline_predict_proba(server, trained_project):
     assert len(body) == len(rows)
     assert {b["model_version"] for b in body} == {champion}
     served_proba = np.array([b["probability"] for b in body])
-    np.testing.assert_allclose(served_proba, bundle.predict_proba(rows), rtol=1e-9, atol=1e-12)
-    assert [b["label"] for b in body] == [int(p >= 0.5) for p in served_proba]
+    np.testing.assert_allclose(served_proba, bundle.predict(rows)[:, 1], rtol=1e-9, atol=1e-12)
+    assert [b["label"] for b in body] == [int(p >= bundle.threshold) for p in served_proba]
+    assert all(b["probabilities"] == {"0": 1 - b["probability"], "1": b["probability"]} for b in body)
     assert len({b["request_id"] for b in body}) == 1 == len({response.headers["x-request-id"]})
 
 
@@ -203,11 +204,11 @@ def test_canary_shadow_and_rollback_while_serving(two_models):
             answer = server.session.post(f"{server.url}/predict", json={"row": ROW}, timeout=30,
                                          headers={"X-Request-ID": rid}).json()[0]
             record = next(r for r in read_prediction_log(root / "logs" / "predictions") if r["request_id"] == rid)
-            if "shadow_probability" in record or time.monotonic() > deadline:
+            if "shadow" in record or time.monotonic() > deadline:
                 break
             time.sleep(0.2)
         assert answer["model_version"] == champion and record["shadow_model_version"] == challenger
-        assert record["shadow_probability"] != answer["probability"]
+        assert record["shadow"]["probability"] != answer["probability"]
 
         # promote the challenger by force, then roll back, while a client keeps sending requests
         statuses, seen, stop = [], [], threading.Event()
