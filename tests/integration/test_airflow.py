@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import subprocess
 
+import pandas as pd
 import pytest
 import yaml
 
@@ -109,3 +110,42 @@ def test_days_of_monitoring_retrain_only_on_drift_and_promote_only_if_better(tmp
     _dags_test(env, "rollback", "--conf", json.dumps({"reason": "test: back to the first model"}))
     assert json.loads((tmp_path / "models" / "registry" / "aliases.json").read_text())["champion"] == first
     assert json.loads((tmp_path / "models" / "deployment.json").read_text())["champion"] == first
+
+
+def test_monitoring_loop_on_a_small_multiclass_table(tmp_path):
+    """A user's table (tests/tables.py), not the simulator: ~100 rows a day in a CSV drop folder, string
+    labels with a rare class, no id. Stable days raise no alarm; a day whose x1 and color moved triggers
+    training."""
+    from tests.tables import make_table, params_for
+
+    drop = tmp_path / "data" / "drop"
+    drop.mkdir(parents=True)
+
+    def arrive(day: int, **changes) -> None:
+        table = make_table("multiclass", 100 if day else 300, seed=100 + day, days=1 if day else 3,
+                           start=str(pd.Timestamp("2026-03-01") + pd.Timedelta(days=day + 2 if day else 0)))
+        table.assign(**changes).to_csv(drop / f"day_{day:02d}.csv", index=False)
+
+    params = params_for("multiclass", **{"source.kind": "files", "source.files.path": "data/drop",
+                                         "source.files.pattern": "*.csv"})
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    env = airflow_env(tmp_path)
+    subprocess.run([str(BIN / "airflow"), "db", "migrate"], env=env, capture_output=True, text=True, check=True)
+    arrive(0)
+    _dags_test(env, "training_pipeline")
+    first = json.loads((tmp_path / "reports" / "promotion.json").read_text())["champion_after"]
+    assert first is not None
+
+    for day in (1, 2):  # stable days
+        arrive(day)
+        _dags_test(env, "monitoring")
+        drift = json.loads((tmp_path / "reports" / "drift_details.json").read_text())
+        assert drift["current_rows"] == 100 and drift["labeled_rows"] == 100
+        assert not drift["retrain_needed"], drift["reasons"]
+    assert len(_training_runs(env)) == 1
+
+    arrive(3, x1=lambda t: t["x1"] + 3, color="Red")  # the world moved
+    _dags_test(env, "monitoring")
+    drift = json.loads((tmp_path / "reports" / "drift_details.json").read_text())
+    assert drift["retrain_needed"] and set(drift["drifted_columns"]) == {"x1", "color"}, drift
+    assert _training_runs(env)[-1]["state"] == "queued"
