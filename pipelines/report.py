@@ -83,11 +83,12 @@ def drift_summary(snapshot: dict[str, Any], share_threshold: float) -> dict[str,
         entry: dict[str, Any] = {"method": method, "score": None if value is None else round(value, 6),
                                  "threshold": threshold, "p_value_test": p_value}
         if value is None:
-            entry |= {"drifted": False, "note": "Evidently gave no score for this column (too few values?)"}
+            entry |= {"drifted": False, "verdict_by": "none",
+                      "note": "Evidently gave no score for this column (too few values?)"}
         elif status in ("FAIL", "SUCCESS"):
-            entry["drifted"] = status == "FAIL"
+            entry |= {"drifted": status == "FAIL", "verdict_by": "evidently"}
         else:
-            entry["drifted"] = value <= threshold if p_value else value >= threshold
+            entry |= {"drifted": value <= threshold if p_value else value >= threshold, "verdict_by": "direction"}
         columns[str(config["column"])] = entry
     drifted = sorted(c for c, r in columns.items() if r["drifted"])
     share = len(drifted) / len(columns) if columns else 0.0

@@ -99,6 +99,7 @@ def test_drift_summary_without_evidently_verdicts_uses_each_method_direction():
     summary = drift_summary(snapshot, 0.5)
     assert summary["drifted_columns"] == ["chi_drift", "ks_drift", "wd_drift"]
     assert summary["n_columns"] == 6 and summary["data_drift"] is True
+    assert {r["verdict_by"] for c, r in summary["columns"].items() if c != "nan"} == {"direction"}
     assert summary["columns"]["nan"]["score"] is None and "no score" in summary["columns"]["nan"]["note"]
 
 
