@@ -3,17 +3,26 @@
 Reference = the champion's own training rows and its held-out test predictions, kept with it in the
 registry (before there is a champion: this run's training rows and the challenger). Current = the newest
 validated batch scored by that model (`report.current: batch`), or the served predictions of the newest
-`report.window_hours` from the prediction log (`prediction_log`). Labels join the current rows by id as
-they arrive in collected data. Three checks decide "retrain needed", each with its reason:
-data drift (share of drifted feature columns), prediction drift (distance of the predicted probabilities)
-and performance decay (promote.metric on labelled rows under the champion's test value by more than
-the allowed drop, significant by a bootstrap over those rows).
-HTML for people (reports/drift.html, prediction_drift.html, performance.html), JSON for machines.
+`report.window_hours` from the prediction log (`prediction_log`). Labels join the current rows by the
+schema's key column as they arrive in validated data. Three checks decide "retrain needed", each with its
+reason:
+- data drift: the share of feature columns that Evidently flags as drifted (its own verdict per column:
+  p-value tests on small references, distances on large ones);
+- prediction drift: the distance of what the model predicts (normed Wasserstein of P(positive) or of the
+  predicted values, Jensen-Shannon of the predicted class shares), flagged only when it passes
+  `report.prediction_drift_threshold` and is significant against resamples of the reference of the same
+  sizes (p <= `report.max_p_value`), so a small day is not drift by chance;
+- performance decay: promote.metric on labelled rows worse than the champion's test value by more than
+  the allowed drop, in the metric's own direction, significant by a bootstrap over those rows.
+HTML for people (reports/drift.html, prediction_drift.html, performance.html; a short page saying why
+where there is nothing to show), JSON for machines (no NaN: None plus a note saying why).
 """
 
 from __future__ import annotations
 
+import html as html_text
 import logging
+import math
 import os
 import re
 from pathlib import Path
@@ -25,30 +34,62 @@ import pandas as pd
 from pipelines.alerts import alert
 from pipelines.bundle import METADATA_FILE, ModelBundle
 from pipelines.config import Paths, SchemaConfig, Settings
-from pipelines.io import atomic_path, read_json, write_json
+from pipelines.io import read_json, write_json, write_text
+from pipelines.metrics import bootstrap_resamples, higher_is_better, improvement, score
 from pipelines.registry import MONITORING_DIR, SAMPLE_FILE, TEST_PREDICTIONS_FILE, Registry
 from pipelines.serving import read_prediction_log
+from pipelines.transform import normalize_category
 
 log = logging.getLogger(__name__)
-PREDICTION = "prediction"
+PREDICTION = "prediction"  # what monitoring watches per row: bundle.monitored(output)
+ACTUAL = "actual"  # the label encoded as the model sees it (class index, or the value)
+MISSING_CATEGORY = "<missing>"  # a missing category is a value of its own for drift (a surge of nulls is drift)
 METRIC_KEYS = ("current", "current_rows", "drift_share", "n_drifted", "n_columns", "prediction_drift",
-               "labeled_rows", "metric_current", "metric_reference", "decay_p_value", "retrain_needed")
-_VALUE_DRIFT = re.compile(r"ValueDrift\(column=(?P<column>[^,]+),method=(?P<method>[^,]+),threshold=(?P<thr>[^)]+)\)")
+               "prediction_drift_p_value", "prediction_drift_detected", "labeled_rows", "metric_current",
+               "metric_reference", "decay_p_value", "retrain_needed")
+# Evidently's drift methods whose score is a p-value (drift: a small score); the others are distances
+# (drift: a large score). Used only where a snapshot carries no test verdict of Evidently's own.
+P_VALUE_METHODS = frozenset({"K-S p_value", "chi-square p_value", "Z-test p_value", "Anderson-Darling",
+                             "Cramer-von Mises", "Epps-Singleton", "Fisher's Exact test", "g_test",
+                             "Mann-Whitney U-rank test", "empirical_mmd", "Total-Variation-Distance", "t_test"})
+MAX_DRIFT_ROWS = 20_000  # prediction drift: larger samples are subsampled (the distance is exact enough by then)
 
 
 class MonitoringError(RuntimeError):
     """There is nothing to monitor yet (no batch, no predictions in the window)."""
 
 
+def proba_columns(k: int) -> list[str]:
+    return [f"proba_{i}" for i in range(k)]
+
+
 def drift_summary(snapshot: dict[str, Any], share_threshold: float) -> dict[str, Any]:
-    """Per-column drift scores from an Evidently snapshot dict, and whether the share passes the threshold."""
+    """Per-column drift from an Evidently snapshot dict, and whether the drifted share passes the threshold.
+
+    A column is drifted when Evidently's own test for it failed (the snapshot's tests, `include_tests=True`);
+    without that verdict, by the direction of its method: a p-value under the threshold, a distance at or
+    over it.
+    """
+    verdicts = {t["metric_config"]["metric_id"]: t["status"] for t in snapshot.get("tests", [])
+                if t.get("metric_config", {}).get("params", {}).get("type") == "evidently:metric_v2:ValueDrift"}
     columns: dict[str, dict[str, Any]] = {}
     for metric in snapshot["metrics"]:
-        match = _VALUE_DRIFT.match(metric["metric_name"])
-        if match:
-            score, threshold = float(metric["value"]), float(match["thr"])
-            columns[match["column"]] = {"method": match["method"], "score": round(score, 6),
-                                        "threshold": threshold, "drifted": score >= threshold}
+        config = metric.get("config", {})
+        if config.get("type") != "evidently:metric_v2:ValueDrift":
+            continue
+        method, threshold, value = str(config["method"]), float(config["threshold"]), _finite(metric["value"])
+        p_value = method in P_VALUE_METHODS
+        status = verdicts.get(metric.get("id"))
+        entry: dict[str, Any] = {"method": method, "score": None if value is None else round(value, 6),
+                                 "threshold": threshold, "p_value_test": p_value}
+        if value is None:
+            entry |= {"drifted": False, "verdict_by": "none",
+                      "note": "Evidently gave no score for this column (too few values?)"}
+        elif status in ("FAIL", "SUCCESS"):
+            entry |= {"drifted": status == "FAIL", "verdict_by": "evidently"}
+        else:
+            entry |= {"drifted": value <= threshold if p_value else value >= threshold, "verdict_by": "direction"}
+        columns[str(config["column"])] = entry
     drifted = sorted(c for c, r in columns.items() if r["drifted"])
     share = len(drifted) / len(columns) if columns else 0.0
     return {"drift_share": round(share, 6), "drifted_columns": drifted, "n_drifted": len(drifted),
@@ -60,29 +101,33 @@ def run(settings: Settings, paths: Paths) -> dict[str, Any]:
     os.environ.setdefault("EVIDENTLY_DISABLE_TELEMETRY", "1")
     cfg, schema = settings.report, settings.data_schema
     reference = load_reference(settings, paths)
-    current, described = current_rows(settings, paths, reference["model"])
-    labeled = join_labels(current, paths, schema)
+    model = reference["model"]
+    current, described = current_rows(settings, paths, model)
+    labeled, label_info = join_labels(current, paths, schema, model)
 
-    summary: dict[str, Any] = {"current": described, "current_rows": len(current),
+    summary: dict[str, Any] = {"current": described, "current_rows": len(current), "task": schema.task,
                                "reference": reference["name"], "reference_rows": len(reference["rows"])}
     snapshot = data_drift_report(settings, current, reference["rows"], paths.reports / "drift.html")
     summary |= drift_summary(snapshot, cfg.drift_share_threshold)
-    summary |= prediction_drift_report(settings, current, reference["predictions"], paths)
-    summary |= {"decay_p_value": None} | performance_report(settings, labeled, reference, paths)
+    summary |= prediction_drift_report(settings, current, reference["predictions"], paths, model)
+    summary |= label_info | performance_report(settings, labeled, reference, paths)
     reasons = decide(settings, summary)
-    summary |= {"retrain_needed": bool(reasons), "reasons": reasons}
+    summary |= {"retrain_needed": bool(reasons), "reasons": reasons,
+                "not_judged": [summary[k] for k in ("prediction_drift_note", "metric_note") if summary.get(k)]}
 
-    write_json(paths.reports / "drift_details.json", summary)
-    write_json(paths.reports / "drift.json", {**{k: summary[k] for k in METRIC_KEYS},
-                                              "columns": {c: r["score"] for c, r in summary["columns"].items()}})
-    _record(paths, {k: summary[k] for k in (*METRIC_KEYS, "reference", "reasons", "drifted_columns")})
+    write_json(paths.reports / "drift_details.json", _strict(summary))
+    scores = {c: r["score"] for c, r in summary["columns"].items()}
+    write_json(paths.reports / "drift.json", _strict({**{k: summary[k] for k in METRIC_KEYS}, "columns": scores}))
+    _record(paths, {k: summary[k] for k in (*METRIC_KEYS, "reference", "reasons", "drifted_columns", "not_judged")})
     log.info("monitoring %s against %s: retrain_needed=%s %s", described, reference["name"],
              summary["retrain_needed"], "; ".join(reasons))
+    for note in summary["not_judged"]:
+        log.info("not judged: %s", note)
     if reasons:
         alert(settings, paths, "drift", f"retraining needed for {described}: " + "; ".join(reasons),
-              {k: summary[k] for k in (*METRIC_KEYS, "drifted_columns", "reasons")})
-    return {**{k: summary[k] for k in METRIC_KEYS}, "drifted_columns": summary["drifted_columns"],
-            "reasons": reasons}
+              _strict({k: summary[k] for k in (*METRIC_KEYS, "drifted_columns", "reasons")}))
+    return _strict({**{k: summary[k] for k in METRIC_KEYS}, "drifted_columns": summary["drifted_columns"],
+                    "reasons": reasons, "not_judged": summary["not_judged"]})
 
 
 def decide(settings: Settings, summary: dict[str, Any]) -> list[str]:
@@ -93,13 +138,18 @@ def decide(settings: Settings, summary: dict[str, Any]) -> list[str]:
         reasons.append(f"data drift: {summary['n_drifted']} of {summary['n_columns']} feature columns drifted "
                        f"(share {summary['drift_share']:.2f} >= {cfg.drift_share_threshold}): "
                        + ", ".join(summary["drifted_columns"]))
-    if summary["prediction_drift"] is not None and summary["prediction_drift"] >= cfg.prediction_drift_threshold:
-        reasons.append(f"prediction drift: distance {summary['prediction_drift']:.3f} of the predicted "
-                       f"probabilities >= {cfg.prediction_drift_threshold}")
+    distance, p = summary["prediction_drift"], summary.get("prediction_drift_p_value")
+    if distance is not None and p is not None and distance >= cfg.prediction_drift_threshold and p <= cfg.max_p_value:
+        what = {"binary": "predicted probabilities", "multiclass": "predicted class shares",
+                "regression": "predicted values"}[settings.data_schema.task]
+        reasons.append(f"prediction drift: distance {distance:.3f} of the {what} >= "
+                       f"{cfg.prediction_drift_threshold}, and larger than resamples of the reference of the "
+                       f"same size give (p={p:.3f} <= {cfg.max_p_value})")
     now, before, p = summary["metric_current"], summary["metric_reference"], summary.get("decay_p_value")
-    if p is not None and p <= cfg.max_p_value:  # p is there only when `now` is under the allowed drop
+    if p is not None and p <= cfg.max_p_value:  # p is there only when `now` is past the allowed drop
+        side = "under" if higher_is_better(metric) else "over"
         reasons.append(f"performance decay: {metric} {now:.4f} on {summary['labeled_rows']} labelled rows, "
-                       f"{before - now:.4f} under the champion's test {before:.4f} "
+                       f"{abs(before - now):.4f} {side} the champion's test {before:.4f} "
                        f"(allowed drop {cfg.max_metric_drop}, bootstrap p={p:.3f} <= {cfg.max_p_value})")
     return reasons
 
@@ -108,14 +158,16 @@ def load_reference(settings: Settings, paths: Paths) -> dict[str, Any]:
     """The model to watch with its training-row sample, test predictions and test metric."""
     registry = Registry(paths.registry)
     champion = registry.champion
+    metric = settings.promote.metric
     if champion is not None:
         folder = registry.version_dir(champion)
         monitoring = folder / MONITORING_DIR
         if (monitoring / SAMPLE_FILE).is_file():
+            predictions = monitoring / TEST_PREDICTIONS_FILE
             return {"name": f"champion {champion}", "model": ModelBundle.load(folder),
                     "rows": pd.read_parquet(monitoring / SAMPLE_FILE),
-                    "predictions": pd.read_parquet(monitoring / TEST_PREDICTIONS_FILE),
-                    "metric": read_json(folder / METADATA_FILE).get("metrics", {}).get(settings.promote.metric)}
+                    "predictions": pd.read_parquet(predictions) if predictions.is_file() else None,
+                    "metric": _finite(read_json(folder / METADATA_FILE).get("metrics", {}).get(metric))}
         log.warning("champion %s was registered without its monitoring reference: using this run's training "
                     "rows instead", champion)
         model: ModelBundle | None = ModelBundle.load(folder)
@@ -132,140 +184,423 @@ def load_reference(settings: Settings, paths: Paths) -> dict[str, Any]:
     return {"name": name, "model": model,
             "rows": pd.read_parquet(sample if sample.is_file() else paths.reference / "train.parquet"),
             "predictions": pd.read_parquet(predictions) if model and predictions.is_file() else None,
-            "metric": read_json(metrics).get(settings.promote.metric) if model and metrics.is_file() else None}
+            "metric": _finite(read_json(metrics).get(metric)) if model and metrics.is_file() else None}
 
 
 def current_rows(settings: Settings, paths: Paths, model: ModelBundle | None) -> tuple[pd.DataFrame, str]:
-    """The rows to judge, with the model's prediction for each, and a description of the window."""
+    """The rows to judge, with the model's monitored prediction (and class probabilities) for each, and a
+    description of the window."""
     schema = settings.data_schema
     if settings.report.current == "prediction_log":
-        return _logged_window(paths, schema, settings.report.window_hours)
+        return _logged_window(paths, schema, settings.report.window_hours, model)
     validated = pd.read_parquet(paths.validated / "data.parquet")
     if validated.empty:
         raise MonitoringError(f"{paths.validated / 'data.parquet'} has no rows: collect a batch first")
     newest = str(validated["batch"].max())
-    rows = validated.loc[validated["batch"] == newest].drop(columns=[schema.target]).reset_index(drop=True)
-    if model is not None:
-        rows[PREDICTION] = model.predict_proba(rows)
-    return rows, f"batch {newest}"
+    rows = validated.loc[validated["batch"].astype(str) == newest].drop(columns=[schema.target])
+    rows = rows.reset_index(drop=True)
+    return (scored(rows, model) if model is not None else rows), f"batch {newest}"
 
 
-def _logged_window(paths: Paths, schema: SchemaConfig, hours: float) -> tuple[pd.DataFrame, str]:
+def scored(rows: pd.DataFrame, model: ModelBundle) -> pd.DataFrame:
+    """`rows` with the model's monitored prediction and, for classification, its class probabilities."""
+    output = model.predict(rows)
+    rows = rows.copy()
+    rows[PREDICTION] = model.monitored(output)
+    if model.task != "regression":
+        for i, column in enumerate(proba_columns(output.shape[1])):
+            rows[column] = output[:, i]
+    return rows
+
+
+def _logged_window(paths: Paths, schema: SchemaConfig, hours: float, model: ModelBundle | None
+                   ) -> tuple[pd.DataFrame, str]:
     records = read_prediction_log(paths.prediction_log)
     if not records:
         raise MonitoringError(f"no predictions in {paths.prediction_log}: serve the model (`amaas serve`) first, "
                               f"or set report.current: batch")
+    classes = model.classes if model is not None else schema.classes
     log_frame = pd.DataFrame.from_records(
-        [{schema.id_column: r.get("id"), "time": r["time"], PREDICTION: r["probability"], **r["features"]}
-         for r in records])
+        [{schema.key_column: _record_key(r), "time": r["time"], **_logged_output(r, schema.task, classes),
+          **r["features"]} for r in records])
     times = pd.to_datetime(log_frame["time"], utc=True)
     start = times.max() - pd.Timedelta(hours=hours)  # the newest window of the log, not of the wall clock
     window = log_frame.loc[(times > start).to_numpy()].drop(columns=["time"]).reset_index(drop=True)
     return window, f"predictions after {start.isoformat(timespec='seconds')}"
 
 
-def join_labels(current: pd.DataFrame, paths: Paths, schema: SchemaConfig) -> pd.DataFrame:
-    """Current rows whose label has arrived in the collected data (joined by id), with the label."""
-    if PREDICTION not in current or schema.id_column not in current:
-        return current.head(0)
-    labels = pd.read_parquet(paths.validated / "data.parquet", columns=[schema.id_column, schema.target])
-    labels = labels.drop_duplicates(schema.id_column)
-    keyed = current.dropna(subset=[schema.id_column]).astype({schema.id_column: labels[schema.id_column].dtype})
-    return keyed.merge(labels, on=schema.id_column, how="inner")
+def _record_key(record: dict[str, Any]) -> Any:
+    return record.get("id") if record.get("id") is not None else record.get("key")
+
+
+def _logged_output(record: dict[str, Any], task: str, classes: list[Any] | None) -> dict[str, Any]:
+    """The monitored prediction (and class probabilities) of one logged prediction, as far as it holds them.
+
+    Fields may sit at the top of the record or under "output" (a dict of them, or the canonical output:
+    the class probabilities as a list, or the value)."""
+    fields, canonical = record, record.get("output")
+    if isinstance(canonical, dict):
+        fields, canonical = {**record, **canonical}, None
+    probs: list[float] | None = None
+    if isinstance(canonical, list) and task != "regression":
+        probs = [float(p) for p in canonical]
+    elif isinstance(fields.get("probabilities"), dict) and classes and all(
+            str(c) in fields["probabilities"] for c in classes):
+        probs = [float(fields["probabilities"][str(c)]) for c in classes]
+    if task == "regression":
+        value = canonical if isinstance(canonical, (int, float)) else fields.get("value")
+        return {} if value is None else {PREDICTION: float(value)}
+    if task == "binary":
+        p = probs[1] if probs is not None else fields.get("probability")
+        return {} if p is None else {PREDICTION: float(p), "proba_0": 1.0 - float(p), "proba_1": float(p)}
+    out: dict[str, Any] = {}
+    if probs is not None:
+        out |= dict(zip(proba_columns(len(probs)), probs, strict=True))
+    label = fields.get("label")
+    if label is None and probs is not None and classes:
+        label = classes[int(np.argmax(probs))]
+    return out | ({} if label is None else {PREDICTION: str(label)})
+
+
+def join_labels(current: pd.DataFrame, paths: Paths, schema: SchemaConfig, model: ModelBundle | None
+                ) -> tuple[pd.DataFrame, dict[str, Any]]:
+    """Current rows whose label has arrived in the validated data (joined by the key column), with the
+    label encoded as the model sees it in ACTUAL; rows whose label the model does not know are dropped."""
+    key, target = schema.key_column, schema.target
+    info: dict[str, Any] = {"unknown_label_rows": 0}
+    if model is None or PREDICTION not in current or key not in current:
+        return current.head(0), info
+    labels = pd.read_parquet(paths.validated / "data.parquet", columns=[key, target])
+    labels = labels.dropna(subset=[target]).drop_duplicates(key)
+    keyed = current.drop(columns=[target], errors="ignore").dropna(subset=[key])
+    try:
+        keyed = keyed.astype({key: labels[key].dtype})
+    except (TypeError, ValueError):  # ids logged as text against numeric ids: compare the spelling
+        keyed, labels = keyed.astype({key: str}), labels.astype({key: str})
+    merged = keyed.merge(labels, on=key, how="inner")
+    encoded, known = _encode_labels(merged[target], model)
+    if not known.all():
+        unknown = sorted(map(str, merged.loc[~known, target].unique()))
+        log.warning("dropping %d labelled row(s) whose label the model does not know: %s",
+                    int((~known).sum()), ", ".join(unknown[:10]))
+        info |= {"unknown_label_rows": int((~known).sum()), "unknown_labels": unknown[:10]}
+    labeled = merged.loc[known].drop(columns=[target]).reset_index(drop=True)
+    labeled[ACTUAL] = encoded[known]
+    return labeled, info
+
+
+def _encode_labels(labels: pd.Series, model: ModelBundle) -> tuple[np.ndarray, np.ndarray]:
+    """Encoded labels and a mask of those the model knows (the others encode as 0 and are masked out)."""
+    regression = model.task == "regression"
+    try:
+        encoded = model.transform.encode_target(labels.to_numpy())
+        return encoded, np.ones(len(labels), dtype=bool)
+    except ValueError:
+        pass
+    codes: dict[Any, Any] = {}
+    for value in labels.unique():
+        try:
+            codes[value] = model.transform.encode_target(np.asarray([value], dtype=object))[0]
+        except ValueError:
+            codes[value] = None
+    mapped = labels.map(codes)
+    known = mapped.notna().to_numpy()
+    return mapped.fillna(0).to_numpy(dtype="float64" if regression else "int64"), known
+
+
+def _drift_frame(frame: pd.DataFrame, schema: SchemaConfig, normalize: bool) -> pd.DataFrame:
+    """The feature columns as drift compares them: numbers as floats, categories spelled as the model's
+    transform spells them, with missing as a category of its own."""
+    out = pd.DataFrame(index=frame.index)
+    for column in schema.numeric:
+        out[column] = pd.to_numeric(frame[column], errors="coerce").astype("float64")
+    for column in schema.categorical:
+        values = frame[column]
+        text = normalize_category(values) if normalize else values.where(values.isna(), values.astype(str))
+        out[column] = text.fillna(MISSING_CATEGORY).astype(str)
+    return out
 
 
 def data_drift_report(settings: Settings, current: pd.DataFrame, reference: pd.DataFrame, html: Path
                       ) -> dict[str, Any]:
-    """Data drift of the feature columns; the HTML report is written, the snapshot dict returned."""
+    """Data drift of the feature columns; the HTML report is written, the snapshot dict (with Evidently's
+    test verdict per column) returned."""
     from evidently import DataDefinition, Dataset, Report
     from evidently.presets import DataDriftPreset
 
-    schema = settings.data_schema
+    schema, normalize = settings.data_schema, settings.clean.normalize_categories
     definition = DataDefinition(numerical_columns=list(schema.numeric), categorical_columns=list(schema.categorical))
-    features = schema.feature_columns
-    snapshot = Report([DataDriftPreset(columns=features)]).run(
-        Dataset.from_pandas(current[features], data_definition=definition),
-        Dataset.from_pandas(reference[features], data_definition=definition))
+    snapshot = Report([DataDriftPreset(columns=schema.feature_columns)], include_tests=True).run(
+        Dataset.from_pandas(_drift_frame(current, schema, normalize), data_definition=definition),
+        Dataset.from_pandas(_drift_frame(reference, schema, normalize), data_definition=definition))
     _save_html(snapshot, html)
     return snapshot.dict()
 
 
+def prediction_drift_test(current: np.ndarray, reference: np.ndarray, categorical: bool, samples: int, seed: int,
+                          max_rows: int = MAX_DRIFT_ROWS) -> dict[str, Any]:
+    """Distance of the current predictions from the reference ones, and how often resamples of the
+    reference of the same sizes are at least as far apart (the p-value: small means real drift).
+
+    Numbers: the Wasserstein distance normed by the reference's spread (Evidently's `wasserstein`); class
+    labels: the Jensen-Shannon distance of the class shares (Evidently's `jensenshannon`, natural log).
+    Under no drift both samples come from the reference's distribution: each resample draws a reference of
+    the reference's size and a current of the current's size from it (with replacement).
+    """
+    from scipy.spatial.distance import jensenshannon
+    from scipy.stats import wasserstein_distance
+
+    rng = np.random.default_rng(seed)
+    if len(current) > max_rows:
+        current = current[rng.choice(len(current), max_rows, replace=False)]
+    if len(reference) > max_rows:
+        reference = reference[rng.choice(len(reference), max_rows, replace=False)]
+    n_cur, n_ref = len(current), len(reference)
+    if categorical:
+        classes = sorted(set(map(str, reference)) | set(map(str, current)))
+        ref_shares = pd.Series(list(map(str, reference))).value_counts(normalize=True).reindex(classes, fill_value=0.0)
+        cur_shares = pd.Series(list(map(str, current))).value_counts(normalize=True).reindex(classes, fill_value=0.0)
+        p_ref = ref_shares.to_numpy()
+        observed = float(jensenshannon(cur_shares.to_numpy(), p_ref))
+        null = np.asarray([jensenshannon(rng.multinomial(n_cur, p_ref) / n_cur, rng.multinomial(n_ref, p_ref) / n_ref)
+                           for _ in range(samples)])
+        shares = {"prediction_shares": {c: round(float(s), 6) for c, s in cur_shares.items()},
+                  "prediction_shares_reference": {c: round(float(s), 6) for c, s in ref_shares.items()}}
+    else:
+        current, reference = current.astype("float64"), reference.astype("float64")
+        norm = max(float(np.std(reference)), 0.001)  # as Evidently norms it
+        observed = float(wasserstein_distance(reference, current)) / norm
+        null = np.asarray([wasserstein_distance(rng.choice(reference, n_ref), rng.choice(reference, n_cur)) / norm
+                           for _ in range(samples)])
+        shares = {"prediction_mean": round(float(np.mean(current)), 6),
+                  "prediction_mean_reference": round(float(np.mean(reference)), 6)}
+    p_value = (1 + int(np.sum(null >= observed - 1e-12))) / (samples + 1)
+    return {"prediction_drift": round(observed, 6), "prediction_drift_p_value": round(p_value, 6),
+            "prediction_drift_null_median": round(float(np.median(null)), 6),
+            "prediction_drift_null_q95": round(float(np.quantile(null, 0.95)), 6),
+            "prediction_drift_resamples": samples, "prediction_drift_rows": n_cur,
+            "prediction_drift_reference_rows": n_ref, **shares}
+
+
 def prediction_drift_report(settings: Settings, current: pd.DataFrame, reference: pd.DataFrame | None,
-                            paths: Paths) -> dict[str, Any]:
-    if reference is None or PREDICTION not in current:
-        (paths.reports / "prediction_drift.html").unlink(missing_ok=True)  # no stale report of another window
-        return {"prediction_drift": None}
+                            paths: Paths, model: ModelBundle | None) -> dict[str, Any]:
+    """Prediction drift of the monitored prediction: the verdict (distance and its significance) and
+    reports/prediction_drift.html (a page saying why where there is nothing to compare)."""
+    cfg, task = settings.report, settings.data_schema.task
+    html = paths.reports / "prediction_drift.html"
+    categorical = task == "multiclass"
+    method = "jensenshannon" if categorical else "wasserstein"
+    out: dict[str, Any] = {"prediction_drift": None, "prediction_drift_p_value": None,
+                           "prediction_drift_detected": False, "prediction_drift_method": method}
+    field = {"binary": "probability", "multiclass": "label", "regression": "value"}[task]
+    now = current[PREDICTION].dropna() if PREDICTION in current else pd.Series(dtype=object)
+    before = reference[PREDICTION].dropna() if reference is not None and PREDICTION in reference else None
+    if PREDICTION not in current and settings.report.current == "prediction_log":
+        note = (f"the prediction log holds no {field!r} for task {task}: no prediction drift from the log")
+    elif model is None:
+        note = "no model to score with yet: no prediction drift"
+    elif before is None or before.empty:
+        note = "the model has no test predictions to compare with (test_predictions.parquet): no prediction drift"
+    elif now.empty:
+        note = "no predictions in the current window: no prediction drift"
+    else:
+        note = None
+    if note is not None:
+        _placeholder_html(html, "Prediction drift", note)
+        return out | {"prediction_drift_note": note}
+    out |= prediction_drift_test(now.to_numpy(), before.to_numpy(), categorical,
+                                 settings.promote.bootstrap_samples, settings.seed)
+    out["prediction_drift_detected"] = bool(out["prediction_drift"] >= cfg.prediction_drift_threshold
+                                            and out["prediction_drift_p_value"] <= cfg.max_p_value)
+    banner = (f"amaas verdict: prediction drift {'DETECTED' if out['prediction_drift_detected'] else 'not detected'}"
+              f" - distance {out['prediction_drift']:.4f} (threshold {cfg.prediction_drift_threshold}), "
+              f"p={out['prediction_drift_p_value']:.4f} (max {cfg.max_p_value}) against "
+              f"{out['prediction_drift_resamples']} resamples of the reference at {len(now)} current and "
+              f"{len(before)} reference rows. Evidently's own flag below uses the distance alone.")
+    _prediction_drift_html(now, before, categorical, method, cfg.prediction_drift_threshold, html, banner)
+    return out
+
+
+def _prediction_drift_html(now: pd.Series, before: pd.Series, categorical: bool, method: str, threshold: float,
+                           html: Path, banner: str) -> None:
     from evidently import DataDefinition, Dataset, Report
     from evidently.metrics import ValueDrift
 
-    definition = DataDefinition(numerical_columns=[PREDICTION])
-    snapshot = Report([ValueDrift(column=PREDICTION, method="wasserstein",
-                                  threshold=settings.report.prediction_drift_threshold)]).run(
-        Dataset.from_pandas(current[[PREDICTION]], data_definition=definition),
-        Dataset.from_pandas(reference[[PREDICTION]], data_definition=definition))
-    _save_html(snapshot, paths.reports / "prediction_drift.html")
-    return {"prediction_drift": round(float(snapshot.dict()["metrics"][0]["value"]), 6),
-            "prediction_mean": round(float(current[PREDICTION].mean()), 6),
-            "prediction_mean_reference": round(float(reference[PREDICTION].mean()), 6)}
+    kind = "categorical_columns" if categorical else "numerical_columns"
+    definition = DataDefinition(**{kind: [PREDICTION]})
+    cast = str if categorical else "float64"
+    snapshot = Report([ValueDrift(column=PREDICTION, method=method, threshold=threshold)]).run(
+        Dataset.from_pandas(now.astype(cast).to_frame(PREDICTION), data_definition=definition),
+        Dataset.from_pandas(before.astype(cast).to_frame(PREDICTION), data_definition=definition))
+    _save_html(snapshot, html, banner)
 
 
 def performance_report(settings: Settings, labeled: pd.DataFrame, reference: dict[str, Any], paths: Paths
                        ) -> dict[str, Any]:
-    """promote.metric on the labelled current rows, against the model's own test value."""
-    from pipelines.promote import METRICS
-
-    target = settings.data_schema.target
-    out = {"labeled_rows": len(labeled), "metric": settings.promote.metric, "metric_current": None,
-           "metric_reference": reference["metric"]}
-    (paths.reports / "performance.html").unlink(missing_ok=True)  # no stale report of another window
-    if len(labeled) < settings.report.min_labeled_rows or labeled[target].nunique() < 2:
-        return out
-    y, proba = labeled[target].to_numpy().astype(int), labeled[PREDICTION].to_numpy()
-    out["metric_current"] = round(float(METRICS[settings.promote.metric](y, proba)), 6)
-    allowed = None if reference["metric"] is None else reference["metric"] - settings.report.max_metric_drop
-    if allowed is not None and out["metric_current"] < allowed:
-        out["decay_p_value"] = decay_p_value(y, proba, allowed, settings.promote.metric,
-                                             settings.promote.bootstrap_samples, settings.seed)
-    if reference["predictions"] is not None:
-        _classification_html(labeled[[target, PREDICTION]],
-                             reference["predictions"].rename(columns={"actual": target})[[target, PREDICTION]],
-                             target, paths.reports / "performance.html")
+    """promote.metric on the labelled current rows against the model's own test value, and whether the
+    drop is decay; reports/performance.html either way."""
+    cfg, metric, task = settings.report, settings.promote.metric, settings.data_schema.task
+    model, before = reference["model"], _finite(reference["metric"])
+    html = paths.reports / "performance.html"
+    out: dict[str, Any] = {"labeled_rows": len(labeled), "metric": metric, "metric_current": None,
+                           "metric_reference": None if before is None else round(before, 6), "decay_p_value": None}
+    output = _output(labeled, task, len(model.classes or []) if model is not None else 0)
+    if model is None:
+        note = "no model to score with yet: no performance verdict"
+    elif len(labeled) < cfg.min_labeled_rows:
+        note = (f"not enough labelled rows: {len(labeled)} of the {cfg.min_labeled_rows} needed "
+                f"(report.min_labeled_rows): no performance verdict")
+    elif output is None:
+        note = "the current rows carry no class probabilities to score (prediction log): no performance verdict"
+    else:
+        note = None
+    if note is not None:
+        _placeholder_html(html, "Model performance", note)
+        return out | {"metric_note": note}
+    assert model is not None and output is not None
+    y = labeled[ACTUAL].to_numpy()
+    now = score(metric, y, output, model.threshold)
+    if now is None:
+        out["metric_note"] = f"{metric} is undefined on these {len(labeled)} labelled rows (one class only?)"
+    elif before is None:
+        out["metric_note"] = f"the model has no recorded test {metric}: no decay verdict"
+    if now is not None:
+        out["metric_current"] = round(now, 6)
+    if now is not None and before is not None and improvement(metric, now, before) < -cfg.max_metric_drop:
+        bound = before - cfg.max_metric_drop if higher_is_better(metric) else before + cfg.max_metric_drop
+        out["decay_p_value"] = decay_p_value(y, output, bound, metric, settings.promote.bootstrap_samples,
+                                             settings.seed, model.threshold, task != "regression")
+    _performance_html(labeled, reference["predictions"], model, task, html)
     return out
 
 
-def decay_p_value(y: np.ndarray, proba: np.ndarray, bound: float, metric: str, samples: int, seed: int,
-                  max_rows: int = 50_000) -> float:
-    """Share of bootstrap resamples whose metric still reaches `bound`: small means it really fell under it."""
-    from pipelines.promote import METRICS, bootstrap_resamples
-
+def decay_p_value(y: np.ndarray, output: np.ndarray, bound: float, metric: str, samples: int, seed: int,
+                  threshold: float = 0.5, classification: bool = True, max_rows: int = 50_000) -> float | None:
+    """Share of bootstrap resamples whose metric still reaches `bound` (in the metric's direction): small
+    means it really fell past it. None where the metric is undefined on every resample."""
     rng = np.random.default_rng(seed)
     if len(y) > max_rows:  # the metric's error is tiny by then; resampling fewer rows only widens it (cautious)
         keep = rng.choice(len(y), max_rows, replace=False)
-        y, proba = y[keep], proba[keep]
-    score = METRICS[metric]
-    values = np.asarray([score(y[idx], proba[idx]) for idx in bootstrap_resamples(y, samples, rng)])
-    return round(float(np.mean(values >= bound)), 6)
+        y, output = y[keep], output[keep]
+    values = [v for idx in bootstrap_resamples(y, samples, rng, classification)
+              if (v := score(metric, y[idx], output[idx], threshold)) is not None]
+    if not values:
+        return None
+    return round(float(np.mean([improvement(metric, v, bound) >= 0 for v in values])), 6)
 
 
-def _classification_html(current: pd.DataFrame, reference: pd.DataFrame, target: str, html: Path) -> None:
-    from evidently import BinaryClassification, DataDefinition, Dataset, Report
-    from evidently.presets import ClassificationPreset
+def _output(frame: pd.DataFrame, task: str, k: int) -> np.ndarray | None:
+    """The canonical model output of scored rows: (n, k) class probabilities, or (n,) values."""
+    if frame.empty or PREDICTION not in frame:
+        return None
+    if task == "regression":
+        return frame[PREDICTION].to_numpy(dtype="float64")
+    columns = proba_columns(k)
+    if k and all(c in frame for c in columns):
+        return frame[columns].to_numpy(dtype="float64")
+    if task == "binary":  # older test predictions: the prediction is P(positive class)
+        p = frame[PREDICTION].to_numpy(dtype="float64")
+        return np.column_stack([1 - p, p])
+    return None
 
-    definition = DataDefinition(numerical_columns=[PREDICTION], classification=[
-        BinaryClassification(target=target, prediction_probas=PREDICTION)])
-    snapshot = Report([ClassificationPreset()]).run(
-        Dataset.from_pandas(current.astype({target: np.int64}), data_definition=definition),
-        Dataset.from_pandas(reference.astype({target: np.int64}), data_definition=definition))
-    _save_html(snapshot, html)
+
+def _performance_frame(frame: pd.DataFrame, model: ModelBundle, task: str) -> pd.DataFrame:
+    """Scored rows with ACTUAL as Evidently's performance presets read them."""
+    if task == "regression":
+        return pd.DataFrame({"target": frame[ACTUAL].to_numpy(dtype="float64"),
+                             "prediction": frame[PREDICTION].to_numpy(dtype="float64")})
+    if task == "binary":
+        output = _output(frame, task, 2)
+        assert output is not None
+        return pd.DataFrame({"target": frame[ACTUAL].to_numpy(dtype="int64"), "prediction": output[:, 1]})
+    names = [str(c) for c in model.classes or []]
+    output = _output(frame, task, len(names))
+    assert output is not None
+    return pd.DataFrame({"actual class": [names[int(i)] for i in frame[ACTUAL]],
+                         "predicted class": [names[int(i)] for i in np.argmax(output, axis=1)],
+                         **{name: output[:, i] for i, name in enumerate(names)}})
 
 
-def _save_html(snapshot: Any, html: Path) -> None:
-    with atomic_path(html) as tmp:
-        snapshot.save_html(str(tmp))
+def _performance_html(labeled: pd.DataFrame, reference: pd.DataFrame | None, model: ModelBundle, task: str,
+                      html: Path) -> None:
+    """Evidently's classification or regression report of the labelled rows, against the test rows."""
+    from evidently import BinaryClassification, DataDefinition, Dataset, MulticlassClassification, Regression, Report
+    from evidently.presets import ClassificationPreset, RegressionPreset
+
+    if task == "regression":
+        definition = DataDefinition(numerical_columns=["target", "prediction"],
+                                    regression=[Regression(target="target", prediction="prediction")])
+        preset: Any = RegressionPreset()
+    elif task == "binary":
+        definition = DataDefinition(numerical_columns=["prediction"], classification=[
+            BinaryClassification(target="target", prediction_probas="prediction")])
+        preset = ClassificationPreset(probas_threshold=model.threshold)
+    else:
+        names = [str(c) for c in model.classes or []]
+        definition = DataDefinition(numerical_columns=names, categorical_columns=["actual class", "predicted class"],
+                                    classification=[MulticlassClassification(
+                                        target="actual class", prediction_labels="predicted class",
+                                        prediction_probas=names)])
+        preset = ClassificationPreset()
+    ref = None
+    if reference is not None and ACTUAL in reference and _output(reference, task, len(model.classes or [])) is not None:
+        ref = Dataset.from_pandas(_performance_frame(reference, model, task), data_definition=definition)
+    try:
+        snapshot = Report([preset]).run(
+            Dataset.from_pandas(_performance_frame(labeled, model, task), data_definition=definition), ref)
+        _save_html(snapshot, html)
+    except Exception as exc:  # noqa: BLE001 - the verdict is computed above; the page must exist (dvc outs)
+        log.warning("Evidently could not build the performance report: %s", exc)
+        _placeholder_html(html, "Model performance", f"Evidently could not build this report: {exc}")
+
+
+def _save_html(snapshot: Any, html: Path, banner: str | None = None) -> None:
+    page = snapshot.get_html_str(as_iframe=False)
+    if banner:
+        note = (f'<div style="padding:12px;margin:8px;border:2px solid #555;font:16px sans-serif">'
+                f"{html_text.escape(banner)}</div>")
+        page = re.sub(r"(<body[^>]*>)", lambda m: m[1] + note, page, count=1)
+    write_text(html, page)
+
+
+def _placeholder_html(html: Path, title: str, reason: str) -> None:
+    """A short page in place of a report that cannot be made now, saying why (the file must exist)."""
+    title, reason = html_text.escape(title), html_text.escape(reason)
+    write_text(html, f'<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8"><title>{title}</title></head>\n'
+                     f"<body><h1>{title}</h1>\n<p>No report for this run: {reason}.</p></body></html>\n")
+
+
+def _finite(value: Any) -> float | None:
+    """A float, or None for a missing, NaN or infinite one."""
+    if value is None or isinstance(value, bool):
+        return None
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        return None
+    return number if math.isfinite(number) else None
+
+
+def _strict(obj: Any, where: str = "") -> Any:
+    """`obj` as strict JSON holds it: numpy scalars as Python ones, NaN and infinities as None (logged)."""
+    if isinstance(obj, dict):
+        return {str(k): _strict(v, f"{where}.{k}") for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_strict(v, f"{where}[{i}]") for i, v in enumerate(obj)]
+    if isinstance(obj, (bool, np.bool_)):
+        return bool(obj)
+    if isinstance(obj, (int, np.integer)):
+        return int(obj)
+    if isinstance(obj, (float, np.floating)):
+        if not math.isfinite(float(obj)):
+            log.warning("monitoring value %s is %s: written as null", where.lstrip(".") or "<value>", obj)
+            return None
+        return float(obj)
+    return obj
 
 
 def _record(paths: Paths, decision: dict[str, Any]) -> None:
     """Append the decision and its reasons to reports/monitoring_history.json (the audit trail)."""
     history_file = paths.reports / "monitoring_history.json"
     history = read_json(history_file) if history_file.is_file() else []
-    write_json(history_file, [*history, decision])
+    write_json(history_file, _strict([*history, decision]))  # older entries may hold NaN: made strict too
