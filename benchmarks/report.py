@@ -49,14 +49,15 @@ def evidently_times(params_file: str, sizes: list[int]) -> None:
                                      settings.seed, 99)
             started = time.perf_counter()
             model = reference["model"]
-            current[report.PREDICTION] = model.monitored(model.predict(current))
+            current = report.scored(current, model)
+            current[report.ACTUAL] = model.transform.encode_target(current[target])  # simulator rows carry labels
             scored = time.perf_counter()
             summary = report.drift_summary(report.data_drift_report(settings, current, reference["rows"],
                                                              paths.reports / "drift.html"), 0.3)
             drifted = time.perf_counter()
-            report.prediction_drift_report(settings, current, reference["predictions"], paths)
+            report.prediction_drift_report(settings, current, reference["predictions"], paths, model)
             predicted = time.perf_counter()
-            report.performance_report(settings, current, reference, paths)  # simulator rows carry their labels
+            report.performance_report(settings, current, reference, paths)
             done = time.perf_counter()
             evidently_s = done - scored
             if n == 1_000:
