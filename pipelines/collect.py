@@ -34,7 +34,7 @@ def run(settings: Settings, paths: Paths, rerun: str | None = None) -> dict[str,
     """Collect the new rows as one batch per day (or per run, or per new file); with `rerun`, re-read that batch."""
     source = open_source(settings, paths)
     watermarks = source.watermarks
-    manifest = load_manifest(paths, settings.watermark_column, watermarks.unit)
+    manifest = load_manifest(paths, watermarks.column, watermarks.unit)
     if rerun is not None:
         return _rerun(source, watermarks, manifest, rerun, paths)
     if watermarks.column is None:
@@ -42,8 +42,6 @@ def run(settings: Settings, paths: Paths, rerun: str | None = None) -> dict[str,
 
     low = watermarks.from_json(manifest["watermark"])
     rows, unreadable = source.read(low, None)
-    if unreadable:
-        log.warning(unreadable_advice(unreadable, source.description, watermarks.column, manifest["watermark"]))
     new = []
     for name, part in _split(rows, watermarks, settings.source.split_by_day, manifest):
         high = watermarks.parse(part[watermarks.column]).max()
@@ -55,6 +53,8 @@ def run(settings: Settings, paths: Paths, rerun: str | None = None) -> dict[str,
                  entry["low"], entry["high"])
     if not new:
         log.info("no new rows in %s after %s=%s", source.description, watermarks.column, manifest["watermark"])
+    if unreadable:
+        log.warning(unreadable_advice(unreadable, source.description, watermarks.column, manifest["watermark"]))
     manifest.update(source=source.description, rows_without_watermark=unreadable)
     write_json(paths.raw / MANIFEST, manifest)
     return _summary(manifest, new) | {"rows_without_watermark": unreadable}

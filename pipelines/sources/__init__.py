@@ -35,7 +35,8 @@ def parse_time(values: pd.Series, unit: str | None) -> pd.Series:
 
     With `unit` (schema.time_unit) numbers are epochs in that unit. Without it, a numeric column (or
     text that is all numbers) stays numeric: a year or a sequence number is compared as a number.
-    Text is parsed as timestamps; a number mixed into timestamp text is unreadable, never nanoseconds.
+    Text that is mostly numbers is numbers too; other text is parsed as timestamps, and a number mixed
+    into timestamp text is unreadable, never nanoseconds.
     """
     if types.is_datetime64_any_dtype(values):
         return values
@@ -44,28 +45,32 @@ def parse_time(values: pd.Series, unit: str | None) -> pd.Series:
         return pd.to_datetime(numbers, unit=unit, errors="coerce")
     if types.is_numeric_dtype(values) and not types.is_bool_dtype(values):
         return numbers
-    present = values.notna()
-    if present.any() and numbers[present].notna().all():
+    present = int(values.notna().sum())
+    if present and int(numbers.notna().sum()) * 2 > present:  # mostly numbers: a year with a typo in it
         return numbers
     return pd.to_datetime(values.where(numbers.isna()), errors="coerce")
 
 
 def row_hash(frame: pd.DataFrame) -> np.ndarray:
-    """A stable int64 hash of each row's values, whatever the dtypes a reader gave them.
+    """A stable int64 hash of each row's values, whatever types a reader gave them.
 
-    Numbers are hashed as float64 (1 and 1.0 are the same), timestamps in nanoseconds, anything else
-    as text; missing values hash alike in every column type.
+    Each value is hashed in one canonical spelling: a number (or text that is a number: "2001", 2001
+    and 2001.0 are the same) as its float, a timestamp in nanoseconds, anything else as its text;
+    missing values hash alike in every column type.
     """
-    def hashable(col: pd.Series) -> pd.Series:
-        if types.is_bool_dtype(col) or (types.is_numeric_dtype(col) and not types.is_complex_dtype(col)):
-            return col.astype("float64")
-        if types.is_datetime64_any_dtype(col):
-            return col.astype("datetime64[ns]") if col.dt.tz is None else col.dt.tz_convert("UTC")
-        return col.map(lambda v: None if v is None or v != v else str(v)).astype(object)
-
-    columns = {str(c): hashable(frame[c]) for c in frame.columns}
+    columns = {str(c): _canonical(frame[c]) for c in frame.columns}
     hashed = pd.util.hash_pandas_object(pd.DataFrame(columns, index=frame.index), index=False)
     return hashed.to_numpy().view("int64")
+
+
+def _canonical(col: pd.Series) -> pd.Series:
+    if types.is_datetime64_any_dtype(col):
+        stamps = col.dt.tz_convert("UTC").dt.tz_localize(None) if col.dt.tz is not None else col
+        return stamps.astype("datetime64[ns]").astype("int64").astype(str).where(col.notna(), None)
+    numbers = col.astype("float64") if types.is_numeric_dtype(col) or types.is_bool_dtype(col) else \
+        pd.to_numeric(col, errors="coerce").astype("float64")
+    text = numbers.astype(str).where(numbers.notna(), col.astype(str))
+    return text.where(col.notna(), None).astype(object)
 
 
 @dataclass(frozen=True)
@@ -163,9 +168,17 @@ class Source(Protocol):
         ...
 
 
+def watermark_column(settings: Settings) -> str | None:
+    """What collect is incremental on. As Settings.watermark_column, except that a files source without a
+    time column takes each new file as a batch unless source.watermark_column names an increasing id."""
+    if settings.source.kind == "files" and settings.source.watermark_column is None:
+        return settings.data_schema.time_column
+    return settings.watermark_column
+
+
 def open_source(settings: Settings, paths: Paths) -> Source:
     """The source params.yaml names, ready to read."""
-    schema, column = settings.data_schema, settings.watermark_column
+    schema, column = settings.data_schema, watermark_column(settings)
     is_time = column is not None and column == schema.time_column
     kind, wm = settings.source.kind, Watermarks(column, schema.id_column, is_time,
                                                  schema.time_unit if is_time else None)
