@@ -209,7 +209,7 @@ def validated_types(clean: pd.DataFrame, schema: SchemaConfig) -> pd.DataFrame:
     target = out[schema.target]
     if schema.task == "regression":
         out[schema.target] = target.astype("float64")
-    elif target.map(lambda k: bool(_INTEGER.fullmatch(str(k)))).all():
+    elif all(_INTEGER.fullmatch(str(k)) for k in target.unique()):
         out[schema.target] = target.astype("int64")
     else:
         out[schema.target] = target.astype(str)

@@ -242,3 +242,21 @@ def test_rows_without_id_are_read_in_the_same_order(tmp_path):
     twice, _ = source.read(2003, 2006)
     pd.testing.assert_frame_equal(once, twice)
     assert len(once) == 60 and once["year"].is_monotonic_increasing
+
+
+def test_sql_source_with_a_year_and_no_id(tmp_path):
+    import sqlalchemy as sa
+
+    rows = _table(200).assign(year=np.repeat(np.arange(2001, 2011), 20))
+    engine = sa.create_engine(f"sqlite:///{tmp_path / 'data' / 'source.db'}")
+    rows.iloc[:100].sample(frac=1, random_state=0).to_sql("items", engine, index=False)
+    settings, paths = _project(tmp_path, {**SCHEMA, "time_column": "year"},
+                               **{"source.kind": "sql", "source.sql.table": "items"})
+    first = collect.run(settings, paths)
+    assert (first["new_rows"], first["watermark"]) == (100, 2005)
+    rows.iloc[100:].to_sql("items", engine, index=False, if_exists="append")
+    assert collect.run(settings, paths)["new_rows"] == 100
+    assert collect.run(settings, paths, rerun="000001")["identical"]  # no id: ordered by the row content
+    validate.run(settings, paths)
+    clean = pd.read_parquet(paths.validated / "data.parquet")
+    assert len(clean) == 200 and clean["year"].dtype == "int64" and ROW_KEY in clean
