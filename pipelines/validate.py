@@ -1,8 +1,15 @@
 """validate: check raw batches with Great Expectations; bad rows go to quarantine with reasons.
 
 The suite is generated from `schema` and `validate` in params.yaml (types, ranges, allowed categories,
-not-null, unique id, batch row count), plus the user's own expectations from `validate.expectations_file`.
-Each batch is validated on its own and gets a Great Expectations Data Docs page (reports/data_docs/).
+not-null, unique id, the target's classes, batch row count), plus the user's own expectations from
+`validate.expectations_file`. Each batch is validated on its own and gets a Great Expectations Data
+Docs page (reports/data_docs/). A quarantined row's reasons name the expectation and the value that
+failed it (`expect_column_values_to_be_in_set(region): 'nroth'`).
+
+Validated data keeps the table's own types: a string id stays text, a numeric time column (a year)
+stays numeric, a classification target is int64 where every label is an integer and text otherwise,
+a regression target is float64. A table without an id column gets a ROW_KEY column, a stable hash
+of the row (`row_keys`), so later stages can join labels and order rows.
 
 Invariant: rows in = clean rows + quarantined rows. A broken schema, a batch-level expectation that
 fails (row count), too few rows, or a bad-row share over the threshold stops the pipeline
@@ -15,17 +22,20 @@ import copy
 import json
 import logging
 import os
-from collections import defaultdict
+import re
+from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pandas as pd
+from pandas.api import types
 
-from pipelines.config import Paths, SchemaConfig, Settings
+from pipelines.config import ROW_KEY, Paths, SchemaConfig, Settings
 from pipelines.io import atomic_dir, read_json, text_if_mixed, write_json, write_parquet
-from pipelines.transform import normalize_category
+from pipelines.sources import parse_time, row_hash
+from pipelines.transform import label_key, normalize_category, normalize_value
 
 log = logging.getLogger(__name__)
 
@@ -33,6 +43,10 @@ ROW = "__row__"  # position of a row in the collected data; GE reports failures 
 REASONS = "quarantine_reasons"
 METRIC_KEYS = ("status", "batches", "rows_in", "rows_clean", "rows_quarantined", "bad_share")
 UNIQUE = "expect_column_values_to_be_unique"
+OF_TYPE = "expect_column_values_to_be_of_type"
+IN_SET = "expect_column_values_to_be_in_set"
+TOP_VALUES = 5  # unexpected values listed per failing expectation in the stop message and the details
+_INTEGER = re.compile(r"-?\d+")
 SUITE = "amaas_suite"
 DOCS_SITE = "amaas"
 
@@ -69,15 +83,17 @@ def check_schema(df: pd.DataFrame, schema: SchemaConfig) -> list[str]:
     extra = [c for c in df.columns if c not in schema.columns]
     hint = f" (the batch has unexpected column(s) {', '.join(map(repr, extra))}: renamed?)" if extra else ""
     problems = [f"column {c!r} is missing{hint}" for c in missing]
-    for col in [*schema.numeric, schema.id_column, schema.target]:
+    numeric = [*schema.numeric, *([schema.target] if schema.task == "regression" else [])]
+    for col in numeric:
         if col in df.columns and df[col].notna().any():
             coerced = pd.to_numeric(df[col], errors="coerce")
             if coerced.notna().sum() == 0:
                 problems.append(f"column {col!r} should be numeric but has type {df[col].dtype}")
-    if schema.time_column in df.columns:
-        parsed = pd.to_datetime(df[schema.time_column], errors="coerce")
+    if schema.time_column is not None and schema.time_column in df.columns:
+        parsed = parse_time(df[schema.time_column], schema.time_unit)
         if df[schema.time_column].notna().any() and parsed.notna().sum() == 0:
-            problems.append(f"column {schema.time_column!r} should hold timestamps")
+            kind = f"epoch numbers in {schema.time_unit!r}" if schema.time_unit else "timestamps or numbers"
+            problems.append(f"column {schema.time_column!r} should hold {kind} (schema.time_unit)")
     return problems
 
 
@@ -86,22 +102,125 @@ def coerce_types(df: pd.DataFrame, schema: SchemaConfig, normalize: bool = True
     """Cast columns to their declared types; a value that will not cast is a row failure.
 
     With `normalize` (params clean.normalize_categories), categories are normalized before they are
-    checked, exactly as the fitted transform normalizes them for training and serving.
+    checked, exactly as the fitted transform normalizes them for training and serving. A numeric id
+    stays numeric, any other id stays text; the time column is read by `parse_time` (timestamps, or
+    numbers unless schema.time_unit names their epoch unit); a classification target becomes one
+    spelling per label (`label_key`), a regression target a number.
     """
     out = df.copy()
     reasons: dict[int, list[str]] = defaultdict(list)
-    for col in [*schema.numeric, schema.id_column, schema.target]:
-        coerced = pd.to_numeric(out[col], errors="coerce").astype("float64")
-        for row in out.loc[coerced.isna() & out[col].notna(), ROW]:
-            reasons[int(row)].append(f"expect_column_values_to_be_of_type({col})")
-        out[col] = coerced
-    time = pd.to_datetime(out[schema.time_column], errors="coerce")
-    for row in out.loc[time.isna() & out[schema.time_column].notna(), ROW]:
-        reasons[int(row)].append(f"expect_column_values_to_be_of_type({schema.time_column})")
-    out[schema.time_column] = time
+
+    def cast(col: str, typed: pd.Series) -> None:
+        for row, value in out.loc[typed.isna() & out[col].notna(), [ROW, col]].itertuples(index=False):
+            reasons[int(row)].append(reason(f"{OF_TYPE}({col})", value))
+        out[col] = typed
+
+    for col in [*schema.numeric, *([schema.target] if schema.task == "regression" else [])]:
+        cast(col, pd.to_numeric(out[col], errors="coerce").astype("float64"))
+    if schema.id_column is not None and not types.is_numeric_dtype(out[schema.id_column]):
+        out[schema.id_column] = _text(out[schema.id_column])
+    if schema.time_column is not None:
+        cast(schema.time_column, parse_time(out[schema.time_column], schema.time_unit))
+    if schema.is_classification:
+        out[schema.target] = _labels(out[schema.target])
     for col in schema.categorical:
-        out[col] = normalize_category(out[col]) if normalize else out[col].astype(object)
+        out[col] = normalize_category(out[col]) if normalize else _text(out[col])
     return out, reasons
+
+
+def reason(expectation: str, value: Any = None) -> str:
+    """A quarantine reason: the expectation, and the value that failed it where there is one."""
+    if value is None or (not isinstance(value, str) and pd.isna(value)):
+        return expectation
+    if isinstance(value, np.generic):
+        value = value.item()
+    return f"{expectation}: {value!r}"
+
+
+def _text(values: pd.Series) -> pd.Series:
+    """Values as text, nulls kept (None)."""
+    return values.map(lambda v: None if v is None or (not isinstance(v, str) and pd.isna(v)) else str(v)
+                      ).astype(object)
+
+
+def _labels(values: pd.Series) -> pd.Series:
+    """Class labels, one spelling each (1, 1.0 and "1" are one class), as the data spells them otherwise."""
+    keys, distinct = pd.factorize(values, use_na_sentinel=True)
+    spelled = np.array([label_key(v) for v in distinct] + [None], dtype=object)
+    return pd.Series(spelled[keys], index=values.index, dtype=object, name=values.name)
+
+
+def allowed_categories(values: list[str], normalize: bool) -> list[str]:
+    """A categorical column's allowed values, spelled as the checked data is (normalized or as text)."""
+    spell = normalize_value if normalize else str
+    return sorted({spell(v) for v in values})
+
+
+def row_keys(rows: pd.DataFrame, schema: SchemaConfig) -> pd.Series:
+    """A stable int64 key per row of a table without an id: a hash of the schema's columns but the target.
+
+    Computed on validated values (normalized categories, float numerics), so two spellings of one row
+    get one key; identical rows get the same key.
+    """
+    columns = [c for c in schema.columns if c != schema.target]
+    return pd.Series(row_hash(rows[columns]), index=rows.index, name=ROW_KEY, dtype="int64")
+
+
+def target_problems(typed: pd.DataFrame, schema: SchemaConfig) -> list[str]:
+    """Batch-level target problems: a binary target without schema.classes whose data holds more than 2 labels."""
+    if schema.task != "binary" or schema.classes is not None:
+        return []
+    found = sorted(typed[schema.target].dropna().unique(), key=_label_order)
+    if len(found) <= 2:
+        return []
+    return [f"target {schema.target!r} must have 2 classes for task binary; set schema.task: multiclass for "
+            f"{len(found)} classes found: {', '.join(found)} (or list the 2 valid labels in schema.classes to "
+            f"quarantine the others)"]
+
+
+def _label_order(key: str) -> tuple[bool, int, str]:
+    """Integer labels by value, then text labels alphabetically."""
+    integer = bool(_INTEGER.fullmatch(key))
+    return (not integer, int(key) if integer else 0, key)
+
+
+def unexpected_values(reasons: dict[int, list[str]]) -> dict[str, list[tuple[str, int]]]:
+    """Per failing expectation (column), its most frequent unexpected values with their row counts."""
+    counts: dict[str, Counter[str]] = defaultdict(Counter)
+    for names in reasons.values():
+        for text in set(names):
+            name, has_value, value = text.partition(": ")
+            if has_value:
+                counts[name][value] += 1
+    return {name: sorted(found.items(), key=lambda kv: (-kv[1], kv[0]))[:TOP_VALUES]
+            for name, found in sorted(counts.items())}
+
+
+def _values_lines(values: dict[str, list[tuple[str, int]]]) -> list[str]:
+    return [f"{name} unexpected values: " + ", ".join(f"{v} ({n})" for v, n in top) for name, top in values.items()]
+
+
+def validated_types(clean: pd.DataFrame, schema: SchemaConfig) -> pd.DataFrame:
+    """Clean rows in the types later stages read (none of these columns holds nulls once validated)."""
+    out = clean.copy()
+    for col in (schema.id_column, schema.time_column):
+        if col is not None and types.is_numeric_dtype(out[col]) and _integral(out[col]):
+            out[col] = out[col].astype("int64")
+    target = out[schema.target]
+    if schema.task == "regression":
+        out[schema.target] = target.astype("float64")
+    elif all(_INTEGER.fullmatch(str(k)) for k in target.unique()):
+        out[schema.target] = target.astype("int64")
+    else:
+        out[schema.target] = target.astype(str)
+    if schema.id_column is None:
+        out[ROW_KEY] = row_keys(out, schema)
+    return out
+
+
+def _integral(values: pd.Series) -> bool:
+    numbers = values.to_numpy(dtype="float64")
+    return bool(np.all(np.isfinite(numbers)) and np.all(numbers == np.round(numbers)))
 
 
 def _gx() -> Any:
@@ -118,20 +237,25 @@ def build_suite(settings: Settings, paths: Paths) -> list[Any]:
     gx = _gx()
     schema, rules, e = settings.data_schema, settings.validation, gx.expectations
     suite: list[Any] = [
-        e.ExpectTableRowCountToBeBetween(min_value=rules.batch_rows[0], max_value=rules.batch_rows[1]),
-        e.ExpectColumnValuesToNotBeNull(column=schema.id_column),
-        e.ExpectColumnValuesToBeUnique(column=schema.id_column),
-        e.ExpectColumnValuesToNotBeNull(column=schema.time_column),
-        e.ExpectColumnValuesToNotBeNull(column=schema.target),
-        e.ExpectColumnValuesToBeInSet(column=schema.target, value_set=[0, 1]),
-    ]
+        e.ExpectTableRowCountToBeBetween(min_value=rules.batch_rows[0], max_value=rules.batch_rows[1])]
+    if schema.id_column is not None:
+        suite += [e.ExpectColumnValuesToNotBeNull(column=schema.id_column),
+                  e.ExpectColumnValuesToBeUnique(column=schema.id_column)]
+    if schema.time_column is not None:
+        suite.append(e.ExpectColumnValuesToNotBeNull(column=schema.time_column))
+    suite.append(e.ExpectColumnValuesToNotBeNull(column=schema.target))
+    if schema.classes is not None:  # labels as coerce_types spells them
+        suite.append(e.ExpectColumnValuesToBeInSet(column=schema.target,
+                                                   value_set=[label_key(c) for c in schema.classes]))
     for col, rule in schema.numeric.items():
         suite.append(e.ExpectColumnValuesToBeBetween(column=col, min_value=rule.min, max_value=rule.max))
         if not rule.nullable:
             suite.append(e.ExpectColumnValuesToNotBeNull(column=col))
-    for col, cats in schema.categorical.items():
-        suite.append(e.ExpectColumnValuesToBeInSet(column=col, value_set=cats))
-        suite.append(e.ExpectColumnValuesToNotBeNull(column=col))
+    for col, cat in schema.categorical.items():
+        suite.append(e.ExpectColumnValuesToBeInSet(
+            column=col, value_set=allowed_categories(cat.values, settings.clean.normalize_categories)))
+        if not cat.nullable:  # nullable: missing is a category of its own
+            suite.append(e.ExpectColumnValuesToNotBeNull(column=col))
     if rules.expectations_file:
         suite.extend(_user_expectations(paths.resolve(rules.expectations_file)))
     return suite
@@ -219,8 +343,9 @@ def run_expectations(batches: list[tuple[str, pd.DataFrame]], suite: list[Any], 
         listed = detail.run(batch_parameters={"dataframe": frame},
                             result_format={"result_format": "COMPLETE", "unexpected_index_column_names": [ROW]})
         for res in listed.results:
+            name, column = _name(res.expectation_config), res.expectation_config.kwargs.get("column")
             for hit in res.result["unexpected_index_list"]:
-                result.row_failures[int(hit[ROW])].append(_name(res.expectation_config))
+                result.row_failures[int(hit[ROW])].append(reason(name, hit.get(column)))
     if docs_dir is not None:  # once, at the end: a checkpoint action would rebuild the whole site per batch
         from great_expectations.data_context.types.resource_identifiers import ExpectationSuiteIdentifier
 
@@ -278,21 +403,26 @@ def run(settings: Settings, paths: Paths) -> dict[str, Any]:
         _fail(report_file, len(raw), "schema", problems)
 
     typed, reasons = coerce_types(raw, schema, settings.clean.normalize_categories)
+    problems = target_problems(typed, schema)
+    if problems:
+        _fail(report_file, len(raw), "target_classes", problems)
     suite = build_suite(settings, paths)
     with atomic_dir(paths.reports / "data_docs") as docs:
         checked = run_expectations(frames_for_ge(typed, batches, schema), suite, docs)
     for row, names in checked.row_failures.items():
         reasons[row].extend(names)
-    dupes = typed[schema.id_column].notna() & typed.duplicated(schema.id_column, keep="first")
-    for row in typed.loc[dupes, ROW]:
-        reasons[int(row)].append(f"{UNIQUE}({schema.id_column})")
-    checked.expectations[f"{UNIQUE}({schema.id_column})"] = {"success": not dupes.any(),
-                                                            "unexpected_count": int(dupes.sum())}
+    if schema.id_column is not None:  # the first copy of an id stays; GE flags every copy
+        ident = schema.id_column
+        dupes = typed[ident].notna() & typed.duplicated(ident, keep="first")
+        for row, value in typed.loc[dupes, [ROW, ident]].itertuples(index=False):
+            reasons[int(row)].append(reason(f"{UNIQUE}({ident})", value))
+        checked.expectations[f"{UNIQUE}({ident})"] = {"success": not dupes.any(), "unexpected_count": int(dupes.sum())}
 
     bad = raw[ROW].isin(list(reasons))
     clean, quarantine = split_rows(raw, typed, bad, reasons)
     assert len(clean) + len(quarantine) == len(raw), "validate lost or duplicated rows"
     bad_share = {str(b): float(s) for b, s in bad.groupby(raw["batch"], sort=False).mean().items()}
+    values = unexpected_values(reasons)
     summary = {
         "status": "passed",
         "batches": len(batches),
@@ -302,9 +432,11 @@ def run(settings: Settings, paths: Paths) -> dict[str, Any]:
         "bad_share": round(len(quarantine) / max(len(raw), 1), 6),
         "bad_share_by_batch": bad_share,
         "expectations": checked.expectations,
+        "unexpected_values": values,
         "data_docs": str(paths.reports / "data_docs" / "index.html"),
     }
     write_parquet(paths.quarantine / "quarantine.parquet", quarantine)
+    write_json(paths.reports / "validation_details.json", summary)
     if checked.batch_failures:
         _fail(report_file, len(raw), "batch_expectations", checked.batch_failures, summary)
     over = {b: s for b, s in bad_share.items() if s > rules.max_bad_share}
@@ -312,14 +444,13 @@ def run(settings: Settings, paths: Paths) -> dict[str, Any]:
         _fail(report_file, len(raw), "bad_share", [
             f"batch {b}: {s:.1%} of rows failed expectations (max {rules.max_bad_share:.1%}); "
             f"see {paths.quarantine / 'quarantine.parquet'}" for b, s in over.items()
-        ], summary)
+        ] + _values_lines(values), summary)
     if len(clean) < rules.min_rows:
         _fail(report_file, len(raw), "too_few_rows",
-              [f"{len(clean)} clean rows, fewer than validate.min_rows={rules.min_rows}"], summary)
+              [f"{len(clean)} clean rows, fewer than validate.min_rows={rules.min_rows}", *_values_lines(values)],
+              summary)
 
-    clean = clean.astype({schema.id_column: "int64", schema.target: "int64"})  # not null once validated
-    write_parquet(paths.validated / "data.parquet", clean.drop(columns=[ROW]))
-    write_json(paths.reports / "validation_details.json", summary)
+    write_parquet(paths.validated / "data.parquet", validated_types(clean, schema).drop(columns=[ROW]))
     write_json(report_file, {k: summary[k] for k in METRIC_KEYS})
     log.info("validated %d rows in %d batches: %d clean, %d quarantined", len(raw), len(batches), len(clean),
              len(quarantine))

@@ -1,8 +1,13 @@
 """Data sources behind one interface: rows whose watermark lies in an interval, in a stable order.
 
 A source answers `read(low, high)` with every row whose watermark w has low < w <= high (None:
-unbounded), sorted by (watermark, id), so reading the same interval twice gives the same rows.
-Collect keeps the watermark; sources keep no state.
+unbounded), sorted by (watermark, id), or by (watermark, row content) for a table without an id,
+so reading the same interval twice gives the same rows. Collect keeps the watermark; sources keep
+no state. A files source with no watermark at all hands over each new file as it is (`files()`).
+
+A time column is read by `parse_time`: timestamps as timestamps; numbers (a year, an epoch) as
+ordinal numbers unless schema.time_unit names their epoch unit. Numbers are never read as
+nanoseconds since 1970 by default.
 """
 
 from __future__ import annotations
@@ -11,57 +16,145 @@ import os
 from dataclasses import dataclass
 from typing import Protocol
 
+import numpy as np
 import pandas as pd
+from pandas.api import types
 
 from pipelines.config import Paths, Settings
 
 SOURCE_URL_ENV = "AMAAS_SOURCE_URL"
-Watermark = pd.Timestamp | int
+Watermark = pd.Timestamp | int | float
 
 
 class SourceError(RuntimeError):
     """The configured source cannot be read; the message names the source and the fix."""
 
 
+def parse_time(values: pd.Series, unit: str | None) -> pd.Series:
+    """A time column as timestamps, or as ordinal numbers; unreadable values become NaT/NaN.
+
+    With `unit` (schema.time_unit) numbers are epochs in that unit. Without it, a numeric column (or
+    text that is all numbers) stays numeric: a year or a sequence number is compared as a number.
+    Text that is mostly numbers is numbers too; other text is parsed as timestamps, and a number mixed
+    into timestamp text is unreadable, never nanoseconds.
+    """
+    if types.is_datetime64_any_dtype(values):
+        return values
+    numbers = pd.to_numeric(values, errors="coerce")
+    if unit is not None:
+        return pd.to_datetime(numbers, unit=unit, errors="coerce")
+    if types.is_numeric_dtype(values) and not types.is_bool_dtype(values):
+        return numbers
+    present = int(values.notna().sum())
+    if present and int(numbers.notna().sum()) * 2 > present:  # mostly numbers: a year with a typo in it
+        return numbers
+    return pd.to_datetime(values.where(numbers.isna()), errors="coerce")
+
+
+def row_hash(frame: pd.DataFrame) -> np.ndarray:
+    """A stable int64 hash of each row's values, whatever types a reader gave them.
+
+    Each value is hashed in one canonical spelling: a number (or text that is a number: "2001", 2001
+    and 2001.0 are the same) as its float, a timestamp in nanoseconds, anything else as its text;
+    missing values hash alike in every column type.
+    """
+    columns = {str(c): _canonical(frame[c]) for c in frame.columns}
+    hashed = pd.util.hash_pandas_object(pd.DataFrame(columns, index=frame.index), index=False)
+    return hashed.to_numpy().view("int64")
+
+
+def _canonical(col: pd.Series) -> pd.Series:
+    if types.is_datetime64_any_dtype(col):
+        stamps = col.dt.tz_convert("UTC").dt.tz_localize(None) if col.dt.tz is not None else col
+        return stamps.astype("datetime64[ns]").astype("int64").astype(str).where(col.notna(), None)
+    numbers = col.astype("float64") if types.is_numeric_dtype(col) or types.is_bool_dtype(col) else \
+        pd.to_numeric(col, errors="coerce").astype("float64")
+    text = numbers.astype(str).where(numbers.notna(), col.astype(str))
+    return text.where(col.notna(), None).astype(object)
+
+
 @dataclass(frozen=True)
 class Watermarks:
-    """The watermark column, the id column that breaks ties, and whether the watermark is a timestamp."""
+    """The watermark column, the id column that breaks ties, and how the watermark is read.
 
-    column: str
-    id_column: str
+    `column` None: no watermark (files source only; each new file is a batch). `is_time`: the watermark
+    is the time column, read by parse_time with `unit`; otherwise it is a number (an increasing id).
+    """
+
+    column: str | None
+    id_column: str | None
     is_time: bool
+    unit: str | None = None
 
     def parse(self, values: pd.Series) -> pd.Series:
         """Watermark values as timestamps or numbers; unreadable ones become NaT/NaN."""
         if self.is_time:
-            return pd.to_datetime(values, errors="coerce")
+            return parse_time(values, self.unit)
         return pd.to_numeric(values, errors="coerce")
 
-    def to_json(self, value: Watermark) -> str | int:
-        return pd.Timestamp(value).isoformat() if self.is_time else int(value)
+    @staticmethod
+    def to_json(value: Watermark) -> str | int | float:
+        if isinstance(value, (pd.Timestamp, np.datetime64)):
+            return pd.Timestamp(value).isoformat()
+        number = float(value)
+        return int(number) if number.is_integer() else number
 
-    def from_json(self, value: str | int | None) -> Watermark | None:
-        if value is None:
-            return None
-        return pd.Timestamp(value) if self.is_time else int(value)
+    @staticmethod
+    def from_json(value: str | int | float | None) -> Watermark | None:
+        if value is None or isinstance(value, (int, float)):
+            return value
+        return pd.Timestamp(value)
+
+    def to_source(self, value: Watermark) -> object:
+        """A watermark as the source column holds it: an epoch number where schema.time_unit is set."""
+        if isinstance(value, pd.Timestamp):
+            if self.unit is not None:
+                return (value - pd.Timestamp(0, tz=value.tz)) // pd.Timedelta(1, unit=self.unit)
+            return value.to_pydatetime()
+        return int(value) if float(value).is_integer() else float(value)
 
     def select(self, df: pd.DataFrame, low: Watermark | None, high: Watermark | None) -> pd.DataFrame:
-        """The rows of `df` with low < watermark <= high, sorted by (watermark, id)."""
-        if self.column not in df.columns:
+        """The rows of `df` with low < watermark <= high, sorted by (watermark, id or row content)."""
+        if self.column is None or self.column not in df.columns:
             raise SourceError(f"the source has no watermark column {self.column!r}: set source.watermark_column "
                               f"in params.yaml to a column it has")
         values = self.parse(df[self.column])
+        self._comparable(values, low if low is not None else high)
         keep = values.notna()
         if low is not None:
             keep &= values > low
         if high is not None:
             keep &= values <= high
-        key = pd.DataFrame({"w": values, "i": pd.to_numeric(df[self.id_column], errors="coerce")
-                            if self.id_column in df.columns else 0})[keep.to_numpy()]
-        return df.loc[key.sort_values(["w", "i"], kind="mergesort").index].reset_index(drop=True)
+        return self.ordered(df[keep.to_numpy()], values[keep.to_numpy()])
+
+    def ordered(self, df: pd.DataFrame, values: pd.Series | None = None) -> pd.DataFrame:
+        """`df` sorted by (watermark, id), or (watermark, row content) without an id: a stable order."""
+        key = pd.DataFrame(index=df.index)
+        if self.column is not None:
+            key["w"] = self.parse(df[self.column]) if values is None else values
+        if self.id_column is not None and self.id_column in df.columns:
+            ident = df[self.id_column]
+            key["i"] = ident if types.is_numeric_dtype(ident) else ident.astype(str)
+        else:
+            key["i"] = row_hash(df)
+        return df.loc[key.sort_values(list(key.columns), kind="mergesort").index].reset_index(drop=True)
+
+    def _comparable(self, values: pd.Series, bound: Watermark | None) -> None:
+        """A watermark recorded as a timestamp must not be compared with numbers, or the other way round."""
+        if bound is None or not values.notna().any():
+            return
+        stamp, column_is_time = isinstance(bound, pd.Timestamp), types.is_datetime64_any_dtype(values)
+        if stamp != column_is_time:
+            raise SourceError(
+                f"the collected watermark {self.to_json(bound)!r} is a {'timestamp' if stamp else 'number'}, but "
+                f"column {self.column!r} now reads as {'timestamps' if column_is_time else 'numbers'}: "
+                f"restore schema.time_unit (null: numbers are ordinal; s/ms/us/ns/D: epoch timestamps), "
+                f"or move data/raw away to collect from scratch")
 
     def unreadable(self, df: pd.DataFrame) -> int:
         """Rows whose watermark is missing or unreadable: no interval holds them, so collect cannot take them."""
+        if self.column is None:
+            return 0
         return int(self.parse(df[self.column]).isna().sum()) if self.column in df.columns else len(df)
 
 
@@ -75,10 +168,20 @@ class Source(Protocol):
         ...
 
 
+def watermark_column(settings: Settings) -> str | None:
+    """What collect is incremental on. As Settings.watermark_column, except that a files source without a
+    time column takes each new file as a batch unless source.watermark_column names an increasing id."""
+    if settings.source.kind == "files" and settings.source.watermark_column is None:
+        return settings.data_schema.time_column
+    return settings.watermark_column
+
+
 def open_source(settings: Settings, paths: Paths) -> Source:
     """The source params.yaml names, ready to read."""
-    kind, wm = settings.source.kind, Watermarks(settings.watermark_column, settings.data_schema.id_column,
-                                                 settings.watermark_column == settings.data_schema.time_column)
+    schema, column = settings.data_schema, watermark_column(settings)
+    is_time = column is not None and column == schema.time_column
+    kind, wm = settings.source.kind, Watermarks(column, schema.id_column, is_time,
+                                                 schema.time_unit if is_time else None)
     if kind == "sql":
         from pipelines.sources.sql import SqlSource
 

@@ -32,12 +32,12 @@ class SqlSource:
         try:
             with engine.connect() as conn:
                 table = self._table(conn)
-                wm, ident = table.c[self.watermarks.column], table.c[self.watermarks.id_column]
-                query = sa.select(table).where(wm.is_not(None)).order_by(wm, ident)
+                wm = table.c[self.watermarks.column]
+                query = sa.select(table).where(wm.is_not(None))
                 if low is not None:
-                    query = query.where(wm > _bind(low))
+                    query = query.where(wm > self.watermarks.to_source(low))
                 if high is not None:
-                    query = query.where(wm <= _bind(high))
+                    query = query.where(wm <= self.watermarks.to_source(high))
                 rows = pd.read_sql(query, conn)
                 unreadable = conn.execute(sa.select(sa.func.count()).select_from(table).where(wm.is_(None))).scalar()
         except sa.exc.SQLAlchemyError as exc:
@@ -46,7 +46,8 @@ class SqlSource:
                               ) from exc
         finally:
             engine.dispose()
-        return rows, int(unreadable or 0)
+        # ordered here, not by the database: the same (watermark, id or row content) order as every source
+        return self.watermarks.ordered(rows), int(unreadable or 0)
 
     def _table(self, conn: sa.Connection) -> sa.Table:
         try:
@@ -54,10 +55,6 @@ class SqlSource:
         except sa.exc.NoSuchTableError:
             raise SourceError(f"{self.description}: table not found; check source.sql.table in params.yaml") from None
         for col in (self.watermarks.column, self.watermarks.id_column):
-            if col not in table.c:
+            if col is not None and col not in table.c:
                 raise SourceError(f"{self.description} has no column {col!r}: the watermark and id columns must exist")
         return table
-
-
-def _bind(value: Watermark) -> object:
-    return value.to_pydatetime() if isinstance(value, pd.Timestamp) else int(value)

@@ -56,9 +56,17 @@ def test_rerun_gives_the_same_batch_and_restores_a_damaged_file(tmp_path):
     with pytest.raises(SourceError, match="no collected batch 'nope'"):
         collect.run(settings, paths, rerun="nope")
     changed, _ = _settings(tmp_path, **{"source.simulator.drift_start_batch": 0})  # the source now differs
-    with pytest.raises(SourceError, match="rows changed at the source"):
-        collect.run(changed, paths, rerun="2026-01-02")
-    assert file.read_bytes() == before  # the collected batch is kept
+    entry_before = read_json(paths.raw / "manifest.json")["batches"][1]
+    replaced = collect.run(changed, paths, rerun="2026-01-02")  # the batch takes the source's current rows
+    assert replaced["identical"] is False and replaced["rows"] == 1000
+    assert replaced["rows_added"] == replaced["rows_removed"] == 1000  # drift changed every row of the day
+    assert file.read_bytes() != before
+    entry = read_json(paths.raw / "manifest.json")["batches"][1]
+    assert entry["sha256"] != entry_before["sha256"] and entry["high"] == entry_before["high"]
+    (record,) = entry["reruns"]
+    assert record["previous_sha256"] == entry_before["sha256"] and record["previous_rows"] == 1000
+    assert record["rows_added"] == 1000 and "at" in record
+    assert collect.run(changed, paths, rerun="2026-01-02")["identical"]  # and now it is the collected batch
 
 
 def test_changing_the_watermark_column_is_refused(tmp_path):
