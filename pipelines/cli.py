@@ -30,8 +30,9 @@ def _parser() -> argparse.ArgumentParser:
     for stage in STAGES:
         p = sub.add_parser(stage, help=f"run the {stage} stage")
         if stage == "collect":
-            p.add_argument("--rerun", metavar="BATCH", help="read that batch's interval again: check the source "
-                           "gives the same rows, restore the file if it was lost or damaged")
+            p.add_argument("--rerun", metavar="BATCH", help="read that batch's interval (or file) again: the same "
+                           "rows restore a lost or damaged file; rows repaired or changed at the source replace the "
+                           "batch (recorded in data/raw/manifest.json)")
         if stage == "promote":
             p.add_argument("--force", action="store_true", help="skip the gate: make a version champion")
             p.add_argument("--version", help="with --force: the version to promote (default: the challenger)")

@@ -82,6 +82,14 @@ class CategoricalRule(_Strict):
     values: list[str] = Field(min_length=1)
     nullable: bool = False  # missing is then a category of its own, in training and in serving
 
+    @field_validator("values", mode="before")
+    @classmethod
+    def _as_text(cls, value: Any) -> Any:
+        """Codes written as numbers (`rating: [1, 2, 3]`) are categories spelled "1", "2", "3"."""
+        if isinstance(value, list):
+            return [v if isinstance(v, str) else str(v) for v in value]
+        return value
+
 
 class SchemaConfig(_Strict):
     task: Task = "binary"
@@ -349,9 +357,11 @@ class Settings(_Strict):
 
     @property
     def watermark_column(self) -> str | None:
-        """What collect is incremental on: source.watermark_column, else the time column, else the id column;
-        None (a files source only): each new file is a batch."""
-        return self.source.watermark_column or self.schema_.time_column or self.schema_.id_column
+        """What collect is incremental on: source.watermark_column, else the time column, else (sql and the
+        simulator) the id column; None (a files source with no time column): each new file is a batch."""
+        if self.source.watermark_column or self.schema_.time_column:
+            return self.source.watermark_column or self.schema_.time_column
+        return None if self.source.kind == "files" else self.schema_.id_column
 
     @model_validator(mode="after")
     def _slices_known(self) -> Settings:

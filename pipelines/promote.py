@@ -21,7 +21,7 @@ from pipelines.alerts import alert
 from pipelines.bundle import METADATA_FILE, ModelBundle
 from pipelines.config import Paths, Settings
 from pipelines.io import read_json, write_json, write_text
-from pipelines.metrics import improvement, paired_bootstrap
+from pipelines.metrics import improvement, paired_bootstrap, score
 from pipelines.registry import SAMPLE_FILE, TEST_PREDICTIONS_FILE, Registry
 
 log = logging.getLogger(__name__)
@@ -40,7 +40,11 @@ def run(settings: Settings, paths: Paths) -> dict[str, Any]:
     decision: dict[str, Any] = {"challenger": challenger, "champion_before": champion, "metric": cfg.metric,
                                 "min_improvement": cfg.min_improvement, "max_p_value": cfg.max_p_value}
     if champion is None:
-        decision |= first_champion(cfg.metric, found["metrics"].get(cfg.metric), cfg.min_first_metric)
+        bundle = registry.load(challenger)
+        test = pd.read_parquet(paths.reference / "test.parquet")
+        value = score(cfg.metric, bundle.transform.encode_target(test[settings.data_schema.target]),
+                      bundle.predict(test), bundle.threshold)
+        decision |= first_champion(cfg.metric, value, cfg.min_first_metric)
     elif champion == challenger:
         decision |= {"promoted": False, "reason": "challenger is already the champion"}
     else:
@@ -70,8 +74,8 @@ def first_champion(metric: str, value: float | None, minimum: float | None) -> d
     if minimum is not None and improvement(metric, value, minimum) < 0:
         return {"promoted": False, "reason": f"no champion yet, but the challenger's {metric} {value:.4f} does not "
                                              f"reach promote.min_first_metric {minimum}: not promoted"}
-    return {"promoted": True, "reason": f"no champion yet; {metric} {value:.4f}"
-                                        + (f" reaches {minimum}" if minimum is not None else "")}
+    return {"promoted": True, "reason": f"no champion yet ({metric} {value:.4f} on the test rows"
+                                        + (f", reaching {minimum})" if minimum is not None else ")")}
 
 
 def gate(settings: Settings, paths: Paths, champion: ModelBundle, challenger: ModelBundle) -> dict[str, Any]:

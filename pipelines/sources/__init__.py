@@ -168,17 +168,9 @@ class Source(Protocol):
         ...
 
 
-def watermark_column(settings: Settings) -> str | None:
-    """What collect is incremental on. As Settings.watermark_column, except that a files source without a
-    time column takes each new file as a batch unless source.watermark_column names an increasing id."""
-    if settings.source.kind == "files" and settings.source.watermark_column is None:
-        return settings.data_schema.time_column
-    return settings.watermark_column
-
-
 def open_source(settings: Settings, paths: Paths) -> Source:
     """The source params.yaml names, ready to read."""
-    schema, column = settings.data_schema, watermark_column(settings)
+    schema, column = settings.data_schema, settings.watermark_column
     is_time = column is not None and column == schema.time_column
     kind, wm = settings.source.kind, Watermarks(column, schema.id_column, is_time,
                                                  schema.time_unit if is_time else None)
