@@ -26,6 +26,7 @@ from pipelines.io import read_json, write_json
 
 log = logging.getLogger(__name__)
 MODELS_PATH = "/models"  # GET: the versions being served and the canary routing (open, like health)
+DOCS_JSON = "/docs.json"
 OPEN_PATHS = ("/readyz", "/livez", "/healthz", "/metrics", "/docs", "/docs.json", "/")
 REQUEST_ID = "_request_id"  # added to each row by the gateway, carried through the adaptive batch
 ROUTE = "_route"  # champion | challenger | shadow
@@ -54,6 +55,39 @@ def request_model(schema: SchemaConfig, max_rows: int) -> type[BaseModel]:
     return create_model("PredictRequest", __config__=ConfigDict(extra="forbid"),
                         rows=(list[row] | None, Field(default=None, min_length=1, max_length=max_rows)),  # type: ignore[valid-type]
                         row=(row | None, None))
+
+
+def answer_model(schema: SchemaConfig) -> type[BaseModel]:
+    """The pydantic model of one answer, for the task: the label and each class's probability (binary: and
+    the positive class's), or the value; always the model version and the request id."""
+    fields: dict[str, Any] = {}
+    if schema.task == "regression":
+        fields["value"] = (float, Field(description=f"the predicted {schema.target}"))
+    else:
+        fields["label"] = (int | str, Field(description=f"the predicted class of {schema.target}, spelled as in "
+                                                        f"the data"))
+        fields["probabilities"] = (dict[str, float], Field(description="the probability of each class"))
+        if schema.task == "binary":
+            fields["probability"] = (float, Field(description="the probability of the positive class"))
+    fields |= {"model_version": (str, ...), "request_id": (str, ...)}
+    return create_model("Answer", **fields)
+
+
+def openapi_with_schemas(spec: dict[str, Any], request: type[BaseModel], answer: type[BaseModel]) -> dict[str, Any]:
+    """BentoML's OpenAPI document with /predict's request and answer schemas as the gateway enforces them
+    (BentoML sees rows as free-form dicts, since the gateway validates them)."""
+    components = spec.setdefault("components", {}).setdefault("schemas", {})
+    template = "#/components/schemas/{model}"
+    body = request.model_json_schema(ref_template=template)
+    reply = {"type": "array", "items": answer.model_json_schema(ref_template=template)}
+    for part in (body, reply["items"]):
+        components.update(part.pop("$defs", {}))
+    post = spec.get("paths", {}).get("/predict", {}).get("post")
+    if post is not None:
+        post["requestBody"] = {"required": True, "content": {"application/json": {"schema": body}}}
+        post.setdefault("responses", {})["200"] = {"description": "one answer per row",
+                                                   "content": {"application/json": {"schema": reply}}}
+    return spec
 
 
 class ApiKeys:
@@ -154,6 +188,7 @@ class Gateway:
                  routing: Callable[[], tuple[float, bool]], versions: Callable[[], dict[str, Any]]) -> None:
         self.app, self.serve = app, serve
         self.model = request_model(schema, serve.max_rows)
+        self.answer = answer_model(schema)
         self.keys = ApiKeys(keys_file)
         self.routing = routing  # (canary share, shadow) now: follows the registry while serving
         self.versions = versions  # GET /models: what is being served now (deploy checks it)
@@ -167,6 +202,8 @@ class Gateway:
             path = "/"
         if path == MODELS_PATH and scope["method"] == "GET":
             return await _reply(send, 200, self.versions())
+        if path == DOCS_JSON and scope["method"] == "GET":
+            return await self._documented(scope, receive, send)
         if path in OPEN_PATHS or scope["method"] != "POST":
             return await self.app(scope, receive, send)
         headers = {k.decode().lower(): v.decode() for k, v in scope["headers"]}
@@ -217,6 +254,23 @@ class Gateway:
             await send(message)
 
         await self.app(scope, replay, tag)
+
+
+    async def _documented(self, scope: dict[str, Any], receive: Receive, send: Send) -> None:
+        """BentoML's /docs.json with the schemas of /predict filled in."""
+        started: dict[str, Any] = {}
+        chunks: list[bytes] = []
+
+        async def collect(message: dict[str, Any]) -> None:
+            if message["type"] == "http.response.start":
+                started.update(message)
+            else:
+                chunks.append(message.get("body", b""))
+
+        await self.app(scope, receive, collect)
+        if started.get("status") != 200:
+            return await _reply(send, int(started.get("status", 500)), {"error": "no OpenAPI document"})
+        await _reply(send, 200, openapi_with_schemas(json.loads(b"".join(chunks)), self.model, self.answer))
 
 
 def _key(headers: dict[str, str]) -> str | None:

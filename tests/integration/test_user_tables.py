@@ -131,4 +131,8 @@ def test_a_users_table_runs_end_to_end_and_serves_what_it_scores(task, tmp_path)
         else:
             assert got["label"] == want["label"]  # spelled as in the data: "mid", "yes"
             assert got["probabilities"] == pytest.approx(want["probabilities"], rel=1e-9, abs=1e-12)
-    assert "size" in json.dumps(docs)  # the request schema in the docs lists the columns
+    row_schema = docs["components"]["schemas"]["Row"]["properties"]  # /docs shows what the gateway enforces
+    assert set(features) <= set(row_schema)
+    post = docs["paths"]["/predict"]["post"]
+    answer = post["responses"]["200"]["content"]["application/json"]["schema"]["items"]["properties"]
+    assert ("value" if task == "regression" else "probabilities") in answer

@@ -120,3 +120,25 @@ def test_gateway_leaves_health_metrics_and_docs_open(gateway):
     status, _, body = _call(gw, "/models", b"", {}, method="GET")
     assert (status, body) == (200, {"champion": "v1", "challenger": None})
     assert len(app.calls) == calls  # answered by the gateway itself
+
+
+@pytest.mark.parametrize("task", ["binary", "multiclass", "regression"])
+def test_openapi_shows_the_rows_and_the_answer_of_the_task(task, tmp_path):
+    import yaml
+
+    from pipelines.config import load_settings
+    from pipelines.serving import answer_model, openapi_with_schemas, request_model
+    from tests.tables import params_for
+
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params_for(task)))
+    schema = load_settings(tmp_path / "params.yaml").data_schema
+    spec = {"paths": {"/predict": {"post": {"requestBody": {"content": {"application/json": {"schema": {}}}}}}}}
+    doc = openapi_with_schemas(spec, request_model(schema, 10), answer_model(schema))
+    row = doc["components"]["schemas"]["Row"]
+    assert set(row["properties"]) == {"x1", "x2", "color", "size"}  # no id column in this table
+    assert set(row["required"]) == {"x1", "color"}  # x2 and size are nullable
+    answer = doc["paths"]["/predict"]["post"]["responses"]["200"]["content"]["application/json"]["schema"]
+    expected = {"binary": {"label", "probability", "probabilities"}, "multiclass": {"label", "probabilities"},
+                "regression": {"value"}}[task]
+    assert set(answer["items"]["properties"]) == expected | {"model_version", "request_id"}
+    json.dumps(doc)  # a valid JSON document
