@@ -21,24 +21,36 @@ class SplitError(ValueError):
     """The rows cannot be split so that every class is in train, valid and test."""
 
 
-def _cut(n: int, valid_share: float, test_share: float, keep_every_split: bool) -> tuple[int, int]:
-    """(train rows, valid rows) of n ordered rows; with `keep_every_split`, valid and test get one row at least."""
+def _counts(n: int, valid_share: float, test_share: float) -> list[int]:
+    """[train, valid, test] row counts of n ordered rows."""
     n_test, n_valid = int(n * test_share), int(n * valid_share)
-    if keep_every_split:
-        n_test, n_valid = max(n_test, 1), max(n_valid, 1)
-    return n - n_valid - n_test, n_valid
+    return [n - n_valid - n_test, n_valid, n_test]
+
+
+def _every_split(counts: list[int]) -> list[int]:
+    """[train, valid, test] counts of one class's rows, moved as little as possible so that each split holds
+    one row at least (the class has 3 rows or more); rows keep their order across the splits."""
+    counts = list(counts)
+    for empty in (2, 1, 0):  # test first: it says how the model does on the newest rows of every class
+        if counts[empty] == 0:
+            donor = max(range(3), key=lambda s: (counts[s], -abs(s - empty)))
+            counts[donor] -= 1
+            counts[empty] += 1
+    return counts
 
 
 def split_rows(df: pd.DataFrame, schema: SchemaConfig, how: str, valid_share: float, test_share: float,
                seed: int) -> dict[str, pd.DataFrame]:
     """Train, valid and test rows.
 
-    `time`: oldest rows train, newer validate, newest test (no look-ahead); `random`: a seeded shuffle.
-    For classification both are stratified: each class is split on its own (in time order or shuffled),
-    so every class is in every split; a class with fewer than 3 rows stops with the class counts.
+    `time`: oldest rows train, newer validate, newest test (no look-ahead); a class that this leaves out
+    of a split gets its rows nearest the boundary moved into it, in time order. `random`: a seeded shuffle,
+    stratified (each class split on its own). Either way every class is in every split; a class with fewer
+    than 3 rows stops with the class counts.
     """
     order = [c for c in (schema.time_column, schema.key_column) if c and c in df.columns]
     rows = df.sort_values(order, kind="mergesort").reset_index(drop=True)
+    part = np.repeat([0, 1, 2], _counts(len(rows), valid_share, test_share))
     if how == "random":
         rows = rows.iloc[np.random.default_rng(seed).permutation(len(rows))].reset_index(drop=True)
     if schema.is_classification:
@@ -51,17 +63,12 @@ def split_rows(df: pd.DataFrame, schema: SchemaConfig, how: str, valid_share: fl
                 f"fewer than 3 rows, too few for train, valid and test (class counts: "
                 f"{', '.join(f'{k}: {n}' for k, n in counts.items())}); collect more rows of them, or merge or "
                 f"drop the class in the source")
-        groups = [rows.index[(keys == k).to_numpy()] for k in counts.index]
-    else:
-        groups = [rows.index]
-    parts: dict[str, list[pd.Index]] = {name: [] for name in SPLITS}
-    for index in groups:
-        n_train, n_valid = _cut(len(index), valid_share, test_share, schema.is_classification)
-        parts["train"].append(index[:n_train])
-        parts["valid"].append(index[n_train : n_train + n_valid])
-        parts["test"].append(index[n_train + n_valid :])
-    # each split back in the order of `rows` (time order, or the seeded shuffle)
-    return {name: rows.loc[np.sort(np.concatenate(idx))].reset_index(drop=True) for name, idx in parts.items()}
+        for label in counts.index:
+            mine = np.flatnonzero((keys == label).to_numpy())  # in time order (or the seeded shuffle)
+            have = np.bincount(part[mine], minlength=3).tolist()
+            want = _counts(len(mine), valid_share, test_share) if how == "random" else have
+            part[mine] = np.repeat([0, 1, 2], _every_split(want))
+    return {name: rows[part == i].reset_index(drop=True) for i, name in enumerate(SPLITS)}
 
 
 def duplicates_of(rows: pd.DataFrame, seen: pd.DataFrame, columns: list[str]) -> np.ndarray:

@@ -49,7 +49,8 @@ def test_prediction_equals_offline_predict_proba(server, trained_project):
     served_proba = np.array([b["probability"] for b in body])
     np.testing.assert_allclose(served_proba, bundle.predict(rows)[:, 1], rtol=1e-9, atol=1e-12)
     assert [b["label"] for b in body] == [int(p >= bundle.threshold) for p in served_proba]
-    assert all(b["probabilities"] == {"0": 1 - b["probability"], "1": b["probability"]} for b in body)
+    for b in body:  # each class's probability, by the class label as the data spells it
+        assert b["probabilities"] == pytest.approx({"0": 1 - b["probability"], "1": b["probability"]}, abs=1e-12)
     assert len({b["request_id"] for b in body}) == 1 == len({response.headers["x-request-id"]})
 
 

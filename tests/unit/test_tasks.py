@@ -37,6 +37,22 @@ def test_every_class_lands_in_every_split_even_a_rare_one(tmp_path, how):
             assert (splits["test"].loc[splits["test"]["label"] == label, "day"] >= last_train).all()
 
 
+def test_time_split_keeps_the_newest_rows_for_test_and_moves_only_what_a_class_needs(tmp_path):
+    schema = _settings(tmp_path, "multiclass").data_schema
+    table = make_table("multiclass", 300, seed=4).sort_values("day").reset_index(drop=True)
+    table["_row_key"] = np.arange(len(table))
+    table.loc[table["label"] == "extreme", "label"] = "mid"
+    table.loc[[3, 10, 20, 30], "label"] = "extreme"  # a class seen only in the oldest rows
+    splits = split_rows(table, schema, "time", 0.15, 0.15, seed=0)
+    assert [len(splits[n]) for n in ("train", "valid", "test")] == [208, 46, 46]  # two rows moved
+    for name, rows in splits.items():
+        assert "extreme" in set(rows["label"]), name
+    # the other classes keep the plain time split: the test rows are the newest ones but for the moved rows
+    moved = splits["test"]["label"] == "extreme"
+    assert splits["test"].loc[~moved, "day"].min() >= splits["train"]["day"].max()
+    assert set(splits["train"].loc[splits["train"]["label"] == "extreme", "_row_key"]) == {3, 10}
+
+
 def test_a_class_too_rare_to_split_stops_with_the_counts(tmp_path):
     schema = _settings(tmp_path, "multiclass").data_schema
     table = make_table("multiclass", 200, seed=2)
