@@ -42,7 +42,7 @@ def render(metadata: dict[str, Any], metrics: dict[str, Any], slices: dict[str, 
         f"- Data version (md5 of `data/validated/data.parquet`, DVC's hash of it): `{metadata['data_md5']}`.",
         f"- Rows: {metadata['train_rows']} train, {metadata['valid_rows']} validation (early stopping, ensemble "
         f"weights, tuning), {metrics.get('test_rows', '?')} held-out test "
-        f"(prepare.split: by time, newest rows last, or random; stratified by class).",
+        f"(prepare.split: by time, newest rows last, or random; every class in every split).",
         f"- Validation: {validation.get('rows_in', '?')} rows in {validation.get('batches', '?')} batches, "
         f"{validation.get('rows_quarantined', '?')} quarantined ({validation.get('bad_share', 0):.2%}).",
         f"- Monitoring of {drift.get('current', '?')} against the champion's reference at training time: "

@@ -74,8 +74,8 @@ def first_champion(metric: str, value: float | None, minimum: float | None) -> d
     if minimum is not None and improvement(metric, value, minimum) < 0:
         return {"promoted": False, "reason": f"no champion yet, but the challenger's {metric} {value:.4f} does not "
                                              f"reach promote.min_first_metric {minimum}: not promoted"}
-    return {"promoted": True, "reason": f"no champion yet ({metric} {value:.4f} on the test rows"
-                                        + (f", reaching {minimum})" if minimum is not None else ")")}
+    floor = f" reaches promote.min_first_metric {minimum}" if minimum is not None else ""
+    return {"promoted": True, "reason": f"no champion yet: {metric} {value:.4f} on the test rows{floor}"}
 
 
 def gate(settings: Settings, paths: Paths, champion: ModelBundle, challenger: ModelBundle) -> dict[str, Any]:

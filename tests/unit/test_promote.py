@@ -28,7 +28,7 @@ def test_gate_promotes_better_keeps_champion_against_worse_and_rolls_back(tmp_pa
 
     weak_settings, _ = _train(tmp_path, **WEAK)
     first = promote.run(weak_settings, paths)
-    assert first["promoted"] and first["reason"].startswith("no champion yet (roc_auc 0.")
+    assert first["promoted"] and first["reason"].startswith("no champion yet: roc_auc 0.")
     weak = registry.champion
 
     strong_settings, _ = _train(tmp_path)
