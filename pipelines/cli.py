@@ -38,6 +38,19 @@ def _parser() -> argparse.ArgumentParser:
             p.add_argument("--version", help="with --force: the version to promote (default: the challenger)")
             p.add_argument("--reason", default="", help="why (recorded in the registry)")
     sub.add_parser("run", help="run every stage in order: " + " -> ".join(STAGES))
+    init = sub.add_parser("init", help="write params.yaml from a sample of your table (schema inference), or "
+                          "--check the newest collected batch against it")
+    init.add_argument("--source", nargs=2, metavar=("KIND", "WHERE"),
+                      help="files FOLDER_OR_GLOB (CSV or Parquet), or sql URL (with --table)")
+    init.add_argument("--table", help="with --source sql: the table")
+    init.add_argument("--target", help="the label column")
+    init.add_argument("--task", default="auto", choices=["auto", "binary", "multiclass", "regression"])
+    init.add_argument("--range-margin", type=float, default=0.5,
+                      help="numeric ranges are widened by this share of the observed span on each side")
+    init.add_argument("--sample-rows", type=int, default=100_000, help="rows read to infer from (at most)")
+    init.add_argument("--force", action="store_true", help="overwrite an existing params file")
+    init.add_argument("--check", action="store_true",
+                      help="compare the newest collected batch with params.yaml's schema instead")
     rb = sub.add_parser("rollback", help="make the previous champion champion again")
     rb.add_argument("--reason", default="", help="why (recorded in the registry)")
     sub.add_parser("status", help="show champion, challenger, the last registry decision and the last monitoring")
@@ -86,12 +99,15 @@ def main(argv: list[str] | None = None) -> int:
     from pipelines.deploy import DeployError
     from pipelines.promote import force_promote, rollback
     from pipelines.report import MonitoringError
+    from pipelines.schema_inference import InitError
     from pipelines.sources import SourceError
     from pipelines.validate import DataValidationError
 
     try:
         if args.command == "serve":
             return _serve(args, paths)
+        if args.command == "init":
+            return _init(args, paths)
         if args.command == "rollback":
             with _locked(args, paths):
                 print(json.dumps({"champion": rollback(paths, args.reason)}))
@@ -123,11 +139,63 @@ def main(argv: list[str] | None = None) -> int:
                     print(json.dumps({stage: summary}, default=str))
             if args.command == "run":
                 _print_where(paths, load_settings(args.params))
-    except (ConfigError, SourceError, DataValidationError, RegistryError, PipelineLocked, DeployError,
+    except (InitError, ConfigError, SourceError, DataValidationError, RegistryError, PipelineLocked, DeployError,
             MonitoringError, FileNotFoundError, ValueError) as exc:
         print(f"amaas: error: {exc}", file=sys.stderr)
         return 2
     return 0
+
+
+def _init(args: argparse.Namespace, paths: Paths) -> int:
+    """`amaas init`: infer and write params.yaml, or (--check) list what new data does that it does not allow."""
+    from pipelines import schema_inference as si
+
+    target = Path(args.params or os.environ.get(PARAMS_ENV) or paths.root / "params.yaml")
+    if args.check:
+        found = si.check(load_settings(target), paths)
+        print(json.dumps(found, indent=2))
+        return 1 if found["problems"] else 0
+    if not args.source or not args.target:
+        raise si.InitError("amaas init needs --source (files PATH | sql URL --table T) and --target COLUMN")
+    if target.exists() and not args.force:
+        raise si.InitError(f"{target} exists: pass --force to overwrite it (or --params to write elsewhere)")
+    kind, where = args.source
+    if kind == "files":
+        settings, folder, pattern = si.files_source(where, paths.root)
+        sample = si.read_files_sample(folder, pattern, args.sample_rows)
+        source, described = {"kind": "files", "files": settings}, f"{len(sample)} rows of {folder}/{pattern}"
+    elif kind == "sql":
+        if not args.table:
+            raise si.InitError("--source sql needs --table")
+        sample = si.read_sql_sample(where, args.table, args.sample_rows, paths.root)
+        source = {"kind": "sql", "sql": {"url": where, "table": args.table, "schema": None}}
+        described = f"{len(sample)} rows of table {args.table}"
+    else:
+        raise si.InitError(f"--source {kind}: use files or sql")
+    inferred = si.infer_schema(sample, args.target, args.task, args.range_margin)
+    expectations = (paths.root / "expectations" / "extra.json").is_file()
+    text = si.params_text(inferred, source, described, expectations=expectations)
+    load_settings_text(text, target)
+    target.write_text(text)
+    schema = inferred.schema
+    print(f"wrote {target} from {described}")
+    print(f"  task {schema['task']} on {schema['target']!r}; id {schema['id_column']}; time {schema['time_column']}"
+          f" ({schema['time_unit'] or 'no unit'}); {len(schema['numeric'])} numeric, "
+          f"{len(schema['categorical'])} categorical column(s)")
+    for note in inferred.review:
+        print(f"  check: {note}")
+    print("next: review the schema in params.yaml, then `dvc repro` (or `make run`)")
+    return 0
+
+
+def load_settings_text(text: str, where: Path) -> Settings:
+    """Validate settings before they are written: init never leaves a params.yaml that does not load."""
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        probe = Path(tmp) / where.name
+        probe.write_text(text)
+        return load_settings(probe)
 
 
 def _keys(args: argparse.Namespace, paths: Paths) -> None:

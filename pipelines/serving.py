@@ -35,17 +35,18 @@ ROUTE = "_route"  # champion | challenger | shadow
 def row_model(schema: SchemaConfig) -> type[BaseModel]:
     """The pydantic model of one input row, from the schema in params.yaml.
 
-    Numeric features must lie in their ranges (nullable ones may be null); categories are free text,
-    cleaned and encoded by the fitted transform (an unseen one is the unknown category; null, where the
-    column is nullable, is the missing category). The id is optional: sent, it is logged so delayed labels
-    can be joined to the prediction.
+    Numeric features must lie in their ranges (nullable ones may be null); categories are free text (or a
+    number or a boolean, spelled as text), cleaned and encoded by the fitted transform (an unseen one is
+    the unknown category; null, where the column is nullable, is the missing category). The id is
+    optional: sent, it is logged so delayed labels can be joined to the prediction.
     """
     fields: dict[str, Any] = {schema.id_column: (int | str | None, None)} if schema.id_column else {}
     for col, rule in schema.numeric.items():
         bounded = Field(ge=rule.min, le=rule.max, default=None if rule.nullable else ...)
         fields[col] = (float | None, bounded) if rule.nullable else (float, bounded)
+    category = str | bool | int | float  # codes and flags are categories too: spelled as text by the transform
     for col, cat in schema.categorical.items():
-        fields[col] = (str | None, None) if cat.nullable else (str, ...)
+        fields[col] = (category | None, None) if cat.nullable else (category, ...)
     return create_model("Row", __config__=ConfigDict(extra="forbid"), **fields)
 
 

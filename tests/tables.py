@@ -69,3 +69,25 @@ def params_for(task: str, **overrides: Any) -> dict[str, Any]:
         **overrides,
     })
     return params
+
+
+def make_survey(rows: int, seed: int = 0, first_year: int = 2019, years: int = 4) -> pd.DataFrame:
+    """A table as a user exports it, for `amaas init`: an id, an integer year, mixed types with nulls,
+    mixed-case categories, a free-text column and a three-class string target."""
+    rng = np.random.default_rng(seed)
+    income = rng.lognormal(10.5, 0.4, rows).round(2)
+    income[rng.random(rows) < 0.08] = np.nan
+    age = rng.integers(18, 80, rows)
+    region = rng.choice(["North", "SOUTH", "east", "West "], rows).astype(object)
+    region[rng.random(rows) < 0.05] = None
+    member = rng.random(rows) < 0.4
+    score = (np.log(np.nan_to_num(income, nan=36_000)) - 10.5) * 2 + (age - 50) / 20 + 0.8 * member
+    score += rng.normal(0, 0.6, rows)
+    return pd.DataFrame({
+        "customer_id": np.arange(seed * 100_000 + 1, seed * 100_000 + rows + 1),
+        "year": np.sort(rng.integers(first_year, first_year + years, rows)),
+        "income": income, "age": age, "region": region, "member": member,
+        "comment": [f"call {i}: {w}" for i, w in zip(range(rows), rng.choice(["ok", "late", "moved"], rows),
+                                                     strict=True)],
+        "grade": np.select([score < -0.5, score < 0.6], ["low", "mid"], "high"),
+    })

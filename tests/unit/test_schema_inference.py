@@ -1,0 +1,59 @@
+"""`amaas init`'s inference on small frames: roles, ranges, tasks, sizes, refusals, and a loadable params.yaml."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+import yaml
+
+from pipelines.config import load_settings
+from pipelines.schema_inference import InitError, infer_schema, params_text
+from tests.tables import make_survey, make_table
+
+
+def test_roles_ranges_and_comments_of_a_survey():
+    inferred = infer_schema(make_survey(300, seed=5), "grade")
+    schema = inferred.schema
+    assert (schema["task"], schema["id_column"], schema["time_column"], schema["time_unit"]) == (
+        "multiclass", "customer_id", "year", None)
+    age = schema["numeric"]["age"]
+    assert age["min"] == 0 and 79 < age["max"] < 120 and "nullable" not in age  # 18-79 widened by half the span
+    assert schema["categorical"]["region"] == {"values": ["North", "SOUTH", "West ", "east"], "nullable": True}
+    assert "comment" not in schema["categorical"]
+    assert any("free text" in r and "`comment`" in r for r in inferred.review)
+    assert inferred.comments["categorical.region"] == "4 distinct, 6% null"
+    assert inferred.overrides["prepare.split"] == "time" and inferred.overrides["source.split_by_day"] is False
+
+
+def test_tasks_from_the_target():
+    table = make_table("regression", 200, seed=1)
+    assert infer_schema(table, "label").schema["task"] == "regression"
+    binary = make_table("binary", 200, seed=1)
+    inferred = infer_schema(binary, "label")
+    assert inferred.schema["task"] == "binary" and inferred.overrides["promote.metric"] == "roc_auc"
+    assert inferred.schema["time_column"] == "day" and inferred.overrides["source.split_by_day"]
+    assert inferred.schema["id_column"] is None  # no id: a row hash
+    with pytest.raises(InitError, match="--task binary, but target 'label' has 4 values; use --task multiclass"):
+        infer_schema(make_table("multiclass", 200, seed=1), "label", "binary")
+    with pytest.raises(InitError, match="no column 'grade'"):
+        infer_schema(binary, "grade")
+
+
+def test_epoch_seconds_get_their_unit():
+    frame = pd.DataFrame({"event_ts": 1_760_000_000 + np.arange(50) * 3600, "x": np.arange(50.0),
+                          "y": np.tile([0, 1], 25)})
+    inferred = infer_schema(frame, "y")
+    assert (inferred.schema["time_column"], inferred.schema["time_unit"]) == ("event_ts", "s")
+
+
+def test_written_params_load_and_keep_the_comments(tmp_path):
+    inferred = infer_schema(make_survey(300, seed=6), "grade")
+    text = params_text(inferred, {"kind": "files", "files": {"path": "data/drop", "pattern": "*.csv"}},
+                       "300 rows of a test table")
+    (tmp_path / "params.yaml").write_text(text)
+    settings = load_settings(tmp_path / "params.yaml")
+    assert settings.data_schema.task == "multiclass" and settings.promote.metric == "f1_macro"
+    assert settings.report.min_labeled_rows == 30 and settings.validation.min_rows == 60
+    assert "# integer years 2019-2022: an ordinal watermark" in text
+    assert yaml.safe_load(text)["schema"]["categorical"]["member"] == ["False", "True"]
