@@ -12,7 +12,7 @@ import sys
 from pathlib import Path
 
 from pipelines.config import PARAMS_ENV, ROOT_ENV, ConfigError, Paths, Settings, load_settings
-from pipelines.io import read_json
+from pipelines.io import read_json, write_text
 from pipelines.lock import PipelineLocked, project_lock
 from pipelines.registry import Registry, RegistryError
 from pipelines.serving import ApiKeys
@@ -168,27 +168,29 @@ def _init(args: argparse.Namespace, paths: Paths) -> int:
         if not args.table:
             raise si.InitError("--source sql needs --table")
         sample = si.read_sql_sample(where, args.table, args.sample_rows, paths.root)
-        source = {"kind": "sql", "sql": {"url": where, "table": args.table, "schema": None}}
+        source = {"kind": "sql", "sql": {"url": si.url_without_password(where), "table": args.table, "schema": None}}
         described = f"{len(sample)} rows of table {args.table}"
     else:
         raise si.InitError(f"--source {kind}: use files or sql")
     inferred = si.infer_schema(sample, args.target, args.task, args.range_margin)
     expectations = (paths.root / "expectations" / "extra.json").is_file()
     text = si.params_text(inferred, source, described, expectations=expectations)
-    load_settings_text(text, target)
-    target.write_text(text)
+    _loads(text, target)
+    write_text(target, text)
     schema = inferred.schema
     print(f"wrote {target} from {described}")
     print(f"  task {schema['task']} on {schema['target']!r}; id {schema['id_column']}; time {schema['time_column']}"
           f" ({schema['time_unit'] or 'no unit'}); {len(schema['numeric'])} numeric, "
           f"{len(schema['categorical'])} categorical column(s)")
+    if kind == "sql" and si.url_without_password(where) != where:
+        inferred.review.append("the password is not written to params.yaml: set $AMAAS_SOURCE_URL to the full URL")
     for note in inferred.review:
         print(f"  check: {note}")
     print("next: review the schema in params.yaml, then `dvc repro` (or `make run`)")
     return 0
 
 
-def load_settings_text(text: str, where: Path) -> Settings:
+def _loads(text: str, where: Path) -> Settings:
     """Validate settings before they are written: init never leaves a params.yaml that does not load."""
     import tempfile
 

@@ -25,7 +25,7 @@ from pandas.api import types
 from pipelines.config import Paths, Settings
 from pipelines.io import read_json
 from pipelines.sources import SourceError
-from pipelines.transform import normalize_value
+from pipelines.transform import label_key, normalize_value
 
 TEMPLATE = Path(__file__).resolve().parent.parent / "params.yaml"  # the shipped settings: defaults for the rest
 MAX_CATEGORIES = 50  # more distinct values than this (or than half the rows) is free text, left out
@@ -101,6 +101,14 @@ def read_files_sample(folder: Path, pattern: str, rows: int) -> pd.DataFrame:
     if not frames:
         raise InitError(f"no {pattern} files with rows in {folder}")
     return pd.concat(frames, ignore_index=True)
+
+
+def url_without_password(url: str) -> str:
+    """The URL to keep in params.yaml (in git): a password stays out; $AMAAS_SOURCE_URL carries the full URL."""
+    from sqlalchemy.engine import make_url
+
+    parsed = make_url(url)
+    return parsed._replace(password=None).render_as_string(hide_password=False) if parsed.password else url
 
 
 def read_sql_sample(url: str, table: str, rows: int, root: Path) -> pd.DataFrame:
@@ -362,8 +370,6 @@ def check(settings: Settings, paths: Paths) -> dict[str, Any]:
             problems.append(f"{name}: {int(rows[name].isna().sum())} null(s); use {{values: [...], nullable: true}} "
                             f"if missing is valid")
     if schema.classes is not None and schema.target in rows.columns:
-        from pipelines.transform import label_key
-
         known = {label_key(c) for c in schema.classes}
         new_labels = sorted({label_key(v) for v in rows[schema.target].dropna()} - known)
         if new_labels:

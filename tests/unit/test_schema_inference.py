@@ -8,7 +8,7 @@ import pytest
 import yaml
 
 from pipelines.config import load_settings
-from pipelines.schema_inference import InitError, infer_schema, params_text
+from pipelines.schema_inference import InitError, infer_schema, params_text, url_without_password
 from tests.tables import make_survey, make_table
 
 
@@ -57,3 +57,8 @@ def test_written_params_load_and_keep_the_comments(tmp_path):
     assert settings.report.min_labeled_rows == 30 and settings.validation.min_rows == 60
     assert "# integer years 2019-2022: an ordinal watermark" in text
     assert yaml.safe_load(text)["schema"]["categorical"]["member"] == ["False", "True"]
+
+
+def test_a_password_never_reaches_params_yaml():
+    assert url_without_password("postgresql+psycopg://bob:s3cret@db:5432/shop") == "postgresql+psycopg://bob@db:5432/shop"
+    assert url_without_password("sqlite:///data/source.db") == "sqlite:///data/source.db"
