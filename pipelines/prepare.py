@@ -11,6 +11,7 @@ import pandas as pd
 from pipelines.config import Paths, SchemaConfig, Settings
 from pipelines.io import write_json, write_parquet
 from pipelines.registry import SAMPLE_FILE
+from pipelines.sources import row_hash
 from pipelines.transform import FeatureTransform, label_key
 
 log = logging.getLogger(__name__)
@@ -73,10 +74,7 @@ def split_rows(df: pd.DataFrame, schema: SchemaConfig, how: str, valid_share: fl
 
 def duplicates_of(rows: pd.DataFrame, seen: pd.DataFrame, columns: list[str]) -> np.ndarray:
     """Which of `rows` equal a row of `seen` on `columns` (features and label): nulls compare equal."""
-    def fingerprint(frame: pd.DataFrame) -> pd.Series:
-        return pd.util.hash_pandas_object(frame[columns].astype(str), index=False)
-
-    return fingerprint(rows).isin(set(fingerprint(seen))).to_numpy()
+    return np.isin(row_hash(rows[columns]), row_hash(seen[columns]))
 
 
 def run(settings: Settings, paths: Paths) -> dict[str, Any]:

@@ -26,6 +26,7 @@ from pipelines.config import Paths, Settings
 from pipelines.io import read_json
 from pipelines.sources import SourceError
 from pipelines.transform import label_key, normalize_value
+from pipelines.validate import allowed_categories
 
 TEMPLATE = Path(__file__).resolve().parent.parent / "params.yaml"  # the shipped settings: defaults for the rest
 MAX_CATEGORIES = 50  # more distinct values than this (or than half the rows) is free text, left out
@@ -359,7 +360,7 @@ def check(settings: Settings, paths: Paths) -> dict[str, Any]:
         if name not in rows.columns:
             continue
         spell = normalize_value if normalize else str
-        allowed = {spell(v) for v in cat.values}
+        allowed = allowed_categories(cat.values, normalize)
         present = rows[name].dropna()
         new = present[~present.map(spell).isin(allowed)].map(str).value_counts()
         if len(new):
