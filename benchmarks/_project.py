@@ -10,7 +10,7 @@ from typing import Any
 
 import yaml
 
-from pipelines.stages import STAGES, run_stage
+from pipelines.runner import STAGES, run_stage
 
 
 @contextlib.contextmanager

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import yaml
 
-from pipelines.stages import STAGES, run_stage
+from pipelines.runner import STAGES, run_stage
 
 
 def main() -> int:

@@ -25,9 +25,9 @@ from pathlib import Path
 import yaml
 from _project import trained_project
 
-from pipelines import report
 from pipelines.config import Paths, load_settings
 from pipelines.sources.simulator import generate_batch
+from pipelines.stages import report
 
 BIN = Path(sys.executable).parent
 DAGS = Path(__file__).resolve().parent.parent / "dags"

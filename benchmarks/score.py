@@ -17,8 +17,8 @@ from distributed import LocalCluster
 
 from pipelines import score
 from pipelines.config import Paths, load_settings
+from pipelines.runner import STAGES
 from pipelines.sources.simulator import generate_batch
-from pipelines.stages import STAGES
 
 
 def main() -> int:

@@ -48,7 +48,7 @@ def make_table(settings_path: str, rows: int, out: Path) -> None:
 def train_one(args: argparse.Namespace) -> None:
     """In a child process: train `args.worker` (a learner name or "ensemble") and print its figures."""
     from pipelines.models import Ensemble
-    from pipelines.train import build_learners
+    from pipelines.stages.train import build_learners
 
     settings = load_settings(args.params)
     settings = settings.model_copy(update={"train": settings.train.model_copy(update={"device": args.device})})

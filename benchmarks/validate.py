@@ -16,9 +16,9 @@ from pathlib import Path
 
 import pandas as pd
 
-from pipelines import validate
 from pipelines.config import Paths, Settings, load_settings
 from pipelines.sources.simulator import generate_batch
+from pipelines.stages import validate
 
 
 def pandas_checks(batches: list[tuple[str, pd.DataFrame]], settings: Settings) -> dict[int, list[str]]:

@@ -25,7 +25,7 @@ from pydantic import BaseModel
 from pipelines.bundle import ModelBundle
 from pipelines.config import PARAMS_ENV, ROOT_ENV, Paths, load_settings
 from pipelines.registry import Registry
-from pipelines.serving import REQUEST_ID, ROUTE, Gateway, PredictionLog, now_iso
+from pipelines.serving.gateway import REQUEST_ID, ROUTE, Gateway, PredictionLog, now_iso
 
 log = logging.getLogger("amaas.service")
 

@@ -22,7 +22,7 @@ import pendulum
 from airflow.providers.standard.operators.trigger_dagrun import TriggerDagRunOperator
 from airflow.sdk import Param, dag, get_current_context, task
 
-from pipelines.stages import run_in_project, schedule_from_env, version_in_project
+from pipelines.runner import run_in_project, schedule_from_env, version_in_project
 
 PROJECT = Path(__file__).resolve().parent.parent
 SCHEDULE = schedule_from_env("AMAAS_MONITORING_SCHEDULE", "@daily")

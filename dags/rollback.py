@@ -14,7 +14,7 @@ from pathlib import Path
 import pendulum
 from airflow.sdk import Param, dag, get_current_context, task
 
-from pipelines.stages import rollback_in_project, run_in_project
+from pipelines.runner import rollback_in_project, run_in_project
 
 PROJECT = Path(__file__).resolve().parent.parent
 

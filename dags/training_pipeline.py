@@ -9,7 +9,7 @@ Collects the newest data, retrains the ensemble and releases it only if it is be
 - **version**: `dvc commit` and `dvc push` of everything the run wrote (in a DVC project), so a later
   `dvc repro` skips it and `dvc pull` elsewhere gets the same data and models
 
-Each task calls `pipelines.stages.run_in_project`, the same stage function as `amaas <stage>` and
+Each task calls `pipelines.runner.run_in_project`, the same stage function as `amaas <stage>` and
 `dvc repro`, and passes only its small summary through XCom. Runs weekly (`$AMAAS_TRAINING_SCHEDULE`:
 a cron string, a preset, or `none`), when the `monitoring` DAG finds drift or decay, or by hand with the
 form below. Settings: the project's `params.yaml` (or `$AMAAS_PARAMS`); outputs under the project
@@ -24,12 +24,12 @@ from pathlib import Path
 import pendulum
 from airflow.sdk import Param, dag, get_current_context, task, task_group
 
-from pipelines.stages import run_in_project, schedule_from_env, version_in_project
+from pipelines.runner import run_in_project, schedule_from_env, version_in_project
 
 PROJECT = Path(__file__).resolve().parent.parent
 SCHEDULE = schedule_from_env("AMAAS_TRAINING_SCHEDULE", "@weekly")
 GROUPS = {"data": ("collect", "validate"), "model": ("prepare", "train", "evaluate", "report"),
-          "release": ("package", "promote", "deploy")}  # in the order of pipelines.stages.STAGES
+          "release": ("package", "promote", "deploy")}  # in the order of pipelines.runner.STAGES
 
 
 def _run(stage: str) -> dict:

@@ -14,9 +14,9 @@ from pathlib import Path
 from pipelines.config import PARAMS_ENV, ROOT_ENV, ConfigError, Paths, Settings, load_settings
 from pipelines.io import read_json, write_text
 from pipelines.lock import PipelineLocked, project_lock
-from pipelines.registry import Registry, RegistryError
-from pipelines.serving import ApiKeys
-from pipelines.stages import STAGES, run_stage
+from pipelines.registry import Registry, RegistryError, force_promote, rollback
+from pipelines.runner import STAGES, run_stage
+from pipelines.serving.gateway import ApiKeys
 
 log = logging.getLogger("amaas")
 
@@ -71,7 +71,7 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _serve(args: argparse.Namespace, paths: Paths) -> int:
-    from pipelines.package import ensure_bento
+    from pipelines.serving.bento import ensure_bento
 
     settings = load_settings(args.params)
     registry = Registry(paths.registry)
@@ -96,12 +96,11 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     paths = Paths(Path(args.root).resolve()) if args.root else Paths.from_env()
-    from pipelines.deploy import DeployError
-    from pipelines.promote import force_promote, rollback
-    from pipelines.report import MonitoringError
     from pipelines.schema_inference import InitError
     from pipelines.sources import SourceError
-    from pipelines.validate import DataValidationError
+    from pipelines.stages.deploy import DeployError
+    from pipelines.stages.report import MonitoringError
+    from pipelines.stages.validate import DataValidationError
 
     try:
         if args.command == "serve":

@@ -7,14 +7,19 @@ is atomic, so a crash never leaves an alias pointing at a half-copied version.
 
 from __future__ import annotations
 
+import getpass
+import logging
 import shutil
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 from pipelines.bundle import METADATA_FILE, ModelBundle
+from pipelines.config import Paths
 from pipelines.io import atomic_dir, read_json, write_json
 
+log = logging.getLogger(__name__)
 MONITORING_DIR = "monitoring"  # inside a version: what monitoring compares new data with
 SAMPLE_FILE = "train_sample.parquet"  # a seeded sample of the model's training rows (report.reference_rows)
 TEST_PREDICTIONS_FILE = "test_predictions.parquet"  # id, actual, prediction on the model's held-out test rows
@@ -101,3 +106,29 @@ class Registry:
 
     def _set_aliases(self, **changes: Any) -> None:
         write_json(self._aliases_file, {**self.aliases(), **changes})
+
+
+def _operator_record(action: str, **fields: Any) -> dict[str, Any]:
+    return {"action": action, "by": getpass.getuser(), "at": datetime.now(UTC).isoformat(timespec="seconds"), **fields}
+
+
+def force_promote(paths: Paths, version: str | None = None, reason: str = "") -> str:
+    """Operator override: make `version` (default: the current challenger) champion, gate skipped."""
+    registry = Registry(paths.registry)
+    target = version or registry.aliases()["challenger"]
+    if target is None:
+        raise ValueError("no challenger registered: run the pipeline first or pass --version")
+    before = registry.champion
+    registry.set_champion(target)
+    registry.record(_operator_record("force_promote", champion_before=before, champion_after=target, reason=reason))
+    log.warning("operator forced %s to champion (was %s)", target, before)
+    return target
+
+
+def rollback(paths: Paths, reason: str = "") -> str:
+    """Operator action: return to the previous champion."""
+    registry = Registry(paths.registry)
+    before, after = registry.rollback()
+    registry.record(_operator_record("rollback", champion_before=before, champion_after=after, reason=reason))
+    log.warning("operator rolled back champion %s -> %s", before, after)
+    return after

@@ -25,8 +25,7 @@ from pandas.api import types
 from pipelines.config import Paths, Settings
 from pipelines.io import read_json
 from pipelines.sources import SourceError
-from pipelines.transform import label_key, normalize_value
-from pipelines.validate import allowed_categories
+from pipelines.transform import allowed_categories, label_key, normalize_value
 
 TEMPLATE = Path(__file__).resolve().parent.parent / "params.yaml"  # the shipped settings: defaults for the rest
 MAX_CATEGORIES = 50  # more distinct values than this (or than half the rows) is free text, left out

@@ -192,3 +192,9 @@ def _as_text(values: pd.Series) -> pd.Series:
 
 def _floats(series: pd.Series) -> dict[str, float]:
     return {str(k): float(v) for k, v in series.items()}
+
+
+def allowed_categories(values: list[str], normalize: bool) -> list[str]:
+    """A categorical column's allowed values, spelled as the checked data is (normalized or as text)."""
+    spell = normalize_value if normalize else str
+    return sorted({spell(v) for v in values})

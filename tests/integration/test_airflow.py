@@ -9,7 +9,7 @@ import pandas as pd
 import pytest
 import yaml
 
-from pipelines.stages import STAGES
+from pipelines.runner import STAGES
 from tests.conftest import BIN, REPO, airflow_env, amaas, write_params
 
 pytestmark = pytest.mark.slow

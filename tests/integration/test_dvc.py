@@ -8,7 +8,7 @@ import subprocess
 import pytest
 import yaml
 
-from pipelines.stages import STAGES
+from pipelines.runner import STAGES
 from tests.conftest import REPO, airflow_env, dvc_project, run_tool, write_params
 
 pytestmark = pytest.mark.slow

@@ -18,7 +18,7 @@ from sklearn.metrics import roc_auc_score
 
 from pipelines.bundle import ModelBundle
 from pipelines.registry import Registry
-from pipelines.serving import read_prediction_log
+from pipelines.serving.gateway import read_prediction_log
 from tests.conftest import amaas, served
 
 pytestmark = pytest.mark.slow

@@ -8,8 +8,9 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
-from pipelines import alerts, collect, prepare, report, validate
+from pipelines import alerts
 from pipelines.config import Paths, load_settings
+from pipelines.stages import collect, prepare, report, validate
 from tests.conftest import write_params
 
 

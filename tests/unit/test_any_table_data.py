@@ -14,11 +14,11 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from pipelines import collect, validate
 from pipelines.config import ROW_KEY, Paths, load_settings
 from pipelines.io import read_json
 from pipelines.sources import parse_time
-from pipelines.validate import REASONS, DataValidationError
+from pipelines.stages import collect, validate
+from pipelines.stages.validate import REASONS, DataValidationError
 from tests.conftest import write_params
 
 

@@ -4,11 +4,11 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from pipelines import collect, validate
 from pipelines.config import Paths, load_settings
 from pipelines.io import read_json, write_json
 from pipelines.sources import simulator
-from pipelines.validate import REASONS, DataValidationError
+from pipelines.stages import collect, validate
+from pipelines.stages.validate import REASONS, DataValidationError
 from tests.conftest import write_params
 
 

@@ -3,10 +3,11 @@
 import numpy as np
 import pytest
 
-from pipelines import collect, prepare, promote, train, validate
+from pipelines import registry as registry_ops
 from pipelines.config import Paths, load_settings
 from pipelines.metrics import paired_bootstrap
 from pipelines.registry import Registry, RegistryError
+from pipelines.stages import collect, prepare, promote, train, validate
 from tests.conftest import write_params
 
 WEAK = {"train.learners": ["lightgbm"], "train.lightgbm.n_estimators": 2, "train.lightgbm.num_leaves": 2}
@@ -53,14 +54,14 @@ def test_gate_promotes_better_keeps_champion_against_worse_and_rolls_back(tmp_pa
     assert any(r.getMessage().startswith("ALERT gate_failed: challenger") for r in caplog.records)
     assert registry.champion == strong
 
-    assert promote.rollback(paths, reason="test") == weak
+    assert registry_ops.rollback(paths, reason="test") == weak
     assert registry.champion == weak
     with pytest.raises(RegistryError, match="nothing to roll back"):
-        promote.rollback(paths)
+        registry_ops.rollback(paths)
     actions = [d["action"] for d in registry.decisions()]
     assert actions == ["gate", "gate", "gate", "rollback"]
 
-    assert promote.force_promote(paths, strong, reason="test") == strong
+    assert registry_ops.force_promote(paths, strong, reason="test") == strong
     assert registry.decisions()[-1]["action"] == "force_promote"
 
 

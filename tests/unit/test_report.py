@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from pipelines.config import Paths, load_settings
-from pipelines.report import MonitoringError, decay_p_value, decide, drift_summary, load_reference
+from pipelines.stages.report import MonitoringError, decay_p_value, decide, drift_summary, load_reference
 from tests.conftest import write_params
 
 CALM = {"data_drift": False, "drift_share": 0.08, "n_drifted": 1, "n_columns": 13, "drifted_columns": ["age"],

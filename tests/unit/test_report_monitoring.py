@@ -12,9 +12,9 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from pipelines import report
 from pipelines.bundle import ModelBundle
 from pipelines.config import ROW_KEY, Paths, Settings, load_settings
+from pipelines.stages import report
 from pipelines.transform import FeatureTransform
 from tests.conftest import write_params
 

@@ -9,7 +9,7 @@ import os
 import pytest
 
 from pipelines.config import load_settings
-from pipelines.serving import REQUEST_ID, ROUTE, ApiKeys, Gateway, PredictionLog, read_prediction_log, route
+from pipelines.serving.gateway import REQUEST_ID, ROUTE, ApiKeys, Gateway, PredictionLog, read_prediction_log, route
 from tests.conftest import write_params
 
 ROW = {"age": 41, "income": None, "loan_amount": 12000, "term_months": 60, "interest_rate": 14.5,
@@ -127,7 +127,7 @@ def test_openapi_shows_the_rows_and_the_answer_of_the_task(task, tmp_path):
     import yaml
 
     from pipelines.config import load_settings
-    from pipelines.serving import answer_model, openapi_with_schemas, request_model
+    from pipelines.serving.gateway import answer_model, openapi_with_schemas, request_model
     from tests.tables import params_for
 
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params_for(task)))

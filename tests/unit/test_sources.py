@@ -6,10 +6,10 @@ import pandas as pd
 import pytest
 import sqlalchemy as sa
 
-from pipelines import collect
 from pipelines.config import Paths, load_settings
 from pipelines.io import read_json
 from pipelines.sources import SourceError, open_source
+from pipelines.stages import collect
 from tests.conftest import write_params
 
 KEY = ["loan_id", "event_time"]

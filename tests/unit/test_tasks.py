@@ -9,10 +9,10 @@ import pandas as pd
 import pytest
 import yaml
 
-from pipelines import promote
 from pipelines.config import ConfigError, load_settings
 from pipelines.metrics import choose_threshold, improvement, paired_bootstrap, score
-from pipelines.prepare import SplitError, duplicates_of, split_rows
+from pipelines.stages import promote
+from pipelines.stages.prepare import SplitError, duplicates_of, split_rows
 from tests.tables import make_table, params_for
 
 

@@ -3,7 +3,7 @@ import pandas as pd
 import pytest
 
 from pipelines.models import LEARNERS, Ensemble, Learner, resolve_device
-from pipelines.train import build_learners
+from pipelines.stages.train import build_learners
 from pipelines.transform import UNKNOWN, FeatureTransform
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 
 from pipelines.config import SearchRange, TuningConfig
-from pipelines.train import build_learners
+from pipelines.stages.train import build_learners
 from pipelines.tuning import sample, tune
 
 

@@ -35,7 +35,7 @@ from pandas.api import types
 from pipelines.config import ROW_KEY, Paths, SchemaConfig, Settings
 from pipelines.io import atomic_dir, read_json, text_if_mixed, write_json, write_parquet
 from pipelines.sources import parse_time, row_hash
-from pipelines.transform import label_key, normalize_category, normalize_value
+from pipelines.transform import allowed_categories, label_key, normalize_category
 
 log = logging.getLogger(__name__)
 
@@ -148,12 +148,6 @@ def _labels(values: pd.Series) -> pd.Series:
     keys, distinct = pd.factorize(values, use_na_sentinel=True)
     spelled = np.array([label_key(v) for v in distinct] + [None], dtype=object)
     return pd.Series(spelled[keys], index=values.index, dtype=object, name=values.name)
-
-
-def allowed_categories(values: list[str], normalize: bool) -> list[str]:
-    """A categorical column's allowed values, spelled as the checked data is (normalized or as text)."""
-    spell = normalize_value if normalize else str
-    return sorted({spell(v) for v in values})
 
 
 def row_keys(rows: pd.DataFrame, schema: SchemaConfig) -> pd.Series:

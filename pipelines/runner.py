@@ -30,7 +30,7 @@ def run_stage(name: str, params: str | Path | None = None, root: str | Path | No
         raise ValueError(f"unknown stage {name!r}; stages are: {', '.join(STAGES)}")
     settings = load_settings(params)
     paths = Paths(Path(root).resolve()) if root else Paths.from_env()
-    module = importlib.import_module(f"pipelines.{name}")
+    module = importlib.import_module(f"pipelines.stages.{name}")
     with project_lock(paths.root, settings.pipeline.lock_timeout_s):
         started = time.perf_counter()
         summary = module.run(settings, paths, **options)
@@ -60,7 +60,7 @@ def _locked_project(default_root: Path) -> Iterator[Path]:
 
 def rollback_in_project(default_root: Path, reason: str) -> str:
     """Operator rollback from an orchestrator: the previous champion becomes champion again."""
-    from pipelines.promote import rollback
+    from pipelines.registry import rollback
 
     with _locked_project(default_root) as root:
         return rollback(Paths(root), reason)

@@ -38,7 +38,7 @@ from pipelines.config import Paths, SchemaConfig, Settings
 from pipelines.io import read_json, write_json, write_text
 from pipelines.metrics import bootstrap_resamples, higher_is_better, improvement, score
 from pipelines.registry import MONITORING_DIR, SAMPLE_FILE, TEST_PREDICTIONS_FILE, Registry
-from pipelines.serving import read_prediction_log
+from pipelines.serving.gateway import read_prediction_log
 from pipelines.transform import normalize_category
 
 log = logging.getLogger(__name__)

@@ -1,26 +1,58 @@
-"""package: save the challenger into the BentoML model store and build its bento."""
+"""BentoML plumbing shared by package, serve and tests: store location and names."""
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
+import os
 import shutil
+import sys
 import tempfile
 from pathlib import Path
 from typing import Any
 
-from pipelines.bento import BENTOFILE, CODE_ROOT, bento_args, bento_tag, model_tag, use_project_home
 from pipelines.config import Paths, Settings
-from pipelines.io import read_json, write_json
+from pipelines.io import read_json
 from pipelines.registry import MONITORING_DIR
 
 log = logging.getLogger(__name__)
+MODEL_NAME = "amaas"
+SERVICE_NAME = "amaas_service"
+CODE_ROOT = Path(__file__).resolve().parents[2]  # holds bentos/ and pipelines/: the bento build context
+BENTOFILE = CODE_ROOT / "bentos" / "bentofile.yaml"
 
 
-def run(settings: Settings, paths: Paths) -> dict[str, Any]:
-    """Model `amaas:<version>` and bento `amaas_service:<version>-<code>` of the challenger (each built once)."""
-    summary = ensure_bento(settings, paths, paths.challenger)
-    write_json(paths.root / "models" / "package.json", summary)
-    return summary
+def use_project_home(paths: Paths) -> Path:
+    """Point BentoML's store at <root>/.bentoml; must happen before bentoml is imported."""
+    home = paths.bentoml_home
+    current = os.environ.get("BENTOML_HOME")
+    if "bentoml" in sys.modules and current and Path(current).resolve() != home.resolve():
+        raise RuntimeError(f"bentoml is already using store {current}; cannot switch to {home} in this process")
+    home.mkdir(parents=True, exist_ok=True)
+    os.environ["BENTOML_HOME"] = str(home)
+    os.environ.setdefault("BENTOML_DO_NOT_TRACK", "True")  # no usage analytics from a pipeline run
+    return home
+
+
+def model_tag(version: str) -> str:
+    return f"{MODEL_NAME}:{version}"
+
+
+def bento_args(settings: Settings, version: str) -> dict[str, Any]:
+    """The arguments baked into a bento: the model and the serving settings that batching needs at import.
+    (The label cut-off travels in the model bundle, chosen at training.)"""
+    serve = settings.serve
+    return {"model_tag": model_tag(version), "batching": serve.batching, "max_batch_size": serve.max_batch_size,
+            "max_latency_ms": serve.max_latency_ms}
+
+
+def bento_tag(version: str, args: dict[str, Any]) -> str:
+    """`amaas_service:<model version>-<hash of the code and args it carries>`: a change of either builds anew."""
+    digest = hashlib.sha256(json.dumps(args, sort_keys=True).encode())
+    for path in sorted([BENTOFILE, CODE_ROOT / "bentos" / "service.py", *(CODE_ROOT / "pipelines").rglob("*.py")]):
+        digest.update(path.relative_to(CODE_ROOT).as_posix().encode() + b"\0" + path.read_bytes())
+    return f"{SERVICE_NAME}:{version}-{digest.hexdigest()[:8]}"
 
 
 def ensure_bento(settings: Settings, paths: Paths, bundle_dir: Path) -> dict[str, Any]:

@@ -9,9 +9,7 @@ are recorded in the registry and in reports/promotion.json.
 
 from __future__ import annotations
 
-import getpass
 import logging
-from datetime import UTC, datetime
 from typing import Any
 
 import pandas as pd
@@ -99,27 +97,3 @@ def gate(settings: Settings, paths: Paths, champion: ModelBundle, challenger: Mo
     return {"promoted": better, "reason": reason, **stats}
 
 
-def _operator_record(action: str, **fields: Any) -> dict[str, Any]:
-    return {"action": action, "by": getpass.getuser(), "at": datetime.now(UTC).isoformat(timespec="seconds"), **fields}
-
-
-def force_promote(paths: Paths, version: str | None = None, reason: str = "") -> str:
-    """Operator override: make `version` (default: the current challenger) champion, gate skipped."""
-    registry = Registry(paths.registry)
-    target = version or registry.aliases()["challenger"]
-    if target is None:
-        raise ValueError("no challenger registered: run the pipeline first or pass --version")
-    before = registry.champion
-    registry.set_champion(target)
-    registry.record(_operator_record("force_promote", champion_before=before, champion_after=target, reason=reason))
-    log.warning("operator forced %s to champion (was %s)", target, before)
-    return target
-
-
-def rollback(paths: Paths, reason: str = "") -> str:
-    """Operator action: return to the previous champion."""
-    registry = Registry(paths.registry)
-    before, after = registry.rollback()
-    registry.record(_operator_record("rollback", champion_before=before, champion_after=after, reason=reason))
-    log.warning("operator rolled back champion %s -> %s", before, after)
-    return after

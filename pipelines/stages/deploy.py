@@ -19,8 +19,8 @@ from typing import Any
 from pipelines.alerts import alert
 from pipelines.config import Paths, Settings
 from pipelines.io import read_json, write_json
-from pipelines.package import ensure_bento
-from pipelines.registry import Registry, RegistryError
+from pipelines.registry import Registry, RegistryError, rollback
+from pipelines.serving.bento import ensure_bento
 
 log = logging.getLogger(__name__)
 
@@ -73,8 +73,6 @@ def _fail(settings: Settings, paths: Paths, registry: Registry, champion: str, s
     history = registry.aliases()["champion_history"]
     # roll back a new release only: a server that is down for the champion already live is not the model's fault
     if settings.deploy.rollback_on_failure and new_release and history:
-        from pipelines.promote import rollback
-
         previous = rollback(paths, reason=f"deploy failed: {message}")
         message += f"; the registry is back on {previous}"
     alert(settings, paths, "deploy_failed", message, {"champion": champion, "served": served})

@@ -1,0 +1,21 @@
+"""package: save the challenger into the BentoML model store and build its bento."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from pipelines.config import Paths, Settings
+from pipelines.io import write_json
+from pipelines.serving.bento import ensure_bento
+
+log = logging.getLogger(__name__)
+
+
+def run(settings: Settings, paths: Paths) -> dict[str, Any]:
+    """Model `amaas:<version>` and bento `amaas_service:<version>-<code>` of the challenger (each built once)."""
+    summary = ensure_bento(settings, paths, paths.challenger)
+    write_json(paths.root / "models" / "package.json", summary)
+    return summary
+
+
