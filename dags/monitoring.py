@@ -11,18 +11,21 @@ Evidently: data drift, prediction drift, and performance once labels have arrive
 `reports/monitoring_history.json`, alerts go out, and `training_pipeline` is triggered with the reasons
 as its `reason`. The new model is released only if it passes the promotion gate.
 Schedule: `$AMAAS_MONITORING_SCHEDULE` (default `@daily`; `none` = manual only).
+
+Retries (`pipelines.runner.task_retries`): collect and version (the DVC push) touch a source or a remote
+and retry 3 times with exponential backoff from 30 s; validate and report compute on local files and would
+fail the same way again, so they do not retry.
 """
 
 from __future__ import annotations
 
-from datetime import timedelta
 from pathlib import Path
 
 import pendulum
 from airflow.providers.standard.operators.trigger_dagrun import TriggerDagRunOperator
 from airflow.sdk import Param, dag, get_current_context, task
 
-from pipelines.runner import run_in_project, schedule_from_env, version_in_project
+from pipelines.runner import run_in_project, schedule_from_env, task_retries, version_in_project
 
 PROJECT = Path(__file__).resolve().parent.parent
 SCHEDULE = schedule_from_env("AMAAS_MONITORING_SCHEDULE", "@daily")
@@ -38,16 +41,17 @@ def _run(stage: str) -> dict:
     start_date=pendulum.datetime(2026, 1, 1, tz="UTC"),
     catchup=False,
     max_active_runs=1,
-    default_args={"retries": 1, "retry_delay": timedelta(minutes=1)},
     params={"retrain": Param(True, type="boolean", title="Retrain on drift",
                              description="Trigger training_pipeline when the report says retraining is needed.")},
     doc_md=__doc__,
     tags=["amaas"],
 )
 def monitoring() -> None:
-    collect = task(task_id="collect", doc_md="Runs `amaas collect`: the new batch.")(_run)("collect")
-    validate = task(task_id="validate", doc_md="Runs `amaas validate`.")(_run)("validate")
-    report = task(task_id="report", doc_md="Runs `amaas report`: drift and performance.")(_run)("report")
+    collect = task(task_id="collect", doc_md="Runs `amaas collect`: the new batch.", **task_retries("collect")
+                   )(_run)("collect")
+    validate = task(task_id="validate", doc_md="Runs `amaas validate`.", **task_retries("validate"))(_run)("validate")
+    report = task(task_id="report", doc_md="Runs `amaas report`: drift and performance.", **task_retries("report")
+                  )(_run)("report")
 
     @task.short_circuit(task_id="retrain_needed")
     def retrain_needed(summary: dict) -> bool:
@@ -61,7 +65,8 @@ def monitoring() -> None:
         wait_for_completion=False,
         doc_md="Starts `training_pipeline` with the reasons as its `reason`.",
     )
-    @task(task_id="version", doc_md="`dvc commit` + `dvc push` of the new batch and the report.")
+    @task(task_id="version", doc_md="`dvc commit` + `dvc push` of the new batch and the report.",
+          **task_retries("version"))
     def version() -> dict:
         return version_in_project(PROJECT, ("collect", "validate", "report"))
 

@@ -14,7 +14,7 @@ from pathlib import Path
 import pendulum
 from airflow.sdk import Param, dag, get_current_context, task
 
-from pipelines.runner import rollback_in_project, run_in_project
+from pipelines.runner import rollback_in_project, run_in_project, task_retries
 
 PROJECT = Path(__file__).resolve().parent.parent
 
@@ -36,7 +36,7 @@ def rollback() -> None:
     def rollback_champion() -> str:
         return rollback_in_project(PROJECT, get_current_context()["params"]["reason"])
 
-    @task(task_id="deploy")
+    @task(task_id="deploy", **task_retries("deploy"))  # polls the live service: retried like in training
     def deploy() -> dict:
         return run_in_project("deploy", PROJECT)
 

@@ -1,35 +1,36 @@
 """
 ### training_pipeline
 
-Collects the newest data, retrains the ensemble and releases it only if it is better:
+Collects the newest data, retrains the ensemble and releases it only if it is better, one task per stage
+in the order of `pipelines.runner.STAGES` (task id = stage name = `amaas <stage>` = DVC stage):
 
-- **data**: collect → validate (a broken batch stops the run here, before training)
-- **model**: prepare → train → evaluate → report (drift and performance of the champion)
-- **release**: package → promote (the gate: the challenger must beat the champion) → deploy
-- **version**: `dvc commit` and `dvc push` of everything the run wrote (in a DVC project), so a later
-  `dvc repro` skips it and `dvc pull` elsewhere gets the same data and models
+collect → validate (a broken batch stops the run here) → prepare → train → evaluate → report (drift and
+performance of the champion) → package → promote (the gate: the challenger must beat the champion) → deploy
+→ **version**: `dvc commit` and `dvc push` of everything the run wrote (in a DVC project), so a later
+`dvc repro` skips it and `dvc pull` elsewhere gets the same data and models.
 
 Each task calls `pipelines.runner.run_in_project`, the same stage function as `amaas <stage>` and
 `dvc repro`, and passes only its small summary through XCom. Runs weekly (`$AMAAS_TRAINING_SCHEDULE`:
 a cron string, a preset, or `none`), when the `monitoring` DAG finds drift or decay, or by hand with the
 form below. Settings: the project's `params.yaml` (or `$AMAAS_PARAMS`); outputs under the project
 (or `$AMAAS_ROOT`).
+
+Retries (`pipelines.runner.task_retries`): collect, version (the DVC push) and deploy touch a source, a
+remote or a server, and retry 3 times with exponential backoff from 30 s; the other stages compute on local
+files and would fail the same way again, so they do not retry (train above all: minutes for the same error).
 """
 
 from __future__ import annotations
 
-from datetime import timedelta
 from pathlib import Path
 
 import pendulum
-from airflow.sdk import Param, dag, get_current_context, task, task_group
+from airflow.sdk import Param, chain, dag, get_current_context, task
 
-from pipelines.runner import run_in_project, schedule_from_env, version_in_project
+from pipelines.runner import STAGES, run_in_project, schedule_from_env, task_retries, version_in_project
 
 PROJECT = Path(__file__).resolve().parent.parent
 SCHEDULE = schedule_from_env("AMAAS_TRAINING_SCHEDULE", "@weekly")
-GROUPS = {"data": ("collect", "validate"), "model": ("prepare", "train", "evaluate", "report"),
-          "release": ("package", "promote", "deploy")}  # in the order of pipelines.runner.STAGES
 
 
 def _run(stage: str) -> dict:
@@ -51,7 +52,6 @@ def _run(stage: str) -> dict:
     start_date=pendulum.datetime(2026, 1, 1, tz="UTC"),
     catchup=False,
     max_active_runs=1,
-    default_args={"retries": 1, "retry_delay": timedelta(minutes=1)},
     params={
         "reason": Param("scheduled", type="string", title="Reason",
                         description="Why this run: recorded in the log (monitoring fills in the drift it found)."),
@@ -62,27 +62,15 @@ def _run(stage: str) -> dict:
     tags=["amaas"],
 )
 def training_pipeline() -> None:
-    previous = None
-    for group, stages in GROUPS.items():
-        @task_group(group_id=group)
-        def stage_group(stages: tuple[str, ...] = stages) -> None:
-            inner = None
-            for stage in stages:
-                current = task(task_id=stage, doc_md=f"Runs `amaas {stage}`.")(_run)(stage)
-                if inner is not None:
-                    inner >> current
-                inner = current
+    stages = [task(task_id=stage, doc_md=f"Runs `amaas {stage}`.", **task_retries(stage))(_run)(stage)
+              for stage in STAGES]
 
-        current_group = stage_group()
-        if previous is not None:
-            previous >> current_group
-        previous = current_group
-
-    @task(task_id="version", trigger_rule="none_failed", doc_md="`dvc commit` + `dvc push` of what the run wrote.")
+    @task(task_id="version", trigger_rule="none_failed", doc_md="`dvc commit` + `dvc push` of what the run wrote.",
+          **task_retries("version"))
     def version() -> dict:
         return version_in_project(PROJECT)
 
-    previous >> version()  # also after a skipped deploy
+    chain(*stages, version())  # version runs after a skipped deploy too
 
 
 training_pipeline()

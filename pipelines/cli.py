@@ -9,13 +9,15 @@ import logging
 import os
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 from pipelines.config import PARAMS_ENV, ROOT_ENV, ConfigError, Paths, Settings, load_settings
+from pipelines.contracts import UndeclaredSetting, declaration
 from pipelines.io import read_json, write_text
 from pipelines.lock import PipelineLocked, project_lock
-from pipelines.registry import Registry, RegistryError, force_promote, rollback
-from pipelines.runner import STAGES, run_stage
+from pipelines.registry import Registry, RegistryError, rollback
+from pipelines.runner import STAGES, declarations, run_stage, write_dvc_yaml
 from pipelines.serving.gateway import ApiKeys
 
 log = logging.getLogger("amaas")
@@ -27,16 +29,13 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--root", help="project folder for data/, models/, reports/ (default: $AMAAS_ROOT or .)")
     parser.add_argument("-v", "--verbose", action="store_true")
     sub = parser.add_subparsers(dest="command", required=True)
-    for stage in STAGES:
-        p = sub.add_parser(stage, help=f"run the {stage} stage")
-        if stage == "collect":
-            p.add_argument("--rerun", metavar="BATCH", help="read that batch's interval (or file) again: the same "
-                           "rows restore a lost or damaged file; rows repaired or changed at the source replace the "
-                           "batch (recorded in data/raw/manifest.json)")
-        if stage == "promote":
-            p.add_argument("--force", action="store_true", help="skip the gate: make a version champion")
-            p.add_argument("--version", help="with --force: the version to promote (default: the challenger)")
-            p.add_argument("--reason", default="", help="why (recorded in the registry)")
+    for declared in declarations():
+        p = sub.add_parser(declared.name, help=f"run the {declared.name} stage: {declared.description}")
+        for option in declared.options:
+            if option.switch:
+                p.add_argument(option.flag, action="store_true", help=option.help)
+            else:
+                p.add_argument(option.flag, metavar=option.metavar, default=option.default, help=option.help)
     sub.add_parser("run", help="run every stage in order: " + " -> ".join(STAGES))
     init = sub.add_parser("init", help="write params.yaml from a sample of your table (schema inference), or "
                           "--check the newest collected batch against it")
@@ -64,6 +63,8 @@ def _parser() -> argparse.ArgumentParser:
     keys = sub.add_parser("keys", help="API keys of the HTTP service (stored hashed)")
     keys.add_argument("action", choices=["add", "list", "revoke"])
     keys.add_argument("name", nargs="?", help="the key's name (add, revoke)")
+    dy = sub.add_parser("dvc-yaml", help="write dvc.yaml from the stage declarations (pipelines/stages/*.py)")
+    dy.add_argument("--check", action="store_true", help="only check that dvc.yaml is current (exit 1 if not)")
     sv = sub.add_parser("serve", help="serve the champion's bento over HTTP")
     sv.add_argument("--host")
     sv.add_argument("--port", type=int)
@@ -92,6 +93,8 @@ def _serve(args: argparse.Namespace, paths: Paths) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run one command. A user's mistake (bad settings, bad data, a refused action) is one line on stderr and
+    exit code 2; anything else is a bug and shows its traceback."""
     args = _parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -103,45 +106,65 @@ def main(argv: list[str] | None = None) -> int:
     from pipelines.stages.validate import DataValidationError
 
     try:
-        if args.command == "serve":
-            return _serve(args, paths)
-        if args.command == "init":
-            return _init(args, paths)
-        if args.command == "rollback":
-            with _locked(args, paths):
-                print(json.dumps({"champion": rollback(paths, args.reason)}))
-        elif args.command == "status":
-            registry = Registry(paths.registry)
-            history = paths.reports / "monitoring_history.json"
-            print(json.dumps({**registry.aliases(), "last_decision": (registry.decisions() or [None])[-1],
-                              "last_monitoring": (read_json(history) if history.is_file() else [None])[-1]},
-                             indent=2))
-        elif args.command == "keys":
-            _keys(args, paths)
-        elif args.command == "score":
-            from pipelines import score
-
-            summary = score.run(load_settings(args.params), paths, args.input, args.output, args.version, args.workers)
-            print(json.dumps({"score": summary}))
-        elif args.command == "where":
-            _print_where(paths, load_settings(args.params))
-        elif args.command == "promote" and args.force:
-            with _locked(args, paths):
-                print(json.dumps({"champion": force_promote(paths, args.version, args.reason)}))
-        elif args.command == "collect" and args.rerun:
-            print(json.dumps({"collect": run_stage("collect", args.params, paths.root, rerun=args.rerun)}))
-        else:
-            stages = STAGES if args.command == "run" else (args.command,)
-            with _locked(args, paths):  # `amaas run` holds the project across all its stages
-                for stage in stages:
-                    summary = run_stage(stage, args.params, paths.root)
-                    print(json.dumps({stage: summary}, default=str))
-            if args.command == "run":
-                _print_where(paths, load_settings(args.params))
+        return COMMANDS.get(args.command, _stage)(args, paths)
     except (InitError, ConfigError, SourceError, DataValidationError, RegistryError, PipelineLocked, DeployError,
-            MonitoringError, FileNotFoundError, ValueError) as exc:
+            MonitoringError, UndeclaredSetting, FileNotFoundError, ValueError) as exc:
         print(f"amaas: error: {exc}", file=sys.stderr)
         return 2
+
+
+def _stage(args: argparse.Namespace, paths: Paths) -> int:
+    """`amaas <stage>`: the stage with its command-line options, under the project lock."""
+    options = {o.dest: getattr(args, o.dest) for o in declaration(args.command).options}
+    with _locked(args, paths):
+        summary = run_stage(args.command, args.params, paths.root, **options)
+    print(json.dumps({args.command: summary}, default=str))
+    return 0
+
+
+def _run_all(args: argparse.Namespace, paths: Paths) -> int:
+    """`amaas run`: every stage in order; the project stays locked across all of them."""
+    with _locked(args, paths):
+        for stage in STAGES:
+            print(json.dumps({stage: run_stage(stage, args.params, paths.root)}, default=str))
+    _print_where(paths, load_settings(args.params))
+    return 0
+
+
+def _rollback(args: argparse.Namespace, paths: Paths) -> int:
+    with _locked(args, paths):
+        print(json.dumps({"champion": rollback(paths, args.reason)}))
+    return 0
+
+
+def _status(args: argparse.Namespace, paths: Paths) -> int:
+    registry = Registry(paths.registry)
+    history = paths.monitoring_history
+    print(json.dumps({**registry.aliases(), "last_decision": (registry.decisions() or [None])[-1],
+                      "last_monitoring": (read_json(history) if history.is_file() else [None])[-1]}, indent=2))
+    return 0
+
+
+def _score(args: argparse.Namespace, paths: Paths) -> int:
+    from pipelines import score
+
+    summary = score.run(load_settings(args.params), paths, args.input, args.output, args.version, args.workers)
+    print(json.dumps({"score": summary}))
+    return 0
+
+
+def _where(args: argparse.Namespace, paths: Paths) -> int:
+    _print_where(paths, load_settings(args.params))
+    return 0
+
+
+def _dvc_yaml(args: argparse.Namespace, paths: Paths) -> int:
+    current = write_dvc_yaml(paths.root, check=args.check)
+    target = paths.root / "dvc.yaml"
+    if args.check:
+        print(f"{target} is " + ("current" if current else "out of date: run `amaas dvc-yaml`"), file=sys.stderr)
+        return 0 if current else 1
+    print(f"{target} " + ("was current" if current else "written from the stage declarations"), file=sys.stderr)
     return 0
 
 
@@ -199,11 +222,11 @@ def _loads(text: str, where: Path) -> Settings:
         return load_settings(probe)
 
 
-def _keys(args: argparse.Namespace, paths: Paths) -> None:
+def _keys(args: argparse.Namespace, paths: Paths) -> int:
     store = ApiKeys(paths.api_keys)
     if args.action == "list":
         print(json.dumps(store.names(), indent=2))
-        return
+        return 0
     if not args.name:
         raise ValueError(f"`amaas keys {args.action}` needs a NAME")
     if args.action == "add":
@@ -213,6 +236,7 @@ def _keys(args: argparse.Namespace, paths: Paths) -> None:
     else:
         store.revoke(args.name)
         print(f"API key {args.name!r} revoked", file=sys.stderr)
+    return 0
 
 
 def _locked(args: argparse.Namespace, paths: Paths) -> contextlib.AbstractContextManager[None]:
@@ -225,10 +249,15 @@ def _print_where(paths: Paths, settings: Settings) -> None:
     print(f"\nChallenger model:  {paths.challenger}")
     print(f"Champion:          {champion} (registry: {paths.registry})")
     print(f"Reports:           {paths.reports}/ metrics.json, drift.html, validation.json, promotion.json")
-    print(f"Data Docs:         {paths.reports / 'data_docs' / 'index.html'} (Great Expectations, per batch)")
-    print(f"Quarantined rows:  {paths.quarantine / 'quarantine.parquet'}")
+    print(f"Data Docs:         {paths.data_docs / 'index.html'} (Great Expectations, per batch)")
+    print(f"Quarantined rows:  {paths.quarantined_rows}")
     print(f"Endpoint:          `make serve` (or `amaas serve`) -> POST {url}/predict, docs at {url}/docs "
           f"(API key: `amaas keys add NAME`)")
+
+
+COMMANDS: dict[str, Callable[[argparse.Namespace, Paths], int]] = {
+    "run": _run_all, "init": _init, "rollback": _rollback, "status": _status, "where": _where, "score": _score,
+    "keys": _keys, "serve": _serve, "dvc-yaml": _dvc_yaml}  # every other command is a stage (_stage)
 
 
 if __name__ == "__main__":

@@ -10,13 +10,19 @@ import os
 from dataclasses import dataclass
 from datetime import date
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 PARAMS_ENV = "AMAAS_PARAMS"
 ROOT_ENV = "AMAAS_ROOT"
+EXPERIMENT_ENV = "DVC_EXP_NAME"  # set by `dvc exp run`: the run is an experiment, not a release
+
+
+def experiment_name() -> str | None:
+    """The name of the DVC experiment being run, or None on the main line (`dvc repro`, Airflow, the CLI)."""
+    return os.environ.get(EXPERIMENT_ENV) or None
 
 
 class ConfigError(ValueError):
@@ -431,14 +437,23 @@ def load_settings(path: str | Path | None = None) -> Settings:
 
 @dataclass(frozen=True)
 class Paths:
-    """Where every stage reads and writes, relative to one project root."""
+    """Where every stage reads and writes, relative to one project root: each artifact's name, spelled once.
+
+    The stage declarations (pipelines/contracts.py) name their inputs and outputs by these properties."""
 
     root: Path
+    SAMPLE_FILE: ClassVar[str] = "train_sample.parquet"  # a seeded sample of training rows: the drift reference
+    TEST_PREDICTIONS_FILE: ClassVar[str] = "test_predictions.parquet"  # id, actual, prediction on the test rows
 
     @classmethod
     def from_env(cls) -> Paths:
         return cls(Path(os.environ.get(ROOT_ENV) or Path.cwd()).resolve())
 
+    def resolve(self, path: str) -> Path:
+        """A path from params.yaml: relative ones are taken from the project root."""
+        return self.root / Path(path).expanduser()
+
+    # data/: DVC-versioned tables
     @property
     def raw(self) -> Path:
         return self.root / "data" / "raw"
@@ -448,8 +463,16 @@ class Paths:
         return self.root / "data" / "validated"
 
     @property
+    def validated_rows(self) -> Path:
+        return self.validated / "data.parquet"
+
+    @property
     def quarantine(self) -> Path:
         return self.root / "data" / "quarantine"
+
+    @property
+    def quarantined_rows(self) -> Path:
+        return self.quarantine / "quarantine.parquet"
 
     @property
     def features(self) -> Path:
@@ -459,10 +482,23 @@ class Paths:
     def reference(self) -> Path:
         return self.root / "data" / "reference"
 
-    def resolve(self, path: str) -> Path:
-        """A path from params.yaml: relative ones are taken from the project root."""
-        return self.root / Path(path).expanduser()
+    @property
+    def train_rows(self) -> Path:
+        return self.reference / "train.parquet"
 
+    @property
+    def test_rows(self) -> Path:
+        return self.reference / "test.parquet"
+
+    @property
+    def train_sample(self) -> Path:
+        return self.reference / self.SAMPLE_FILE
+
+    @property
+    def expectations(self) -> Path:
+        return self.root / "expectations"
+
+    # models/
     @property
     def challenger(self) -> Path:
         return self.root / "models" / "challenger"
@@ -472,9 +508,115 @@ class Paths:
         return self.root / "models" / "registry"
 
     @property
+    def registry_aliases(self) -> Path:
+        return self.registry / "aliases.json"
+
+    @property
+    def package_record(self) -> Path:
+        return self.root / "models" / "package.json"
+
+    @property
+    def deployment(self) -> Path:
+        return self.root / "models" / "deployment.json"
+
+    # reports/: metrics (JSON, git-tracked), plots, HTML reports
+    @property
     def reports(self) -> Path:
         return self.root / "reports"
 
+    @property
+    def validation_report(self) -> Path:
+        return self.reports / "validation.json"
+
+    @property
+    def validation_details(self) -> Path:
+        return self.reports / "validation_details.json"
+
+    @property
+    def data_docs(self) -> Path:
+        return self.reports / "data_docs"
+
+    @property
+    def prepare_report(self) -> Path:
+        return self.reports / "prepare.json"
+
+    @property
+    def train_report(self) -> Path:
+        return self.reports / "train.json"
+
+    @property
+    def tuning_report(self) -> Path:
+        return self.reports / "tuning.json"
+
+    @property
+    def metrics(self) -> Path:
+        return self.reports / "metrics.json"
+
+    @property
+    def slices(self) -> Path:
+        return self.reports / "slices.json"
+
+    @property
+    def test_predictions(self) -> Path:
+        return self.reports / self.TEST_PREDICTIONS_FILE
+
+    @property
+    def plots(self) -> Path:
+        return self.reports / "plots"
+
+    @property
+    def roc_plot(self) -> Path:
+        return self.plots / "roc.csv"
+
+    @property
+    def pr_plot(self) -> Path:
+        return self.plots / "pr.csv"
+
+    @property
+    def calibration_plot(self) -> Path:
+        return self.plots / "calibration.csv"
+
+    @property
+    def confusion_plot(self) -> Path:
+        return self.plots / "confusion.csv"
+
+    @property
+    def residuals_plot(self) -> Path:
+        return self.plots / "residuals.csv"
+
+    @property
+    def drift_report(self) -> Path:
+        return self.reports / "drift.json"
+
+    @property
+    def drift_details(self) -> Path:
+        return self.reports / "drift_details.json"
+
+    @property
+    def drift_html(self) -> Path:
+        return self.reports / "drift.html"
+
+    @property
+    def prediction_drift_html(self) -> Path:
+        return self.reports / "prediction_drift.html"
+
+    @property
+    def performance_html(self) -> Path:
+        return self.reports / "performance.html"
+
+    @property
+    def monitoring_history(self) -> Path:
+        return self.reports / "monitoring_history.json"
+
+    @property
+    def promotion(self) -> Path:
+        return self.reports / "promotion.json"
+
+    @property
+    def model_card(self) -> Path:
+        return self.reports / "model_card.md"
+
+    # outside the pipeline: keys, the prediction log, BentoML's store
     @property
     def api_keys(self) -> Path:
         return self.root / ".amaas" / "api_keys.json"

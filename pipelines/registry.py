@@ -21,8 +21,6 @@ from pipelines.io import atomic_dir, read_json, write_json
 
 log = logging.getLogger(__name__)
 MONITORING_DIR = "monitoring"  # inside a version: what monitoring compares new data with
-SAMPLE_FILE = "train_sample.parquet"  # a seeded sample of the model's training rows (report.reference_rows)
-TEST_PREDICTIONS_FILE = "test_predictions.parquet"  # id, actual, prediction on the model's held-out test rows
 
 
 class RegistryError(RuntimeError):

@@ -1,6 +1,7 @@
 """The pipeline's stages in order, and the one function every entry point uses to run one.
 
-dvc.yaml, the training DAG and `amaas run` all follow STAGES; a test checks they agree.
+STAGES is the only list of them: dvc.yaml is generated from it and the stages' declarations
+(`amaas dvc-yaml`), the DAGs and `amaas run` follow it; tests check that all of them agree.
 """
 
 from __future__ import annotations
@@ -11,13 +12,20 @@ import logging
 import os
 import time
 from collections.abc import Iterator
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
 from pipelines.config import PARAMS_ENV, ROOT_ENV, Paths, load_settings
+from pipelines.contracts import Stage, declaration, dvc_yaml
 from pipelines.lock import project_lock
 
 STAGES = ("collect", "validate", "prepare", "train", "evaluate", "report", "package", "promote", "deploy")
+# Airflow retries, by task id. What touches the network or a database retries with exponential backoff (30 s,
+# 60 s, 120 s): collect reads the source, version pushes to the DVC remote, deploy polls the live service, and
+# each of them can meet a server that is briefly away. A stage that computes on local files would fail the
+# same way again, so it does not retry; train least of all (minutes of work for the same error).
+RETRIED_TASKS = frozenset({"collect", "version", "deploy"})
 log = logging.getLogger(__name__)
 
 
@@ -30,7 +38,7 @@ def run_stage(name: str, params: str | Path | None = None, root: str | Path | No
         raise ValueError(f"unknown stage {name!r}; stages are: {', '.join(STAGES)}")
     settings = load_settings(params)
     paths = Paths(Path(root).resolve()) if root else Paths.from_env()
-    module = importlib.import_module(f"pipelines.stages.{name}")
+    module = importlib.import_module(f"pipelines.stages.{name}")  # its run() sees only the settings it declares
     with project_lock(paths.root, settings.pipeline.lock_timeout_s):
         started = time.perf_counter()
         summary = module.run(settings, paths, **options)
@@ -48,6 +56,31 @@ def run_in_project(name: str, default_root: Path, **options: Any) -> dict[str, A
     """What an Airflow task runs: stage `name` on the project (see project_files)."""
     params, root = project_files(default_root)
     return run_stage(name, params, root, **options)
+
+
+def task_retries(task_id: str) -> dict[str, Any]:
+    """The Airflow retry arguments of a task (see RETRIED_TASKS)."""
+    if task_id in RETRIED_TASKS:
+        return {"retries": 3, "retry_delay": timedelta(seconds=30), "retry_exponential_backoff": 2.0,
+                "max_retry_delay": timedelta(minutes=10)}
+    return {"retries": 0}
+
+
+def declarations() -> list[Stage]:
+    """Every stage's contract, in pipeline order."""
+    return [declaration(name) for name in STAGES]
+
+
+def write_dvc_yaml(root: Path, check: bool = False) -> bool:
+    """Write <root>/dvc.yaml from the declarations (atomically); with `check`, only say whether it is current."""
+    from pipelines.io import write_text
+
+    target = root / "dvc.yaml"
+    text = dvc_yaml(declarations(), Paths(root.resolve()))
+    current = target.is_file() and target.read_text() == text
+    if not check and not current:
+        write_text(target, text)
+    return current
 
 
 @contextlib.contextmanager

@@ -23,6 +23,7 @@ import pandas as pd
 from pandas.api import types
 
 from pipelines.config import Paths, Settings
+from pipelines.contracts import Option, Out, stage
 from pipelines.io import atomic_path, file_digest, read_json, text_if_mixed, write_json
 from pipelines.sources import Source, SourceError, Watermarks, open_source, row_hash
 
@@ -30,6 +31,16 @@ log = logging.getLogger(__name__)
 MANIFEST = "manifest.json"
 
 
+@stage(
+    params=("seed", "source", "schema"),
+    outs=(Out("raw", persist=True),),
+    options=(Option("--rerun", metavar="BATCH", help="read that batch's interval (or file) again: the same rows "
+                    "restore a lost or damaged file; rows repaired or changed at the source replace the batch "
+                    "(recorded in data/raw/manifest.json)"),),
+    always_changed=True,  # asks the source for rows newer than the watermark on every repro; with none, data/raw
+    # stays byte-identical and the stages after it are skipped
+    description="Append the rows newer than the watermark to data/raw (one batch file per day or per file)",
+)
 def run(settings: Settings, paths: Paths, rerun: str | None = None) -> dict[str, Any]:
     """Collect the new rows as one batch per day (or per run, or per new file); with `rerun`, re-read that batch."""
     source = open_source(settings, paths)

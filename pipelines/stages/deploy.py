@@ -17,7 +17,8 @@ import urllib.request
 from typing import Any
 
 from pipelines.alerts import alert
-from pipelines.config import Paths, Settings
+from pipelines.config import Paths, Settings, experiment_name
+from pipelines.contracts import Out, stage
 from pipelines.io import read_json, write_json
 from pipelines.registry import Registry, RegistryError, rollback
 from pipelines.serving.bento import ensure_bento
@@ -29,14 +30,32 @@ class DeployError(RuntimeError):
     """The live service did not take up the champion."""
 
 
+@stage(
+    params=("deploy", "serve"),
+    runtime=("alerts",),
+    deps=("registry_aliases",),
+    # persist: an experiment (`dvc exp run`) leaves the record of what is live as it is
+    outs=(Out("deployment", cache=False, persist=True),),
+    description="Put the champion into service and check that the live endpoint answers with it",
+)
 def run(settings: Settings, paths: Paths) -> dict[str, Any]:
-    """Build the champion's bento if needed; with an endpoint, wait until it serves the champion."""
+    """Build the champion's bento if needed; with an endpoint, wait until it serves the champion.
+
+    Under `dvc exp run` nothing is deployed and models/deployment.json is left as it is (written only if
+    there is none yet, saying so): an experiment never changes what is live."""
+    experiment = experiment_name()
+    if experiment:
+        log.info("experiment %s: nothing deployed", experiment)
+        if not paths.deployment.is_file():
+            write_json(paths.deployment, {"champion": None, "verified": False,
+                                          "reason": f"experiment {experiment}: nothing deployed"})
+        return {"experiment": experiment, "deployed": False}
     registry = Registry(paths.registry)
     champion = registry.champion
     if champion is None:
         raise RegistryError("no champion to deploy: run the pipeline up to `amaas promote` first")
     bento = ensure_bento(settings, paths, registry.version_dir(champion))["bento_tag"]
-    record = paths.root / "models" / "deployment.json"
+    record = paths.deployment
     before = read_json(record).get("champion") if record.is_file() else None
     summary: dict[str, Any] = {"champion": champion, "bento_tag": bento, "endpoint": settings.deploy.endpoint,
                                "verified": False}

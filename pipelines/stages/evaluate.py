@@ -16,12 +16,12 @@ from sklearn import metrics as skm
 
 from pipelines.bundle import ModelBundle
 from pipelines.config import Paths, Settings
+from pipelines.contracts import Out, Plot, stage
 from pipelines.io import atomic_dir, write_json, write_parquet
 from pipelines.metrics import labels_of, score, task_metrics
 from pipelines.transform import normalize_category
 
 log = logging.getLogger(__name__)
-PLOTS_DIR = "plots"
 
 
 def calibration_table(y: np.ndarray, proba: np.ndarray, bins: int) -> pd.DataFrame:
@@ -80,19 +80,19 @@ def slice_metrics(test: pd.DataFrame, y: np.ndarray, output: np.ndarray, columns
 
 def plots(task: str, y: np.ndarray, output: np.ndarray, threshold: float, bins: int, classes: list[Any] | None
           ) -> dict[str, pd.DataFrame]:
-    """The DVC plots of the task: ROC, precision-recall and calibration curves (binary), the confusion
-    matrix (classification), predicted against actual values and residuals (regression)."""
+    """The DVC plots of the task, by their `Paths` property: ROC, precision-recall and calibration curves
+    (binary), the confusion matrix (classification), predicted against actual values and residuals (regression)."""
     if task == "regression":
-        return {"residuals.csv": pd.DataFrame({"actual": y, "predicted": output, "residual": y - output})}
+        return {"residuals_plot": pd.DataFrame({"actual": y, "predicted": output, "residual": y - output})}
     assert classes is not None
     names = np.asarray([str(c) for c in classes], dtype=object)
-    out = {"confusion.csv": pd.DataFrame({"actual": names[y], "predicted": names[labels_of(output, threshold)]})}
+    out = {"confusion_plot": pd.DataFrame({"actual": names[y], "predicted": names[labels_of(output, threshold)]})}
     if task == "binary":
         fpr, tpr, _ = skm.roc_curve(y, output[:, 1]) if len(np.unique(y)) == 2 else ([], [], None)
         precision, recall, _ = skm.precision_recall_curve(y, output[:, 1])
-        out |= {"roc.csv": pd.DataFrame({"fpr": fpr, "tpr": tpr}),
-                "pr.csv": pd.DataFrame({"recall": recall, "precision": precision}),
-                "calibration.csv": calibration_table(y, output[:, 1], bins)}
+        out |= {"roc_plot": pd.DataFrame({"fpr": fpr, "tpr": tpr}),
+                "pr_plot": pd.DataFrame({"recall": recall, "precision": precision}),
+                "calibration_plot": calibration_table(y, output[:, 1], bins)}
     return out
 
 
@@ -107,12 +107,25 @@ def prediction_frame(bundle: ModelBundle, keys: pd.Series, y: np.ndarray, output
     return frame
 
 
+@stage(
+    params=("schema", "evaluate", "promote.metric"),
+    deps=("challenger", "reference"),
+    outs=(Out("test_predictions"),),
+    metrics=("metrics", "slices"),
+    plots_dir="plots",  # the plots of the task: ROC, PR, calibration (binary), confusion (classes), residuals
+    plots=(Plot("roc_plot", x="fpr", y="tpr", title="ROC"),
+           Plot("pr_plot", x="recall", y="precision", title="Precision-recall"),
+           Plot("calibration_plot", x="mean_predicted", y="fraction_positive", title="Calibration"),
+           Plot("confusion_plot", x="actual", y="predicted", title="Confusion matrix", template="confusion"),
+           Plot("residuals_plot", x="predicted", y="residual", title="Residuals", template="scatter")),
+    description="Score the challenger on the held-out test rows: metrics, slices, plots",
+)
 def run(settings: Settings, paths: Paths) -> dict[str, Any]:
     """Metrics of the challenger and of each of its learners on data/reference/test.parquet."""
     schema, cfg, metric = settings.data_schema, settings.evaluate, settings.promote.metric
     bundle = ModelBundle.load(paths.challenger)
     task, threshold = bundle.task, bundle.threshold
-    test = pd.read_parquet(paths.reference / "test.parquet")
+    test = pd.read_parquet(paths.test_rows)
     y = bundle.transform.encode_target(test[schema.target])
     member_preds = bundle.ensemble.member_predictions(bundle.transform.transform(test))
     output = bundle.ensemble.combine(member_preds)  # what bundle.predict gives, members kept
@@ -130,13 +143,13 @@ def run(settings: Settings, paths: Paths) -> dict[str, Any]:
         result["per_class"] = per_class(y, output, bundle.classes, threshold)
     result["version"] = bundle.version
     result["test_rows"] = len(test)
-    write_json(paths.reports / "metrics.json", result)
-    with atomic_dir(paths.reports / PLOTS_DIR) as folder:
+    write_json(paths.metrics, result)
+    with atomic_dir(paths.plots) as folder:
         for name, frame in plots(task, y, output, threshold, cfg.calibration_bins, bundle.classes).items():
-            frame.to_csv(folder / name, index=False, float_format="%.6g")
-    write_json(paths.reports / "slices.json",
+            frame.to_csv(folder / getattr(paths, name).name, index=False, float_format="%.6g")
+    write_json(paths.slices,
                slice_metrics(test, y, output, cfg.slices, task, metric, threshold))
-    write_parquet(paths.reports / "test_predictions.parquet",
+    write_parquet(paths.test_predictions,
                   prediction_frame(bundle, test[schema.key_column], y, output, schema.key_column))
     log.info("challenger %s: %s=%s on %d test rows", bundle.version, metric, result.get(metric), len(test))
     return {k: result.get(k) for k in ("version", "task", metric, "test_rows")}

@@ -6,16 +6,24 @@ import logging
 from typing import Any
 
 from pipelines.config import Paths, Settings
+from pipelines.contracts import Out, stage
 from pipelines.io import write_json
 from pipelines.serving.bento import ensure_bento
 
 log = logging.getLogger(__name__)
 
 
+@stage(
+    params=("serve",),
+    deps=("challenger",),
+    extra_code=("bentos", "pipelines"),  # the bento carries this code: a change rebuilds it
+    outs=(Out("package_record", cache=False),),
+    description="The challenger into the BentoML model store, and its bento",
+)
 def run(settings: Settings, paths: Paths) -> dict[str, Any]:
     """Model `amaas:<version>` and bento `amaas_service:<version>-<code>` of the challenger (each built once)."""
     summary = ensure_bento(settings, paths, paths.challenger)
-    write_json(paths.root / "models" / "package.json", summary)
+    write_json(paths.package_record, summary)
     return summary
 
 

@@ -9,8 +9,8 @@ import numpy as np
 import pandas as pd
 
 from pipelines.config import Paths, SchemaConfig, Settings
+from pipelines.contracts import Out, stage
 from pipelines.io import write_json, write_parquet
-from pipelines.registry import SAMPLE_FILE
 from pipelines.sources import row_hash
 from pipelines.transform import FeatureTransform, label_key
 
@@ -77,10 +77,17 @@ def duplicates_of(rows: pd.DataFrame, seen: pd.DataFrame, columns: list[str]) ->
     return np.isin(row_hash(rows[columns]), row_hash(seen[columns]))
 
 
+@stage(
+    params=("seed", "schema", "prepare", "clean", "report.reference_rows"),
+    deps=("validated",),
+    outs=(Out("features"), Out("reference")),
+    metrics=("prepare_report",),
+    description="Split train/valid/test, fit the feature transform, keep the drift reference sample",
+)
 def run(settings: Settings, paths: Paths) -> dict[str, Any]:
     """Write raw splits to data/reference/, features to data/features/, and the fitted transform."""
     schema, cfg = settings.data_schema, settings.prepare
-    data = pd.read_parquet(paths.validated / "data.parquet")
+    data = pd.read_parquet(paths.validated_rows)
     splits = split_rows(data, schema, cfg.split, cfg.valid_share, cfg.test_share, settings.seed)
     summary: dict[str, Any] = {"split": cfg.split}
     compared = [*schema.feature_columns, schema.target]
@@ -104,7 +111,7 @@ def run(settings: Settings, paths: Paths) -> dict[str, Any]:
             summary[f"{name}_target_mean"] = round(float(rows[schema.target].mean()), 6)
     sample = splits["train"].sample(n=min(settings.report.reference_rows, len(splits["train"])),
                                     random_state=settings.seed).sort_index()
-    write_parquet(paths.reference / SAMPLE_FILE, sample)  # kept with the model: monitoring's drift reference
-    write_json(paths.reports / "prepare.json", summary)
+    write_parquet(paths.train_sample, sample)  # kept with the model: monitoring's drift reference
+    write_json(paths.prepare_report, summary)
     log.info("prepared splits %s", summary)
     return summary

@@ -17,47 +17,80 @@ import pandas as pd
 from pipelines import modelcard
 from pipelines.alerts import alert
 from pipelines.bundle import METADATA_FILE, ModelBundle
-from pipelines.config import Paths, Settings
+from pipelines.config import Paths, Settings, experiment_name
+from pipelines.contracts import Option, Out, stage
 from pipelines.io import read_json, write_json, write_text
 from pipelines.metrics import improvement, paired_bootstrap, score
-from pipelines.registry import SAMPLE_FILE, TEST_PREDICTIONS_FILE, Registry
+from pipelines.registry import Registry, force_promote
 
 log = logging.getLogger(__name__)
-def run(settings: Settings, paths: Paths) -> dict[str, Any]:
-    """Register the challenger; make it champion if the gate passes (or if there is no champion)."""
+
+
+@stage(
+    params=("seed", "schema.target", "promote"),
+    runtime=("alerts",),
+    deps=("challenger", "reference", "metrics", "slices", "validation_report", "drift_report"),
+    # the registry accumulates versions across runs: DVC must not delete it before the stage runs
+    outs=(Out("registry", cache=False, persist=True), Out("model_card", cache=False)),
+    metrics=("promotion",),
+    options=(Option("--force", switch=True, default=False, help="skip the gate: make a version champion"),
+             Option("--version", help="with --force: the version to promote (default: the challenger)"),
+             Option("--reason", default="", help="why (recorded in the registry)")),
+    description="Register the challenger; it becomes champion only if it passes the significance gate",
+)
+def run(settings: Settings, paths: Paths, force: bool = False, version: str | None = None, reason: str = ""
+        ) -> dict[str, Any]:
+    """Register the challenger; make it champion if the gate passes (or if there is no champion).
+
+    Under `dvc exp run` the registry is left alone: the decision the gate would take is recorded in
+    reports/promotion.json only, so an experiment never changes the champion. `force` (an operator's
+    `amaas promote --force`) makes `version` (default: the challenger) champion without the gate."""
+    if force:
+        return {"champion": force_promote(paths, version, reason), "forced": True}
     cfg = settings.promote
     registry = Registry(paths.registry)
-    reports = {name: paths.reports / f"{name}.json" for name in ("validation", "drift", "metrics", "slices")}
+    experiment = experiment_name()
+    reports = {"validation": paths.validation_report, "drift": paths.drift_report, "metrics": paths.metrics,
+               "slices": paths.slices}
     found = {name: read_json(path) if path.is_file() else {} for name, path in reports.items()}
     extra = {"reports": {name: str(path.relative_to(paths.root)) for name, path in reports.items()},
              "metrics": found["metrics"]}
-    monitoring = {SAMPLE_FILE: paths.reference / SAMPLE_FILE,
-                  TEST_PREDICTIONS_FILE: paths.reports / "test_predictions.parquet"}
-    challenger = registry.register(paths.challenger, extra, {k: v for k, v in monitoring.items() if v.is_file()})
+    if experiment:
+        challenger, bundle_dir = str(read_json(paths.challenger / METADATA_FILE)["version"]), paths.challenger
+    else:
+        monitoring = {Paths.SAMPLE_FILE: paths.train_sample, Paths.TEST_PREDICTIONS_FILE: paths.test_predictions}
+        challenger = registry.register(paths.challenger, extra, {k: v for k, v in monitoring.items() if v.is_file()})
+        bundle_dir = registry.version_dir(challenger)
     champion = registry.champion
     decision: dict[str, Any] = {"challenger": challenger, "champion_before": champion, "metric": cfg.metric,
                                 "min_improvement": cfg.min_improvement, "max_p_value": cfg.max_p_value}
     if champion is None:
-        bundle = registry.load(challenger)
-        test = pd.read_parquet(paths.reference / "test.parquet")
+        bundle = ModelBundle.load(bundle_dir)
+        test = pd.read_parquet(paths.test_rows)
         value = score(cfg.metric, bundle.transform.encode_target(test[settings.data_schema.target]),
                       bundle.predict(test), bundle.threshold)
         decision |= first_champion(cfg.metric, value, cfg.min_first_metric)
     elif champion == challenger:
         decision |= {"promoted": False, "reason": "challenger is already the champion"}
     else:
-        decision |= gate(settings, paths, registry.load(champion), registry.load(challenger))
-    if decision["promoted"]:
+        decision |= gate(settings, paths, registry.load(champion), ModelBundle.load(bundle_dir))
+    if experiment:
+        decision |= {"experiment": experiment, "would_promote": decision["promoted"], "promoted": False,
+                     "reason": f"experiment {experiment}: the registry is left as it is; the gate would say: "
+                               f"{decision['reason']}"}
+    elif decision["promoted"]:
         registry.set_champion(challenger)
     decision["champion_after"] = registry.champion
-    registry.record({"action": "gate", **decision})
-    write_json(paths.reports / "promotion.json", decision)
-    card = modelcard.render(read_json(registry.version_dir(challenger) / METADATA_FILE), found["metrics"],
-                            found["slices"], found["validation"], found["drift"], decision,
+    if not experiment:
+        registry.record({"action": "gate", **decision})
+    write_json(paths.promotion, decision)
+    card = modelcard.render({**read_json(bundle_dir / METADATA_FILE), **({} if not experiment else extra)},
+                            found["metrics"], found["slices"], found["validation"], found["drift"], decision,
                             settings.data_schema.target)
-    write_text(registry.version_dir(challenger) / "MODEL_CARD.md", card)
-    write_text(paths.reports / "model_card.md", card)
-    if "gain" in decision and not decision["promoted"]:
+    if not experiment:
+        write_text(registry.version_dir(challenger) / "MODEL_CARD.md", card)
+    write_text(paths.model_card, card)
+    if "gain" in decision and not decision["promoted"] and not experiment:
         alert(settings, paths, "gate_failed", f"challenger {challenger} not promoted: {decision['reason']}",
               decision)
     log.info("promotion decision: %s -> champion %s (%s)", challenger, decision["champion_after"], decision["reason"])
@@ -84,7 +117,7 @@ def gate(settings: Settings, paths: Paths, champion: ModelBundle, challenger: Mo
                                              f"challenger {challenger.task} {challenger.classes}: they cannot be "
                                              f"compared on the same rows; promote by hand with `amaas promote "
                                              f"--force` if the change is intended"}
-    test = pd.read_parquet(paths.reference / "test.parquet")
+    test = pd.read_parquet(paths.test_rows)
     y = challenger.transform.encode_target(test[settings.data_schema.target])
     stats = paired_bootstrap(cfg.metric, y, champion.predict(test), challenger.predict(test), cfg.bootstrap_samples,
                              settings.seed, (champion.threshold, challenger.threshold),

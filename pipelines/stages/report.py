@@ -35,9 +35,10 @@ import pandas as pd
 from pipelines.alerts import alert
 from pipelines.bundle import METADATA_FILE, ModelBundle
 from pipelines.config import Paths, SchemaConfig, Settings
+from pipelines.contracts import Out, stage
 from pipelines.io import read_json, write_json, write_text
 from pipelines.metrics import bootstrap_resamples, higher_is_better, improvement, score
-from pipelines.registry import MONITORING_DIR, SAMPLE_FILE, TEST_PREDICTIONS_FILE, Registry
+from pipelines.registry import MONITORING_DIR, Registry
 from pipelines.serving.gateway import read_prediction_log
 from pipelines.transform import normalize_category
 
@@ -99,6 +100,17 @@ def drift_summary(snapshot: dict[str, Any], share_threshold: float) -> dict[str,
             "n_columns": len(columns), "data_drift": share >= share_threshold, "columns": columns}
 
 
+@stage(
+    params=("seed", "schema", "clean.normalize_categories", "report", "promote.metric", "promote.bootstrap_samples"),
+    runtime=("alerts",),
+    # it reads the champion's reference from models/registry too (not a dep: promote, later, writes it)
+    deps=("reference", "validated", "challenger", "test_predictions"),
+    outs=(Out("drift_html", cache=False), Out("prediction_drift_html", cache=False),
+          Out("performance_html", cache=False), Out("drift_details", cache=False),
+          Out("monitoring_history", cache=False, persist=True)),
+    metrics=("drift_report",),
+    description="Drift and performance of the champion on the newest data (Evidently); retrain or not",
+)
 def run(settings: Settings, paths: Paths) -> dict[str, Any]:
     """Compare the current window with the champion's reference; write the reports and the decision."""
     os.environ.setdefault("EVIDENTLY_DISABLE_TELEMETRY", "1")
@@ -110,7 +122,7 @@ def run(settings: Settings, paths: Paths) -> dict[str, Any]:
 
     summary: dict[str, Any] = {"current": described, "current_rows": len(current), "task": schema.task,
                                "reference": reference["name"], "reference_rows": len(reference["rows"])}
-    snapshot = data_drift_report(settings, current, reference["rows"], paths.reports / "drift.html")
+    snapshot = data_drift_report(settings, current, reference["rows"], paths.drift_html)
     summary |= drift_summary(snapshot, cfg.drift_share_threshold)
     summary |= prediction_drift_report(settings, current, reference["predictions"], paths, model)
     summary |= label_info | performance_report(settings, labeled, reference, paths)
@@ -118,9 +130,9 @@ def run(settings: Settings, paths: Paths) -> dict[str, Any]:
     summary |= {"retrain_needed": bool(reasons), "reasons": reasons,
                 "not_judged": [summary[k] for k in ("prediction_drift_note", "metric_note") if summary.get(k)]}
 
-    write_json(paths.reports / "drift_details.json", _strict(summary))
+    write_json(paths.drift_details, _strict(summary))
     scores = {c: r["score"] for c, r in summary["columns"].items()}
-    write_json(paths.reports / "drift.json", _strict({**{k: summary[k] for k in METRIC_KEYS}, "columns": scores}))
+    write_json(paths.drift_report, _strict({**{k: summary[k] for k in METRIC_KEYS}, "columns": scores}))
     _record(paths, {k: summary[k] for k in (*METRIC_KEYS, "reference", "reasons", "drifted_columns", "not_judged")})
     log.info("monitoring %s against %s: retrain_needed=%s %s", described, reference["name"],
              summary["retrain_needed"], "; ".join(reasons))
@@ -165,10 +177,10 @@ def load_reference(settings: Settings, paths: Paths) -> dict[str, Any]:
     if champion is not None:
         folder = registry.version_dir(champion)
         monitoring = folder / MONITORING_DIR
-        if (monitoring / SAMPLE_FILE).is_file():
-            predictions = monitoring / TEST_PREDICTIONS_FILE
+        if (monitoring / Paths.SAMPLE_FILE).is_file():
+            predictions = monitoring / Paths.TEST_PREDICTIONS_FILE
             return {"name": f"champion {champion}", "model": ModelBundle.load(folder),
-                    "rows": pd.read_parquet(monitoring / SAMPLE_FILE),
+                    "rows": pd.read_parquet(monitoring / Paths.SAMPLE_FILE),
                     "predictions": pd.read_parquet(predictions) if predictions.is_file() else None,
                     "metric": _finite(read_json(folder / METADATA_FILE).get("metrics", {}).get(metric))}
         log.warning("champion %s was registered without its monitoring reference: using this run's training "
@@ -178,14 +190,14 @@ def load_reference(settings: Settings, paths: Paths) -> dict[str, Any]:
     else:  # the first run: nothing is in production yet, the challenger is what would be
         model = ModelBundle.load(paths.challenger) if (paths.challenger / METADATA_FILE).is_file() else None
         name = "training rows of this run" + (f", challenger {model.version}" if model else "")
-    sample = paths.reference / SAMPLE_FILE
-    if not sample.is_file() and not (paths.reference / "train.parquet").is_file():
+    sample = paths.train_sample
+    if not sample.is_file() and not paths.train_rows.is_file():
         raise MonitoringError("nothing to compare with: no champion and no training rows yet; run the training "
                               "pipeline first (`amaas run`, `dvc repro` or the training_pipeline DAG)")
-    metrics = paths.reports / "metrics.json"
-    predictions = paths.reports / "test_predictions.parquet"
+    metrics = paths.metrics
+    predictions = paths.test_predictions
     return {"name": name, "model": model,
-            "rows": pd.read_parquet(sample if sample.is_file() else paths.reference / "train.parquet"),
+            "rows": pd.read_parquet(sample if sample.is_file() else paths.train_rows),
             "predictions": pd.read_parquet(predictions) if model and predictions.is_file() else None,
             "metric": _finite(read_json(metrics).get(metric)) if model and metrics.is_file() else None}
 
@@ -196,9 +208,9 @@ def current_rows(settings: Settings, paths: Paths, model: ModelBundle | None) ->
     schema = settings.data_schema
     if settings.report.current == "prediction_log":
         return _logged_window(paths, schema, settings.report.window_hours, model)
-    validated = pd.read_parquet(paths.validated / "data.parquet")
+    validated = pd.read_parquet(paths.validated_rows)
     if validated.empty:
-        raise MonitoringError(f"{paths.validated / 'data.parquet'} has no rows: collect a batch first")
+        raise MonitoringError(f"{paths.validated_rows} has no rows: collect a batch first")
     newest = str(validated["batch"].max())
     rows = validated.loc[validated["batch"].astype(str) == newest].drop(columns=[schema.target])
     rows = rows.reset_index(drop=True)
@@ -273,7 +285,7 @@ def join_labels(current: pd.DataFrame, paths: Paths, schema: SchemaConfig, model
     info: dict[str, Any] = {"unknown_label_rows": 0}
     if model is None or PREDICTION not in current or key not in current:
         return current.head(0), info
-    labels = pd.read_parquet(paths.validated / "data.parquet", columns=[key, target])
+    labels = pd.read_parquet(paths.validated_rows, columns=[key, target])
     labels = labels.dropna(subset=[target]).drop_duplicates(key)
     keyed = current.drop(columns=[target], errors="ignore").dropna(subset=[key])
     try:
@@ -423,7 +435,7 @@ def prediction_drift_report(settings: Settings, current: pd.DataFrame, reference
     """Prediction drift of the monitored prediction: the verdict (distance and its significance) and
     reports/prediction_drift.html (a page saying why where there is nothing to compare)."""
     cfg, task = settings.report, settings.data_schema.task
-    html = paths.reports / "prediction_drift.html"
+    html = paths.prediction_drift_html
     categorical = task == "multiclass"
     method = "jensenshannon" if categorical else "wasserstein"
     out: dict[str, Any] = {"prediction_drift": None, "prediction_drift_p_value": None,
@@ -477,7 +489,7 @@ def performance_report(settings: Settings, labeled: pd.DataFrame, reference: dic
     drop is decay; reports/performance.html either way."""
     cfg, metric, task = settings.report, settings.promote.metric, settings.data_schema.task
     model, before = reference["model"], _finite(reference["metric"])
-    html = paths.reports / "performance.html"
+    html = paths.performance_html
     out: dict[str, Any] = {"labeled_rows": len(labeled), "metric": metric, "metric_current": None,
                            "metric_reference": None if before is None else round(before, 6), "decay_p_value": None}
     output = _output(labeled, task, len(model.classes or []) if model is not None else 0)
@@ -637,6 +649,6 @@ def _strict(obj: Any, where: str = "") -> Any:
 
 def _record(paths: Paths, decision: dict[str, Any]) -> None:
     """Append the decision and its reasons to reports/monitoring_history.json (the audit trail)."""
-    history_file = paths.reports / "monitoring_history.json"
+    history_file = paths.monitoring_history
     history = read_json(history_file) if history_file.is_file() else []
     write_json(history_file, _strict([*history, decision]))  # older entries may hold NaN: made strict too

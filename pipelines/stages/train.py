@@ -11,6 +11,7 @@ import pandas as pd
 
 from pipelines.bundle import ENSEMBLE_DIR, METADATA_FILE, TRANSFORM_FILE
 from pipelines.config import Paths, Settings
+from pipelines.contracts import Out, stage
 from pipelines.io import atomic_dir, tree_sha256, write_json
 from pipelines.lineage import git_commit, md5_of
 from pipelines.metrics import choose_threshold
@@ -30,6 +31,14 @@ def build_learners(settings: Settings, transform: FeatureTransform) -> list[Lear
     return [LEARNERS[name](**common, **getattr(cfg, name).model_dump()) for name in cfg.learners]
 
 
+@stage(
+    params=("seed", "schema.target", "train", "evaluate.threshold", "evaluate.costs", "scale.dask_scheduler",
+            "scale.dask_workers"),  # the label cut-off is chosen on validation rows
+    deps=("features", "validated"),
+    outs=(Out("challenger"), Out("tuning_report", cache=False)),
+    metrics=("train_report",),
+    description="Fit the learners and the ensemble (tuned within the budget) into models/challenger",
+)
 def run(settings: Settings, paths: Paths) -> dict[str, Any]:
     """Fit on data/features/train, early-stop and combine on valid; write models/challenger/."""
     target = settings.data_schema.target
@@ -46,7 +55,7 @@ def run(settings: Settings, paths: Paths) -> dict[str, Any]:
                                 X, y, X_valid, y_valid)
         ensemble = Ensemble(learners, cfg.ensemble, cfg.stacking_folds, settings.seed, cfg.bags)
         ensemble.fit(X, y, X_valid, y_valid)
-    write_json(paths.reports / "tuning.json", tuning)
+    write_json(paths.tuning_report, tuning)
     threshold = pick_threshold(settings, transform.task, y_valid, ensemble.predict_output(X_valid))
 
     with atomic_dir(paths.challenger) as out:
@@ -67,7 +76,7 @@ def run(settings: Settings, paths: Paths) -> dict[str, Any]:
             "trained_on": trained_on,
             "member_devices": {n: getattr(m, "device_", "cpu") for n, m in zip(ensemble.names, ensemble.members_,
                                                                                 strict=True)},
-            "data_md5": md5_of(paths.validated / "data.parquet"),
+            "data_md5": md5_of(paths.validated_rows),
             "git_commit": git_commit(paths.root),
             "params": settings.train.model_dump(mode="json"),
             "tuned_params": {kind: t["best_params"] for kind, t in tuning.items()},
@@ -79,7 +88,7 @@ def run(settings: Settings, paths: Paths) -> dict[str, Any]:
         write_json(out / METADATA_FILE, metadata)
     summary = {"version": version, "ensemble": ensemble.method, "weights": metadata["weights"],
                "member_valid_log_loss": ensemble.member_valid_log_loss_, "model_dir": str(paths.challenger)}
-    write_json(paths.reports / "train.json", {"version": version, "ensemble": ensemble.method,
+    write_json(paths.train_report, {"version": version, "ensemble": ensemble.method,
                                               **{f"weight_{n}": w for n, w in metadata["weights"].items()}})
     log.info("trained challenger %s", version)
     return summary

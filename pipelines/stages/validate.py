@@ -33,6 +33,7 @@ import pandas as pd
 from pandas.api import types
 
 from pipelines.config import ROW_KEY, Paths, SchemaConfig, Settings
+from pipelines.contracts import Out, stage
 from pipelines.io import atomic_dir, read_json, text_if_mixed, write_json, write_parquet
 from pipelines.sources import parse_time, row_hash
 from pipelines.transform import allowed_categories, label_key, normalize_category
@@ -383,13 +384,20 @@ def split_rows(
     return typed[~bad.to_numpy()].copy(), quarantine
 
 
+@stage(
+    params=("schema", "validate", "clean.normalize_categories"),
+    deps=("raw", "expectations"),
+    outs=(Out("validated"), Out("quarantine"), Out("validation_details", cache=False), Out("data_docs", cache=False)),
+    metrics=("validation_report",),
+    description="Check every collected row with Great Expectations; quarantine bad rows with their reasons",
+)
 def run(settings: Settings, paths: Paths) -> dict[str, Any]:
     """Validate every collected row; write clean rows, quarantined rows, Data Docs and reports/validation.json."""
     schema, rules = settings.data_schema, settings.validation
     batches = load_batches(paths)
     raw = concat_batches(batches)
     raw.insert(0, ROW, range(len(raw)))
-    report_file = paths.reports / "validation.json"
+    report_file = paths.validation_report
 
     # per batch: after concatenation a column missing from one batch would look like nulls
     problems = [f"batch {name}: {problem}" for name, rows in batches for problem in check_schema(rows, schema)]
@@ -401,7 +409,7 @@ def run(settings: Settings, paths: Paths) -> dict[str, Any]:
     if problems:
         _fail(report_file, len(raw), "target_classes", problems)
     suite = build_suite(settings, paths)
-    with atomic_dir(paths.reports / "data_docs") as docs:
+    with atomic_dir(paths.data_docs) as docs:
         checked = run_expectations(frames_for_ge(typed, batches, schema), suite, docs)
     for row, names in checked.row_failures.items():
         reasons[row].extend(names)
@@ -427,24 +435,24 @@ def run(settings: Settings, paths: Paths) -> dict[str, Any]:
         "bad_share_by_batch": bad_share,
         "expectations": checked.expectations,
         "unexpected_values": values,
-        "data_docs": str(paths.reports / "data_docs" / "index.html"),
+        "data_docs": str(paths.data_docs / "index.html"),
     }
-    write_parquet(paths.quarantine / "quarantine.parquet", quarantine)
-    write_json(paths.reports / "validation_details.json", summary)
+    write_parquet(paths.quarantined_rows, quarantine)
+    write_json(paths.validation_details, summary)
     if checked.batch_failures:
         _fail(report_file, len(raw), "batch_expectations", checked.batch_failures, summary)
     over = {b: s for b, s in bad_share.items() if s > rules.max_bad_share}
     if over:
         _fail(report_file, len(raw), "bad_share", [
             f"batch {b}: {s:.1%} of rows failed expectations (max {rules.max_bad_share:.1%}); "
-            f"see {paths.quarantine / 'quarantine.parquet'}" for b, s in over.items()
+            f"see {paths.quarantined_rows}" for b, s in over.items()
         ] + _values_lines(values), summary)
     if len(clean) < rules.min_rows:
         _fail(report_file, len(raw), "too_few_rows",
               [f"{len(clean)} clean rows, fewer than validate.min_rows={rules.min_rows}", *_values_lines(values)],
               summary)
 
-    write_parquet(paths.validated / "data.parquet", validated_types(clean, schema).drop(columns=[ROW]))
+    write_parquet(paths.validated_rows, validated_types(clean, schema).drop(columns=[ROW]))
     write_json(report_file, {k: summary[k] for k in METRIC_KEYS})
     log.info("validated %d rows in %d batches: %d clean, %d quarantined", len(raw), len(batches), len(clean),
              len(quarantine))

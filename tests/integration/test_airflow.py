@@ -20,7 +20,7 @@ def test_dags_import_without_errors_and_follow_stage_order(tmp_path):
         "import json; from airflow.dag_processing.dagbag import DagBag\n"
         f"bag = DagBag(dag_folder={str(REPO / 'dags')!r})\n"
         "print(json.dumps({'errors': {k: str(v) for k, v in bag.import_errors.items()}, 'dags': {d.dag_id: {"
-        "'order': [t.task_id for t in d.topological_sort()], 'retries': [t.retries for t in d.tasks],"
+        "'order': [t.task_id for t in d.topological_sort()], 'retries': {t.task_id: [t.retries, t.retry_exponential_backoff] for t in d.tasks},"
         "'params': sorted(d.params), 'doc': bool(d.doc_md)} for d in bag.dags.values()}}))\n"
     )
     proc = subprocess.run([str(BIN / "python"), "-c", script], env=airflow_env(tmp_path), capture_output=True,
@@ -30,10 +30,13 @@ def test_dags_import_without_errors_and_follow_stage_order(tmp_path):
     dags = result["dags"]
     assert set(dags) == {"training_pipeline", "monitoring", "rollback"}
     training = dags["training_pipeline"]
-    # task groups data., model., release., then DVC versions what the run wrote
-    assert [t.split(".")[-1] for t in training["order"]] == [*STAGES, "version"]
-    assert {t.split(".")[0] for t in training["order"][:-1]} == {"data", "model", "release"}
-    assert all(r >= 1 for r in training["retries"]) and training["params"] == ["deploy", "reason"]
+    # one task per stage, named as the stage, in pipeline order; then DVC versions what the run wrote
+    assert training["order"] == [*STAGES, "version"]
+    # what touches a source, a remote or a server retries with backoff; local computation does not
+    retried = {t for t, (retries, backoff) in training["retries"].items() if retries >= 2 and backoff > 1}
+    assert retried == {"collect", "deploy", "version"}
+    assert training["retries"]["train"][0] == 0 and training["params"] == ["deploy", "reason"]
+    assert dags["monitoring"]["retries"]["collect"][0] >= 2 and dags["rollback"]["retries"]["deploy"][0] >= 2
     assert set(dags["monitoring"]["order"]) == {"collect", "validate", "report", "retrain_needed", "trigger_training",
                                                 "version"}
     assert dags["rollback"]["order"] == ["rollback", "deploy"] and dags["rollback"]["params"] == ["reason"]

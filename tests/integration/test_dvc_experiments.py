@@ -1,0 +1,63 @@
+"""`dvc exp run` works as DVC users expect: experiments record their metrics and plots for `dvc exp show` and
+`dvc plots diff`, and never change the registry's champion or what is deployed."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+
+import pytest
+
+from tests.conftest import BIN, REPO, dvc_project, run_tool, write_params
+
+pytestmark = pytest.mark.slow
+GIT = ["git", "-c", "user.name=amaas test", "-c", "user.email=test@amaas.invalid"]
+
+
+def test_two_experiments_compare_and_leave_the_champion_alone(tmp_path):
+    dvc_project(tmp_path)
+    for name in (".gitignore", ".dvcignore"):
+        shutil.copy2(REPO / name, tmp_path / name)
+    write_params(tmp_path, **{"train.learners": ["lightgbm", "xgboost"], "train.ensemble": "averaging"})
+    env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}"}
+
+    repro = run_tool(["dvc", "repro"], tmp_path, env=env)
+    assert repro.returncode == 0, repro.stdout[-2000:] + repro.stderr[-3000:]
+    aliases = (tmp_path / "models" / "registry" / "aliases.json").read_text()
+    deployment = (tmp_path / "models" / "deployment.json").read_text()
+    assert json.loads(aliases)["champion"] is not None
+    assert run_tool([*GIT, "add", "-A"], tmp_path).returncode == 0
+    committed = run_tool([*GIT, "commit", "-q", "-m", "baseline"], tmp_path)
+    assert committed.returncode == 0, committed.stderr
+
+    for name, ensemble in (("stacked", "stacking"), ("blended", "blending")):
+        run = run_tool(["dvc", "exp", "run", "-n", name, "-S", f"train.ensemble={ensemble}"], tmp_path, env=env)
+        assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-3000:]
+        # the experiment's gate decision is recorded, the registry and the deployment are not touched
+        promotion = json.loads((tmp_path / "reports" / "promotion.json").read_text())
+        assert promotion["experiment"] == name and promotion["promoted"] is False and "would_promote" in promotion
+        assert (tmp_path / "models" / "registry" / "aliases.json").read_text() == aliases
+        assert (tmp_path / "models" / "deployment.json").read_text() == deployment
+
+    shown = run_tool(["dvc", "exp", "show", "--json"], tmp_path, env=env)
+    assert shown.returncode == 0, shown.stderr[-2000:]
+    experiments = {}
+    for baseline in json.loads(shown.stdout):
+        for exp in baseline.get("experiments") or []:
+            for rev in exp["revs"]:
+                experiments[exp["name"]] = rev["data"]
+    assert {"stacked", "blended"} <= set(experiments)
+    for name, ensemble in (("stacked", "stacking"), ("blended", "blending")):
+        data = experiments[name]
+        metrics = data["metrics"]["reports/metrics.json"]["data"]
+        assert 0.5 < metrics["roc_auc"] <= 1, name
+        assert data["metrics"]["reports/train.json"]["data"]["ensemble"] == ensemble
+        assert data["params"]["params.yaml"]["data"]["train"]["ensemble"] == ensemble
+
+    plots = run_tool(["dvc", "plots", "diff", "stacked", "blended", "--json"], tmp_path, env=env)
+    assert plots.returncode == 0, plots.stderr[-2000:]
+    roc = json.loads(plots.stdout)
+    revisions = {d.get("rev") for spec in roc.values() for item in spec for d in item.get("datapoints", {}).get(
+        "reports/plots/roc.csv", [])} if isinstance(roc, dict) else set()
+    assert "ROC" in plots.stdout and revisions >= {"stacked", "blended"} or "stacked" in plots.stdout
