@@ -25,7 +25,8 @@ from pydantic import BaseModel
 from pipelines.bundle import ModelBundle
 from pipelines.config import PARAMS_ENV, ROOT_ENV, Paths, load_settings
 from pipelines.registry import Registry
-from pipelines.serving.gateway import REQUEST_ID, ROUTE, Gateway, PredictionLog, now_iso
+from pipelines.serving.gateway import REQUEST_ID, ROUTE, Gateway
+from pipelines.serving.predlog import PredictionLog, PredictionRecord, now_iso
 
 log = logging.getLogger("amaas.service")
 
@@ -151,12 +152,10 @@ class AmaasService:
         for i, row in enumerate(rows):
             result = {**answers[i], "model_version": answered_by[i].version, "request_id": row.get(REQUEST_ID)}
             out.append(result)
-            record = {"time": at, **result, "route": routes[i],
-                      "id": row.get(self.id_column) if self.id_column else None,
-                      "features": {f: row.get(f) for f in self.features}}
-            if i in shadow:
-                record |= {"shadow_model_version": challenger.version, "shadow": shadow[i]}
-            records.append(record)
+            shadowed_by = {"shadow_model_version": challenger.version, "shadow": shadow[i]} if i in shadow else {}
+            records.append(PredictionRecord(time=at, **result, route=routes[i],
+                                            id=row.get(self.id_column) if self.id_column else None,
+                                            features={f: row.get(f) for f in self.features}, **shadowed_by))
         self.log.append(records)
         return out
 

@@ -16,7 +16,7 @@ from pipelines.io import read_json, write_text
 from pipelines.lock import PipelineLocked, project_lock
 from pipelines.registry import Registry, RegistryError, force_promote, rollback
 from pipelines.runner import STAGES, run_stage
-from pipelines.serving.gateway import ApiKeys
+from pipelines.serving.keys import ApiKeys
 
 log = logging.getLogger("amaas")
 

@@ -9,7 +9,10 @@ import os
 import pytest
 
 from pipelines.config import load_settings
-from pipelines.serving.gateway import REQUEST_ID, ROUTE, ApiKeys, Gateway, PredictionLog, read_prediction_log, route
+from pipelines.serving.gateway import REQUEST_ID, ROUTE, Gateway
+from pipelines.serving.keys import ApiKeys
+from pipelines.serving.predlog import PredictionLog, PredictionRecord, read_prediction_log
+from pipelines.serving.routing import route
 from tests.conftest import write_params
 
 ROW = {"age": 41, "income": None, "loan_amount": 12000, "term_months": 60, "interest_rate": 14.5,
@@ -42,11 +45,31 @@ def test_routing_is_a_stable_share_of_request_ids():
 
 def test_prediction_log_appends_and_skips_a_torn_last_line(tmp_path):
     log = PredictionLog(tmp_path)
-    log.append([{"request_id": "a", "probability": 0.1}, {"request_id": "b", "probability": 0.2}])
+    log.append([PredictionRecord(request_id="a", probability=0.1), PredictionRecord(request_id="b", probability=0.2)])
     file = next(tmp_path.glob("*.jsonl"))
     with file.open("a") as fh:
         fh.write('{"request_id": "c", "probab')  # a crash mid-write of an unacknowledged batch
-    assert [r["request_id"] for r in read_prediction_log(tmp_path)] == ["a", "b"]
+    assert [(r.request_id, r.probability) for r in read_prediction_log(tmp_path)] == [("a", 0.1), ("b", 0.2)]
+
+
+def test_prediction_records_write_todays_keys_and_read_older_lines(tmp_path):
+    answer = {"label": 1, "probabilities": {"0": 0.3, "1": 0.7}, "probability": 0.7}
+    record = PredictionRecord(time="2026-01-01T00:00:00.000+00:00", **answer, model_version="v2", request_id="r",
+                              route="shadow", id=7, features={"age": 41, "region": None},
+                              shadow_model_version="v3", shadow={**answer, "probability": 0.6})
+    line = record.to_json()
+    assert list(json.loads(line)) == ["time", "label", "probabilities", "probability", "model_version",
+                                      "request_id", "route", "id", "features", "shadow_model_version", "shadow"]
+    assert PredictionRecord.from_json(line) == record
+    regression = json.loads(PredictionRecord(time="t", value=3.5, model_version="v", request_id="r",
+                                             route="champion").to_json())
+    assert regression == {"time": "t", "value": 3.5, "model_version": "v", "request_id": "r", "route": "champion",
+                          "id": None, "features": {}}  # id always written, shadow fields only when shadowed
+
+    older = PredictionRecord.from_json('{"time": "t", "key": "h1", "output": {"value": 2.0}, "features": {},'
+                                       ' "extra": 1}')
+    assert (older.id, older.value, older.output) == ("h1", 2.0, None)
+    assert PredictionRecord.from_json('{"time": "t", "output": [0.2, 0.8]}').output == [0.2, 0.8]
 
 
 class _App:
@@ -127,7 +150,7 @@ def test_openapi_shows_the_rows_and_the_answer_of_the_task(task, tmp_path):
     import yaml
 
     from pipelines.config import load_settings
-    from pipelines.serving.gateway import answer_model, openapi_with_schemas, request_model
+    from pipelines.serving.schema import answer_model, openapi_with_schemas, request_model
     from tests.tables import params_for
 
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params_for(task)))
