@@ -6,12 +6,13 @@ from __future__ import annotations
 import json
 import uuid
 from collections.abc import Awaitable, Callable
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
-from pydantic import ValidationError
+from pydantic import BaseModel, ValidationError
 
-from pipelines.config import SchemaConfig, ServeConfig
+from pipelines.config import ServeConfig, Settings
 from pipelines.serving.keys import ApiKeys
 from pipelines.serving.routing import route
 from pipelines.serving.schema import answer_model, openapi_with_schemas, request_model
@@ -30,14 +31,26 @@ class Gateway:
     """ASGI middleware in front of the model API: API keys (401), size limits (413), the request schema
     (422 with field errors), a request id and a route per request. Health, metrics and docs stay open."""
 
-    def __init__(self, app: Any, schema: SchemaConfig, serve: ServeConfig, keys_file: Path,
+    def __init__(self, app: Any, settings: Callable[[], Settings], keys_file: Path,
                  routing: Callable[[], tuple[float, bool]], versions: Callable[[], dict[str, Any]]) -> None:
-        self.app, self.serve = app, serve
-        self.model = request_model(schema, serve.max_rows)
-        self.answer = answer_model(schema)
+        self.app = app
+        self.settings = settings  # called on first use, not here: BentoML builds the gateway at import
         self.keys = ApiKeys(keys_file)
         self.routing = routing  # (canary share, shadow) now: follows the registry while serving
         self.versions = versions  # GET /models: what is being served now (deploy checks it)
+
+    @cached_property
+    def serve(self) -> ServeConfig:
+        return self.settings().serve
+
+    @cached_property
+    def model(self) -> type[BaseModel]:
+        """The request schema of /predict, from params.yaml."""
+        return request_model(self.settings().data_schema, self.serve.max_rows)
+
+    @cached_property
+    def answer(self) -> type[BaseModel]:
+        return answer_model(self.settings().data_schema)
 
     async def __call__(self, scope: dict[str, Any], receive: Receive, send: Send) -> None:
         if scope["type"] != "http":

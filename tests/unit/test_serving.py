@@ -1,10 +1,14 @@
-"""The serving pieces without a server: keys, routing, the request schema, the gateway, the prediction log."""
+"""The serving pieces without a server: keys, routing, the request schema, the gateway, the prediction log,
+and the BentoML service module imported without settings."""
 
 from __future__ import annotations
 
 import asyncio
 import json
 import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 
@@ -105,13 +109,44 @@ def _call(gateway: Gateway, path: str, body: bytes, headers: dict[str, str], met
 
 @pytest.fixture
 def gateway(tmp_path):
-    settings = load_settings(write_params(tmp_path, **{"serve.max_rows": 3, "serve.max_body_bytes": 4096,
-                                                       "serve.canary_share": 1.0}))
+    params = write_params(tmp_path, **{"serve.max_rows": 3, "serve.max_body_bytes": 4096, "serve.canary_share": 1.0})
     app = _App()
     keys = ApiKeys(tmp_path / "keys.json")
     key = keys.add("t")
-    return Gateway(app, settings.data_schema, settings.serve, tmp_path / "keys.json", lambda: (1.0, False),
+    return Gateway(app, lambda: load_settings(params), tmp_path / "keys.json", lambda: (1.0, False),
                    lambda: {"champion": "v1", "challenger": None}), app, key
+
+
+def test_gateway_reads_settings_on_first_use_not_when_built(gateway, tmp_path):
+    gw, _, key = gateway
+    loads: list[int] = []
+
+    def settings():
+        loads.append(1)
+        return gw.settings()
+
+    lazy = Gateway(_App(), settings, tmp_path / "keys.json", lambda: (0.0, False), dict)
+    assert not loads  # BentoML builds the middleware at import, before any settings exist
+    assert _call(lazy, "/readyz", b"", {})[0] == 200 and not loads  # health needs no settings
+    assert _call(lazy, "/predict", json.dumps({"row": ROW}).encode(), {"X-API-Key": key})[0] == 200
+    calls = len(loads)
+    assert _call(lazy, "/predict", json.dumps({"row": ROW}).encode(), {"X-API-Key": key})[0] == 200
+    assert 0 < calls == len(loads)  # read once, then kept
+
+
+def test_importing_the_service_reads_no_settings(tmp_path):
+    """BentoML imports bentos/service.py to find the service (and `bentoml build` does so at packaging):
+    params.yaml is read when the server starts, so a missing one does not break the import."""
+    root = Path(__file__).resolve().parents[2]
+    env = {**os.environ, "AMAAS_ROOT": str(tmp_path), "AMAAS_PARAMS": str(tmp_path / "missing.yaml"),
+           "BENTOML_HOME": str(tmp_path / "bentoml"), "BENTOML_DO_NOT_TRACK": "True",
+           "PYTHONPATH": os.pathsep.join([str(root), os.environ.get("PYTHONPATH", "")])}
+    code = ("import bentos.service as s; assert s.settings.cache_info().currsize == 0; "
+            "print(s.AmaasService.name)")
+    done = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True,
+                          timeout=120)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.strip().endswith("amaas_service")
 
 
 def test_gateway_answers_401_413_422_and_forwards_tagged_rows(gateway):
