@@ -5,12 +5,14 @@ model). `amaas serve` sets $AMAAS_ROOT to the project: the server then follows t
 (promote and rollback switch the model within `serve.reload_interval_s`, while requests in flight finish
 on the model they started with), checks API keys from its key store, and appends every prediction to its
 prediction log. Without $AMAAS_ROOT (a container of the bento alone) it serves the bento's own model, with
-keys and log under the working folder. Rows are scored through `pipelines.bundle.ModelBundle`, the same
-code path as offline evaluation: no training/serving skew.
+keys and log under the working folder. Settings (params.yaml) are read when the server starts, not at
+import: the service's __init__ and the gateway's first request load them. Rows are scored through
+`pipelines.bundle.ModelBundle`, the same code path as offline evaluation: no training/serving skew.
 """
 
 from __future__ import annotations
 
+import functools
 import gc
 import logging
 import os
@@ -23,9 +25,10 @@ import bentoml
 from pydantic import BaseModel
 
 from pipelines.bundle import ModelBundle
-from pipelines.config import PARAMS_ENV, ROOT_ENV, Paths, load_settings
+from pipelines.config import PARAMS_ENV, ROOT_ENV, Paths, Settings, load_settings
 from pipelines.registry import Registry
-from pipelines.serving.gateway import REQUEST_ID, ROUTE, Gateway, PredictionLog, now_iso
+from pipelines.serving.gateway import REQUEST_ID, ROUTE, Gateway
+from pipelines.serving.predlog import PredictionLog, PredictionRecord, now_iso
 
 log = logging.getLogger("amaas.service")
 
@@ -42,7 +45,12 @@ PROJECT = os.environ.get(ROOT_ENV)  # baked bento args win over `bentoml serve -
 PATHS = Paths.from_env()
 PARAMS = Path(os.environ.get(PARAMS_ENV) or PATHS.root / "params.yaml") if PROJECT else (
     Path(__file__).parent.parent / "params.yaml")  # the copy inside the bento
-SETTINGS = load_settings(PARAMS)
+
+
+@functools.cache
+def settings() -> Settings:
+    """params.yaml as the server started with it (canary and shadow are re-read by Models.follow)."""
+    return load_settings(PARAMS)
 
 
 class Models:
@@ -50,7 +58,8 @@ class Models:
 
     def __init__(self, champion: ModelBundle) -> None:
         self.current: dict[str, ModelBundle | None] = {"champion": champion, "challenger": None}
-        self.canary_share, self.shadow = SETTINGS.serve.canary_share, SETTINGS.serve.shadow
+        serve = settings().serve
+        self.canary_share, self.shadow = serve.canary_share, serve.shadow
         self._aliases: dict[str, Any] | None = None
         self._params_mtime: float | None = None
 
@@ -108,10 +117,12 @@ class AmaasService:
         # (one row: 23 ms with 2 threads, 3.9 ms with 1, measured under load on 2 cores)
         torch.set_num_threads(1)
         self._pd = pd
+        self.settings = settings()
         self.models = MODELS.get(ModelBundle.load(Path(self.model_ref.path)))
         self.log = PredictionLog(PATHS.prediction_log)
-        self.features = [*SETTINGS.data_schema.numeric, *SETTINGS.data_schema.categorical]
-        self.id_column = SETTINGS.data_schema.id_column  # None: the table has no id, nothing to join labels by
+        schema = self.settings.data_schema
+        self.features = [*schema.numeric, *schema.categorical]
+        self.id_column = schema.id_column  # None: the table has no id, nothing to join labels by
         if PROJECT:
             registry = Registry(PATHS.registry)
             self.models.follow(registry)
@@ -123,7 +134,7 @@ class AmaasService:
 
     def _watch(self, registry: Registry) -> None:
         while True:
-            time.sleep(SETTINGS.serve.reload_interval_s)
+            time.sleep(self.settings.serve.reload_interval_s)
             try:
                 self.models.follow(registry)
             except Exception:  # a half-finished registry write or a bad bundle must not stop serving
@@ -151,12 +162,10 @@ class AmaasService:
         for i, row in enumerate(rows):
             result = {**answers[i], "model_version": answered_by[i].version, "request_id": row.get(REQUEST_ID)}
             out.append(result)
-            record = {"time": at, **result, "route": routes[i],
-                      "id": row.get(self.id_column) if self.id_column else None,
-                      "features": {f: row.get(f) for f in self.features}}
-            if i in shadow:
-                record |= {"shadow_model_version": challenger.version, "shadow": shadow[i]}
-            records.append(record)
+            shadowed_by = {"shadow_model_version": challenger.version, "shadow": shadow[i]} if i in shadow else {}
+            records.append(PredictionRecord(time=at, **result, route=routes[i],
+                                            id=row.get(self.id_column) if self.id_column else None,
+                                            features={f: row.get(f) for f in self.features}, **shadowed_by))
         self.log.append(records)
         return out
 
@@ -185,6 +194,5 @@ class _Shared:
 
 
 MODELS = _Shared()
-AmaasService.add_asgi_middleware(Gateway, schema=SETTINGS.data_schema, serve=SETTINGS.serve,
-                                 keys_file=PATHS.api_keys, routing=MODELS.routing,
+AmaasService.add_asgi_middleware(Gateway, settings=settings, keys_file=PATHS.api_keys, routing=MODELS.routing,
                                  versions=MODELS.versions)

@@ -18,7 +18,7 @@ from pipelines.io import read_json, write_text
 from pipelines.lock import PipelineLocked, project_lock
 from pipelines.registry import Registry, RegistryError, rollback
 from pipelines.runner import STAGES, declarations, run_stage, write_dvc_yaml
-from pipelines.serving.gateway import ApiKeys
+from pipelines.serving.keys import ApiKeys
 
 log = logging.getLogger("amaas")
 

@@ -222,7 +222,7 @@ def served(root: Path) -> Iterator[Server]:
     """A real `amaas serve` of `root`'s champion on a free localhost port, and a client with an API key."""
     import requests
 
-    from pipelines.serving.gateway import ApiKeys
+    from pipelines.serving.keys import ApiKeys
 
     names = ApiKeys(root / ".amaas" / "api_keys.json").names()
     key = ApiKeys(root / ".amaas" / "api_keys.json").add(f"tests-{len(names)}")

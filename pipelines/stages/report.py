@@ -39,7 +39,7 @@ from pipelines.contracts import Out, stage
 from pipelines.io import read_json, write_json, write_text
 from pipelines.metrics import bootstrap_resamples, higher_is_better, improvement, score
 from pipelines.registry import MONITORING_DIR, Registry
-from pipelines.serving.gateway import read_prediction_log
+from pipelines.serving.predlog import PredictionRecord, read_prediction_log
 from pipelines.transform import normalize_category
 
 log = logging.getLogger(__name__)
@@ -236,42 +236,35 @@ def _logged_window(paths: Paths, schema: SchemaConfig, hours: float, model: Mode
                               f"or set report.current: batch")
     classes = model.classes if model is not None else schema.classes
     log_frame = pd.DataFrame.from_records(
-        [{schema.key_column: _record_key(r), "time": r["time"], **_logged_output(r, schema.task, classes),
-          **r["features"]} for r in records])
+        [{schema.key_column: r.id, "time": r.time, **_logged_output(r, schema.task, classes), **r.features}
+         for r in records])
     times = pd.to_datetime(log_frame["time"], utc=True)
     start = times.max() - pd.Timedelta(hours=hours)  # the newest window of the log, not of the wall clock
     window = log_frame.loc[(times > start).to_numpy()].drop(columns=["time"]).reset_index(drop=True)
     return window, f"predictions after {start.isoformat(timespec='seconds')}"
 
 
-def _record_key(record: dict[str, Any]) -> Any:
-    return record.get("id") if record.get("id") is not None else record.get("key")
-
-
-def _logged_output(record: dict[str, Any], task: str, classes: list[Any] | None) -> dict[str, Any]:
-    """The monitored prediction (and class probabilities) of one logged prediction, as far as it holds them.
-
-    Fields may sit at the top of the record or under "output" (a dict of them, or the canonical output:
-    the class probabilities as a list, or the value)."""
-    fields, canonical = record, record.get("output")
-    if isinstance(canonical, dict):
-        fields, canonical = {**record, **canonical}, None
+def _logged_output(record: PredictionRecord | dict[str, Any], task: str, classes: list[Any] | None
+                   ) -> dict[str, Any]:
+    """The monitored prediction (and class probabilities) of one logged prediction, as far as it holds them
+    (the fields, or an older line's canonical output: the class probabilities as a list, or the value)."""
+    record = record if isinstance(record, PredictionRecord) else PredictionRecord.from_dict(record)
+    canonical, probabilities = record.output, record.probabilities
     probs: list[float] | None = None
     if isinstance(canonical, list) and task != "regression":
         probs = [float(p) for p in canonical]
-    elif isinstance(fields.get("probabilities"), dict) and classes and all(
-            str(c) in fields["probabilities"] for c in classes):
-        probs = [float(fields["probabilities"][str(c)]) for c in classes]
+    elif isinstance(probabilities, dict) and classes and all(str(c) in probabilities for c in classes):
+        probs = [float(probabilities[str(c)]) for c in classes]
     if task == "regression":
-        value = canonical if isinstance(canonical, (int, float)) else fields.get("value")
+        value = canonical if isinstance(canonical, (int, float)) else record.value
         return {} if value is None else {PREDICTION: float(value)}
     if task == "binary":
-        p = probs[1] if probs is not None else fields.get("probability")
+        p = probs[1] if probs is not None else record.probability
         return {} if p is None else {PREDICTION: float(p), "proba_0": 1.0 - float(p), "proba_1": float(p)}
     out: dict[str, Any] = {}
     if probs is not None:
         out |= dict(zip(proba_columns(len(probs)), probs, strict=True))
-    label = fields.get("label")
+    label = record.label
     if label is None and probs is not None and classes:
         label = classes[int(np.argmax(probs))]
     return out | ({} if label is None else {PREDICTION: str(label)})

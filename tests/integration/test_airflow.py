@@ -20,7 +20,8 @@ def test_dags_import_without_errors_and_follow_stage_order(tmp_path):
         "import json; from airflow.dag_processing.dagbag import DagBag\n"
         f"bag = DagBag(dag_folder={str(REPO / 'dags')!r})\n"
         "print(json.dumps({'errors': {k: str(v) for k, v in bag.import_errors.items()}, 'dags': {d.dag_id: {"
-        "'order': [t.task_id for t in d.topological_sort()], 'retries': {t.task_id: [t.retries, t.retry_exponential_backoff] for t in d.tasks},"
+        "'order': [t.task_id for t in d.topological_sort()],"
+        "'retries': {t.task_id: [t.retries, t.retry_exponential_backoff] for t in d.tasks},"
         "'params': sorted(d.params), 'doc': bool(d.doc_md)} for d in bag.dags.values()}}))\n"
     )
     proc = subprocess.run([str(BIN / "python"), "-c", script], env=airflow_env(tmp_path), capture_output=True,

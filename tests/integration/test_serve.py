@@ -18,7 +18,7 @@ from sklearn.metrics import roc_auc_score
 
 from pipelines.bundle import ModelBundle
 from pipelines.registry import Registry
-from pipelines.serving.gateway import read_prediction_log
+from pipelines.serving.predlog import read_prediction_log
 from tests.conftest import amaas, served
 
 pytestmark = pytest.mark.slow
@@ -106,11 +106,15 @@ def test_every_answered_prediction_is_in_the_log(server, trained_project):
     rid = f"log-check-{time.time_ns()}"
     answer = server.session.post(f"{server.url}/predict", json={"rows": [{**ROW, "loan_id": 77}, ROW]},
                                  headers={"X-Request-ID": rid}, timeout=30).json()
-    logged = [r for r in read_prediction_log(trained_project / "logs" / "predictions") if r["request_id"] == rid]
-    assert [r["probability"] for r in logged] == [a["probability"] for a in answer]
-    assert logged[0]["id"] == 77 and logged[0]["features"]["credit_score"] == 610
-    assert logged[0]["features"]["home_ownership"] == "  RENT "  # as received; the model cleans it
-    assert {r["model_version"] for r in logged} == {answer[0]["model_version"]}
+    logged = [r for r in read_prediction_log(trained_project / "logs" / "predictions") if r.request_id == rid]
+    assert [r.probability for r in logged] == [a["probability"] for a in answer]
+    assert logged[0].id == 77 and logged[0].features["credit_score"] == 610
+    assert logged[0].features["home_ownership"] == "  RENT "  # as received; the model cleans it
+    assert {r.model_version for r in logged} == {answer[0]["model_version"]}
+    lines = [json.loads(line) for file in (trained_project / "logs" / "predictions").glob("*.jsonl")
+             for line in file.read_text().splitlines()]
+    assert list(next(line for line in lines if line["request_id"] == rid)) == [  # the format on disk
+        "time", "label", "probabilities", "probability", "model_version", "request_id", "route", "id", "features"]
 
 
 def test_monitoring_judges_served_predictions_and_joins_delayed_labels(server, trained_project, tmp_path):
@@ -131,7 +135,7 @@ def test_monitoring_judges_served_predictions_and_joins_delayed_labels(server, t
     amaas("report", root=root)
     summary = json.loads((root / "reports" / "drift_details.json").read_text())
 
-    logged = pd.DataFrame(read_prediction_log(root / "logs" / "predictions"))
+    logged = pd.DataFrame([r.to_dict() for r in read_prediction_log(root / "logs" / "predictions")])
     labels = validated.drop_duplicates("loan_id").set_index("loan_id")["default"]
     joined = logged[logged["id"].isin(labels.index)]
     assert summary["current_rows"] == len(logged) and summary["labeled_rows"] == len(joined) >= 300
@@ -204,12 +208,12 @@ def test_canary_shadow_and_rollback_while_serving(two_models):
             rid = f"shadow-{time.monotonic_ns()}"
             answer = server.session.post(f"{server.url}/predict", json={"row": ROW}, timeout=30,
                                          headers={"X-Request-ID": rid}).json()[0]
-            record = next(r for r in read_prediction_log(root / "logs" / "predictions") if r["request_id"] == rid)
-            if "shadow" in record or time.monotonic() > deadline:
+            record = next(r for r in read_prediction_log(root / "logs" / "predictions") if r.request_id == rid)
+            if record.shadow is not None or time.monotonic() > deadline:
                 break
             time.sleep(0.2)
-        assert answer["model_version"] == champion and record["shadow_model_version"] == challenger
-        assert record["shadow"]["probability"] != answer["probability"]
+        assert answer["model_version"] == champion and record.shadow_model_version == challenger
+        assert record.shadow["probability"] != answer["probability"]
 
         # promote the challenger by force, then roll back, while a client keeps sending requests
         statuses, seen, stop = [], [], threading.Event()

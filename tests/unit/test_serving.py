@@ -1,15 +1,22 @@
-"""The serving pieces without a server: keys, routing, the request schema, the gateway, the prediction log."""
+"""The serving pieces without a server: keys, routing, the request schema, the gateway, the prediction log,
+and the BentoML service module imported without settings."""
 
 from __future__ import annotations
 
 import asyncio
 import json
 import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 
 from pipelines.config import load_settings
-from pipelines.serving.gateway import REQUEST_ID, ROUTE, ApiKeys, Gateway, PredictionLog, read_prediction_log, route
+from pipelines.serving.gateway import REQUEST_ID, ROUTE, Gateway
+from pipelines.serving.keys import ApiKeys
+from pipelines.serving.predlog import PredictionLog, PredictionRecord, read_prediction_log
+from pipelines.serving.routing import route
 from tests.conftest import write_params
 
 ROW = {"age": 41, "income": None, "loan_amount": 12000, "term_months": 60, "interest_rate": 14.5,
@@ -42,11 +49,31 @@ def test_routing_is_a_stable_share_of_request_ids():
 
 def test_prediction_log_appends_and_skips_a_torn_last_line(tmp_path):
     log = PredictionLog(tmp_path)
-    log.append([{"request_id": "a", "probability": 0.1}, {"request_id": "b", "probability": 0.2}])
+    log.append([PredictionRecord(request_id="a", probability=0.1), PredictionRecord(request_id="b", probability=0.2)])
     file = next(tmp_path.glob("*.jsonl"))
     with file.open("a") as fh:
         fh.write('{"request_id": "c", "probab')  # a crash mid-write of an unacknowledged batch
-    assert [r["request_id"] for r in read_prediction_log(tmp_path)] == ["a", "b"]
+    assert [(r.request_id, r.probability) for r in read_prediction_log(tmp_path)] == [("a", 0.1), ("b", 0.2)]
+
+
+def test_prediction_records_write_todays_keys_and_read_older_lines(tmp_path):
+    answer = {"label": 1, "probabilities": {"0": 0.3, "1": 0.7}, "probability": 0.7}
+    record = PredictionRecord(time="2026-01-01T00:00:00.000+00:00", **answer, model_version="v2", request_id="r",
+                              route="shadow", id=7, features={"age": 41, "region": None},
+                              shadow_model_version="v3", shadow={**answer, "probability": 0.6})
+    line = record.to_json()
+    assert list(json.loads(line)) == ["time", "label", "probabilities", "probability", "model_version",
+                                      "request_id", "route", "id", "features", "shadow_model_version", "shadow"]
+    assert PredictionRecord.from_json(line) == record
+    regression = json.loads(PredictionRecord(time="t", value=3.5, model_version="v", request_id="r",
+                                             route="champion").to_json())
+    assert regression == {"time": "t", "value": 3.5, "model_version": "v", "request_id": "r", "route": "champion",
+                          "id": None, "features": {}}  # id always written, shadow fields only when shadowed
+
+    older = PredictionRecord.from_json('{"time": "t", "key": "h1", "output": {"value": 2.0}, "features": {},'
+                                       ' "extra": 1}')
+    assert (older.id, older.value, older.output) == ("h1", 2.0, None)
+    assert PredictionRecord.from_json('{"time": "t", "output": [0.2, 0.8]}').output == [0.2, 0.8]
 
 
 class _App:
@@ -82,13 +109,44 @@ def _call(gateway: Gateway, path: str, body: bytes, headers: dict[str, str], met
 
 @pytest.fixture
 def gateway(tmp_path):
-    settings = load_settings(write_params(tmp_path, **{"serve.max_rows": 3, "serve.max_body_bytes": 4096,
-                                                       "serve.canary_share": 1.0}))
+    params = write_params(tmp_path, **{"serve.max_rows": 3, "serve.max_body_bytes": 4096, "serve.canary_share": 1.0})
     app = _App()
     keys = ApiKeys(tmp_path / "keys.json")
     key = keys.add("t")
-    return Gateway(app, settings.data_schema, settings.serve, tmp_path / "keys.json", lambda: (1.0, False),
+    return Gateway(app, lambda: load_settings(params), tmp_path / "keys.json", lambda: (1.0, False),
                    lambda: {"champion": "v1", "challenger": None}), app, key
+
+
+def test_gateway_reads_settings_on_first_use_not_when_built(gateway, tmp_path):
+    gw, _, key = gateway
+    loads: list[int] = []
+
+    def settings():
+        loads.append(1)
+        return gw.settings()
+
+    lazy = Gateway(_App(), settings, tmp_path / "keys.json", lambda: (0.0, False), dict)
+    assert not loads  # BentoML builds the middleware at import, before any settings exist
+    assert _call(lazy, "/readyz", b"", {})[0] == 200 and not loads  # health needs no settings
+    assert _call(lazy, "/predict", json.dumps({"row": ROW}).encode(), {"X-API-Key": key})[0] == 200
+    calls = len(loads)
+    assert _call(lazy, "/predict", json.dumps({"row": ROW}).encode(), {"X-API-Key": key})[0] == 200
+    assert 0 < calls == len(loads)  # read once, then kept
+
+
+def test_importing_the_service_reads_no_settings(tmp_path):
+    """BentoML imports bentos/service.py to find the service (and `bentoml build` does so at packaging):
+    params.yaml is read when the server starts, so a missing one does not break the import."""
+    root = Path(__file__).resolve().parents[2]
+    env = {**os.environ, "AMAAS_ROOT": str(tmp_path), "AMAAS_PARAMS": str(tmp_path / "missing.yaml"),
+           "BENTOML_HOME": str(tmp_path / "bentoml"), "BENTOML_DO_NOT_TRACK": "True",
+           "PYTHONPATH": os.pathsep.join([str(root), os.environ.get("PYTHONPATH", "")])}
+    code = ("import bentos.service as s; assert s.settings.cache_info().currsize == 0; "
+            "print(s.AmaasService.name)")
+    done = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True,
+                          timeout=120)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.strip().endswith("amaas_service")
 
 
 def test_gateway_answers_401_413_422_and_forwards_tagged_rows(gateway):
@@ -127,7 +185,7 @@ def test_openapi_shows_the_rows_and_the_answer_of_the_task(task, tmp_path):
     import yaml
 
     from pipelines.config import load_settings
-    from pipelines.serving.gateway import answer_model, openapi_with_schemas, request_model
+    from pipelines.serving.schema import answer_model, openapi_with_schemas, request_model
     from tests.tables import params_for
 
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params_for(task)))

@@ -1,0 +1,105 @@
+"""The prediction log: one typed record per answered row, appended as JSON Lines by the service and read
+back by monitoring (`report.current: prediction_log`) and the tests."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+log = logging.getLogger(__name__)
+_ANSWER = ("label", "probabilities", "probability", "value")  # written when set, in this order
+_SHADOW = ("shadow_model_version", "shadow")  # written for shadowed rows only
+
+
+@dataclass(frozen=True, kw_only=True)
+class PredictionRecord:
+    """One logged prediction: when, the answer (classification: the label, each class's probability and,
+    binary, the positive class's; regression: the value), which model gave it to which request over which
+    route, the row's id (to join delayed labels) and features, and for shadow traffic the challenger's
+    answer. On disk it is one JSON object per line with exactly these keys."""
+
+    time: str | None = None  # ISO 8601, UTC
+    label: int | str | None = None
+    probabilities: dict[str, float] | None = None
+    probability: float | None = None
+    value: float | None = None
+    model_version: str | None = None
+    request_id: str | None = None
+    route: str | None = None  # champion | challenger | shadow
+    id: int | str | None = None
+    features: dict[str, Any] = field(default_factory=dict)
+    shadow_model_version: str | None = None
+    shadow: dict[str, Any] | None = None  # the challenger's answer, not sent to the client
+    output: list[float] | float | None = None  # older lines only: the class probabilities as a list, or the value
+
+    def to_dict(self) -> dict[str, Any]:
+        """The JSON object of the record: answer fields and `output` only when set, shadow fields only for
+        shadow traffic."""
+        out: dict[str, Any] = {"time": self.time}
+        out |= {k: getattr(self, k) for k in _ANSWER if getattr(self, k) is not None}
+        out |= {"model_version": self.model_version, "request_id": self.request_id, "route": self.route,
+                "id": self.id, "features": self.features}
+        if self.shadow is not None:
+            out |= {k: getattr(self, k) for k in _SHADOW}
+        return out | ({} if self.output is None else {"output": self.output})
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), separators=(",", ":"), default=str)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> PredictionRecord:
+        """A record from its JSON object, older shapes included: the id under "key", the answer fields
+        under "output" (a dict of them, or the canonical output). Unknown keys are ignored."""
+        output = data.get("output")
+        if isinstance(output, dict):
+            data, output = {**data, **output}, None
+        known = {f.name for f in dataclasses.fields(cls)} - {"output", "id"}
+        return cls(**{k: v for k, v in data.items() if k in known},
+                   id=data.get("id") if data.get("id") is not None else data.get("key"), output=output)
+
+    @classmethod
+    def from_json(cls, line: str) -> PredictionRecord:
+        return cls.from_dict(json.loads(line))
+
+
+class PredictionLog:
+    """Append-only JSON Lines, one file per day and process; fsync'ed before the answer leaves."""
+
+    def __init__(self, folder: Path) -> None:
+        self.folder = folder
+        folder.mkdir(parents=True, exist_ok=True)
+
+    def append(self, records: list[PredictionRecord]) -> None:
+        if not records:
+            return
+        day = datetime.now(UTC).strftime("%Y-%m-%d")
+        data = "".join(r.to_json() + "\n" for r in records).encode()
+        fd = os.open(self.folder / f"{day}-{os.getpid()}.jsonl", os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+        try:
+            os.write(fd, data)
+            os.fsync(fd)  # acknowledged means on disk: a crash after the answer loses nothing
+        finally:
+            os.close(fd)
+
+
+def read_prediction_log(folder: Path) -> list[PredictionRecord]:
+    """Every logged prediction, oldest file first (a partial last line from a crash is skipped)."""
+    records = []
+    for file in sorted(folder.glob("*.jsonl")):
+        for line in file.read_text().splitlines():
+            try:
+                records.append(PredictionRecord.from_json(line))
+            except json.JSONDecodeError:
+                log.warning("skipping a partial line in %s", file)
+    return records
+
+
+def now_iso() -> str:
+    """The wall-clock time of a prediction, for the log."""
+    return datetime.now(UTC).isoformat(timespec="milliseconds")
