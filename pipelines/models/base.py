@@ -74,7 +74,11 @@ class TaskEstimatorMixin(ClassifierMixin, RegressorMixin):
     def predict_output(self, X: Any) -> np.ndarray:
         """Class probabilities (n, k) for classification, values (n,) for regression (pipelines.metrics)."""
         check_is_fitted(self)
-        return self._output(as_frame(X))
+        X = as_frame(X)
+        if X.shape[1] != self.n_features_in_:
+            raise ValueError(f"X has {X.shape[1]} features, but {type(self).__name__} is expecting "
+                             f"{self.n_features_in_} features as input")
+        return self._output(X)
 
     def predict(self, X: Any) -> np.ndarray:
         """The most probable class index of each row (classification), or the predicted value (regression)."""
@@ -128,11 +132,7 @@ class Learner(TaskEstimatorMixin, BaseEstimator):
     def _prepare_fit(self, X: Any, y: Any, X_valid: Any, y_valid: Any
                      ) -> tuple[pd.DataFrame, np.ndarray, pd.DataFrame | None, np.ndarray | None]:
         """Frames and arrays from whatever fit got; sets `classes_` for classification."""
-        X, y = as_frame(X), np.asarray(y)
-        if len(X) != len(y):
-            raise ValueError(f"X has {len(X)} rows but y has {len(y)}")
-        if X_valid is not None:
-            X_valid, y_valid = as_frame(X_valid), np.asarray(y_valid)
+        X, y, X_valid, y_valid = fit_inputs(self, X, y, X_valid, y_valid)
         if self.task not in TASKS:  # type: ignore[attr-defined]
             raise ValueError(f"task must be one of {TASKS}, got {self.task!r}")  # type: ignore[attr-defined]
         if self._task != "regression":
@@ -197,13 +197,26 @@ class Learner(TaskEstimatorMixin, BaseEstimator):
         raise NotImplementedError
 
 
+def fit_inputs(estimator: BaseEstimator, X: Any, y: Any, X_valid: Any, y_valid: Any
+               ) -> tuple[pd.DataFrame, np.ndarray, pd.DataFrame | None, np.ndarray | None]:
+    """fit's inputs as frames and arrays, checked for matching rows; sets the estimator's n_features_in_."""
+    X, y = as_frame(X), np.asarray(y)
+    if len(X) != len(y):
+        raise ValueError(f"X has {len(X)} rows but y has {len(y)}")
+    if X_valid is not None:
+        X_valid, y_valid = as_frame(X_valid), np.asarray(y_valid)
+    estimator.n_features_in_ = X.shape[1]
+    return X, y, X_valid, y_valid
+
+
 def as_frame(X: Any) -> pd.DataFrame:
     """X as the learners read it: a DataFrame as given, or a numeric array as columns x0, x1, ..."""
     if isinstance(X, pd.DataFrame):
         return X
     X = np.asarray(X)
     if X.ndim != 2:
-        raise ValueError(f"X must be 2-dimensional (rows, features), got shape {X.shape}")
+        raise ValueError(f"X must be 2-dimensional (rows, features), got shape {X.shape}: "
+                         "Reshape your data")
     return pd.DataFrame(X, columns=[f"x{i}" for i in range(X.shape[1])])
 
 

@@ -12,7 +12,7 @@ from scipy.optimize import minimize
 from scipy.special import expit, logit, softmax
 from sklearn.base import BaseEstimator, clone
 
-from pipelines.models.base import Learner, TaskEstimatorMixin, as_frame, log, valid_loss
+from pipelines.models.base import Learner, TaskEstimatorMixin, fit_inputs, log, valid_loss
 
 METHODS = ("averaging", "blending", "stacking", "bagging")
 
@@ -69,9 +69,7 @@ class Ensemble(TaskEstimatorMixin, BaseEstimator):
             raise ValueError("an ensemble needs at least one learner")
         if self.method == "blending" and X_valid is None:
             raise ValueError("blending fits its weights on validation rows: pass X_valid and y_valid")
-        X, y = as_frame(X), np.asarray(y)
-        if X_valid is not None:
-            X_valid, y_valid = as_frame(X_valid), np.asarray(y_valid)
+        X, y, X_valid, y_valid = fit_inputs(self, X, y, X_valid, y_valid)
         if self.method == "stacking":
             meta_X = self._out_of_fold(X, y)
         if self.method == "bagging":
@@ -200,6 +198,7 @@ class Ensemble(TaskEstimatorMixin, BaseEstimator):
         members = [Learner.load(path / name) for name in meta["members"]]
         ens = cls(members, meta["method"], meta["folds"], meta["seed"], meta.get("bags", 5))
         ens.members_, ens.names_ = members, meta["members"]
+        ens.n_features_in_ = members[0].n_features_in_
         if ens.task != "regression":
             ens.classes_ = members[0].classes_
         ens.weights_ = np.asarray(meta["weights_"])

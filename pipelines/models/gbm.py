@@ -108,6 +108,7 @@ class LightGBMLearner(Learner):
         import lightgbm as lgb
 
         self.booster_ = lgb.Booster(model_file=str(path / "model.txt"))
+        self.n_features_in_ = self.booster_.num_feature()
         self.device_ = state["device_"]
 
 
@@ -190,5 +191,6 @@ class XGBoostLearner(Learner):
         import xgboost as xgb
 
         self.booster_ = xgb.Booster(model_file=str(path / "model.ubj"))
+        self.n_features_in_ = self.booster_.num_features()
         self.booster_.set_param({"nthread": self.threads, "device": resolve_device(self.device)})
         self.device_ = state["device_"]

@@ -160,6 +160,7 @@ class MLPLearner(Learner):
         import torch
 
         self.columns_ = state["columns_"]
+        self.n_features_in_ = len(self.columns_)
         self.y_mean_, self.y_std_ = state.get("y_mean_", 0.0), state.get("y_std_", 1.0)
         self.device_ = resolve_device(self.device)
         self.net_ = self._net(len(self.columns_))
