@@ -85,6 +85,7 @@ class Ensemble(TaskEstimatorMixin, BaseEstimator):
         if self.method in ("averaging", "bagging"):
             self.weights_ = np.full(len(self.members_), 1 / len(self.members_))
         elif self.method == "blending":
+            assert valid_preds is not None and y_valid is not None  # checked above
             self.weights_ = self._fit_blend_weights(valid_preds, y_valid)
         else:
             self.weights_, self.intercept_ = self._fit_meta(meta_X, y)
