@@ -10,8 +10,14 @@ from typing import Any, ClassVar, Self
 
 import numpy as np
 import pandas as pd
+from sklearn.base import BaseEstimator, ClassifierMixin, RegressorMixin, clone
+from sklearn.utils import Tags
+from sklearn.utils.metaestimators import available_if
+from sklearn.utils.validation import check_is_fitted
 
 log = logging.getLogger(__name__)
+
+TASKS = ("binary", "multiclass", "regression")
 
 
 @functools.cache
@@ -34,37 +40,137 @@ def resolve_device(requested: str = "auto") -> str:
     return device
 
 
-class Learner:
-    """scikit-learn style: params only in __init__, fit returns self, learned attributes end in `_`."""
+class TaskEstimatorMixin(ClassifierMixin, RegressorMixin):
+    """A classifier or a regressor, as the estimator's task says.
+
+    One learner class serves binary and multiclass classification and regression (its `task` param,
+    for an ensemble its learners' task), so the class inherits both scikit-learn mixins and the task
+    picks which one applies: `__sklearn_tags__` reports estimator_type "classifier" (with classifier
+    tags) or "regressor" (with regressor tags), so `sklearn.base.is_classifier` / `is_regressor`,
+    cross-validation splitters and scorers follow the task; `score` is accuracy or R²; `predict`
+    returns class indices (`classes_`: the encoded classes 0..k-1) or values; `predict_proba` exists
+    for classifiers only (`hasattr(regressor, "predict_proba")` is False).
+
+    Subclasses implement `_output(X)`, the canonical output of pipelines.metrics, and set `classes_`
+    in fit for classification.
+    """
+
+    @property
+    def _task(self) -> str:
+        raise NotImplementedError
+
+    def __sklearn_tags__(self) -> Tags:
+        tags = super().__sklearn_tags__()  # both mixins applied: undo the one the task rules out
+        if self._task == "regression":
+            tags.estimator_type, tags.classifier_tags = "regressor", None
+        else:
+            tags.estimator_type, tags.regressor_tags = "classifier", None
+        return tags
+
+    def score(self, X: Any, y: Any, sample_weight: Any = None) -> float:
+        mixin = RegressorMixin if self._task == "regression" else ClassifierMixin
+        return float(mixin.score(self, X, y, sample_weight))
+
+    def predict_output(self, X: Any) -> np.ndarray:
+        """Class probabilities (n, k) for classification, values (n,) for regression (pipelines.metrics)."""
+        check_is_fitted(self)
+        X = as_frame(X)
+        if X.shape[1] != self.n_features_in_:
+            raise ValueError(f"X has {X.shape[1]} features, but {type(self).__name__} is expecting "
+                             f"{self.n_features_in_} features as input")
+        return self._output(X)
+
+    def predict(self, X: Any) -> np.ndarray:
+        """The most probable class index of each row (classification), or the predicted value (regression)."""
+        output = self.predict_output(X)
+        return output if self._task == "regression" else self.classes_[np.argmax(output, axis=1)]
+
+    def _is_classifier(self) -> bool:
+        if self._task == "regression":
+            raise AttributeError("a regression model has no class probabilities: use predict_output")
+        return True
+
+    @available_if(_is_classifier)
+    def predict_proba(self, X: Any) -> np.ndarray:
+        """Class probabilities (n, k), like scikit-learn."""
+        return self.predict_output(X)
+
+    def _output(self, X: pd.DataFrame) -> np.ndarray:
+        raise NotImplementedError
+
+
+class Learner(TaskEstimatorMixin, BaseEstimator):
+    """A scikit-learn estimator over one booster or network.
+
+    The rules: every __init__ param is stored unchanged under its own name (defaults such as
+    `categorical=None` are resolved in fit), fit returns self, learned attributes end in `_`,
+    get_params/set_params come from BaseEstimator and `sklearn.base.clone` works. `fit(X, y)` is enough;
+    `X_valid, y_valid` are optional validation rows for early stopping. X is the transformed frame
+    (categorical columns as integer codes, named in `categorical` with their cardinalities) or a
+    plain numeric array; y holds class indices 0..k-1 (classification) or values (regression).
+    `n_classes=None` takes k from y. On disk (learner.json) the seed keeps its old name, "seed".
+    """
 
     kind: ClassVar[str]
 
-    def __init__(self, **params: Any) -> None:
-        self.params = params
+    @property
+    def _task(self) -> str:
+        return str(self.task)  # type: ignore[attr-defined]
 
-    def get_params(self) -> dict[str, Any]:
-        return dict(self.params)
+    @property
+    def params(self) -> dict[str, Any]:
+        """The constructor params (get_params), as callers of the earlier interface read them."""
+        return self.get_params()
 
     def clone(self) -> Self:
-        return type(self)(**self.get_params())
+        """An unfitted copy with the same params (`sklearn.base.clone`)."""
+        return clone(self)
 
-    def fit(self, X: pd.DataFrame, y: np.ndarray, X_valid: pd.DataFrame | None = None,
-            y_valid: np.ndarray | None = None) -> Self:
+    def fit(self, X: Any, y: Any, X_valid: Any = None, y_valid: Any = None) -> Self:
         raise NotImplementedError
 
-    def predict_output(self, X: pd.DataFrame) -> np.ndarray:
-        """Class probabilities (n, k) for classification, values (n,) for regression (pipelines.metrics)."""
-        raise NotImplementedError
+    def _prepare_fit(self, X: Any, y: Any, X_valid: Any, y_valid: Any
+                     ) -> tuple[pd.DataFrame, np.ndarray, pd.DataFrame | None, np.ndarray | None]:
+        """Frames and arrays from whatever fit got; sets `classes_` for classification."""
+        X, y, X_valid, y_valid = fit_inputs(self, X, y, X_valid, y_valid)
+        if self.task not in TASKS:  # type: ignore[attr-defined]
+            raise ValueError(f"task must be one of {TASKS}, got {self.task!r}")  # type: ignore[attr-defined]
+        if self._task != "regression":
+            self.classes_ = np.arange(self._n_classes(y))
+            for labels in (y, y_valid):
+                if labels is not None and not np.isin(labels, self.classes_).all():
+                    raise ValueError(f"a {self._task} learner takes class indices 0..{len(self.classes_) - 1} "
+                                     f"as y, got {np.unique(labels)[:10].tolist()}")
+        return X, y, X_valid, y_valid
 
-    def predict_proba(self, X: pd.DataFrame) -> np.ndarray:
-        """Class probabilities (n, k), like scikit-learn."""
-        if self.params.get("task") == "regression":
-            raise TypeError("a regression model has no class probabilities: use predict_output")
-        return self.predict_output(X)
+    def _n_classes(self, y: np.ndarray | None = None) -> int:
+        """k: 2 for binary, else the n_classes param, or (None) the largest class index in y + 1."""
+        if self._task == "binary":
+            return 2
+        if self.n_classes is not None:  # type: ignore[attr-defined]
+            return int(self.n_classes)  # type: ignore[attr-defined]
+        return int(np.max(y)) + 1 if self._task == "multiclass" and y is not None and len(y) else 0
+
+    @property
+    def _categorical(self) -> dict[str, int]:
+        return dict(self.categorical or {})  # type: ignore[attr-defined]
+
+    @property
+    def _seed(self) -> int:
+        return 0 if self.random_state is None else int(self.random_state)  # type: ignore[attr-defined]
+
+    def _saved_params(self) -> dict[str, Any]:
+        """The params as learner.json has always held them: defaults resolved, the seed as "seed"."""
+        params = self.get_params()
+        params["seed"] = params.pop("random_state")
+        params["categorical"] = self._categorical
+        if self._task != "regression":
+            params["n_classes"] = len(self.classes_)
+        return params
 
     def save(self, path: Path) -> None:
         path.mkdir(parents=True, exist_ok=True)
-        (path / "learner.json").write_text(json.dumps({"kind": self.kind, "params": self.params,
+        (path / "learner.json").write_text(json.dumps({"kind": self.kind, "params": self._saved_params(),
                                                         **self._state()}, indent=2, sort_keys=True))
         self._save_model(path)
 
@@ -73,7 +179,11 @@ class Learner:
         meta = json.loads((path / "learner.json").read_text())
         from pipelines.models import LEARNERS
 
-        learner = LEARNERS[meta.pop("kind")](**meta.pop("params"))
+        params = meta.pop("params")
+        params["random_state"] = params.pop("seed")
+        learner = LEARNERS[meta.pop("kind")](**params)
+        if learner._task != "regression":
+            learner.classes_ = np.arange(learner._n_classes())
         learner._load_model(path, meta)
         return learner
 
@@ -85,6 +195,29 @@ class Learner:
 
     def _load_model(self, path: Path, state: dict[str, Any]) -> None:
         raise NotImplementedError
+
+
+def fit_inputs(estimator: BaseEstimator, X: Any, y: Any, X_valid: Any, y_valid: Any
+               ) -> tuple[pd.DataFrame, np.ndarray, pd.DataFrame | None, np.ndarray | None]:
+    """fit's inputs as frames and arrays, checked for matching rows; sets the estimator's n_features_in_."""
+    X, y = as_frame(X), np.asarray(y)
+    if len(X) != len(y):
+        raise ValueError(f"X has {len(X)} rows but y has {len(y)}")
+    if X_valid is not None:
+        X_valid, y_valid = as_frame(X_valid), np.asarray(y_valid)
+    estimator.n_features_in_ = X.shape[1]
+    return X, y, X_valid, y_valid
+
+
+def as_frame(X: Any) -> pd.DataFrame:
+    """X as the learners read it: a DataFrame as given, or a numeric array as columns x0, x1, ..."""
+    if isinstance(X, pd.DataFrame):
+        return X
+    X = np.asarray(X)
+    if X.ndim != 2:
+        raise ValueError(f"X must be 2-dimensional (rows, features), got shape {X.shape}: "
+                         "Reshape your data")
+    return pd.DataFrame(X, columns=[f"x{i}" for i in range(X.shape[1])])
 
 
 def as_output(raw: np.ndarray, task: str) -> np.ndarray:

@@ -10,8 +10,9 @@ import numpy as np
 import pandas as pd
 from scipy.optimize import minimize
 from scipy.special import expit, logit, softmax
+from sklearn.base import BaseEstimator, clone
 
-from pipelines.models.base import Learner, log, valid_loss
+from pipelines.models.base import Learner, TaskEstimatorMixin, fit_inputs, log, valid_loss
 
 METHODS = ("averaging", "blending", "stacking", "bagging")
 
@@ -20,16 +21,33 @@ def _clipped_logit(p: np.ndarray) -> np.ndarray:
     return logit(np.clip(p, 1e-6, 1 - 1e-6))
 
 
-class Ensemble:
-    """Combines base learners; itself follows the Learner rules so it can stand in for one."""
+class Ensemble(TaskEstimatorMixin, BaseEstimator):
+    """Combines base learners; a scikit-learn estimator itself, so it can stand in for one.
 
-    def __init__(self, learners: list[Learner], method: str = "blending", folds: int = 5, seed: int = 0,
-                 bags: int = 5) -> None:
-        if method not in METHODS:
-            raise ValueError(f"ensemble method must be one of {METHODS}, got {method!r}")
-        if not learners:
-            raise ValueError("an ensemble needs at least one learner")
-        self.learners, self.method, self.folds, self.seed, self.bags = learners, method, folds, seed, bags
+    `learners` (unfitted Learners, cloned for every fit, never fitted themselves) is a param like any
+    other, so `sklearn.base.clone` clones them too; the fitted ones are `members_`. It is a classifier
+    or a regressor as its learners' task says (see TaskEstimatorMixin). `fit(X, y)` works for
+    averaging, stacking and bagging; blending fits its weights on validation rows, so it needs
+    `X_valid, y_valid`, which also early-stop the members. On disk (ensemble.json) the seed keeps its
+    old name, "seed".
+
+    `seed` is the former name of `random_state`, kept so that callers written for it keep working:
+    where given (not None) it wins.
+    """
+
+    def __init__(self, learners: list[Learner], method: str = "blending", folds: int = 5,
+                 random_state: int | None = 0, bags: int = 5, *, seed: int | None = None) -> None:
+        self.learners = learners
+        self.method = method
+        self.folds = folds
+        self.random_state = random_state
+        self.bags = bags
+        self.seed = seed
+
+    @property
+    def _seed(self) -> int:
+        seed = self.random_state if self.seed is None else self.seed
+        return 0 if seed is None else int(seed)
 
     @property
     def names(self) -> list[str]:
@@ -38,22 +56,36 @@ class Ensemble:
 
     @property
     def task(self) -> str:
-        return str(self.learners[0].params.get("task", "binary"))
+        return str(self.learners[0].task)
 
-    def fit(self, X: pd.DataFrame, y: np.ndarray, X_valid: pd.DataFrame, y_valid: np.ndarray) -> Self:
-        y, y_valid = np.asarray(y), np.asarray(y_valid)
+    @property
+    def _task(self) -> str:
+        return self.task
+
+    def fit(self, X: Any, y: Any, X_valid: Any = None, y_valid: Any = None) -> Self:
+        if self.method not in METHODS:
+            raise ValueError(f"ensemble method must be one of {METHODS}, got {self.method!r}")
+        if not self.learners:
+            raise ValueError("an ensemble needs at least one learner")
+        if self.method == "blending" and X_valid is None:
+            raise ValueError("blending fits its weights on validation rows: pass X_valid and y_valid")
+        X, y, X_valid, y_valid = fit_inputs(self, X, y, X_valid, y_valid)
         if self.method == "stacking":
             meta_X = self._out_of_fold(X, y)
         if self.method == "bagging":
             self.names_, self.members_ = self._bag(X, y, X_valid, y_valid)
         else:
-            self.members_ = [learner.clone().fit(X, y, X_valid, y_valid) for learner in self.learners]
-        valid_preds = self.member_predictions(X_valid)
-        self.member_valid_log_loss_ = {n: valid_loss(y_valid, valid_preds[:, i]) for i, n in enumerate(self.names)}
+            self.members_ = [clone(learner).fit(X, y, X_valid, y_valid) for learner in self.learners]
+        if self.task != "regression":
+            self.classes_ = self.members_[0].classes_
+        valid_preds = self.member_predictions(X_valid) if X_valid is not None else None
+        self.member_valid_log_loss_ = ({} if valid_preds is None else
+                                       {n: valid_loss(y_valid, valid_preds[:, i]) for i, n in enumerate(self.names)})
         self.intercept_: Any = 0.0
         if self.method in ("averaging", "bagging"):
             self.weights_ = np.full(len(self.members_), 1 / len(self.members_))
         elif self.method == "blending":
+            assert valid_preds is not None and y_valid is not None  # checked above
             self.weights_ = self._fit_blend_weights(valid_preds, y_valid)
         else:
             self.weights_, self.intercept_ = self._fit_meta(meta_X, y)
@@ -70,14 +102,14 @@ class Ensemble:
             return w
         return np.abs(w).reshape(w.shape[0], len(self.members_), -1).sum(axis=(0, 2))
 
-    def _bag(self, X: pd.DataFrame, y: np.ndarray, X_valid: pd.DataFrame, y_valid: np.ndarray
+    def _bag(self, X: pd.DataFrame, y: np.ndarray, X_valid: pd.DataFrame | None, y_valid: np.ndarray | None
              ) -> tuple[list[str], list[Learner]]:
         """`bags` fits of every learner, each on a bootstrap resample of the training rows."""
         names, members = [], []
         for learner in self.learners:
             for b in range(self.bags):
-                rows = np.random.default_rng([self.seed, b]).integers(0, len(X), len(X))
-                members.append(learner.clone().fit(X.iloc[rows], y[rows], X_valid, y_valid))
+                rows = np.random.default_rng([self._seed, b]).integers(0, len(X), len(X))
+                members.append(clone(learner).fit(X.iloc[rows], y[rows], X_valid, y_valid))
                 names.append(f"{learner.kind}_bag{b}")
         return names, members
 
@@ -87,13 +119,13 @@ class Ensemble:
 
         oof: np.ndarray | None = None
         if self.task == "regression":
-            splits = KFold(self.folds, shuffle=True, random_state=self.seed).split(X)
+            splits = KFold(self.folds, shuffle=True, random_state=self._seed).split(X)
         else:  # a class rarer than the folds still lands in some folds; sklearn warns, the others stay stratified
-            splits = StratifiedKFold(self.folds, shuffle=True, random_state=self.seed).split(X, y)
+            splits = StratifiedKFold(self.folds, shuffle=True, random_state=self._seed).split(X, y)
         for fit_idx, pred_idx in splits:
             X_fit, y_fit = X.iloc[fit_idx], y[fit_idx]
             X_hold, y_hold = X.iloc[pred_idx], y[pred_idx]
-            held = np.stack([learner.clone().fit(X_fit, y_fit, X_hold, y_hold).predict_output(X_hold)
+            held = np.stack([clone(learner).fit(X_fit, y_fit, X_hold, y_hold).predict_output(X_hold)
                              for learner in self.learners], axis=1)
             if oof is None:
                 oof = np.zeros((len(X), *held.shape[1:]))
@@ -127,7 +159,7 @@ class Ensemble:
             return reg.coef_.astype("float64"), float(reg.intercept_)
         from sklearn.linear_model import LogisticRegression
 
-        meta = LogisticRegression(C=1.0, random_state=self.seed, max_iter=1000).fit(features, y)
+        meta = LogisticRegression(C=1.0, random_state=self._seed, max_iter=1000).fit(features, y)
         if self.task == "binary":
             return meta.coef_[0].astype("float64"), float(meta.intercept_[0])
         return meta.coef_.astype("float64"), meta.intercept_.astype("float64").tolist()
@@ -148,17 +180,14 @@ class Ensemble:
             return softmax(z, axis=1)
         return z
 
-    def predict_output(self, X: pd.DataFrame) -> np.ndarray:
+    def _output(self, X: pd.DataFrame) -> np.ndarray:
         return self.combine(self.member_predictions(X))
-
-    def predict_proba(self, X: pd.DataFrame) -> np.ndarray:
-        return self.predict_output(X)
 
     def save(self, path: Path) -> None:
         path.mkdir(parents=True, exist_ok=True)
         for name, member in zip(self.names, self.members_, strict=True):
             member.save(path / name)
-        meta: dict[str, Any] = {"method": self.method, "folds": self.folds, "seed": self.seed, "bags": self.bags,
+        meta: dict[str, Any] = {"method": self.method, "folds": self.folds, "seed": self._seed, "bags": self.bags,
                                 "members": self.names,
                                 "weights_": np.asarray(self.weights_).tolist(), "intercept_": self.intercept_,
                                 "member_valid_log_loss_": self.member_valid_log_loss_}
@@ -170,6 +199,9 @@ class Ensemble:
         members = [Learner.load(path / name) for name in meta["members"]]
         ens = cls(members, meta["method"], meta["folds"], meta["seed"], meta.get("bags", 5))
         ens.members_, ens.names_ = members, meta["members"]
+        ens.n_features_in_ = members[0].n_features_in_
+        if ens.task != "regression":
+            ens.classes_ = members[0].classes_
         ens.weights_ = np.asarray(meta["weights_"])
         ens.intercept_ = meta["intercept_"]
         ens.member_valid_log_loss_ = meta["member_valid_log_loss_"]

@@ -25,32 +25,40 @@ _XGB_OBJECTIVES = {
 
 
 class LightGBMLearner(Learner):
+    """LightGBM gradient-boosted trees (see Learner for the estimator rules and the task design)."""
+
     kind = "lightgbm"
 
     def __init__(self, categorical: dict[str, int] | None = None, n_estimators: int = 400,
                  learning_rate: float = 0.05, num_leaves: int = 31, min_child_samples: int = 20,
-                 early_stopping_rounds: int = 30, seed: int = 0, threads: int = 1, device: str = "auto",
-                 task: str = "binary", n_classes: int = 2) -> None:
-        super().__init__(categorical=categorical or {}, n_estimators=n_estimators, learning_rate=learning_rate,
-                         num_leaves=num_leaves, min_child_samples=min_child_samples,
-                         early_stopping_rounds=early_stopping_rounds, seed=seed, threads=threads, device=device,
-                         task=task, n_classes=n_classes)
+                 early_stopping_rounds: int = 30, random_state: int | None = 0, threads: int = 1,
+                 device: str = "auto", task: str = "binary", n_classes: int | None = None) -> None:
+        self.categorical = categorical
+        self.n_estimators = n_estimators
+        self.learning_rate = learning_rate
+        self.num_leaves = num_leaves
+        self.min_child_samples = min_child_samples
+        self.early_stopping_rounds = early_stopping_rounds
+        self.random_state = random_state
+        self.threads = threads
+        self.device = device
+        self.task = task
+        self.n_classes = n_classes
 
-    def fit(self, X: pd.DataFrame, y: np.ndarray, X_valid: pd.DataFrame | None = None,
-            y_valid: np.ndarray | None = None) -> Self:
+    def fit(self, X: Any, y: Any, X_valid: Any = None, y_valid: Any = None) -> Self:
         import lightgbm as lgb
 
-        p = self.params
+        X, y, X_valid, y_valid = self._prepare_fit(X, y, X_valid, y_valid)
         # The PyPI wheel of LightGBM has no CUDA support, so it trains on CPU whatever the device.
         self.device_ = "cpu"
-        log.info("lightgbm: device=cpu (PyPI build has no CUDA), requested %s", resolve_device(p["device"]))
+        log.info("lightgbm: device=cpu (PyPI build has no CUDA), requested %s", resolve_device(self.device))
         params = {
-            **_LGB_OBJECTIVES[p["task"]](p["n_classes"]), "learning_rate": p["learning_rate"],
-            "num_leaves": p["num_leaves"],
-            "min_child_samples": p["min_child_samples"], "seed": p["seed"], "num_threads": p["threads"],
+            **_LGB_OBJECTIVES[self.task](self._n_classes(y)), "learning_rate": self.learning_rate,
+            "num_leaves": self.num_leaves,
+            "min_child_samples": self.min_child_samples, "seed": self._seed, "num_threads": self.threads,
             "deterministic": True, "force_row_wise": True, "verbosity": -1,
         }
-        cats = list(p["categorical"])
+        cats = list(self._categorical)
         client = current_client()
         if client is not None:
             return self._fit_dask(client, params, cats, X, y, X_valid, y_valid)
@@ -58,8 +66,8 @@ class LightGBMLearner(Learner):
         valid_sets, callbacks = [], []
         if X_valid is not None:
             valid_sets = [lgb.Dataset(X_valid, y_valid, reference=train)]
-            callbacks = [lgb.early_stopping(p["early_stopping_rounds"], verbose=False)]
-        self.booster_ = lgb.train(params, train, num_boost_round=p["n_estimators"], valid_sets=valid_sets,
+            callbacks = [lgb.early_stopping(self.early_stopping_rounds, verbose=False)]
+        self.booster_ = lgb.train(params, train, num_boost_round=self.n_estimators, valid_sets=valid_sets,
                                   callbacks=callbacks)
         return self
 
@@ -71,8 +79,8 @@ class LightGBMLearner(Learner):
         import lightgbm as lgb
 
         p = {k: v for k, v in params.items() if k not in ("objective", "num_class", "seed", "num_threads")}
-        estimator = lgb.DaskLGBMRegressor if self.params["task"] == "regression" else lgb.DaskLGBMClassifier
-        model = estimator(client=client, n_estimators=self.params["n_estimators"],
+        estimator = lgb.DaskLGBMRegressor if self.task == "regression" else lgb.DaskLGBMClassifier
+        model = estimator(client=client, n_estimators=self.n_estimators,
                                        random_state=params["seed"], **p)
         dX, dy = partitioned(client, X, pd.Series(y, index=X.index))
         fit: dict[str, Any] = {"categorical_feature": cats or "auto"}
@@ -87,9 +95,8 @@ class LightGBMLearner(Learner):
         log.info("lightgbm: trained on %s", describe(client))
         return self
 
-    def predict_output(self, X: pd.DataFrame) -> np.ndarray:
-        return as_output(self.booster_.predict(X, num_iteration=self.booster_.best_iteration or None),
-                         self.params["task"])
+    def _output(self, X: pd.DataFrame) -> np.ndarray:
+        return as_output(self.booster_.predict(X, num_iteration=self.booster_.best_iteration or None), self.task)
 
     def _state(self) -> dict[str, Any]:
         return {"device_": self.device_}
@@ -101,55 +108,64 @@ class LightGBMLearner(Learner):
         import lightgbm as lgb
 
         self.booster_ = lgb.Booster(model_file=str(path / "model.txt"))
+        self.n_features_in_ = self.booster_.num_feature()
         self.device_ = state["device_"]
 
 
 class XGBoostLearner(Learner):
+    """XGBoost gradient-boosted trees (see Learner for the estimator rules and the task design)."""
+
     kind = "xgboost"
 
     def __init__(self, categorical: dict[str, int] | None = None, n_estimators: int = 400,
                  learning_rate: float = 0.05, max_depth: int = 5, early_stopping_rounds: int = 30,
-                 seed: int = 0, threads: int = 1, device: str = "auto", task: str = "binary",
-                 n_classes: int = 2) -> None:
-        super().__init__(categorical=categorical or {}, n_estimators=n_estimators, learning_rate=learning_rate,
-                         max_depth=max_depth, early_stopping_rounds=early_stopping_rounds, seed=seed,
-                         threads=threads, device=device, task=task, n_classes=n_classes)
+                 random_state: int | None = 0, threads: int = 1, device: str = "auto", task: str = "binary",
+                 n_classes: int | None = None) -> None:
+        self.categorical = categorical
+        self.n_estimators = n_estimators
+        self.learning_rate = learning_rate
+        self.max_depth = max_depth
+        self.early_stopping_rounds = early_stopping_rounds
+        self.random_state = random_state
+        self.threads = threads
+        self.device = device
+        self.task = task
+        self.n_classes = n_classes
 
     def _categorized(self, X: pd.DataFrame) -> pd.DataFrame:
         X = X.copy()
-        for col, card in self.params["categorical"].items():
+        for col, card in self._categorical.items():
             X[col] = pd.Categorical(X[col], categories=range(card))
         return X
 
     def _matrix(self, X: pd.DataFrame, y: np.ndarray | None = None) -> Any:
         import xgboost as xgb
 
-        return xgb.DMatrix(self._categorized(X), label=y, enable_categorical=True, nthread=self.params["threads"])
+        return xgb.DMatrix(self._categorized(X), label=y, enable_categorical=True, nthread=self.threads)
 
-    def fit(self, X: pd.DataFrame, y: np.ndarray, X_valid: pd.DataFrame | None = None,
-            y_valid: np.ndarray | None = None) -> Self:
+    def fit(self, X: Any, y: Any, X_valid: Any = None, y_valid: Any = None) -> Self:
         import xgboost as xgb
 
-        p = self.params
-        self.device_ = resolve_device(p["device"])
+        X, y, X_valid, y_valid = self._prepare_fit(X, y, X_valid, y_valid)
+        self.device_ = resolve_device(self.device)
         log.info("xgboost: device=%s", self.device_)
         params = {
-            **_XGB_OBJECTIVES[p["task"]](p["n_classes"]), "eta": p["learning_rate"],
-            "max_depth": p["max_depth"], "seed": p["seed"], "nthread": p["threads"], "tree_method": "hist",
+            **_XGB_OBJECTIVES[self.task](self._n_classes(y)), "eta": self.learning_rate,
+            "max_depth": self.max_depth, "seed": self._seed, "nthread": self.threads, "tree_method": "hist",
             "device": self.device_, "max_cat_to_onehot": 1,
         }
         client = current_client()
         matrix = self._matrix if client is None else functools.partial(self._dask_matrix, client)
         evals, stop = [], None
         if X_valid is not None:
-            evals, stop = [(matrix(X_valid, y_valid), "valid")], p["early_stopping_rounds"]
+            evals, stop = [(matrix(X_valid, y_valid), "valid")], self.early_stopping_rounds
         if client is None:
-            self.booster_ = xgb.train(params, matrix(X, y), num_boost_round=p["n_estimators"], evals=evals,
+            self.booster_ = xgb.train(params, matrix(X, y), num_boost_round=self.n_estimators, evals=evals,
                                       early_stopping_rounds=stop, verbose_eval=False)
         else:  # data-parallel on the cluster; early stopping works the same there
             import xgboost.dask
 
-            self.booster_ = xgboost.dask.train(client, params, matrix(X, y), num_boost_round=p["n_estimators"],
+            self.booster_ = xgboost.dask.train(client, params, matrix(X, y), num_boost_round=self.n_estimators,
                                                evals=evals, early_stopping_rounds=stop, verbose_eval=False)["booster"]
             log.info("xgboost: trained on %s", describe(client))
         return self
@@ -160,10 +176,10 @@ class XGBoostLearner(Learner):
         dX, dy = partitioned(client, self._categorized(X), pd.Series(y, index=X.index))
         return xgboost.dask.DaskDMatrix(client, dX, dy, enable_categorical=True)
 
-    def predict_output(self, X: pd.DataFrame) -> np.ndarray:
+    def _output(self, X: pd.DataFrame) -> np.ndarray:
         best = getattr(self.booster_, "best_iteration", None)
         rng = (0, best + 1) if best is not None else (0, 0)
-        return as_output(self.booster_.predict(self._matrix(X), iteration_range=rng), self.params["task"])
+        return as_output(self.booster_.predict(self._matrix(X), iteration_range=rng), self.task)
 
     def _state(self) -> dict[str, Any]:
         return {"device_": self.device_}
@@ -175,5 +191,6 @@ class XGBoostLearner(Learner):
         import xgboost as xgb
 
         self.booster_ = xgb.Booster(model_file=str(path / "model.ubj"))
-        self.booster_.set_param({"nthread": self.params["threads"], "device": resolve_device(self.params["device"])})
+        self.n_features_in_ = self.booster_.num_features()
+        self.booster_.set_param({"nthread": self.threads, "device": resolve_device(self.device)})
         self.device_ = state["device_"]

@@ -37,61 +37,80 @@ def _build_net(n_numeric: int, cardinalities: dict[str, int], embedding_dim: int
 
 
 class MLPLearner(Learner):
+    """A PyTorch MLP with an embedding per categorical column (see Learner for the estimator rules and the
+    task design). `hidden=None` means layers of 64 and 32."""
+
     kind = "mlp"
 
     def __init__(self, categorical: dict[str, int] | None = None, hidden: list[int] | None = None,
                  embedding_dim: int = 4, epochs: int = 30, batch_size: int = 256, learning_rate: float = 3e-3,
-                 patience: int = 5, seed: int = 0, threads: int = 1, device: str = "auto", task: str = "binary",
-                 n_classes: int = 2) -> None:
-        super().__init__(categorical=categorical or {}, hidden=list(hidden or [64, 32]),
-                         embedding_dim=embedding_dim, epochs=epochs, batch_size=batch_size,
-                         learning_rate=learning_rate, patience=patience, seed=seed, threads=threads, device=device,
-                         task=task, n_classes=n_classes)
+                 patience: int = 5, random_state: int | None = 0, threads: int = 1, device: str = "auto",
+                 task: str = "binary", n_classes: int | None = None) -> None:
+        self.categorical = categorical
+        self.hidden = hidden
+        self.embedding_dim = embedding_dim
+        self.epochs = epochs
+        self.batch_size = batch_size
+        self.learning_rate = learning_rate
+        self.patience = patience
+        self.random_state = random_state
+        self.threads = threads
+        self.device = device
+        self.task = task
+        self.n_classes = n_classes
+
+    @property
+    def _hidden(self) -> list[int]:
+        return list(self.hidden or [64, 32])
+
+    def _saved_params(self) -> dict[str, Any]:
+        return {**super()._saved_params(), "hidden": self._hidden}
 
     @property
     def _outputs(self) -> int:
         """One logit (binary), one per class (multiclass, softmax), one value (regression)."""
-        return self.params["n_classes"] if self.params["task"] == "multiclass" else 1
+        return len(self.classes_) if self.task == "multiclass" else 1
+
+    def _net(self, n_columns: int) -> Any:
+        return _build_net(n_columns - len(self._categorical), self._categorical, self.embedding_dim, self._hidden,
+                          self._outputs)
 
     def _tensors(self, X: pd.DataFrame) -> tuple[Any, Any]:
         import torch
 
-        cats = list(self.params["categorical"])
+        cats = list(self._categorical)
         numeric = X.drop(columns=cats).to_numpy(dtype="float32")
         codes = X[cats].to_numpy(dtype="int64") if cats else np.zeros((len(X), 0), dtype="int64")
         return (torch.from_numpy(numeric).to(self.device_), torch.from_numpy(codes).to(self.device_))
 
-    def fit(self, X: pd.DataFrame, y: np.ndarray, X_valid: pd.DataFrame | None = None,
-            y_valid: np.ndarray | None = None) -> Self:
+    def fit(self, X: Any, y: Any, X_valid: Any = None, y_valid: Any = None) -> Self:
         import torch
 
-        p = self.params
-        self.device_ = resolve_device(p["device"])
+        X, y, X_valid, y_valid = self._prepare_fit(X, y, X_valid, y_valid)
+        self.device_ = resolve_device(self.device)
         log.info("mlp: device=%s", self.device_)
-        torch.manual_seed(p["seed"])
-        torch.set_num_threads(p["threads"])
+        torch.manual_seed(self._seed)
+        torch.set_num_threads(self.threads)
         self.columns_ = list(X.columns)
-        self.net_ = _build_net(X.shape[1] - len(p["categorical"]), p["categorical"], p["embedding_dim"],
-                               p["hidden"], self._outputs).to(self.device_)
+        self.net_ = self._net(X.shape[1]).to(self.device_)
         num, codes = self._tensors(X)
-        y = np.asarray(y)
         # regression learns the standardized target (a scale-free loss); predictions are scaled back
-        regression = p["task"] == "regression"
+        regression = self.task == "regression"
         self.y_mean_, self.y_std_ = (float(y.mean()), float(y.std() or 1.0)) if regression else (0.0, 1.0)
-        if p["task"] == "multiclass":
+        if self.task == "multiclass":
             target = torch.as_tensor(y.astype("int64"), device=self.device_)
             loss_fn: Any = torch.nn.CrossEntropyLoss()
         else:
             scaled = (y.astype("float64") - self.y_mean_) / self.y_std_
             target = torch.as_tensor(scaled.astype("float32"), device=self.device_).unsqueeze(1)
-            loss_fn = torch.nn.BCEWithLogitsLoss() if p["task"] == "binary" else torch.nn.MSELoss()
-        valid = (self._tensors(X_valid), np.asarray(y_valid)) if X_valid is not None else None
-        optim = torch.optim.Adam(self.net_.parameters(), lr=p["learning_rate"])
-        gen = torch.Generator().manual_seed(p["seed"])
+            loss_fn = torch.nn.BCEWithLogitsLoss() if self.task == "binary" else torch.nn.MSELoss()
+        valid = (self._tensors(X_valid), y_valid) if X_valid is not None else None
+        optim = torch.optim.Adam(self.net_.parameters(), lr=self.learning_rate)
+        gen = torch.Generator().manual_seed(self._seed)
         best_loss, best_state, stale = np.inf, None, 0
-        for epoch in range(p["epochs"]):
+        for epoch in range(self.epochs):
             self.net_.train()
-            for idx in torch.randperm(len(target), generator=gen).split(p["batch_size"]):
+            for idx in torch.randperm(len(target), generator=gen).split(self.batch_size):
                 idx = idx.to(self.device_)
                 optim.zero_grad()
                 loss_fn(self.net_(num[idx], codes[idx]), target[idx]).backward()
@@ -103,7 +122,7 @@ class MLPLearner(Learner):
                 best_loss, best_state, stale = loss, copy.deepcopy(self.net_.state_dict()), 0
             else:
                 stale += 1
-                if stale >= p["patience"]:
+                if stale >= self.patience:
                     log.info("mlp: early stop at epoch %d (best valid log loss %.4f)", epoch, best_loss)
                     break
         if best_state is not None:
@@ -118,7 +137,7 @@ class MLPLearner(Learner):
         self.net_.eval()
         with torch.no_grad():
             logits = self.net_(num, codes).double()
-            task = self.params["task"]
+            task = self.task
             if task == "binary":
                 p1 = torch.sigmoid(logits[:, 0])
                 return torch.stack([1 - p1, p1], dim=1).cpu().numpy()
@@ -126,7 +145,7 @@ class MLPLearner(Learner):
                 return torch.softmax(logits, dim=1).cpu().numpy()
             return (logits[:, 0] * self.y_std_ + self.y_mean_).cpu().numpy()
 
-    def predict_output(self, X: pd.DataFrame) -> np.ndarray:
+    def _output(self, X: pd.DataFrame) -> np.ndarray:
         return self._predict(*self._tensors(X[self.columns_]))
 
     def _state(self) -> dict[str, Any]:
@@ -141,11 +160,10 @@ class MLPLearner(Learner):
         import torch
 
         self.columns_ = state["columns_"]
+        self.n_features_in_ = len(self.columns_)
         self.y_mean_, self.y_std_ = state.get("y_mean_", 0.0), state.get("y_std_", 1.0)
-        self.device_ = resolve_device(self.params["device"])
-        p = self.params
-        self.net_ = _build_net(len(self.columns_) - len(p["categorical"]), p["categorical"], p["embedding_dim"],
-                               p["hidden"], self._outputs)
+        self.device_ = resolve_device(self.device)
+        self.net_ = self._net(len(self.columns_))
         self.net_.load_state_dict(torch.load(path / "model.pt", map_location="cpu", weights_only=True))
         self.net_.to(self.device_).eval()
         self.trained_on_ = state["device_"]

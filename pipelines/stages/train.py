@@ -26,7 +26,7 @@ log = logging.getLogger(__name__)
 def build_learners(settings: Settings, transform: FeatureTransform) -> list[Learner]:
     """One learner per name in train.learners, configured from its params section, for the schema's task."""
     cfg = settings.train
-    common = {"categorical": transform.cardinalities, "seed": settings.seed, "threads": cfg.threads,
+    common = {"categorical": transform.cardinalities, "random_state": settings.seed, "threads": cfg.threads,
               "device": cfg.device, "task": transform.task, "n_classes": len(transform.classes or ())}
     return [LEARNERS[name](**common, **getattr(cfg, name).model_dump()) for name in cfg.learners]
 
@@ -53,7 +53,7 @@ def run(settings: Settings, paths: Paths) -> dict[str, Any]:
         trained_on = describe(client)  # LightGBM and XGBoost train there; the MLP trains here
         learners, tuning = tune(build_learners(settings, transform), cfg.tuning, settings.seed,
                                 X, y, X_valid, y_valid)
-        ensemble = Ensemble(learners, cfg.ensemble, cfg.stacking_folds, settings.seed, cfg.bags)
+        ensemble = Ensemble(learners, cfg.ensemble, cfg.stacking_folds, random_state=settings.seed, bags=cfg.bags)
         ensemble.fit(X, y, X_valid, y_valid)
     write_json(paths.tuning_report, tuning)
     threshold = pick_threshold(settings, transform.task, y_valid, ensemble.predict_output(X_valid))
