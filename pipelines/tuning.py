@@ -15,6 +15,7 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
+from sklearn.base import clone
 
 from pipelines.config import SearchRange, TuningConfig
 from pipelines.models import Learner
@@ -62,5 +63,5 @@ def tune(learners: list[Learner], cfg: TuningConfig, seed: int, X: pd.DataFrame,
                  chosen)
         report[learner.kind] = {"best_params": chosen, "best_valid_log_loss": best_loss,
                                 "baseline_valid_log_loss": trials[0]["valid_log_loss"], "trials": trials}
-        tuned.append(best.clone())
+        tuned.append(clone(best))
     return tuned, report

@@ -10,7 +10,7 @@ from typing import Any, ClassVar, Self
 
 import numpy as np
 import pandas as pd
-from sklearn.base import BaseEstimator, ClassifierMixin, RegressorMixin, clone
+from sklearn.base import BaseEstimator, ClassifierMixin, RegressorMixin
 from sklearn.utils import Tags
 from sklearn.utils.metaestimators import available_if
 from sklearn.utils.validation import check_is_fitted
@@ -116,15 +116,6 @@ class Learner(TaskEstimatorMixin, BaseEstimator):
     @property
     def _task(self) -> str:
         return str(self.task)  # type: ignore[attr-defined]
-
-    @property
-    def params(self) -> dict[str, Any]:
-        """The constructor params (get_params), as callers of the earlier interface read them."""
-        return self.get_params()
-
-    def clone(self) -> Self:
-        """An unfitted copy with the same params (`sklearn.base.clone`)."""
-        return clone(self)
 
     def fit(self, X: Any, y: Any, X_valid: Any = None, y_valid: Any = None) -> Self:
         raise NotImplementedError

@@ -30,24 +30,19 @@ class Ensemble(TaskEstimatorMixin, BaseEstimator):
     averaging, stacking and bagging; blending fits its weights on validation rows, so it needs
     `X_valid, y_valid`, which also early-stop the members. On disk (ensemble.json) the seed keeps its
     old name, "seed".
-
-    `seed` is the former name of `random_state`, kept so that callers written for it keep working:
-    where given (not None) it wins.
     """
 
     def __init__(self, learners: list[Learner], method: str = "blending", folds: int = 5,
-                 random_state: int | None = 0, bags: int = 5, *, seed: int | None = None) -> None:
+                 random_state: int | None = 0, bags: int = 5) -> None:
         self.learners = learners
         self.method = method
         self.folds = folds
         self.random_state = random_state
         self.bags = bags
-        self.seed = seed
 
     @property
     def _seed(self) -> int:
-        seed = self.random_state if self.seed is None else self.seed
-        return 0 if seed is None else int(seed)
+        return 0 if self.random_state is None else int(self.random_state)
 
     @property
     def names(self) -> list[str]:

@@ -244,11 +244,10 @@ def _logged_window(paths: Paths, schema: SchemaConfig, hours: float, model: Mode
     return window, f"predictions after {start.isoformat(timespec='seconds')}"
 
 
-def _logged_output(record: PredictionRecord | dict[str, Any], task: str, classes: list[Any] | None
+def _logged_output(record: PredictionRecord, task: str, classes: list[Any] | None
                    ) -> dict[str, Any]:
     """The monitored prediction (and class probabilities) of one logged prediction, as far as it holds them
     (the fields, or an older line's canonical output: the class probabilities as a list, or the value)."""
-    record = record if isinstance(record, PredictionRecord) else PredictionRecord.from_dict(record)
     canonical, probabilities = record.output, record.probabilities
     probs: list[float] | None = None
     if isinstance(canonical, list) and task != "regression":

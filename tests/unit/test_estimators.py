@@ -55,7 +55,6 @@ def test_clone_has_equal_params_and_is_unfitted(kind):
         check_is_fitted(copy)
     with pytest.raises(NotFittedError):
         copy.predict(X)
-    assert original.clone().get_params() == original.get_params()  # the old spelling still works
 
 
 @pytest.mark.parametrize("kind", sorted(LEARNERS))

@@ -14,6 +14,7 @@ import pytest
 
 from pipelines.bundle import ModelBundle
 from pipelines.config import ROW_KEY, Paths, Settings, load_settings
+from pipelines.serving.predlog import PredictionRecord
 from pipelines.stages import report
 from pipelines.transform import FeatureTransform
 from tests.conftest import write_params
@@ -234,16 +235,18 @@ def test_labels_join_by_the_row_key_and_unknown_labels_are_dropped(tmp_path):
 
 def test_logged_predictions_of_each_shape_give_the_monitored_prediction():
     classes = ["low", "mid", "high"]
-    assert report._logged_output({"probability": 0.25}, "binary", [0, 1]) == {
-        "prediction": 0.25, "proba_0": 0.75, "proba_1": 0.25}
-    assert report._logged_output({"output": [0.6, 0.4]}, "binary", [0, 1])["prediction"] == 0.4
-    assert report._logged_output({"label": "mid"}, "binary", [0, 1]) == {}  # no probability: no drift from it
-    assert report._logged_output({"label": "mid", "probabilities": {"low": 0.2, "mid": 0.5, "high": 0.3}},
-                                 "multiclass", classes) == {"prediction": "mid", "proba_0": 0.2, "proba_1": 0.5,
-                                                            "proba_2": 0.3}
-    assert report._logged_output({"output": [0.1, 0.2, 0.7]}, "multiclass", classes)["prediction"] == "high"
-    assert report._logged_output({"output": {"value": 3.5}}, "regression", None) == {"prediction": 3.5}
-    assert report._logged_output({"probability": 0.3}, "regression", None) == {}
+
+    def logged(fields: dict[str, Any], task: str, classes: list[Any] | None) -> dict[str, Any]:
+        return report._logged_output(PredictionRecord.from_dict(fields), task, classes)
+
+    assert logged({"probability": 0.25}, "binary", [0, 1]) == {"prediction": 0.25, "proba_0": 0.75, "proba_1": 0.25}
+    assert logged({"output": [0.6, 0.4]}, "binary", [0, 1])["prediction"] == 0.4
+    assert logged({"label": "mid"}, "binary", [0, 1]) == {}  # no probability: no drift from it
+    assert logged({"label": "mid", "probabilities": {"low": 0.2, "mid": 0.5, "high": 0.3}}, "multiclass",
+                  classes) == {"prediction": "mid", "proba_0": 0.2, "proba_1": 0.5, "proba_2": 0.3}
+    assert logged({"output": [0.1, 0.2, 0.7]}, "multiclass", classes)["prediction"] == "high"
+    assert logged({"output": {"value": 3.5}}, "regression", None) == {"prediction": 3.5}
+    assert logged({"probability": 0.3}, "regression", None) == {}
 
 
 def test_a_log_without_the_monitored_field_says_there_is_no_prediction_drift(tmp_path):

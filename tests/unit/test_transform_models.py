@@ -48,7 +48,7 @@ def test_learner_is_reproducible(data):
 def test_ensemble_methods_round_trip(method, data, tmp_path):
     settings, transform, X, y, Xv, yv = data
     learners = build_learners(settings, transform)
-    ens = Ensemble(learners, method, folds=2, seed=0, bags=2).fit(X, y, Xv, yv)
+    ens = Ensemble(learners, method, folds=2, random_state=0, bags=2).fit(X, y, Xv, yv)
     if method != "stacking":
         assert np.isclose(ens.weights_.sum(), 1) and (ens.weights_ >= 0).all()
     if method == "bagging":  # every learner twice, each fit on its own bootstrap resample
@@ -107,8 +107,8 @@ def test_ensembles_of_every_task_beat_chance_and_round_trip(task, method, tmp_pa
 
     settings, transform, X, y, Xv, yv = _small(task, tmp_path)
     learners = build_learners(settings, transform)
-    assert all(lr.params["task"] == task for lr in learners)
-    ens = Ensemble(learners, method, folds=3, seed=0, bags=2).fit(X, y, Xv, yv)
+    assert all(lr.get_params()["task"] == task for lr in learners)
+    ens = Ensemble(learners, method, folds=3, random_state=0, bags=2).fit(X, y, Xv, yv)
     out = ens.predict_output(Xv)
     if task == "multiclass":
         assert out.shape == (len(Xv), 4) and np.allclose(out.sum(axis=1), 1)
