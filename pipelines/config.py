@@ -459,6 +459,10 @@ class Paths:
         return self.root / "data" / "raw"
 
     @property
+    def raw_manifest(self) -> Path:
+        return self.raw / "manifest.json"
+
+    @property
     def validated(self) -> Path:
         return self.root / "data" / "validated"
 
@@ -482,13 +486,25 @@ class Paths:
     def reference(self) -> Path:
         return self.root / "data" / "reference"
 
+    def split_rows(self, split: str) -> Path:
+        """The rows of a split (train, valid, test) as validated."""
+        return self.reference / f"{split}.parquet"
+
+    def split_features(self, split: str) -> Path:
+        """The rows of a split as the fitted transform makes them."""
+        return self.features / f"{split}.parquet"
+
+    @property
+    def fitted_transform(self) -> Path:
+        return self.features / "transform.json"
+
     @property
     def train_rows(self) -> Path:
-        return self.reference / "train.parquet"
+        return self.split_rows("train")
 
     @property
     def test_rows(self) -> Path:
-        return self.reference / "test.parquet"
+        return self.split_rows("test")
 
     @property
     def train_sample(self) -> Path:

@@ -335,7 +335,7 @@ def _schema_lines(inferred: Inferred) -> list[str]:
 
 def check(settings: Settings, paths: Paths) -> dict[str, Any]:
     """What the newest collected batch does that the schema does not allow, before validation quarantines it."""
-    manifest = paths.raw / "manifest.json"
+    manifest = paths.raw_manifest
     if not manifest.is_file():
         raise SourceError(f"{manifest} not found: run `amaas collect` first")
     batches = read_json(manifest)["batches"]

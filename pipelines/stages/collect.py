@@ -28,7 +28,6 @@ from pipelines.io import atomic_path, file_digest, read_json, text_if_mixed, wri
 from pipelines.sources import Source, SourceError, Watermarks, open_source, row_hash
 
 log = logging.getLogger(__name__)
-MANIFEST = "manifest.json"
 
 
 @stage(
@@ -67,7 +66,7 @@ def run(settings: Settings, paths: Paths, rerun: str | None = None) -> dict[str,
     if unreadable:
         log.warning(unreadable_advice(unreadable, source.description, watermarks.column, manifest["watermark"]))
     manifest.update(source=source.description, rows_without_watermark=unreadable)
-    write_json(paths.raw / MANIFEST, manifest)
+    write_json(paths.raw_manifest, manifest)
     return _summary(manifest, new) | {"rows_without_watermark": unreadable}
 
 
@@ -76,7 +75,7 @@ def unreadable_advice(count: int, source: str, column: str, watermark: Any) -> s
     return (f"{count} row(s) of {source} have no readable {column!r} and cannot be collected. To collect such a row "
             f"once repaired, either give it a {column} after the current watermark {watermark} (the next collect "
             f"takes it as new), or give it its true {column} and run `amaas collect --rerun BATCH` for the batch "
-            f"whose interval (low, high] in data/raw/{MANIFEST} holds that value: a row repaired to a value at or "
+            f"whose interval (low, high] in data/raw/manifest.json holds that value: a row repaired to a value at or "
             f"below the watermark is not collected otherwise")
 
 
@@ -87,7 +86,7 @@ def _summary(manifest: dict[str, Any], new: list[dict[str, Any]]) -> dict[str, A
 
 def load_manifest(paths: Paths, watermark_column: str | None, unit: str | None = None) -> dict[str, Any]:
     """The collected batches so far (an empty manifest before the first run)."""
-    file = paths.raw / MANIFEST
+    file = paths.raw_manifest
     empty = {"watermark_column": watermark_column, "time_unit": unit, "watermark": None, "batches": []}
     if not file.is_file():
         return empty
@@ -159,7 +158,7 @@ def _collect_files(source: Any, manifest: dict[str, Any], paths: Paths) -> dict[
     if not new:
         log.info("no new files in %s", source.description)
     manifest.update(source=source.description, rows_without_watermark=0)
-    write_json(paths.raw / MANIFEST, manifest)
+    write_json(paths.raw_manifest, manifest)
     return _summary(manifest, new) | {"rows_without_watermark": 0, "changed_files": changed}
 
 
@@ -194,7 +193,7 @@ def _rerun(source: Source, watermarks: Watermarks, manifest: dict[str, Any], nam
     entry.update(rows=len(rows), sha256=digest, reruns=[*entry.get("reruns", []), record])
     if "source_file" in entry and digest_now is not None:
         entry["source_sha256"] = digest_now
-    write_json(paths.raw / MANIFEST, manifest)
+    write_json(paths.raw_manifest, manifest)
     log.warning("batch %s replaced with the source's current rows (%s): %d rows, was %d; %s added, %s removed; "
                 "validate again", name, where, len(rows), record["previous_rows"],
                 "?" if added is None else added, "?" if removed is None else removed)

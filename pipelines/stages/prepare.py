@@ -97,12 +97,12 @@ def run(settings: Settings, paths: Paths) -> dict[str, Any]:
         if cfg.drop_duplicate_rows and dupes.any():
             splits[name] = splits[name][~dupes].reset_index(drop=True)
     transform = FeatureTransform.fit(splits["train"], schema, settings.clean)
-    transform.save(paths.features / "transform.json")
+    transform.save(paths.fitted_transform)
     for name, rows in splits.items():
-        write_parquet(paths.reference / f"{name}.parquet", rows)
+        write_parquet(paths.split_rows(name), rows)
         features = transform.transform(rows)
         features[schema.target] = transform.encode_target(rows[schema.target])
-        write_parquet(paths.features / f"{name}.parquet", features)
+        write_parquet(paths.split_features(name), features)
         summary[f"{name}_rows"] = len(rows)
         if schema.is_classification:
             counts = rows[schema.target].map(label_key).value_counts()

@@ -42,9 +42,9 @@ def build_learners(settings: Settings, transform: FeatureTransform) -> list[Lear
 def run(settings: Settings, paths: Paths) -> dict[str, Any]:
     """Fit on data/features/train, early-stop and combine on valid; write models/challenger/."""
     target = settings.data_schema.target
-    transform = FeatureTransform.load(paths.features / TRANSFORM_FILE)
-    train = pd.read_parquet(paths.features / "train.parquet")
-    valid = pd.read_parquet(paths.features / "valid.parquet")
+    transform = FeatureTransform.load(paths.fitted_transform)
+    train = pd.read_parquet(paths.split_features("train"))
+    valid = pd.read_parquet(paths.split_features("valid"))
     X, y = train.drop(columns=[target]), train[target].to_numpy()
     X_valid, y_valid = valid.drop(columns=[target]), valid[target].to_numpy()
 
@@ -59,7 +59,7 @@ def run(settings: Settings, paths: Paths) -> dict[str, Any]:
     threshold = pick_threshold(settings, transform.task, y_valid, ensemble.predict_output(X_valid))
 
     with atomic_dir(paths.challenger) as out:
-        shutil.copy2(paths.features / TRANSFORM_FILE, out / TRANSFORM_FILE)
+        shutil.copy2(paths.fitted_transform, out / TRANSFORM_FILE)
         ensemble.save(out / ENSEMBLE_DIR)
         version = "v" + tree_sha256(out)[:12]  # content-addressed: same data + params + code = same version
         metadata = {

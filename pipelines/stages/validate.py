@@ -58,7 +58,7 @@ class DataValidationError(RuntimeError):
 
 def load_batches(paths: Paths) -> list[tuple[str, pd.DataFrame]]:
     """Every collected batch as (name, rows), in manifest order."""
-    manifest_file = paths.raw / "manifest.json"
+    manifest_file = paths.raw_manifest
     if not manifest_file.is_file():
         raise DataValidationError(f"{manifest_file} not found: run `amaas collect` first")
     batches = []
