@@ -29,7 +29,7 @@ run: install  ## the whole pipeline on the embedded simulator, versioned by DVC
 test: install  ## the whole suite: unit + integration (dvc repro, airflow dags test, bentoml serve)
 	pytest -q -rs
 
-test-fast: install
+test-fast: install  ## the quick tier, under a minute on 2 cores: unit and config tests on tiny data; skips `slow` (all of tests/integration/, heavy unit tests)
 	pytest -q -m "not slow"
 
 serve: install  ## serve the champion on localhost:3000
