@@ -11,7 +11,7 @@ export BENTOML_DO_NOT_TRACK := True
 export DVC_NO_ANALYTICS := 1
 AIRFLOW_PORT ?= 8080
 
-.PHONY: install run test test-fast serve airflow lint constraints clean
+.PHONY: install run test test-fast serve airflow lint typecheck constraints clean
 
 $(VENV)/.installed: pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -29,7 +29,7 @@ run: install  ## the whole pipeline on the embedded simulator, versioned by DVC
 test: install  ## the whole suite: unit + integration (dvc repro, airflow dags test, bentoml serve)
 	pytest -q -rs
 
-test-fast: install
+test-fast: install  ## the quick tier, under a minute on 2 cores: unit and config tests on tiny data; skips `slow` (all of tests/integration/, heavy unit tests)
 	pytest -q -m "not slow"
 
 serve: install  ## serve the champion on localhost:3000
@@ -40,6 +40,9 @@ airflow: install  ## Airflow UI with the project's DAGs on localhost:$(AIRFLOW_P
 
 lint: install
 	ruff check pipelines dags bentos tests benchmarks
+
+typecheck: install  ## mypy on pipelines/ (settings in pyproject.toml; the stage modules strictly)
+	mypy
 
 constraints: install  ## regenerate the lock of exact versions from the working venv
 	$(BIN)/python -m pip freeze --exclude-editable > constraints.txt

@@ -81,6 +81,7 @@ class NumericRule(_Strict):
 
 
 Task = Literal["binary", "multiclass", "regression"]
+TimeUnit = Literal["s", "ms", "us", "ns", "D"]  # the epoch units pandas reads integer times in
 ROW_KEY = "_row_key"  # a table with no id column: a stable hash of the row identifies it (see row_keys)
 
 
@@ -101,7 +102,7 @@ class SchemaConfig(_Strict):
     task: Task = "binary"
     id_column: str | None = None  # null: a stable hash of the row identifies it
     time_column: str | None = None  # null: no time order (files: one batch per new file; sql: an increasing id)
-    time_unit: Literal["s", "ms", "us", "ns", "D"] | None = None  # an integer time column: epoch unit;
+    time_unit: TimeUnit | None = None  # an integer time column: epoch unit;
     # null: integers are ordinal values (a year, a sequence number), never read as nanoseconds
     target: str
     classes: list[str | int] | None = None  # class labels in order (binary: the last is the positive class);

@@ -191,8 +191,8 @@ def _time_kind(values: pd.Series, name: str) -> tuple[str | None, str] | None:
 
 
 def _is_id(values: pd.Series, name: str) -> bool:
-    return bool(_ID_NAME.search(name.lower())) and values.notna().all() and values.is_unique and (
-        types.is_integer_dtype(values) or types.is_object_dtype(values))
+    return bool(_ID_NAME.search(name.lower()) and values.notna().all() and values.is_unique and (
+        types.is_integer_dtype(values) or types.is_object_dtype(values)))
 
 
 def infer_schema(sample: pd.DataFrame, target: str, task: str = "auto", margin: float = 0.5) -> Inferred:

@@ -122,8 +122,11 @@ class FeatureTransform:
         for col in self.categorical:
             lookup = {cat: i + 1 for i, cat in enumerate(self.vocab[col])}
             missing_code = len(lookup) + 1 if col in self.nullable else UNKNOWN
-            columns[col] = _per_distinct(df[col], lambda v, lk=lookup: lk.get(spell(v), UNKNOWN),
-                                         missing_code).astype("int64")
+
+            def code(value: object, lk: dict[str, int] = lookup) -> int:
+                return lk.get(spell(value), UNKNOWN)
+
+            columns[col] = _per_distinct(df[col], code, missing_code).astype("int64")
         return pd.DataFrame(columns)[self.feature_names]
 
     def encode_target(self, values: pd.Series | np.ndarray) -> np.ndarray:

@@ -129,6 +129,15 @@ def trained_project(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return root
 
 
+@pytest.hookimpl(tryfirst=True)  # before `-m "not slow"` deselects
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Every test under tests/integration/ is slow, whether or not its file says so: `make test-fast` skips it."""
+    integration = REPO / "tests" / "integration"
+    for item in items:
+        if Path(item.path).resolve().is_relative_to(integration):
+            item.add_marker(pytest.mark.slow)
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

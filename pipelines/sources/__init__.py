@@ -20,7 +20,7 @@ import numpy as np
 import pandas as pd
 from pandas.api import types
 
-from pipelines.config import Paths, Settings
+from pipelines.config import Paths, Settings, TimeUnit
 
 SOURCE_URL_ENV = "AMAAS_SOURCE_URL"
 Watermark = pd.Timestamp | int | float
@@ -30,7 +30,7 @@ class SourceError(RuntimeError):
     """The configured source cannot be read; the message names the source and the fix."""
 
 
-def parse_time(values: pd.Series, unit: str | None) -> pd.Series:
+def parse_time(values: pd.Series, unit: TimeUnit | None) -> pd.Series:
     """A time column as timestamps, or as ordinal numbers; unreadable values become NaT/NaN.
 
     With `unit` (schema.time_unit) numbers are epochs in that unit. Without it, a numeric column (or
@@ -66,11 +66,13 @@ def row_hash(frame: pd.DataFrame) -> np.ndarray:
 def _canonical(col: pd.Series) -> pd.Series:
     if types.is_datetime64_any_dtype(col):
         stamps = col.dt.tz_convert("UTC").dt.tz_localize(None) if col.dt.tz is not None else col
-        return stamps.astype("datetime64[ns]").astype("int64").astype(str).where(col.notna(), None)
+        return stamps.astype("datetime64[ns]").astype("int64").astype(str).where(col.notna(), None)  # type: ignore[call-overload]
     numbers = col.astype("float64") if types.is_numeric_dtype(col) or types.is_bool_dtype(col) else \
         pd.to_numeric(col, errors="coerce").astype("float64")
     text = numbers.astype(str).where(numbers.notna(), col.astype(str))
-    return text.where(col.notna(), None).astype(object)
+    # None, not NaN, for a missing value, so it hashes alike in every column type; pandas-stubs' where() has
+    # no None for `other` (pandas takes any scalar)
+    return text.where(col.notna(), None).astype(object)  # type: ignore[call-overload]
 
 
 @dataclass(frozen=True)
@@ -84,7 +86,7 @@ class Watermarks:
     column: str | None
     id_column: str | None
     is_time: bool
-    unit: str | None = None
+    unit: TimeUnit | None = None
 
     def parse(self, values: pd.Series) -> pd.Series:
         """Watermark values as timestamps or numbers; unreadable ones become NaT/NaN."""

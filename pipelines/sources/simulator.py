@@ -38,6 +38,7 @@ class SimulatorSource:
         if low is None:
             return True
         if self.watermarks.is_time:
+            assert isinstance(low, pd.Timestamp)  # the simulator's time column holds timestamps
             return batch_date(self.cfg, index) + pd.Timedelta(days=1) > low
         return (index + 1) * ID_STRIDE > int(low)
 

@@ -32,7 +32,9 @@ class SqlSource:
         try:
             with engine.connect() as conn:
                 table = self._table(conn)
-                wm = table.c[self.watermarks.column]
+                column = self.watermarks.column
+                assert column is not None  # config requires a watermark column of a sql source
+                wm = table.c[column]
                 query = sa.select(table).where(wm.is_not(None))
                 if low is not None:
                     query = query.where(wm > self.watermarks.to_source(low))

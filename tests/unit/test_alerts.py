@@ -53,6 +53,7 @@ def test_webhook_gets_the_alert_and_retries(tmp_path, webhook):
     assert alerts.alert(down, paths, "drift", "x", {}) == {"log": True, "webhook": False}  # logged, not raised
 
 
+@pytest.mark.slow  # collect, validate, prepare and report on a drifted simulator
 def test_drift_over_the_threshold_alerts(tmp_path, webhook, monkeypatch):
     url, received, _ = webhook
     monkeypatch.setenv(alerts.WEBHOOK_ENV, url)  # the environment's URL, none in params

@@ -20,6 +20,7 @@ def _train(root, **overrides):
     return settings, paths
 
 
+@pytest.mark.slow  # collect, validate, prepare and three trainings
 def test_gate_promotes_better_keeps_champion_against_worse_and_rolls_back(tmp_path, caplog):
     settings = load_settings(write_params(tmp_path, **{"source.simulator.rows_per_batch": 1500}))
     paths = Paths(tmp_path)

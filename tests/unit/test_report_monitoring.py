@@ -317,6 +317,7 @@ def test_a_run_before_any_model_writes_every_output_and_says_why(tmp_path, monke
     assert history[0] == {"prediction_drift": None, "drift_share": None} and len(history) == 2
 
 
+@pytest.mark.slow  # a false-alarm rate: 30 drift reports
 def test_small_stable_days_rarely_flag_a_category(tmp_path):
     """Evidently's chi-square takes a small reference's shares as exact: against 210 reference rows it
     flagged a category on 6 of 10 stable 100-row days. The two-sample test keeps the rate near its 5% per

@@ -44,7 +44,8 @@ def test_learner_is_reproducible(data):
     np.testing.assert_array_equal(a.predict_proba(Xv), b.predict_proba(Xv))
 
 
-@pytest.mark.parametrize("method", ["averaging", "blending", "stacking", "bagging"])
+@pytest.mark.parametrize("method", ["averaging", "blending", pytest.param("stacking", marks=pytest.mark.slow),
+                                    pytest.param("bagging", marks=pytest.mark.slow)])  # slow: fits per fold/bag
 def test_ensemble_methods_round_trip(method, data, tmp_path):
     settings, transform, X, y, Xv, yv = data
     learners = build_learners(settings, transform)
@@ -101,7 +102,8 @@ def test_nullable_category_gets_its_own_code_and_labels_round_trip(tmp_path):
 
 
 @pytest.mark.parametrize("task", ["multiclass", "regression"])
-@pytest.mark.parametrize("method", ["blending", "stacking", "bagging"])
+@pytest.mark.parametrize("method", ["blending", pytest.param("stacking", marks=pytest.mark.slow),
+                                    pytest.param("bagging", marks=pytest.mark.slow)])  # slow: fits per fold/bag
 def test_ensembles_of_every_task_beat_chance_and_round_trip(task, method, tmp_path):
     from pipelines.metrics import score
 

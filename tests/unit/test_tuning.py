@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 
 from pipelines.config import SearchRange, TuningConfig
 from pipelines.stages.train import build_learners
@@ -17,6 +18,7 @@ def test_sampling_respects_ranges_and_seed():
     assert draws[5] == sample(space, np.random.default_rng([1, 0, 5]))
 
 
+@pytest.mark.slow  # two searches of 4 LightGBM trials
 def test_tuning_keeps_the_best_trial_and_is_reproducible(data):
     settings, transform, X, y, Xv, yv = data
     cfg = TuningConfig(trials=4, time_budget_s=600, space={"lightgbm": {
