@@ -1,0 +1,39 @@
+"""Every DAG file imports without errors (Airflow's own DagBag) and runs the stages as STAGES and the retry
+policy say."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+
+from pipelines.runner import STAGES
+from tests.conftest import BIN, REPO, airflow_env
+
+
+def test_dags_import_without_errors_and_follow_stage_order(tmp_path):
+    script = (
+        "import json; from airflow.dag_processing.dagbag import DagBag\n"
+        f"bag = DagBag(dag_folder={str(REPO / 'dags')!r})\n"
+        "print(json.dumps({'errors': {k: str(v) for k, v in bag.import_errors.items()}, 'dags': {d.dag_id: {"
+        "'order': [t.task_id for t in d.topological_sort()],"
+        "'retries': {t.task_id: [t.retries, t.retry_exponential_backoff] for t in d.tasks},"
+        "'params': sorted(d.params), 'doc': bool(d.doc_md)} for d in bag.dags.values()}}))\n"
+    )
+    proc = subprocess.run([str(BIN / "python"), "-c", script], env=airflow_env(tmp_path), capture_output=True,
+                          text=True, check=True)
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert result["errors"] == {}
+    dags = result["dags"]
+    assert set(dags) == {"training_pipeline", "monitoring", "rollback"}
+    training = dags["training_pipeline"]
+    # one task per stage, named as the stage, in pipeline order; then DVC versions what the run wrote
+    assert training["order"] == [*STAGES, "version"]
+    # what touches a source, a remote or a server retries with backoff; local computation does not
+    retried = {t for t, (retries, backoff) in training["retries"].items() if retries >= 2 and backoff > 1}
+    assert retried == {"collect", "deploy", "version"}
+    assert training["retries"]["train"][0] == 0 and training["params"] == ["deploy", "reason"]
+    assert dags["monitoring"]["retries"]["collect"][0] >= 2 and dags["rollback"]["retries"]["deploy"][0] >= 2
+    assert set(dags["monitoring"]["order"]) == {"collect", "validate", "report", "retrain_needed", "trigger_training",
+                                                "version"}
+    assert dags["rollback"]["order"] == ["rollback", "deploy"] and dags["rollback"]["params"] == ["reason"]
+    assert all(d["doc"] for d in dags.values())
