@@ -57,9 +57,7 @@ def test_two_experiments_compare_and_leave_the_champion_alone(tmp_path):
 
     plots = run_tool(["dvc", "plots", "diff", "stacked", "blended", "--json"], tmp_path, env=env)
     assert plots.returncode == 0, plots.stderr[-2000:]
-    # one entry per plot, each a list of renderings that name the revisions they draw
-    shown_plots = json.loads(plots.stdout)
-    roc = [item for key, items in shown_plots.items() if key.endswith("roc.csv") and isinstance(items, list)
-           for item in items if isinstance(item, dict)]
+    # {"data": {plot file: [renderings, each naming the revisions it draws]}, "errors": [the other tasks' plots]}
+    roc = json.loads(plots.stdout)["data"]["reports/plots/roc.csv"]
     revisions = set().union(*(item.get("revisions", []) for item in roc))
     assert {"stacked", "blended"} <= revisions, plots.stdout[:3000]
