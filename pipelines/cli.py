@@ -140,7 +140,7 @@ def _rollback(args: argparse.Namespace, paths: Paths) -> int:
 def _status(args: argparse.Namespace, paths: Paths) -> int:
     registry = Registry(paths.registry)
     history = paths.monitoring_history
-    print(json.dumps({**registry.aliases(), "last_decision": (registry.decisions() or [None])[-1],
+    print(json.dumps({**registry.aliases(), "last_decision": next(reversed(registry.decisions()), None),
                       "last_monitoring": (read_json(history) if history.is_file() else [None])[-1]}, indent=2))
     return 0
 

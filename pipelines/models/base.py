@@ -115,7 +115,7 @@ class Learner(TaskEstimatorMixin, BaseEstimator):
 
     @property
     def _task(self) -> str:
-        return str(self.task)  # type: ignore[attr-defined]
+        return str(self.task)
 
     def fit(self, X: Any, y: Any, X_valid: Any = None, y_valid: Any = None) -> Self:
         raise NotImplementedError
@@ -124,8 +124,8 @@ class Learner(TaskEstimatorMixin, BaseEstimator):
                      ) -> tuple[pd.DataFrame, np.ndarray, pd.DataFrame | None, np.ndarray | None]:
         """Frames and arrays from whatever fit got; sets `classes_` for classification."""
         X, y, X_valid, y_valid = fit_inputs(self, X, y, X_valid, y_valid)
-        if self.task not in TASKS:  # type: ignore[attr-defined]
-            raise ValueError(f"task must be one of {TASKS}, got {self.task!r}")  # type: ignore[attr-defined]
+        if self.task not in TASKS:
+            raise ValueError(f"task must be one of {TASKS}, got {self.task!r}")
         if self._task != "regression":
             self.classes_ = np.arange(self._n_classes(y))
             for labels in (y, y_valid):
@@ -138,17 +138,17 @@ class Learner(TaskEstimatorMixin, BaseEstimator):
         """k: 2 for binary, else the n_classes param, or (None) the largest class index in y + 1."""
         if self._task == "binary":
             return 2
-        if self.n_classes is not None:  # type: ignore[attr-defined]
-            return int(self.n_classes)  # type: ignore[attr-defined]
+        if self.n_classes is not None:
+            return int(self.n_classes)
         return int(np.max(y)) + 1 if self._task == "multiclass" and y is not None and len(y) else 0
 
     @property
     def _categorical(self) -> dict[str, int]:
-        return dict(self.categorical or {})  # type: ignore[attr-defined]
+        return dict(self.categorical or {})
 
     @property
     def _seed(self) -> int:
-        return 0 if self.random_state is None else int(self.random_state)  # type: ignore[attr-defined]
+        return 0 if self.random_state is None else int(self.random_state)
 
     def _saved_params(self) -> dict[str, Any]:
         """The params as learner.json has always held them: defaults resolved, the seed as "seed"."""

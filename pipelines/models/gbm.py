@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Self
+from typing import Any, Self, cast
 
 import numpy as np
 import pandas as pd
@@ -63,7 +64,8 @@ class LightGBMLearner(Learner):
         if client is not None:
             return self._fit_dask(client, params, cats, X, y, X_valid, y_valid)
         train = lgb.Dataset(X, y, categorical_feature=cats or "auto", free_raw_data=True)
-        valid_sets, callbacks = [], []
+        valid_sets: list[lgb.Dataset] = []
+        callbacks: list[Callable[..., Any]] = []
         if X_valid is not None:
             valid_sets = [lgb.Dataset(X_valid, y_valid, reference=train)]
             callbacks = [lgb.early_stopping(self.early_stopping_rounds, verbose=False)]
@@ -96,7 +98,8 @@ class LightGBMLearner(Learner):
         return self
 
     def _output(self, X: pd.DataFrame) -> np.ndarray:
-        return as_output(self.booster_.predict(X, num_iteration=self.booster_.best_iteration or None), self.task)
+        raw = self.booster_.predict(X, num_iteration=self.booster_.best_iteration or None)
+        return as_output(cast(np.ndarray, raw), self.task)  # dense: sparse output is only for pred_contrib
 
     def _state(self) -> dict[str, Any]:
         return {"device_": self.device_}
@@ -135,7 +138,7 @@ class XGBoostLearner(Learner):
     def _categorized(self, X: pd.DataFrame) -> pd.DataFrame:
         X = X.copy()
         for col, card in self._categorical.items():
-            X[col] = pd.Categorical(X[col], categories=range(card))
+            X[col] = pd.Categorical(X[col], categories=pd.RangeIndex(card))
         return X
 
     def _matrix(self, X: pd.DataFrame, y: np.ndarray | None = None) -> Any:

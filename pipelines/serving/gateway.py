@@ -84,7 +84,7 @@ class Gateway:
             return await _reply(send, 413, {"error": f"{len(payload['rows'])} rows, more than serve.max_rows="
                                                      f"{self.serve.max_rows}: split the request"})
         try:
-            request = self.model.model_validate(payload)
+            request: Any = self.model.model_validate(payload)  # its fields (rows, row) made at runtime
         except ValidationError as exc:
             return await _reply(send, 422, {"error": f"{exc.error_count()} invalid field(s)",
                                             "detail": exc.errors(include_url=False, include_context=False)})

@@ -31,9 +31,9 @@ def row_model(schema: SchemaConfig) -> type[BaseModel]:
 def request_model(schema: SchemaConfig, max_rows: int) -> type[BaseModel]:
     """A request: {"rows": [row, ...]} or {"row": row}."""
     row = row_model(schema)
-    return create_model("PredictRequest", __config__=ConfigDict(extra="forbid"),
-                        rows=(list[row] | None, Field(default=None, min_length=1, max_length=max_rows)),  # type: ignore[valid-type]
-                        row=(row | None, None))
+    fields: dict[str, Any] = {"rows": (list[row] | None, Field(default=None, min_length=1, max_length=max_rows)),  # type: ignore[valid-type]
+                              "row": (row | None, None)}
+    return create_model("PredictRequest", __config__=ConfigDict(extra="forbid"), **fields)
 
 
 def answer_model(schema: SchemaConfig) -> type[BaseModel]:
@@ -58,7 +58,7 @@ def openapi_with_schemas(spec: dict[str, Any], request: type[BaseModel], answer:
     components = spec.setdefault("components", {}).setdefault("schemas", {})
     template = "#/components/schemas/{model}"
     body = request.model_json_schema(ref_template=template)
-    reply = {"type": "array", "items": answer.model_json_schema(ref_template=template)}
+    reply: dict[str, Any] = {"type": "array", "items": answer.model_json_schema(ref_template=template)}
     for part in (body, reply["items"]):
         components.update(part.pop("$defs", {}))
     post = spec.get("paths", {}).get("/predict", {}).get("post")

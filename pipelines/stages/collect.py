@@ -87,10 +87,10 @@ def _summary(manifest: dict[str, Any], new: list[dict[str, Any]]) -> dict[str, A
 def load_manifest(paths: Paths, watermark_column: str | None, unit: str | None = None) -> dict[str, Any]:
     """The collected batches so far (an empty manifest before the first run)."""
     file = paths.raw_manifest
-    empty = {"watermark_column": watermark_column, "time_unit": unit, "watermark": None, "batches": []}
+    empty: dict[str, Any] = {"watermark_column": watermark_column, "time_unit": unit, "watermark": None, "batches": []}
     if not file.is_file():
         return empty
-    manifest = read_json(file)
+    manifest: dict[str, Any] = read_json(file)
     if "watermark" not in manifest:  # written before collect was incremental: it had no intervals to go on
         log.warning("%s predates incremental collect: collecting every batch again", file)
         return empty

@@ -8,6 +8,7 @@ R² for regression. A metric undefined on the test rows is null with the reason,
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterable
 from typing import Any
 
 import numpy as np
@@ -134,7 +135,7 @@ def run(settings: Settings, paths: Paths) -> dict[str, Any]:
         result[f"{metric}_{name}"] = score(metric, y, member_preds[:, i], threshold)
     undefined = sorted(k for k, v in result.items() if v is None)
     if undefined:
-        counts = np.unique(y, return_counts=True) if bundle.classes else ([], [])
+        counts: tuple[Iterable[Any], Iterable[Any]] = np.unique(y, return_counts=True) if bundle.classes else ([], [])
         result["undefined"] = {"metrics": undefined, "reason": f"undefined on these {len(y)} test rows (class "
                                f"counts {dict(zip(map(int, counts[0]), map(int, counts[1]), strict=True))})"}
     if task == "binary":

@@ -27,7 +27,7 @@ import math
 import os
 import re
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import pandas as pd
@@ -141,8 +141,10 @@ def run(settings: Settings, paths: Paths) -> dict[str, Any]:
     if reasons:
         alert(settings, paths, "drift", f"retraining needed for {described}: " + "; ".join(reasons),
               _strict({k: summary[k] for k in (*METRIC_KEYS, "drifted_columns", "reasons")}))
-    return _strict({**{k: summary[k] for k in METRIC_KEYS}, "drifted_columns": summary["drifted_columns"],
-                    "reasons": reasons, "not_judged": summary["not_judged"]})
+    verdict: dict[str, Any] = _strict({**{k: summary[k] for k in METRIC_KEYS},
+                                       "drifted_columns": summary["drifted_columns"],
+                                       "reasons": reasons, "not_judged": summary["not_judged"]})
+    return verdict
 
 
 def decide(settings: Settings, summary: dict[str, Any]) -> list[str]:
@@ -347,7 +349,8 @@ def data_drift_report(settings: Settings, current: pd.DataFrame, reference: pd.D
         Dataset.from_pandas(_drift_frame(current, schema, normalize), data_definition=definition),
         Dataset.from_pandas(_drift_frame(reference, schema, normalize), data_definition=definition))
     _save_html(snapshot, html)
-    return snapshot.dict()
+    details: dict[str, Any] = snapshot.dict()  # evidently ships no types
+    return details
 
 
 @functools.cache
@@ -404,8 +407,8 @@ def prediction_drift_test(current: np.ndarray, reference: np.ndarray, categorica
         observed = float(jensenshannon(cur_shares.to_numpy(), p_ref))
         null = np.asarray([jensenshannon(rng.multinomial(n_cur, p_ref) / n_cur, rng.multinomial(n_ref, p_ref) / n_ref)
                            for _ in range(samples)])
-        shares = {"prediction_shares": {c: round(float(s), 6) for c, s in cur_shares.items()},
-                  "prediction_shares_reference": {c: round(float(s), 6) for c, s in ref_shares.items()}}
+        shares: dict[str, Any] = {"prediction_shares": {c: round(float(s), 6) for c, s in cur_shares.items()},
+                                  "prediction_shares_reference": {c: round(float(s), 6) for c, s in ref_shares.items()}}
     else:
         current, reference = current.astype("float64"), reference.astype("float64")
         norm = max(float(np.std(reference)), 0.001)  # as Evidently norms it
@@ -448,6 +451,7 @@ def prediction_drift_report(settings: Settings, current: pd.DataFrame, reference
     if note is not None:
         _placeholder_html(html, "Prediction drift", note)
         return out | {"prediction_drift_note": note}
+    assert before is not None  # no note: there is a reference to compare with
     out |= prediction_drift_test(now.to_numpy(), before.to_numpy(), categorical,
                                  settings.promote.bootstrap_samples, settings.seed)
     out["prediction_drift_detected"] = bool(out["prediction_drift"] >= cfg.prediction_drift_threshold
@@ -468,7 +472,7 @@ def _prediction_drift_html(now: pd.Series, before: pd.Series, categorical: bool,
 
     kind = "categorical_columns" if categorical else "numerical_columns"
     definition = DataDefinition(**{kind: [PREDICTION]})
-    cast = str if categorical else "float64"
+    cast: type[str] | Literal["float64"] = str if categorical else "float64"
     snapshot = Report([ValueDrift(column=PREDICTION, method=method, threshold=threshold)]).run(
         Dataset.from_pandas(now.astype(cast).to_frame(PREDICTION), data_definition=definition),
         Dataset.from_pandas(before.astype(cast).to_frame(PREDICTION), data_definition=definition))

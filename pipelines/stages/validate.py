@@ -356,7 +356,7 @@ def _name(cfg: Any) -> str:
 def _summarize(result: SuiteResult, batch: str, res: Any) -> bool:
     """Record one expectation's outcome on a batch; True if it found rows that must go to quarantine."""
     cfg, name = res.expectation_config, _name(res.expectation_config)
-    unexpected = res.result.get("unexpected_count")
+    unexpected: int | None = res.result.get("unexpected_count")
     seen = result.expectations.setdefault(name, {"success": True, "unexpected_count": 0})
     seen["success"] &= bool(res.success)
     seen["unexpected_count"] += unexpected or 0
