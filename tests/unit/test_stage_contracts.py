@@ -4,8 +4,10 @@ no stage module imports another."""
 
 from __future__ import annotations
 
+import contextlib
 import shutil
 import subprocess
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -194,28 +196,10 @@ def test_nothing_is_stale_after_commit(committed_project):
     assert _status(committed_project) == set()
 
 
-@pytest.mark.parametrize("key", sorted({p for s in DECLARED.values() for p in s.params}))
-def test_a_param_edit_marks_exactly_the_stages_that_read_it(committed_project, params_status, key):
-    file = committed_project / "params.yaml"
-    before = file.read_text()
-    params = yaml.safe_load(before)
-    leaf = _leaf(params, key)
-    node: Any = params
-    for part in leaf.split("."):
-        node = node[part]
-    _set(params, leaf, _changed(node))
-    file.write_text(yaml.safe_dump(params, sort_keys=False))
-    try:
-        assert params_status() == _stages_reading(leaf), leaf
-    finally:
-        file.write_text(before)
-
-
-@pytest.mark.parametrize(("key", "stage"), [("seed", "prepare"), ("report.reference_rows", "prepare"),
-                                            ("promote.bootstrap_samples", "report")])
-def test_stale_results_found_in_review_are_rerun(committed_project, params_status, key, stage):
-    """Each of these edits left a stale result before the declarations (dvc.yaml lists were copied by hand)."""
-    file = committed_project / "params.yaml"
+@contextlib.contextmanager
+def _edited(project: Path, key: str) -> Iterator[None]:
+    """params.yaml of `project` with the value at dotted `key` changed, restored afterwards."""
+    file = project / "params.yaml"
     before = file.read_text()
     params = yaml.safe_load(before)
     node: Any = params
@@ -224,9 +208,24 @@ def test_stale_results_found_in_review_are_rerun(committed_project, params_statu
     _set(params, key, _changed(node))
     file.write_text(yaml.safe_dump(params, sort_keys=False))
     try:
-        assert stage in params_status()
+        yield
     finally:
         file.write_text(before)
+
+
+@pytest.mark.parametrize("key", sorted({p for s in DECLARED.values() for p in s.params}))
+def test_a_param_edit_marks_exactly_the_stages_that_read_it(committed_project, params_status, key):
+    leaf = _leaf(yaml.safe_load((committed_project / "params.yaml").read_text()), key)
+    with _edited(committed_project, leaf):
+        assert params_status() == _stages_reading(leaf), leaf
+
+
+@pytest.mark.parametrize(("key", "stage"), [("seed", "prepare"), ("report.reference_rows", "prepare"),
+                                            ("promote.bootstrap_samples", "report")])
+def test_stale_results_found_in_review_are_rerun(committed_project, params_status, key, stage):
+    """Each of these edits left a stale result before the declarations (dvc.yaml lists were copied by hand)."""
+    with _edited(committed_project, key):
+        assert stage in params_status()
 
 
 def test_an_edit_to_the_search_retrains(committed_project):
