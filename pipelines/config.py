@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from datetime import date
 from pathlib import Path
 from typing import Any, ClassVar, Literal
+from urllib.parse import urlsplit
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -301,6 +302,17 @@ class DeployConfig(_Strict):
     endpoint: str | None = None  # a running `amaas serve` to check (http://host:port); null: build the bento only
     timeout_s: float = Field(default=60, gt=0)  # how long the endpoint has to serve the new champion
     rollback_on_failure: bool = True  # the endpoint never served it: return the registry to the previous champion
+
+    @field_validator("endpoint")
+    @classmethod
+    def _http_only(cls, value: str | None) -> str | None:
+        if value is not None and urlsplit(value).scheme not in ("http", "https"):
+            raise ValueError(f"{value!r} is not an http(s) URL: deploy polls <endpoint>/models over HTTP, so give "
+                             f"the address of a running `amaas serve` (http://host:port), or null to only build "
+                             f"the bento")
+        if value is not None and not urlsplit(value).netloc:
+            raise ValueError(f"{value!r} names no host: write http://host:port")
+        return value
 
 
 class AlertsConfig(_Strict):

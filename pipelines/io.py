@@ -77,8 +77,19 @@ def write_json(path: Path, obj: Any) -> None:
         tmp.write_text(text + "\n")
 
 
-def read_json(path: Path) -> Any:
-    return json.loads(path.read_text())
+class DamagedFile(ValueError):
+    """A file the pipeline wrote cannot be read back (truncated, edited by hand): the message names it."""
+
+
+def read_json(path: Path, fix: str = "restore it (`dvc checkout`, a backup) or rerun the stage that writes it"
+              ) -> Any:
+    """The JSON in `path`; a truncated or invalid file raises DamagedFile naming the file and `fix`."""
+    text = path.read_text()
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise DamagedFile(f"{path} is not valid JSON ({exc.msg} at line {exc.lineno} column {exc.colno}; "
+                          f"truncated or edited?): {fix}") from exc
 
 
 def write_parquet(path: Path, df: pd.DataFrame) -> None:

@@ -3,6 +3,11 @@
 Layout: versions/<version>/ (a full model bundle, plus monitoring/: the sample of its training rows and
 its test predictions that monitoring compares new data with), aliases.json, decisions.json. Every write
 is atomic, so a crash never leaves an alias pointing at a half-copied version.
+
+Damage is told from a fresh start: a registry without aliases.json is new only if it holds no version and
+no decision. A lost aliases.json is rebuilt from decisions.json (every change of champion is recorded
+there); with versions but no decision log the registry stops with an error instead of crowning anyone, so
+a missing file never lets a challenger past the gate as a "first champion".
 """
 
 from __future__ import annotations
@@ -47,18 +52,50 @@ class Registry:
         return sorted(p.name for p in folder.iterdir() if (p / METADATA_FILE).is_file()) if folder.is_dir() else []
 
     def aliases(self) -> dict[str, Any]:
-        if not self._aliases_file.is_file():
-            return {"champion": None, "challenger": None, "champion_history": []}
-        return read_json(self._aliases_file)
+        if self._aliases_file.is_file():
+            aliases: dict[str, Any] = read_json(self._aliases_file, fix=self._aliases_fix())
+            return aliases
+        decisions = self.decisions()
+        if decisions:
+            rebuilt = aliases_from_decisions(decisions)
+            log.warning("%s is missing: rebuilt from %s (champion %s, challenger %s)", self._aliases_file,
+                        self._decisions_file, rebuilt["champion"], rebuilt["challenger"])
+            return rebuilt
+        if self.versions():
+            raise RegistryError(f"{self._aliases_file} and {self._decisions_file} are missing but "
+                                f"{self.root / 'versions'} holds {', '.join(self.versions())}: the registry's state "
+                                f"is lost, so the gate crowns no champion. Restore both files (`dvc checkout`, a "
+                                f"backup), or name the champion by hand: `amaas promote --force --version V "
+                                f"--reason \"...\"`")
+        return {"champion": None, "challenger": None, "champion_history": []}
+
+    def _aliases_fix(self) -> str:
+        return (f"restore it (`dvc checkout`, a backup), or delete it to rebuild it from {self._decisions_file}")
 
     @property
     def champion(self) -> str | None:
-        return self.aliases()["champion"]
+        champion: str | None = self.aliases()["champion"]
+        return champion
 
-    def load(self, version: str) -> ModelBundle:
-        if version not in self.versions():
-            raise RegistryError(f"model version {version!r} is not in the registry at {self.root}")
-        return ModelBundle.load(self.version_dir(version))
+    def champion_dir(self) -> Path:
+        """The folder of the champion; RegistryError when there is none or its folder is gone."""
+        champion = self.champion
+        if champion is None:
+            raise RegistryError("no champion yet: run the pipeline up to `amaas promote` first")
+        return self._existing(champion, "champion")
+
+    def _existing(self, version: str, role: str) -> Path:
+        folder = self.version_dir(version)
+        if not (folder / METADATA_FILE).is_file():
+            others = [v for v in self.versions() if v != version]
+            choose = (f"or make another version champion: `amaas promote --force --version {others[-1]} --reason "
+                      f"\"...\"` (registered: {', '.join(others)})") if others else "or rerun the pipeline"
+            raise RegistryError(f"{role} {version!r}: its folder {folder} is missing or incomplete (no "
+                                f"{METADATA_FILE}): restore it (`dvc checkout`, a backup), {choose}")
+        return folder
+
+    def load(self, version: str, role: str = "model version") -> ModelBundle:
+        return ModelBundle.load(self._existing(version, role))
 
     def register(self, bundle_dir: Path, extra: dict[str, Any] | None = None,
                  monitoring: dict[str, Path] | None = None) -> str:
@@ -66,6 +103,9 @@ class Registry:
 
         `extra` is merged into its metadata; `monitoring` files (name -> source) go into monitoring/."""
         version = str(read_json(bundle_dir / METADATA_FILE)["version"])
+        aliases = self.aliases()  # a damaged registry stops here, before anything is added to it
+        if not self._aliases_file.is_file():  # a new registry: its state exists before its first version does
+            write_json(self._aliases_file, aliases)
         target = self.version_dir(version)
         if not (target / METADATA_FILE).is_file():
             with atomic_dir(target) as tmp:
@@ -93,17 +133,45 @@ class Registry:
         if not aliases["champion_history"]:
             raise RegistryError("nothing to roll back to: there has been only one champion (or none)")
         *history, previous = aliases["champion_history"]
+        if previous not in self.versions():
+            raise RegistryError(f"cannot roll back to {previous!r}: its folder {self.version_dir(previous)} is gone "
+                                f"from the registry; restore it (`dvc checkout`, a backup), or make a registered "
+                                f"version champion with `amaas promote --force --version V --reason \"...\"`"
+                                f" (registered: {', '.join(self.versions()) or 'none'})")
         self._set_aliases(champion=previous, champion_history=history)
         return aliases["champion"], previous
 
     def decisions(self) -> list[dict[str, Any]]:
-        return read_json(self._decisions_file) if self._decisions_file.is_file() else []
+        if not self._decisions_file.is_file():
+            return []
+        decisions: list[dict[str, Any]] = read_json(
+            self._decisions_file, fix="restore it (`dvc checkout`, a backup): it is the registry's history, and "
+                                      "aliases.json is rebuilt from it when lost")
+        return decisions
 
     def record(self, decision: dict[str, Any]) -> None:
         write_json(self._decisions_file, [*self.decisions(), decision])
 
     def _set_aliases(self, **changes: Any) -> None:
         write_json(self._aliases_file, {**self.aliases(), **changes})
+
+
+def aliases_from_decisions(decisions: list[dict[str, Any]]) -> dict[str, Any]:
+    """The aliases the recorded decisions lead to: each gate or forced promotion that changed the champion
+    pushes the one before onto the history, a rollback pops it."""
+    champion: str | None = None
+    challenger: str | None = None
+    history: list[str] = []
+    for decision in decisions:
+        challenger = decision.get("challenger", challenger)
+        after = decision.get("champion_after", champion)
+        if decision.get("action") == "rollback":
+            if history and history[-1] == after:
+                history.pop()
+        elif after != champion and champion is not None:
+            history.append(champion)
+        champion = after
+    return {"champion": champion, "challenger": challenger, "champion_history": history}
 
 
 def _operator_record(action: str, **fields: Any) -> dict[str, Any]:

@@ -54,7 +54,7 @@ def run(settings: Settings, paths: Paths) -> dict[str, Any]:
     champion = registry.champion
     if champion is None:
         raise RegistryError("no champion to deploy: run the pipeline up to `amaas promote` first")
-    bento = ensure_bento(settings, paths, registry.version_dir(champion))["bento_tag"]
+    bento = ensure_bento(settings, paths, registry.champion_dir())["bento_tag"]
     record = paths.deployment
     before = read_json(record).get("champion") if record.is_file() else None
     summary: dict[str, Any] = {"champion": champion, "bento_tag": bento, "endpoint": settings.deploy.endpoint,
@@ -72,11 +72,14 @@ def run(settings: Settings, paths: Paths) -> dict[str, Any]:
 
 def wait_until_served(endpoint: str, version: str, timeout_s: float) -> dict[str, Any]:
     """Poll GET <endpoint>/models until the champion there is `version`; return the last answer."""
+    if not endpoint.lower().startswith(("http://", "https://")):  # settings check it too (DeployConfig)
+        raise DeployError(f"deploy.endpoint {endpoint!r} is not an http(s) URL: write http://host:port in params.yaml")
     deadline = time.monotonic() + timeout_s
     served: dict[str, Any] = {}
     while True:
         try:
-            with urllib.request.urlopen(f"{endpoint.rstrip('/')}/models", timeout=5) as response:
+            # only http(s) reaches here (checked above): no file:// or other handlers of urlopen
+            with urllib.request.urlopen(f"{endpoint.rstrip('/')}/models", timeout=5) as response:  # nosec B310
                 served = json.loads(response.read())
         except (urllib.error.URLError, OSError, json.JSONDecodeError) as exc:
             served = {"error": str(exc)}

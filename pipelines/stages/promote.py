@@ -73,7 +73,7 @@ def run(settings: Settings, paths: Paths, force: bool = False, version: str | No
     elif champion == challenger:
         decision |= {"promoted": False, "reason": "challenger is already the champion"}
     else:
-        decision |= gate(settings, paths, registry.load(champion), ModelBundle.load(bundle_dir))
+        decision |= gate(settings, paths, registry.load(champion, "champion"), ModelBundle.load(bundle_dir))
     if experiment:
         decision |= {"experiment": experiment, "would_promote": decision["promoted"], "promoted": False,
                      "reason": f"experiment {experiment}: the registry is left as it is; the gate would say: "

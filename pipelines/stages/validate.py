@@ -34,7 +34,7 @@ from pandas.api import types
 
 from pipelines.config import ROW_KEY, Paths, SchemaConfig, Settings
 from pipelines.contracts import Out, stage
-from pipelines.io import atomic_dir, read_json, text_if_mixed, write_json, write_parquet
+from pipelines.io import atomic_dir, file_digest, read_json, text_if_mixed, write_json, write_parquet
 from pipelines.sources import parse_time, row_hash
 from pipelines.transform import allowed_categories, label_key, normalize_category
 
@@ -62,12 +62,24 @@ def load_batches(paths: Paths) -> list[tuple[str, pd.DataFrame]]:
     if not manifest_file.is_file():
         raise DataValidationError(f"{manifest_file} not found: run `amaas collect` first")
     batches = []
-    for entry in read_json(manifest_file)["batches"]:
+    for entry in read_json(manifest_file, fix="restore data/raw (`dvc checkout data/raw`, `dvc pull`)")["batches"]:
+        file = paths.raw / entry["file"]
+        if not file.is_file():
+            raise DataValidationError(f"batch file {file} is missing; restore it from the source with "
+                                      f"`amaas collect --rerun {entry['batch']}`")
         try:
-            batches.append((entry["batch"], pd.read_parquet(paths.raw / entry["file"])))
+            rows = pd.read_parquet(file)
         except Exception as exc:  # a truncated or corrupt file is a data problem, not a crash
             raise DataValidationError(f"batch file {entry['file']} cannot be read ({exc}); restore it from the "
                                       f"source with `amaas collect --rerun {entry['batch']}`") from exc
+        digest = file_digest(file)
+        if "sha256" in entry and digest != entry["sha256"]:
+            raise DataValidationError(
+                f"batch {entry['batch']}: {file} has sha256 {digest[:12]}..., but {manifest_file} recorded "
+                f"{entry['sha256'][:12]}... when it was collected: the file was changed or damaged since. Restore "
+                f"it from the source with `amaas collect --rerun {entry['batch']}` (it also records what the "
+                f"source now gives)")
+        batches.append((entry["batch"], rows))
     if not batches:
         raise DataValidationError("the source returned no batches: check source settings in params.yaml")
     return batches

@@ -5,7 +5,7 @@ import pandas as pd
 import pytest
 
 from pipelines.config import Paths, load_settings
-from pipelines.io import read_json, write_json
+from pipelines.io import file_digest, read_json, write_json
 from pipelines.sources import simulator
 from pipelines.stages import collect, validate
 from pipelines.stages.validate import REASONS, DataValidationError
@@ -46,12 +46,13 @@ def test_rows_in_equal_clean_plus_quarantined(project):
 
 
 def _corrupt(paths: Paths, change) -> None:
-    """Apply `change` to the first collected batch file and refresh the manifest."""
+    """Apply `change` to the first collected batch file and refresh the manifest (as if the source gave it)."""
     manifest = read_json(paths.raw / "manifest.json")
     file = paths.raw / manifest["batches"][0]["file"]
     df = change(pd.read_parquet(file))
     df.to_parquet(file, index=False)
     manifest["batches"][0]["rows"] = len(df)
+    manifest["batches"][0]["sha256"] = file_digest(file)
     write_json(paths.raw / "manifest.json", manifest)
 
 
@@ -109,6 +110,27 @@ def test_truncated_file_is_a_clear_error(project):
     file.write_bytes(file.read_bytes()[:100])
     with pytest.raises(DataValidationError, match="cannot be read"):
         validate.run(settings, paths)
+
+
+def test_tampered_batch_stops_with_its_name_and_the_fix(project):
+    settings, paths = project
+    collect.run(settings, paths)
+    manifest = read_json(paths.raw_manifest)
+    entry = manifest["batches"][1]
+    file = paths.raw / entry["file"]
+    df = pd.read_parquet(file)
+    df.loc[0, "income"] = df["income"].max()  # a plausible edit: every row still passes the expectations
+    df.to_parquet(file, index=False)
+    with pytest.raises(DataValidationError) as err:
+        validate.run(settings, paths)
+    message = str(err.value)
+    assert f"batch {entry['batch']}" in message and str(paths.raw_manifest) in message
+    assert f"amaas collect --rerun {entry['batch']}" in message
+    assert not (paths.validated / "data.parquet").exists()
+
+    collect.run(settings, paths, rerun=entry["batch"])  # the fix the message names
+    assert file_digest(file) == entry["sha256"]
+    assert validate.run(settings, paths)["status"] == "passed"
 
 
 def test_empty_batch_stops_with_the_row_count_expectation(project):

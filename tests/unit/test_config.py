@@ -4,7 +4,7 @@ import pytest
 import yaml
 
 from pipelines.config import ConfigError, load_settings
-from tests.conftest import REPO, small_params
+from tests.conftest import REPO, small_params, write_params
 
 
 def test_shipped_params_load():
@@ -60,3 +60,14 @@ def test_missing_file_and_bad_yaml(tmp_path):
     bad.write_text("- just\n- a list\n")
     with pytest.raises(ConfigError, match="mapping"):
         load_settings(bad)
+
+
+@pytest.mark.parametrize("endpoint", ["file:///etc", "ftp://host/models", "localhost:3000", "http://", ""])
+def test_deploy_endpoint_must_be_an_http_url(tmp_path, endpoint):
+    with pytest.raises(ConfigError, match=r"deploy.endpoint.*(http\(s\) URL|names no host)"):
+        load_settings(write_params(tmp_path, **{"deploy.endpoint": endpoint}))
+
+
+def test_deploy_endpoint_accepts_http_and_https(tmp_path):
+    for endpoint in ("http://127.0.0.1:3000", "https://models.example.com/"):
+        assert load_settings(write_params(tmp_path, **{"deploy.endpoint": endpoint})).deploy.endpoint == endpoint
