@@ -85,6 +85,10 @@ class Stage:
     options: tuple[Option, ...] = ()  # command-line options of `amaas <stage>`
     always_changed: bool = False
     description: str = ""
+    # the stage replaces each of its outputs (outs, plots_dir, metrics) atomically itself: DVC keeps them in place
+    # while it runs (persist), so a killed `dvc repro` leaves the old outputs, never none; DVC's run cache is off
+    # for a stage with a persisted output (it still caches, commits and checks out the outputs)
+    atomic_outs: bool = False
 
     @property
     def reads(self) -> tuple[str, ...]:
@@ -249,15 +253,16 @@ def dvc_stage(stage: Stage, paths: Paths) -> dict[str, Any]:
     if stage.always_changed:
         entry["always_changed"] = True
     outs: list[Any] = []
+    kept = {"persist": True} if stage.atomic_outs else {}
     for out in stage.outs:
-        options = {k: v for k, v in (("cache", out.cache), ("persist", out.persist)) if v != getattr(Out, k)}
+        options = {k: v for k, v in (("cache", out.cache), ("persist", out.persist)) if v != getattr(Out, k)} | kept
         outs.append({rel(out.path): options} if options else rel(out.path))
     if stage.plots_dir:
-        outs.append({rel(stage.plots_dir): {"cache": False}})
+        outs.append({rel(stage.plots_dir): {"cache": False, **kept}})
     if outs:
         entry["outs"] = outs
     if stage.metrics:
-        entry["metrics"] = [{rel(m): {"cache": False}} for m in stage.metrics]
+        entry["metrics"] = [{rel(m): {"cache": False, **kept}} for m in stage.metrics]
     return entry
 
 

@@ -113,6 +113,7 @@ def prediction_frame(bundle: ModelBundle, keys: pd.Series, y: np.ndarray, output
     deps=("challenger", "reference"),
     outs=(Out("test_predictions"),),
     metrics=("metrics", "slices"),
+    atomic_outs=True,  # each written to a temp file or folder and renamed: DVC need not delete them first
     plots_dir="plots",  # the plots of the task: ROC, PR, calibration (binary), confusion (classes), residuals
     plots=(Plot("roc_plot", x="fpr", y="tpr", title="ROC"),
            Plot("pr_plot", x="recall", y="precision", title="Precision-recall"),

@@ -18,6 +18,7 @@ log = logging.getLogger(__name__)
     deps=("challenger",),
     extra_code=("bentos", "pipelines"),  # the bento carries this code: a change rebuilds it
     outs=(Out("package_record", cache=False),),
+    atomic_outs=True,  # each written to a temp file or folder and renamed: DVC need not delete them first
     description="The challenger into the BentoML model store, and its bento",
 )
 def run(settings: Settings, paths: Paths) -> dict[str, Any]:

@@ -33,6 +33,7 @@ log = logging.getLogger(__name__)
     # the registry accumulates versions across runs: DVC must not delete it before the stage runs
     outs=(Out("registry", cache=False, persist=True), Out("model_card", cache=False)),
     metrics=("promotion",),
+    atomic_outs=True,  # each written to a temp file or folder and renamed: DVC need not delete them first
     options=(Option("--force", switch=True, default=False, help="skip the gate: make a version champion"),
              Option("--version", help="with --force: the version to promote (default: the challenger)"),
              Option("--reason", default="", help="why (recorded in the registry)")),

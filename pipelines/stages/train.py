@@ -37,6 +37,7 @@ def build_learners(settings: Settings, transform: FeatureTransform) -> list[Lear
     deps=("features", "validated"),
     outs=(Out("challenger"), Out("tuning_report", cache=False)),
     metrics=("train_report",),
+    atomic_outs=True,  # each written to a temp file or folder and renamed: DVC need not delete them first
     description="Fit the learners and the ensemble (tuned within the budget) into models/challenger",
 )
 def run(settings: Settings, paths: Paths) -> dict[str, Any]:

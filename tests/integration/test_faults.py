@@ -17,7 +17,7 @@ import pandas as pd
 import pytest
 
 from pipelines.bundle import ModelBundle
-from tests.conftest import BIN, REPO, amaas, served, write_params
+from tests.conftest import BIN, REPO, amaas, dvc_project, run_tool, served, write_params
 
 pytestmark = pytest.mark.slow
 
@@ -153,3 +153,45 @@ def test_failed_package_leaves_the_champion_serving(tmp_path, trained_project):
         after = server.session.post(f"{server.url}/predict", json=payload, timeout=30).json()
         assert [a["probability"] for a in after] == [b["probability"] for b in before]
         assert after[0]["model_version"] == champion
+
+
+def test_dvc_repro_killed_in_train_keeps_the_previous_outputs(tmp_path):
+    """DVC deletes a stage's outputs before it runs it, unless they persist: those of train and evaluate are
+    replaced atomically by the stages, so a SIGKILL mid-`dvc repro` leaves the previous ones, whole."""
+    dvc_project(tmp_path)
+    write_params(tmp_path)
+    first = run_tool(["dvc", "repro"], tmp_path)
+    assert first.returncode == 0, first.stdout[-2000:] + first.stderr[-3000:]
+    kept = ["reports/tuning.json", "reports/train.json", "reports/metrics.json", "reports/slices.json",
+            "reports/test_predictions.parquet", "models/challenger/metadata.json"]
+    before = {name: (tmp_path / name).read_bytes() for name in kept}
+
+    # a train setting changes: train and what follows run again; kill the whole dvc repro inside train
+    write_params(tmp_path, **{"train.lightgbm.n_estimators": 7})
+    log = tmp_path / "repro.log"
+    env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}"}
+    with log.open("w") as out:
+        proc = subprocess.Popen(["dvc", "repro"], cwd=tmp_path, stdout=out, stderr=subprocess.STDOUT, env=env,
+                                start_new_session=True)
+        deadline = time.monotonic() + 120
+        while "Running stage 'train'" not in log.read_text():
+            assert proc.poll() is None and time.monotonic() < deadline, log.read_text()[-2000:]
+            time.sleep(0.1)
+        time.sleep(1.0)  # inside amaas train
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    assert "Running stage 'evaluate'" not in log.read_text()
+
+    for name, content in before.items():  # DVC deleted none of them, and none is half-written
+        assert (tmp_path / name).read_bytes() == content, name
+    _outputs_are_whole(tmp_path)
+
+    again = run_tool(["dvc", "repro"], tmp_path)
+    assert again.returncode == 0, again.stdout[-2000:] + again.stderr[-3000:]
+    assert "Running stage 'train'" in again.stdout and "Running stage 'evaluate'" in again.stdout
+    assert not [p for p in tmp_path.rglob("*.tmp") if ".dvc" not in p.parts]
+    ModelBundle.load(tmp_path / "models" / "challenger")
+    # persisted outputs are still versioned: a third repro skips every stage after collect
+    third = run_tool(["dvc", "repro"], tmp_path)
+    assert third.returncode == 0, third.stderr[-2000:]
+    assert [line for line in third.stdout.splitlines() if "Running stage" in line] == ["Running stage 'collect':"]
