@@ -114,7 +114,8 @@ def test_every_answered_prediction_is_in_the_log(server, trained_project):
     lines = [json.loads(line) for file in (trained_project / "logs" / "predictions").glob("*.jsonl")
              for line in file.read_text().splitlines()]
     assert list(next(line for line in lines if line["request_id"] == rid)) == [  # the format on disk
-        "time", "label", "probabilities", "probability", "model_version", "request_id", "route", "id", "features"]
+        "time", "label", "probabilities", "probability", "model_version", "request_id", "key_name", "route", "id",
+        "features"]
 
 
 def test_monitoring_judges_served_predictions_and_joins_delayed_labels(server, trained_project, tmp_path):
