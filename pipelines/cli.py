@@ -98,10 +98,18 @@ def _serve(args: argparse.Namespace, paths: Paths) -> int:
 DRAIN_S = 30.0  # after SIGTERM/SIGINT: how long requests in flight have to finish before the server is killed
 
 
+def _die_with_parent() -> None:
+    """In the server, before exec: SIGTERM it if `amaas serve` dies unhandled (SIGKILL), so none is orphaned."""
+    import ctypes
+
+    with contextlib.suppress(OSError, AttributeError):  # Linux only (prctl PR_SET_PDEATHSIG)
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)
+
+
 def _supervise(cmd: list[str], env: dict[str, str]) -> int:
     """Run the server in its own process group and pass SIGTERM/SIGINT on to all of it: it stops taking
     requests, finishes those in flight (DRAIN_S at most, then SIGKILL) and frees the port before we exit."""
-    server = subprocess.Popen(cmd, env=env, start_new_session=True)
+    server = subprocess.Popen(cmd, env=env, start_new_session=True, preexec_fn=_die_with_parent)
     stopping: list[int] = []
 
     def forward(signum: int, _frame: Any) -> None:
