@@ -115,6 +115,8 @@ class Gateway:
                                                          "Bearer <key>' (create one with `amaas keys add NAME`)"})
         if path != "/predict":
             return await self.app(scope, receive, send)
+        if not (headers.get("content-length") or "0").isdigit():
+            return await _reply(send, 400, {"error": "Content-Length is not a number"})
         body = await _read_body(receive, self.serve.max_body_bytes, headers)
         if body is None:
             return await _reply(send, 413, {"error": f"request body over serve.max_body_bytes="
@@ -301,8 +303,7 @@ def _key(headers: dict[str, str]) -> str | None:
 
 async def _read_body(receive: Receive, limit: int, headers: dict[str, str]) -> bytes | None:
     """The whole body, or None as soon as it is over `limit` bytes (checked on Content-Length first)."""
-    declared = headers.get("content-length") or "0"
-    if not declared.isdigit() or int(declared) > limit:
+    if int(headers.get("content-length") or 0) > limit:
         return None
     chunks, size = [], 0
     while True:

@@ -220,7 +220,7 @@ def test_malformed_requests_get_a_4xx_at_once_and_nothing_escapes(gateway):
         status, _, body = _call(gw, "/predict", b'{"row": {"age": ' + constant + b"}}", auth)
         assert status == 422 and "not a JSON number" in body["detail"][0]["msg"]
     assert _call(gw, "/predict", row, {**auth, "X-Big": "a" * 20_000})[0] == 431
-    assert _call(gw, "/predict", row, {**auth, "Content-Length": "-1"})[0] in (400, 413)
+    assert _call(gw, "/predict", row, {**auth, "Content-Length": "-1"})[0] == 400
     for path in ("/nope", "/predict/x", "/static_content/../../etc/passwd", "/static_content/nope.js"):
         assert _call(gw, path, b"", {}, method="GET")[0] == 404, path
     assert _call(gw, "/static_content/swagger-ui.css", b"", {}, method="GET")[0] == 200
