@@ -27,7 +27,7 @@ from pydantic import BaseModel
 from pipelines.bundle import ModelBundle
 from pipelines.config import PARAMS_ENV, ROOT_ENV, Paths, Settings, load_settings
 from pipelines.registry import Registry
-from pipelines.serving.gateway import REQUEST_ID, ROUTE, Gateway
+from pipelines.serving.gateway import KEY_NAME, REQUEST_ID, ROUTE, Gateway, bound_metric_labels, quiet_shedding
 from pipelines.serving.predlog import PredictionLog, PredictionRecord, now_iso
 
 log = logging.getLogger("amaas.service")
@@ -163,7 +163,7 @@ class AmaasService:
             result = {**answers[i], "model_version": answered_by[i].version, "request_id": row.get(REQUEST_ID)}
             out.append(result)
             shadowed_by = {"shadow_model_version": challenger.version, "shadow": shadow[i]} if i in shadow else {}
-            records.append(PredictionRecord(time=at, **result, route=routes[i],
+            records.append(PredictionRecord(time=at, **result, route=routes[i], key_name=row.get(KEY_NAME),
                                             id=row.get(self.id_column) if self.id_column else None,
                                             features={f: row.get(f) for f in self.features}, **shadowed_by))
         self.log.append(records)
@@ -194,5 +194,7 @@ class _Shared:
 
 
 MODELS = _Shared()
+bound_metric_labels()  # unknown paths get 404 before BentoML's metrics label them
+quiet_shedding()  # a shed request is one gateway log line, not BentoML's traceback
 AmaasService.add_asgi_middleware(Gateway, settings=settings, keys_file=PATHS.api_keys, routing=MODELS.routing,
                                  versions=MODELS.versions)

@@ -7,10 +7,13 @@ import contextlib
 import json
 import logging
 import os
+import signal
 import subprocess
 import sys
+import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from pipelines.config import PARAMS_ENV, ROOT_ENV, ConfigError, Paths, Settings, load_settings
 from pipelines.contracts import UndeclaredSetting, declaration
@@ -89,7 +92,51 @@ def _serve(args: argparse.Namespace, paths: Paths) -> int:
     log.info("serving champion %s at http://%s:%d (POST /predict)", champion, host, port)
     params = Path(args.params or os.environ.get(PARAMS_ENV) or "params.yaml").resolve()
     # the project the server follows: its registry, params, keys and prediction log
-    return subprocess.call(cmd, env={**os.environ, ROOT_ENV: str(paths.root), PARAMS_ENV: str(params)})
+    return _supervise(cmd, {**os.environ, ROOT_ENV: str(paths.root), PARAMS_ENV: str(params)})
+
+
+DRAIN_S = 30.0  # after SIGTERM/SIGINT: how long requests in flight have to finish before the server is killed
+
+
+def _die_with_parent() -> None:
+    """In the server, before exec: SIGTERM it if `amaas serve` dies unhandled (SIGKILL), so none is orphaned."""
+    import ctypes
+
+    with contextlib.suppress(OSError, AttributeError):  # Linux only (prctl PR_SET_PDEATHSIG)
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)
+
+
+def _supervise(cmd: list[str], env: dict[str, str]) -> int:
+    """Run the server in its own process group and pass SIGTERM/SIGINT on to all of it: it stops taking
+    requests, finishes those in flight (DRAIN_S at most, then SIGKILL) and frees the port before we exit."""
+    server = subprocess.Popen(cmd, env=env, start_new_session=True, preexec_fn=_die_with_parent)
+    stopping: list[int] = []
+
+    def forward(signum: int, _frame: Any) -> None:
+        if not stopping:
+            log.info("signal %d: draining the server (at most %.0f s)", signum, DRAIN_S)
+        stopping.append(signum)
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(server.pid, signal.SIGTERM if signum == signal.SIGINT else signum)
+
+    previous = {sig: signal.signal(sig, forward) for sig in (signal.SIGTERM, signal.SIGINT)}
+    deadline: float | None = None
+    try:
+        while (code := server.poll()) is None:
+            time.sleep(0.2)  # a signal handler runs between sleeps
+            if stopping and deadline is None:
+                deadline = time.monotonic() + DRAIN_S
+            if deadline is not None and time.monotonic() > deadline:
+                log.error("the server did not stop within %.0f s: killing it", DRAIN_S)
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(server.pid, signal.SIGKILL)
+                deadline = float("inf")
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+        with contextlib.suppress(ProcessLookupError):  # workers left behind by the server's own exit
+            os.killpg(server.pid, signal.SIGKILL)
+    return 0 if stopping else code
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -13,6 +13,10 @@ from typing import Any
 from pipelines.io import read_json, write_json
 
 
+class KeyStoreError(ValueError):
+    """The key file exists but cannot be read as a key store: no key can be checked until it is repaired."""
+
+
 class ApiKeys:
     """API keys stored as SHA-256 digests (keys are 256-bit random, so a fast hash is enough), by name."""
 
@@ -43,16 +47,34 @@ class ApiKeys:
 
     def valid(self, key: str | None) -> bool:
         """Whether `key` is a current key; the file is re-read when it changes, so revocation is immediate."""
+        return self.name_of(key) is not None
+
+    def name_of(self, key: str | None) -> str | None:
+        """The name of `key` if it is a current key, else None (KeyStoreError: the file is corrupt)."""
         if not key:
-            return False
+            return None
         mtime = self.path.stat().st_mtime if self.path.is_file() else None
         if mtime != self._mtime:
-            self._digests, self._mtime = {e["sha256"]: n for n, e in self._read().items()}, mtime
+            self._digests = {e["sha256"]: n for n, e in self._read().items()}
+            self._mtime = mtime
         given = _digest(key)
-        return any(hmac.compare_digest(given, d) for d in self._digests)
+        return next((name for d, name in self._digests.items() if hmac.compare_digest(given, d)), None)
 
     def _read(self) -> dict[str, Any]:
-        return read_json(self.path) if self.path.is_file() else {}
+        if not self.path.is_file():
+            return {}
+        try:
+            entries = read_json(self.path)
+            if not isinstance(entries, dict) or not all(
+                    isinstance(e, dict) and isinstance(e.get("sha256"), str) and isinstance(e.get("created"), str)
+                    for e in entries.values()):
+                raise ValueError("not an object of {name: {sha256, created}}")
+        except (OSError, UnicodeDecodeError, ValueError) as exc:
+            raise KeyStoreError(
+                f"the API key file {self.path} is corrupt ({str(exc)[:200]}): move it aside (keys in it cannot be "
+                f"recovered, they are stored hashed), then create keys again with `amaas keys add NAME` and give "
+                f"them to the clients") from exc
+        return entries
 
 
 def _digest(key: str) -> str:

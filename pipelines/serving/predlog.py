@@ -31,6 +31,7 @@ class PredictionRecord:
     value: float | None = None
     model_version: str | None = None
     request_id: str | None = None
+    key_name: str | None = None  # the name of the API key that sent the request (never the key); older lines: None
     route: str | None = None  # champion | challenger | shadow
     id: int | str | None = None
     features: dict[str, Any] = field(default_factory=dict)
@@ -43,8 +44,9 @@ class PredictionRecord:
         shadow traffic."""
         out: dict[str, Any] = {"time": self.time}
         out |= {k: getattr(self, k) for k in _ANSWER if getattr(self, k) is not None}
-        out |= {"model_version": self.model_version, "request_id": self.request_id, "route": self.route,
-                "id": self.id, "features": self.features}
+        out |= {"model_version": self.model_version, "request_id": self.request_id}
+        out |= {} if self.key_name is None else {"key_name": self.key_name}
+        out |= {"route": self.route, "id": self.id, "features": self.features}
         if self.shadow is not None:
             out |= {k: getattr(self, k) for k in _SHADOW}
         return out | ({} if self.output is None else {"output": self.output})
@@ -69,7 +71,8 @@ class PredictionRecord:
 
 
 class PredictionLog:
-    """Append-only JSON Lines, one file per day and process; fsync'ed before the answer leaves."""
+    """Append-only JSON Lines, one file per day and process, readable by owner and group only (0640: rows
+    are customer data); fsync'ed before the answer leaves."""
 
     def __init__(self, folder: Path) -> None:
         self.folder = folder
@@ -80,8 +83,10 @@ class PredictionLog:
             return
         day = datetime.now(UTC).strftime("%Y-%m-%d")
         data = "".join(r.to_json() + "\n" for r in records).encode()
-        fd = os.open(self.folder / f"{day}-{os.getpid()}.jsonl", os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+        fd = os.open(self.folder / f"{day}-{os.getpid()}.jsonl", os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o640)
         try:
+            if os.fstat(fd).st_mode & 0o037:  # an older, wider file (or a lax umask the other way round)
+                os.fchmod(fd, 0o640)
             os.write(fd, data)
             os.fsync(fd)  # acknowledged means on disk: a crash after the answer loses nothing
         finally:

@@ -209,7 +209,7 @@ def current_rows(settings: Settings, paths: Paths, model: ModelBundle | None) ->
     description of the window."""
     schema = settings.data_schema
     if settings.report.current == "prediction_log":
-        return _logged_window(paths, schema, settings.report.window_hours, model)
+        return _logged_window(paths, schema, settings.report.window_hours, model, settings.report.max_key_share)
     validated = pd.read_parquet(paths.validated_rows)
     if validated.empty:
         raise MonitoringError(f"{paths.validated_rows} has no rows: collect a batch first")
@@ -230,20 +230,49 @@ def scored(rows: pd.DataFrame, model: ModelBundle) -> pd.DataFrame:
     return rows
 
 
-def _logged_window(paths: Paths, schema: SchemaConfig, hours: float, model: ModelBundle | None
-                   ) -> tuple[pd.DataFrame, str]:
+def _logged_window(paths: Paths, schema: SchemaConfig, hours: float, model: ModelBundle | None,
+                   max_key_share: float = 1.0) -> tuple[pd.DataFrame, str]:
     records = read_prediction_log(paths.prediction_log)
     if not records:
         raise MonitoringError(f"no predictions in {paths.prediction_log}: serve the model (`amaas serve`) first, "
                               f"or set report.current: batch")
     classes = model.classes if model is not None else schema.classes
     log_frame = pd.DataFrame.from_records(
-        [{schema.key_column: r.id, "time": r.time, **_logged_output(r, schema.task, classes), **r.features}
-         for r in records])
+        [{schema.key_column: r.id, "time": r.time, KEY_NAME: r.key_name, **_logged_output(r, schema.task, classes),
+          **r.features} for r in records])
     times = pd.to_datetime(log_frame["time"], utc=True)
     start = times.max() - pd.Timedelta(hours=hours)  # the newest window of the log, not of the wall clock
-    window = log_frame.loc[(times > start).to_numpy()].drop(columns=["time"]).reset_index(drop=True)
+    window = log_frame.loc[(times > start).to_numpy()].drop(columns=["time"])
+    window = cap_key_share(window, max_key_share).drop(columns=[KEY_NAME]).reset_index(drop=True)
     return window, f"predictions after {start.isoformat(timespec='seconds')}"
+
+
+KEY_NAME = "_key_name"
+
+
+def cap_key_share(window: pd.DataFrame, share: float) -> pd.DataFrame:
+    """`window` with no API key's rows over `share` of it: one key holder cannot steer monitoring. A key over
+    its share keeps evenly spaced rows (deterministic); rows of no key (auth off, older lines) are not capped.
+    A window of one source alone is kept whole."""
+    counts = window[KEY_NAME].dropna().value_counts()
+    unkeyed = int(window[KEY_NAME].isna().sum())
+    if share >= 1 or counts.empty or len(counts) + (unkeyed > 0) < 2:
+        return window
+
+    def fits(cap: int) -> bool:  # the largest cap with cap <= share * rows kept: a concave test, so bisect
+        return cap <= share * (int(counts.clip(upper=cap).sum()) + unkeyed)
+
+    low, high = 0, int(counts.max())
+    while low < high:
+        mid = (low + high + 1) // 2
+        low, high = (mid, high) if fits(mid) else (low, mid - 1)
+    keep = window[KEY_NAME].isna().to_numpy().copy()
+    for name, count in counts.items():
+        rows = np.flatnonzero((window[KEY_NAME] == name).to_numpy())
+        keep[rows[(np.arange(min(count, low)) * count) // max(low, 1)] if count > low else rows] = True
+    if (dropped := len(window) - int(keep.sum())):
+        log.warning("monitoring window: %d rows of API keys over report.max_key_share=%.2f left out", dropped, share)
+    return window.loc[keep]
 
 
 def _logged_output(record: PredictionRecord, task: str, classes: list[Any] | None

@@ -111,10 +111,12 @@ def test_every_answered_prediction_is_in_the_log(server, trained_project):
     assert logged[0].id == 77 and logged[0].features["credit_score"] == 610
     assert logged[0].features["home_ownership"] == "  RENT "  # as received; the model cleans it
     assert {r.model_version for r in logged} == {answer[0]["model_version"]}
+    assert len({r.key_name for r in logged}) == 1 and logged[0].key_name.startswith("tests-")  # its name, not the key
     lines = [json.loads(line) for file in (trained_project / "logs" / "predictions").glob("*.jsonl")
              for line in file.read_text().splitlines()]
     assert list(next(line for line in lines if line["request_id"] == rid)) == [  # the format on disk
-        "time", "label", "probabilities", "probability", "model_version", "request_id", "route", "id", "features"]
+        "time", "label", "probabilities", "probability", "model_version", "request_id", "key_name", "route", "id",
+        "features"]
 
 
 def test_monitoring_judges_served_predictions_and_joins_delayed_labels(server, trained_project, tmp_path):
@@ -131,7 +133,8 @@ def test_monitoring_judges_served_predictions_and_joins_delayed_labels(server, t
     root.mkdir()
     for part in ("params.yaml", "data/validated", "models/registry", "logs"):
         (shutil.copytree if (trained_project / part).is_dir() else shutil.copy2)(trained_project / part, root / part)
-    _set_params(root, "report", current="prediction_log", min_labeled_rows=100)
+    # one key sent nearly all rows here; report.max_key_share (unit-tested) would thin them to the others'
+    _set_params(root, "report", current="prediction_log", min_labeled_rows=100, max_key_share=1.0)
     amaas("report", root=root)
     summary = json.loads((root / "reports" / "drift_details.json").read_text())
 

@@ -9,12 +9,13 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from pipelines.config import load_settings
-from pipelines.serving.gateway import REQUEST_ID, ROUTE, Gateway
-from pipelines.serving.keys import ApiKeys
+from pipelines.serving.gateway import KEY_NAME, REQUEST_ID, ROUTE, Gateway, QuietShedding
+from pipelines.serving.keys import ApiKeys, KeyStoreError
 from pipelines.serving.predlog import PredictionLog, PredictionRecord, read_prediction_log
 from pipelines.serving.routing import route
 from tests.conftest import write_params
@@ -89,7 +90,7 @@ class _App:
         await send({"type": "http.response.body", "body": b"[]"})
 
 
-def _call(gateway: Gateway, path: str, body: bytes, headers: dict[str, str], method: str = "POST"
+def _call(gateway: Gateway, path: str, body: bytes, headers: dict[str, Any], method: str = "POST"
           ) -> tuple[int, dict, dict]:
     sent: list[dict] = []
 
@@ -100,7 +101,7 @@ def _call(gateway: Gateway, path: str, body: bytes, headers: dict[str, str], met
         sent.append(message)
 
     scope = {"type": "http", "method": method, "path": path,
-             "headers": [(k.lower().encode(), v.encode()) for k, v in headers.items()]}
+             "headers": [(k.lower().encode(), v if isinstance(v, bytes) else v.encode()) for k, v in headers.items()]}
     asyncio.run(gateway(scope, receive, send))
     start = sent[0]
     payload = b"".join(m.get("body", b"") for m in sent[1:])
@@ -200,3 +201,147 @@ def test_openapi_shows_the_rows_and_the_answer_of_the_task(task, tmp_path):
                 "regression": {"value"}}[task]
     assert set(answer["items"]["properties"]) == expected | {"model_version", "request_id"}
     json.dumps(doc)  # a valid JSON document
+
+
+def test_malformed_requests_get_a_4xx_at_once_and_nothing_escapes(gateway):
+    """Issue 16, items 1-3 and 5: each of these once hung 30 s and gave a 500, or grew the logs or /metrics."""
+    gw, app, key = gateway
+    auth = {"Authorization": f"Bearer {key}"}
+    row = json.dumps({"row": ROW}).encode()
+    assert _call(gw, "/predict", row, {"X-Junk": b"\xff\xfe"})[0] == 401  # a header that is not UTF-8
+    assert _call(gw, "/predict", row, {**auth, "X-Junk": b"\xff"})[0] == 200  # ...is no error with a key
+    assert _call(gw, "/predict", row, {"Authorization": b"Bearer \xff\xfe"})[0] == 401
+    status, _, body = _call(gw, "/predict", b'{"row": "\xff"}', auth)
+    assert status == 422 and "UTF-8" in body["detail"][0]["msg"]
+    assert _call(gw, "/predict", b"[" * 1000 + b"]" * 1000, auth)[0] == 422
+    assert _call(gw, "/predict", b'{"rows": ' * 400 + b"1" + b"}" * 400, auth)[0] == 422
+    assert _call(gw, "/predict", b"[" * 4000, auth)[0] == 422
+    for constant in (b"NaN", b"Infinity", b"-Infinity"):
+        status, _, body = _call(gw, "/predict", b'{"row": {"age": ' + constant + b"}}", auth)
+        assert status == 422 and "not a JSON number" in body["detail"][0]["msg"]
+    assert _call(gw, "/predict", row, {**auth, "X-Big": "a" * 20_000})[0] == 431
+    assert _call(gw, "/predict", row, {**auth, "Content-Length": "-1"})[0] == 400
+    for path in ("/nope", "/predict/x", "/static_content/../../etc/passwd", "/static_content/nope.js"):
+        assert _call(gw, path, b"", {}, method="GET")[0] == 404, path
+    assert _call(gw, "/static_content/swagger-ui.css", b"", {}, method="GET")[0] == 200
+    assert len(app.calls) == 2  # the keyed request with a junk header, and the static file
+
+
+def test_request_ids_are_capped_to_a_safe_alphabet(gateway, caplog):
+    gw, app, key = gateway
+    auth = {"Authorization": f"Bearer {key}"}
+    row = json.dumps({"row": ROW}).encode()
+    assert _call(gw, "/predict", row, {**auth, "X-Request-ID": "abc-1.2:3_x"})[1]["x-request-id"] == "abc-1.2:3_x"
+    for bad in ("a" * 129, "a b", "a\nforged log line", b"\xff\xfe"):
+        with caplog.at_level("WARNING", logger="amaas.gateway"):
+            caplog.clear()
+            status, headers, _ = _call(gw, "/predict", row, {**auth, "X-Request-ID": bad})
+        assert status == 200 and len(headers["x-request-id"]) == 32 and headers["x-request-id"] != bad
+        assert json.loads(app.calls[-1][1])["rows"][0][REQUEST_ID] == headers["x-request-id"]
+        assert len(caplog.records) == 1 and len(caplog.records[0].getMessage()) < 300
+        assert "\n" not in caplog.records[0].getMessage()
+
+
+def test_a_422_echoes_little_and_is_strict_json(gateway):
+    gw, _, key = gateway
+    auth = {"Authorization": f"Bearer {key}"}
+    rows = [{**ROW, "age": "x" * 1500, "region": ["y" * 1500]}]
+    status, headers, body = _call(gw, "/predict", json.dumps({"rows": rows}).encode(), auth)
+    assert status == 422 and body["error"].endswith("invalid field(s)")
+    assert int(headers["content-length"]) < 3000
+    assert all(len(json.dumps(d["input"])) < 150 for d in body["detail"])
+    status, _, body = _call(gw, "/predict", json.dumps({"row": {k: ["x"] for k in ROW}}).encode(), auth)
+    assert status == 422 and int(body["error"].split()[0]) > 20 == len(body["detail"])
+
+
+def test_a_corrupt_key_file_is_a_503_at_once_logged_once(gateway, tmp_path, caplog):
+    gw, app, key = gateway
+    (tmp_path / "keys.json").write_text('{"t": ')
+    with caplog.at_level("ERROR", logger="amaas.gateway"):
+        for _ in range(3):
+            status, _, body = _call(gw, "/predict", json.dumps({"row": ROW}).encode(), {"X-API-Key": key})
+            assert status == 503 and "key store" in body["error"]
+    assert len(caplog.records) == 1 and str(tmp_path / "keys.json") in caplog.records[0].getMessage()
+    assert _call(gw, "/readyz", b"", {})[0] == 200  # health stays open
+    with pytest.raises(KeyStoreError, match="amaas keys add"):
+        ApiKeys(tmp_path / "keys.json").names()
+    (tmp_path / "keys.json").write_text('{"t": 1}')
+    with pytest.raises(KeyStoreError):
+        ApiKeys(tmp_path / "keys.json").valid("x")
+
+
+def test_amaas_keys_list_says_how_to_repair_a_corrupt_file(tmp_path, capsys):
+    from pipelines.cli import main
+
+    write_params(tmp_path)
+    (tmp_path / ".amaas").mkdir()
+    (tmp_path / ".amaas" / "api_keys.json").write_bytes(b"\xff not json")
+    assert main(["--params", str(tmp_path / "params.yaml"), "--root", str(tmp_path), "keys", "list"]) == 2
+    err = capsys.readouterr().err
+    assert "api_keys.json is corrupt" in err and "move it aside" in err and "amaas keys add" in err
+
+
+def test_shed_requests_say_overloaded_retry_and_log_one_line(tmp_path, caplog):
+    import logging
+
+    from bentoml.exceptions import ServiceUnavailable
+
+    params = write_params(tmp_path)
+    keys = ApiKeys(tmp_path / "keys.json")
+    key = keys.add("t")
+
+    async def shedding(scope, receive, send) -> None:  # what BentoML answers when it sheds load
+        await send({"type": "http.response.start", "status": 503, "headers": []})
+        await send({"type": "http.response.body", "body": b'{"error": "An unexpected error has occurred"}'})
+
+    gw = Gateway(shedding, lambda: load_settings(params), tmp_path / "keys.json", lambda: (0.0, False), dict)
+    with caplog.at_level("WARNING", logger="amaas.gateway"):
+        status, headers, body = _call(gw, "/predict", json.dumps({"row": ROW}).encode(), {"X-API-Key": key})
+    assert status == 503 and body["error"] == "overloaded, retry" and headers["retry-after"] == "1"
+    assert len(caplog.records) == 1 and "overloaded" in caplog.records[0].getMessage()
+    try:
+        raise ServiceUnavailable("process is overloaded")
+    except ServiceUnavailable:
+        shed = logging.LogRecord("bentoml", logging.ERROR, __file__, 1, "Exception on /predict", None, sys.exc_info())
+    other = logging.LogRecord("bentoml", logging.ERROR, __file__, 1, "Exception on /predict", None,
+                              (ValueError, ValueError("x"), None))
+    assert not QuietShedding().filter(shed) and QuietShedding().filter(other)
+
+
+def test_the_key_name_reaches_the_log_never_the_key(gateway, tmp_path):
+    gw, app, key = gateway
+    assert _call(gw, "/predict", json.dumps({"row": ROW}).encode(), {"X-API-Key": key})[0] == 200
+    assert json.loads(app.calls[-1][1])["rows"][0][KEY_NAME] == "t"
+    log = PredictionLog(tmp_path / "log")
+    log.append([PredictionRecord(request_id="a", key_name="t", probability=0.1)])
+    file = next((tmp_path / "log").glob("*.jsonl"))
+    assert oct(os.stat(file).st_mode & 0o777) == "0o640"
+    line = json.loads(file.read_text())
+    assert line["key_name"] == "t" and key not in file.read_text()
+    assert read_prediction_log(tmp_path / "log")[0].key_name == "t"
+    assert PredictionRecord.from_json('{"time": "t", "request_id": "old"}').key_name is None  # older lines
+    os.chmod(file, 0o644)  # a file from before: narrowed on the next append
+    log.append([PredictionRecord(request_id="b")])
+    assert oct(os.stat(file).st_mode & 0o777) == "0o640"
+
+
+def test_one_key_cannot_steer_the_monitoring_window():
+    import pandas as pd
+
+    from pipelines.stages.report import KEY_NAME as LOGGED_KEY
+    from pipelines.stages.report import cap_key_share
+
+    window = pd.DataFrame({LOGGED_KEY: ["loud"] * 900 + ["a"] * 60 + ["b"] * 40 + [None] * 100,
+                           "x": range(1100)})
+    capped = cap_key_share(window, 0.5)
+    shares = capped[LOGGED_KEY].fillna("none").value_counts(normalize=True)
+    assert shares["loud"] <= 0.5 and shares.max() == shares["loud"]
+    assert (capped[LOGGED_KEY] != "loud").sum() == 200  # nobody else loses rows
+    assert capped.equals(cap_key_share(window, 0.5))  # deterministic
+    loud = capped.loc[capped[LOGGED_KEY] == "loud", "x"]
+    assert loud.min() < 100 and loud.max() > 800  # spread over the window, not its start
+    assert len(cap_key_share(window, 1.0)) == 1100
+    alone = pd.DataFrame({LOGGED_KEY: ["only"] * 50, "x": range(50)})
+    assert len(cap_key_share(alone, 0.5)) == 50  # one source: nothing to balance
+    several = cap_key_share(window, 0.3)
+    assert several[LOGGED_KEY].value_counts().max() <= 0.3 * len(several)  # rows of no key are not capped
