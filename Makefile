@@ -14,9 +14,9 @@ AIRFLOW_PORT ?= 8080
 # Where `make lock` finds the CPU torch wheel (torch==...+cpu is not on PyPI): pip's find-links when set, else
 # the PyTorch CPU index page of torch alone, so no other package can come from there.
 TORCH_FIND_LINKS ?= $(or $(PIP_FIND_LINKS),https://download.pytorch.org/whl/cpu/torch/)
-# Extra pip arguments for `make install`, e.g. PIP_ARGS="--find-links https://download.pytorch.org/whl/cpu/torch/"
+# Extra pip arguments for `make install`, e.g. INSTALL_ARGS="--find-links https://download.pytorch.org/whl/cpu/torch/"
 # where no local find-links provides the torch wheel. The hashes are checked whatever the source.
-PIP_ARGS ?=
+INSTALL_ARGS ?=
 
 .PHONY: install run test test-fast serve airflow lint audit-code audit typecheck constraints lock clean
 
@@ -25,7 +25,7 @@ PIP_ARGS ?=
 # and `pip check` proves the set complete. The project goes in last, built by the locked setuptools.
 $(VENV)/.installed: pyproject.toml requirements.lock
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install -q --require-hashes --no-deps -r requirements.lock $(PIP_ARGS)
+	$(BIN)/python -m pip install -q --require-hashes --no-deps -r requirements.lock $(INSTALL_ARGS)
 	$(BIN)/python -m pip install -q --no-deps --no-build-isolation -e .
 	$(BIN)/python -m pip check
 	touch $@
