@@ -45,6 +45,15 @@ def _airflow(env: dict[str, str], *args: str, check: bool = True) -> subprocess.
                           timeout=300)
 
 
+def _poll(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
+    """One poll of the CLI in a polling loop: a failed or timed-out call (a loaded machine, a busy metadata
+    database) reads as a failed answer, and only the loop's overall deadline ends the wait."""
+    try:
+        return _airflow(env, *args, check=False)
+    except subprocess.TimeoutExpired as timeout:
+        return subprocess.CompletedProcess(timeout.cmd, 124, "", "")
+
+
 def test_celery_executor_runs_training_pipeline(tmp_path, postgres_url, redis_url):
     write_params(tmp_path)
     db = _database(postgres_url, "airflow_celery")
@@ -76,12 +85,12 @@ def test_celery_executor_runs_training_pipeline(tmp_path, postgres_url, redis_ur
                               stderr=subprocess.STDOUT, start_new_session=True) for name, cmd in services.items()]
     try:
         deadline = time.monotonic() + 120
-        while _airflow(env, "dags", "trigger", "training_pipeline", check=False).returncode != 0:
+        while _poll(env, "dags", "trigger", "training_pipeline").returncode != 0:
             assert time.monotonic() < deadline, "the DAG processor never registered training_pipeline"
             time.sleep(2)
         deadline = time.monotonic() + 420
         while True:
-            listed = _airflow(env, "dags", "list-runs", "training_pipeline", "-o", "json").stdout.splitlines()
+            listed = _poll(env, "dags", "list-runs", "training_pipeline", "-o", "json").stdout.splitlines()
             runs = next((json.loads(line) for line in reversed(listed) if line.startswith("[")), [])
             state = runs[0]["state"] if runs else "none"
             if state in ("success", "failed") or time.monotonic() > deadline:
