@@ -296,7 +296,7 @@ class ReportConfig(_Strict):
     max_metric_drop: float = Field(default=0.03, ge=0)  # promote.metric on labelled rows this far under the champion's
     min_labeled_rows: int = Field(default=200, ge=10)  # fewer labelled rows: no performance verdict
     max_p_value: float = Field(default=0.05, gt=0, le=1)  # bootstrap: the decay must be this significant
-    max_key_share: float = Field(default=0.5, gt=0, le=1)  # prediction_log: one API key's most share of the window
+    max_key_share: float = Field(default=1.0, gt=0, le=1)  # prediction_log: one API key's most share of the window
 
 
 class DeployConfig(_Strict):
