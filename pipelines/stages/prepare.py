@@ -10,7 +10,7 @@ import pandas as pd
 
 from pipelines.config import Paths, SchemaConfig, Settings
 from pipelines.contracts import Out, stage
-from pipelines.io import write_json, write_parquet
+from pipelines.io import atomic_dir, write_json, write_parquet
 from pipelines.sources import row_hash
 from pipelines.transform import FeatureTransform, label_key
 
@@ -83,6 +83,7 @@ def duplicates_of(rows: pd.DataFrame, seen: pd.DataFrame, columns: list[str]) ->
     outs=(Out("features"), Out("reference")),
     metrics=("prepare_report",),
     description="Split train/valid/test, fit the feature transform, keep the drift reference sample",
+    atomic_outs=True,  # each written to a temp file or folder and renamed: DVC need not delete them first
 )
 def run(settings: Settings, paths: Paths) -> dict[str, Any]:
     """Write raw splits to data/reference/, features to data/features/, and the fitted transform."""
@@ -97,21 +98,23 @@ def run(settings: Settings, paths: Paths) -> dict[str, Any]:
         if cfg.drop_duplicate_rows and dupes.any():
             splits[name] = splits[name][~dupes].reset_index(drop=True)
     transform = FeatureTransform.fit(splits["train"], schema, settings.clean)
-    transform.save(paths.fitted_transform)
-    for name, rows in splits.items():
-        write_parquet(paths.split_rows(name), rows)
-        features = transform.transform(rows)
-        features[schema.target] = transform.encode_target(rows[schema.target])
-        write_parquet(paths.split_features(name), features)
-        summary[f"{name}_rows"] = len(rows)
-        if schema.is_classification:
-            counts = rows[schema.target].map(label_key).value_counts()
-            summary[f"{name}_class_counts"] = {str(k): int(v) for k, v in sorted(counts.items())}
-        else:
-            summary[f"{name}_target_mean"] = round(float(rows[schema.target].mean()), 6)
-    sample = splits["train"].sample(n=min(settings.report.reference_rows, len(splits["train"])),
-                                    random_state=settings.seed).sort_index()
-    write_parquet(paths.train_sample, sample)  # kept with the model: monitoring's drift reference
+    # each folder is written whole beside the old one and swapped in: a killed run leaves old or new, not a mix
+    with atomic_dir(paths.features) as features_dir, atomic_dir(paths.reference) as reference_dir:
+        transform.save(features_dir / paths.fitted_transform.name)
+        for name, rows in splits.items():
+            write_parquet(reference_dir / paths.split_rows(name).name, rows)
+            features = transform.transform(rows)
+            features[schema.target] = transform.encode_target(rows[schema.target])
+            write_parquet(features_dir / paths.split_features(name).name, features)
+            summary[f"{name}_rows"] = len(rows)
+            if schema.is_classification:
+                counts = rows[schema.target].map(label_key).value_counts()
+                summary[f"{name}_class_counts"] = {str(k): int(v) for k, v in sorted(counts.items())}
+            else:
+                summary[f"{name}_target_mean"] = round(float(rows[schema.target].mean()), 6)
+        sample = splits["train"].sample(n=min(settings.report.reference_rows, len(splits["train"])),
+                                        random_state=settings.seed).sort_index()
+        write_parquet(reference_dir / paths.train_sample.name, sample)  # kept with the model: the drift reference
     write_json(paths.prepare_report, summary)
     log.info("prepared splits %s", summary)
     return summary

@@ -110,6 +110,7 @@ def drift_summary(snapshot: dict[str, Any], share_threshold: float) -> dict[str,
           Out("monitoring_history", cache=False, persist=True)),
     metrics=("drift_report",),
     description="Drift and performance of the champion on the newest data (Evidently); retrain or not",
+    atomic_outs=True,  # each written to a temp file or folder and renamed: DVC need not delete them first
 )
 def run(settings: Settings, paths: Paths) -> dict[str, Any]:
     """Compare the current window with the champion's reference; write the reports and the decision."""

@@ -402,6 +402,7 @@ def split_rows(
     outs=(Out("validated"), Out("quarantine"), Out("validation_details", cache=False), Out("data_docs", cache=False)),
     metrics=("validation_report",),
     description="Check every collected row with Great Expectations; quarantine bad rows with their reasons",
+    atomic_outs=True,  # each written to a temp file or folder and renamed: DVC need not delete them first
 )
 def run(settings: Settings, paths: Paths) -> dict[str, Any]:
     """Validate every collected row; write clean rows, quarantined rows, Data Docs and reports/validation.json."""
