@@ -82,7 +82,7 @@ def _serve(args: argparse.Namespace, paths: Paths) -> int:
     if registry.champion is None:
         raise RegistryError("no champion to serve yet: run `amaas run` (or `dvc repro`) first")
     champion = registry.champion
-    bento = ensure_bento(settings, paths, registry.version_dir(champion))["bento_tag"]  # this code, this model
+    bento = ensure_bento(settings, paths, registry.champion_dir())["bento_tag"]  # this code, this model
     host, port = args.host or settings.serve.host, args.port or settings.serve.port
     cmd = [str(Path(sys.executable).with_name("bentoml")), "serve", bento, "--host", host,
            "--port", str(port)]

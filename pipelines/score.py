@@ -69,7 +69,7 @@ def run(settings: Settings, paths: Paths, input_path: Path, output_path: Path, v
     version = version or registry.champion
     if version is None:
         raise RegistryError("no champion to score with yet: run `amaas run` first, or pass --version")
-    bundle = ModelBundle.load(registry.version_dir(version))
+    bundle = registry.load(version)
     chunks = read_chunks(input_path, settings.scale.score_chunk_rows)
     args = (settings.data_schema.id_column,)
     address = "local" if workers else settings.scale.dask_scheduler

@@ -178,7 +178,7 @@ def load_reference(settings: Settings, paths: Paths) -> dict[str, Any]:
     champion = registry.champion
     metric = settings.promote.metric
     if champion is not None:
-        folder = registry.version_dir(champion)
+        folder = registry.champion_dir()  # a missing folder stops here with the fix, not a bare Errno 2
         monitoring = folder / MONITORING_DIR
         if (monitoring / Paths.SAMPLE_FILE).is_file():
             predictions = monitoring / Paths.TEST_PREDICTIONS_FILE

@@ -7,11 +7,12 @@ import shutil
 import pytest
 
 from pipelines import registry as registry_ops
+from pipelines import score
 from pipelines.bundle import METADATA_FILE
 from pipelines.config import Paths, load_settings
 from pipelines.io import DamagedFile, read_json, write_json
 from pipelines.registry import Registry, RegistryError, aliases_from_decisions
-from pipelines.stages import collect, deploy, prepare, promote, train, validate
+from pipelines.stages import collect, deploy, prepare, promote, report, train, validate
 from tests.conftest import write_params
 
 WEAK = {"train.learners": ["lightgbm"], "train.lightgbm.n_estimators": 2, "train.lightgbm.num_leaves": 2}
@@ -80,6 +81,10 @@ def test_deleted_champion_folder_is_a_clear_error(tmp_path):
         deploy.run(settings, Paths(tmp_path))
     with pytest.raises(RegistryError, match="champion 'v2'"):
         registry.load("v2", "champion")
+    with pytest.raises(RegistryError, match=r"champion 'v2': its folder"):  # monitoring the champion
+        report.load_reference(settings, Paths(tmp_path))
+    with pytest.raises(RegistryError, match=r"'v2': its folder"):  # batch scoring with it
+        score.run(settings, Paths(tmp_path), tmp_path / "in.csv", tmp_path / "out.parquet")
 
 
 @pytest.mark.parametrize("name", ["aliases.json", "decisions.json"])
