@@ -333,11 +333,23 @@ class ServeConfig(_Strict):
     max_batch_size: int = Field(ge=2)  # BentoML's lower bound for a batchable API
     max_latency_ms: int = Field(ge=1)
     auth: bool = True  # API keys required on /predict (health, metrics and docs stay open)
-    max_rows: int = Field(default=1000, ge=1)  # rows in one request; more is 413
+    max_rows: int = Field(default=256, ge=1)  # rows in one request; more is 413 (batching: <= max_batch_size)
     max_body_bytes: int = Field(default=1_000_000, ge=1024)  # request body size; more is 413
     canary_share: float = Field(default=0.0, ge=0, le=1)  # share of requests the challenger answers
     shadow: bool = False  # score every request with the challenger too, answer with the champion
     reload_interval_s: float = Field(default=2.0, gt=0)  # how often a server checks the registry aliases
+
+    @model_validator(mode="after")
+    def _request_fits_a_batch(self) -> ServeConfig:
+        """With batching, BentoML cuts a request of more rows than max_batch_size into several model calls, and
+        sheds the whole request (503) once its later parts wait past max_latency_ms: a request the limits allow
+        must fit one model call."""
+        if self.batching and self.max_rows > self.max_batch_size:
+            raise ValueError(f"serve.max_rows ({self.max_rows}) is more than serve.max_batch_size "
+                             f"({self.max_batch_size}): with batching, such a request is split into several model "
+                             f"calls and shed (503) once it waits past serve.max_latency_ms; set max_rows <= "
+                             f"max_batch_size (or raise max_batch_size)")
+        return self
 
 
 class PipelineConfig(_Strict):

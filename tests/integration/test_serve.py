@@ -17,6 +17,7 @@ import yaml
 from sklearn.metrics import roc_auc_score
 
 from pipelines.bundle import ModelBundle
+from pipelines.config import load_settings
 from pipelines.registry import Registry
 from pipelines.serving.predlog import read_prediction_log
 from tests.conftest import amaas, served
@@ -84,7 +85,7 @@ def test_api_keys_are_required_and_health_stays_open(server, trained_project):
     assert revoked.status_code == 401
 
 
-def test_bad_requests_get_422_with_field_errors_and_413_over_the_limits(server):
+def test_bad_requests_get_422_with_field_errors_and_413_over_the_limits(server, trained_project):
     post = server.session.post
     wrong_type = post(f"{server.url}/predict", json={"rows": [{**ROW, "age": "forty"}]}, timeout=30)
     assert wrong_type.status_code == 422
@@ -97,7 +98,11 @@ def test_bad_requests_get_422_with_field_errors_and_413_over_the_limits(server):
     unknown = post(f"{server.url}/predict", json={"row": {**ROW, "salary": 1}}, timeout=30)
     assert unknown.status_code == 422 and unknown.json()["detail"][0]["loc"] == ["row", "salary"]
     assert post(f"{server.url}/predict", data=b"{not json", timeout=30).status_code == 422
-    assert post(f"{server.url}/predict", json={"rows": [ROW] * 1001}, timeout=30).status_code == 413
+    limit = load_settings(trained_project / "params.yaml").serve.max_rows
+    assert post(f"{server.url}/predict", json={"rows": [ROW] * (limit + 1)}, timeout=30).status_code == 413
+    # a request of as many rows as the limits allow is one model call: answered, never shed
+    full = post(f"{server.url}/predict", json={"rows": [ROW] * limit}, timeout=30)
+    assert full.status_code == 200 and len(full.json()) == limit
     huge = post(f"{server.url}/predict", data=b'{"rows": [' + b" " * 2_000_000 + b"]}", timeout=30)
     assert huge.status_code == 413
 
@@ -126,7 +131,8 @@ def test_monitoring_judges_served_predictions_and_joins_delayed_labels(server, t
     features = [*transform.numeric, *transform.categorical]
     payload = [{k: (None if pd.isna(v) else v) for k, v in r.items()}
                for r in rows[["loan_id", *features]].to_dict("records")]
-    assert server.session.post(f"{server.url}/predict", json={"rows": payload}, timeout=60).status_code == 200
+    for part in (payload[:150], payload[150:]):  # within serve.max_rows
+        assert server.session.post(f"{server.url}/predict", json={"rows": part}, timeout=60).status_code == 200
     assert server.session.post(f"{server.url}/predict", json={"row": ROW}, timeout=60).status_code == 200  # no id
 
     root = tmp_path / "project"

@@ -71,3 +71,12 @@ def test_deploy_endpoint_must_be_an_http_url(tmp_path, endpoint):
 def test_deploy_endpoint_accepts_http_and_https(tmp_path):
     for endpoint in ("http://127.0.0.1:3000", "https://models.example.com/"):
         assert load_settings(write_params(tmp_path, **{"deploy.endpoint": endpoint})).deploy.endpoint == endpoint
+
+
+def test_a_request_the_limits_allow_fits_one_batch(tmp_path):
+    """With batching, a request of more rows than max_batch_size is split into model calls and shed (503) once it
+    waits past max_latency_ms: serve.max_rows must not exceed serve.max_batch_size."""
+    params = small_params(**{"serve.max_rows": 1000, "serve.max_batch_size": 256})
+    msg = str(pytest.raises(ConfigError, load_settings, _write(tmp_path, params)).value)
+    assert "serve.max_rows (1000) is more than serve.max_batch_size (256)" in msg
+    assert load_settings(_write(tmp_path, small_params(**{"serve.max_rows": 1000, "serve.batching": False})))
