@@ -43,12 +43,22 @@ def small_params(**overrides: Any) -> dict[str, Any]:
         **overrides,
     }
     for dotted, value in small.items():
-        node = params
-        *parents, leaf = dotted.split(".")
-        for key in parents:
-            node = node[key]
-        node[leaf] = value
+        set_dotted(params, dotted, value)
     return params
+
+
+def get_dotted(params: dict[str, Any], dotted: str) -> Any:
+    """The value at a dotted key of a params mapping ("train.lightgbm.n_estimators")."""
+    node: Any = params
+    for part in dotted.split("."):
+        node = node[part]
+    return node
+
+
+def set_dotted(params: dict[str, Any], dotted: str, value: Any) -> None:
+    """Set the value at a dotted key of a params mapping (its parent sections must exist)."""
+    parent, _, leaf = dotted.rpartition(".")
+    (get_dotted(params, parent) if parent else params)[leaf] = value
 
 
 def write_params(folder: Path, **overrides: Any) -> Path:

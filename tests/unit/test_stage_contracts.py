@@ -17,7 +17,7 @@ import yaml
 from pipelines.config import Paths, load_settings
 from pipelines.contracts import Stage, UndeclaredSetting, _imports, code_dependencies, stage
 from pipelines.runner import STAGES, declarations, write_dvc_yaml
-from tests.conftest import BIN, REPO, write_params
+from tests.conftest import BIN, REPO, get_dotted, set_dotted, write_params
 
 DECLARED = {s.name: s for s in declarations()}
 
@@ -96,9 +96,7 @@ def test_code_dependencies_follow_imports():
 
 def _leaf(params: dict[str, Any], key: str) -> str:
     """A scalar key at or under `key` (the first one), to change."""
-    node: Any = params
-    for part in key.split("."):
-        node = node[part]
+    node = get_dotted(params, key)
     while isinstance(node, dict) and node:
         first = next(iter(node))
         key, node = f"{key}.{first}", node[first]
@@ -113,13 +111,6 @@ def _changed(value: Any) -> Any:
     if isinstance(value, list):
         return [*value, value[-1]] if value else [1]
     return f"{value}x" if isinstance(value, str) else 1
-
-
-def _set(params: dict[str, Any], key: str, value: Any) -> None:
-    *parents, last = key.split(".")
-    for part in parents:
-        params = params[part]
-    params[last] = value
 
 
 @pytest.fixture(scope="module")
@@ -202,10 +193,7 @@ def _edited(project: Path, key: str) -> Iterator[None]:
     file = project / "params.yaml"
     before = file.read_text()
     params = yaml.safe_load(before)
-    node: Any = params
-    for part in key.split("."):
-        node = node[part]
-    _set(params, key, _changed(node))
+    set_dotted(params, key, _changed(get_dotted(params, key)))
     file.write_text(yaml.safe_dump(params, sort_keys=False))
     try:
         yield
