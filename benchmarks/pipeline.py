@@ -7,6 +7,7 @@ Runs in a temporary project folder, so the repository's data/ and models/ are no
 from __future__ import annotations
 
 import argparse
+import json
 import resource
 import sys
 import tempfile
@@ -43,6 +44,11 @@ def main() -> int:
             peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
             print(f"{stage:<10} {took:>8.2f} {peak:>13.0f}")
         print(f"{'total':<10} {total:>8.2f}")
+        cost = json.loads((root / "reports" / "cost.json").read_text())
+        print(f"\n{'stage':<10} {'CPU s':>8} {'USD':>10}   (at ${cost['prices']['cpu_hour_usd']} per CPU-hour)")
+        for stage, entry in cost["stages"].items():
+            print(f"{stage:<10} {entry['cpu_s']:>8.2f} {entry['usd']:>10.6f}")
+        print(f"{'total':<10} {cost['total']['cpu_s']:>8.2f} {cost['total']['usd']:>10.6f}")
     return 0
 
 

@@ -27,7 +27,8 @@ def main() -> int:
     parser.add_argument("--params", default="params.yaml")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
-    with trained_project(args.params, "amaas-score-", STAGES[:4] + ("promote",)) as (root, _):
+    stages = STAGES[:STAGES.index("compress") + 1] + ("promote",)
+    with trained_project(args.params, "amaas-score-", stages) as (root, _):
         settings, paths = load_settings(root / "params.yaml"), Paths(root)
         cfg = settings.source.simulator.model_copy(update={"rows_per_batch": args.rows // 4})
         pd.concat([generate_batch(cfg, 3, i) for i in range(4)], ignore_index=True).to_parquet(root / "in.parquet")

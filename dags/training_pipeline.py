@@ -4,8 +4,9 @@
 Collects the newest data, retrains the ensemble and releases it only if it is better, one task per stage
 in the order of `pipelines.runner.STAGES` (task id = stage name = `amaas <stage>` = DVC stage):
 
-collect → validate (a broken batch stops the run here) → prepare → train → evaluate → report (drift and
-performance of the champion) → package → promote (the gate: the challenger must beat the champion) → deploy
+collect → validate (a broken batch stops the run here) → prepare → train → evaluate → compress (a distilled
+student and an int8 copy, measured; the one to serve is the challenger) → report (drift and performance of the
+champion) → package → promote (the gate: the challenger must beat the champion) → deploy
 → **version**: `dvc commit` and `dvc push` of everything the run wrote (in a DVC project), so a later
 `dvc repro` skips it and `dvc pull` elsewhere gets the same data and models.
 

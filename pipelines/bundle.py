@@ -64,6 +64,15 @@ class ModelBundle:
             return np.asarray([str(c) for c in self.labels(output)], dtype=object)
         return output
 
+    def prediction_frame(self, keys: pd.Series, y: np.ndarray, output: np.ndarray, key: str) -> pd.DataFrame:
+        """Test predictions as monitoring reads them: key, actual (encoded), prediction (see `monitored`),
+        and the class probabilities proba_0..proba_{k-1} for classification."""
+        frame = pd.DataFrame({key: keys.to_numpy(), "actual": y, "prediction": self.monitored(output)})
+        if output.ndim == 2:
+            for i in range(output.shape[1]):
+                frame[f"proba_{i}"] = output[:, i]
+        return frame
+
     def answers(self, rows: pd.DataFrame) -> list[dict[str, Any]]:
         """What the API and batch scoring answer for each row: the label and the per-class probabilities,
         or the value."""

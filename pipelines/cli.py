@@ -187,8 +187,18 @@ def _rollback(args: argparse.Namespace, paths: Paths) -> int:
 def _status(args: argparse.Namespace, paths: Paths) -> int:
     registry = Registry(paths.registry)
     history = paths.monitoring_history
-    print(json.dumps({**registry.aliases(), "last_decision": next(reversed(registry.decisions()), None),
-                      "last_monitoring": (read_json(history) if history.is_file() else [None])[-1]}, indent=2))
+    aliases = registry.aliases()
+    champion = aliases.get("champion")
+    metadata = registry.version_dir(champion) / "metadata.json" if champion else None
+    compression = read_json(metadata).get("compression", {}) if metadata and metadata.is_file() else {}
+    figures = compression.get("served_figures", {})
+    cost = read_json(paths.cost_report) if paths.cost_report.is_file() else {}
+    print(json.dumps({**aliases, "last_decision": next(reversed(registry.decisions()), None),
+                      "last_monitoring": (read_json(history) if history.is_file() else [None])[-1],
+                      "champion_serving": {"model": compression.get("served"),
+                                           **{k: figures.get(k) for k in ("latency_ms_p50", "latency_ms_p99",
+                                                                          "rows_per_s", "usd_per_1k_rows")}},
+                      "training_cost": cost.get("total")}, indent=2))
     return 0
 
 

@@ -285,6 +285,35 @@ class PromoteConfig(_Strict):
     min_improvement: float = Field(ge=0)
     bootstrap_samples: int = Field(ge=10)
     max_p_value: float = Field(gt=0, le=1)
+    max_latency_ms: float | None = Field(default=None, gt=0)  # the challenger's single-row p99, in process
+    max_cost_per_1k: float | None = Field(default=None, gt=0)  # the challenger's serving cost per 1,000 rows (USD)
+
+
+class StudentConfig(_Strict):
+    kind: Literal["lightgbm", "mlp"] = "lightgbm"
+    n_estimators: int = Field(default=100, ge=1)  # lightgbm: at most this many trees, pruned to the fewest that keep
+    num_leaves: int = Field(default=15, ge=2)  #   the metric on the validation rows
+    learning_rate: float = Field(default=0.1, gt=0)
+    hidden: list[int] = [32]  # mlp: its layers
+    epochs: int = Field(default=30, ge=1)
+
+
+class CompressConfig(_Strict):
+    student: StudentConfig = StudentConfig()
+    augment_factor: float = Field(default=1.0, ge=0, le=20)  # augmented rows per training row, labelled by the ensemble
+    swap_share: float = Field(default=0.2, ge=0, le=1)  # share of an augmented row's columns taken from another row
+    prune_tolerance: float = Field(default=0.001, ge=0)  # trees are cut while the validation metric loses at most this
+    quantize: bool = True  # an int8 candidate of the ensemble (its MLP's Linear layers), when it has an MLP
+    max_metric_loss: float = Field(default=0.005, ge=0)  # a candidate may lose this much promote.metric (absolute)
+    min_speedup: float = Field(default=2.0, ge=1)  # ... and must be this many times faster on one row, to be served
+    latency_rows: int = Field(default=200, ge=20)  # single-row predictions timed per candidate (p50, p99)
+
+
+class CostConfig(_Strict):
+    # Defaults: AWS on-demand list prices, us-east-1 (2024): m7i.large, 2 vCPUs for $0.1008/h, so $0.0504 per
+    # CPU-hour; p4d.24xlarge, 8 A100 GPUs for $32.77/h, so $4.10 per GPU-hour. Set your own.
+    cpu_hour_usd: float = Field(default=0.0504, ge=0)
+    gpu_hour_usd: float = Field(default=4.10, ge=0)
 
 
 class ReportConfig(_Strict):
@@ -337,6 +366,7 @@ class ServeConfig(_Strict):
     max_body_bytes: int = Field(default=1_000_000, ge=1024)  # request body size; more is 413
     canary_share: float = Field(default=0.0, ge=0, le=1)  # share of requests the challenger answers
     shadow: bool = False  # score every request with the challenger too, answer with the champion
+    model: Literal["auto", "ensemble", "student", "quantized"] = "auto"  # what the compress stage sends on to serve
     reload_interval_s: float = Field(default=2.0, gt=0)  # how often a server checks the registry aliases
 
     @model_validator(mode="after")
@@ -372,6 +402,8 @@ class Settings(_Strict):
     prepare: PrepareConfig
     train: TrainConfig
     evaluate: EvaluateConfig
+    compress: CompressConfig = CompressConfig()
+    cost: CostConfig = CostConfig()
     promote: PromoteConfig
     report: ReportConfig
     alerts: AlertsConfig = AlertsConfig()
@@ -542,7 +574,13 @@ class Paths:
 
     # models/
     @property
+    def trained(self) -> Path:
+        """train's ensemble, before compression."""
+        return self.root / "models" / "trained"
+
+    @property
     def challenger(self) -> Path:
+        """What challenges the champion: the compress stage's pick of the ensemble, its student or int8 copy."""
         return self.root / "models" / "challenger"
 
     @property
@@ -625,6 +663,14 @@ class Paths:
     @property
     def residuals_plot(self) -> Path:
         return self.plots / "residuals.csv"
+
+    @property
+    def compression_report(self) -> Path:
+        return self.reports / "compression.json"
+
+    @property
+    def cost_report(self) -> Path:
+        return self.reports / "cost.json"
 
     @property
     def drift_report(self) -> Path:

@@ -14,7 +14,8 @@ WHAT = {"binary": "the probability of each class of `{t}` (two classes: {c}; lab
 
 
 def render(metadata: dict[str, Any], metrics: dict[str, Any], slices: dict[str, Any], validation: dict[str, Any],
-           drift: dict[str, Any], decision: dict[str, Any], target: str) -> str:
+           drift: dict[str, Any], decision: dict[str, Any], target: str, compression: dict[str, Any] | None = None,
+           cost: dict[str, Any] | None = None) -> str:
     """The card as Markdown, from the bundle metadata and the reports of the run that produced it."""
     version = metadata["version"]
     task = metadata.get("task", "binary")
@@ -68,6 +69,7 @@ def render(metadata: dict[str, Any], metrics: dict[str, Any], slices: dict[str, 
                   "| --- | --- |" + " --- |" * len(fields)]
         lines += [f"| {value} | {s['rows']} | " + " | ".join(_num(s[f]) for f in fields) + " |"
                   for value, s in values.items()]
+    lines += _compression_lines(compression or {}, metadata) + _cost_lines(cost or {}, decision.get("serving") or {})
     lines += [
         "",
         "## Lineage",
@@ -89,6 +91,45 @@ def render(metadata: dict[str, Any], metrics: dict[str, Any], slices: dict[str, 
               "- Slices with few rows have wide error bars; a metric missing there had one class only.",
               ""]
     return "\n".join(lines)
+
+
+def _compression_lines(compression: dict[str, Any], metadata: dict[str, Any]) -> list[str]:
+    """What serves (the ensemble, its distilled student or its int8 copy) and every candidate's figures."""
+    if not compression.get("candidates"):
+        return []
+    metric = compression["metric"]
+    served = compression["served"]
+    lines = ["", "## Compression", "",
+             f"Serves: **{served}** ({compression['reason']}). The metrics above are of the trained ensemble "
+             f"`{compression.get('trained_version')}`" + (f"; this model was made from it as its {served}."
+                                                          if metadata.get("compressed_from") else "."),
+             "", f"| candidate | {metric} | 1-row p50 ms | 1-row p99 ms | rows/s (batch 256) | size | peak memory "
+                 f"| $ per 1,000 rows |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for name, f in compression["candidates"].items():
+        lines.append(f"| {name} | {_num(f.get(metric))} | {f['latency_ms_p50']:.3f} | {f['latency_ms_p99']:.3f} | "
+                     f"{f['rows_per_s']:,.0f} | {_mib(f['disk_bytes'])} | {_mib(f.get('peak_memory_bytes'))} | "
+                     f"{f['usd_per_1k_rows']:.2e} |")
+    return lines
+
+
+def _cost_lines(cost: dict[str, Any], serving: dict[str, Any]) -> list[str]:
+    if not cost.get("stages"):
+        return []
+    stages = ", ".join(f"{name} ${s['usd']:.5f}" for name, s in cost["stages"].items())
+    lines = ["", "## Cost", "",
+             f"- Training run (the latest run of each stage, {cost['total']['cpu_s']:.1f} CPU s, "
+             f"{cost['total']['gpu_s']:.1f} GPU s): **${cost['total']['usd']:.5f}** ({stages}).",
+             f"- Prices: ${cost['prices']['cpu_hour_usd']} per CPU-hour, ${cost['prices']['gpu_hour_usd']} per "
+             f"GPU-hour ({cost['prices']['source']})."]
+    if serving.get("usd_per_1k_rows") is not None:
+        lines.append(f"- Serving: ${serving['usd_per_1k_rows']:.2e} per 1,000 predictions (CPU time per row at "
+                     f"batches of 256, in process, on the machine that ran compress).")
+    return lines
+
+
+def _mib(value: Any) -> str:
+    return "n/a" if value is None else f"{value / 2**20:.2f} MiB"
 
 
 def _num(value: Any) -> str:

@@ -10,17 +10,17 @@ import contextlib
 import importlib
 import logging
 import os
-import time
 from collections.abc import Iterator
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
+from pipelines.accounting import measured, record_stage
 from pipelines.config import PARAMS_ENV, ROOT_ENV, Paths, load_settings
 from pipelines.contracts import Stage, declaration, dvc_yaml
 from pipelines.lock import project_lock
 
-STAGES = ("collect", "validate", "prepare", "train", "evaluate", "report", "package", "promote", "deploy")
+STAGES = ("collect", "validate", "prepare", "train", "evaluate", "compress", "report", "package", "promote", "deploy")
 # Airflow retries, by task id. What touches the network or a database retries with exponential backoff (30 s,
 # 60 s, 120 s): collect reads the source, version pushes to the DVC remote, deploy polls the live service, and
 # each of them can meet a server that is briefly away. A stage that computes on local files would fail the
@@ -40,9 +40,14 @@ def run_stage(name: str, params: str | Path | None = None, root: str | Path | No
     paths = Paths(Path(root).resolve()) if root else Paths.from_env()
     module = importlib.import_module(f"pipelines.stages.{name}")  # its run() sees only the settings it declares
     with project_lock(paths.root, settings.pipeline.lock_timeout_s):
-        started = time.perf_counter()
-        summary = module.run(settings, paths, **options)
-    log.info("stage %s done in %.1f s", name, time.perf_counter() - started)
+        status = "failed"
+        try:
+            with measured() as usage:
+                summary = module.run(settings, paths, **options)
+            status = "ok"
+        finally:  # a failed run costs too: reports/cost.json says so
+            record_stage(paths, settings.cost, name, usage, status)
+    log.info("stage %s done in %.1f s (%.1f CPU s)", name, usage.wall_s, usage.cpu_s)
     return summary
 
 

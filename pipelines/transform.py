@@ -104,13 +104,15 @@ class FeatureTransform:
 
     def transform(self, df: pd.DataFrame) -> pd.DataFrame:
         """Raw rows -> model features: clipped, imputed, standardized numerics + integer category codes."""
-        missing = [c for c in (*self.numeric, *self.categorical) if c not in df.columns]
-        if missing:
-            raise KeyError(f"input is missing feature column(s) {missing}")
-        try:
-            x = df[self.numeric].to_numpy(dtype="float64", na_value=np.nan)
-        except (TypeError, ValueError):  # text in a numeric column: what will not parse is missing
-            x = df[self.numeric].apply(pd.to_numeric, errors="coerce").to_numpy(dtype="float64")
+        absent = [c for c in (*self.numeric, *self.categorical) if c not in df.columns]
+        if absent:
+            raise KeyError(f"input is missing feature column(s) {absent}")
+        x = np.empty((len(df), len(self.numeric)), dtype="float64")
+        for i, col in enumerate(self.numeric):  # column by column: no copy of the frame (one row is served fast)
+            try:
+                x[:, i] = df[col].to_numpy(dtype="float64", na_value=np.nan)
+            except (TypeError, ValueError):  # text in a numeric column: what will not parse is missing
+                x[:, i] = pd.to_numeric(df[col], errors="coerce").to_numpy(dtype="float64", na_value=np.nan)
         missing = np.isnan(x)
         vector = lambda values: np.array([values[c] for c in self.numeric])  # noqa: E731
         x = np.where(missing, vector(self.fill_values), np.clip(x, vector(self.clip_low), vector(self.clip_high)))
@@ -127,7 +129,7 @@ class FeatureTransform:
                 return lk.get(spell(value), UNKNOWN)
 
             columns[col] = _per_distinct(df[col], code, missing_code).astype("int64")
-        return pd.DataFrame(columns)[self.feature_names]
+        return pd.DataFrame(columns, copy=False)  # built in the order of feature_names
 
     def encode_target(self, values: pd.Series | np.ndarray) -> np.ndarray:
         """Labels as the model sees them: class indexes 0..k-1 (classification) or float values (regression)."""

@@ -39,6 +39,7 @@ def small_params(**overrides: Any) -> dict[str, Any]:
         "train.xgboost.n_estimators": 60,
         "train.mlp.epochs": 4,
         "promote.bootstrap_samples": 100,
+        "compress.latency_rows": 20,
         "validate.expectations_file": None,
         **overrides,
     }
@@ -131,9 +132,10 @@ def data(tmp_path_factory: pytest.TempPathFactory) -> tuple[Any, ...]:
 
 @pytest.fixture(scope="session")
 def trained_project(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A project folder after one full `amaas run` on small data (shared by slow tests)."""
+    """A project folder after one full `amaas run` on small data (shared by slow tests); the distilled student
+    serves (serve.model: student)."""
     root = tmp_path_factory.mktemp("project")
-    write_params(root)
+    write_params(root, **{"serve.model": "student"})
     proc = amaas("run", root=root, check=False)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return root

@@ -29,6 +29,13 @@ def cuda_available() -> bool:
     return bool(torch.cuda.is_available())
 
 
+_CUDA_RESOLUTIONS = [0]  # how often resolve_device picked cuda in this process (pipelines.accounting bills it)
+
+
+def cuda_resolutions() -> int:
+    return _CUDA_RESOLUTIONS[0]
+
+
 def resolve_device(requested: str = "auto") -> str:
     """'cuda' when asked for or available, else 'cpu'; every learner asks here."""
     if requested not in ("auto", "cpu", "cuda"):
@@ -36,6 +43,7 @@ def resolve_device(requested: str = "auto") -> str:
     if requested == "cuda" and not cuda_available():
         raise RuntimeError("device 'cuda' was requested but no CUDA device is visible; use 'auto' or 'cpu'")
     device = "cuda" if requested == "cuda" or (requested == "auto" and cuda_available()) else "cpu"
+    _CUDA_RESOLUTIONS[0] += device == "cuda"
     log.debug("device resolved: requested=%s -> %s", requested, device)
     return device
 
@@ -119,6 +127,25 @@ class Learner(TaskEstimatorMixin, BaseEstimator):
 
     def fit(self, X: Any, y: Any, X_valid: Any = None, y_valid: Any = None) -> Self:
         raise NotImplementedError
+
+    def distill(self, X: Any, soft: np.ndarray, X_valid: Any = None, soft_valid: np.ndarray | None = None) -> Self:
+        """Fit to a teacher's outputs instead of labels (knowledge distillation): class probabilities (n, k)
+        or values (n,) as pipelines.metrics has them; `soft_valid` early-stops on the teacher's outputs."""
+        raise NotImplementedError(f"{type(self).__name__} cannot be distilled into")
+
+    def _prepare_distill(self, X: Any, soft: np.ndarray, X_valid: Any, soft_valid: np.ndarray | None
+                         ) -> tuple[pd.DataFrame, np.ndarray, pd.DataFrame | None, np.ndarray | None]:
+        """distill's inputs as frames and arrays; sets `classes_` from the width of the soft labels."""
+        X, soft, X_valid, soft_valid = fit_inputs(self, X, soft, X_valid, soft_valid)
+        soft = soft.astype("float64")
+        if self._task == "regression" and soft.ndim != 1:
+            raise ValueError(f"a regression student takes the teacher's values (n,), got shape {soft.shape}")
+        if self._task != "regression":
+            if soft.ndim != 2 or (self._task == "binary" and soft.shape[1] != 2):
+                raise ValueError(f"a {self._task} student takes the teacher's class probabilities (n, k), "
+                                 f"got shape {soft.shape}")
+            self.classes_ = np.arange(soft.shape[1])
+        return X, soft, X_valid, soft_valid
 
     def _prepare_fit(self, X: Any, y: Any, X_valid: Any, y_valid: Any
                      ) -> tuple[pd.DataFrame, np.ndarray, pd.DataFrame | None, np.ndarray | None]:
@@ -224,8 +251,11 @@ def as_output(raw: np.ndarray, task: str) -> np.ndarray:
 
 
 def valid_loss(y: np.ndarray, output: np.ndarray) -> float:
-    """What early stopping, tuning and blend weights minimize: log loss (probabilities) or mean squared error."""
+    """What early stopping, tuning and blend weights minimize: log loss (probabilities) or mean squared error.
+    `y` is class indices or values, or a teacher's class probabilities (n, k): then the soft-label log loss."""
     y = np.asarray(y)
+    if output.ndim == 2 and y.ndim == 2:
+        return float(-np.mean(np.sum(y * np.log(np.clip(output, 1e-7, 1.0)), axis=1)))
     if output.ndim == 2:
         p = np.clip(output[np.arange(len(y)), y.astype("int64")], 1e-7, 1.0)
         return float(-np.mean(np.log(p)))

@@ -88,6 +88,19 @@ class Ensemble(TaskEstimatorMixin, BaseEstimator):
                                                                   strict=True)))
         return self
 
+    @classmethod
+    def of_fitted(cls, members: list[Learner], names: list[str], weights: np.ndarray | None = None,
+                  random_state: int | None = 0) -> Ensemble:
+        """An averaging ensemble of learners already fitted (a distilled student alone, say): nothing is refit."""
+        ens = cls([clone(m) for m in members], "averaging", random_state=random_state)
+        ens.members_, ens.names_ = list(members), list(names)
+        ens.n_features_in_ = members[0].n_features_in_
+        if ens.task != "regression":
+            ens.classes_ = members[0].classes_
+        ens.weights_ = np.full(len(members), 1 / len(members)) if weights is None else np.asarray(weights)
+        ens.intercept_, ens.member_valid_log_loss_ = 0.0, {}
+        return ens
+
     @property
     def member_weights(self) -> np.ndarray:
         """One weight per member, for people: the blend weights, or the size of each member's stacking

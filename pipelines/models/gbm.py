@@ -5,10 +5,11 @@ from __future__ import annotations
 import functools
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Self, cast
+from typing import Any, Literal, Self, cast
 
 import numpy as np
 import pandas as pd
+from sklearn.base import clone
 
 from pipelines.models.base import Learner, as_output, log, resolve_device
 from pipelines.models.cluster import current_client, describe, partitioned
@@ -73,6 +74,59 @@ class LightGBMLearner(Learner):
                                   callbacks=callbacks)
         return self
 
+    def distill(self, X: Any, soft: np.ndarray, X_valid: Any = None, soft_valid: np.ndarray | None = None) -> Self:
+        """Fit to a teacher's outputs (see Learner.distill): binary learns the positive-class probability with
+        LightGBM's cross-entropy objective; multiclass takes each row once per class, weighted by the teacher's
+        probability of that class (which is the soft-label log loss); regression learns the teacher's values."""
+        import lightgbm as lgb
+
+        X, soft, X_valid, soft_valid = self._prepare_distill(X, soft, X_valid, soft_valid)
+        self.device_ = "cpu"
+        k = soft.shape[1] if soft.ndim == 2 else 0
+        objective = ({"objective": "cross_entropy"} if self.task == "binary" else
+                     _LGB_OBJECTIVES[self.task](k))
+        params = {**objective, "learning_rate": self.learning_rate, "num_leaves": self.num_leaves,
+                  "min_child_samples": self.min_child_samples, "seed": self._seed, "num_threads": self.threads,
+                  "deterministic": True, "force_row_wise": True, "verbosity": -1}
+        cats: list[str] | Literal["auto"] = list(self._categorical) or "auto"
+
+        def dataset(frame: pd.DataFrame, target: np.ndarray, reference: Any = None) -> Any:
+            if self.task == "binary":
+                return lgb.Dataset(frame, target[:, 1], categorical_feature=cats, reference=reference)
+            if self.task == "multiclass":
+                return lgb.Dataset(pd.concat([frame] * k, ignore_index=True), np.repeat(np.arange(k), len(frame)),
+                                   weight=target.T.reshape(-1), categorical_feature=cats, reference=reference)
+            return lgb.Dataset(frame, target, categorical_feature=cats, reference=reference)
+
+        train = dataset(X, soft)
+        valid_sets: list[lgb.Dataset] = []
+        callbacks: list[Callable[..., Any]] = []
+        if X_valid is not None and soft_valid is not None:
+            valid_sets = [dataset(X_valid, soft_valid.astype("float64"), train)]
+            callbacks = [lgb.early_stopping(self.early_stopping_rounds, verbose=False)]
+        self.booster_ = lgb.train(params, train, num_boost_round=self.n_estimators, valid_sets=valid_sets,
+                                  callbacks=callbacks)
+        return self
+
+    @property
+    def n_trees_(self) -> int:
+        """Boosting rounds used at prediction (the early-stopped count when there was early stopping)."""
+        booster = self.booster_  # best_iteration is 0 without early stopping, -1 in a booster read from text
+        best = int(booster.best_iteration or 0)
+        return best if best > 0 else booster.num_trees() // booster.num_model_per_iteration()
+
+    def pruned(self, rounds: int) -> LightGBMLearner:
+        """A copy that keeps only the first `rounds` boosting rounds (its model file shrinks with it)."""
+        import lightgbm as lgb
+
+        copy = clone(self)
+        for attr in ("classes_", "n_features_in_", "device_"):
+            if hasattr(self, attr):
+                setattr(copy, attr, getattr(self, attr))
+        copy.booster_ = lgb.Booster(model_str=self.booster_.model_to_string(num_iteration=rounds))
+        copy.n_estimators = rounds
+        return copy
+
     def _fit_dask(self, client: Any, params: dict[str, Any], cats: list[str], X: pd.DataFrame, y: np.ndarray,
                   X_valid: pd.DataFrame | None, y_valid: np.ndarray | None) -> Self:
         """Data-parallel training on the cluster (lightgbm.dask). Its Dask API has no early stopping,
@@ -98,7 +152,9 @@ class LightGBMLearner(Learner):
         return self
 
     def _output(self, X: pd.DataFrame) -> np.ndarray:
-        raw = self.booster_.predict(X, num_iteration=self.booster_.best_iteration or None)
+        # as an array: the columns are in training order (the transform's), and LightGBM's checks of a frame
+        # cost more than scoring one row (category codes are integer columns, not pandas categoricals)
+        raw = self.booster_.predict(X.to_numpy(dtype="float64"), num_iteration=self.booster_.best_iteration or None)
         return as_output(cast(np.ndarray, raw), self.task)  # dense: sparse output is only for pred_contrib
 
     def _state(self) -> dict[str, Any]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import warnings
 from pathlib import Path
 from typing import Any, Self
 
@@ -34,6 +35,19 @@ def _build_net(n_numeric: int, cardinalities: dict[str, int], embedding_dim: int
             return self.body(torch.cat(parts, dim=1))
 
     return TabularMLP()
+
+
+def _int8(net: Any) -> Any:
+    """`net` with int8 dynamically quantized Linear layers (torch.ao.quantization.quantize_dynamic, which
+    PyTorch has deprecated in favour of torchao, not installed here; the deprecation warning is silenced)."""
+    import torch
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        warnings.simplefilter("ignore", UserWarning)
+        from torch.ao.quantization import quantize_dynamic
+
+        return quantize_dynamic(net, {torch.nn.Linear}, dtype=torch.qint8)
 
 
 class MLPLearner(Learner):
@@ -84,9 +98,21 @@ class MLPLearner(Learner):
         return (torch.from_numpy(numeric).to(self.device_), torch.from_numpy(codes).to(self.device_))
 
     def fit(self, X: Any, y: Any, X_valid: Any = None, y_valid: Any = None) -> Self:
+        X, y, X_valid, y_valid = self._prepare_fit(X, y, X_valid, y_valid)
+        return self._train(X, y, X_valid, y_valid)
+
+    def distill(self, X: Any, soft: np.ndarray, X_valid: Any = None, soft_valid: np.ndarray | None = None) -> Self:
+        """Fit to a teacher's outputs (see Learner.distill): its probabilities are the targets of the same
+        losses (binary cross-entropy on the positive class, cross-entropy on the class distribution), its
+        values the regression targets; early stopping on the soft-label log loss."""
+        X, soft, X_valid, soft_valid = self._prepare_distill(X, soft, X_valid, soft_valid)
+        return self._train(X, soft, X_valid, soft_valid)
+
+    def _train(self, X: pd.DataFrame, y: np.ndarray, X_valid: pd.DataFrame | None, y_valid: np.ndarray | None
+               ) -> Self:  # y_valid is given whenever X_valid is (fit_inputs)
+        """The training loop; y (and y_valid) are labels, or a teacher's probabilities (n, k) when distilling."""
         import torch
 
-        X, y, X_valid, y_valid = self._prepare_fit(X, y, X_valid, y_valid)
         self.device_ = resolve_device(self.device)
         log.info("mlp: device=%s", self.device_)
         torch.manual_seed(self._seed)
@@ -97,14 +123,15 @@ class MLPLearner(Learner):
         # regression learns the standardized target (a scale-free loss); predictions are scaled back
         regression = self.task == "regression"
         self.y_mean_, self.y_std_ = (float(y.mean()), float(y.std() or 1.0)) if regression else (0.0, 1.0)
-        if self.task == "multiclass":
-            target = torch.as_tensor(y.astype("int64"), device=self.device_)
+        if self.task == "multiclass":  # class indices, or class probabilities (torch takes either)
+            target = torch.as_tensor(y.astype("float32" if y.ndim == 2 else "int64"), device=self.device_)
             loss_fn: Any = torch.nn.CrossEntropyLoss()
         else:
-            scaled = (y.astype("float64") - self.y_mean_) / self.y_std_
+            values = y[:, 1] if y.ndim == 2 else y  # binary soft labels: the positive-class probability
+            scaled = (values.astype("float64") - self.y_mean_) / self.y_std_
             target = torch.as_tensor(scaled.astype("float32"), device=self.device_).unsqueeze(1)
             loss_fn = torch.nn.BCEWithLogitsLoss() if self.task == "binary" else torch.nn.MSELoss()
-        valid = (self._tensors(X_valid), y_valid) if X_valid is not None else None
+        valid = (self._tensors(X_valid), y_valid) if X_valid is not None and y_valid is not None else None
         optim = torch.optim.Adam(self.net_.parameters(), lr=self.learning_rate)
         gen = torch.Generator().manual_seed(self._seed)
         best_loss, best_state, stale = np.inf, None, 0
@@ -130,6 +157,23 @@ class MLPLearner(Learner):
         self.net_.eval()
         return self
 
+    @property
+    def int8(self) -> bool:
+        """Whether the Linear layers hold int8 weights (see `quantized`)."""
+        return bool(getattr(self, "int8_", False))
+
+    def quantized(self) -> MLPLearner:
+        """A copy whose Linear layers are dynamically quantized to int8 (weights int8, activations quantized
+        per batch); it predicts on the CPU, where PyTorch's int8 kernels are."""
+        import torch
+
+        learner = copy.deepcopy(self)
+        learner.net_ = _int8(copy.deepcopy(self.net_).to("cpu").eval())
+        learner.device, learner.device_, learner.int8_ = "cpu", "cpu", True
+        learner.trained_on_ = getattr(self, "trained_on_", self.device_)
+        torch.set_num_threads(self.threads)
+        return learner
+
     def _predict(self, num: Any, codes: Any) -> np.ndarray:
         """The canonical output (pipelines.metrics): class probabilities (n, k) or values (n,)."""
         import torch
@@ -149,12 +193,14 @@ class MLPLearner(Learner):
         return self._predict(*self._tensors(X[self.columns_]))
 
     def _state(self) -> dict[str, Any]:
-        return {"device_": self.device_, "columns_": self.columns_, "y_mean_": self.y_mean_, "y_std_": self.y_std_}
+        return {"device_": self.device_, "columns_": self.columns_, "y_mean_": self.y_mean_, "y_std_": self.y_std_,
+                "int8_": self.int8}
 
     def _save_model(self, path: Path) -> None:
         import torch
 
-        torch.save({k: v.cpu() for k, v in self.net_.state_dict().items()}, path / "model.pt")
+        state = self.net_.state_dict()  # an int8 net is on the CPU, and its loader needs the state's _metadata
+        torch.save(state if self.int8 else {k: v.cpu() for k, v in state.items()}, path / "model.pt")
 
     def _load_model(self, path: Path, state: dict[str, Any]) -> None:
         import torch
@@ -162,8 +208,13 @@ class MLPLearner(Learner):
         self.columns_ = state["columns_"]
         self.n_features_in_ = len(self.columns_)
         self.y_mean_, self.y_std_ = state.get("y_mean_", 0.0), state.get("y_std_", 1.0)
-        self.device_ = resolve_device(self.device)
+        self.int8_ = bool(state.get("int8_", False))
+        self.device_ = "cpu" if self.int8_ else resolve_device(self.device)
         self.net_ = self._net(len(self.columns_))
-        self.net_.load_state_dict(torch.load(path / "model.pt", map_location="cpu", weights_only=True))
+        if self.int8_:  # the int8 structure first: its state holds packed int8 weights
+            self.net_ = _int8(self.net_.eval())
+        with warnings.catch_warnings():  # unpickling int8 weights goes through torch's deprecated TypedStorage
+            warnings.simplefilter("ignore", UserWarning)
+            self.net_.load_state_dict(torch.load(path / "model.pt", map_location="cpu", weights_only=True))
         self.net_.to(self.device_).eval()
         self.trained_on_ = state["device_"]

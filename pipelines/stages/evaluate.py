@@ -1,4 +1,4 @@
-"""evaluate: score the challenger on held-out test rows; write DVC metrics and plots.
+"""evaluate: score the trained ensemble on held-out test rows; write DVC metrics and plots.
 
 What is measured follows schema.task (pipelines.metrics): ranking, threshold and calibration metrics for
 binary; accuracy, macro/weighted F1, kappa, log loss and a per-class table for multiclass; RMSE, MAE and
@@ -17,8 +17,8 @@ from sklearn import metrics as skm
 
 from pipelines.bundle import ModelBundle
 from pipelines.config import Paths, Settings
-from pipelines.contracts import Out, Plot, stage
-from pipelines.io import atomic_dir, write_json, write_parquet
+from pipelines.contracts import Plot, stage
+from pipelines.io import atomic_dir, write_json
 from pipelines.metrics import labels_of, score, task_metrics
 from pipelines.transform import normalize_category
 
@@ -97,21 +97,9 @@ def plots(task: str, y: np.ndarray, output: np.ndarray, threshold: float, bins: 
     return out
 
 
-def prediction_frame(bundle: ModelBundle, keys: pd.Series, y: np.ndarray, output: np.ndarray, key: str
-                     ) -> pd.DataFrame:
-    """Test predictions as monitoring reads them: key, actual (encoded), prediction (bundle.monitored),
-    and the class probabilities proba_0..proba_{k-1} for classification."""
-    frame = pd.DataFrame({key: keys.to_numpy(), "actual": y, "prediction": bundle.monitored(output)})
-    if output.ndim == 2:
-        for i in range(output.shape[1]):
-            frame[f"proba_{i}"] = output[:, i]
-    return frame
-
-
 @stage(
     params=("schema", "evaluate", "promote.metric"),
-    deps=("challenger", "reference"),
-    outs=(Out("test_predictions"),),
+    deps=("trained", "reference"),
     metrics=("metrics", "slices"),
     atomic_outs=True,  # each written to a temp file or folder and renamed: DVC need not delete them first
     plots_dir="plots",  # the plots of the task: ROC, PR, calibration (binary), confusion (classes), residuals
@@ -120,12 +108,13 @@ def prediction_frame(bundle: ModelBundle, keys: pd.Series, y: np.ndarray, output
            Plot("calibration_plot", x="mean_predicted", y="fraction_positive", title="Calibration"),
            Plot("confusion_plot", x="actual", y="predicted", title="Confusion matrix", template="confusion"),
            Plot("residuals_plot", x="predicted", y="residual", title="Residuals", template="scatter")),
-    description="Score the challenger on the held-out test rows: metrics, slices, plots",
+    description="Score the trained ensemble and its learners on the held-out test rows: metrics, slices, plots",
 )
 def run(settings: Settings, paths: Paths) -> dict[str, Any]:
-    """Metrics of the challenger and of each of its learners on data/reference/test.parquet."""
+    """Metrics of the trained ensemble and of each of its learners on data/reference/test.parquet (the
+    compress stage measures the candidates it makes of it, and picks the challenger)."""
     schema, cfg, metric = settings.data_schema, settings.evaluate, settings.promote.metric
-    bundle = ModelBundle.load(paths.challenger)
+    bundle = ModelBundle.load(paths.trained)
     task, threshold = bundle.task, bundle.threshold
     test = pd.read_parquet(paths.test_rows)
     y = bundle.transform.encode_target(test[schema.target])
@@ -151,7 +140,5 @@ def run(settings: Settings, paths: Paths) -> dict[str, Any]:
             frame.to_csv(folder / getattr(paths, name).name, index=False, float_format="%.6g")
     write_json(paths.slices,
                slice_metrics(test, y, output, cfg.slices, task, metric, threshold))
-    write_parquet(paths.test_predictions,
-                  prediction_frame(bundle, test[schema.key_column], y, output, schema.key_column))
-    log.info("challenger %s: %s=%s on %d test rows", bundle.version, metric, result.get(metric), len(test))
+    log.info("trained %s: %s=%s on %d test rows", bundle.version, metric, result.get(metric), len(test))
     return {k: result.get(k) for k in ("version", "task", metric, "test_rows")}

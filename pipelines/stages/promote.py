@@ -3,7 +3,8 @@
 Gate: the gain of the challenger over the champion in promote.metric on the current held-out test rows
 (in the metric's direction: a lower RMSE or log loss is a gain) must be at least promote.min_improvement,
 and a paired bootstrap must say the gain is significant (share of resamples with gain <= 0 at most
-promote.max_p_value). The decision and its numbers
+promote.max_p_value). A challenger that serves too slowly or too dearly (promote.max_latency_ms on its single-row
+p99, promote.max_cost_per_1k; the compress stage's figures) is not promoted either. The decision and its numbers
 are recorded in the registry and in reports/promotion.json.
 """
 
@@ -17,7 +18,7 @@ import pandas as pd
 from pipelines import modelcard
 from pipelines.alerts import alert
 from pipelines.bundle import METADATA_FILE, ModelBundle
-from pipelines.config import Paths, Settings, experiment_name
+from pipelines.config import Paths, PromoteConfig, Settings, experiment_name
 from pipelines.contracts import Option, Out, stage
 from pipelines.io import read_json, write_json, write_text
 from pipelines.metrics import improvement, paired_bootstrap, score
@@ -29,7 +30,7 @@ log = logging.getLogger(__name__)
 @stage(
     params=("seed", "schema.target", "promote"),
     runtime=("alerts",),
-    deps=("challenger", "reference", "metrics", "slices", "validation_report", "drift_report"),
+    deps=("challenger", "reference", "metrics", "slices", "validation_report", "drift_report", "compression_report"),
     # the registry accumulates versions across runs: DVC must not delete it before the stage runs
     outs=(Out("registry", cache=False, persist=True), Out("model_card", cache=False)),
     metrics=("promotion",),
@@ -52,7 +53,7 @@ def run(settings: Settings, paths: Paths, force: bool = False, version: str | No
     registry = Registry(paths.registry)
     experiment = experiment_name()
     reports = {"validation": paths.validation_report, "drift": paths.drift_report, "metrics": paths.metrics,
-               "slices": paths.slices}
+               "slices": paths.slices, "compression": paths.compression_report}
     found = {name: read_json(path) if path.is_file() else {} for name, path in reports.items()}
     extra = {"reports": {name: str(path.relative_to(paths.root)) for name, path in reports.items()},
              "metrics": found["metrics"]}
@@ -65,7 +66,13 @@ def run(settings: Settings, paths: Paths, force: bool = False, version: str | No
     champion = registry.champion
     decision: dict[str, Any] = {"challenger": challenger, "champion_before": champion, "metric": cfg.metric,
                                 "min_improvement": cfg.min_improvement, "max_p_value": cfg.max_p_value}
-    if champion is None:
+    serving = found["compression"].get("served_figures", {})
+    decision["serving"] = {"model": found["compression"].get("served"),
+                           **{k: serving.get(k) for k in ("latency_ms_p50", "latency_ms_p99", "rows_per_s",
+                                                          "usd_per_1k_rows")}}
+    if (over := over_budget(cfg, serving)) is not None:
+        decision |= {"promoted": False, "over_budget": True, "reason": over}
+    elif champion is None:
         bundle = ModelBundle.load(bundle_dir)
         test = pd.read_parquet(paths.test_rows)
         value = score(cfg.metric, bundle.transform.encode_target(test[settings.data_schema.target]),
@@ -87,15 +94,32 @@ def run(settings: Settings, paths: Paths, force: bool = False, version: str | No
     write_json(paths.promotion, decision)
     card = modelcard.render({**read_json(bundle_dir / METADATA_FILE), **({} if not experiment else extra)},
                             found["metrics"], found["slices"], found["validation"], found["drift"], decision,
-                            settings.data_schema.target)
+                            settings.data_schema.target, found["compression"],
+                            read_json(paths.cost_report) if paths.cost_report.is_file() else {})
     if not experiment:
         write_text(registry.version_dir(challenger) / "MODEL_CARD.md", card)
     write_text(paths.model_card, card)
-    if "gain" in decision and not decision["promoted"] and not experiment:
+    if ("gain" in decision or decision.get("over_budget")) and not decision["promoted"] and not experiment:
         alert(settings, paths, "gate_failed", f"challenger {challenger} not promoted: {decision['reason']}",
               decision)
     log.info("promotion decision: %s -> champion %s (%s)", challenger, decision["champion_after"], decision["reason"])
     return decision
+
+
+def over_budget(cfg: PromoteConfig, serving: dict[str, Any]) -> str | None:
+    """Why the challenger serves too slowly or too dearly (promote.max_latency_ms, promote.max_cost_per_1k, on
+    the compress stage's figures of it), or None."""
+    limits = (("latency_ms_p99", cfg.max_latency_ms, "single-row p99 latency {:.2f} ms", "promote.max_latency_ms"),
+              ("usd_per_1k_rows", cfg.max_cost_per_1k, "serving cost ${:.6f} per 1,000 rows",
+               "promote.max_cost_per_1k"))
+    for key, limit, what, name in limits:
+        if limit is None:
+            continue
+        if serving.get(key) is None:
+            return f"{name} is set, but reports/compression.json has no {key} of the challenger: run `amaas compress`"
+        if serving[key] > limit:
+            return f"over budget: {what.format(serving[key])} is over {name} {limit}: not promoted"
+    return None
 
 
 def first_champion(metric: str, value: float | None, minimum: float | None) -> dict[str, Any]:

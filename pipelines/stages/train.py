@@ -1,4 +1,4 @@
-"""train: fit the base learners and combine them into the challenger model bundle."""
+"""train: fit the base learners and combine them into a model bundle (models/trained; compress makes the challenger)."""
 
 from __future__ import annotations
 
@@ -35,13 +35,13 @@ def build_learners(settings: Settings, transform: FeatureTransform) -> list[Lear
     params=("seed", "schema.target", "train", "evaluate.threshold", "evaluate.costs", "scale.dask_scheduler",
             "scale.dask_workers"),  # the label cut-off is chosen on validation rows
     deps=("features", "validated"),
-    outs=(Out("challenger"), Out("tuning_report", cache=False)),
+    outs=(Out("trained"), Out("tuning_report", cache=False)),
     metrics=("train_report",),
     atomic_outs=True,  # each written to a temp file or folder and renamed: DVC need not delete them first
-    description="Fit the learners and the ensemble (tuned within the budget) into models/challenger",
+    description="Fit the learners and the ensemble (tuned within the budget) into models/trained",
 )
 def run(settings: Settings, paths: Paths) -> dict[str, Any]:
-    """Fit on data/features/train, early-stop and combine on valid; write models/challenger/."""
+    """Fit on data/features/train, early-stop and combine on valid; write models/trained/."""
     target = settings.data_schema.target
     transform = FeatureTransform.load(paths.fitted_transform)
     train = pd.read_parquet(paths.split_features("train"))
@@ -59,7 +59,7 @@ def run(settings: Settings, paths: Paths) -> dict[str, Any]:
     write_json(paths.tuning_report, tuning)
     threshold = pick_threshold(settings, transform.task, y_valid, ensemble.predict_output(X_valid))
 
-    with atomic_dir(paths.challenger) as out:
+    with atomic_dir(paths.trained) as out:
         shutil.copy2(paths.fitted_transform, out / TRANSFORM_FILE)
         ensemble.save(out / ENSEMBLE_DIR)
         version = "v" + tree_sha256(out)[:12]  # content-addressed: same data + params + code = same version
@@ -88,10 +88,10 @@ def run(settings: Settings, paths: Paths) -> dict[str, Any]:
         }
         write_json(out / METADATA_FILE, metadata)
     summary = {"version": version, "ensemble": ensemble.method, "weights": metadata["weights"],
-               "member_valid_log_loss": ensemble.member_valid_log_loss_, "model_dir": str(paths.challenger)}
+               "member_valid_log_loss": ensemble.member_valid_log_loss_, "model_dir": str(paths.trained)}
     write_json(paths.train_report, {"version": version, "ensemble": ensemble.method,
                                               **{f"weight_{n}": w for n, w in metadata["weights"].items()}})
-    log.info("trained challenger %s", version)
+    log.info("trained ensemble %s", version)
     return summary
 
 

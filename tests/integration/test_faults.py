@@ -145,7 +145,7 @@ def test_failed_package_leaves_the_champion_serving(tmp_path, trained_project):
         failed = amaas("run", root=project, check=False)
         assert failed.returncode != 0
         done = [next(iter(json.loads(line))) for line in failed.stdout.splitlines() if line.startswith("{")]
-        assert done == ["collect", "validate", "prepare", "train", "evaluate", "report"]  # package failed
+        assert done == ["collect", "validate", "prepare", "train", "evaluate", "compress", "report"]  # package failed
         assert json.loads((project / "models" / "challenger" / "metadata.json").read_text())["version"] != champion
 
         # the registry never saw the challenger, and the running server still answers with the champion
@@ -163,7 +163,7 @@ def test_dvc_repro_killed_in_train_keeps_the_previous_outputs(tmp_path):
     first = run_tool(["dvc", "repro"], tmp_path)
     assert first.returncode == 0, first.stdout[-2000:] + first.stderr[-3000:]
     kept = ["reports/tuning.json", "reports/train.json", "reports/metrics.json", "reports/slices.json",
-            "reports/test_predictions.parquet", "models/challenger/metadata.json"]
+            "reports/test_predictions.parquet", "models/trained/metadata.json", "models/challenger/metadata.json"]
     before = {name: (tmp_path / name).read_bytes() for name in kept}
 
     # a train setting changes: train and what follows run again; kill the whole dvc repro inside train

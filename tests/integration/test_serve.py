@@ -19,6 +19,7 @@ from sklearn.metrics import roc_auc_score
 from pipelines.bundle import ModelBundle
 from pipelines.config import load_settings
 from pipelines.registry import Registry
+from pipelines.runner import STAGES
 from pipelines.serving.predlog import read_prediction_log
 from tests.conftest import amaas, served
 
@@ -38,6 +39,7 @@ def server(trained_project):
 def test_prediction_equals_offline_predict_proba(server, trained_project):
     champion = Registry(trained_project / "models" / "registry").champion
     bundle = ModelBundle.load(trained_project / "models" / "registry" / "versions" / champion)
+    assert bundle.metadata["compressed_as"] == "student" and bundle.ensemble.names == ["student_lightgbm"]
     test = pd.read_parquet(trained_project / "data" / "reference" / "test.parquet").head(64)
     rows = test[bundle.transform.numeric + bundle.transform.categorical]
     payload = {"rows": [{k: (None if pd.isna(v) else v) for k, v in r.items()} for r in rows.to_dict("records")]}
@@ -164,7 +166,7 @@ def two_models(trained_project, tmp_path_factory):
     params["train"]["learners"] = ["lightgbm"]
     params["train"]["lightgbm"].update(n_estimators=3, num_leaves=2)
     (root / "params.yaml").write_text(yaml.safe_dump(params))
-    for stage in ("train", "evaluate", "package", "promote"):
+    for stage in ("train", "evaluate", "compress", "package", "promote"):
         amaas(stage, root=root)
     registry = Registry(root / "models" / "registry")
     aliases = registry.aliases()
@@ -256,3 +258,16 @@ def _wait_for(seen: list[str], version: str, timeout: float = 20) -> None:
     while not (seen and seen[-1] == version):
         assert time.monotonic() < deadline, f"server still answers with {seen[-1:]} instead of {version}"
         time.sleep(0.1)
+
+
+def test_every_stage_is_costed_and_status_shows_the_served_model(trained_project):
+    cost = json.loads((trained_project / "reports" / "cost.json").read_text())
+    assert set(cost["stages"]) == set(STAGES)
+    assert all(s["status"] == "ok" and s["cpu_s"] > 0 and s["usd"] > 0 for s in cost["stages"].values())
+    assert 0 < cost["total"]["usd"] < 0.01  # a retrain of small data at the default price
+    status = json.loads(amaas("status", root=trained_project).stdout)
+    assert status["champion_serving"]["model"] == "student"
+    assert 0 < status["champion_serving"]["usd_per_1k_rows"] < 0.001
+    assert status["training_cost"] == cost["total"]
+    card = (trained_project / "reports" / "model_card.md").read_text()
+    assert "Serves: **student** (serve.model: student)" in card and "per 1,000 predictions" in card

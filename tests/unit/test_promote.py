@@ -7,7 +7,7 @@ from pipelines import registry as registry_ops
 from pipelines.config import Paths, load_settings
 from pipelines.metrics import paired_bootstrap
 from pipelines.registry import Registry, RegistryError
-from pipelines.stages import collect, prepare, promote, train, validate
+from pipelines.stages import collect, compress, prepare, promote, train, validate
 from tests.conftest import write_params
 
 WEAK = {"train.learners": ["lightgbm"], "train.lightgbm.n_estimators": 2, "train.lightgbm.num_leaves": 2}
@@ -17,6 +17,7 @@ def _train(root, **overrides):
     settings = load_settings(write_params(root, **{"source.simulator.rows_per_batch": 1500, **overrides}))
     paths = Paths(root)
     train.run(settings, paths)
+    compress.run(settings, paths)
     return settings, paths
 
 

@@ -12,7 +12,7 @@ from pipelines.bundle import METADATA_FILE
 from pipelines.config import Paths, load_settings
 from pipelines.io import DamagedFile, read_json, write_json
 from pipelines.registry import Registry, RegistryError, aliases_from_decisions
-from pipelines.stages import collect, deploy, prepare, promote, report, train, validate
+from pipelines.stages import collect, compress, deploy, prepare, promote, report, train, validate
 from tests.conftest import write_params
 
 WEAK = {"train.learners": ["lightgbm"], "train.lightgbm.n_estimators": 2, "train.lightgbm.num_leaves": 2}
@@ -107,7 +107,7 @@ def test_read_json_names_the_file(tmp_path):
 def test_lost_aliases_never_let_a_failed_challenger_through(tmp_path):
     settings = load_settings(write_params(tmp_path))
     paths = Paths(tmp_path)
-    for stage in (collect, validate, prepare, train):
+    for stage in (collect, validate, prepare, train, compress):
         stage.run(settings, paths)
     assert promote.run(settings, paths)["promoted"]
     registry = Registry(paths.registry)
@@ -115,6 +115,7 @@ def test_lost_aliases_never_let_a_failed_challenger_through(tmp_path):
 
     weak = load_settings(write_params(tmp_path, **WEAK))
     train.run(weak, paths)
+    compress.run(weak, paths)
     failed = promote.run(weak, paths)
     assert not failed["promoted"] and registry.champion == champion
 

@@ -1,0 +1,207 @@
+"""Compression: a student distilled from the ensemble, pruned; an int8 MLP; the gate that picks what serves;
+the cost of every stage and the promotion limits on latency and cost."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from pipelines.bundle import ModelBundle
+from pipelines.compression import augmented_rows, distill, prune
+from pipelines.config import Paths, load_settings
+from pipelines.io import read_json
+from pipelines.metrics import improvement, score
+from pipelines.models import Ensemble, Learner, LightGBMLearner, MLPLearner
+from pipelines.runner import STAGES, run_stage
+from pipelines.stages import compress, promote
+from pipelines.transform import FeatureTransform
+from tests.conftest import write_params
+
+SCHEMAS = {
+    "binary": {"task": "binary", "target": "bought", "classes": ["no", "Yes"], "metric": "roc_auc"},
+    "multiclass": {"task": "multiclass", "target": "grade", "metric": "f1_macro"},
+    "regression": {"task": "regression", "target": "price", "metric": "r2"},
+}
+
+
+def _table(n: int, seed: int = 0) -> pd.DataFrame:
+    """A small user table: mixed-case categories, missing values, a rare class; three kinds of target."""
+    rng = np.random.default_rng(seed)
+    size = rng.uniform(1, 100, n)
+    weight = np.where(rng.random(n) < 0.1, np.nan, rng.normal(50, 10, n))
+    region = rng.choice(["North", "SOUTH", "  east ", "South"], n)
+    south = np.char.lower(np.char.strip(region.astype(str))) == "south"
+    signal = size / 25 + 1.5 * south + np.nan_to_num(weight - 50) / 10 + rng.normal(0, 0.7, n)
+    return pd.DataFrame({
+        "size": size, "weight": weight, "region": region,
+        "colour": np.where(rng.random(n) < 0.15, None, rng.choice(["Red", "blue"], n)),
+        "bought": np.where(signal > 2.6, "Yes", "no"),
+        "grade": np.where(signal > 5.2, "Mid", np.where(signal > 2.4, "High", "low")),  # Mid is rare
+        "price": 3 * signal + rng.normal(0, 0.5, n),
+    })
+
+
+def _settings(root: Path, task: str, **overrides: Any) -> Any:
+    spec = SCHEMAS[task]
+    schema = {"task": task, "target": spec["target"], "id_column": None, "time_column": None,
+              "classes": spec.get("classes"),
+              "numeric": {"size": {"min": 0, "max": 100}, "weight": {"min": 0, "max": 200, "nullable": True}},
+              "categorical": {"region": ["North", "South", "East"], "colour": {"values": ["Red", "Blue"],
+                                                                               "nullable": True}}}
+    return load_settings(write_params(root, **{"source.kind": "files", "schema": schema, "evaluate.slices": [],
+                                               "prepare.split": "random", "promote.metric": spec["metric"],
+                                               **overrides}))
+
+
+@pytest.mark.parametrize("task", list(SCHEMAS))
+@pytest.mark.parametrize("kind", ["lightgbm", "mlp"])
+def test_student_beats_a_constant_and_stays_within_the_loss_on_a_small_table(task, kind, tmp_path):
+    settings = _settings(tmp_path, task, **{"compress.student.kind": kind, "compress.max_metric_loss": 0.03})
+    cfg, metric, target = settings.compress, settings.promote.metric, settings.data_schema.target
+    table = _table(900)
+    parts = {"train": table.iloc[:500], "valid": table.iloc[500:650], "test": table.iloc[650:]}
+    transform = FeatureTransform.fit(parts["train"], settings.data_schema, settings.clean)
+    X = {name: transform.transform(rows) for name, rows in parts.items()}
+    y = {name: transform.encode_target(rows[target]) for name, rows in parts.items()}
+    common = {"categorical": transform.cardinalities, "task": task, "n_classes": len(transform.classes or ()),
+              "random_state": 0}
+    teacher = Ensemble([LightGBMLearner(**common, n_estimators=200), MLPLearner(**common, epochs=20)],
+                       "blending").fit(X["train"], y["train"], X["valid"], y["valid"])
+
+    from pipelines.compression import build_student
+
+    student = build_student(cfg, transform, seed=0, threads=1)
+    assert student.kind == kind
+    made = distill(cfg, teacher, student, X["train"], X["valid"], seed=0)
+    assert made["augmented_rows"] == 500 and made["rows"] == 1000
+    if kind == "lightgbm":
+        student, curve = prune(student, X["valid"], y["valid"], metric, 0.5, cfg.prune_tolerance)
+        assert student.n_trees_ <= curve[-1]["trees"] and student.n_trees_ in [p["trees"] for p in curve]
+
+    ens_value = score(metric, y["test"], teacher.predict_output(X["test"]))
+    student_value = score(metric, y["test"], student.predict_output(X["test"]))
+    if task == "regression":
+        constant = np.full(len(y["test"]), y["train"].mean())
+    else:
+        prior = np.bincount(y["train"], minlength=len(transform.classes)) / len(y["train"])
+        constant = np.tile(prior, (len(y["test"]), 1))
+    assert improvement(metric, student_value, score(metric, y["test"], constant)) > 0.1, (student_value,)
+    assert -improvement(metric, student_value, ens_value) <= cfg.max_metric_loss, (student_value, ens_value)
+
+
+def test_augmented_rows_keep_each_column_with_its_missing_flag():
+    X = pd.DataFrame({"a": [0.0, 1.0, 2.0, 3.0], "a_missing": [1.0, 0.0, 0.0, 0.0], "c": [1, 2, 3, 4]})
+    rows = augmented_rows(X, factor=50, swap_share=0.5, seed=0)
+    assert len(rows) == 200 and list(rows.columns) == list(X.columns) and rows["c"].dtype == X["c"].dtype
+    assert set(map(tuple, rows[["a", "a_missing"]].to_numpy())) <= set(map(tuple, X[["a", "a_missing"]].to_numpy()))
+    assert len(set(map(tuple, rows.to_numpy()))) > len(X)  # new combinations, not only copies
+    assert augmented_rows(X, 0, 0.5, 0).empty
+
+
+def test_int8_mlp_saves_loads_and_predicts_the_same(tmp_path):
+    rng = np.random.default_rng(0)
+    X = pd.DataFrame(rng.normal(size=(400, 5)), columns=list("abcde"))
+    y = (X["a"] + X["b"] > 0).astype(int).to_numpy()
+    mlp = MLPLearner(epochs=5).fit(X, y)
+    int8 = mlp.quantized()
+    assert int8.int8 and not mlp.int8  # the original is untouched
+    int8.save(tmp_path / "m")
+    loaded = Learner.load(tmp_path / "m")
+    assert isinstance(loaded, MLPLearner) and loaded.int8
+    np.testing.assert_array_equal(loaded.predict_proba(X), int8.predict_proba(X))
+    assert np.abs(int8.predict_proba(X) - mlp.predict_proba(X)).max() < 0.1
+
+
+@pytest.fixture(scope="module")
+def project(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A small simulator project trained up to `evaluate` (the ensemble in models/trained)."""
+    root = tmp_path_factory.mktemp("compress")
+    params = write_params(root)
+    for name in STAGES[:STAGES.index("compress")]:
+        run_stage(name, params, root)
+    return root
+
+
+def _compress(root: Path, **overrides: Any) -> tuple[Any, dict[str, Any]]:
+    settings = load_settings(write_params(root, **overrides))
+    compress.run(settings, Paths(root))
+    return settings, json.loads((root / "reports" / "compression.json").read_text(),
+                                parse_constant=lambda c: pytest.fail(f"{c} in compression.json"))
+
+
+def test_the_gate_picks_a_passing_student_and_serves_what_it_measured(project):
+    settings, report = _compress(project, **{"compress.min_speedup": 1.0, "compress.max_metric_loss": 0.02})
+    trained = ModelBundle.load(project / "models" / "trained")
+    challenger = ModelBundle.load(project / "models" / "challenger")
+    assert report["served"] == "student" and report["reason"].startswith("auto: student")
+    assert set(report["candidates"]) == {"ensemble", "student", "quantized"}
+    student = report["candidates"]["student"]
+    assert student["passes"] and student["metric_loss"] <= 0.02 and student["roc_auc"] > 0.6
+    for fig in report["candidates"].values():
+        assert fig["latency_ms_p99"] >= fig["latency_ms_p50"] > 0 and fig["rows_per_s"] > 0
+        assert fig["disk_bytes"] > 0 and fig["usd_per_1k_rows"] > 0 and fig["peak_memory_bytes"] > 0
+    assert student["disk_bytes"] < report["candidates"]["ensemble"]["disk_bytes"]
+    assert report["student"]["trees"] <= report["student"]["trees_distilled"]
+
+    assert challenger.version == student["version"] == report["challenger_version"] != trained.version
+    assert challenger.metadata["compressed_from"] == trained.version
+    assert challenger.metadata["compression"]["served"] == "student"
+    assert challenger.ensemble.names == ["student_lightgbm"]
+    test = pd.read_parquet(Paths(project).test_rows)
+    y = challenger.transform.encode_target(test["default"])
+    assert score("roc_auc", y, challenger.predict(test)) == pytest.approx(student["roc_auc"])
+    predictions = pd.read_parquet(Paths(project).test_predictions)  # monitoring's baseline: the served model's
+    np.testing.assert_allclose(predictions["proba_1"], challenger.predict(test)[:, 1])
+
+
+def test_a_too_weak_student_leaves_the_ensemble_serving(project):
+    _, report = _compress(project, **{"compress.student.n_estimators": 1, "compress.student.num_leaves": 2,
+                                      "compress.min_speedup": 1.0, "compress.max_metric_loss": 0.005})
+    student = report["candidates"]["student"]
+    assert not student["passes"] and student["metric_loss"] > 0.005, student
+    assert report["served"] == "ensemble" and "no candidate passes" in report["reason"]
+    trained = ModelBundle.load(project / "models" / "trained")
+    challenger = ModelBundle.load(project / "models" / "challenger")
+    assert challenger.version == trained.version and challenger.ensemble.names == trained.ensemble.names
+
+
+def test_serve_model_forces_the_int8_ensemble(project):
+    _, report = _compress(project, **{"serve.model": "quantized"})
+    assert report["served"] == "quantized" and report["reason"] == "serve.model: quantized"
+    challenger = ModelBundle.load(project / "models" / "challenger")
+    mlp = [m for m in challenger.ensemble.members_ if isinstance(m, MLPLearner)]
+    assert mlp and all(m.int8 for m in mlp)
+    assert set(report["mlp_int8"]) == {"float32", "int8"} and report["mlp_int8"]["int8"]["speedup"] > 0
+
+    with pytest.raises(ValueError, match="no quantized candidate.*serve.model: auto"):
+        _compress(project, **{"serve.model": "quantized", "compress.quantize": False})
+
+
+def test_promotion_rejects_a_challenger_over_the_latency_or_cost_limit(project, caplog):
+    paths = Paths(project)
+    settings, report = _compress(project, **{"promote.max_latency_ms": 1e-6})
+    decision = promote.run(settings, paths)
+    p99 = report["served_figures"]["latency_ms_p99"]
+    assert not decision["promoted"] and decision["over_budget"], decision
+    assert f"single-row p99 latency {p99:.2f} ms is over promote.max_latency_ms 1e-06" in decision["reason"]
+    assert decision["serving"]["latency_ms_p99"] == p99 and decision["champion_after"] is None
+    assert any(r.getMessage().startswith("ALERT gate_failed") for r in caplog.records)
+
+    settings = load_settings(write_params(project, **{"promote.max_cost_per_1k": 1e-12}))
+    assert "is over promote.max_cost_per_1k" in promote.run(settings, paths)["reason"]
+
+    decision = run_stage("promote", write_params(project, **{"promote.max_latency_ms": 10_000}), project)
+    assert decision["promoted"], decision["reason"]
+    card = (project / "reports" / "model_card.md").read_text()
+    assert "## Compression" in card and f"Serves: **{report['served']}**" in card and "## Cost" in card
+
+    cost = read_json(paths.cost_report)  # every stage run through run_stage is in it, with its price
+    assert set(cost["stages"]) == {*STAGES[:STAGES.index("compress")], "promote"}
+    for entry in cost["stages"].values():
+        assert entry["status"] == "ok" and entry["cpu_s"] > 0 and entry["usd"] > 0 and entry["gpu_s"] == 0
+    assert cost["total"]["usd"] == pytest.approx(sum(s["usd"] for s in cost["stages"].values()))
