@@ -77,7 +77,8 @@ class LightGBMLearner(Learner):
     def distill(self, X: Any, soft: np.ndarray, X_valid: Any = None, soft_valid: np.ndarray | None = None) -> Self:
         """Fit to a teacher's outputs (see Learner.distill): binary learns the positive-class probability with
         LightGBM's cross-entropy objective; multiclass takes each row once per class, weighted by the teacher's
-        probability of that class (which is the soft-label log loss); regression learns the teacher's values."""
+        probability of that class (which is the soft-label log loss; pairs under 1e-4 are left out); regression
+        learns the teacher's values."""
         import lightgbm as lgb
 
         X, soft, X_valid, soft_valid = self._prepare_distill(X, soft, X_valid, soft_valid)
@@ -93,9 +94,12 @@ class LightGBMLearner(Learner):
         def dataset(frame: pd.DataFrame, target: np.ndarray, reference: Any = None) -> Any:
             if self.task == "binary":
                 return lgb.Dataset(frame, target[:, 1], categorical_feature=cats, reference=reference)
-            if self.task == "multiclass":
-                return lgb.Dataset(pd.concat([frame] * k, ignore_index=True), np.repeat(np.arange(k), len(frame)),
-                                   weight=target.T.reshape(-1), categorical_feature=cats, reference=reference)
+            if self.task == "multiclass":  # (row, class) pairs the teacher gives next to no weight are left out
+                rows, labels = np.tile(np.arange(len(frame)), k), np.repeat(np.arange(k), len(frame))
+                weight = target.T.reshape(-1)
+                keep = weight > 1e-4
+                return lgb.Dataset(frame.iloc[rows[keep]].reset_index(drop=True), labels[keep], weight=weight[keep],
+                                   categorical_feature=cats, reference=reference)
             return lgb.Dataset(frame, target, categorical_feature=cats, reference=reference)
 
         train = dataset(X, soft)
