@@ -46,8 +46,10 @@ def run(settings: Settings, paths: Paths) -> dict[str, Any]:
     test = pd.read_parquet(paths.test_rows)
     y_test = trained.transform.encode_target(test[target])
 
-    paths.trained.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(prefix=".compress-", dir=paths.trained.parent) as tmp:
+    scratch = paths.trained.parent
+    for stale in scratch.glob(".compress-*.tmp"):  # left by a killed run (the project lock keeps runs apart)
+        shutil.rmtree(stale, ignore_errors=True)
+    with tempfile.TemporaryDirectory(prefix=".compress-", suffix=".tmp", dir=scratch) as tmp:
         folders: dict[str, Path] = {"ensemble": paths.trained}
         student = build_student(cfg, trained.transform, seed, settings.train.threads)
         student_report = distill(cfg, trained.ensemble, student, X, X_valid, seed)

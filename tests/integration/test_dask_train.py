@@ -16,7 +16,7 @@ def test_dask_local_cluster_training_matches_single_process(tmp_path, trained_pr
     write_params(tmp_path, **{"scale.dask_scheduler": "local", "scale.dask_workers": 2})
     for stage in ("collect", "validate", "prepare", "train", "evaluate"):
         amaas(stage, root=tmp_path)
-    metadata = read_json(tmp_path / "models" / "challenger" / "metadata.json")
+    metadata = read_json(tmp_path / "models" / "trained" / "metadata.json")
     assert metadata["trained_on"].startswith("dask tcp://127.0.0.1:") and "(2 workers)" in metadata["trained_on"]
 
     on_dask = json.loads((tmp_path / "reports" / "metrics.json").read_text())

@@ -20,7 +20,7 @@ def test_ensemble_beats_or_equals_best_base_learner_on_default_data(tmp_path):
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
     for stage in ("collect", "validate", "prepare", "train"):
         amaas(stage, root=tmp_path)
-    bundle = ModelBundle.load(tmp_path / "models" / "challenger")
+    bundle = ModelBundle.load(tmp_path / "models" / "trained")
     test = pd.read_parquet(tmp_path / "data" / "reference" / "test.parquet")
     y = test["default"].to_numpy()
     members = bundle.ensemble.member_predictions(bundle.transform.transform(test))

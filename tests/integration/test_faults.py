@@ -82,8 +82,9 @@ def _outputs_are_whole(root: Path) -> None:
     for file in [*root.glob("data/**/*.json"), *root.glob("reports/*.json"), *root.glob("models/**/*.json")]:
         if not file.name.startswith("."):
             json.loads(file.read_text())
-    if (root / "models" / "challenger").exists():
-        ModelBundle.load(root / "models" / "challenger")
+    for model in ("trained", "challenger"):
+        if (root / "models" / model).exists():
+            ModelBundle.load(root / "models" / model)
 
 
 def test_pipeline_killed_at_any_point_reruns_to_the_same_result(tmp_path, trained_project):
