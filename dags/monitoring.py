@@ -25,7 +25,7 @@ import pendulum
 from airflow.providers.standard.operators.trigger_dagrun import TriggerDagRunOperator
 from airflow.sdk import Param, dag, get_current_context, task
 
-from pipelines.runner import run_in_project, schedule_from_env, task_retries, version_in_project
+from pipelines.runner import FailureAlert, run_in_project, schedule_from_env, task_retries, version_in_project
 
 PROJECT = Path(__file__).resolve().parent.parent
 SCHEDULE = schedule_from_env("AMAAS_MONITORING_SCHEDULE", "@daily")
@@ -41,6 +41,8 @@ def _run(stage: str) -> dict:
     start_date=pendulum.datetime(2026, 1, 1, tz="UTC"),
     catchup=False,
     max_active_runs=1,
+    # a task that fails for good alerts through the project's channels (pipelines.alerts: log, webhook, email)
+    default_args={"on_failure_callback": FailureAlert(PROJECT)},
     params={"retrain": Param(True, type="boolean", title="Retrain on drift",
                              description="Trigger training_pipeline when the report says retraining is needed.")},
     doc_md=__doc__,

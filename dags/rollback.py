@@ -14,7 +14,7 @@ from pathlib import Path
 import pendulum
 from airflow.sdk import Param, dag, get_current_context, task
 
-from pipelines.runner import rollback_in_project, run_in_project, task_retries
+from pipelines.runner import FailureAlert, rollback_in_project, run_in_project, task_retries
 
 PROJECT = Path(__file__).resolve().parent.parent
 
@@ -25,7 +25,8 @@ PROJECT = Path(__file__).resolve().parent.parent
     start_date=pendulum.datetime(2026, 1, 1, tz="UTC"),
     catchup=False,
     max_active_runs=1,
-    default_args={"retries": 0, "retry_delay": timedelta(minutes=1)},  # a rollback is never repeated blindly
+    # a rollback is never repeated blindly; a failed task alerts (pipelines.alerts: log, webhook, email)
+    default_args={"retries": 0, "retry_delay": timedelta(minutes=1), "on_failure_callback": FailureAlert(PROJECT)},
     params={"reason": Param(type="string", minLength=3, title="Reason",
                             description="Why the current champion is taken out of service (recorded).")},
     doc_md=__doc__,

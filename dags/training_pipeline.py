@@ -28,7 +28,7 @@ from pathlib import Path
 import pendulum
 from airflow.sdk import Param, chain, dag, get_current_context, task
 
-from pipelines.runner import STAGES, run_in_project, schedule_from_env, task_retries, version_in_project
+from pipelines.runner import STAGES, FailureAlert, run_in_project, schedule_from_env, task_retries, version_in_project
 
 PROJECT = Path(__file__).resolve().parent.parent
 SCHEDULE = schedule_from_env("AMAAS_TRAINING_SCHEDULE", "@weekly")
@@ -53,6 +53,8 @@ def _run(stage: str) -> dict:
     start_date=pendulum.datetime(2026, 1, 1, tz="UTC"),
     catchup=False,
     max_active_runs=1,
+    # a task that fails for good alerts through the project's channels (pipelines.alerts: log, webhook, email)
+    default_args={"on_failure_callback": FailureAlert(PROJECT)},
     params={
         "reason": Param("scheduled", type="string", title="Reason",
                         description="Why this run: recorded in the log (monitoring fills in the drift it found)."),
