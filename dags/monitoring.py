@@ -14,7 +14,8 @@ Schedule: `$AMAAS_MONITORING_SCHEDULE` (default `@daily`; `none` = manual only).
 
 Retries (`pipelines.runner.task_retries`): collect and version (the DVC push) touch a source or a remote
 and retry 3 times with exponential backoff from 30 s; validate and report compute on local files and would
-fail the same way again, so they do not retry.
+fail the same way again, so they do not retry. A task that fails for good sends a `task_failed` alert
+(`pipelines.alerts`: log line, webhook, email).
 """
 
 from __future__ import annotations

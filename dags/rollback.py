@@ -4,6 +4,7 @@
 Manual: the previous champion becomes champion again (`amaas rollback`), then `deploy` checks that the
 service answers with it. A running `amaas serve` switches within `serve.reload_interval_s`; requests in
 flight finish on the model they started with. The reason you give is recorded in the registry.
+A failed task sends a `task_failed` alert (`pipelines.alerts`: log line, webhook, email).
 """
 
 from __future__ import annotations

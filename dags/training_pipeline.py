@@ -19,6 +19,7 @@ form below. Settings: the project's `params.yaml` (or `$AMAAS_PARAMS`); outputs 
 Retries (`pipelines.runner.task_retries`): collect, version (the DVC push) and deploy touch a source, a
 remote or a server, and retry 3 times with exponential backoff from 30 s; the other stages compute on local
 files and would fail the same way again, so they do not retry (train above all: minutes for the same error).
+A task that fails for good sends a `task_failed` alert (`pipelines.alerts`: log line, webhook, email).
 """
 
 from __future__ import annotations
