@@ -18,10 +18,11 @@ from email.message import EmailMessage
 from pathlib import Path
 from typing import Any
 
-from pipelines.config import Paths, Settings
+from pipelines.config import Paths, Settings, load_settings
 
 log = logging.getLogger(__name__)
 WEBHOOK_ENV = "AMAAS_ALERT_WEBHOOK"
+MAX_EXCEPTION_CHARS = 2000  # of a failed task's exception in its alert (the log URL has the rest)
 
 
 def alert(settings: Settings, paths: Paths, kind: str, message: str, details: dict[str, Any]) -> dict[str, Any]:
@@ -39,23 +40,19 @@ def alert(settings: Settings, paths: Paths, kind: str, message: str, details: di
     return delivered
 
 
-def task_failed(context: Mapping[str, Any], default_root: Path) -> dict[str, Any] | None:
-    """Airflow's on_failure_callback (see pipelines.runner.FailureAlert): a `task_failed` alert with the DAG,
-    task, run, try, the exception and the task's log URL, through the project's channels.
+def task_failed(context: Mapping[str, Any], params: Path, root: Path) -> dict[str, Any] | None:
+    """A `task_failed` alert for an Airflow task context: the DAG, task, run, try, the exception and the task's
+    log URL, through the channels of the settings in `params` (pipelines.runner.FailureAlert calls this).
 
-    Settings come the way the tasks load them (pipelines.runner.project_files). Never raises: an alert that
-    cannot be sent is logged, and the task's own failure stays what Airflow reports."""
+    Never raises: an alert that cannot be sent is logged, and the task's own failure stays what Airflow
+    reports."""
     try:
-        from pipelines.config import load_settings
-        from pipelines.runner import project_files
-
         details = _failure_details(context)
-        params, root = project_files(default_root)
         message = (f"{details['dag_id']}.{details['task_id']} failed (try {details['try_number']}, run "
                    f"{details['run_id']}): {details['exception']}")
         return alert(load_settings(params), Paths(root), "task_failed", message, details)
     except Exception:
-        log.exception("could not send the task-failure alert (check params.yaml `alerts:` and the project root)")
+        log.exception("could not send the task-failure alert (check %s `alerts:`)", params)
         return None
 
 
@@ -73,7 +70,7 @@ def _failure_details(context: Mapping[str, Any]) -> dict[str, Any]:
         "task_id": getattr(ti, "task_id", None),
         "run_id": context.get("run_id") or getattr(ti, "run_id", None),
         "try_number": getattr(ti, "try_number", None),
-        "exception": f"{type(exception).__name__}: {exception}" if exception is not None else None,
+        "exception": None if exception is None else f"{type(exception).__name__}: {exception}"[:MAX_EXCEPTION_CHARS],
         "log_url": log_url,
     }
 

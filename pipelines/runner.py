@@ -82,10 +82,12 @@ class FailureAlert:
     def __call__(self, context: Any) -> None:
         try:
             from pipelines.alerts import task_failed
+
+            params, root = project_files(self.default_root)  # the settings the tasks run with
         except Exception:
-            log.exception("could not load pipelines.alerts to send the task-failure alert")
+            log.exception("could not send the task-failure alert")
             return
-        task_failed(context, self.default_root)
+        task_failed(context, params, root)
 
     def __repr__(self) -> str:
         return f"FailureAlert({str(self.default_root)!r})"

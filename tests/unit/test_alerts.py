@@ -97,8 +97,7 @@ def test_a_failed_airflow_task_alerts_with_what_identifies_it(tmp_path, webhook,
     elsewhere = tmp_path / "deployed"
     write_params(elsewhere, **{"alerts.webhook_url": url})
     monkeypatch.setenv(ROOT_ENV, str(elsewhere))
-    ti = _LogUrlNeedsConfig()
-    alerts.task_failed({"ti": ti, "exception": OSError("source down")}, tmp_path / "not-this-one")
+    FailureAlert(tmp_path / "not-this-one")({"ti": _LogUrlNeedsConfig(), "exception": OSError("source down")})
     assert received[1]["project"] == str(elsewhere.resolve())
     assert received[1]["details"] == {"dag_id": "monitoring", "task_id": "report", "run_id": "scheduled__2026-01-02",
                                       "try_number": 1, "exception": "OSError: source down", "log_url": None}
@@ -108,13 +107,15 @@ def test_a_task_failure_alert_that_cannot_be_sent_never_raises(tmp_path, monkeyp
     monkeypatch.delenv(ROOT_ENV, raising=False)
     monkeypatch.delenv(PARAMS_ENV, raising=False)
     (tmp_path / "params.yaml").write_text("alerts: [not, a, mapping\n")  # broken settings
+    params = tmp_path / "params.yaml"
     with caplog.at_level(logging.ERROR, logger="pipelines.alerts"):
-        assert alerts.task_failed(_airflow_context(RuntimeError("x")), tmp_path) is None
+        assert alerts.task_failed(_airflow_context(RuntimeError("x")), params, tmp_path) is None
         FailureAlert(tmp_path)({})  # no task instance at all
-    assert "could not send the task-failure alert" in caplog.text
+    assert caplog.text.count("could not send the task-failure alert") == 2
     write_params(tmp_path, **{"alerts.webhook_url": "http://127.0.0.1:9/none", "alerts.retries": 0,
                               "alerts.timeout_s": 1})
-    assert alerts.task_failed(_airflow_context(RuntimeError("x")), tmp_path) == {"log": True, "webhook": False}
+    assert alerts.task_failed(_airflow_context(RuntimeError("x")), params, tmp_path) == {"log": True,
+                                                                                          "webhook": False}
 
 
 @pytest.mark.slow  # collect, validate, prepare and report on a drifted simulator
