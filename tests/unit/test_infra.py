@@ -56,6 +56,9 @@ def test_kubernetes_manifests_hang_together():
     serve = workloads["amaas-serve"]["spec"]
     assert serve["strategy"]["rollingUpdate"]["maxUnavailable"] == 0
     assert serve["template"]["spec"]["containers"][0]["readinessProbe"]["httpGet"]["path"] == "/readyz"
+    scraped = serve["template"]["metadata"]["annotations"]  # Prometheus scrapes each pod's /metrics
+    assert scraped["prometheus.io/scrape"] == "true" and scraped["prometheus.io/path"] == "/metrics"
+    assert int(scraped["prometheus.io/port"]) == serve["template"]["spec"]["containers"][0]["ports"][0]["containerPort"]
 
 
 def _host_ports(service: dict) -> list[tuple[str, int]]:
