@@ -28,6 +28,7 @@ from pipelines.bundle import ModelBundle
 from pipelines.config import PARAMS_ENV, ROOT_ENV, Paths, Settings, load_settings
 from pipelines.registry import Registry
 from pipelines.serving.gateway import KEY_NAME, REQUEST_ID, ROUTE, Gateway, bound_metric_labels, quiet_shedding
+from pipelines.serving.metrics import with_served_metrics
 from pipelines.serving.predlog import PredictionLog, PredictionRecord, now_iso
 
 log = logging.getLogger("amaas.service")
@@ -139,6 +140,10 @@ class AmaasService:
                 self.models.follow(registry)
             except Exception:  # a half-finished registry write or a bad bundle must not stop serving
                 log.exception("could not follow the registry; still serving the current models")
+
+    def __metrics__(self, content: str) -> str:
+        """BentoML's hook on /metrics: its text plus the versions served and the canary share (amaas_* gauges)."""
+        return with_served_metrics(content, MODELS.versions())
 
     @bentoml.api(batchable=ARGS.batching, max_batch_size=ARGS.max_batch_size, max_latency_ms=ARGS.max_latency_ms)
     def predict(self, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:

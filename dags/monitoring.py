@@ -14,7 +14,8 @@ Schedule: `$AMAAS_MONITORING_SCHEDULE` (default `@daily`; `none` = manual only).
 
 Retries (`pipelines.runner.task_retries`): collect and version (the DVC push) touch a source or a remote
 and retry 3 times with exponential backoff from 30 s; validate and report compute on local files and would
-fail the same way again, so they do not retry.
+fail the same way again, so they do not retry. A task that fails for good sends a `task_failed` alert
+(`pipelines.alerts`: log line, webhook, email).
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ import pendulum
 from airflow.providers.standard.operators.trigger_dagrun import TriggerDagRunOperator
 from airflow.sdk import Param, dag, get_current_context, task
 
-from pipelines.runner import run_in_project, schedule_from_env, task_retries, version_in_project
+from pipelines.runner import FailureAlert, run_in_project, schedule_from_env, task_retries, version_in_project
 
 PROJECT = Path(__file__).resolve().parent.parent
 SCHEDULE = schedule_from_env("AMAAS_MONITORING_SCHEDULE", "@daily")
@@ -41,6 +42,8 @@ def _run(stage: str) -> dict:
     start_date=pendulum.datetime(2026, 1, 1, tz="UTC"),
     catchup=False,
     max_active_runs=1,
+    # a task that fails for good alerts through the project's channels (pipelines.alerts: log, webhook, email)
+    default_args={"on_failure_callback": FailureAlert(PROJECT)},
     params={"retrain": Param(True, type="boolean", title="Retrain on drift",
                              description="Trigger training_pipeline when the report says retraining is needed.")},
     doc_md=__doc__,

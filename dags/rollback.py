@@ -4,6 +4,7 @@
 Manual: the previous champion becomes champion again (`amaas rollback`), then `deploy` checks that the
 service answers with it. A running `amaas serve` switches within `serve.reload_interval_s`; requests in
 flight finish on the model they started with. The reason you give is recorded in the registry.
+A failed task sends a `task_failed` alert (`pipelines.alerts`: log line, webhook, email).
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from pathlib import Path
 import pendulum
 from airflow.sdk import Param, dag, get_current_context, task
 
-from pipelines.runner import rollback_in_project, run_in_project, task_retries
+from pipelines.runner import FailureAlert, rollback_in_project, run_in_project, task_retries
 
 PROJECT = Path(__file__).resolve().parent.parent
 
@@ -25,7 +26,8 @@ PROJECT = Path(__file__).resolve().parent.parent
     start_date=pendulum.datetime(2026, 1, 1, tz="UTC"),
     catchup=False,
     max_active_runs=1,
-    default_args={"retries": 0, "retry_delay": timedelta(minutes=1)},  # a rollback is never repeated blindly
+    # a rollback is never repeated blindly; a failed task alerts (pipelines.alerts: log, webhook, email)
+    default_args={"retries": 0, "retry_delay": timedelta(minutes=1), "on_failure_callback": FailureAlert(PROJECT)},
     params={"reason": Param(type="string", minLength=3, title="Reason",
                             description="Why the current champion is taken out of service (recorded).")},
     doc_md=__doc__,

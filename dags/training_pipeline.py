@@ -19,6 +19,7 @@ form below. Settings: the project's `params.yaml` (or `$AMAAS_PARAMS`); outputs 
 Retries (`pipelines.runner.task_retries`): collect, version (the DVC push) and deploy touch a source, a
 remote or a server, and retry 3 times with exponential backoff from 30 s; the other stages compute on local
 files and would fail the same way again, so they do not retry (train above all: minutes for the same error).
+A task that fails for good sends a `task_failed` alert (`pipelines.alerts`: log line, webhook, email).
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ from pathlib import Path
 import pendulum
 from airflow.sdk import Param, chain, dag, get_current_context, task
 
-from pipelines.runner import STAGES, run_in_project, schedule_from_env, task_retries, version_in_project
+from pipelines.runner import STAGES, FailureAlert, run_in_project, schedule_from_env, task_retries, version_in_project
 
 PROJECT = Path(__file__).resolve().parent.parent
 SCHEDULE = schedule_from_env("AMAAS_TRAINING_SCHEDULE", "@weekly")
@@ -53,6 +54,8 @@ def _run(stage: str) -> dict:
     start_date=pendulum.datetime(2026, 1, 1, tz="UTC"),
     catchup=False,
     max_active_runs=1,
+    # a task that fails for good alerts through the project's channels (pipelines.alerts: log, webhook, email)
+    default_args={"on_failure_callback": FailureAlert(PROJECT)},
     params={
         "reason": Param("scheduled", type="string", title="Reason",
                         description="Why this run: recorded in the log (monitoring fills in the drift it found)."),

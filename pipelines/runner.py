@@ -71,6 +71,28 @@ def task_retries(task_id: str) -> dict[str, Any]:
     return {"retries": 0}
 
 
+class FailureAlert:
+    """The on_failure_callback of every task of the DAGs: a `task_failed` alert through the project's alert
+    channels (pipelines.alerts.task_failed). Airflow calls it once a task has failed for good (after its
+    retries); it never raises. pipelines.alerts is imported only then, not while the DAG file is parsed."""
+
+    def __init__(self, default_root: Path) -> None:
+        self.default_root = default_root
+
+    def __call__(self, context: Any) -> None:
+        try:
+            from pipelines.alerts import task_failed
+
+            params, root = project_files(self.default_root)  # the settings the tasks run with
+        except Exception:
+            log.exception("could not send the task-failure alert")
+            return
+        task_failed(context, params, root)
+
+    def __repr__(self) -> str:
+        return f"FailureAlert({str(self.default_root)!r})"
+
+
 def declarations() -> list[Stage]:
     """Every stage's contract, in pipeline order."""
     return [declaration(name) for name in STAGES]

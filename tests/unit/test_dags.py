@@ -1,5 +1,5 @@
 """Every DAG file imports without errors (Airflow's own DagBag) and runs the stages as STAGES and the retry
-policy say."""
+policy say; every task alerts when it fails."""
 
 from __future__ import annotations
 
@@ -17,7 +17,9 @@ def test_dags_import_without_errors_and_follow_stage_order(tmp_path):
         "print(json.dumps({'errors': {k: str(v) for k, v in bag.import_errors.items()}, 'dags': {d.dag_id: {"
         "'order': [t.task_id for t in d.topological_sort()],"
         "'retries': {t.task_id: [t.retries, t.retry_exponential_backoff] for t in d.tasks},"
-        "'params': sorted(d.params), 'doc': bool(d.doc_md)} for d in bag.dags.values()}}))\n"
+        "'params': sorted(d.params), 'doc': bool(d.doc_md),"
+        "'on_failure': {t.task_id: [repr(c) for c in t.on_failure_callback] for t in d.tasks}}"
+        " for d in bag.dags.values()}}))\n"
     )
     proc = subprocess.run([str(BIN / "python"), "-c", script], env=airflow_env(tmp_path), capture_output=True,
                           text=True, check=True)
@@ -37,3 +39,8 @@ def test_dags_import_without_errors_and_follow_stage_order(tmp_path):
                                                 "version"}
     assert dags["rollback"]["order"] == ["rollback", "deploy"] and dags["rollback"]["params"] == ["reason"]
     assert all(d["doc"] for d in dags.values())
+    # every task of every DAG sends a task_failed alert (pipelines.alerts) when it fails for good
+    alert = f"FailureAlert({str(REPO)!r})"
+    for dag_id, found in dags.items():
+        assert set(found["on_failure"]) == set(found["order"]), dag_id
+        assert {task: calls for task, calls in found["on_failure"].items() if calls != [alert]} == {}, dag_id

@@ -56,3 +56,52 @@ def test_kubernetes_manifests_hang_together():
     serve = workloads["amaas-serve"]["spec"]
     assert serve["strategy"]["rollingUpdate"]["maxUnavailable"] == 0
     assert serve["template"]["spec"]["containers"][0]["readinessProbe"]["httpGet"]["path"] == "/readyz"
+    scraped = serve["template"]["metadata"]["annotations"]  # Prometheus scrapes each pod's /metrics
+    assert scraped["prometheus.io/scrape"] == "true" and scraped["prometheus.io/path"] == "/metrics"
+    assert int(scraped["prometheus.io/port"]) == serve["template"]["spec"]["containers"][0]["ports"][0]["containerPort"]
+
+
+def _host_ports(service: dict) -> list[tuple[str, int]]:
+    """(host address, host port) of each published port ("8080:8080", "127.0.0.1:9090:9090")."""
+    out = []
+    for spec in service.get("ports", []):
+        parts = str(spec).split(":")
+        assert len(parts) in (2, 3), spec  # a bare container port would publish on a random host port
+        out.append((parts[0] if len(parts) == 3 else "0.0.0.0", int(parts[-2])))  # noqa: S104 (compose's default)
+    return out
+
+
+def test_compose_monitoring_is_provisioned_from_files_that_exist():
+    """Prometheus scrapes the serving container, Grafana gets the datasource and dashboard from infra/grafana/."""
+    compose = yaml.safe_load((INFRA / "docker-compose.yml").read_text())
+    services = compose["services"]
+    mounts: dict[str, dict[str, str]] = {}
+    for name, service in services.items():
+        for volume in service.get("volumes", []):
+            source, target = volume.split(":")[:2]
+            if source.startswith("."):  # a bind mount: relative to the compose file's folder
+                assert (INFRA / source).exists(), (name, source)
+                mounts.setdefault(name, {})[target] = source
+            else:
+                assert source in compose["volumes"], (name, source)
+    published = [port for service in services.values() for port in _host_ports(service)]
+    assert len({port for _, port in published}) == len(published), published  # no host port taken twice
+    assert _host_ports(services["prometheus"]) == [("127.0.0.1", 9090)]  # no login: loopback only
+    assert "${GRAFANA_ADMIN_PASSWORD}" in services["grafana"]["environment"]["GF_SECURITY_ADMIN_PASSWORD"]
+    assert "GRAFANA_ADMIN_PASSWORD=" in (INFRA / ".env.example").read_text()
+
+    scrape = yaml.safe_load((INFRA / mounts["prometheus"]["/etc/prometheus/prometheus.yml"]).read_text())
+    targets = [t for job in scrape["scrape_configs"] for c in job["static_configs"] for t in c["targets"]]
+    serve_port = int(services["amaas-serve"]["ports"][0].split(":")[-1])  # the container's port
+    assert targets == [f"amaas-serve:{serve_port}"]
+    assert scrape["scrape_configs"][0]["metrics_path"] == "/metrics"
+
+    grafana = mounts["grafana"]
+    provisioning = INFRA / grafana["/etc/grafana/provisioning"]
+    datasources = yaml.safe_load((provisioning / "datasources" / "prometheus.yaml").read_text())["datasources"]
+    assert [d["url"] for d in datasources] == ["http://prometheus:9090"]
+    providers = yaml.safe_load((provisioning / "dashboards" / "amaas.yaml").read_text())["providers"]
+    folder = providers[0]["options"]["path"]
+    assert (INFRA / grafana[folder] / "amaas-serving.json").is_file()  # the provider reads the mounted folder
+    home = services["grafana"]["environment"]["GF_DASHBOARDS_DEFAULT_HOME_DASHBOARD_PATH"]
+    assert home == f"{folder}/amaas-serving.json"
