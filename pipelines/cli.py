@@ -301,15 +301,27 @@ def _locked(args: argparse.Namespace, paths: Paths) -> contextlib.AbstractContex
 
 
 def _print_where(paths: Paths, settings: Settings) -> None:
-    champion = Registry(paths.registry).champion
+    registry = Registry(paths.registry)
+    champion = registry.champion
     url = f"http://{settings.serve.host}:{settings.serve.port}"
     print(f"\nChallenger model:  {paths.challenger}")
     print(f"Champion:          {champion} (registry: {paths.registry})")
+    print(f"Challenger card:   {_card(paths.model_card_html, paths.model_card)}")
+    if champion is not None:
+        folder = registry.version_dir(champion)
+        print(f"Champion card:     {_card(folder / Paths.MODEL_CARD_HTML_FILE, folder / Paths.MODEL_CARD_FILE)}")
     print(f"Reports:           {paths.reports}/ metrics.json, drift.html, validation.json, promotion.json")
     print(f"Data Docs:         {paths.data_docs / 'index.html'} (Great Expectations, per batch)")
     print(f"Quarantined rows:  {paths.quarantined_rows}")
     print(f"Endpoint:          `make serve` (or `amaas serve`) -> POST {url}/predict, docs at {url}/docs "
           f"(API key: `amaas keys add NAME`)")
+
+
+def _card(page: Path, markdown: Path) -> str:
+    """Where a model card is: its HTML page, else the Markdown of a version promoted before cards had pages."""
+    if page.is_file():
+        return f"{page} (Markdown: {markdown.name})"
+    return str(markdown) if markdown.is_file() else f"{page} (not written yet: `amaas promote` writes it)"
 
 
 COMMANDS: dict[str, Callable[[argparse.Namespace, Paths], int]] = {

@@ -502,6 +502,8 @@ class Paths:
     root: Path
     SAMPLE_FILE: ClassVar[str] = "train_sample.parquet"  # a seeded sample of training rows: the drift reference
     TEST_PREDICTIONS_FILE: ClassVar[str] = "test_predictions.parquet"  # id, actual, prediction on the test rows
+    MODEL_CARD_FILE: ClassVar[str] = "MODEL_CARD.md"  # a registered version's card, in its folder
+    MODEL_CARD_HTML_FILE: ClassVar[str] = "MODEL_CARD.html"  # the same card as one self-contained page
 
     @classmethod
     def from_env(cls) -> Paths:
@@ -703,6 +705,10 @@ class Paths:
     @property
     def model_card(self) -> Path:
         return self.reports / "model_card.md"
+
+    @property
+    def model_card_html(self) -> Path:
+        return self.reports / "model_card.html"
 
     # outside the pipeline: keys, the prediction log, BentoML's store
     @property

@@ -3,7 +3,7 @@
 `progress(items, "validate", total=n, unit="batch")` yields the items unchanged. When stderr is a terminal
 (and $AMAAS_PROGRESS is not "0") it draws a tqdm bar there; otherwise (Airflow, CI, `dvc repro` with its
 output piped, a test) it logs one INFO line when the work starts, at most one every `every_s` seconds while it
-runs, and one when it ends, so a log shows that a long step is moving without a line per item.
+runs, and one when it ends (or is left early), so a log shows that a long step is moving without a line per item.
 """
 
 from __future__ import annotations
@@ -42,11 +42,15 @@ def progress(items: Iterable[T], desc: str, total: int | None = None, unit: str 
     started = last = time.monotonic()
     log.info("%s: started (%s %s)", desc, total if total is not None else "?", unit)
     done = 0
-    for item in items:
-        yield item
-        done += 1
-        now = time.monotonic()
-        if now - last >= every_s:
-            last = now
-            log.info("%s: %d%s %s, %.0f s", desc, done, of, unit, now - started)
+    try:
+        for item in items:
+            yield item
+            done += 1
+            now = time.monotonic()
+            if now - last >= every_s:
+                last = now
+                log.info("%s: %d%s %s, %.0f s", desc, done, of, unit, now - started)
+    except GeneratorExit:  # the caller stopped early (an early stop, an error): the log still says where
+        log.info("%s: stopped at %s %d%s in %.1f s", desc, unit, done + 1, of, time.monotonic() - started)
+        raise
     log.info("%s: done, %d %s in %.1f s", desc, done, unit, time.monotonic() - started)

@@ -24,6 +24,7 @@ from pipelines.bundle import ModelBundle
 from pipelines.config import Paths, Settings
 from pipelines.io import atomic_path
 from pipelines.models.cluster import dask_cluster, describe
+from pipelines.progress import progress
 from pipelines.registry import Registry, RegistryError
 
 log = logging.getLogger(__name__)
@@ -41,6 +42,13 @@ def read_chunks(path: Path, chunk_rows: int) -> Iterator[pd.DataFrame]:
         yield from pd.read_csv(path, chunksize=chunk_rows)
     else:
         raise ValueError(f"input {path} must be a .parquet or .csv file")
+
+
+def chunk_count(path: Path, chunk_rows: int) -> int | None:
+    """How many chunks `read_chunks` yields: known from a Parquet file's footer, unknown for CSV (None)."""
+    if path.suffix.lower() not in (".parquet", ".pq") or not path.is_file():
+        return None
+    return -(-pq.ParquetFile(path).metadata.num_rows // chunk_rows)
 
 
 def score_chunk(bundle: ModelBundle, rows: pd.DataFrame, id_column: str | None) -> pd.DataFrame:
@@ -76,7 +84,8 @@ def run(settings: Settings, paths: Paths, input_path: Path, output_path: Path, v
     with dask_cluster(address, workers or settings.scale.dask_workers) as client:
         where = describe(client)
         results = _on_dask(client, bundle, chunks, args) if client else (score_chunk(bundle, c, *args) for c in chunks)
-        rows, n = _write(output_path, results)
+        total = chunk_count(input_path, settings.scale.score_chunk_rows)
+        rows, n = _write(output_path, progress(results, "score", total=total, unit="chunk"))
     log.info("scored %d rows in %d chunks with %s (%s) -> %s", rows, n, version, where, output_path)
     return {"rows": rows, "chunks": n, "model_version": version, "ran_on": where, "output": str(output_path)}
 

@@ -13,6 +13,7 @@ from scipy.special import expit, logit, softmax
 from sklearn.base import BaseEstimator, clone
 
 from pipelines.models.base import Learner, TaskEstimatorMixin, fit_inputs, log, valid_loss
+from pipelines.progress import progress
 
 METHODS = ("averaging", "blending", "stacking", "bagging")
 
@@ -70,7 +71,8 @@ class Ensemble(TaskEstimatorMixin, BaseEstimator):
         if self.method == "bagging":
             self.names_, self.members_ = self._bag(X, y, X_valid, y_valid)
         else:
-            self.members_ = [clone(learner).fit(X, y, X_valid, y_valid) for learner in self.learners]
+            self.members_ = [clone(learner).fit(X, y, X_valid, y_valid)
+                             for learner in progress(self.learners, f"ensemble {self.method}", unit="learner")]
         if self.task != "regression":
             self.classes_ = self.members_[0].classes_
         valid_preds = self.member_predictions(X_valid) if X_valid is not None else None
@@ -114,11 +116,11 @@ class Ensemble(TaskEstimatorMixin, BaseEstimator):
              ) -> tuple[list[str], list[Learner]]:
         """`bags` fits of every learner, each on a bootstrap resample of the training rows."""
         names, members = [], []
-        for learner in self.learners:
-            for b in range(self.bags):
-                rows = np.random.default_rng([self._seed, b]).integers(0, len(X), len(X))
-                members.append(clone(learner).fit(X.iloc[rows], y[rows], X_valid, y_valid))
-                names.append(f"{learner.kind}_bag{b}")
+        fits = [(learner, b) for learner in self.learners for b in range(self.bags)]
+        for learner, b in progress(fits, "ensemble bagging", unit="fit"):
+            rows = np.random.default_rng([self._seed, b]).integers(0, len(X), len(X))
+            members.append(clone(learner).fit(X.iloc[rows], y[rows], X_valid, y_valid))
+            names.append(f"{learner.kind}_bag{b}")
         return names, members
 
     def _out_of_fold(self, X: pd.DataFrame, y: np.ndarray) -> np.ndarray:
@@ -130,7 +132,7 @@ class Ensemble(TaskEstimatorMixin, BaseEstimator):
             splits = KFold(self.folds, shuffle=True, random_state=self._seed).split(X)
         else:  # a class rarer than the folds still lands in some folds; sklearn warns, the others stay stratified
             splits = StratifiedKFold(self.folds, shuffle=True, random_state=self._seed).split(X, y)
-        for fit_idx, pred_idx in splits:
+        for fit_idx, pred_idx in progress(splits, "ensemble stacking folds", total=self.folds, unit="fold"):
             X_fit, y_fit = X.iloc[fit_idx], y[fit_idx]
             X_hold, y_hold = X.iloc[pred_idx], y[pred_idx]
             held = np.stack([clone(learner).fit(X_fit, y_fit, X_hold, y_hold).predict_output(X_hold)

@@ -11,6 +11,7 @@ import numpy as np
 import pandas as pd
 
 from pipelines.models.base import Learner, log, resolve_device, valid_loss
+from pipelines.progress import progress
 
 
 def _build_net(n_numeric: int, cardinalities: dict[str, int], embedding_dim: int, hidden: list[int], outputs: int
@@ -135,7 +136,7 @@ class MLPLearner(Learner):
         optim = torch.optim.Adam(self.net_.parameters(), lr=self.learning_rate)
         gen = torch.Generator().manual_seed(self._seed)
         best_loss, best_state, stale = np.inf, None, 0
-        for epoch in range(self.epochs):
+        for epoch in progress(range(self.epochs), "mlp training", unit="epoch"):
             self.net_.train()
             for idx in torch.randperm(len(target), generator=gen).split(self.batch_size):
                 idx = idx.to(self.device_)

@@ -5,7 +5,8 @@ Gate: the gain of the challenger over the champion in promote.metric on the curr
 and a paired bootstrap must say the gain is significant (share of resamples with gain <= 0 at most
 promote.max_p_value). A challenger that serves too slowly or too dearly (promote.max_latency_ms on its single-row
 p99, promote.max_cost_per_1k; the compress stage's figures) is not promoted either. The decision and its numbers
-are recorded in the registry and in reports/promotion.json.
+are recorded in the registry and in reports/promotion.json; the model card (Markdown and one HTML page, with the
+evaluate stage's ROC, calibration, confusion or residual pictures) beside the version and in reports/.
 """
 
 from __future__ import annotations
@@ -30,9 +31,11 @@ log = logging.getLogger(__name__)
 @stage(
     params=("seed", "schema.target", "promote"),
     runtime=("alerts",),
-    deps=("challenger", "reference", "metrics", "slices", "validation_report", "drift_report", "compression_report"),
+    deps=("challenger", "reference", "metrics", "slices", "plots", "validation_report", "drift_report",
+          "compression_report"),
     # the registry accumulates versions across runs: DVC must not delete it before the stage runs
-    outs=(Out("registry", cache=False, persist=True), Out("model_card", cache=False)),
+    outs=(Out("registry", cache=False, persist=True), Out("model_card", cache=False),
+          Out("model_card_html", cache=False)),
     metrics=("promotion",),
     atomic_outs=True,  # each written to a temp file or folder and renamed: DVC need not delete them first
     options=(Option("--force", switch=True, default=False, help="skip the gate: make a version champion"),
@@ -92,13 +95,17 @@ def run(settings: Settings, paths: Paths, force: bool = False, version: str | No
     if not experiment:
         registry.record({"action": "gate", **decision})
     write_json(paths.promotion, decision)
-    card = modelcard.render({**read_json(bundle_dir / METADATA_FILE), **({} if not experiment else extra)},
-                            found["metrics"], found["slices"], found["validation"], found["drift"], decision,
-                            settings.data_schema.target, found["compression"],
-                            read_json(paths.cost_report) if paths.cost_report.is_file() else {})
+    card = modelcard.card({**read_json(bundle_dir / METADATA_FILE), **({} if not experiment else extra)},
+                          found["metrics"], found["slices"], found["validation"], found["drift"], decision,
+                          settings.data_schema.target, found["compression"],
+                          read_json(paths.cost_report) if paths.cost_report.is_file() else {},
+                          modelcard.read_plots(paths))
+    markdown, page = modelcard.markdown(card), modelcard.html(card)
     if not experiment:
-        write_text(registry.version_dir(challenger) / "MODEL_CARD.md", card)
-    write_text(paths.model_card, card)
+        write_text(registry.version_dir(challenger) / Paths.MODEL_CARD_FILE, markdown)
+        write_text(registry.version_dir(challenger) / Paths.MODEL_CARD_HTML_FILE, page)
+    write_text(paths.model_card, markdown)
+    write_text(paths.model_card_html, page)
     if ("gain" in decision or decision.get("over_budget")) and not decision["promoted"] and not experiment:
         alert(settings, paths, "gate_failed", f"challenger {challenger} not promoted: {decision['reason']}",
               decision)

@@ -35,6 +35,7 @@ from pandas.api import types
 from pipelines.config import ROW_KEY, Paths, SchemaConfig, Settings
 from pipelines.contracts import Out, stage
 from pipelines.io import atomic_dir, file_digest, read_json, text_if_mixed, write_json, write_parquet
+from pipelines.progress import progress
 from pipelines.sources import parse_time, row_hash
 from pipelines.transform import allowed_categories, label_key, normalize_category
 
@@ -333,7 +334,7 @@ def run_expectations(batches: list[tuple[str, pd.DataFrame]], suite: list[Any], 
 
     full = add_suite(SUITE, suite)
     result, pages = SuiteResult(), []
-    for name, rows in batches:
+    for name, rows in progress(batches, "validate", unit="batch"):
         frame = rows.copy()  # consolidated: GE copies its input per metric, and a fragmented frame copies slowly
         definition = ctx.validation_definitions.add(gx.ValidationDefinition(name=name, data=batch_def, suite=full))
         checkpoint = ctx.checkpoints.add(gx.Checkpoint(

@@ -3,6 +3,8 @@
 import yaml
 
 from pipelines.cli import main
+from pipelines.config import Paths
+from pipelines.io import write_json, write_text
 from tests.conftest import small_params
 
 
@@ -30,3 +32,23 @@ def test_serve_without_champion_and_rollback_without_history(tmp_path, capsys):
     assert "no champion to serve yet" in capsys.readouterr().err
     assert main([*base, "rollback"]) == 2
     assert "nothing to roll back" in capsys.readouterr().err
+
+
+def test_where_points_at_the_model_cards(tmp_path, capsys):
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(small_params()))
+    base = ["--params", str(tmp_path / "params.yaml"), "--root", str(tmp_path), "where"]
+    assert main(base) == 0
+    out = capsys.readouterr().out
+    assert f"Challenger card:   {tmp_path}/reports/model_card.html (not written yet: `amaas promote` writes it)" in out
+    assert "Champion card" not in out  # no champion yet
+
+    paths = Paths(tmp_path)
+    version = paths.registry / "versions" / "v1"
+    version.mkdir(parents=True)
+    (version / "MODEL_CARD.md").write_text("# Model card: v1\n")  # promoted before cards had a page
+    write_json(paths.registry_aliases, {"champion": "v1", "challenger": "v1", "champion_history": ["v1"]})
+    write_text(paths.model_card_html, "<!DOCTYPE html>")
+    assert main(base) == 0
+    out = capsys.readouterr().out
+    assert f"Challenger card:   {paths.model_card_html} (Markdown: model_card.md)\n" in out
+    assert f"Champion card:     {version / 'MODEL_CARD.md'}\n" in out

@@ -12,6 +12,7 @@ import pandas as pd
 import pytest
 
 from pipelines.bundle import ModelBundle
+from pipelines.cli import main
 from pipelines.compression import augmented_rows, distill, prune
 from pipelines.config import Paths, load_settings
 from pipelines.io import read_json
@@ -182,7 +183,7 @@ def test_serve_model_forces_the_int8_ensemble(project):
         _compress(project, **{"serve.model": "quantized", "compress.quantize": False})
 
 
-def test_promotion_rejects_a_challenger_over_the_latency_or_cost_limit(project, caplog):
+def test_promotion_rejects_a_challenger_over_the_latency_or_cost_limit(project, caplog, capsys):
     paths = Paths(project)
     settings, report = _compress(project, **{"promote.max_latency_ms": 1e-6})
     decision = promote.run(settings, paths)
@@ -199,6 +200,18 @@ def test_promotion_rejects_a_challenger_over_the_latency_or_cost_limit(project, 
     assert decision["promoted"], decision["reason"]
     card = (project / "reports" / "model_card.md").read_text()
     assert "## Compression" in card and f"Serves: **{report['served']}**" in card and "## Cost" in card
+    page = paths.model_card_html.read_text()  # the same card as a page, with the evaluate stage's pictures
+    metrics = read_json(paths.metrics)
+    assert f"<td>roc_auc</td><td>{metrics['roc_auc']:.4f}</td>" in page
+    assert 'aria-label="ROC curve"' in page and 'aria-label="Calibration"' in page
+    assert "<h3>Confusion matrix</h3>" in page and "<h2>Compression</h2>" in page and "<h2>Lineage</h2>" in page
+    assert decision["reason"] in page and 'class="status champion"' in page
+    champion_page = Paths(project).registry / "versions" / decision["champion_after"] / "MODEL_CARD.html"
+    assert champion_page.read_text() == page
+    assert main(["--params", str(project / "params.yaml"), "--root", str(project), "where"]) == 0
+    out = capsys.readouterr().out
+    assert f"Challenger card:   {paths.model_card_html} (Markdown: model_card.md)\n" in out
+    assert f"Champion card:     {champion_page} (Markdown: MODEL_CARD.md)\n" in out
 
     cost = read_json(paths.cost_report)  # every stage run through run_stage is in it, with its price
     assert set(cost["stages"]) == {*STAGES[:STAGES.index("compress")], "promote"}

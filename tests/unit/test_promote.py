@@ -48,11 +48,16 @@ def test_gate_promotes_better_keeps_champion_against_worse_and_rolls_back(tmp_pa
     card = (registry.version_dir(strong) / "MODEL_CARD.md").read_text()
     assert f"# Model card: {strong}" in card and "Status after its latest gate:** champion" in card
     assert f"gain {better['gain']:+.4f} over champion {weak}" in card
+    page = (registry.version_dir(strong) / "MODEL_CARD.html").read_text()  # the same card as a page
+    assert f"<h1>Model card: {strong}</h1>" in page and 'class="status champion"' in page
+    assert f"gain {better['gain']:+.4f} over champion {weak}" in page
+    assert "run <code>amaas evaluate</code> before" in page  # this flow skips evaluate: no pictures, and it says so
 
     _train(tmp_path, **WEAK)
     worse = promote.run(weak_settings, paths)
     assert not worse["promoted"] and worse["gain"] < 0 and "fails the gate" in worse["reason"]
     assert "Status after its latest gate:** not promoted" in (paths.reports / "model_card.md").read_text()
+    assert 'class="status not-promoted"' in paths.model_card_html.read_text()
     assert any(r.getMessage().startswith("ALERT gate_failed: challenger") for r in caplog.records)
     assert registry.champion == strong
 
