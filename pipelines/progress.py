@@ -34,7 +34,7 @@ def progress(items: Iterable[T], desc: str, total: int | None = None, unit: str 
     if total is None and hasattr(items, "__len__"):
         total = len(items)  # type: ignore[arg-type]
     if bars_enabled():
-        from tqdm import tqdm  # type: ignore[import-untyped]  # no stubs in the lock
+        from tqdm import tqdm
 
         yield from tqdm(items, desc=desc, total=total, unit=unit, file=sys.stderr, leave=False, dynamic_ncols=True)
         return
