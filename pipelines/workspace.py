@@ -70,12 +70,13 @@ def panels(metric: str) -> tuple[Panel, ...]:
     """The dashboard's panels; `metric` is promote.metric."""
     return (
         Panel("Drifted share of feature columns per day", "line",
-              (("drift_share", "drifted share"), ("drift_share_threshold", "threshold (report.drift_share_threshold)")),
-              "Share of feature columns Evidently flags as drifted against the champion's reference"),
+              (("drift_share", "drifted share"), ("drift_share_threshold", "threshold")),
+              "Share of feature columns Evidently flags as drifted against the champion's reference "
+              "(threshold: report.drift_share_threshold)"),
         Panel("Prediction drift per day", "line",
-              (("prediction_drift", "distance"),
-               ("prediction_drift_threshold", "threshold (report.prediction_drift_threshold)")),
-              "Distance of the champion's predictions from its test predictions"),
+              (("prediction_drift", "distance"), ("prediction_drift_threshold", "threshold")),
+              "Distance of the champion's predictions from its test predictions "
+              "(threshold: report.prediction_drift_threshold)"),
         Panel(f"{metric} on labelled rows vs the champion's test value", "line",
               (("metric_current", f"{metric} on labelled rows"), ("metric_reference", f"champion's test {metric}")),
               "promote.metric on the current rows whose labels arrived, and the champion's on its test rows"),
