@@ -2,8 +2,9 @@
 
 `evidently ui` serves reports/workspace (every `amaas report` run adds its snapshots there) on 127.0.0.1
 only. The project and its dashboard are created first if no report has run yet, and snapshot files that
-Evidently cannot read are moved to reports/workspace/damaged/ (one would stop the UI from starting). The UI
-watches the folder: a report run while it is up shows on the next page load. Ctrl-C stops it.
+Evidently cannot read are moved to reports/workspace/damaged/ (one makes the UI answer every project page with
+an error 500). The UI watches the folder: a report run while it is up shows on the next page load. Ctrl-C
+stops it.
 """
 
 from __future__ import annotations
@@ -38,8 +39,7 @@ def prepare(root: Path, params: Path) -> Path:
     settings = load_settings(params)
     folder = Paths(root).workspace
     open_project(folder, settings.promote.metric)
-    for moved in set_aside_damaged(folder):
-        print(f"moved a snapshot Evidently cannot read to {moved}", file=sys.stderr)
+    set_aside_damaged(folder)  # each file moved is logged
     return folder
 
 
@@ -59,7 +59,12 @@ def main(argv: list[str] | None = None) -> int:
     server = subprocess.Popen([str(Path(sys.executable).parent / "evidently"), "ui", "--workspace", str(folder),
                                "--host", "127.0.0.1", "--port", str(args.port)], env=env)
     try:
+        started = time.monotonic()
         while server.poll() is None and not ui_answers(url):
+            if started and time.monotonic() - started > 120:
+                print(f"{url}/api/projects has not answered for 2 minutes: see evidently's log above (another "
+                      f"project's damaged file in {folder}?)", file=sys.stderr, flush=True)
+                started = 0.0
             time.sleep(0.5)
         if server.poll() is None:
             print(f"\n{'=' * 72}\nEvidently UI: {url}\nDashboard:    {url}/projects/{PROJECT_ID}\n"

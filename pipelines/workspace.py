@@ -11,9 +11,9 @@ on the same batch replaces that day's snapshots instead of adding a second point
 
 Damage: the project's metadata and its dashboard are defined in code and rewritten whenever they differ or
 cannot be read; snapshots are written atomically. A snapshot file that Evidently cannot read (edited by hand,
-a disk fault) would stop `evidently ui` from starting: `set_aside_damaged` moves such files to
-reports/workspace/damaged/ (`make monitor` runs it first). A workspace path that cannot be written (a file in
-its place, no permission) raises WorkspaceError naming the fix.
+a disk fault) makes `evidently ui` answer every project page with an error 500: `set_aside_damaged` moves such
+files to reports/workspace/damaged/ (`make monitor` runs it first). A workspace that cannot be written (a file
+in its place, no permission, a full disk) raises WorkspaceError naming the fix.
 """
 
 from __future__ import annotations
@@ -118,9 +118,9 @@ def open_project(folder: Path, metric: str) -> Path:
     _writable(folder)
     project_dir = folder / str(PROJECT_ID)
     wanted = ProjectModel(id=PROJECT_ID, name=PROJECT_NAME, description=PROJECT_DESCRIPTION)
-    for file, model, what in ((project_dir / METADATA_FILE, wanted, "project"),
-                              (project_dir / DASHBOARD_FILE, dashboard(metric), "dashboard")):
-        text = _evidently_json(model)
+    for file, model, what, indent in ((project_dir / METADATA_FILE, wanted, "project", 2),
+                                      (project_dir / DASHBOARD_FILE, dashboard(metric), "dashboard", None)):
+        text = _evidently_json(model, indent)
         if _json(file, what) != json.loads(text):
             _guarded(folder, lambda file=file, text=text: write_text(file, text))
     return project_dir
@@ -189,8 +189,8 @@ def values_snapshot(values: Mapping[str, float | None]) -> Any:
 
 
 def set_aside_damaged(folder: Path) -> list[Path]:
-    """Move the project's snapshot files that do not parse to <workspace>/damaged/ (else `evidently ui` refuses
-    to start); the files moved, at their new place."""
+    """Move the project's snapshot files that do not parse to <workspace>/damaged/ (else `evidently ui` fails
+    every project page); the files moved, at their new place."""
     from evidently.core.serialization import SnapshotModel
 
     snapshots = folder / str(PROJECT_ID) / SNAPSHOTS_DIR
@@ -208,11 +208,11 @@ def set_aside_damaged(folder: Path) -> list[Path]:
     return moved
 
 
-def _evidently_json(model: Any) -> str:
-    """A project, dashboard or snapshot model as Evidently's local workspace stores it."""
+def _evidently_json(model: Any, indent: int | None = None) -> str:
+    """A project, dashboard or snapshot model as Evidently's local workspace stores it (indented: the project)."""
     from evidently.legacy.utils import NumpyEncoder
 
-    return json.dumps(model.dict(), cls=NumpyEncoder, indent=2)
+    return json.dumps(model.dict(), cls=NumpyEncoder, indent=indent)
 
 
 def _snapshot_file(folder: Path, window: str, kind: str) -> Path:

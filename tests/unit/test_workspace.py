@@ -215,3 +215,17 @@ def test_a_workspace_write_that_fails_names_the_fix_after_the_verdict_is_written
         report.run(settings, paths)
     assert json.loads(paths.drift_report.read_text())["current"] == "batch 2026-01-02"  # the verdict stands
     assert len(json.loads(paths.monitoring_history.read_text())) == 1
+
+
+def test_make_monitor_prepares_the_workspace_before_the_ui_reads_it(tmp_path):
+    from pipelines import monitor_ui
+    from tests.conftest import write_params
+
+    write_params(tmp_path)
+    folder = Paths(tmp_path).workspace
+    bad = _project_dir(folder) / ws.SNAPSHOTS_DIR / f"{ws.snapshot_id('batch 2026-01-04', 'values')}.json"
+    bad.parent.mkdir(parents=True)
+    bad.write_text('{"name": "values: batch 2026-01-04", "timestamp": ')
+    assert monitor_ui.prepare(tmp_path, tmp_path / "params.yaml") == folder
+    assert not bad.exists() and (folder / ws.DAMAGED_DIR / bad.name).is_file()
+    assert len(_evidently(folder).get_dashboard(ws.PROJECT_ID).panels) == 5  # a project even before any report
