@@ -10,6 +10,7 @@ export GX_ANALYTICS_ENABLED := False
 export BENTOML_DO_NOT_TRACK := True
 export DVC_NO_ANALYTICS := 1
 AIRFLOW_PORT ?= 8080
+MONITOR_PORT ?= 8000
 
 # Where `make lock` finds the CPU torch wheel (torch==...+cpu is not on PyPI): pip's find-links when set, else
 # the PyTorch CPU index page of torch alone, so no other package can come from there.
@@ -18,7 +19,7 @@ TORCH_FIND_LINKS ?= $(or $(PIP_FIND_LINKS),https://download.pytorch.org/whl/cpu/
 # where no local find-links provides the torch wheel. The hashes are checked whatever the source.
 INSTALL_ARGS ?=
 
-.PHONY: install run test test-fast serve airflow lint audit-code audit typecheck constraints lock clean
+.PHONY: install run test test-fast serve airflow monitor lint audit-code audit typecheck constraints lock clean
 
 # Every file pip installs must match a sha256 of requirements.lock (pip itself and setuptools included). The lock
 # is the whole set, so --no-deps: pip would otherwise ask for extras (celery[redis]) the lock spells without them,
@@ -48,6 +49,9 @@ serve: install  ## serve the champion on localhost:3000
 
 airflow: install  ## Airflow UI with the project's DAGs on localhost:$(AIRFLOW_PORT); prints the login
 	python -m pipelines.airflow_ui --root $(CURDIR) --port $(AIRFLOW_PORT)
+
+monitor: install  ## Evidently UI on 127.0.0.1:$(MONITOR_PORT) with the project's workspace (reports/workspace); prints the dashboard's URL
+	python -m pipelines.monitor_ui --root $(CURDIR) --port $(MONITOR_PORT)
 
 lint: install
 	ruff check pipelines dags bentos tests benchmarks

@@ -699,6 +699,11 @@ class Paths:
         return self.reports / "monitoring_history.json"
 
     @property
+    def workspace(self) -> Path:
+        """The Evidently workspace every `amaas report` adds its snapshots to; `make monitor` shows it."""
+        return self.reports / "workspace"
+
+    @property
     def promotion(self) -> Path:
         return self.reports / "promotion.json"
 

@@ -34,13 +34,14 @@ import pandas as pd
 
 from pipelines.alerts import alert
 from pipelines.bundle import METADATA_FILE, ModelBundle
-from pipelines.config import Paths, SchemaConfig, Settings
+from pipelines.config import Paths, SchemaConfig, Settings, experiment_name
 from pipelines.contracts import Out, stage
 from pipelines.io import read_json, write_json, write_text
 from pipelines.metrics import bootstrap_resamples, higher_is_better, improvement, score
 from pipelines.registry import MONITORING_DIR, Registry
 from pipelines.serving.predlog import PredictionRecord, read_prediction_log
 from pipelines.transform import normalize_category
+from pipelines.workspace import add_run, window_time
 
 log = logging.getLogger(__name__)
 PREDICTION = "prediction"  # what monitoring watches per row: bundle.monitored(output)
@@ -104,10 +105,11 @@ def drift_summary(snapshot: dict[str, Any], share_threshold: float) -> dict[str,
     params=("seed", "schema", "clean.normalize_categories", "report", "promote.metric", "promote.bootstrap_samples"),
     runtime=("alerts",),
     # it reads the champion's reference from models/registry too (not a dep: promote, later, writes it)
-    deps=("reference", "validated", "challenger", "test_predictions"),
+    deps=("reference", "validated", "quarantine", "challenger", "test_predictions"),
     outs=(Out("drift_html", cache=False), Out("prediction_drift_html", cache=False),
           Out("performance_html", cache=False), Out("drift_details", cache=False),
-          Out("monitoring_history", cache=False, persist=True)),
+          Out("monitoring_history", cache=False, persist=True),
+          Out("workspace", cache=False, persist=True)),  # accumulates: one set of snapshots per run
     metrics=("drift_report",),
     description="Drift and performance of the champion on the newest data (Evidently); retrain or not",
     atomic_outs=True,  # each written to a temp file or folder and renamed: DVC need not delete them first
@@ -123,10 +125,11 @@ def run(settings: Settings, paths: Paths) -> dict[str, Any]:
 
     summary: dict[str, Any] = {"current": described, "current_rows": len(current), "task": schema.task,
                                "reference": reference["name"], "reference_rows": len(reference["rows"])}
-    snapshot = data_drift_report(settings, current, reference["rows"], paths.drift_html)
+    snapshots: dict[str, Any] = {}  # Evidently's snapshots of this run, by kind, for the workspace
+    snapshot = data_drift_report(settings, current, reference["rows"], paths.drift_html, snapshots)
     summary |= drift_summary(snapshot, cfg.drift_share_threshold)
-    summary |= prediction_drift_report(settings, current, reference["predictions"], paths, model)
-    summary |= label_info | performance_report(settings, labeled, reference, paths)
+    summary |= prediction_drift_report(settings, current, reference["predictions"], paths, model, snapshots)
+    summary |= label_info | performance_report(settings, labeled, reference, paths, snapshots)
     reasons = decide(settings, summary)
     summary |= {"retrain_needed": bool(reasons), "reasons": reasons,
                 "not_judged": [summary[k] for k in ("prediction_drift_note", "metric_note") if summary.get(k)]}
@@ -134,7 +137,8 @@ def run(settings: Settings, paths: Paths) -> dict[str, Any]:
     write_json(paths.drift_details, _strict(summary))
     scores = {c: r["score"] for c, r in summary["columns"].items()}
     write_json(paths.drift_report, _strict({**{k: summary[k] for k in METRIC_KEYS}, "columns": scores}))
-    _record(paths, {k: summary[k] for k in (*METRIC_KEYS, "reference", "reasons", "drifted_columns", "not_judged")})
+    history = _record(paths, {**{k: summary[k] for k in (*METRIC_KEYS, "reference", "reasons", "drifted_columns",
+                                                         "not_judged")}, "champion": reference.get("champion")})
     log.info("monitoring %s against %s: retrain_needed=%s %s", described, reference["name"],
              summary["retrain_needed"], "; ".join(reasons))
     for note in summary["not_judged"]:
@@ -145,7 +149,40 @@ def run(settings: Settings, paths: Paths) -> dict[str, Any]:
     verdict: dict[str, Any] = _strict({**{k: summary[k] for k in METRIC_KEYS},
                                        "drifted_columns": summary["drifted_columns"],
                                        "reasons": reasons, "not_judged": summary["not_judged"]})
+    if experiment_name() is None:  # a `dvc exp run` must not replace the day's points on the operators' dashboard
+        _to_workspace(settings, paths, summary, snapshots, reference.get("champion"), history)
     return verdict
+
+
+def _to_workspace(settings: Settings, paths: Paths, summary: dict[str, Any], snapshots: dict[str, Any],
+                  champion: str | None, history: list[dict[str, Any]]) -> None:
+    """This run's snapshots into the Evidently workspace (reports/workspace), with what the dashboard plots."""
+    cfg, window = settings.report, summary["current"]
+    when = window_time(window, cfg.window_hours)
+    if when is None:  # a batch of a files source without a time column: it happened when it was judged
+        when = pd.Timestamp.now(tz="UTC").tz_localize(None).to_pydatetime()
+        log.info("%s names no day: its snapshots in the workspace are stamped with the time of this run", window)
+    earlier = [h for h in history if h.get("current") != window]
+    changed = bool(champion) and (not earlier or earlier[-1].get("champion") != champion)
+    values = {"drift_share": summary["drift_share"], "drift_share_threshold": cfg.drift_share_threshold,
+              "prediction_drift": summary["prediction_drift"],
+              "prediction_drift_threshold": cfg.prediction_drift_threshold,
+              "metric_current": summary["metric_current"], "metric_reference": summary["metric_reference"],
+              "champion_changed": float(changed), **batch_rows(paths, window, summary["current_rows"])}
+    add_run(paths.workspace, settings.promote.metric, window, when, champion, values, snapshots)
+
+
+def batch_rows(paths: Paths, window: str, current_rows: int) -> dict[str, float | None]:
+    """Rows collected in the batch (clean + quarantined) and rows quarantined; a prediction window: its rows."""
+    if not window.startswith("batch "):
+        return {"rows": float(current_rows), "quarantined_rows": None}
+    batch = window.removeprefix("batch ")
+    clean = pd.read_parquet(paths.validated_rows, columns=["batch"])["batch"].astype(str)
+    quarantined = 0
+    if paths.quarantined_rows.is_file():
+        bad = pd.read_parquet(paths.quarantined_rows, columns=["batch"])["batch"].astype(str)
+        quarantined = int((bad == batch).sum())
+    return {"rows": float(int((clean == batch).sum()) + quarantined), "quarantined_rows": float(quarantined)}
 
 
 def decide(settings: Settings, summary: dict[str, Any]) -> list[str]:
@@ -182,7 +219,7 @@ def load_reference(settings: Settings, paths: Paths) -> dict[str, Any]:
         monitoring = folder / MONITORING_DIR
         if (monitoring / Paths.SAMPLE_FILE).is_file():
             predictions = monitoring / Paths.TEST_PREDICTIONS_FILE
-            return {"name": f"champion {champion}", "model": ModelBundle.load(folder),
+            return {"name": f"champion {champion}", "champion": champion, "model": ModelBundle.load(folder),
                     "rows": pd.read_parquet(monitoring / Paths.SAMPLE_FILE),
                     "predictions": pd.read_parquet(predictions) if predictions.is_file() else None,
                     "metric": _finite(read_json(folder / METADATA_FILE).get("metrics", {}).get(metric))}
@@ -199,7 +236,7 @@ def load_reference(settings: Settings, paths: Paths) -> dict[str, Any]:
                               "pipeline first (`amaas run`, `dvc repro` or the training_pipeline DAG)")
     metrics = paths.metrics
     predictions = paths.test_predictions
-    return {"name": name, "model": model,
+    return {"name": name, "champion": champion, "model": model,
             "rows": pd.read_parquet(sample if sample.is_file() else paths.train_rows),
             "predictions": pd.read_parquet(predictions) if model and predictions.is_file() else None,
             "metric": _finite(read_json(metrics).get(metric)) if model and metrics.is_file() else None}
@@ -360,10 +397,10 @@ def _drift_frame(frame: pd.DataFrame, schema: SchemaConfig, normalize: bool) -> 
     return out
 
 
-def data_drift_report(settings: Settings, current: pd.DataFrame, reference: pd.DataFrame, html: Path
-                      ) -> dict[str, Any]:
+def data_drift_report(settings: Settings, current: pd.DataFrame, reference: pd.DataFrame, html: Path,
+                      keep: dict[str, Any] | None = None) -> dict[str, Any]:
     """Data drift of the feature columns; the HTML report is written, the snapshot dict (with Evidently's
-    test verdict per column) returned."""
+    test verdict per column) returned, and the snapshot kept in `keep` as data_drift."""
     from evidently import DataDefinition, Dataset, Report
     from evidently.presets import DataDriftPreset
 
@@ -379,6 +416,8 @@ def data_drift_report(settings: Settings, current: pd.DataFrame, reference: pd.D
         Dataset.from_pandas(_drift_frame(current, schema, normalize), data_definition=definition),
         Dataset.from_pandas(_drift_frame(reference, schema, normalize), data_definition=definition))
     _save_html(snapshot, html)
+    if keep is not None:
+        keep["data_drift"] = snapshot
     details: dict[str, Any] = snapshot.dict()  # evidently ships no types
     return details
 
@@ -456,7 +495,8 @@ def prediction_drift_test(current: np.ndarray, reference: np.ndarray, categorica
 
 
 def prediction_drift_report(settings: Settings, current: pd.DataFrame, reference: pd.DataFrame | None,
-                            paths: Paths, model: ModelBundle | None) -> dict[str, Any]:
+                            paths: Paths, model: ModelBundle | None, keep: dict[str, Any] | None = None
+                            ) -> dict[str, Any]:
     """Prediction drift of the monitored prediction: the verdict (distance and its significance) and
     reports/prediction_drift.html (a page saying why where there is nothing to compare)."""
     cfg, task = settings.report, settings.data_schema.task
@@ -491,12 +531,12 @@ def prediction_drift_report(settings: Settings, current: pd.DataFrame, reference
               f"p={out['prediction_drift_p_value']:.4f} (max {cfg.max_p_value}) against "
               f"{out['prediction_drift_resamples']} resamples of the reference at {len(now)} current and "
               f"{len(before)} reference rows. Evidently's own flag below uses the distance alone.")
-    _prediction_drift_html(now, before, categorical, method, cfg.prediction_drift_threshold, html, banner)
+    _prediction_drift_html(now, before, categorical, method, cfg.prediction_drift_threshold, html, banner, keep)
     return out
 
 
 def _prediction_drift_html(now: pd.Series, before: pd.Series, categorical: bool, method: str, threshold: float,
-                           html: Path, banner: str) -> None:
+                           html: Path, banner: str, keep: dict[str, Any] | None = None) -> None:
     from evidently import DataDefinition, Dataset, Report
     from evidently.metrics import ValueDrift
 
@@ -507,10 +547,12 @@ def _prediction_drift_html(now: pd.Series, before: pd.Series, categorical: bool,
         Dataset.from_pandas(now.astype(cast).to_frame(PREDICTION), data_definition=definition),
         Dataset.from_pandas(before.astype(cast).to_frame(PREDICTION), data_definition=definition))
     _save_html(snapshot, html, banner)
+    if keep is not None:
+        keep["prediction_drift"] = snapshot
 
 
-def performance_report(settings: Settings, labeled: pd.DataFrame, reference: dict[str, Any], paths: Paths
-                       ) -> dict[str, Any]:
+def performance_report(settings: Settings, labeled: pd.DataFrame, reference: dict[str, Any], paths: Paths,
+                       keep: dict[str, Any] | None = None) -> dict[str, Any]:
     """promote.metric on the labelled current rows against the model's own test value, and whether the
     drop is decay; reports/performance.html either way."""
     cfg, metric, task = settings.report, settings.promote.metric, settings.data_schema.task
@@ -544,7 +586,7 @@ def performance_report(settings: Settings, labeled: pd.DataFrame, reference: dic
         bound = before - cfg.max_metric_drop if higher_is_better(metric) else before + cfg.max_metric_drop
         out["decay_p_value"] = decay_p_value(y, output, bound, metric, settings.promote.bootstrap_samples,
                                              settings.seed, model.threshold, task != "regression")
-    _performance_html(labeled, reference["predictions"], model, task, html)
+    _performance_html(labeled, reference["predictions"], model, task, html, keep)
     return out
 
 
@@ -596,7 +638,7 @@ def _performance_frame(frame: pd.DataFrame, model: ModelBundle, task: str) -> pd
 
 
 def _performance_html(labeled: pd.DataFrame, reference: pd.DataFrame | None, model: ModelBundle, task: str,
-                      html: Path) -> None:
+                      html: Path, keep: dict[str, Any] | None = None) -> None:
     """Evidently's classification or regression report of the labelled rows, against the test rows."""
     from evidently import BinaryClassification, DataDefinition, Dataset, MulticlassClassification, Regression, Report
     from evidently.presets import ClassificationPreset, RegressionPreset
@@ -623,6 +665,8 @@ def _performance_html(labeled: pd.DataFrame, reference: pd.DataFrame | None, mod
         snapshot = Report([preset]).run(
             Dataset.from_pandas(_performance_frame(labeled, model, task), data_definition=definition), ref)
         _save_html(snapshot, html)
+        if keep is not None:
+            keep["performance"] = snapshot
     except Exception as exc:  # noqa: BLE001 - the verdict is computed above; the page must exist (dvc outs)
         log.warning("Evidently could not build the performance report: %s", exc)
         _placeholder_html(html, "Model performance", f"Evidently could not build this report: {exc}")
@@ -673,8 +717,10 @@ def _strict(obj: Any, where: str = "") -> Any:
     return obj
 
 
-def _record(paths: Paths, decision: dict[str, Any]) -> None:
-    """Append the decision and its reasons to reports/monitoring_history.json (the audit trail)."""
+def _record(paths: Paths, decision: dict[str, Any]) -> list[dict[str, Any]]:
+    """Append the decision and its reasons to reports/monitoring_history.json (the audit trail); the history
+    before it."""
     history_file = paths.monitoring_history
-    history = read_json(history_file) if history_file.is_file() else []
+    history: list[dict[str, Any]] = read_json(history_file) if history_file.is_file() else []
     write_json(history_file, _strict([*history, decision]))  # older entries may hold NaN: made strict too
+    return history
