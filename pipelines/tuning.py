@@ -80,13 +80,13 @@ def tune(learners: list[Learner], cfg: TuningConfig, seed: int, X: pd.DataFrame,
             result.learners.append(learner)
             continue
         every, patience = CURVES[learner.kind]
+        warmup = int(getattr(learner, patience))
         study = optuna.create_study(
             storage=storage, study_name=study_name(learner, space, seed, data), direction="minimize",
             load_if_exists=True, sampler=TrialSeededTPE(seed),
-            pruner=optuna.pruners.MedianPruner(n_startup_trials=PRUNER_STARTUP_TRIALS,
-                                               n_warmup_steps=int(getattr(learner, patience))))
+            pruner=optuna.pruners.MedianPruner(n_startup_trials=PRUNER_STARTUP_TRIALS, n_warmup_steps=warmup))
         started = time.monotonic()
-        reused, cut_short = _search(study, learner, space, cfg, every, (X, y, X_valid, y_valid))
+        reused, cut_short = _search(study, learner, space, cfg, (every, warmup), (X, y, X_valid, y_valid))
         report = _report(study, learner, space, cfg.trials, reused, time.monotonic() - started, cut_short)
         result.report[learner.kind] = report
         result.studies[learner.kind] = study
@@ -174,8 +174,9 @@ def configured(learner: Learner, space: dict[str, SearchRange]) -> dict[str, Any
     return {name: params[name] for name in sorted(space)}
 
 
-def _search(study: optuna.Study, learner: Learner, space: dict[str, SearchRange], cfg: TuningConfig, every: int,
-            data: tuple[pd.DataFrame, np.ndarray, pd.DataFrame, np.ndarray]) -> tuple[int, bool]:
+def _search(study: optuna.Study, learner: Learner, space: dict[str, SearchRange], cfg: TuningConfig,
+            curve: tuple[int, int], data: tuple[pd.DataFrame, np.ndarray, pd.DataFrame, np.ndarray]
+            ) -> tuple[int, bool]:
     """Run the trials the study still lacks; (how many were reused, whether the time budget cut the run short)."""
     for stale in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
         study.tell(stale.number, state=TrialState.FAIL)  # a killed run's: not counted, drawn again
@@ -192,11 +193,11 @@ def _search(study: optuna.Study, learner: Learner, space: dict[str, SearchRange]
             log.info("tuning %s: time budget of %.0f s spent after %d of %d trials", learner.kind,
                      cfg.time_budget_s, reused + k, cfg.trials)
             return reused, True
-        _run_trial(study, learner, space, every, data)
+        _run_trial(study, learner, space, curve, data)
     return reused, False
 
 
-def _run_trial(study: optuna.Study, learner: Learner, space: dict[str, SearchRange], every: int,
+def _run_trial(study: optuna.Study, learner: Learner, space: dict[str, SearchRange], curve: tuple[int, int],
                data: tuple[pd.DataFrame, np.ndarray, pd.DataFrame, np.ndarray]) -> None:
     """One trial: fit with the drawn params, pruned on the validation curve, scored on the validation rows."""
     X, y, X_valid, y_valid = data
@@ -204,7 +205,7 @@ def _run_trial(study: optuna.Study, learner: Learner, space: dict[str, SearchRan
     try:
         params = {name: _suggest(trial, name, r) for name, r in sorted(space.items())}
         candidate = type(learner)(**{**learner.get_params(), **params})
-        candidate.fit(X, y, X_valid, y_valid, monitor=_pruning_monitor(trial, every))
+        candidate.fit(X, y, X_valid, y_valid, monitor=_pruning_monitor(trial, *curve))
         loss = valid_loss(y_valid, candidate.predict_output(X_valid))
     except optuna.TrialPruned:
         trial.set_user_attr(ENDED, True)
@@ -228,14 +229,15 @@ def _suggest(trial: optuna.Trial, name: str, r: SearchRange) -> Any:
     return trial.suggest_float(name, r.low, r.high, log=r.scale == "log")
 
 
-def _pruning_monitor(trial: optuna.Trial, every: int) -> Monitor:
-    """A learner's fit monitor that reports the best validation loss so far every `every` steps, and prunes."""
+def _pruning_monitor(trial: optuna.Trial, every: int, warmup: int) -> Monitor:
+    """A learner's fit monitor that reports the best validation loss so far every `every` steps from the warm-up on
+    (a report is a database write; none before the pruner may act), and prunes."""
     best = math.inf
 
     def monitor(step: int, loss: float) -> None:
         nonlocal best
         best = min(best, loss)  # early stopping keeps the best round: that is the curve to judge
-        if step % every == 0:
+        if step % every == 0 and step >= warmup:
             trial.report(best, step)
             if trial.should_prune():
                 raise optuna.TrialPruned(f"pruned at step {step}")
@@ -251,7 +253,7 @@ def _report(study: optuna.Study, learner: Learner, space: dict[str, SearchRange]
             elapsed: float, cut_short: bool) -> dict[str, Any]:
     """reports/tuning.json of one learner: the best trial and every trial of the search (the first `budget`)."""
     counted = ended_trials(study)[:budget]
-    trials = []
+    trials: list[dict[str, Any]] = []
     for i, t in enumerate(counted):
         pruned = t.state == TrialState.PRUNED
         trials.append({"trial": i, "state": t.state.name.lower(), "params": t.params,

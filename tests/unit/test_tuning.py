@@ -67,6 +67,21 @@ def test_learners_report_their_validation_curve(data, kind):
         learner.fit(X, y, Xv, yv, monitor=stop)
 
 
+@pytest.mark.slow  # a Dask LocalCluster
+def test_learners_on_dask_hand_the_monitor_their_curve_after_training(data):
+    """On a cluster the callbacks would run on the workers: the monitor sees the recorded curve afterwards."""
+    from pipelines.models.cluster import dask_cluster
+
+    _, _, X, y, Xv, yv = data
+    with dask_cluster("local", 1):
+        for learner in _learners(data, "lightgbm", "xgboost"):
+            curve: list[tuple[int, float]] = []
+            learner.fit(X, y, Xv, yv, monitor=lambda step, loss, curve=curve: curve.append((step, loss)))
+            assert [s for s, _ in curve] == list(range(1, len(curve) + 1)) and len(curve) >= 2
+            best = valid_loss(yv, learner.predict_output(Xv))
+            assert min(loss for _, loss in curve) == pytest.approx(best, abs=1e-5), learner.kind
+
+
 @pytest.mark.slow  # 14 small LightGBM fits
 def test_budget_trial_zero_and_pruning_of_a_bad_region(data, tmp_path):
     """14 trials ran, pruned ones counted; trial 0 is the configured params; a trial is pruned once its curve is
