@@ -586,6 +586,11 @@ class Paths:
         return self.root / "models" / "challenger"
 
     @property
+    def tuning_studies(self) -> Path:
+        """The Optuna studies of train.tuning (SQLite): a rerun with the same inputs resumes its study."""
+        return self.root / "models" / "tuning" / "optuna.db"
+
+    @property
     def registry(self) -> Path:
         return self.root / "models" / "registry"
 
@@ -629,6 +634,11 @@ class Paths:
     @property
     def tuning_report(self) -> Path:
         return self.reports / "tuning.json"
+
+    @property
+    def tuning_html(self) -> Path:
+        """Optuna's optimization history and parameter importances of each tuned learner."""
+        return self.reports / "tuning.html"
 
     @property
     def metrics(self) -> Path:

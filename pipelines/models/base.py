@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import json
 import logging
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, ClassVar, Self
 
@@ -18,6 +19,9 @@ from sklearn.utils.validation import check_is_fitted
 log = logging.getLogger(__name__)
 
 TASKS = ("binary", "multiclass", "regression")
+# fit's optional `monitor`: called with (step, validation loss) after each boosting round or epoch, the loss as
+# valid_loss measures it; whatever it raises stops the fit and propagates (tuning prunes a trial that way)
+Monitor = Callable[[int, float], None]
 
 
 @functools.cache
@@ -113,7 +117,8 @@ class Learner(TaskEstimatorMixin, BaseEstimator):
     The rules: every __init__ param is stored unchanged under its own name (defaults such as
     `categorical=None` are resolved in fit), fit returns self, learned attributes end in `_`,
     get_params/set_params come from BaseEstimator and `sklearn.base.clone` works. `fit(X, y)` is enough;
-    `X_valid, y_valid` are optional validation rows for early stopping. X is the transformed frame
+    `X_valid, y_valid` are optional validation rows for early stopping, and `monitor` (see Monitor) follows
+    the validation loss as training goes (it needs the validation rows). X is the transformed frame
     (categorical columns as integer codes, named in `categorical` with their cardinalities) or a
     plain numeric array; y holds class indices 0..k-1 (classification) or values (regression).
     `n_classes=None` takes k from y. On disk (learner.json) the seed keeps its old name, "seed".
@@ -125,7 +130,7 @@ class Learner(TaskEstimatorMixin, BaseEstimator):
     def _task(self) -> str:
         return str(self.task)
 
-    def fit(self, X: Any, y: Any, X_valid: Any = None, y_valid: Any = None) -> Self:
+    def fit(self, X: Any, y: Any, X_valid: Any = None, y_valid: Any = None, monitor: Monitor | None = None) -> Self:
         raise NotImplementedError
 
     def distill(self, X: Any, soft: np.ndarray, X_valid: Any = None, soft_valid: np.ndarray | None = None) -> Self:
@@ -147,9 +152,11 @@ class Learner(TaskEstimatorMixin, BaseEstimator):
             self.classes_ = np.arange(soft.shape[1])
         return X, soft, X_valid, soft_valid
 
-    def _prepare_fit(self, X: Any, y: Any, X_valid: Any, y_valid: Any
+    def _prepare_fit(self, X: Any, y: Any, X_valid: Any, y_valid: Any, monitor: Monitor | None = None
                      ) -> tuple[pd.DataFrame, np.ndarray, pd.DataFrame | None, np.ndarray | None]:
         """Frames and arrays from whatever fit got; sets `classes_` for classification."""
+        if monitor is not None and X_valid is None:
+            raise ValueError("a monitor follows the validation loss: pass X_valid and y_valid to fit")
         X, y, X_valid, y_valid = fit_inputs(self, X, y, X_valid, y_valid)
         if self.task not in TASKS:
             raise ValueError(f"task must be one of {TASKS}, got {self.task!r}")

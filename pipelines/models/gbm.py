@@ -11,7 +11,7 @@ import numpy as np
 import pandas as pd
 from sklearn.base import clone
 
-from pipelines.models.base import Learner, as_output, log, resolve_device
+from pipelines.models.base import Learner, Monitor, as_output, log, resolve_device
 from pipelines.models.cluster import current_client, describe, partitioned
 
 _LGB_OBJECTIVES = {
@@ -47,10 +47,10 @@ class LightGBMLearner(Learner):
         self.task = task
         self.n_classes = n_classes
 
-    def fit(self, X: Any, y: Any, X_valid: Any = None, y_valid: Any = None) -> Self:
+    def fit(self, X: Any, y: Any, X_valid: Any = None, y_valid: Any = None, monitor: Monitor | None = None) -> Self:
         import lightgbm as lgb
 
-        X, y, X_valid, y_valid = self._prepare_fit(X, y, X_valid, y_valid)
+        X, y, X_valid, y_valid = self._prepare_fit(X, y, X_valid, y_valid, monitor)
         # The PyPI wheel of LightGBM has no CUDA support, so it trains on CPU whatever the device.
         self.device_ = "cpu"
         log.info("lightgbm: device=cpu (PyPI build has no CUDA), requested %s", resolve_device(self.device))
@@ -63,13 +63,15 @@ class LightGBMLearner(Learner):
         cats = list(self._categorical)
         client = current_client()
         if client is not None:
-            return self._fit_dask(client, params, cats, X, y, X_valid, y_valid)
+            return self._fit_dask(client, params, cats, X, y, X_valid, y_valid, monitor)
         train = lgb.Dataset(X, y, categorical_feature=cats or "auto", free_raw_data=True)
         valid_sets: list[lgb.Dataset] = []
         callbacks: list[Callable[..., Any]] = []
         if X_valid is not None:
             valid_sets = [lgb.Dataset(X_valid, y_valid, reference=train)]
             callbacks = [lgb.early_stopping(self.early_stopping_rounds, verbose=False)]
+        if monitor is not None:
+            callbacks.append(_lgb_monitor(monitor))
         self.booster_ = lgb.train(params, train, num_boost_round=self.n_estimators, valid_sets=valid_sets,
                                   callbacks=callbacks)
         return self
@@ -132,10 +134,11 @@ class LightGBMLearner(Learner):
         return copy
 
     def _fit_dask(self, client: Any, params: dict[str, Any], cats: list[str], X: pd.DataFrame, y: np.ndarray,
-                  X_valid: pd.DataFrame | None, y_valid: np.ndarray | None) -> Self:
+                  X_valid: pd.DataFrame | None, y_valid: np.ndarray | None, monitor: Monitor | None) -> Self:
         """Data-parallel training on the cluster (lightgbm.dask). Its Dask API has no early stopping,
         so every round is trained and the best one on the validation rows is kept, as early stopping
-        would have kept it."""
+        would have kept it. The monitor sees the validation curve once training is done (callbacks would
+        run on the workers)."""
         import lightgbm as lgb
 
         p = {k: v for k, v in params.items() if k not in ("objective", "num_class", "seed", "num_threads")}
@@ -152,6 +155,7 @@ class LightGBMLearner(Learner):
         if X_valid is not None:
             losses = next(iter(model.evals_result_["valid"].values()))
             self.booster_.best_iteration = int(np.argmin(losses)) + 1
+            _replay(monitor, losses)
         log.info("lightgbm: trained on %s", describe(client))
         return self
 
@@ -206,10 +210,10 @@ class XGBoostLearner(Learner):
 
         return xgb.DMatrix(self._categorized(X), label=y, enable_categorical=True, nthread=self.threads)
 
-    def fit(self, X: Any, y: Any, X_valid: Any = None, y_valid: Any = None) -> Self:
+    def fit(self, X: Any, y: Any, X_valid: Any = None, y_valid: Any = None, monitor: Monitor | None = None) -> Self:
         import xgboost as xgb
 
-        X, y, X_valid, y_valid = self._prepare_fit(X, y, X_valid, y_valid)
+        X, y, X_valid, y_valid = self._prepare_fit(X, y, X_valid, y_valid, monitor)
         self.device_ = resolve_device(self.device)
         log.info("xgboost: device=%s", self.device_)
         params = {
@@ -222,14 +226,20 @@ class XGBoostLearner(Learner):
         evals, stop = [], None
         if X_valid is not None:
             evals, stop = [(matrix(X_valid, y_valid), "valid")], self.early_stopping_rounds
+        squared = self.task == "regression"  # its metric is rmse; valid_loss is the mean squared error
         if client is None:
+            callbacks = [] if monitor is None else [_xgb_monitor(monitor, squared)]
             self.booster_ = xgb.train(params, matrix(X, y), num_boost_round=self.n_estimators, evals=evals,
-                                      early_stopping_rounds=stop, verbose_eval=False)
+                                      early_stopping_rounds=stop, verbose_eval=False, callbacks=callbacks)
         else:  # data-parallel on the cluster; early stopping works the same there
             import xgboost.dask
 
-            self.booster_ = xgboost.dask.train(client, params, matrix(X, y), num_boost_round=self.n_estimators,
-                                               evals=evals, early_stopping_rounds=stop, verbose_eval=False)["booster"]
+            trained = xgboost.dask.train(client, params, matrix(X, y), num_boost_round=self.n_estimators,
+                                         evals=evals, early_stopping_rounds=stop, verbose_eval=False)
+            self.booster_ = trained["booster"]
+            if X_valid is not None:  # the monitor sees the curve once training is done (as with lightgbm.dask)
+                curve = next(iter(trained["history"]["valid"].values()))
+                _replay(monitor, [v**2 if squared else v for v in curve])
             log.info("xgboost: trained on %s", describe(client))
         return self
 
@@ -257,3 +267,33 @@ class XGBoostLearner(Learner):
         self.n_features_in_ = self.booster_.num_features()
         self.booster_.set_param({"nthread": self.threads, "device": resolve_device(self.device)})
         self.device_ = state["device_"]
+
+
+def _lgb_monitor(monitor: Monitor) -> Callable[[Any], None]:
+    """A LightGBM callback that hands `monitor` the validation metric after each round: the objective's own,
+    binary or multiclass log loss or l2, which is what valid_loss measures."""
+
+    def callback(env: Any) -> None:
+        monitor(env.iteration + 1, float(env.evaluation_result_list[0][2]))
+
+    return callback
+
+
+def _xgb_monitor(monitor: Monitor, squared: bool) -> Any:
+    """An XGBoost callback that hands `monitor` the validation metric after each round."""
+    import xgboost as xgb
+
+    class ValidationMonitor(xgb.callback.TrainingCallback):
+        def after_iteration(self, model: Any, epoch: int, evals_log: dict[str, Any]) -> bool:
+            value = float(next(iter(evals_log["valid"].values()))[-1])
+            monitor(epoch + 1, value**2 if squared else value)
+            return False  # never stops training itself
+
+    return ValidationMonitor()
+
+
+def _replay(monitor: Monitor | None, losses: list[float]) -> None:
+    """Hand `monitor` a validation curve recorded during training, round by round."""
+    if monitor is not None:
+        for step, loss in enumerate(losses, start=1):
+            monitor(step, float(loss))

@@ -10,7 +10,7 @@ from typing import Any, Self
 import numpy as np
 import pandas as pd
 
-from pipelines.models.base import Learner, log, resolve_device, valid_loss
+from pipelines.models.base import Learner, Monitor, log, resolve_device, valid_loss
 from pipelines.progress import progress
 
 
@@ -98,9 +98,9 @@ class MLPLearner(Learner):
         codes = X[cats].to_numpy(dtype="int64") if cats else np.zeros((len(X), 0), dtype="int64")
         return (torch.from_numpy(numeric).to(self.device_), torch.from_numpy(codes).to(self.device_))
 
-    def fit(self, X: Any, y: Any, X_valid: Any = None, y_valid: Any = None) -> Self:
-        X, y, X_valid, y_valid = self._prepare_fit(X, y, X_valid, y_valid)
-        return self._train(X, y, X_valid, y_valid)
+    def fit(self, X: Any, y: Any, X_valid: Any = None, y_valid: Any = None, monitor: Monitor | None = None) -> Self:
+        X, y, X_valid, y_valid = self._prepare_fit(X, y, X_valid, y_valid, monitor)
+        return self._train(X, y, X_valid, y_valid, monitor)
 
     def distill(self, X: Any, soft: np.ndarray, X_valid: Any = None, soft_valid: np.ndarray | None = None) -> Self:
         """Fit to a teacher's outputs (see Learner.distill): its probabilities are the targets of the same
@@ -109,8 +109,8 @@ class MLPLearner(Learner):
         X, soft, X_valid, soft_valid = self._prepare_distill(X, soft, X_valid, soft_valid)
         return self._train(X, soft, X_valid, soft_valid)
 
-    def _train(self, X: pd.DataFrame, y: np.ndarray, X_valid: pd.DataFrame | None, y_valid: np.ndarray | None
-               ) -> Self:  # y_valid is given whenever X_valid is (fit_inputs)
+    def _train(self, X: pd.DataFrame, y: np.ndarray, X_valid: pd.DataFrame | None, y_valid: np.ndarray | None,
+               monitor: Monitor | None = None) -> Self:  # y_valid is given whenever X_valid is (fit_inputs)
         """The training loop; y (and y_valid) are labels, or a teacher's probabilities (n, k) when distilling."""
         import torch
 
@@ -146,6 +146,8 @@ class MLPLearner(Learner):
             if valid is None:
                 continue
             loss = valid_loss(valid[1], self._predict(*valid[0]))
+            if monitor is not None:
+                monitor(epoch + 1, loss)
             if loss < best_loss - 1e-5:
                 best_loss, best_state, stale = loss, copy.deepcopy(self.net_.state_dict()), 0
             else:

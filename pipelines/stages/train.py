@@ -12,13 +12,13 @@ import pandas as pd
 from pipelines.bundle import ENSEMBLE_DIR, METADATA_FILE, TRANSFORM_FILE
 from pipelines.config import Paths, Settings
 from pipelines.contracts import Out, stage
-from pipelines.io import atomic_dir, tree_sha256, write_json
+from pipelines.io import atomic_dir, tree_sha256, write_json, write_text
 from pipelines.lineage import git_commit, md5_of
 from pipelines.metrics import choose_threshold
 from pipelines.models import LEARNERS, Ensemble, Learner, resolve_device
 from pipelines.models.cluster import dask_cluster, describe
 from pipelines.transform import FeatureTransform
-from pipelines.tuning import tune
+from pipelines.tuning import tune, tuning_html
 
 log = logging.getLogger(__name__)
 
@@ -35,7 +35,10 @@ def build_learners(settings: Settings, transform: FeatureTransform) -> list[Lear
     params=("seed", "schema.target", "train", "evaluate.threshold", "evaluate.costs", "scale.dask_scheduler",
             "scale.dask_workers"),  # the label cut-off is chosen on validation rows
     deps=("features", "validated"),
-    outs=(Out("trained"), Out("tuning_report", cache=False)),
+    # tuning_studies: the Optuna studies (SQLite), kept so a rerun resumes them; SQLite's transactions keep it
+    # whole when a run is killed, as the renames keep the other outputs whole
+    outs=(Out("trained"), Out("tuning_report", cache=False), Out("tuning_html", cache=False),
+          Out("tuning_studies", cache=False)),
     metrics=("train_report",),
     atomic_outs=True,  # each written to a temp file or folder and renamed: DVC need not delete them first
     description="Fit the learners and the ensemble (tuned within the budget) into models/trained",
@@ -52,11 +55,14 @@ def run(settings: Settings, paths: Paths) -> dict[str, Any]:
     cfg = settings.train
     with dask_cluster(settings.scale.dask_scheduler, settings.scale.dask_workers) as client:
         trained_on = describe(client)  # LightGBM and XGBoost train there; the MLP trains here
-        learners, tuning = tune(build_learners(settings, transform), cfg.tuning, settings.seed,
-                                X, y, X_valid, y_valid)
-        ensemble = Ensemble(learners, cfg.ensemble, cfg.stacking_folds, random_state=settings.seed, bags=cfg.bags)
+        tuned = tune(build_learners(settings, transform), cfg.tuning, settings.seed, X, y, X_valid, y_valid,
+                     paths.tuning_studies)
+        ensemble = Ensemble(tuned.learners, cfg.ensemble, cfg.stacking_folds, random_state=settings.seed,
+                            bags=cfg.bags)
         ensemble.fit(X, y, X_valid, y_valid)
+    tuning = tuned.report
     write_json(paths.tuning_report, tuning)
+    write_text(paths.tuning_html, tuning_html(tuned.studies, tuning))
     threshold = pick_threshold(settings, transform.task, y_valid, ensemble.predict_output(X_valid))
 
     with atomic_dir(paths.trained) as out:
