@@ -307,6 +307,7 @@ class CompressConfig(_Strict):
     max_metric_loss: float = Field(default=0.005, ge=0)  # a candidate may lose this much promote.metric (absolute)
     min_speedup: float = Field(default=2.0, ge=1)  # ... and must be this many times faster on one row, to be served
     latency_rows: int = Field(default=200, ge=20)  # single-row predictions timed per candidate (p50, p99)
+    measure_memory: bool = True  # peak memory of each candidate, in a fresh interpreter each (seconds of imports)
 
 
 class CostConfig(_Strict):

@@ -40,6 +40,7 @@ def small_params(**overrides: Any) -> dict[str, Any]:
         "train.mlp.epochs": 4,
         "promote.bootstrap_samples": 100,
         "compress.latency_rows": 20,
+        "compress.measure_memory": False,  # test_compress measures it
         "validate.expectations_file": None,
         **overrides,
     }
@@ -139,6 +140,13 @@ def trained_project(tmp_path_factory: pytest.TempPathFactory) -> Path:
     proc = amaas("run", root=root, check=False)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return root
+
+
+@pytest.fixture(scope="session")
+def server(trained_project: Path) -> Iterator[Server]:
+    """A real `amaas serve` of trained_project's champion, shared by the slow tests that only send requests."""
+    with served(trained_project) as running:
+        yield running
 
 
 @pytest.hookimpl(tryfirst=True)  # before `-m "not slow"` deselects

@@ -69,7 +69,8 @@ def run(settings: Settings, paths: Paths) -> dict[str, Any]:
                                           trained.threshold)
             folders["quantized"] = write_candidate(Path(tmp) / "quantized", paths, trained, int8, "quantized",
                                                    trained.ensemble.member_valid_log_loss_)
-        memory = peak_memory(folders, test, Path(tmp))  # before the timings, which must have the cores alone
+        memory = (peak_memory(folders, test, Path(tmp)) if cfg.measure_memory  # before the timings: they need
+                  else dict.fromkeys(folders))                                # the cores to themselves
         figures = {n: {**measure(folder, test, y_test, metric, settings.cost, cfg.latency_rows),
                        "peak_memory_bytes": memory[n]} for n, folder in folders.items()}
         choice = choose(settings.serve.model, figures, metric, cfg)

@@ -9,17 +9,10 @@ import pytest
 import requests
 
 from pipelines.registry import Registry
-from tests.conftest import served
 from tests.grafana import exposed_names, load_dashboard, metric_names, queries
 from tests.integration.test_serve import ROW
 
 pytestmark = pytest.mark.slow
-
-
-@pytest.fixture(scope="module")
-def server(trained_project):
-    with served(trained_project) as running:
-        yield running
 
 
 def _metrics(url: str) -> str:

@@ -30,12 +30,6 @@ ROW = {"age": 41, "income": None, "loan_amount": 12000, "term_months": 60, "inte
        "delinquencies_2y": 1, "home_ownership": "  RENT ", "purpose": "credit_card", "region": "south"}
 
 
-@pytest.fixture(scope="module")
-def server(trained_project):
-    with served(trained_project) as running:
-        yield running
-
-
 def test_prediction_equals_offline_predict_proba(server, trained_project):
     champion = Registry(trained_project / "models" / "registry").champion
     bundle = ModelBundle.load(trained_project / "models" / "registry" / "versions" / champion)

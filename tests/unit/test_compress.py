@@ -122,14 +122,14 @@ def test_int8_mlp_saves_loads_and_predicts_the_same(tmp_path):
 def project(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A small simulator project trained up to `evaluate` (the ensemble in models/trained)."""
     root = tmp_path_factory.mktemp("compress")
-    params = write_params(root)
+    params = write_params(root, **{"compress.measure_memory": True})
     for name in STAGES[:STAGES.index("compress")]:
         run_stage(name, params, root)
     return root
 
 
 def _compress(root: Path, **overrides: Any) -> tuple[Any, dict[str, Any]]:
-    settings = load_settings(write_params(root, **overrides))
+    settings = load_settings(write_params(root, **{"compress.measure_memory": True, **overrides}))
     compress.run(settings, Paths(root))
     return settings, json.loads((root / "reports" / "compression.json").read_text(),
                                 parse_constant=lambda c: pytest.fail(f"{c} in compression.json"))
