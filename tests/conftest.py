@@ -164,6 +164,14 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def launch_chromium(playwright: Any, home: Path) -> Any:
+    """Headless Chromium from Debian's package for a Playwright test; its $HOME state (crash reports, dconf)
+    goes under `home`, not the user's home."""
+    return playwright.chromium.launch(executable_path=server_binary("chromium", "chromium"), headless=True, env={
+        **os.environ, "HOME": str(home), "XDG_CONFIG_HOME": str(home / ".config"),
+        "XDG_CACHE_HOME": str(home / ".cache")})
+
+
 def server_binary(name: str, package: str, also: str | None = None) -> str:
     """Path of a server program from a Debian package (or the `also` glob); fails in CI, where .ci/run
     installs the package, and skips elsewhere."""

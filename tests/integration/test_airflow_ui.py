@@ -19,7 +19,7 @@ import pytest
 import requests
 from playwright.sync_api import Page, expect, sync_playwright
 
-from tests.conftest import BIN, free_port, server_binary, wait_until, write_params
+from tests.conftest import BIN, free_port, launch_chromium, wait_until, write_params
 
 pytestmark = [
     pytest.mark.slow,
@@ -142,10 +142,7 @@ def _finished_runs(api: requests.Session, url: str) -> list[dict[str, Any]]:
 
 def test_training_pipeline_triggered_from_the_ui_succeeds(airflow: Airflow, tmp_path: Path) -> None:
     with sync_playwright() as playwright:
-        home = tmp_path / "browser-home"  # Chromium keeps crash reports and dconf state under $HOME anyway
-        browser = playwright.chromium.launch(executable_path=server_binary("chromium", "chromium"), headless=True, env={
-            **os.environ, "HOME": str(home), "XDG_CONFIG_HOME": str(home / ".config"),
-            "XDG_CACHE_HOME": str(home / ".cache")})
+        browser = launch_chromium(playwright, tmp_path / "browser-home")
         page = browser.new_page(viewport={"width": 1400, "height": 900})
         try:
             api = requests.Session()

@@ -24,7 +24,7 @@ from playwright.sync_api import Error as PlaywrightError
 from playwright.sync_api import Locator, Page, sync_playwright
 
 from pipelines.workspace import PROJECT_ID, panels
-from tests.conftest import BIN, REPO, amaas, free_port, server_binary, wait_until, write_params
+from tests.conftest import BIN, REPO, amaas, free_port, launch_chromium, wait_until, write_params
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(1500)]
 DAYS = 3  # monitoring days after the training run
@@ -122,10 +122,7 @@ def test_the_dashboard_shows_every_panel_with_a_point_per_day(monitored: Path, m
     wanted = {p.title: len(p.series) * (DAYS + 1) for p in panels(metric)}
 
     with sync_playwright() as playwright:
-        home = tmp_path / "browser-home"  # Chromium keeps crash reports and dconf state under $HOME anyway
-        browser = playwright.chromium.launch(executable_path=server_binary("chromium", "chromium"), headless=True, env={
-            **os.environ, "HOME": str(home), "XDG_CONFIG_HOME": str(home / ".config"),
-            "XDG_CACHE_HOME": str(home / ".cache")})
+        browser = launch_chromium(playwright, tmp_path / "browser-home")
         page = browser.new_page(viewport={"width": 1400, "height": 1000})
         try:
             counts = _points_per_panel(page, monitor_url, wanted, time.monotonic() + 240)
