@@ -25,9 +25,8 @@ import pandas as pd
 from _project import trained_project  # beside this script
 
 from pipelines.config import Paths, SearchRange, load_settings
-from pipelines.models import Learner
+from pipelines.models import Learner, build_learners
 from pipelines.models.base import valid_loss
-from pipelines.stages.train import build_learners
 from pipelines.transform import FeatureTransform
 from pipelines.tuning import tune
 

@@ -89,11 +89,13 @@ class ModelBundle:
         return answers
 
     @classmethod
-    def load(cls, path: Path) -> ModelBundle:
+    def load(cls, path: Path, device: str = "auto") -> ModelBundle:
+        """The bundle at `path`, its learners on `device` (auto: a GPU where there is one), whatever they
+        trained on."""
         if not (path / METADATA_FILE).is_file():
             raise FileNotFoundError(f"{path} holds no model bundle ({METADATA_FILE} missing): run `amaas train`")
         return cls(
             transform=FeatureTransform.load(path / TRANSFORM_FILE),
-            ensemble=Ensemble.load(path / ENSEMBLE_DIR),
+            ensemble=Ensemble.load(path / ENSEMBLE_DIR, device),
             metadata=read_json(path / METADATA_FILE),
         )

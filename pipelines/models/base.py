@@ -40,6 +40,11 @@ def cuda_resolutions() -> int:
     return _CUDA_RESOLUTIONS[0]
 
 
+def wants_cuda(requested: str) -> bool:
+    """Whether `requested` would resolve to cuda here (what resolve_device picks, without billing or raising)."""
+    return requested == "cuda" or (requested == "auto" and cuda_available())
+
+
 def resolve_device(requested: str = "auto") -> str:
     """'cuda' when asked for or available, else 'cpu'; every learner asks here."""
     if requested not in ("auto", "cpu", "cuda"):
@@ -125,10 +130,16 @@ class Learner(TaskEstimatorMixin, BaseEstimator):
     """
 
     kind: ClassVar[str]
+    gpu_capable: ClassVar[bool] = True  # whether it trains on CUDA when its device resolves there
 
     @property
     def _task(self) -> str:
         return str(self.task)
+
+    @property
+    def uses_gpu(self) -> bool:
+        """Whether fit would train on a GPU here (the ensemble overlaps such learners with the CPU ones)."""
+        return self.gpu_capable and wants_cuda(str(self.device))
 
     def fit(self, X: Any, y: Any, X_valid: Any = None, y_valid: Any = None, monitor: Monitor | None = None) -> Self:
         raise NotImplementedError
@@ -200,12 +211,15 @@ class Learner(TaskEstimatorMixin, BaseEstimator):
         self._save_model(path)
 
     @classmethod
-    def load(cls, path: Path) -> Learner:
+    def load(cls, path: Path, device: str = "auto") -> Learner:
+        """A saved learner, on `device` (auto: a GPU where there is one). The device it trained on is a choice of
+        the training machine, not of this one: a model trained on CUDA loads on a machine without a GPU."""
         meta = json.loads((path / "learner.json").read_text())
         from pipelines.models import LEARNERS
 
         params = meta.pop("params")
         params["random_state"] = params.pop("seed")
+        params["device"] = device
         learner = LEARNERS[meta.pop("kind")](**params)
         if learner._task != "regression":
             learner.classes_ = np.arange(learner._n_classes())

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Self
 
@@ -71,8 +72,7 @@ class Ensemble(TaskEstimatorMixin, BaseEstimator):
         if self.method == "bagging":
             self.names_, self.members_ = self._bag(X, y, X_valid, y_valid)
         else:
-            self.members_ = [clone(learner).fit(X, y, X_valid, y_valid)
-                             for learner in progress(self.learners, f"ensemble {self.method}", unit="learner")]
+            self.members_ = self._fit_members(X, y, X_valid, y_valid)
         if self.task != "regression":
             self.classes_ = self.members_[0].classes_
         valid_preds = self.member_predictions(X_valid) if X_valid is not None else None
@@ -89,6 +89,34 @@ class Ensemble(TaskEstimatorMixin, BaseEstimator):
         log.info("ensemble %s weights %s", self.method, dict(zip(self.names, np.round(self.member_weights, 4),
                                                                   strict=True)))
         return self
+
+    def _fit_members(self, X: pd.DataFrame, y: np.ndarray, X_valid: pd.DataFrame | None,
+                     y_valid: np.ndarray | None) -> list[Learner]:
+        """One fit of each learner. With a GPU, the learners that train there (one after another, in a thread of
+        their own with one CPU thread each) overlap with those that train on the CPU (here, on the other cores):
+        the wall time approaches the slowest side rather than the sum. Without one, they train one after
+        another, each with all its threads, so the cores are never oversubscribed."""
+        learners = [clone(learner) for learner in self.learners]
+        on_gpu = [lr for lr in learners if lr.uses_gpu]
+        on_cpu = [lr for lr in learners if not lr.uses_gpu]
+        if not on_gpu or not on_cpu:
+            return [lr.fit(X, y, X_valid, y_valid) for lr in progress(learners, f"ensemble {self.method}",
+                                                                      unit="learner")]
+        threads = {id(lr): lr.threads for lr in learners}
+        for lr in on_gpu:  # a core drives the GPU; the CPU learners get the others
+            lr.set_params(threads=1)
+        for lr in on_cpu:
+            lr.set_params(threads=max(1, lr.threads - 1))
+        log.info("ensemble: %s on the GPU overlapping %s on the CPU", [lr.kind for lr in on_gpu],
+                 [lr.kind for lr in on_cpu])
+        with ThreadPoolExecutor(1, thread_name_prefix="amaas-gpu-learners") as pool:
+            gpu_fits = pool.submit(lambda: [lr.fit(X, y, X_valid, y_valid) for lr in on_gpu])
+            for lr in on_cpu:
+                lr.fit(X, y, X_valid, y_valid)
+            gpu_fits.result()
+        for lr in learners:  # the params as configured (they are saved, and predicting uses them)
+            lr.set_params(threads=threads[id(lr)])
+        return learners
 
     @classmethod
     def of_fitted(cls, members: list[Learner], names: list[str], weights: np.ndarray | None = None,
@@ -204,9 +232,10 @@ class Ensemble(TaskEstimatorMixin, BaseEstimator):
         (path / "ensemble.json").write_text(json.dumps(meta, indent=2, sort_keys=True))
 
     @classmethod
-    def load(cls, path: Path) -> Ensemble:
+    def load(cls, path: Path, device: str = "auto") -> Ensemble:
+        """A saved ensemble whose members load on `device` (see Learner.load), whatever they trained on."""
         meta = json.loads((path / "ensemble.json").read_text())
-        members = [Learner.load(path / name) for name in meta["members"]]
+        members = [Learner.load(path / name, device) for name in meta["members"]]
         ens = cls(members, meta["method"], meta["folds"], meta["seed"], meta.get("bags", 5))
         ens.members_, ens.names_ = members, meta["members"]
         ens.n_features_in_ = members[0].n_features_in_

@@ -30,6 +30,7 @@ class LightGBMLearner(Learner):
     """LightGBM gradient-boosted trees (see Learner for the estimator rules and the task design)."""
 
     kind = "lightgbm"
+    gpu_capable = False  # the PyPI wheel has no CUDA
 
     def __init__(self, categorical: dict[str, int] | None = None, n_estimators: int = 400,
                  learning_rate: float = 0.05, num_leaves: int = 31, min_child_samples: int = 20,
@@ -210,6 +211,14 @@ class XGBoostLearner(Learner):
 
         return xgb.DMatrix(self._categorized(X), label=y, enable_categorical=True, nthread=self.threads)
 
+    def _quantile_matrix(self, X: pd.DataFrame, y: np.ndarray, ref: Any = None) -> Any:
+        """A training (or, with `ref`, validation) matrix of histogram bins only: the rows are binned once, here,
+        and hist training (on a GPU too) starts from the bins, without a copy of the raw values."""
+        import xgboost as xgb
+
+        return xgb.QuantileDMatrix(self._categorized(X), label=y, enable_categorical=True, nthread=self.threads,
+                                   ref=ref)
+
     def fit(self, X: Any, y: Any, X_valid: Any = None, y_valid: Any = None, monitor: Monitor | None = None) -> Self:
         import xgboost as xgb
 
@@ -222,18 +231,19 @@ class XGBoostLearner(Learner):
             "device": self.device_, "max_cat_to_onehot": 1,
         }
         client = current_client()
-        matrix = self._matrix if client is None else functools.partial(self._dask_matrix, client)
-        evals, stop = [], None
-        if X_valid is not None:
-            evals, stop = [(matrix(X_valid, y_valid), "valid")], self.early_stopping_rounds
+        stop = self.early_stopping_rounds if X_valid is not None else None
         squared = self.task == "regression"  # its metric is rmse; valid_loss is the mean squared error
         if client is None:
+            train = self._quantile_matrix(X, y)
+            evals = [] if X_valid is None else [(self._quantile_matrix(X_valid, y_valid, ref=train), "valid")]
             callbacks = [] if monitor is None else [_xgb_monitor(monitor, squared)]
-            self.booster_ = xgb.train(params, matrix(X, y), num_boost_round=self.n_estimators, evals=evals,
+            self.booster_ = xgb.train(params, train, num_boost_round=self.n_estimators, evals=evals,
                                       early_stopping_rounds=stop, verbose_eval=False, callbacks=callbacks)
         else:  # data-parallel on the cluster; early stopping works the same there
             import xgboost.dask
 
+            matrix = functools.partial(self._dask_matrix, client)
+            evals = [] if X_valid is None else [(matrix(X_valid, y_valid), "valid")]
             trained = xgboost.dask.train(client, params, matrix(X, y), num_boost_round=self.n_estimators,
                                          evals=evals, early_stopping_rounds=stop, verbose_eval=False)
             self.booster_ = trained["booster"]
@@ -255,7 +265,7 @@ class XGBoostLearner(Learner):
         return as_output(self.booster_.predict(self._matrix(X), iteration_range=rng), self.task)
 
     def _state(self) -> dict[str, Any]:
-        return {"device_": self.device_}
+        return {"device_": getattr(self, "trained_on_", self.device_)}
 
     def _save_model(self, path: Path) -> None:
         self.booster_.save_model(str(path / "model.ubj"))
@@ -265,8 +275,9 @@ class XGBoostLearner(Learner):
 
         self.booster_ = xgb.Booster(model_file=str(path / "model.ubj"))
         self.n_features_in_ = self.booster_.num_features()
-        self.booster_.set_param({"nthread": self.threads, "device": resolve_device(self.device)})
-        self.device_ = state["device_"]
+        self.device_ = resolve_device(self.device)  # where it predicts here; trained_on_: where it trained
+        self.booster_.set_param({"nthread": self.threads, "device": self.device_})
+        self.trained_on_ = state["device_"]
 
 
 def _lgb_monitor(monitor: Monitor) -> Callable[[Any], None]:

@@ -15,20 +15,12 @@ from pipelines.contracts import Out, stage
 from pipelines.io import atomic_dir, tree_sha256, write_json, write_text
 from pipelines.lineage import git_commit, md5_of
 from pipelines.metrics import choose_threshold
-from pipelines.models import LEARNERS, Ensemble, Learner, resolve_device
+from pipelines.models import Ensemble, build_learners, resolve_device
 from pipelines.models.cluster import dask_cluster, describe
 from pipelines.transform import FeatureTransform
 from pipelines.tuning import tune, tuning_html
 
 log = logging.getLogger(__name__)
-
-
-def build_learners(settings: Settings, transform: FeatureTransform) -> list[Learner]:
-    """One learner per name in train.learners, configured from its params section, for the schema's task."""
-    cfg = settings.train
-    common = {"categorical": transform.cardinalities, "random_state": settings.seed, "threads": cfg.threads,
-              "device": cfg.device, "task": transform.task, "n_classes": len(transform.classes or ())}
-    return [LEARNERS[name](**common, **getattr(cfg, name).model_dump()) for name in cfg.learners]
 
 
 @stage(

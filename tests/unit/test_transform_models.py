@@ -2,8 +2,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from pipelines.models import LEARNERS, Ensemble, Learner, resolve_device
-from pipelines.stages.train import build_learners
+from pipelines.models import LEARNERS, Ensemble, Learner, build_learners, resolve_device
 from pipelines.transform import UNKNOWN, FeatureTransform
 
 

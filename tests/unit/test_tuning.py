@@ -15,10 +15,9 @@ from sklearn.base import clone
 
 from pipelines.config import Paths, SearchRange, TuningConfig
 from pipelines.io import write_json
-from pipelines.models import Learner, LightGBMLearner
+from pipelines.models import Learner, LightGBMLearner, build_learners
 from pipelines.models.base import valid_loss
 from pipelines.runner import STAGES, run_stage
-from pipelines.stages.train import build_learners
 from pipelines.tuning import TuningStoreError, data_digest, open_storage, study_name, tune, tuning_html
 from tests.conftest import write_params
 
