@@ -167,6 +167,7 @@ class ValidateConfig(_Strict):
     min_rows: int = Field(ge=0)
     batch_rows: tuple[int, int] = (1, 10_000_000)
     expectations_file: str | None = None  # extra GE expectations (JSON list), relative to the project root
+    chunk_rows: int = Field(default=1_000_000, ge=1)  # rows per chunk of the vectorized row-rule evaluation
 
     @model_validator(mode="after")
     def _bounds(self) -> ValidateConfig:

@@ -3,8 +3,9 @@
 The suite is generated from `schema` and `validate` in params.yaml (types, ranges, allowed categories,
 not-null, unique id, the target's classes, batch row count), plus the user's own expectations from
 `validate.expectations_file`. Each batch is validated on its own and gets a Great Expectations Data
-Docs page (reports/data_docs/). A quarantined row's reasons name the expectation and the value that
-failed it (`expect_column_values_to_be_in_set(region): 'nroth'`).
+Docs page (reports/data_docs/). The row-level expectations are evaluated vectorized (`pipelines.rowrules`,
+`validate.chunk_rows` rows at a time), GE runs the others and renders both. A quarantined row's reasons
+name the expectation and the value that failed it (`expect_column_values_to_be_in_set(region): 'nroth'`).
 
 Validated data keeps the table's own types: a string id stays text, a numeric time column (a year)
 stays numeric, a classification target is int64 where every label is an integer and text otherwise,
@@ -32,6 +33,7 @@ import numpy as np
 import pandas as pd
 from pandas.api import types
 
+from pipelines import rowrules
 from pipelines.config import ROW_KEY, Paths, SchemaConfig, Settings
 from pipelines.contracts import Out, stage
 from pipelines.io import atomic_dir, file_digest, read_json, text_if_mixed, write_json, write_parquet
@@ -44,7 +46,8 @@ log = logging.getLogger(__name__)
 ROW = "__row__"  # position of a row in the collected data; GE reports failures by it
 REASONS = "quarantine_reasons"
 METRIC_KEYS = ("status", "batches", "rows_in", "rows_clean", "rows_quarantined", "bad_share")
-UNIQUE = "expect_column_values_to_be_unique"
+UNIQUE = rowrules.UNIQUE
+TABLE_ROWS = ("expect_table_row_count_to_be_between", "expect_table_row_count_to_equal")  # read no column
 OF_TYPE = "expect_column_values_to_be_of_type"
 IN_SET = "expect_column_values_to_be_in_set"
 TOP_VALUES = 5  # unexpected values listed per failing expectation in the stop message and the details
@@ -233,10 +236,12 @@ def _integral(values: pd.Series) -> bool:
 
 def _gx() -> Any:
     """great_expectations, imported quietly and with no network calls from a pipeline stage."""
-    logging.getLogger("great_expectations").setLevel(logging.WARNING)  # its INFO lines are noise here
     os.environ.setdefault("GX_ANALYTICS_ENABLED", "False")
     import great_expectations
 
+    # its INFO lines are noise here; one of its modules sets its own logger to INFO when imported
+    for name in ("great_expectations", "great_expectations.data_context.types.base"):
+        logging.getLogger(name).setLevel(logging.WARNING)
     return great_expectations
 
 
@@ -296,10 +301,10 @@ class SuiteResult:
 
 def frames_for_ge(typed: pd.DataFrame, batches: list[tuple[str, pd.DataFrame]], schema: SchemaConfig
                   ) -> list[tuple[str, pd.DataFrame]]:
-    """Each batch's typed rows as GE checks them: the schema's columns, categories as a pandas category.
+    """Each batch's typed rows as the suite checks them: the schema's columns, categories as a pandas category.
 
-    The category dtype gives the same results as text for in-set and not-null checks, and GE, which
-    copies its input for every metric, runs about 2.5 times faster on it.
+    The category dtype gives the same results as text for in-set and not-null checks, and both the row
+    rules and GE run faster on it (GE copies its input for every metric).
     """
     frame = typed[[ROW, *schema.columns]].astype({c: "category" for c in schema.categorical})
     sizes = [len(rows) for _, rows in batches]  # `typed` holds the batches one after the other
@@ -307,17 +312,27 @@ def frames_for_ge(typed: pd.DataFrame, batches: list[tuple[str, pd.DataFrame]], 
     return [(name, frame.iloc[end - size : end]) for (name, _), size, end in zip(batches, sizes, ends, strict=True)]
 
 
-def run_expectations(batches: list[tuple[str, pd.DataFrame]], suite: list[Any], docs_dir: Path | None
-                     ) -> SuiteResult:
+def run_expectations(batches: list[tuple[str, pd.DataFrame]], suite: list[Any], docs_dir: Path | None,
+                     chunk_rows: int = 1_000_000, vectorized: bool = True) -> SuiteResult:
     """Validate each batch with the suite; row failures by `__row__`, batch-level failures by name.
 
-    Two passes per batch, because most expectations pass and listing every unexpected row is GE's
-    costly part: the whole suite with BASIC results (counts and a sample; these feed Data Docs, one
-    page per batch, built in `docs_dir` when given), then only the expectations that found unexpected
-    rows, with COMPLETE results that list every such row.
+    The row-level expectations are evaluated once, vectorized, `chunk_rows` rows at a time
+    (`pipelines.rowrules`); GE runs the rest (batch-level ones, and row-level ones with no vectorized
+    equivalent) and builds the Data Docs, one page per batch in `docs_dir` when given, on both results
+    together. `vectorized=False` leaves every expectation to GE: the reference the row rules must agree
+    with (benchmarks/validate.py, tests/unit/test_rowrules.py).
+
+    GE runs in two passes, because most expectations pass and listing every unexpected row is GE's
+    costly part: its expectations with BASIC results (counts and a sample, as Data Docs shows them),
+    then only those that found unexpected rows, with COMPLETE results that list every such row.
     """
     gx = _gx()
     from great_expectations.data_context.types.base import ProgressBarsConfig
+    from great_expectations.data_context.types.resource_identifiers import (
+        ExpectationSuiteIdentifier,
+        ValidationResultIdentifier,
+    )
+    from great_expectations.validator.v1_validator import Validator
 
     ctx = gx.get_context(mode="ephemeral")
     ctx.variables.progress_bars = ProgressBarsConfig(globally=False)
@@ -328,37 +343,86 @@ def run_expectations(batches: list[tuple[str, pd.DataFrame]], suite: list[Any], 
     batch_def = ctx.data_sources.add_pandas("amaas").add_dataframe_asset("batch").add_batch_definition_whole_dataframe(
         "whole")
 
-    def add_suite(name: str, expectations: list[Any]) -> Any:
-        # copies: GE binds an expectation to the suite it joins, and the caller may run `suite` again
-        return ctx.suites.add(gx.ExpectationSuite(name=name, expectations=[copy.copy(e) for e in expectations]))
+    def ge_run(configurations: list[Any], frame: pd.DataFrame, result_format: Any) -> Any:
+        # from configurations, which keep their ids (copies of expectations would not): results are found by id
+        checked = gx.ExpectationSuite(name=SUITE, expectations=configurations)
+        return Validator(batch_def, result_format, {"dataframe": frame}).validate_expectation_suite(checked)
 
-    full = add_suite(SUITE, suite)
+    # copies: GE binds an expectation to the suite it joins, and the caller may run `suite` again
+    full = ctx.suites.add(gx.ExpectationSuite(name=SUITE, expectations=[copy.copy(e) for e in suite]))
     result, pages = SuiteResult(), []
     for name, rows in progress(batches, "validate", unit="batch"):
-        frame = rows.copy()  # consolidated: GE copies its input per metric, and a fragmented frame copies slowly
-        definition = ctx.validation_definitions.add(gx.ValidationDefinition(name=name, data=batch_def, suite=full))
-        checkpoint = ctx.checkpoints.add(gx.Checkpoint(
-            name=f"batch {name}", validation_definitions=[definition],
-            result_format={"result_format": "BASIC"}))
-        run = checkpoint.run(batch_parameters={"dataframe": frame}, run_id=gx.RunIdentifier(run_name=name))
-        pages.extend(run.run_results)
-        with_rows = [res.expectation_config for res in next(iter(run.run_results.values())).results
-                     if _summarize(result, name, res)]
-        if not with_rows:
-            continue
-        detail = ctx.validation_definitions.add(gx.ValidationDefinition(
-            name=f"{name} rows", data=batch_def, suite=add_suite(f"{SUITE} rows {name}", with_rows)))
-        listed = detail.run(batch_parameters={"dataframe": frame},
-                            result_format={"result_format": "COMPLETE", "unexpected_index_column_names": [ROW]})
-        for res in listed.results:
-            name, column = _name(res.expectation_config), res.expectation_config.kwargs.get("column")
-            for hit in res.result["unexpected_index_list"]:
-                result.row_failures[int(hit[ROW])].append(reason(name, hit.get(column)))
-    if docs_dir is not None:  # once, at the end: a checkpoint action would rebuild the whole site per batch
-        from great_expectations.data_context.types.resource_identifiers import ExpectationSuiteIdentifier
-
+        rules, by_ge = rowrules.split(full.expectations, rows.dtypes) if vectorized else ([], full.expectations)
+        outcomes = rowrules.evaluate(rules, rows, ROW, chunk_rows)
+        frame = _frame_for(by_ge, rows)
+        checked = ge_run([e.configuration for e in by_ge], frame, "BASIC")
+        merged = _merge(full.expectations, checked.results, outcomes)
+        flagged = {id(res) for res in merged if _summarize(result, name, res)}
+        listed = [res.expectation_config for res in checked.results if id(res) in flagged]
+        for outcome in outcomes:
+            if outcome.rule.type != UNIQUE:
+                for row, value in zip(outcome.keys.tolist(), outcome.values, strict=True):
+                    result.row_failures[int(row)].append(reason(outcome.rule.name, value))
+        if listed:
+            detail = ge_run(listed, frame,
+                            {"result_format": "COMPLETE", "unexpected_index_column_names": [ROW]})
+            for res in detail.results:
+                rule, column = _name(res.expectation_config), res.expectation_config.kwargs.get("column")
+                for hit in res.result["unexpected_index_list"]:
+                    result.row_failures[int(hit[ROW])].append(reason(rule, hit.get(column)))
+        if docs_dir is not None:
+            page = ValidationResultIdentifier(batch_identifier=checked.batch_id,
+                                              expectation_suite_identifier=ExpectationSuiteIdentifier(SUITE),
+                                              run_id=gx.RunIdentifier(run_name=name))
+            ctx.validation_results_store.set(page, _suite_result(checked, merged, page.run_id))
+            pages.append(page)
+    if docs_dir is not None:  # once, at the end: building per batch would rebuild the whole site each time
         ctx.build_data_docs(site_names=[DOCS_SITE], resource_identifiers=[ExpectationSuiteIdentifier(SUITE), *pages])
     return result
+
+
+def _frame_for(expectations: list[Any], rows: pd.DataFrame) -> pd.DataFrame:
+    """The columns of `rows` that GE's expectations read, as a new frame.
+
+    GE fingerprints and copies the frame it is given (per metric), so it gets only what it reads: the
+    columns its expectations name, and every column where one reads the table's columns or has a row
+    condition. The new frame is consolidated: a fragmented one copies slowly.
+    """
+    named = {ROW}
+    for expectation in expectations:
+        cfg = expectation.configuration
+        if cfg.kwargs.get("row_condition") or (cfg.type.startswith("expect_table_") and cfg.type not in TABLE_ROWS):
+            return rows.copy()
+        named.update(cfg.kwargs[k] for k in ("column", "column_A", "column_B") if k in cfg.kwargs)
+        named.update(cfg.kwargs.get("column_list") or [])
+    return rows[[c for c in rows.columns if c in named]].copy()
+
+
+def _merge(expectations: list[Any], by_ge: list[Any], outcomes: list[rowrules.Outcome]) -> list[Any]:
+    """Every expectation's result in suite order: GE's, or the row rule's in GE's form."""
+    from great_expectations.core.expectation_validation_result import ExpectationValidationResult
+
+    found = {res.expectation_config.id: res for res in by_ge}
+    for outcome in outcomes:
+        found[outcome.rule.expectation.id] = ExpectationValidationResult(
+            success=outcome.success, expectation_config=outcome.rule.expectation.configuration,
+            result=outcome.result(),
+            exception_info={"raised_exception": False, "exception_traceback": None, "exception_message": None})
+    return [found[e.id] for e in expectations]
+
+
+def _suite_result(checked: Any, merged: list[Any], run_id: Any) -> Any:
+    """GE's result for the batch (its own expectations) completed with the row rules': what Data Docs shows."""
+    from great_expectations.validator.validation_statistics import calc_validation_statistics
+
+    stats = calc_validation_statistics(merged)
+    checked.results, checked.success = merged, stats.success
+    checked.statistics = {"evaluated_expectations": stats.evaluated_expectations,
+                          "successful_expectations": stats.successful_expectations,
+                          "unsuccessful_expectations": stats.unsuccessful_expectations,
+                          "success_percent": stats.success_percent}
+    checked.meta.update(run_id=run_id, validation_time=run_id.run_time)
+    return checked
 
 
 def _name(cfg: Any) -> str:
@@ -424,7 +488,7 @@ def run(settings: Settings, paths: Paths) -> dict[str, Any]:
         _fail(report_file, len(raw), "target_classes", problems)
     suite = build_suite(settings, paths)
     with atomic_dir(paths.data_docs) as docs:
-        checked = run_expectations(frames_for_ge(typed, batches, schema), suite, docs)
+        checked = run_expectations(frames_for_ge(typed, batches, schema), suite, docs, rules.chunk_rows)
     for row, names in checked.row_failures.items():
         reasons[row].extend(names)
     if schema.id_column is not None:  # the first copy of an id stays; GE flags every copy
