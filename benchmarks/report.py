@@ -7,7 +7,10 @@ Usage: python benchmarks/report.py [--params params.yaml] [--sizes 100000 100000
    (data drift of every feature against the champion's reference sample, prediction drift, the
    classification report on labelled rows), HTML written as the stage does.
 2. Runs `airflow db migrate` and `airflow dags test training_pipeline` on a fresh project and compares
-   the wall time with the sum of the stage times the tasks log ("stage X done in Y s").
+   the wall time with the sum of the stage times the tasks log ("stage X done in Y s"); from the log's
+   timestamps, where the rest goes: Airflow's start (imports, database, DAG parsing) before the first task, and
+   per task the time before its stage function starts (Task SDK round trip, our runner, importing the stage's
+   module) and after it returns (XCom, task state, the scheduling loop).
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from datetime import UTC, datetime
 from pathlib import Path
 
 import yaml
@@ -80,7 +84,7 @@ def airflow_overhead(params_file: str) -> None:
                "AMAAS_PARAMS": str(root / "params.yaml"), "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}"}
         started = time.perf_counter()
         subprocess.run([str(BIN / "airflow"), "db", "migrate"], env=env, capture_output=True, check=True)
-        migrated = time.perf_counter()
+        migrated, launched = time.perf_counter(), datetime.now(UTC)
         proc = subprocess.run([str(BIN / "airflow"), "dags", "test", "training_pipeline"], env=env,
                               capture_output=True, text=True)
         finished = time.perf_counter()
@@ -94,6 +98,44 @@ def airflow_overhead(params_file: str) -> None:
         print(f"airflow dags test training_pipeline: {wall:.1f} s wall, stages {work:.1f} s, "
               f"orchestration overhead {wall - work:.1f} s ({(wall - work) / len(stages):.2f} s per task, "
               f"{wall / work:.2f}x the stage time)")
+        overhead_breakdown(proc.stdout + proc.stderr, launched, launched + (finished - migrated))
+
+
+LOG_TIME = r"^(\d{4}-\d\d-\d\dT[\d:.]+Z?)\s"
+
+
+def overhead_breakdown(log: str, launched: datetime, ended: datetime) -> None:
+    """Where the time outside the stage functions goes, from the timestamps of `airflow dags test`'s log."""
+    starts = [(m[2], _stamp(m[1])) for m in re.finditer(LOG_TIME + r".*\[DAG TEST\] starting task_id=(\w+)", log, re.M)]
+    done = {m[2]: (_stamp(m[1]), float(m[3]))
+            for m in re.finditer(LOG_TIME + r".*stage (\w+) done in ([\d.]+) s", log, re.M)}
+    if not starts:
+        print("no task starts found in the log: cannot break the overhead down")
+        return
+    startup = (starts[0][1] - launched).total_seconds()
+    print(f"before the first task (Airflow's imports, database, DAG parsing): {startup:.1f} s")
+    print(f"{'task':<10} {'task s':>7} {'stage s':>8} {'before s':>9} {'after s':>8}   (before: from the task's start "
+          f"to its stage function; after: from its return to the next task)")
+    ends = [t for _, t in starts[1:]] + [ended]
+    outside = []
+    for (task, start), end in zip(starts, ends, strict=True):
+        total = (end - start).total_seconds()
+        if task in done:
+            finished, stage_s = done[task]
+            before = (finished - start).total_seconds() - stage_s
+            after = (end - finished).total_seconds()
+            print(f"{task:<10} {total:>7.2f} {stage_s:>8.2f} {before:>9.2f} {after:>8.2f}")
+        else:
+            stage_s = 0.0
+            print(f"{task:<10} {total:>7.2f} {'-':>8} {'':>9} {'':>8}   (no stage: all of it counts as overhead)")
+        outside.append(total - stage_s)
+    print(f"per task, outside the stage function: {sum(outside) / len(outside):.2f} s on average over {len(outside)} "
+          f"tasks (Airflow's start not included)")
+
+
+def _stamp(text: str) -> datetime:
+    stamp = datetime.fromisoformat(text.replace("Z", "+00:00"))
+    return stamp if stamp.tzinfo else stamp.replace(tzinfo=UTC)
 
 
 def main() -> int:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import resource
+import sys
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -54,16 +55,21 @@ class Usage:
 @contextlib.contextmanager
 def measured() -> Iterator[Usage]:
     """Measure the block: its CPU seconds, its wall seconds, and (when it resolved a CUDA device) GPU seconds."""
-    from pipelines.models.base import cuda_resolutions
-
     usage = Usage()
-    cpu0, wall0, cuda0 = cpu_seconds(), time.perf_counter(), cuda_resolutions()
+    cpu0, wall0, cuda0 = cpu_seconds(), time.perf_counter(), _cuda_resolutions()
     try:
         yield usage
     finally:
         usage.cpu_s = cpu_seconds() - cpu0
         usage.wall_s = time.perf_counter() - wall0
-        usage.gpu_s = usage.wall_s if cuda_resolutions() > cuda0 else 0.0
+        usage.gpu_s = usage.wall_s if _cuda_resolutions() > cuda0 else 0.0
+
+
+def _cuda_resolutions() -> int:
+    """CUDA devices resolved so far; 0 while no learner is loaded (then none can have been), so a stage that
+    trains nothing (collect with no new rows) does not import sklearn and pandas just to ask."""
+    base = sys.modules.get("pipelines.models.base")
+    return int(base.cuda_resolutions()) if base is not None else 0
 
 
 def record_stage(paths: Paths, cfg: CostConfig, stage: str, usage: Usage, status: str) -> dict[str, Any]:

@@ -1,4 +1,8 @@
-"""`amaas` command line: run stages, the whole pipeline, serving and operator actions."""
+"""`amaas` command line: run stages, the whole pipeline, serving and operator actions.
+
+Only what a command needs is imported (a stage's module, the registry, serving): `amaas collect` with nothing new
+returns in a fraction of a second, so `dvc repro` with nothing to do stays fast.
+"""
 
 from __future__ import annotations
 
@@ -19,20 +23,41 @@ from pipelines.config import PARAMS_ENV, ROOT_ENV, ConfigError, Paths, Settings,
 from pipelines.contracts import UndeclaredSetting, declaration
 from pipelines.io import read_json, write_text
 from pipelines.lock import PipelineLocked, project_lock
-from pipelines.registry import Registry, RegistryError, rollback
-from pipelines.runner import STAGES, declarations, run_stage, write_dvc_yaml
-from pipelines.serving.keys import ApiKeys
+from pipelines.runner import STAGES, run_stage, write_dvc_yaml
 
 log = logging.getLogger("amaas")
 
 
-def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="amaas", description=__doc__)
+def _command(argv: list[str] | None) -> str | None:
+    """The command `argv` names, found by the global options alone (no stage module imported), or None (the full
+    parser then says what is wrong)."""
+    first = argparse.ArgumentParser(add_help=False, exit_on_error=False)
+    _global_options(first)
+    first.add_argument("command", nargs="?")
+    try:
+        command: str | None = first.parse_known_args(argv)[0].command
+    except argparse.ArgumentError:
+        return None
+    return command
+
+
+def _global_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--params", help="settings file (default: $AMAAS_PARAMS or ./params.yaml)")
     parser.add_argument("--root", help="project folder for data/, models/, reports/ (default: $AMAAS_ROOT or .)")
     parser.add_argument("-v", "--verbose", action="store_true")
+
+
+def _parser(command: str | None = None) -> argparse.ArgumentParser:
+    """The parser of `amaas` for `command`: of the stages, only its declaration is imported (its module); every
+    stage's where there is no command yet (`amaas --help`)."""
+    parser = argparse.ArgumentParser(prog="amaas", description=__doc__)
+    _global_options(parser)
     sub = parser.add_subparsers(dest="command", required=True)
-    for declared in declarations():
+    for name in STAGES:
+        if command is not None and name != command:
+            sub.add_parser(name, help=f"run the {name} stage")  # not this call's command: its module stays unloaded
+            continue
+        declared = declaration(name)
         p = sub.add_parser(declared.name, help=f"run the {declared.name} stage: {declared.description}")
         for option in declared.options:
             if option.switch:
@@ -75,7 +100,9 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _serve(args: argparse.Namespace, paths: Paths) -> int:
+    from pipelines.registry import Registry, RegistryError
     from pipelines.serving.bento import ensure_bento
+    from pipelines.serving.keys import ApiKeys
 
     settings = load_settings(args.params)
     registry = Registry(paths.registry)
@@ -142,22 +169,32 @@ def _supervise(cmd: list[str], env: dict[str, str]) -> int:
 def main(argv: list[str] | None = None) -> int:
     """Run one command. A user's mistake (bad settings, bad data, a refused action) is one line on stderr and
     exit code 2; anything else is a bug and shows its traceback."""
-    args = _parser().parse_args(argv)
+    args = _parser(_command(argv)).parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     paths = Paths(Path(args.root).resolve()) if args.root else Paths.from_env()
-    from pipelines.schema_inference import InitError
-    from pipelines.sources import SourceError
-    from pipelines.stages.deploy import DeployError
-    from pipelines.stages.report import MonitoringError
-    from pipelines.stages.validate import DataValidationError
-
     try:
         return COMMANDS.get(args.command, _stage)(args, paths)
-    except (InitError, ConfigError, SourceError, DataValidationError, RegistryError, PipelineLocked, DeployError,
-            MonitoringError, UndeclaredSetting, FileNotFoundError, ValueError) as exc:
+    except (ConfigError, PipelineLocked, UndeclaredSetting, FileNotFoundError, ValueError) as exc:  # InitError too
         print(f"amaas: error: {exc}", file=sys.stderr)
         return 2
+    except Exception as exc:
+        if not _user_error(exc):
+            raise
+        print(f"amaas: error: {exc}", file=sys.stderr)
+        return 2
+
+
+# A user's mistake, by module and class, beyond those main() names: looked up only in a module already imported
+# (an exception of a class whose module never loaded cannot have been raised), so naming them costs no imports.
+USER_ERRORS = (("pipelines.sources", "SourceError"), ("pipelines.stages.validate", "DataValidationError"),
+               ("pipelines.registry", "RegistryError"), ("pipelines.stages.deploy", "DeployError"),
+               ("pipelines.stages.report", "MonitoringError"))
+
+
+def _user_error(exc: Exception) -> bool:
+    return any(isinstance(exc, getattr(sys.modules[module], name)) for module, name in USER_ERRORS
+               if module in sys.modules)
 
 
 def _stage(args: argparse.Namespace, paths: Paths) -> int:
@@ -179,12 +216,16 @@ def _run_all(args: argparse.Namespace, paths: Paths) -> int:
 
 
 def _rollback(args: argparse.Namespace, paths: Paths) -> int:
+    from pipelines.registry import rollback
+
     with _locked(args, paths):
         print(json.dumps({"champion": rollback(paths, args.reason)}))
     return 0
 
 
 def _status(args: argparse.Namespace, paths: Paths) -> int:
+    from pipelines.registry import Registry
+
     registry = Registry(paths.registry)
     history = paths.monitoring_history
     aliases = registry.aliases()
@@ -280,6 +321,8 @@ def _loads(text: str, where: Path) -> Settings:
 
 
 def _keys(args: argparse.Namespace, paths: Paths) -> int:
+    from pipelines.serving.keys import ApiKeys
+
     store = ApiKeys(paths.api_keys)
     if args.action == "list":
         print(json.dumps(store.names(), indent=2))
@@ -301,6 +344,8 @@ def _locked(args: argparse.Namespace, paths: Paths) -> contextlib.AbstractContex
 
 
 def _print_where(paths: Paths, settings: Settings) -> None:
+    from pipelines.registry import Registry
+
     registry = Registry(paths.registry)
     champion = registry.champion
     url = f"http://{settings.serve.host}:{settings.serve.port}"

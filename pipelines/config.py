@@ -281,6 +281,15 @@ class EvaluateConfig(_Strict):
     calibration_bins: int = Field(default=10, ge=2, le=100)
 
 
+# the metrics promote.metric may name, by task (kept here, not in pipelines.metrics, so that loading settings does
+# not import scikit-learn: `amaas collect` with nothing new stays fast)
+TASK_METRICS: dict[str, tuple[str, ...]] = {
+    "binary": ("roc_auc", "pr_auc", "log_loss", "accuracy", "f1", "cohen_kappa"),
+    "multiclass": ("accuracy", "f1_macro", "f1_weighted", "log_loss", "cohen_kappa"),
+    "regression": ("rmse", "mae", "r2"),
+}
+
+
 class PromoteConfig(_Strict):
     metric: Literal["roc_auc", "pr_auc", "log_loss", "accuracy", "f1", "f1_macro", "f1_weighted", "cohen_kappa",
                     "rmse", "mae", "r2"]
@@ -452,8 +461,6 @@ class Settings(_Strict):
 
     @model_validator(mode="after")
     def _metric_fits_task(self) -> Settings:
-        from pipelines.metrics import TASK_METRICS
-
         task, metric = self.schema_.task, self.promote.metric
         if metric not in TASK_METRICS[task]:
             raise ValueError(f"promote.metric {metric} does not apply to task {task}: use one of "

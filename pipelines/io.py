@@ -14,9 +14,10 @@ import shutil
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import pandas as pd
+if TYPE_CHECKING:  # annotations only: the no-op paths (collect with nothing new, the CLI) never load pandas
+    import pandas as pd
 
 
 def _clear_leftovers(target: Path) -> None:

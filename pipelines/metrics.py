@@ -15,11 +15,6 @@ from typing import Any
 import numpy as np
 from sklearn import metrics as skm
 
-TASK_METRICS: dict[str, tuple[str, ...]] = {
-    "binary": ("roc_auc", "pr_auc", "log_loss", "accuracy", "f1", "cohen_kappa"),
-    "multiclass": ("accuracy", "f1_macro", "f1_weighted", "log_loss", "cohen_kappa"),
-    "regression": ("rmse", "mae", "r2"),
-}
 LOWER_IS_BETTER = frozenset({"log_loss", "rmse", "mae", "brier", "calibration_error"})
 
 

@@ -22,6 +22,8 @@ import yaml
 
 REPO = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
+# libraries that take seconds to import: the CLI, a collect with nothing new and the DAG files load none of them
+HEAVY = ("pandas", "numpy", "sklearn", "scipy", "lightgbm", "xgboost", "torch", "great_expectations", "evidently")
 
 # Nothing a test runs may phone home or write to the user's home.
 os.environ.setdefault("GX_ANALYTICS_ENABLED", "False")

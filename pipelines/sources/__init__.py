@@ -8,22 +8,25 @@ no state. A files source with no watermark at all hands over each new file as it
 A time column is read by `parse_time`: timestamps as timestamps; numbers (a year, an epoch) as
 ordinal numbers unless schema.time_unit names their epoch unit. Numbers are never read as
 nanoseconds since 1970 by default.
+
+`state()` tells collect, without reading, that nothing can have changed since its last read: collect then
+returns at once (pandas is imported only by what reads or parses rows, so `dvc repro` with nothing new is fast).
 """
 
 from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-from typing import Protocol
-
-import numpy as np
-import pandas as pd
-from pandas.api import types
+from typing import TYPE_CHECKING, Protocol, TypeAlias
 
 from pipelines.config import Paths, Settings, TimeUnit
 
+if TYPE_CHECKING:
+    import numpy as np
+    import pandas as pd
+
 SOURCE_URL_ENV = "AMAAS_SOURCE_URL"
-Watermark = pd.Timestamp | int | float
+Watermark: TypeAlias = "pd.Timestamp | int | float"
 
 
 class SourceError(RuntimeError):
@@ -38,6 +41,9 @@ def parse_time(values: pd.Series, unit: TimeUnit | None) -> pd.Series:
     Text that is mostly numbers is numbers too; other text is parsed as timestamps, and a number mixed
     into timestamp text is unreadable, never nanoseconds.
     """
+    import pandas as pd
+    from pandas.api import types
+
     if types.is_datetime64_any_dtype(values):
         return values
     numbers = pd.to_numeric(values, errors="coerce")
@@ -58,12 +64,17 @@ def row_hash(frame: pd.DataFrame) -> np.ndarray:
     and 2001.0 are the same) as its float, a timestamp in nanoseconds, anything else as its text;
     missing values hash alike in every column type.
     """
+    import pandas as pd
+
     columns = {str(c): _canonical(frame[c]) for c in frame.columns}
     hashed = pd.util.hash_pandas_object(pd.DataFrame(columns, index=frame.index), index=False)
     return hashed.to_numpy().view("int64")
 
 
 def _canonical(col: pd.Series) -> pd.Series:
+    import pandas as pd
+    from pandas.api import types
+
     if types.is_datetime64_any_dtype(col):
         stamps = col.dt.tz_convert("UTC").dt.tz_localize(None) if col.dt.tz is not None else col
         return stamps.astype("datetime64[ns]").astype("int64").astype(str).where(col.notna(), None)  # type: ignore[call-overload]
@@ -90,12 +101,17 @@ class Watermarks:
 
     def parse(self, values: pd.Series) -> pd.Series:
         """Watermark values as timestamps or numbers; unreadable ones become NaT/NaN."""
+        import pandas as pd
+
         if self.is_time:
             return parse_time(values, self.unit)
         return pd.to_numeric(values, errors="coerce")
 
     @staticmethod
     def to_json(value: Watermark) -> str | int | float:
+        import numpy as np
+        import pandas as pd
+
         if isinstance(value, (pd.Timestamp, np.datetime64)):
             return pd.Timestamp(value).isoformat()
         number = float(value)
@@ -105,10 +121,14 @@ class Watermarks:
     def from_json(value: str | int | float | None) -> Watermark | None:
         if value is None or isinstance(value, (int, float)):
             return value
+        import pandas as pd
+
         return pd.Timestamp(value)
 
     def to_source(self, value: Watermark) -> object:
         """A watermark as the source column holds it: an epoch number where schema.time_unit is set."""
+        import pandas as pd
+
         if isinstance(value, pd.Timestamp):
             if self.unit is not None:
                 return (value - pd.Timestamp(0, tz=value.tz)) // pd.Timedelta(1, unit=self.unit)
@@ -131,6 +151,9 @@ class Watermarks:
 
     def ordered(self, df: pd.DataFrame, values: pd.Series | None = None) -> pd.DataFrame:
         """`df` sorted by (watermark, id), or (watermark, row content) without an id: a stable order."""
+        import pandas as pd
+        from pandas.api import types
+
         key = pd.DataFrame(index=df.index)
         if self.column is not None:
             key["w"] = self.parse(df[self.column]) if values is None else values
@@ -145,6 +168,9 @@ class Watermarks:
         """A watermark recorded as a timestamp must not be compared with numbers, or the other way round."""
         if bound is None or not values.notna().any():
             return
+        import pandas as pd
+        from pandas.api import types
+
         stamp, column_is_time = isinstance(bound, pd.Timestamp), types.is_datetime64_any_dtype(values)
         if stamp != column_is_time:
             raise SourceError(
@@ -167,6 +193,11 @@ class Source(Protocol):
     def read(self, low: Watermark | None, high: Watermark | None) -> tuple[pd.DataFrame, int]:
         """Rows with low < watermark <= high, sorted by (watermark, id); and how many rows of the whole
         source have no readable watermark (no interval can hold them: collect reports them)."""
+        ...
+
+    def state(self) -> str | None:
+        """A digest of everything `read` depends on, computed without reading rows (and without pandas); None
+        where only a read can tell. Equal to the state recorded at the last read: nothing new can have arrived."""
         ...
 
 

@@ -2,16 +2,18 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+import hashlib
+from collections.abc import Iterator
 from pathlib import Path
-
-import pandas as pd
+from typing import TYPE_CHECKING
 
 from pipelines.io import file_digest
 from pipelines.sources import SourceError, Watermark, Watermarks
 
-READERS: dict[str, Callable[[Path], pd.DataFrame]] = {
-    ".csv": pd.read_csv, ".parquet": pd.read_parquet, ".pq": pd.read_parquet}
+if TYPE_CHECKING:
+    import pandas as pd
+
+SUFFIXES = (".csv", ".parquet", ".pq")  # CSV, else Parquet
 
 
 class FilesSource:
@@ -20,6 +22,8 @@ class FilesSource:
         self.description = f"files({shown_as}/{pattern})"  # as params.yaml says: the same in every clone
 
     def read(self, low: Watermark | None, high: Watermark | None) -> tuple[pd.DataFrame, int]:
+        import pandas as pd
+
         frames, unreadable = [], 0
         for _, df in self._tables():
             unreadable += self.watermarks.unreadable(df)
@@ -28,6 +32,13 @@ class FilesSource:
             return pd.DataFrame(), 0
         # the same key order as one file would give: a stable sort of the rows from every file
         return self.watermarks.select(pd.concat(frames, ignore_index=True), None, None), unreadable
+
+    def state(self) -> str:
+        """Every file's name and content (and how they are read): the same files give the same rows."""
+        digest = hashlib.sha256(repr(self.watermarks).encode())
+        for name, sha256 in self.files():
+            digest.update(f"\0{name}\0{sha256}".encode())
+        return digest.hexdigest()
 
     def files(self) -> list[tuple[str, str]]:
         """(name inside the drop folder, sha256) of every file the pattern matches, sorted by name."""
@@ -60,11 +71,13 @@ class FilesSource:
 
 
 def _read(file: Path) -> pd.DataFrame:
-    reader = READERS.get(file.suffix.lower())
-    if reader is None:
-        raise SourceError(f"{file}: only {', '.join(READERS)} files can be read; fix source.files.pattern")
+    import pandas as pd
+
+    suffix = file.suffix.lower()
+    if suffix not in SUFFIXES:
+        raise SourceError(f"{file}: only {', '.join(SUFFIXES)} files can be read; fix source.files.pattern")
     try:
-        return reader(file)
+        return pd.read_csv(file) if suffix == ".csv" else pd.read_parquet(file)
     except Exception as exc:  # a truncated or corrupt file: name it, keep it where it is
         raise SourceError(f"cannot read {file} ({exc.__class__.__name__}: {exc}); fix or remove the file, "
                           f"then collect again") from exc

@@ -5,13 +5,16 @@ Each daily batch is a pure function of (seed, batch index), so a rerun gives the
 
 from __future__ import annotations
 
+import hashlib
 from datetime import timedelta
-
-import numpy as np
-import pandas as pd
+from typing import TYPE_CHECKING
 
 from pipelines.config import SimulatorConfig
 from pipelines.sources import Watermark, Watermarks
+
+if TYPE_CHECKING:
+    import numpy as np
+    import pandas as pd
 
 HOME = ["rent", "own", "mortgage", "other"]
 PURPOSE = ["debt_consolidation", "credit_card", "home_improvement", "small_business", "car", "medical", "other"]
@@ -29,21 +32,32 @@ class SimulatorSource:
         self.description = f"simulator(seed={seed}, days={cfg.n_batches} from {cfg.start_date})"
 
     def read(self, low: Watermark | None, high: Watermark | None) -> tuple[pd.DataFrame, int]:
+        import pandas as pd
+
         days = [generate_batch(self.cfg, self.seed, i) for i in range(self.cfg.n_batches) if self._may_hold(i, low)]
         rows = pd.concat(days, ignore_index=True) if days else generate_batch(self.cfg, self.seed, 0).head(0)
         return self.watermarks.select(rows, low, high), 0
+
+    def state(self) -> str:
+        """Its rows are a pure function of its settings and seed: those (and how they are read) are its state."""
+        described = f"{self.seed}|{self.cfg.model_dump_json()}|{self.watermarks}"
+        return hashlib.sha256(described.encode()).hexdigest()
 
     def _may_hold(self, index: int, low: Watermark | None) -> bool:
         """Whether day `index` can hold a row newer than `low` (skips generating days already collected)."""
         if low is None:
             return True
         if self.watermarks.is_time:
+            import pandas as pd
+
             assert isinstance(low, pd.Timestamp)  # the simulator's time column holds timestamps
             return batch_date(self.cfg, index) + pd.Timedelta(days=1) > low
         return (index + 1) * ID_STRIDE > int(low)
 
 
 def batch_date(cfg: SimulatorConfig, index: int) -> pd.Timestamp:
+    import pandas as pd
+
     return pd.Timestamp(cfg.start_date + timedelta(days=index))
 
 
@@ -55,6 +69,9 @@ def _drift(cfg: SimulatorConfig, index: int) -> float:
 
 def generate_batch(cfg: SimulatorConfig, seed: int, index: int) -> pd.DataFrame:
     """Rows of batch `index` (one day), with the configured share of malformed rows."""
+    import numpy as np
+    import pandas as pd
+
     rng = np.random.default_rng([seed, index])
     n, d = cfg.rows_per_batch, _drift(cfg, index)
 
@@ -117,6 +134,8 @@ def generate_batch(cfg: SimulatorConfig, seed: int, index: int) -> pd.DataFrame:
 
 def _add_real_world_noise(df: pd.DataFrame, rng: np.random.Generator) -> None:
     """Missing values and messy category spelling: cleaning handles these, validation passes them."""
+    import numpy as np
+
     n = len(df)
     missing_income = rng.random(n) < 0.04
     df.loc[missing_income, ["income", "debt_to_income"]] = np.nan
@@ -127,6 +146,8 @@ def _add_real_world_noise(df: pd.DataFrame, rng: np.random.Generator) -> None:
 
 def _add_malformed_rows(df: pd.DataFrame, rng: np.random.Generator, share: float) -> None:
     """Defects a production table really has; each must end in quarantine, not in training."""
+    import numpy as np
+
     n_bad = int(round(share * len(df)))
     if n_bad == 0:
         return

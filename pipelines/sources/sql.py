@@ -51,6 +51,10 @@ class SqlSource:
         # ordered here, not by the database: the same (watermark, id or row content) order as every source
         return self.watermarks.ordered(rows), int(unreadable or 0)
 
+    def state(self) -> None:
+        """A table has no digest short of reading it: collect asks it for new rows every time."""
+        return None
+
     def _table(self, conn: sa.Connection) -> sa.Table:
         try:
             table = sa.Table(self.table_name, sa.MetaData(), schema=self.db_schema, autoload_with=conn)

@@ -10,6 +10,9 @@ manifest records each file's name and sha256, so a file is never collected twice
 damaged batch file; rows repaired or changed at the source replace the batch, and the manifest entry
 records what it replaced. Batch files are written before the manifest names them, each atomically,
 so a killed run leaves the previous state.
+
+The manifest also keeps the source's `state()` at the last read: while it is the same, nothing new can have
+arrived, and collect returns without reading (or importing pandas): a `dvc repro` with nothing new is fast.
 """
 
 from __future__ import annotations
@@ -17,15 +20,15 @@ from __future__ import annotations
 import logging
 from collections import Counter
 from datetime import UTC, datetime
-from typing import Any
-
-import pandas as pd
-from pandas.api import types
+from typing import TYPE_CHECKING, Any
 
 from pipelines.config import Paths, Settings
 from pipelines.contracts import Option, Out, stage
 from pipelines.io import atomic_path, file_digest, read_json, text_if_mixed, write_json
 from pipelines.sources import Source, SourceError, Watermarks, open_source, row_hash
+
+if TYPE_CHECKING:
+    import pandas as pd
 
 log = logging.getLogger(__name__)
 
@@ -50,6 +53,10 @@ def run(settings: Settings, paths: Paths, rerun: str | None = None) -> dict[str,
     if watermarks.column is None:
         return _collect_files(source, manifest, paths)
 
+    state = source.state()  # before the read: a change while it reads is seen by the next run
+    if state is not None and manifest.get("source_state") == state and manifest.get("source") == source.description:
+        log.info("no new rows: %s is as it was at the last collect", source.description)
+        return _summary(manifest, []) | {"rows_without_watermark": manifest["rows_without_watermark"]}
     low = watermarks.from_json(manifest["watermark"])
     rows, unreadable = source.read(low, None)
     new = []
@@ -65,7 +72,7 @@ def run(settings: Settings, paths: Paths, rerun: str | None = None) -> dict[str,
         log.info("no new rows in %s after %s=%s", source.description, watermarks.column, manifest["watermark"])
     if unreadable:
         log.warning(unreadable_advice(unreadable, source.description, watermarks.column, manifest["watermark"]))
-    manifest.update(source=source.description, rows_without_watermark=unreadable)
+    manifest.update(source=source.description, source_state=state, rows_without_watermark=unreadable)
     write_json(paths.raw_manifest, manifest)
     return _summary(manifest, new) | {"rows_without_watermark": unreadable}
 
@@ -108,6 +115,8 @@ def load_manifest(paths: Paths, watermark_column: str | None, unit: str | None =
 def _split(rows: pd.DataFrame, watermarks: Watermarks, by_day: bool, manifest: dict[str, Any]
            ) -> list[tuple[str, pd.DataFrame]]:
     """New rows as named batches: one per calendar day of a timestamp watermark, else one (numbers: ordinal)."""
+    from pandas.api import types
+
     if rows.empty:
         return []
     taken = {b["batch"] for b in manifest["batches"]}
@@ -203,6 +212,8 @@ def _rerun(source: Source, watermarks: Watermarks, manifest: dict[str, Any], nam
 
 def _read_quietly(file: Any) -> pd.DataFrame | None:
     """The collected batch as it is on disk, or None where it is lost or damaged."""
+    import pandas as pd
+
     try:
         return pd.read_parquet(file) if file.is_file() else None
     except Exception:  # a damaged file is what a rerun repairs

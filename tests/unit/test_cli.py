@@ -1,11 +1,15 @@
 """The CLI turns user mistakes into one clear line and exit code 2, not a traceback."""
 
+import json
+import subprocess
+
 import yaml
 
 from pipelines.cli import main
 from pipelines.config import Paths
 from pipelines.io import write_json, write_text
-from tests.conftest import small_params
+from pipelines.runner import run_stage
+from tests.conftest import BIN, HEAVY, small_params, write_params
 
 
 def test_bad_params_file_gives_clear_error(tmp_path, capsys):
@@ -52,3 +56,24 @@ def test_where_points_at_the_model_cards(tmp_path, capsys):
     out = capsys.readouterr().out
     assert f"Challenger card:   {paths.model_card_html} (Markdown: model_card.md)\n" in out
     assert f"Champion card:     {version / 'MODEL_CARD.md'}\n" in out
+
+
+def test_collect_with_nothing_new_imports_no_heavy_library(tmp_path):
+    """`dvc repro` runs collect every time: with nothing new it must not pay seconds of imports."""
+    params = write_params(tmp_path)
+    assert run_stage("collect", params, tmp_path)["new_rows"] == 3000
+    script = ("import json, sys; from pipelines.cli import main\n"
+              f"loaded = sorted(m for m in {HEAVY!r} if m in sys.modules)\n"
+              f"main(['--params', {str(params)!r}, '--root', {str(tmp_path)!r}, 'collect'])\n"
+              f"print(json.dumps([loaded, sorted(m for m in {HEAVY!r} if m in sys.modules)]))\n")
+    manifest = (tmp_path / "data" / "raw" / "manifest.json").read_bytes()
+    proc = subprocess.run([str(BIN / "python"), "-c", script], capture_output=True, text=True, check=True)
+    summary, imported = (json.loads(line) for line in proc.stdout.strip().splitlines()[-2:])
+    assert summary["collect"]["new_rows"] == 0 and summary["collect"]["rows"] == 3000
+    assert imported == [[], []]  # neither by importing the CLI nor by the collect
+    assert (tmp_path / "data" / "raw" / "manifest.json").read_bytes() == manifest  # data/raw unchanged for DVC
+
+    # a change at the source is seen: the simulator with one more day
+    write_params(tmp_path, **{"source.simulator.n_batches": 4})
+    assert main(["--params", str(params), "--root", str(tmp_path), "collect"]) == 0
+    assert json.loads((tmp_path / "data" / "raw" / "manifest.json").read_text())["batches"][-1]["rows"] == 1000
