@@ -12,6 +12,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from pipelines import labels
 from pipelines.bundle import ModelBundle
 from pipelines.config import ROW_KEY, Paths, Settings, load_settings
 from pipelines.serving.predlog import PredictionRecord
@@ -186,7 +187,7 @@ def test_performance_per_task_tells_a_stable_model_from_a_decayed_one(tmp_path, 
     metric = settings.promote.metric
     reference = {"model": model, "predictions": predictions,
                  "metric": report.score(metric, predictions[report.ACTUAL].to_numpy(),
-                                        report._output(predictions, task, len(model.classes or [])), 0.5)}
+                                        report.model_output(predictions, task, len(model.classes or [])), 0.5)}
     rows = report.scored(features(250, seed=3, start=1000), model)
     good = rows.assign(**{report.ACTUAL: model.transform.encode_target(labels_for(model, rows, seed=4))})
     bad = rows.assign(**{report.ACTUAL: model.transform.encode_target(labels_for(model, rows, 4, flip=True))})
@@ -237,7 +238,7 @@ def test_logged_predictions_of_each_shape_give_the_monitored_prediction():
     classes = ["low", "mid", "high"]
 
     def logged(fields: dict[str, Any], task: str, classes: list[Any] | None) -> dict[str, Any]:
-        return report._logged_output(PredictionRecord.from_dict(fields), task, classes)
+        return labels.logged_output(PredictionRecord.from_dict(fields), task, classes)
 
     assert logged({"probability": 0.25}, "binary", [0, 1]) == {"prediction": 0.25, "proba_0": 0.75, "proba_1": 0.25}
     assert logged({"output": [0.6, 0.4]}, "binary", [0, 1])["prediction"] == 0.4
@@ -282,7 +283,7 @@ def _project(tmp_path: Path, task: str, model: StubBundle | None, monkeypatch: p
     metric = None
     if model is not None and predictions is not None:
         metric = report.score(settings.promote.metric, predictions[report.ACTUAL].to_numpy(),
-                              report._output(predictions, task, len(model.classes or [])), 0.5)
+                              report.model_output(predictions, task, len(model.classes or [])), 0.5)
     reference = {"name": "stub reference", "model": model, "rows": training, "predictions": predictions,
                  "metric": metric}
     monkeypatch.setattr(report, "load_reference", lambda s, p: reference)
