@@ -15,7 +15,9 @@ reason:
 - performance decay: promote.metric on labelled rows worse than the champion's test value by more than
   the allowed drop, in the metric's own direction, significant by a bootstrap over those rows.
 HTML for people (reports/drift.html, prediction_drift.html, performance.html; a short page saying why
-where there is nothing to show), JSON for machines (no NaN: None plus a note saying why).
+where there is nothing to show), JSON for machines (no NaN: None plus a note saying why). With a canary
+(serve.canary_share > 0) it also writes the A/B test of champion against challenger (reports/ab_test.json,
+pipelines/abtest.py) and carries out serve.canary_policy.
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ from typing import Any, Literal
 import numpy as np
 import pandas as pd
 
+from pipelines import abtest
 from pipelines.alerts import alert
 from pipelines.bundle import METADATA_FILE, ModelBundle
 from pipelines.config import Paths, SchemaConfig, Settings, experiment_name
@@ -108,12 +111,13 @@ def drift_summary(snapshot: dict[str, Any], share_threshold: float) -> dict[str,
 
 
 @stage(
-    params=("seed", "schema", "clean.normalize_categories", "report", "promote.metric", "promote.bootstrap_samples"),
+    params=("seed", "schema", "clean.normalize_categories", "report", "promote.metric", "promote.bootstrap_samples",
+            "promote.max_p_value", "serve.canary_share", "serve.shadow", "serve.canary_policy", "serve.ab_test"),
     runtime=("alerts",),
     # it reads the champion's reference from models/registry too (not a dep: promote, later, writes it)
     deps=("reference", "validated", "quarantine", "challenger", "test_predictions"),
     outs=(Out("drift_html", cache=False), Out("prediction_drift_html", cache=False),
-          Out("performance_html", cache=False), Out("drift_details", cache=False),
+          Out("performance_html", cache=False), Out("drift_details", cache=False), Out("ab_test", cache=False),
           Out("monitoring_history", cache=False, persist=True),
           Out("workspace", cache=False, persist=True)),  # accumulates: one set of snapshots per run
     metrics=("drift_report",),
@@ -152,9 +156,13 @@ def run(settings: Settings, paths: Paths) -> dict[str, Any]:
     if reasons:
         alert(settings, paths, "drift", f"retraining needed for {described}: " + "; ".join(reasons),
               _strict({k: summary[k] for k in (*METRIC_KEYS, "drifted_columns", "reasons")}))
+    ab = abtest.ab_report(settings, paths)  # the canary's A/B test, and what serve.canary_policy does with it
+    ab["action"] = abtest.apply_policy(settings, paths, ab)
+    write_json(paths.ab_test, _strict(ab))
     verdict: dict[str, Any] = _strict({**{k: summary[k] for k in METRIC_KEYS},
                                        "drifted_columns": summary["drifted_columns"],
-                                       "reasons": reasons, "not_judged": summary["not_judged"]})
+                                       "reasons": reasons, "not_judged": summary["not_judged"],
+                                       "ab_test": ab["verdict"]})
     if experiment_name() is None:  # a `dvc exp run` must not replace the day's points on the operators' dashboard
         _to_workspace(settings, paths, summary, snapshots, reference.get("champion"), history)
     return verdict

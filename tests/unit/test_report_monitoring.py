@@ -21,7 +21,7 @@ from pipelines.transform import FeatureTransform
 from tests.conftest import write_params
 
 OUTPUTS = ("drift.html", "prediction_drift.html", "performance.html", "drift_details.json",
-           "monitoring_history.json", "drift.json")
+           "monitoring_history.json", "drift.json", "ab_test.json")
 SCHEMA = {"schema.numeric": {"x1": {"min": -1000, "max": 1000}, "x2": {"min": 0, "max": 1e6, "nullable": True},
                              "x3": {"min": 0, "max": 100}},
           "schema.categorical": {"home": {"values": ["rent", "own", "mortgage"], "nullable": True},
@@ -302,6 +302,7 @@ def test_a_run_writes_every_declared_output_in_strict_json(tmp_path, monkeypatch
     assert result["retrain_needed"] is False and result["n_drifted"] == 0, result["reasons"]
     assert result["prediction_drift_p_value"] > 0.05
     assert set(report.METRIC_KEYS) <= set(strict_json(paths.reports / "monitoring_history.json")[-1])
+    assert strict_json(paths.reports / "ab_test.json")["verdict"] == result["ab_test"] == "no_ab_test"  # no canary
 
 
 def test_a_run_before_any_model_writes_every_output_and_says_why(tmp_path, monkeypatch):
