@@ -96,7 +96,19 @@ def _parser(command: str | None = None) -> argparse.ArgumentParser:
     sv = sub.add_parser("serve", help="serve the champion's bento over HTTP")
     sv.add_argument("--host")
     sv.add_argument("--port", type=int)
+    ab = sub.add_parser("ab-report", help="the canary's A/B test: champion against challenger on the labelled "
+                        "rows of the prediction log, and the verdict (the report stage writes reports/ab_test.json)")
+    ab.add_argument("--json", action="store_true", help="strict JSON instead of text")
     return parser
+
+
+def _ab_report(args: argparse.Namespace, paths: Paths) -> int:
+    """`amaas ab-report`: the A/B test as it stands now (read only: serve.canary_policy acts in the report stage)."""
+    from pipelines import abtest
+
+    result = abtest.ab_report(load_settings(args.params), paths)
+    print(json.dumps(result, indent=2, allow_nan=False) if args.json else abtest.describe(result))
+    return 0
 
 
 def _serve(args: argparse.Namespace, paths: Paths) -> int:
@@ -371,7 +383,8 @@ def _card(page: Path, markdown: Path) -> str:
 
 COMMANDS: dict[str, Callable[[argparse.Namespace, Paths], int]] = {
     "run": _run_all, "init": _init, "rollback": _rollback, "status": _status, "where": _where, "score": _score,
-    "keys": _keys, "serve": _serve, "dvc-yaml": _dvc_yaml}  # every other command is a stage (_stage)
+    "keys": _keys, "serve": _serve, "dvc-yaml": _dvc_yaml,
+    "ab-report": _ab_report}  # every other command is a stage (_stage)
 
 
 if __name__ == "__main__":

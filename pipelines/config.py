@@ -368,6 +368,16 @@ class AlertsConfig(_Strict):
     email_to: list[str] = []
 
 
+class ABTestConfig(_Strict):
+    """The A/B test of a canary (pipelines/abtest.py): when the challenger's live results make a verdict."""
+
+    min_effect: float = Field(default=0.02, gt=0)  # the smallest difference in promote.metric worth detecting
+    power: float = Field(default=0.8, gt=0, lt=1)  # the chance to detect a difference of min_effect
+    sided: Literal["two-sided", "one-sided"] = "two-sided"  # each direction at alpha/2 | at alpha
+    min_rows: int = Field(default=200, ge=10)  # labelled rows each route needs at least, whatever the power says
+    cooldown_h: float = Field(default=24, ge=0)  # canary_policy auto: no new decision within this many hours
+
+
 class ServeConfig(_Strict):
     host: str
     port: int = Field(ge=1, le=65535)
@@ -379,6 +389,8 @@ class ServeConfig(_Strict):
     max_body_bytes: int = Field(default=1_000_000, ge=1024)  # request body size; more is 413
     canary_share: float = Field(default=0.0, ge=0, le=1)  # share of requests the challenger answers
     shadow: bool = False  # score every request with the challenger too, answer with the champion
+    canary_policy: Literal["manual", "auto"] = "manual"  # auto: a winning challenger is promoted, a losing one ends
+    ab_test: ABTestConfig = ABTestConfig()  # the canary's verdict: reports/ab_test.json, `amaas ab-report`
     model: Literal["auto", "ensemble", "student", "quantized"] = "auto"  # what the compress stage sends on to serve
     reload_interval_s: float = Field(default=2.0, gt=0)  # how often a server checks the registry aliases
 
@@ -723,6 +735,11 @@ class Paths:
     def workspace(self) -> Path:
         """The Evidently workspace every `amaas report` adds its snapshots to; `make monitor` shows it."""
         return self.reports / "workspace"
+
+    @property
+    def ab_test(self) -> Path:
+        """The A/B test of the canary: champion against challenger on live traffic, and its verdict."""
+        return self.reports / "ab_test.json"
 
     @property
     def promotion(self) -> Path:

@@ -127,6 +127,11 @@ class Registry:
         history = [*aliases["champion_history"], aliases["champion"]] if aliases["champion"] else []
         self._set_aliases(champion=version, champion_history=history)
 
+    def clear_challenger(self) -> None:
+        """No challenger any more: a running server follows the aliases and sends it no canary or shadow traffic
+        (until promote registers the next one)."""
+        self._set_aliases(challenger=None)
+
     def rollback(self) -> tuple[str, str]:
         """Make the previous champion champion again; return (from, to)."""
         aliases = self.aliases()

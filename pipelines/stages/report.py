@@ -15,7 +15,9 @@ reason:
 - performance decay: promote.metric on labelled rows worse than the champion's test value by more than
   the allowed drop, in the metric's own direction, significant by a bootstrap over those rows.
 HTML for people (reports/drift.html, prediction_drift.html, performance.html; a short page saying why
-where there is nothing to show), JSON for machines (no NaN: None plus a note saying why).
+where there is nothing to show), JSON for machines (no NaN: None plus a note saying why). With a canary
+(serve.canary_share > 0) it also writes the A/B test of champion against challenger (reports/ab_test.json,
+pipelines/abtest.py) and carries out serve.canary_policy.
 """
 
 from __future__ import annotations
@@ -32,20 +34,31 @@ from typing import Any, Literal
 import numpy as np
 import pandas as pd
 
+from pipelines import abtest
 from pipelines.alerts import alert
 from pipelines.bundle import METADATA_FILE, ModelBundle
 from pipelines.config import Paths, SchemaConfig, Settings, experiment_name
 from pipelines.contracts import Out, stage
 from pipelines.io import read_json, write_json, write_text
+from pipelines.labels import (
+    ACTUAL,
+    KEY_NAME,
+    PREDICTION,
+    ROUTE,
+    TIME,
+    VERSION,
+    join_labels,
+    logged_frame,
+    model_output,
+    proba_columns,
+)
 from pipelines.metrics import bootstrap_resamples, higher_is_better, improvement, score
 from pipelines.registry import MONITORING_DIR, Registry
-from pipelines.serving.predlog import PredictionRecord, read_prediction_log
+from pipelines.serving.predlog import read_prediction_log
 from pipelines.transform import normalize_category
 from pipelines.workspace import add_run, window_time
 
 log = logging.getLogger(__name__)
-PREDICTION = "prediction"  # what monitoring watches per row: bundle.monitored(output)
-ACTUAL = "actual"  # the label encoded as the model sees it (class index, or the value)
 MISSING_CATEGORY = "<missing>"  # a missing category is a value of its own for drift (a surge of nulls is drift)
 METRIC_KEYS = ("current", "current_rows", "drift_share", "n_drifted", "n_columns", "prediction_drift",
                "prediction_drift_p_value", "prediction_drift_detected", "labeled_rows", "metric_current",
@@ -62,10 +75,6 @@ MAX_DRIFT_ROWS = 20_000  # prediction drift: larger samples are subsampled (the 
 
 class MonitoringError(RuntimeError):
     """There is nothing to monitor yet (no batch, no predictions in the window)."""
-
-
-def proba_columns(k: int) -> list[str]:
-    return [f"proba_{i}" for i in range(k)]
 
 
 def drift_summary(snapshot: dict[str, Any], share_threshold: float) -> dict[str, Any]:
@@ -102,12 +111,13 @@ def drift_summary(snapshot: dict[str, Any], share_threshold: float) -> dict[str,
 
 
 @stage(
-    params=("seed", "schema", "clean.normalize_categories", "report", "promote.metric", "promote.bootstrap_samples"),
+    params=("seed", "schema", "clean.normalize_categories", "report", "promote.metric", "promote.bootstrap_samples",
+            "promote.max_p_value", "serve.canary_share", "serve.shadow", "serve.canary_policy", "serve.ab_test"),
     runtime=("alerts",),
     # it reads the champion's reference from models/registry too (not a dep: promote, later, writes it)
     deps=("reference", "validated", "quarantine", "challenger", "test_predictions"),
     outs=(Out("drift_html", cache=False), Out("prediction_drift_html", cache=False),
-          Out("performance_html", cache=False), Out("drift_details", cache=False),
+          Out("performance_html", cache=False), Out("drift_details", cache=False), Out("ab_test", cache=False),
           Out("monitoring_history", cache=False, persist=True),
           Out("workspace", cache=False, persist=True)),  # accumulates: one set of snapshots per run
     metrics=("drift_report",),
@@ -146,9 +156,13 @@ def run(settings: Settings, paths: Paths) -> dict[str, Any]:
     if reasons:
         alert(settings, paths, "drift", f"retraining needed for {described}: " + "; ".join(reasons),
               _strict({k: summary[k] for k in (*METRIC_KEYS, "drifted_columns", "reasons")}))
+    ab = abtest.ab_report(settings, paths)  # the canary's A/B test, and what serve.canary_policy does with it
+    ab["action"] = abtest.apply_policy(settings, paths, ab)
+    write_json(paths.ab_test, _strict(ab))
     verdict: dict[str, Any] = _strict({**{k: summary[k] for k in METRIC_KEYS},
                                        "drifted_columns": summary["drifted_columns"],
-                                       "reasons": reasons, "not_judged": summary["not_judged"]})
+                                       "reasons": reasons, "not_judged": summary["not_judged"],
+                                       "ab_test": ab["verdict"]})
     if experiment_name() is None:  # a `dvc exp run` must not replace the day's points on the operators' dashboard
         _to_workspace(settings, paths, summary, snapshots, reference.get("champion"), history)
     return verdict
@@ -275,17 +289,12 @@ def _logged_window(paths: Paths, schema: SchemaConfig, hours: float, model: Mode
         raise MonitoringError(f"no predictions in {paths.prediction_log}: serve the model (`amaas serve`) first, "
                               f"or set report.current: batch")
     classes = model.classes if model is not None else schema.classes
-    log_frame = pd.DataFrame.from_records(
-        [{schema.key_column: r.id, "time": r.time, KEY_NAME: r.key_name, **_logged_output(r, schema.task, classes),
-          **r.features} for r in records])
-    times = pd.to_datetime(log_frame["time"], utc=True)
+    log_frame = logged_frame(records, schema, classes)
+    times = pd.to_datetime(log_frame[TIME], utc=True)
     start = times.max() - pd.Timedelta(hours=hours)  # the newest window of the log, not of the wall clock
-    window = log_frame.loc[(times > start).to_numpy()].drop(columns=["time"])
+    window = log_frame.loc[(times > start).to_numpy()].drop(columns=[TIME, ROUTE, VERSION])
     window = cap_key_share(window, max_key_share).drop(columns=[KEY_NAME]).reset_index(drop=True)
     return window, f"predictions after {start.isoformat(timespec='seconds')}"
-
-
-KEY_NAME = "_key_name"
 
 
 def cap_key_share(window: pd.DataFrame, share: float) -> pd.DataFrame:
@@ -311,77 +320,6 @@ def cap_key_share(window: pd.DataFrame, share: float) -> pd.DataFrame:
     if (dropped := len(window) - int(keep.sum())):
         log.warning("monitoring window: %d rows of API keys over report.max_key_share=%.2f left out", dropped, share)
     return window.loc[keep]
-
-
-def _logged_output(record: PredictionRecord, task: str, classes: list[Any] | None
-                   ) -> dict[str, Any]:
-    """The monitored prediction (and class probabilities) of one logged prediction, as far as it holds them
-    (the fields, or an older line's canonical output: the class probabilities as a list, or the value)."""
-    canonical, probabilities = record.output, record.probabilities
-    probs: list[float] | None = None
-    if isinstance(canonical, list) and task != "regression":
-        probs = [float(p) for p in canonical]
-    elif isinstance(probabilities, dict) and classes and all(str(c) in probabilities for c in classes):
-        probs = [float(probabilities[str(c)]) for c in classes]
-    if task == "regression":
-        value = canonical if isinstance(canonical, (int, float)) else record.value
-        return {} if value is None else {PREDICTION: float(value)}
-    if task == "binary":
-        p = probs[1] if probs is not None else record.probability
-        return {} if p is None else {PREDICTION: float(p), "proba_0": 1.0 - float(p), "proba_1": float(p)}
-    out: dict[str, Any] = {}
-    if probs is not None:
-        out |= dict(zip(proba_columns(len(probs)), probs, strict=True))
-    label = record.label
-    if label is None and probs is not None and classes:
-        label = classes[int(np.argmax(probs))]
-    return out | ({} if label is None else {PREDICTION: str(label)})
-
-
-def join_labels(current: pd.DataFrame, paths: Paths, schema: SchemaConfig, model: ModelBundle | None
-                ) -> tuple[pd.DataFrame, dict[str, Any]]:
-    """Current rows whose label has arrived in the validated data (joined by the key column), with the
-    label encoded as the model sees it in ACTUAL; rows whose label the model does not know are dropped."""
-    key, target = schema.key_column, schema.target
-    info: dict[str, Any] = {"unknown_label_rows": 0}
-    if model is None or PREDICTION not in current or key not in current:
-        return current.head(0), info
-    labels = pd.read_parquet(paths.validated_rows, columns=[key, target])
-    labels = labels.dropna(subset=[target]).drop_duplicates(key)
-    keyed = current.drop(columns=[target], errors="ignore").dropna(subset=[key])
-    try:
-        keyed = keyed.astype({key: labels[key].dtype})
-    except (TypeError, ValueError):  # ids logged as text against numeric ids: compare the spelling
-        keyed, labels = keyed.astype({key: str}), labels.astype({key: str})
-    merged = keyed.merge(labels, on=key, how="inner")
-    encoded, known = _encode_labels(merged[target], model)
-    if not known.all():
-        unknown = sorted(map(str, merged.loc[~known, target].unique()))
-        log.warning("dropping %d labelled row(s) whose label the model does not know: %s",
-                    int((~known).sum()), ", ".join(unknown[:10]))
-        info |= {"unknown_label_rows": int((~known).sum()), "unknown_labels": unknown[:10]}
-    labeled = merged.loc[known].drop(columns=[target]).reset_index(drop=True)
-    labeled[ACTUAL] = encoded[known]
-    return labeled, info
-
-
-def _encode_labels(labels: pd.Series, model: ModelBundle) -> tuple[np.ndarray, np.ndarray]:
-    """Encoded labels and a mask of those the model knows (the others encode as 0 and are masked out)."""
-    regression = model.task == "regression"
-    try:
-        encoded = model.transform.encode_target(labels.to_numpy())
-        return encoded, np.ones(len(labels), dtype=bool)
-    except ValueError:
-        pass
-    codes: dict[Any, Any] = {}
-    for value in labels.unique():
-        try:
-            codes[value] = model.transform.encode_target(np.asarray([value], dtype=object))[0]
-        except ValueError:
-            codes[value] = None
-    mapped = labels.map(codes)
-    known = mapped.notna().to_numpy()
-    return mapped.fillna(0).to_numpy(dtype="float64" if regression else "int64"), known
 
 
 def _drift_frame(frame: pd.DataFrame, schema: SchemaConfig, normalize: bool) -> pd.DataFrame:
@@ -560,7 +498,7 @@ def performance_report(settings: Settings, labeled: pd.DataFrame, reference: dic
     html = paths.performance_html
     out: dict[str, Any] = {"labeled_rows": len(labeled), "metric": metric, "metric_current": None,
                            "metric_reference": None if before is None else round(before, 6), "decay_p_value": None}
-    output = _output(labeled, task, len(model.classes or []) if model is not None else 0)
+    output = model_output(labeled, task, len(model.classes or []) if model is not None else 0)
     if model is None:
         note = "no model to score with yet: no performance verdict"
     elif len(labeled) < cfg.min_labeled_rows:
@@ -605,32 +543,17 @@ def decay_p_value(y: np.ndarray, output: np.ndarray, bound: float, metric: str, 
     return round(float(np.mean([improvement(metric, v, bound) >= 0 for v in values])), 6)
 
 
-def _output(frame: pd.DataFrame, task: str, k: int) -> np.ndarray | None:
-    """The canonical model output of scored rows: (n, k) class probabilities, or (n,) values."""
-    if frame.empty or PREDICTION not in frame:
-        return None
-    if task == "regression":
-        return frame[PREDICTION].to_numpy(dtype="float64")
-    columns = proba_columns(k)
-    if k and all(c in frame for c in columns):
-        return frame[columns].to_numpy(dtype="float64")
-    if task == "binary":  # older test predictions: the prediction is P(positive class)
-        p = frame[PREDICTION].to_numpy(dtype="float64")
-        return np.column_stack([1 - p, p])
-    return None
-
-
 def _performance_frame(frame: pd.DataFrame, model: ModelBundle, task: str) -> pd.DataFrame:
     """Scored rows with ACTUAL as Evidently's performance presets read them."""
     if task == "regression":
         return pd.DataFrame({"target": frame[ACTUAL].to_numpy(dtype="float64"),
                              "prediction": frame[PREDICTION].to_numpy(dtype="float64")})
     if task == "binary":
-        output = _output(frame, task, 2)
+        output = model_output(frame, task, 2)
         assert output is not None
         return pd.DataFrame({"target": frame[ACTUAL].to_numpy(dtype="int64"), "prediction": output[:, 1]})
     names = [str(c) for c in model.classes or []]
-    output = _output(frame, task, len(names))
+    output = model_output(frame, task, len(names))
     assert output is not None
     return pd.DataFrame({"actual class": [names[int(i)] for i in frame[ACTUAL]],
                          "predicted class": [names[int(i)] for i in np.argmax(output, axis=1)],
@@ -659,7 +582,8 @@ def _performance_html(labeled: pd.DataFrame, reference: pd.DataFrame | None, mod
                                         prediction_probas=names)])
         preset = ClassificationPreset()
     ref = None
-    if reference is not None and ACTUAL in reference and _output(reference, task, len(model.classes or [])) is not None:
+    k = len(model.classes or [])
+    if reference is not None and ACTUAL in reference and model_output(reference, task, k) is not None:
         ref = Dataset.from_pandas(_performance_frame(reference, model, task), data_definition=definition)
     try:
         snapshot = Report([preset]).run(

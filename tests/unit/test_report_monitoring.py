@@ -12,6 +12,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from pipelines import labels
 from pipelines.bundle import ModelBundle
 from pipelines.config import ROW_KEY, Paths, Settings, load_settings
 from pipelines.serving.predlog import PredictionRecord
@@ -20,7 +21,7 @@ from pipelines.transform import FeatureTransform
 from tests.conftest import write_params
 
 OUTPUTS = ("drift.html", "prediction_drift.html", "performance.html", "drift_details.json",
-           "monitoring_history.json", "drift.json")
+           "monitoring_history.json", "drift.json", "ab_test.json")
 SCHEMA = {"schema.numeric": {"x1": {"min": -1000, "max": 1000}, "x2": {"min": 0, "max": 1e6, "nullable": True},
                              "x3": {"min": 0, "max": 100}},
           "schema.categorical": {"home": {"values": ["rent", "own", "mortgage"], "nullable": True},
@@ -186,7 +187,7 @@ def test_performance_per_task_tells_a_stable_model_from_a_decayed_one(tmp_path, 
     metric = settings.promote.metric
     reference = {"model": model, "predictions": predictions,
                  "metric": report.score(metric, predictions[report.ACTUAL].to_numpy(),
-                                        report._output(predictions, task, len(model.classes or [])), 0.5)}
+                                        report.model_output(predictions, task, len(model.classes or [])), 0.5)}
     rows = report.scored(features(250, seed=3, start=1000), model)
     good = rows.assign(**{report.ACTUAL: model.transform.encode_target(labels_for(model, rows, seed=4))})
     bad = rows.assign(**{report.ACTUAL: model.transform.encode_target(labels_for(model, rows, 4, flip=True))})
@@ -237,7 +238,7 @@ def test_logged_predictions_of_each_shape_give_the_monitored_prediction():
     classes = ["low", "mid", "high"]
 
     def logged(fields: dict[str, Any], task: str, classes: list[Any] | None) -> dict[str, Any]:
-        return report._logged_output(PredictionRecord.from_dict(fields), task, classes)
+        return labels.logged_output(PredictionRecord.from_dict(fields), task, classes)
 
     assert logged({"probability": 0.25}, "binary", [0, 1]) == {"prediction": 0.25, "proba_0": 0.75, "proba_1": 0.25}
     assert logged({"output": [0.6, 0.4]}, "binary", [0, 1])["prediction"] == 0.4
@@ -282,7 +283,7 @@ def _project(tmp_path: Path, task: str, model: StubBundle | None, monkeypatch: p
     metric = None
     if model is not None and predictions is not None:
         metric = report.score(settings.promote.metric, predictions[report.ACTUAL].to_numpy(),
-                              report._output(predictions, task, len(model.classes or [])), 0.5)
+                              report.model_output(predictions, task, len(model.classes or [])), 0.5)
     reference = {"name": "stub reference", "model": model, "rows": training, "predictions": predictions,
                  "metric": metric}
     monkeypatch.setattr(report, "load_reference", lambda s, p: reference)
@@ -301,6 +302,7 @@ def test_a_run_writes_every_declared_output_in_strict_json(tmp_path, monkeypatch
     assert result["retrain_needed"] is False and result["n_drifted"] == 0, result["reasons"]
     assert result["prediction_drift_p_value"] > 0.05
     assert set(report.METRIC_KEYS) <= set(strict_json(paths.reports / "monitoring_history.json")[-1])
+    assert strict_json(paths.reports / "ab_test.json")["verdict"] == result["ab_test"] == "no_ab_test"  # no canary
 
 
 def test_a_run_before_any_model_writes_every_output_and_says_why(tmp_path, monkeypatch):
