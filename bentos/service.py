@@ -39,7 +39,6 @@ class ServiceArgs(BaseModel):
     batching: bool = True
     max_batch_size: int = 256
     max_latency_ms: int = 20
-    workers: int = 1  # serve.workers: processes, each with its models; limits, drain and reload are shared
 
 
 ARGS = bentoml.use_arguments(ServiceArgs)
@@ -107,8 +106,7 @@ def _load(version: str, registry: Registry) -> ModelBundle:
 
 
 # every prediction is in the prediction log already; no access-log line per request (522 -> 561 rps measured)
-@bentoml.service(name="amaas_service", workers=ARGS.workers, traffic={"timeout": 30},
-                 logging={"access": {"enabled": False}})
+@bentoml.service(name="amaas_service", traffic={"timeout": 30}, logging={"access": {"enabled": False}})
 class AmaasService:
     model_ref = bentoml.models.BentoModel(ARGS.model_tag)
 

@@ -84,8 +84,11 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+BENTOML_CONFIG_ENV = "BENTOML_CONFIG_OVERRIDES"  # BentoML 1.4: JSON merged over the service's own config
+
+
 def _serve(args: argparse.Namespace, paths: Paths) -> int:
-    from pipelines.serving.bento import ensure_bento
+    from pipelines.serving.bento import SERVICE_NAME, ensure_bento
 
     settings = load_settings(args.params)
     registry = Registry(paths.registry)
@@ -101,10 +104,14 @@ def _serve(args: argparse.Namespace, paths: Paths) -> int:
                     "`amaas keys add NAME`")
     log.info("serving champion %s at http://%s:%d (POST /predict)", champion, host, port)
     params = Path(args.params or os.environ.get(PARAMS_ENV) or "params.yaml").resolve()
+    # serve.workers as BentoML config, not baked into the bento: a change needs no new bento
+    bentoml_config = json.loads(os.environ.get(BENTOML_CONFIG_ENV) or "{}")
+    bentoml_config.setdefault("services", {}).setdefault(SERVICE_NAME, {})["workers"] = settings.serve.workers
     # the project the server follows: its registry, params, keys and prediction log; and which server start its
     # workers belong to (they share drain and reload, another server of the project does not)
     return _supervise(cmd, {**os.environ, ROOT_ENV: str(paths.root), PARAMS_ENV: str(params),
-                            SERVER_ENV: uuid.uuid4().hex})
+                            SERVER_ENV: uuid.uuid4().hex, BENTOML_CONFIG_ENV: json.dumps(bentoml_config)})
+
 
 
 DRAIN_S = 30.0  # after SIGTERM/SIGINT: how long requests in flight have to finish before the server is killed

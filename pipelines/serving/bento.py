@@ -40,11 +40,11 @@ def model_tag(version: str) -> str:
 
 
 def bento_args(settings: Settings, version: str) -> dict[str, Any]:
-    """The arguments baked into a bento: the model and the serving settings that batching and the worker count
-    need at import. (The label cut-off travels in the model bundle, chosen at training.)"""
+    """The arguments baked into a bento: the model and the serving settings that batching needs at import.
+    (The label cut-off travels in the model bundle, chosen at training.)"""
     serve = settings.serve
     return {"model_tag": model_tag(version), "batching": serve.batching, "max_batch_size": serve.max_batch_size,
-            "max_latency_ms": serve.max_latency_ms, "workers": serve.workers}
+            "max_latency_ms": serve.max_latency_ms}
 
 
 def bento_tag(version: str, args: dict[str, Any]) -> str:
