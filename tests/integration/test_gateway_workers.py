@@ -10,6 +10,7 @@ import subprocess
 import threading
 import time
 from collections import Counter
+from typing import Any
 
 import pytest
 import requests
@@ -24,9 +25,10 @@ ROW = {"age": 41, "income": None, "loan_amount": 12000, "term_months": 60, "inte
        "credit_score": 610, "debt_to_income": None, "employment_years": 3, "open_accounts": 7,
        "delinquencies_2y": 1, "home_ownership": "rent", "purpose": "car", "region": "south"}
 RPS, BURST = 5.0, 5
+SHED = "overloaded, retry"  # a 503 of BentoML's load shedding: admitted by the limits, not answered in time
 
 
-def _send(url: str, key: str, tag: str, until: float, statuses: list[tuple[int, dict[str, str]]]) -> None:
+def _send(url: str, key: str, tag: str, until: float, statuses: list[tuple[int, Any, str]]) -> None:
     """Requests back to back on a connection of its own (so the kernel spreads connections over the workers)."""
     with requests.Session() as session:
         i = 0
@@ -34,7 +36,7 @@ def _send(url: str, key: str, tag: str, until: float, statuses: list[tuple[int, 
             try:
                 r = session.post(f"{url}/predict", json={"row": ROW}, timeout=10,
                                  headers={"Authorization": f"Bearer {key}", "X-Request-ID": f"{tag}-{i}"})
-                statuses.append((r.status_code, dict(r.headers)))
+                statuses.append((r.status_code, r.headers, r.text[:200]))  # headers: case-insensitive
             except requests.Timeout:
                 pass
             i += 1
@@ -67,8 +69,12 @@ def test_limits_scopes_reload_and_drain_hold_across_two_workers(trained_project)
             assert time.monotonic() < deadline, "server not ready in 120 s"
             time.sleep(0.3)
 
+        for _ in range(6):  # warm both workers up (fresh connections), so that few requests are shed below
+            requests.post(f"{url}/predict", json={"row": ROW}, timeout=30,
+                          headers={"Authorization": f"Bearer {free}"})
+
         # 8 connections over the limited key and 2 over the free one, for 2 s
-        got: dict[str, list[tuple[int, dict[str, str]]]] = {"limited": [], "free": []}
+        got: dict[str, list[tuple[int, Any, str]]] = {"limited": [], "free": []}
         started = time.monotonic()
         threads = [threading.Thread(target=_send, args=(url, k, f"{tag}-{name}-{n}", started + 2.0, got[name]))
                    for name, k, count in (("limited", limited, 8), ("free", free, 2)) for n in range(count)]
@@ -77,13 +83,15 @@ def test_limits_scopes_reload_and_drain_hold_across_two_workers(trained_project)
         for t in threads:
             t.join()
         elapsed = time.monotonic() - started
-        statuses = Counter(status for status, _ in got["limited"])
-        assert set(statuses) == {200, 429}, statuses
-        assert statuses[200] <= BURST + RPS * elapsed, (statuses, elapsed)  # one bucket for both workers
-        refused = next(headers for status, headers in got["limited"] if status == 429)
+        statuses = Counter("shed" if status == 503 and SHED in text else status for status, _, text in got["limited"])
+        assert set(statuses) <= {200, 429, "shed"} and statuses[200] and statuses[429], got["limited"][:20]
+        admitted = statuses[200] + statuses["shed"]
+        assert admitted <= BURST + RPS * elapsed, (statuses, elapsed)  # one bucket for both workers, not one each
+        refused = next(headers for status, headers, _ in got["limited"] if status == 429)
         assert int(refused["Retry-After"]) >= 1 and refused["X-RateLimit-Limit"] == str(BURST)
         assert refused["X-RateLimit-Remaining"] == "0" and "X-RateLimit-Reset" in refused
-        assert {status for status, _ in got["free"]} == {200} and len(got["free"]) > 2
+        free_statuses = Counter(status for status, _, _ in got["free"])
+        assert set(free_statuses) <= {200, 503} and free_statuses[200] > 2, free_statuses  # never limited
         pids = {f.stem.rsplit("-", 1)[1] for f in (root / "logs" / "predictions").glob("*.jsonl")
                 if f"{tag}-" in f.read_text()}
         assert len(pids) == 2, pids  # both workers answered
@@ -99,11 +107,12 @@ def test_limits_scopes_reload_and_drain_hold_across_two_workers(trained_project)
 
         # usage, summed over both workers: /admin/keys, /metrics and `amaas keys list` agree with what we saw
         usage = requests.get(f"{url}/admin/keys", headers=as_admin, timeout=10).json()[f"{tag}-limited"]
-        assert (usage["requests"], usage["rows"], usage["limited"]) == (
-            len(got["limited"]), statuses[200], statuses[429])
+        assert (usage["requests"], usage["rows"], usage["limited"]) == (len(got["limited"]), admitted, statuses[429])
         metrics = requests.get(f"{url}/metrics", timeout=10).text
         assert f'amaas_key_rate_limited_total{{key="{tag}-limited"}} {statuses[429]:.1f}' in metrics
-        assert f'amaas_key_rows_total{{key="{tag}-free"}} {len(got["free"]):.1f}' in metrics
+        free_rows = next(float(line.rsplit(" ", 1)[1]) for line in metrics.splitlines()
+                         if line.startswith(f'amaas_key_rows_total{{key="{tag}-free"}}'))
+        assert free_statuses[200] <= free_rows <= len(got["free"]) + 6  # its 200s, and any shed (also admitted)
         listed = json.loads(amaas("keys", "list", root=root).stdout)[f"{tag}-limited"]
         assert (listed["requests"], listed["limited"], listed["rps"]) == (usage["requests"], usage["limited"], RPS)
 

@@ -58,17 +58,17 @@ def _hammer(path: str, start: float, out: multiprocessing.Queue) -> None:
     state, limit = SharedState(Path(path)), Limit(rps=0.001, burst=40, daily_quota=None)
     while time.time() < start:
         time.sleep(0.001)
-    out.put(sum(state.admit("s", "shared", limit).refused is None for _ in range(60)))
+    out.put(sum(state.admit("s", "shared", limit).refused is None for _ in range(300)))
 
 
 def test_two_processes_together_admit_one_bucket_not_two(tmp_path):
-    """Workers of a server share the bucket: 2 processes sending 60 requests each get 40 between them (the
+    """Workers of a server share the bucket: 2 processes sending 300 requests each get 40 between them (the
     burst; the refill is negligible), never 40 each."""
     path = tmp_path / "limits.db"
     SharedState(path).usage()  # the file exists before both start
-    ctx = multiprocessing.get_context("spawn")
+    ctx = multiprocessing.get_context("fork")  # the children start with everything imported
     out: multiprocessing.Queue = ctx.Queue()
-    start = time.time() + 2.0  # both processes are up by then; they race from the same moment
+    start = time.time() + 0.5  # both processes are up by then; they race from the same moment
     procs = [ctx.Process(target=_hammer, args=(str(path), start, out)) for _ in range(2)]
     for p in procs:
         p.start()
@@ -77,7 +77,7 @@ def test_two_processes_together_admit_one_bucket_not_two(tmp_path):
         p.join(timeout=30)
     assert sum(admitted) == 40, admitted
     usage = SharedState(path).usage()["shared"]
-    assert (usage.requests, usage.limited) == (120, 80)
+    assert (usage.requests, usage.limited) == (600, 560)
 
 
 def test_drain_and_reload_are_per_server(tmp_path):
