@@ -17,7 +17,6 @@ import gc
 import logging
 import os
 import threading
-import time
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +27,7 @@ from pipelines.bundle import ModelBundle
 from pipelines.config import PARAMS_ENV, ROOT_ENV, Paths, Settings, load_settings
 from pipelines.registry import Registry
 from pipelines.serving.gateway import KEY_NAME, REQUEST_ID, ROUTE, Gateway, bound_metric_labels, quiet_shedding
+from pipelines.serving.limits import SharedState, keep_following, server_id
 from pipelines.serving.metrics import with_served_metrics
 from pipelines.serving.predlog import PredictionLog, PredictionRecord, now_iso
 
@@ -134,12 +134,9 @@ class AmaasService:
         gc.freeze()
 
     def _watch(self, registry: Registry) -> None:
-        while True:
-            time.sleep(self.settings.serve.reload_interval_s)
-            try:
-                self.models.follow(registry)
-            except Exception:  # a half-finished registry write or a bad bundle must not stop serving
-                log.exception("could not follow the registry; still serving the current models")
+        """Follow the registry every reload_interval_s, and at once on POST /admin/reload to any worker."""
+        keep_following(lambda: self.models.follow(registry), self.settings.serve.reload_interval_s,
+                       SharedState.beside(PATHS.api_keys), server_id())
 
     def __metrics__(self, content: str) -> str:
         """BentoML's hook on /metrics: its text plus the versions served and the canary share (amaas_* gauges)."""
@@ -202,4 +199,4 @@ MODELS = _Shared()
 bound_metric_labels()  # unknown paths get 404 before BentoML's metrics label them
 quiet_shedding()  # a shed request is one gateway log line, not BentoML's traceback
 AmaasService.add_asgi_middleware(Gateway, settings=settings, keys_file=PATHS.api_keys, routing=MODELS.routing,
-                                 versions=MODELS.versions)
+                                 versions=MODELS.versions, follows_registry=bool(PROJECT))

@@ -15,6 +15,7 @@ import signal
 import subprocess
 import sys
 import time
+import uuid
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -24,6 +25,8 @@ from pipelines.contracts import UndeclaredSetting, declaration
 from pipelines.io import read_json, write_text
 from pipelines.lock import PipelineLocked, project_lock
 from pipelines.runner import STAGES, run_stage, write_dvc_yaml
+from pipelines.serving.keys import DEFAULT_SCOPES, SCOPES
+from pipelines.serving.limits import NO_USAGE, SERVER_ENV, SharedState
 
 log = logging.getLogger("amaas")
 
@@ -88,9 +91,17 @@ def _parser(command: str | None = None) -> argparse.ArgumentParser:
                     "proba_<class> per class (or value for regression), model_version")
     sc.add_argument("--version", help="score with this registry version instead of the champion")
     sc.add_argument("--workers", type=int, help="score on a local Dask cluster of this many worker processes")
-    keys = sub.add_parser("keys", help="API keys of the HTTP service (stored hashed)")
+    keys = sub.add_parser("keys", help="API keys of the HTTP service (stored hashed); list shows each key's scopes, "
+                          "limits and usage (requests, rows, 429s) summed over the server's workers")
     keys.add_argument("action", choices=["add", "list", "revoke"])
     keys.add_argument("name", nargs="?", help="the key's name (add, revoke)")
+    keys.add_argument("--scope", action="append", choices=SCOPES, dest="scopes",
+                      help="add: what the key may do (repeat for both; default predict): predict = POST /predict, "
+                      "admin = /admin/reload, /admin/drain, /admin/keys")
+    keys.add_argument("--rps", type=float, help="add: this key's requests/s (default serve.rate_limit.rps)")
+    keys.add_argument("--burst", type=int, help="add: requests it may send at once (default serve.rate_limit.burst)")
+    keys.add_argument("--daily-quota", type=int,
+                      help="add: rows it may have predicted per UTC day (default serve.rate_limit.daily_quota)")
     dy = sub.add_parser("dvc-yaml", help="write dvc.yaml from the stage declarations (pipelines/stages/*.py)")
     dy.add_argument("--check", action="store_true", help="only check that dvc.yaml is current (exit 1 if not)")
     sv = sub.add_parser("serve", help="serve the champion's bento over HTTP")
@@ -111,9 +122,12 @@ def _ab_report(args: argparse.Namespace, paths: Paths) -> int:
     return 0
 
 
+BENTOML_CONFIG_ENV = "BENTOML_CONFIG_OVERRIDES"  # BentoML 1.4: JSON merged over the service's own config
+
+
 def _serve(args: argparse.Namespace, paths: Paths) -> int:
     from pipelines.registry import Registry, RegistryError
-    from pipelines.serving.bento import ensure_bento
+    from pipelines.serving.bento import SERVICE_NAME, ensure_bento
     from pipelines.serving.keys import ApiKeys
 
     settings = load_settings(args.params)
@@ -130,8 +144,14 @@ def _serve(args: argparse.Namespace, paths: Paths) -> int:
                     "`amaas keys add NAME`")
     log.info("serving champion %s at http://%s:%d (POST /predict)", champion, host, port)
     params = Path(args.params or os.environ.get(PARAMS_ENV) or "params.yaml").resolve()
-    # the project the server follows: its registry, params, keys and prediction log
-    return _supervise(cmd, {**os.environ, ROOT_ENV: str(paths.root), PARAMS_ENV: str(params)})
+    # serve.workers as BentoML config, not baked into the bento: a change needs no new bento
+    bentoml_config = json.loads(os.environ.get(BENTOML_CONFIG_ENV) or "{}")
+    bentoml_config.setdefault("services", {}).setdefault(SERVICE_NAME, {})["workers"] = settings.serve.workers
+    # the project the server follows: its registry, params, keys and prediction log; and which server start its
+    # workers belong to (they share drain and reload, another server of the project does not)
+    return _supervise(cmd, {**os.environ, ROOT_ENV: str(paths.root), PARAMS_ENV: str(params),
+                            SERVER_ENV: uuid.uuid4().hex, BENTOML_CONFIG_ENV: json.dumps(bentoml_config)})
+
 
 
 DRAIN_S = 30.0  # after SIGTERM/SIGINT: how long requests in flight have to finish before the server is killed
@@ -337,12 +357,20 @@ def _keys(args: argparse.Namespace, paths: Paths) -> int:
 
     store = ApiKeys(paths.api_keys)
     if args.action == "list":
-        print(json.dumps(store.names(), indent=2))
+        defaults = load_settings(args.params).serve.rate_limit
+        usage = SharedState.beside(paths.api_keys).usage()
+        print(json.dumps({name: {"created": entry.created, "scopes": list(entry.scopes),
+                                 **vars(entry.limit(defaults)), **vars(usage.get(name, NO_USAGE))}
+                          for name, entry in store.entries().items()}, indent=2))
         return 0
     if not args.name:
         raise ValueError(f"`amaas keys {args.action}` needs a NAME")
+    if args.action != "add" and (args.scopes or args.rps is not None or args.burst is not None
+                                 or args.daily_quota is not None):
+        raise ValueError("--scope, --rps, --burst and --daily-quota go with `amaas keys add`")
     if args.action == "add":
-        print(store.add(args.name))  # the only time the key is shown
+        print(store.add(args.name, tuple(args.scopes or DEFAULT_SCOPES), args.rps, args.burst,
+                        args.daily_quota))  # the only time the key is shown
         print(f"API key {args.name!r} created: send it as 'Authorization: Bearer <key>'; it is stored only as a "
               f"hash in {paths.api_keys}", file=sys.stderr)
     else:

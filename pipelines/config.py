@@ -378,6 +378,12 @@ class ABTestConfig(_Strict):
     cooldown_h: float = Field(default=24, ge=0)  # canary_policy auto: no new decision within this many hours
 
 
+class RateLimitConfig(_Strict):
+    rps: float | None = Field(default=None, gt=0)  # requests/s per key (token bucket refill); null: no rate limit
+    burst: int = Field(default=100, ge=1)  # the bucket: requests a key may send at once before rps applies
+    daily_quota: int | None = Field(default=None, ge=1)  # rows per key per UTC day; null: no quota
+
+
 class ServeConfig(_Strict):
     host: str
     port: int = Field(ge=1, le=65535)
@@ -393,6 +399,9 @@ class ServeConfig(_Strict):
     ab_test: ABTestConfig = ABTestConfig()  # the canary's verdict: reports/ab_test.json, `amaas ab-report`
     model: Literal["auto", "ensemble", "student", "quantized"] = "auto"  # what the compress stage sends on to serve
     reload_interval_s: float = Field(default=2.0, gt=0)  # how often a server checks the registry aliases
+    # the gateway: worker processes, and per-key limits that hold across them (`amaas keys add --rps` overrides)
+    workers: int = Field(default=1, ge=1)  # BentoML worker processes of the service (each loads the models)
+    rate_limit: RateLimitConfig = RateLimitConfig()
 
     @model_validator(mode="after")
     def _request_fits_a_batch(self) -> ServeConfig:

@@ -1,12 +1,15 @@
-"""The ASGI gateway in front of BentoML's model API: API keys, size limits, the request schema, a request id
-and a route per request, GET /models and the documented /docs.json."""
+"""The ASGI gateway in front of BentoML's model API: API keys and their scopes, per-key rate limits and quotas,
+size limits, the request schema, a request id and a route per request, the admin endpoints (reload, drain,
+usage per key), GET /models and the documented /docs.json."""
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import json
 import logging
 import re
+import time
 import uuid
 from collections.abc import Awaitable, Callable
 from functools import cached_property
@@ -16,7 +19,17 @@ from typing import Any
 from pydantic import BaseModel, ValidationError
 
 from pipelines.config import ServeConfig, Settings
-from pipelines.serving.keys import ApiKeys, KeyStoreError
+from pipelines.serving.keys import ApiKeys, KeyEntry, KeyStoreError
+from pipelines.serving.limits import (
+    NO_USAGE,
+    POLL_S,
+    Decision,
+    SharedState,
+    StateBusy,
+    seconds_to_midnight,
+    server_id,
+    usage_metrics,
+)
 from pipelines.serving.routing import route
 from pipelines.serving.schema import answer_model, openapi_with_schemas, request_model
 
@@ -27,7 +40,8 @@ REQUEST_ID = "_request_id"  # added to each row by the gateway, carried through 
 ROUTE = "_route"  # champion | challenger | shadow
 KEY_NAME = "_key_name"  # the name of the API key that sent the row (never the key), for the prediction log
 STATIC_DIR = "/static_content"  # BentoML's Swagger UI files
-KNOWN_PATHS = frozenset({*OPEN_PATHS, MODELS_PATH, "/predict"})
+ADMIN_PATHS = {"/admin/reload": "POST", "/admin/drain": "POST", "/admin/keys": "GET"}  # an admin-scoped key only
+KNOWN_PATHS = frozenset({*OPEN_PATHS, MODELS_PATH, "/predict", *ADMIN_PATHS})
 MAX_HEADER_BYTES = 16 * 1024  # all names and values together; more is 431
 MAX_REQUEST_ID = 128
 REQUEST_ID_PATTERN = re.compile(rf"[A-Za-z0-9._:-]{{1,{MAX_REQUEST_ID}}}")
@@ -35,6 +49,7 @@ MAX_DEPTH = 16  # JSON nesting: a request is {"rows": [{...}]}, 3 deep
 MAX_ERRORS = 20  # field errors listed in a 422 (the count says how many there were)
 MAX_ECHO = 100  # characters of an input value echoed in a 422
 RETRY_AFTER_S = "1"
+RELOAD_WAIT_S = 30.0  # POST /admin/reload waits this long for every worker to follow the registry
 log = logging.getLogger("amaas.gateway")
 
 Send = Callable[[dict[str, Any]], Awaitable[None]]
@@ -42,16 +57,24 @@ Receive = Callable[[], Awaitable[dict[str, Any]]]
 
 
 class Gateway:
-    """ASGI middleware in front of the model API: API keys (401), size limits (413), the request schema
-    (422 with field errors), a request id and a route per request. Health, metrics and docs stay open."""
+    """ASGI middleware in front of the model API: API keys (401) and scopes (403), per-key rate limits and
+    quotas (429), draining (503), size limits (413), the request schema (422 with field errors), a request id and
+    a route per request, and the admin endpoints. Health, metrics and docs stay open.
+
+    Limits, usage, drain and reload live in the SharedState beside the key file, so every worker of a server
+    sees the same buckets and flags."""
 
     def __init__(self, app: Any, settings: Callable[[], Settings], keys_file: Path,
-                 routing: Callable[[], tuple[float, bool]], versions: Callable[[], dict[str, Any]]) -> None:
+                 routing: Callable[[], tuple[float, bool]], versions: Callable[[], dict[str, Any]],
+                 follows_registry: bool = False) -> None:
         self.app = app
         self.settings = settings  # called on first use, not here: BentoML builds the gateway at import
         self.keys = ApiKeys(keys_file)
+        self.state = SharedState.beside(keys_file)
+        self.server = server_id()
         self.routing = routing  # (canary share, shadow) now: follows the registry while serving
         self.versions = versions  # GET /models: what is being served now (deploy checks it)
+        self.follows_registry = follows_registry  # False: a bento run on its own model, nothing to reload
         self._broken_at: float | None = -1.0  # the key file's mtime when its corruption was last logged
 
     @cached_property
@@ -90,7 +113,7 @@ class Gateway:
         path = scope["path"].rstrip("/") or "/"
         if not known_path(path):  # no route of ours: answered here, so no per-path state grows anywhere
             return await _reply(send, 404, {"error": "not found: POST /predict; GET /models, /docs, /readyz, "
-                                                     "/livez, /metrics"})
+                                                     "/livez, /metrics; /admin/reload, /admin/drain, /admin/keys"})
         if path == "/docs":  # the Swagger UI lives at /; /docs is where people look for it
             scope = {**scope, "path": "/", "raw_path": b"/"}
             path = "/"
@@ -98,23 +121,33 @@ class Gateway:
             return await _reply(send, 200, self.versions())
         if path == DOCS_JSON and scope["method"] == "GET":
             return await self._documented(scope, receive, send)
-        if path in OPEN_PATHS or scope["method"] != "POST":
-            return await self.app(scope, receive, send)
+        if path == "/readyz" and scope["method"] == "GET":
+            return await self._ready(scope, receive, send)
+        if path == "/metrics" and scope["method"] == "GET":
+            return await self._metered(scope, receive, send)
         # latin-1 maps every byte: a header that is not UTF-8 is a wrong key or a bad id, never an error
         headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
-        key_name = None
+        if path in ADMIN_PATHS:
+            return await self._admin(path, scope["method"], headers, receive, send)
+        if path in OPEN_PATHS or scope["method"] != "POST":
+            return await self.app(scope, receive, send)
+        entry = None
         if self.serve.auth:
-            try:
-                key_name = self.keys.name_of(_key(headers))
-            except KeyStoreError as exc:
-                self._report_broken_keys(exc)
-                return await _reply(send, 503, {"error": "the server's API key store is unreadable; the operator "
-                                                         "must repair it (see the server log)"})
-            if key_name is None:
-                return await _reply(send, 401, {"error": "missing or invalid API key: send 'Authorization: "
-                                                         "Bearer <key>' (create one with `amaas keys add NAME`)"})
+            entry = await self._authenticated(headers, send)
+            if entry is None:
+                return None
+            if "predict" not in entry.scopes:
+                return await _reply(send, 403, {"error": f"API key {entry.name!r} has no 'predict' scope: create "
+                                                         f"one with `amaas keys add NAME` (default scope predict)"})
         if path != "/predict":
             return await self.app(scope, receive, send)
+        limit = entry.limit(self.serve.rate_limit) if entry else None
+        try:
+            decision = self.state.admit(self.server, entry.name if entry else None, limit)
+        except StateBusy as exc:
+            return await self._state_busy(exc, send)
+        if decision.refused:
+            return await self._refuse(decision, entry, send)
         if not (headers.get("content-length") or "0").isdigit():
             return await _reply(send, 400, {"error": "Content-Length is not a number"})
         body = await _read_body(receive, self.serve.max_body_bytes, headers)
@@ -137,10 +170,21 @@ class Gateway:
         if (request.rows is None) == (request.row is None):
             return await _reply(send, 422, {"error": "send either 'rows' (a list) or 'row' (one row)",
                                             "detail": [{"loc": ["rows"], "msg": "exactly one of rows, row"}]})
+        received = request.rows or [request.row]
+        if entry is not None and limit is not None:
+            try:
+                left = self.state.charge(entry.name, len(received), limit)
+            except StateBusy as exc:
+                return await self._state_busy(exc, send)
+            if left is not None:
+                return await _reply(send, 429, {"error": f"daily quota of API key {entry.name!r}: {left} of "
+                                                         f"{limit.daily_quota} rows left today (UTC), this request "
+                                                         f"has {len(received)}: send fewer rows or wait"},
+                                    [(b"retry-after", str(seconds_to_midnight(time.time())).encode())])
         request_id = self._request_id(headers.get("x-request-id"))
         where = route(request_id, *self.routing())
-        rows = [{**r.model_dump(), REQUEST_ID: request_id, ROUTE: where, KEY_NAME: key_name}
-                for r in (request.rows or [request.row])]
+        rows = [{**r.model_dump(), REQUEST_ID: request_id, ROUTE: where, KEY_NAME: entry.name if entry else None}
+                for r in received]
         forwarded = json.dumps({"rows": rows}, allow_nan=False).encode()
         scope = {**scope, "headers": [(k, v) for k, v in scope["headers"] if k.lower() != b"content-length"]
                  + [(b"content-length", str(len(forwarded)).encode())]}
@@ -159,7 +203,7 @@ class Gateway:
                 if message["status"] == 503:  # BentoML shed it: its body says "unexpected error"; ours, retry
                     shed = True
                     return
-                message = {**message, "headers": [*message.get("headers", []),
+                message = {**message, "headers": [*message.get("headers", []), *decision.headers(),
                                                   (b"x-request-id", request_id.encode())]}
             elif shed:
                 if not message.get("more_body"):
@@ -170,6 +214,130 @@ class Gateway:
             await send(message)
 
         await self.app(scope, replay, tag)
+
+    async def _authenticated(self, headers: dict[str, str], send: Send) -> KeyEntry | None:
+        """The sender's key entry, or None after answering 401 (no valid key) or 503 (the key file is corrupt)."""
+        try:
+            entry = self.keys.lookup(_key(headers))
+        except KeyStoreError as exc:
+            self._report_broken_keys(exc)
+            await _reply(send, 503, {"error": "the server's API key store is unreadable; the operator must repair "
+                                              "it (see the server log)"})
+            return None
+        if entry is None:
+            await _reply(send, 401, {"error": "missing or invalid API key: send 'Authorization: Bearer <key>' "
+                                              "(create one with `amaas keys add NAME`)"})
+        return entry
+
+    async def _refuse(self, decision: Decision, entry: KeyEntry | None, send: Send) -> None:
+        """429 (rate or daily quota) or 503 (draining), with Retry-After and X-RateLimit-*."""
+        limit, name = decision.limit, entry.name if entry else None
+        if decision.refused == "draining":
+            body = "this server is draining: it takes no new requests; send them to another server"
+        elif decision.refused == "quota" and limit is not None:
+            body = f"daily quota of API key {name!r} used up ({limit.daily_quota} rows per UTC day)"
+        else:
+            rps = limit.rps if limit else None
+            body = f"rate limit of API key {name!r}: {rps:g} requests/s, bursts of {limit.burst if limit else 0}"
+        await _reply(send, 503 if decision.refused == "draining" else 429,
+                     {"error": f"{body}; retry after {decision.retry_after_s} s"}, decision.headers())
+
+    async def _state_busy(self, exc: StateBusy, send: Send) -> None:
+        log.warning("%s", exc)
+        await _reply(send, 503, {"error": "overloaded (the rate-limit state is busy), retry"},
+                     [(b"retry-after", RETRY_AFTER_S.encode())])
+
+    async def _ready(self, scope: dict[str, Any], receive: Receive, send: Send) -> None:
+        """BentoML's readiness, except while this server drains: then 503, so a balancer moves away."""
+        try:
+            draining = self.state.draining(self.server)
+        except StateBusy as exc:
+            return await self._state_busy(exc, send)
+        if draining:
+            return await _reply(send, 503, {"status": "draining"})
+        await self.app(scope, receive, send)
+
+    async def _metered(self, scope: dict[str, Any], receive: Receive, send: Send) -> None:
+        """BentoML's /metrics with each API key's usage (all workers: read from the shared state) appended."""
+        started: dict[str, Any] = {}
+        chunks: list[bytes] = []
+
+        async def collect(message: dict[str, Any]) -> None:
+            if message["type"] == "http.response.start":
+                started.update(message)
+            else:
+                chunks.append(message.get("body", b""))
+
+        await self.app(scope, receive, collect)
+        text = b"".join(chunks)
+        if started.get("status") == 200:
+            try:
+                text = (text if not text or text.endswith(b"\n") else text + b"\n") + usage_metrics(
+                    self.state.usage()).encode()
+            except StateBusy as exc:
+                log.warning("/metrics without per-key usage: %s", exc)
+        headers = [(k, v) for k, v in started.get("headers", []) if k.lower() != b"content-length"]
+        await send({**started, "headers": [*headers, (b"content-length", str(len(text)).encode())]})
+        await send({"type": "http.response.body", "body": text})
+
+    async def _admin(self, path: str, method: str, headers: dict[str, str], receive: Receive, send: Send) -> None:
+        """/admin/*: an admin-scoped key (401 without a key, 403 with another), whether or not serve.auth is on."""
+        entry = await self._authenticated(headers, send)
+        if entry is None:
+            return None
+        if "admin" not in entry.scopes:
+            return await _reply(send, 403, {"error": f"API key {entry.name!r} has no 'admin' scope: create one with "
+                                                     f"`amaas keys add NAME --scope admin`"})
+        if method != ADMIN_PATHS[path]:
+            return await _reply(send, 405, {"error": f"{path} takes {ADMIN_PATHS[path]}"},
+                                [(b"allow", ADMIN_PATHS[path].encode())])
+        try:
+            if path == "/admin/keys":
+                return await _reply(send, 200, self._usage())
+            if path == "/admin/drain":
+                return await self._drain(headers, receive, send)
+            return await self._reload(send)
+        except StateBusy as exc:
+            return await self._state_busy(exc, send)
+
+    def _usage(self) -> dict[str, Any]:
+        """GET /admin/keys: each key's scopes, limits and usage (all workers)."""
+        usage = self.state.usage()
+        return {name: {"scopes": list(entry.scopes), **vars(entry.limit(self.serve.rate_limit)),
+                       **vars(usage.get(name, NO_USAGE))}
+                for name, entry in self.keys.entries().items()}
+
+    async def _drain(self, headers: dict[str, str], receive: Receive, send: Send) -> None:
+        """POST /admin/drain (body optional; {"drain": false} takes requests again): every worker of this server
+        answers /predict 503 and /readyz not ready."""
+        body = await _read_body(receive, 1024, headers) if (headers.get("content-length") or "0").isdigit() else None
+        try:
+            payload = _parse(body) if body is not None else "not a number"
+        except ValueError:
+            payload = "not JSON"
+        if payload is None:
+            payload = {}
+        if not (isinstance(payload, dict) and set(payload) <= {"drain"} and isinstance(payload.get("drain", True),
+                                                                                      bool)):
+            return await _reply(send, 422, {"error": 'send no body, or {"drain": true} or {"drain": false}'})
+        draining = bool(payload.get("drain", True))
+        self.state.set_draining(self.server, draining)
+        log.warning("server %s %s", self.server, "draining: new /predict requests get 503" if draining else
+                    "takes requests again")
+        await _reply(send, 200, {"draining": draining})
+
+    async def _reload(self, send: Send) -> None:
+        """POST /admin/reload: every worker of this server follows the registry now; answered when all have
+        (504 if some did not within RELOAD_WAIT_S)."""
+        if not self.follows_registry:
+            return await _reply(send, 409, {"error": "this server serves its bento's own model (no project "
+                                                     "registry, $AMAAS_ROOT unset): there is nothing to reload"})
+        generation = self.state.request_reload(self.server)
+        workers, deadline = self.serve.workers, time.monotonic() + RELOAD_WAIT_S
+        while (followed := self.state.followers(self.server, generation)) < workers and time.monotonic() < deadline:
+            await asyncio.sleep(POLL_S / 4)
+        await _reply(send, 200 if followed >= workers else 504,
+                     {"followed": followed, "workers": workers, "models": self.versions()})
 
     def _request_id(self, given: str | None) -> str:
         """The client's X-Request-ID if it is a safe one, else a new id (the bad one logged, clipped, once)."""

@@ -1,0 +1,171 @@
+"""Per-key limits without a server: the token bucket, the daily quota, usage, drain and reload in the shared
+state (also from two processes at once), key scopes and limits in the key store, and the gateway's answers."""
+
+from __future__ import annotations
+
+import json
+import multiprocessing
+import time
+from pathlib import Path
+
+import pytest
+
+from pipelines.config import RateLimitConfig, load_settings
+from pipelines.serving.gateway import Gateway
+from pipelines.serving.keys import ApiKeys, KeyStoreError
+from pipelines.serving.limits import DAY_S, Limit, SharedState, Usage, usage_metrics
+from tests.conftest import write_params
+from tests.unit.test_serving import ROW, _App, _call
+
+T0 = 1_800_000_000.0 - 1_800_000_000.0 % DAY_S + 3600  # 01:00 UTC on some day
+
+
+def test_token_bucket_admits_a_burst_then_the_rate(tmp_path):
+    state, limit = SharedState(tmp_path / "limits.db"), Limit(rps=2.0, burst=3, daily_quota=None)
+    first = [state.admit("s", "k", limit, now=T0) for _ in range(4)]
+    assert [d.refused for d in first] == [None, None, None, "rate"]
+    assert [d.remaining for d in first[:3]] == [2, 1, 0]
+    refused = first[3]
+    assert refused.retry_after_s == 1 and dict(refused.headers())[b"x-ratelimit-limit"] == b"3"
+    assert dict(refused.headers())[b"retry-after"] == b"1" and dict(refused.headers())[b"x-ratelimit-reset"] == b"2"
+    assert state.admit("s", "k", limit, now=T0 + 0.4).refused == "rate"  # 0.8 of a token
+    assert state.admit("s", "k", limit, now=T0 + 0.5).refused is None  # 1 token after 0.5 s at 2/s
+    assert state.admit("s", "other", limit, now=T0 + 0.5).refused is None  # one bucket per key
+    assert [state.admit("s", "k", limit, now=T0 + 100).refused for _ in range(4)] == [None] * 3 + ["rate"]  # capped
+    usage = state.usage(now=T0)
+    assert (usage["k"].requests, usage["k"].limited) == (10, 3) and usage["other"].requests == 1
+    unlimited = Limit(rps=None, burst=1, daily_quota=None)
+    assert {state.admit("s", "free", unlimited, now=T0).refused for _ in range(5)} == {None}
+    assert state.admit("s", "free", unlimited, now=T0).headers() == []  # no rate, no X-RateLimit-*
+
+
+def test_daily_quota_counts_rows_and_renews_at_midnight_utc(tmp_path):
+    state, limit = SharedState(tmp_path / "limits.db"), Limit(rps=None, burst=10, daily_quota=5)
+    assert state.admit("s", "k", limit, now=T0).refused is None
+    assert state.charge("k", 3, limit, now=T0) is None
+    assert state.admit("s", "k", limit, now=T0).refused is None
+    assert state.charge("k", 3, limit, now=T0) == 2  # 2 rows left: refused, nothing counted
+    assert state.charge("k", 2, limit, now=T0) is None
+    used_up = state.admit("s", "k", limit, now=T0)
+    assert used_up.refused == "quota" and used_up.retry_after_s == DAY_S - 3600  # until 00:00 UTC
+    assert state.usage(now=T0)["k"] == Usage(requests=3, rows=5, limited=2, rows_today=5)
+    assert state.admit("s", "k", limit, now=T0 + DAY_S).refused is None  # a new UTC day
+    assert state.charge("k", 5, limit, now=T0 + DAY_S) is None
+    assert state.usage(now=T0 + DAY_S)["k"].rows == 10
+
+
+def _hammer(path: str, start: float, out: multiprocessing.Queue) -> None:
+    state, limit = SharedState(Path(path)), Limit(rps=0.001, burst=40, daily_quota=None)
+    while time.time() < start:
+        time.sleep(0.001)
+    out.put(sum(state.admit("s", "shared", limit).refused is None for _ in range(300)))
+
+
+def test_two_processes_together_admit_one_bucket_not_two(tmp_path):
+    """Workers of a server share the bucket: 2 processes sending 300 requests each get 40 between them (the
+    burst; the refill is negligible), never 40 each."""
+    path = tmp_path / "limits.db"
+    SharedState(path).usage()  # the file exists before both start
+    ctx = multiprocessing.get_context("fork")  # the children start with everything imported
+    out: multiprocessing.Queue = ctx.Queue()
+    start = time.time() + 0.5  # both processes are up by then; they race from the same moment
+    procs = [ctx.Process(target=_hammer, args=(str(path), start, out)) for _ in range(2)]
+    for p in procs:
+        p.start()
+    admitted = [out.get(timeout=60) for _ in procs]
+    for p in procs:
+        p.join(timeout=30)
+    assert sum(admitted) == 40, admitted
+    usage = SharedState(path).usage()["shared"]
+    assert (usage.requests, usage.limited) == (600, 560)
+
+
+def test_drain_and_reload_are_per_server(tmp_path):
+    state = SharedState(tmp_path / "limits.db")
+    limit = Limit(rps=None, burst=1, daily_quota=None)
+    state.set_draining("a", True)
+    assert state.admit("a", "k", limit).refused == "draining" and state.admit("a", None, None).refused == "draining"
+    assert state.admit("b", "k", limit).refused is None and not state.draining("b")  # another server of the project
+    state.set_draining("a", False)
+    assert state.admit("a", None, None).refused is None
+    assert state.reload_generation("a") == 0
+    generation = state.request_reload("a")
+    assert generation == 1 == state.reload_generation("a") and state.reload_generation("b") == 0
+    state.followed("a", 11, 0)
+    state.followed("a", 12, generation)
+    assert state.followers("a", generation) == 1
+    state.followed("a", 11, generation)
+    assert state.followers("a", generation) == 2 and state.followers("b", generation) == 0
+
+
+def test_usage_metrics_label_keys_by_name():
+    text = usage_metrics({"app-1": Usage(requests=3, rows=7, limited=1, rows_today=7)})
+    assert 'amaas_key_requests_total{key="app-1"} 3.0' in text
+    assert 'amaas_key_rows_total{key="app-1"} 7.0' in text and 'amaas_key_rate_limited_total{key="app-1"} 1.0' in text
+
+
+def test_keys_carry_scopes_and_limits_and_old_files_still_read(tmp_path):
+    keys = ApiKeys(tmp_path / "keys.json")
+    admin = keys.add("ops", scopes=("admin",), rps=5, burst=2, daily_quota=100)
+    plain = keys.add("app")
+    stored = json.loads((tmp_path / "keys.json").read_text())
+    assert set(stored["app"]) == {"sha256", "created"}  # defaults are not written
+    assert stored["ops"]["scopes"] == ["admin"] and stored["ops"]["daily_quota"] == 100
+    ops, app = keys.lookup(admin), keys.lookup(plain)
+    assert ops is not None and app is not None
+    assert ops.scopes == ("admin",) and app.scopes == ("predict",)
+    defaults = RateLimitConfig(rps=50, burst=100, daily_quota=None)
+    assert ops.limit(defaults) == Limit(5, 2, 100) and app.limit(defaults) == Limit(50, 100, None)
+    with pytest.raises(ValueError, match="scopes must be"):
+        keys.add("bad", scopes=("root",))
+    with pytest.raises(ValueError, match="rps must be a positive number"):
+        keys.add("bad", rps=0)
+    old = tmp_path / "old.json"  # a key file from before scopes and limits
+    old.write_text(json.dumps({"legacy": {"sha256": "ab" * 32, "created": "2026-01-01T00:00:00+00:00"}}))
+    assert ApiKeys(old).entries()["legacy"].scopes == ("predict",)
+    old.write_text(json.dumps({"x": {"sha256": "ab", "created": "c", "burst": -1}}))
+    with pytest.raises(KeyStoreError, match="burst must be"):
+        ApiKeys(old).entries()
+
+
+@pytest.fixture
+def limited(tmp_path):
+    """A gateway with a predict key limited to 2 requests at once and 4 rows a day, and an admin key."""
+    params = write_params(tmp_path, **{"serve.rate_limit": {"rps": 0.001, "burst": 2, "daily_quota": 4}})
+    keys = ApiKeys(tmp_path / "keys.json")
+    predict, admin = keys.add("app"), keys.add("ops", scopes=("admin",))
+    gateway = Gateway(_App(), lambda: load_settings(params), tmp_path / "keys.json", lambda: (0.0, False),
+                      lambda: {"champion": "v1", "challenger": None})
+    return gateway, predict, admin
+
+
+def test_gateway_answers_429_with_headers_and_403_for_the_wrong_scope(limited):
+    gw, predict, admin = limited
+    body = json.dumps({"rows": [ROW, ROW, ROW]}).encode()
+    status, headers, _ = _call(gw, "/predict", body, {"X-API-Key": predict})
+    assert status == 200 and headers["x-ratelimit-limit"] == "2" and headers["x-ratelimit-remaining"] == "1"
+    status, headers, answer = _call(gw, "/predict", body, {"X-API-Key": predict})  # 3 + 3 rows > 4 a day
+    assert status == 429 and "1 of 4 rows left today" in answer["error"] and int(headers["retry-after"]) > 0
+    status, headers, answer = _call(gw, "/predict", body, {"X-API-Key": predict})  # the bucket is empty
+    assert status == 429 and "rate limit" in answer["error"] and headers["x-ratelimit-remaining"] == "0"
+    assert int(headers["retry-after"]) >= 1
+    assert _call(gw, "/predict", body, {"X-API-Key": admin})[0] == 403  # an admin-only key does not predict
+    assert _call(gw, "/admin/keys", b"", {"X-API-Key": predict}, method="GET")[0] == 403
+    assert _call(gw, "/admin/keys", b"", {}, method="GET")[0] == 401
+    status, _, usage = _call(gw, "/admin/keys", b"", {"X-API-Key": admin}, method="GET")
+    assert status == 200 and usage["app"] == {"scopes": ["predict"], "rps": 0.001, "burst": 2,
+                                                   "daily_quota": 4, "requests": 3, "rows": 3, "limited": 2,
+                                                   "rows_today": 3}
+    assert _call(gw, "/admin/drain", b"", {"X-API-Key": admin}, method="GET")[0] == 405
+    assert _call(gw, "/admin/reload", b"", {"X-API-Key": admin})[0] == 409  # no project registry to follow
+
+
+def test_drain_turns_readiness_and_predict_away_until_undrained(limited):
+    gw, predict, admin = limited
+    assert _call(gw, "/admin/drain", b'{"drain": "yes"}', {"X-API-Key": admin})[0] == 422
+    assert _call(gw, "/admin/drain", b"", {"X-API-Key": admin})[::2] == (200, {"draining": True})
+    assert _call(gw, "/readyz", b"", {}, method="GET")[0] == 503
+    status, headers, answer = _call(gw, "/predict", json.dumps({"row": ROW}).encode(), {"X-API-Key": predict})
+    assert status == 503 and "draining" in answer["error"] and headers["retry-after"] == "5"
+    assert _call(gw, "/admin/drain", b'{"drain": false}', {"X-API-Key": admin})[2] == {"draining": False}
+    assert _call(gw, "/readyz", b"", {}, method="GET")[0] == 200
