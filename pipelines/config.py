@@ -356,6 +356,12 @@ class AlertsConfig(_Strict):
     email_to: list[str] = []
 
 
+class BlueGreenConfig(_Strict):
+    connect_timeout_s: float = Field(default=1.0, gt=0)  # the front answers 502 when a backend does not accept sooner
+    read_timeout_s: float = Field(default=60.0, gt=0)  # ... and 504 when it does not answer sooner
+    drain_s: float = Field(default=30.0, gt=0)  # the old backend's requests in flight finish within this, then it stops
+
+
 class ServeConfig(_Strict):
     host: str
     port: int = Field(ge=1, le=65535)
@@ -369,6 +375,10 @@ class ServeConfig(_Strict):
     shadow: bool = False  # score every request with the challenger too, answer with the champion
     model: Literal["auto", "ensemble", "student", "quantized"] = "auto"  # what the compress stage sends on to serve
     reload_interval_s: float = Field(default=2.0, gt=0)  # how often a server checks the registry aliases
+    # hot: one bento follows the registry; blue-green: a front on `port` forwards to one of two bentos, and
+    # `amaas deploy` starts the new champion beside the old one and switches once it answers
+    strategy: Literal["hot", "blue-green"] = "hot"
+    blue_green: BlueGreenConfig = BlueGreenConfig()
 
     @model_validator(mode="after")
     def _request_fits_a_batch(self) -> ServeConfig:
@@ -738,3 +748,17 @@ class Paths:
     @property
     def bentoml_home(self) -> Path:
         return self.root / ".bentoml"
+
+    # serve.strategy blue-green: the front's state (the active backend, the last deploy) and deploy's request
+    @property
+    def front_state(self) -> Path:
+        return self.root / ".amaas" / "front.json"
+
+    @property
+    def deploy_request(self) -> Path:
+        return self.root / ".amaas" / "deploy_request.json"
+
+    @property
+    def backend_params(self) -> Path:
+        """The settings each blue-green backend was started with (one file per backend colour)."""
+        return self.root / ".amaas" / "backends"
