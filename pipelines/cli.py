@@ -137,8 +137,6 @@ def _serve(args: argparse.Namespace, paths: Paths) -> int:
     champion = registry.champion
     bento = ensure_bento(settings, paths, registry.champion_dir())["bento_tag"]  # this code, this model
     host, port = args.host or settings.serve.host, args.port or settings.serve.port
-    cmd = [str(Path(sys.executable).with_name("bentoml")), "serve", bento, "--host", host,
-           "--port", str(port)]
     if settings.serve.auth and not ApiKeys(paths.api_keys).names():
         log.warning("serve.auth is on and there is no API key yet: every /predict gets 401 until you run "
                     "`amaas keys add NAME`")
@@ -149,9 +147,35 @@ def _serve(args: argparse.Namespace, paths: Paths) -> int:
     bentoml_config.setdefault("services", {}).setdefault(SERVICE_NAME, {})["workers"] = settings.serve.workers
     # the project the server follows: its registry, params, keys and prediction log; and which server start its
     # workers belong to (they share drain and reload, another server of the project does not)
-    return _supervise(cmd, {**os.environ, ROOT_ENV: str(paths.root), PARAMS_ENV: str(params),
-                            SERVER_ENV: uuid.uuid4().hex, BENTOML_CONFIG_ENV: json.dumps(bentoml_config)})
+    env = {**os.environ, ROOT_ENV: str(paths.root), PARAMS_ENV: str(params), SERVER_ENV: uuid.uuid4().hex,
+           BENTOML_CONFIG_ENV: json.dumps(bentoml_config)}
+    if settings.serve.strategy == "blue-green":
+        return _serve_blue_green(settings, paths, params, env, host, port, bento, champion)
+    return _supervise(_bento_command(bento, host, port), env)
 
+
+def _bento_command(bento: str, host: str, port: int) -> list[str]:
+    """The server of one bento: what `amaas serve` runs (hot), or each blue-green backend."""
+    return [str(Path(sys.executable).with_name("bentoml")), "serve", bento, "--host", host, "--port", str(port)]
+
+
+def _serve_blue_green(settings: Settings, paths: Paths, params: Path, env: dict[str, str], host: str, port: int,
+                      bento: str, champion: str) -> int:
+    """serve.strategy blue-green: the front on host:port and the champion's bento behind it, switched by
+    `amaas deploy` (pipelines/serving/bluegreen.py)."""
+    from pipelines.serving.bluegreen import BACKEND_HOST, BlueGreenError, Supervisor, running_server, smoke_row
+
+    if (other := running_server(paths)) is not None:
+        raise BlueGreenError(f"a blue-green server of this project is running already (pid {other['supervisor_pid']}"
+                            f"): stop it first, or `amaas deploy` to switch what it serves")
+
+    def launch(tag: str, backend_port: int, backend_env: dict[str, str]) -> subprocess.Popen[bytes]:
+        # each backend is a server start of its own: draining or reloading one leaves the other alone
+        return _spawn(_bento_command(tag, BACKEND_HOST, backend_port), {**backend_env, SERVER_ENV: uuid.uuid4().hex})
+
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # not a line per request the front forwards
+    supervisor = Supervisor(paths, params, launch, env)
+    return supervisor.run(host, port, bento, champion, smoke_row(paths, champion))
 
 
 DRAIN_S = 30.0  # after SIGTERM/SIGINT: how long requests in flight have to finish before the server is killed
@@ -165,10 +189,15 @@ def _die_with_parent() -> None:
         ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)
 
 
+def _spawn(cmd: list[str], env: dict[str, str]) -> subprocess.Popen[bytes]:
+    """A server in its own process group (signals reach all of it through os.killpg), gone when we are."""
+    return subprocess.Popen(cmd, env=env, start_new_session=True, preexec_fn=_die_with_parent)
+
+
 def _supervise(cmd: list[str], env: dict[str, str]) -> int:
     """Run the server in its own process group and pass SIGTERM/SIGINT on to all of it: it stops taking
     requests, finishes those in flight (DRAIN_S at most, then SIGKILL) and frees the port before we exit."""
-    server = subprocess.Popen(cmd, env=env, start_new_session=True, preexec_fn=_die_with_parent)
+    server = _spawn(cmd, env)
     stopping: list[int] = []
 
     def forward(signum: int, _frame: Any) -> None:
@@ -221,7 +250,7 @@ def main(argv: list[str] | None = None) -> int:
 # (an exception of a class whose module never loaded cannot have been raised), so naming them costs no imports.
 USER_ERRORS = (("pipelines.sources", "SourceError"), ("pipelines.stages.validate", "DataValidationError"),
                ("pipelines.registry", "RegistryError"), ("pipelines.stages.deploy", "DeployError"),
-               ("pipelines.stages.report", "MonitoringError"))
+               ("pipelines.stages.report", "MonitoringError"), ("pipelines.serving.bluegreen", "BlueGreenError"))
 
 
 def _user_error(exc: Exception) -> bool:

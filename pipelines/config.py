@@ -384,6 +384,12 @@ class RateLimitConfig(_Strict):
     daily_quota: int | None = Field(default=None, ge=1)  # rows per key per UTC day; null: no quota
 
 
+class BlueGreenConfig(_Strict):
+    connect_timeout_s: float = Field(default=1.0, gt=0)  # the front answers 502 when a backend does not accept sooner
+    read_timeout_s: float = Field(default=60.0, gt=0)  # ... and 504 when it does not answer sooner
+    drain_s: float = Field(default=30.0, gt=0)  # the old backend's requests in flight finish within this, then it stops
+
+
 class ServeConfig(_Strict):
     host: str
     port: int = Field(ge=1, le=65535)
@@ -402,6 +408,10 @@ class ServeConfig(_Strict):
     # the gateway: worker processes, and per-key limits that hold across them (`amaas keys add --rps` overrides)
     workers: int = Field(default=1, ge=1)  # BentoML worker processes of the service (each loads the models)
     rate_limit: RateLimitConfig = RateLimitConfig()
+    # hot: one bento follows the registry; blue-green: a front on `port` forwards to one of two bentos, and
+    # `amaas deploy` starts the new champion beside the old one and switches once it answers
+    strategy: Literal["hot", "blue-green"] = "hot"
+    blue_green: BlueGreenConfig = BlueGreenConfig()
 
     @model_validator(mode="after")
     def _request_fits_a_batch(self) -> ServeConfig:
@@ -774,3 +784,17 @@ class Paths:
     @property
     def bentoml_home(self) -> Path:
         return self.root / ".bentoml"
+
+    # serve.strategy blue-green: the front's state (the active backend, the last deploy) and deploy's request
+    @property
+    def front_state(self) -> Path:
+        return self.root / ".amaas" / "front.json"
+
+    @property
+    def deploy_request(self) -> Path:
+        return self.root / ".amaas" / "deploy_request.json"
+
+    @property
+    def backend_params(self) -> Path:
+        """The settings each blue-green backend was started with (one file per backend colour)."""
+        return self.root / ".amaas" / "backends"
