@@ -39,7 +39,7 @@ run: install  ## the whole pipeline on the embedded simulator, versioned by DVC
 	amaas where
 
 test: install  ## the whole suite: unit + integration (dvc repro, airflow dags test, bentoml serve)
-	pytest -q -rs
+	pytest -q -rs --durations=40
 
 test-fast: install  ## the quick tier, under a minute on 2 cores: unit and config tests on tiny data; skips `slow` (all of tests/integration/, heavy unit tests)
 	pytest -q -m "not slow"
