@@ -27,6 +27,7 @@ from pydantic import BaseModel
 from pipelines.bundle import ModelBundle
 from pipelines.config import PARAMS_ENV, ROOT_ENV, Paths, Settings, load_settings
 from pipelines.registry import Registry
+from pipelines.serving.cache import ResponseCache
 from pipelines.serving.gateway import KEY_NAME, REQUEST_ID, ROUTE, Gateway, bound_metric_labels, quiet_shedding
 from pipelines.serving.metrics import with_served_metrics
 from pipelines.serving.predlog import PredictionLog, PredictionRecord, now_iso
@@ -61,6 +62,7 @@ class Models:
         self.current: dict[str, ModelBundle | None] = {"champion": champion, "challenger": None}
         serve = settings().serve
         self.canary_share, self.shadow = serve.canary_share, serve.shadow
+        self.cache = ResponseCache(serve.cache.size)  # answers of the models in `current` only
         self._aliases: dict[str, Any] | None = None
         self._params_mtime: float | None = None
 
@@ -92,7 +94,10 @@ class Models:
                 loaded[role] = None
             elif have is None or have.version != version:
                 loaded[role] = _load(version, registry)
+        switched = any(loaded[role] is not self.current[role] for role in loaded)
         self.current, self._aliases = loaded, aliases
+        if switched:
+            self.cache.clear()
         log.info("serving champion %s, challenger %s", wanted["champion"], wanted["challenger"])
 
 
@@ -142,8 +147,9 @@ class AmaasService:
                 log.exception("could not follow the registry; still serving the current models")
 
     def __metrics__(self, content: str) -> str:
-        """BentoML's hook on /metrics: its text plus the versions served and the canary share (amaas_* gauges)."""
-        return with_served_metrics(content, MODELS.versions())
+        """BentoML's hook on /metrics: its text plus the versions served, the canary share and this worker's
+        response cache (amaas_* metrics)."""
+        return with_served_metrics(content, MODELS.versions(), MODELS.cache_stats())
 
     @bentoml.api(batchable=ARGS.batching, max_batch_size=ARGS.max_batch_size, max_latency_ms=ARGS.max_latency_ms)
     def predict(self, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -155,13 +161,14 @@ class AmaasService:
         frame = self._pd.DataFrame.from_records(rows)
         routes = [row.get(ROUTE, "champion") for row in rows]
         answered_by = [challenger if route == "challenger" and challenger else champion for route in routes]
+        cache = self.models.cache  # a hit is what that version answered for the same cleaned row
         answers: list[dict[str, Any]] = [{}] * len(rows)
         for bundle in {id(b): b for b in answered_by}.values():
             picked = [i for i, b in enumerate(answered_by) if b is bundle]
-            for i, answer in zip(picked, bundle.answers(frame.iloc[picked][self.features]), strict=True):
+            for i, answer in zip(picked, cache.answers(bundle, frame.iloc[picked][self.features]), strict=True):
                 answers[i] = answer
         shadowed = [i for i, route in enumerate(routes) if route == "shadow"] if challenger else []
-        shadow = dict(zip(shadowed, challenger.answers(frame.iloc[shadowed][self.features]), strict=True)
+        shadow = dict(zip(shadowed, cache.answers(challenger, frame.iloc[shadowed][self.features]), strict=True)
                       ) if shadowed and challenger else {}
         out, records, at = [], [], now_iso()
         for i, row in enumerate(rows):
@@ -171,7 +178,7 @@ class AmaasService:
             records.append(PredictionRecord(time=at, **result, route=routes[i], key_name=row.get(KEY_NAME),
                                             id=row.get(self.id_column) if self.id_column else None,
                                             features={f: row.get(f) for f in self.features}, **shadowed_by))
-        self.log.append(records)
+        self.log.append(records)  # cached answers too: the log holds every answer served
         return out
 
 
@@ -187,6 +194,9 @@ class _Shared:
 
     def routing(self) -> tuple[float, bool]:
         return self.models.routing() if self.models else (0.0, False)
+
+    def cache_stats(self) -> dict[str, int]:
+        return self.models.cache.stats() if self.models else {"size": 0, "entries": 0, "hits": 0, "misses": 0}
 
     def versions(self) -> dict[str, Any]:
         """What answers requests now: GET /models, which `amaas deploy` polls."""

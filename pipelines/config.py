@@ -356,6 +356,10 @@ class AlertsConfig(_Strict):
     email_to: list[str] = []
 
 
+class CacheConfig(_Strict):
+    size: int = Field(default=0, ge=0)  # answers kept per worker process (LRU); 0: no cache
+
+
 class ServeConfig(_Strict):
     host: str
     port: int = Field(ge=1, le=65535)
@@ -369,6 +373,7 @@ class ServeConfig(_Strict):
     shadow: bool = False  # score every request with the challenger too, answer with the champion
     model: Literal["auto", "ensemble", "student", "quantized"] = "auto"  # what the compress stage sends on to serve
     reload_interval_s: float = Field(default=2.0, gt=0)  # how often a server checks the registry aliases
+    cache: CacheConfig = CacheConfig()  # the response cache
 
     @model_validator(mode="after")
     def _request_fits_a_batch(self) -> ServeConfig:

@@ -1,0 +1,85 @@
+"""The response cache: keyed by the model version and the row as the model's transform cleans it, an LRU of
+serve.cache.size answers, emptied on a model switch, off at size 0."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pandas as pd
+
+from pipelines.serving.cache import ResponseCache
+from pipelines.transform import FeatureTransform
+
+TRANSFORM = FeatureTransform(
+    numeric=["age", "income"], categorical=["home"], normalize=True, impute="median", missing_indicators=True,
+    fill_values={"age": 40.0, "income": 50_000.0}, clip_low={"age": 18.0, "income": 0.0},
+    clip_high={"age": 90.0, "income": 1e6}, means={"age": 40.0, "income": 50_000.0},
+    stds={"age": 10.0, "income": 20_000.0}, vocab={"home": ["own", "rent"]}, task="regression")
+
+
+class Model:
+    """A stand-in for ModelBundle: its answer is a function of the transformed row; it counts rows scored."""
+
+    transform = TRANSFORM
+
+    def __init__(self, version: str, on_score: Any = None) -> None:
+        self.version, self.scored, self.on_score = version, 0, on_score
+
+    def answers(self, rows: pd.DataFrame) -> list[dict[str, Any]]:
+        self.scored += len(rows)
+        if self.on_score:
+            self.on_score()
+        values = self.transform.transform(rows).sum(axis=1) * (1 + (self.version == "v2"))
+        return [{"value": float(v), "version": self.version} for v in values]
+
+
+def rows(*spelled: dict[str, Any]) -> pd.DataFrame:
+    return pd.DataFrame([{"age": 41, "income": 52_000.0, "home": "rent", **r} for r in spelled])
+
+
+def test_rows_the_transform_cleans_alike_share_one_entry():
+    cache, model = ResponseCache(100), Model("v1")
+    first = cache.answers(model, rows({}))
+    same = cache.answers(model, rows({"home": "  RENT "}, {"age": 41.0}, {"income": 52_000}))
+    assert same == first * 3 and model.scored == 1
+    clipped = cache.answers(model, rows({"age": 95}, {"home": "boat"}))
+    assert cache.answers(model, rows({"age": 200}, {"home": "tent"})) == clipped  # the clip bound; the unknown code
+    assert model.scored == 3
+    missing, median = cache.answers(model, rows({"age": None}, {"age": 40}))
+    assert missing != median  # imputed to the same value, but the missing flag is a feature of its own
+    assert cache.stats() == {"size": 100, "entries": 5, "hits": 5, "misses": 5}
+
+
+def test_the_model_version_is_part_of_the_key():
+    cache, champion, challenger = ResponseCache(100), Model("v1"), Model("v2")
+    ours, theirs = cache.answers(champion, rows({})), cache.answers(challenger, rows({}))
+    assert ours != theirs and ours == champion.answers(rows({})) and theirs == challenger.answers(rows({}))
+    assert cache.answers(challenger, rows({})) == theirs and challenger.scored == 2  # 1 miss + the check above
+
+
+def test_least_recently_used_goes_first_and_size_zero_keeps_nothing():
+    cache, model = ResponseCache(2), Model("v1")
+    cache.answers(model, rows({"age": 20}, {"age": 30}))
+    cache.answers(model, rows({"age": 20}))  # 20 is now the most recent
+    cache.answers(model, rows({"age": 50}))  # evicts 30
+    assert model.scored == 3
+    cache.answers(model, rows({"age": 20}, {"age": 50}))
+    assert model.scored == 3
+    cache.answers(model, rows({"age": 30}))
+    assert model.scored == 4 and cache.stats()["entries"] == 2
+    off, model = ResponseCache(0), Model("v1")
+    off.answers(model, rows({}, {}))
+    off.answers(model, rows({}))
+    assert model.scored == 3 and off.stats() == {"size": 0, "entries": 0, "hits": 0, "misses": 0}
+
+
+def test_a_switch_empties_it_and_answers_scored_across_the_switch_are_not_kept():
+    cache, model = ResponseCache(100), Model("v1")
+    cache.answers(model, rows({"age": 20}, {"age": 30}))
+    cache.clear()
+    assert cache.stats()["entries"] == 0
+    switching = Model("v1", on_score=cache.clear)  # the registry follow switches models while this one scores
+    assert cache.answers(switching, rows({"age": 60})) == model.answers(rows({"age": 60}))
+    assert cache.stats()["entries"] == 0
+    cache.answers(model, rows({"age": 20}))
+    assert cache.stats() == {"size": 100, "entries": 1, "hits": 0, "misses": 4}
