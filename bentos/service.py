@@ -18,6 +18,7 @@ import logging
 import os
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -27,7 +28,7 @@ from pydantic import BaseModel
 from pipelines.bundle import ModelBundle
 from pipelines.config import PARAMS_ENV, ROOT_ENV, Paths, Settings, load_settings
 from pipelines.registry import Registry
-from pipelines.serving.cache import ResponseCache
+from pipelines.serving.cache import CacheFirst, ResponseCache
 from pipelines.serving.gateway import KEY_NAME, REQUEST_ID, ROUTE, Gateway, bound_metric_labels, quiet_shedding
 from pipelines.serving.metrics import with_served_metrics
 from pipelines.serving.predlog import PredictionLog, PredictionRecord, now_iso
@@ -125,6 +126,8 @@ class AmaasService:
         self._pd = pd
         self.settings = settings()
         self.models = MODELS.get(ModelBundle.load(Path(self.model_ref.path)))
+        if self.models.cache.size:  # requests whose answers are all cached skip the batch queue (CacheFirst)
+            MODELS.cached_answer = functools.partial(self.answer, cached_only=True)
         self.log = PredictionLog(PATHS.prediction_log)
         schema = self.settings.data_schema
         self.features = [*schema.numeric, *schema.categorical]
@@ -155,21 +158,38 @@ class AmaasService:
     def predict(self, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
         """For each row: the label and the probability of each class (binary: also of the positive class),
         or the predicted value; with the model version and the request id."""
+        answers = self.answer(rows)
+        assert answers is not None
+        return answers
+
+    def answer(self, rows: list[dict[str, Any]], cached_only: bool = False) -> list[dict[str, Any]] | None:
+        """The answers to `rows`, logged: from the response cache where it has them, else from the model. With
+        `cached_only` (a request before it queues for a batch), None, nothing logged, unless all are cached."""
         models = self.models.current  # one generation for the whole batch
         champion, challenger = models["champion"], models["challenger"]
         assert champion is not None
+        cache = self.models.cache  # a hit is what that version answered for the same cleaned row
+        find = cache.cached if cached_only else cache.answers
         frame = self._pd.DataFrame.from_records(rows)
         routes = [row.get(ROUTE, "champion") for row in rows]
         answered_by = [challenger if route == "challenger" and challenger else champion for route in routes]
-        cache = self.models.cache  # a hit is what that version answered for the same cleaned row
         answers: list[dict[str, Any]] = [{}] * len(rows)
         for bundle in {id(b): b for b in answered_by}.values():
             picked = [i for i, b in enumerate(answered_by) if b is bundle]
-            for i, answer in zip(picked, cache.answers(bundle, frame.iloc[picked][self.features]), strict=True):
+            found = find(bundle, frame.iloc[picked][self.features])
+            if found is None:
+                return None
+            for i, answer in zip(picked, found, strict=True):
                 answers[i] = answer
         shadowed = [i for i, route in enumerate(routes) if route == "shadow"] if challenger else []
-        shadow = dict(zip(shadowed, cache.answers(challenger, frame.iloc[shadowed][self.features]), strict=True)
-                      ) if shadowed and challenger else {}
+        shadow: dict[int, dict[str, Any]] = {}
+        if shadowed and challenger:
+            found = find(challenger, frame.iloc[shadowed][self.features])
+            if found is None:
+                return None
+            shadow = dict(zip(shadowed, found, strict=True))
+        if cached_only:
+            cache.count_hits(len(rows) + len(shadow))
         out, records, at = [], [], now_iso()
         for i, row in enumerate(rows):
             result = {**answers[i], "model_version": answered_by[i].version, "request_id": row.get(REQUEST_ID)}
@@ -183,10 +203,12 @@ class AmaasService:
 
 
 class _Shared:
-    """The Models of this server process, shared by the service and the gateway middleware."""
+    """The Models of this server process, shared by the service and the middlewares (gateway, CacheFirst)."""
 
     def __init__(self) -> None:
         self.models: Models | None = None
+        # the service's answer from the response cache alone (CacheFirst); None while the cache is off
+        self.cached_answer: Callable[[list[dict[str, Any]]], list[dict[str, Any]] | None] | None = None
 
     def get(self, champion: ModelBundle) -> Models:
         self.models = self.models or Models(champion)
@@ -213,3 +235,4 @@ bound_metric_labels()  # unknown paths get 404 before BentoML's metrics label th
 quiet_shedding()  # a shed request is one gateway log line, not BentoML's traceback
 AmaasService.add_asgi_middleware(Gateway, settings=settings, keys_file=PATHS.api_keys, routing=MODELS.routing,
                                  versions=MODELS.versions)
+AmaasService.add_asgi_middleware(CacheFirst, answerer=lambda: MODELS.cached_answer)  # inside the gateway

@@ -1,13 +1,15 @@
 """The response cache: keyed by the model version and the row as the model's transform cleans it, an LRU of
-serve.cache.size answers, emptied on a model switch, off at size 0."""
+serve.cache.size answers, emptied on a model switch, off at size 0; fully cached requests answered before the
+batch queue."""
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 import pandas as pd
 
-from pipelines.serving.cache import ResponseCache
+from pipelines.serving.cache import CacheFirst, ResponseCache
 from pipelines.transform import FeatureTransform
 
 TRANSFORM = FeatureTransform(
@@ -83,3 +85,53 @@ def test_a_switch_empties_it_and_answers_scored_across_the_switch_are_not_kept()
     assert cache.stats()["entries"] == 0
     cache.answers(model, rows({"age": 20}))
     assert cache.stats() == {"size": 100, "entries": 1, "hits": 0, "misses": 4}
+
+
+def test_cached_answers_all_or_none_and_count_only_when_told():
+    cache, model = ResponseCache(100), Model("v1")
+    assert cache.cached(model, rows({})) is None
+    cache.answers(model, rows({"age": 20}))
+    assert cache.cached(model, rows({"age": 20}, {"age": 30})) is None  # one missing: the request goes on
+    assert cache.cached(model, rows({"age": 20.0})) == model.answers(rows({"age": 20}))
+    cache.count_hits(1)
+    assert cache.stats()["hits"] == 1 and cache.stats()["misses"] == 1
+    assert ResponseCache(0).cached(model, rows({})) is None
+
+
+class App:
+    """The ASGI app behind CacheFirst: records the bodies it receives."""
+
+    def __init__(self) -> None:
+        self.bodies: list[bytes] = []
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        self.bodies.append((await receive())["body"])
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b"[]"})
+
+
+def _post(middleware: CacheFirst, body: bytes) -> tuple[int, bytes]:
+    import asyncio
+
+    sent: list[dict[str, Any]] = []
+
+    async def receive() -> dict[str, Any]:
+        return {"type": "http.request", "body": body, "more_body": False}
+
+    async def send(message: dict[str, Any]) -> None:
+        sent.append(message)
+
+    asyncio.run(middleware({"type": "http", "method": "POST", "path": "/predict"}, receive, send))
+    return sent[0]["status"], sent[1]["body"]
+
+
+def test_cache_first_answers_only_fully_cached_requests_and_passes_the_rest_unchanged():
+    body = json.dumps({"rows": [{"age": 41, "_request_id": "r"}]}).encode()
+    app = App()
+    assert _post(CacheFirst(app, answerer=lambda: None), body) == (200, b"[]") and app.bodies == [body]  # cache off
+    assert _post(CacheFirst(app, answerer=lambda: lambda rows: None), body) == (200, b"[]")  # a miss: on to BentoML
+    assert app.bodies == [body, body]
+    given: list[Any] = []
+    hit = CacheFirst(app, answerer=lambda: lambda rows: given.append(rows) or [{"value": 1.5, "request_id": "r"}])
+    assert _post(hit, body) == (200, b'[{"value": 1.5, "request_id": "r"}]')
+    assert len(app.bodies) == 2 and given == [json.loads(body)["rows"]]
