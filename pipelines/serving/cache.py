@@ -7,6 +7,7 @@ the answer the model gave that row before. Each server worker process has its ow
 
 from __future__ import annotations
 
+import asyncio
 import json
 import threading
 from collections import OrderedDict
@@ -125,8 +126,6 @@ class CacheFirst:
             scope["path"].rstrip("/") == "/predict") else None
         if answer is None:
             return await self.app(scope, receive, send)
-        import anyio.to_thread
-
         chunks = []
         while True:  # the gateway has read and checked the body already: it replays it whole
             message = await receive()
@@ -134,7 +133,7 @@ class CacheFirst:
             if not message.get("more_body"):
                 break
         body = b"".join(chunks)
-        answers = await anyio.to_thread.run_sync(answer, json.loads(body)["rows"])  # the transform, the log
+        answers = await asyncio.to_thread(answer, json.loads(body)["rows"])  # the transform, the log
         if answers is None:
             replayed = False
 
