@@ -117,13 +117,11 @@ class AmaasService:
     model_ref = bentoml.models.BentoModel(ARGS.model_tag)
 
     def __init__(self) -> None:
-        import pandas as pd
         import torch
 
         # batches here are small and requests come in parallel: torch's intra-op threads only contend
         # (one row: 23 ms with 2 threads, 3.9 ms with 1, measured under load on 2 cores)
         torch.set_num_threads(1)
-        self._pd = pd
         self.settings = settings()
         self.models = MODELS.get(ModelBundle.load(Path(self.model_ref.path)))
         if self.models.cache.size:  # requests whose answers are all cached skip the batch queue (CacheFirst)
@@ -170,13 +168,12 @@ class AmaasService:
         assert champion is not None
         cache = self.models.cache  # a hit is what that version answered for the same cleaned row
         find = cache.cached if cached_only else cache.answers
-        frame = self._pd.DataFrame.from_records(rows)
         routes = [row.get(ROUTE, "champion") for row in rows]
         answered_by = [challenger if route == "challenger" and challenger else champion for route in routes]
         answers: list[dict[str, Any]] = [{}] * len(rows)
         for bundle in {id(b): b for b in answered_by}.values():
             picked = [i for i, b in enumerate(answered_by) if b is bundle]
-            found = find(bundle, frame.iloc[picked][self.features])
+            found = find(bundle, [rows[i] for i in picked])
             if found is None:
                 return None
             for i, answer in zip(picked, found, strict=True):
@@ -184,7 +181,7 @@ class AmaasService:
         shadowed = [i for i, route in enumerate(routes) if route == "shadow"] if challenger else []
         shadow: dict[int, dict[str, Any]] = {}
         if shadowed and challenger:
-            found = find(challenger, frame.iloc[shadowed][self.features])
+            found = find(challenger, [rows[i] for i in shadowed])
             if found is None:
                 return None
             shadow = dict(zip(shadowed, found, strict=True))

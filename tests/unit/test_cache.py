@@ -1,4 +1,4 @@
-"""The response cache: keyed by the model version and the row as the model's transform cleans it, an LRU of
+"""The response cache: keyed by the model version and the row as the model's transform reads it, an LRU of
 serve.cache.size answers, emptied on a model switch, off at size 0; fully cached requests answered before the
 batch queue."""
 
@@ -35,27 +35,31 @@ class Model:
         return [{"value": float(v), "version": self.version} for v in values]
 
 
-def rows(*spelled: dict[str, Any]) -> pd.DataFrame:
-    return pd.DataFrame([{"age": 41, "income": 52_000.0, "home": "rent", **r} for r in spelled])
+def rows(*spelled: dict[str, Any]) -> list[dict[str, Any]]:
+    return [{"age": 41, "income": 52_000.0, "home": "rent", "_route": "champion", **r} for r in spelled]
 
 
-def test_rows_the_transform_cleans_alike_share_one_entry():
+def frame(*spelled: dict[str, Any]) -> pd.DataFrame:
+    return pd.DataFrame(rows(*spelled))
+
+
+def test_rows_the_transform_reads_alike_share_one_entry():
     cache, model = ResponseCache(100), Model("v1")
     first = cache.answers(model, rows({}))
-    same = cache.answers(model, rows({"home": "  RENT "}, {"age": 41.0}, {"income": 52_000}))
-    assert same == first * 3 and model.scored == 1
-    clipped = cache.answers(model, rows({"age": 95}, {"home": "boat"}))
-    assert cache.answers(model, rows({"age": 200}, {"home": "tent"})) == clipped  # the clip bound; the unknown code
-    assert model.scored == 3
-    missing, median = cache.answers(model, rows({"age": None}, {"age": 40}))
-    assert missing != median  # imputed to the same value, but the missing flag is a feature of its own
-    assert cache.stats() == {"size": 100, "entries": 5, "hits": 5, "misses": 5}
+    same = cache.answers(model, rows({"home": "  RENT "}, {"age": 41.0}, {"income": 52_000}, {"_request_id": "x"}))
+    assert same == first * 4 and model.scored == 1 and first == model.answers(frame({}))
+    missing, median, nan = cache.answers(model, rows({"age": None}, {"age": 40}, {"age": float("nan")}))
+    assert missing == nan != median  # imputed to the same value, but the missing flag is a feature of its own
+    assert cache.answers(model, rows({"age": None}))[0] == missing and model.scored == 5  # 1, the check, 3
+    above = cache.answers(model, rows({"age": 95}, {"age": 200}, {"home": "boat"}))
+    assert above[0] == above[1] == model.answers(frame({"age": 90}))[0]  # two entries, the model's one answer
+    assert cache.stats() == {"size": 100, "entries": 6, "hits": 5, "misses": 7}
 
 
 def test_the_model_version_is_part_of_the_key():
     cache, champion, challenger = ResponseCache(100), Model("v1"), Model("v2")
     ours, theirs = cache.answers(champion, rows({})), cache.answers(challenger, rows({}))
-    assert ours != theirs and ours == champion.answers(rows({})) and theirs == challenger.answers(rows({}))
+    assert ours != theirs and ours == champion.answers(frame({})) and theirs == challenger.answers(frame({}))
     assert cache.answers(challenger, rows({})) == theirs and challenger.scored == 2  # 1 miss + the check above
 
 
@@ -81,7 +85,7 @@ def test_a_switch_empties_it_and_answers_scored_across_the_switch_are_not_kept()
     cache.clear()
     assert cache.stats()["entries"] == 0
     switching = Model("v1", on_score=cache.clear)  # the registry follow switches models while this one scores
-    assert cache.answers(switching, rows({"age": 60})) == model.answers(rows({"age": 60}))
+    assert cache.answers(switching, rows({"age": 60})) == model.answers(frame({"age": 60}))
     assert cache.stats()["entries"] == 0
     cache.answers(model, rows({"age": 20}))
     assert cache.stats() == {"size": 100, "entries": 1, "hits": 0, "misses": 4}
@@ -92,7 +96,7 @@ def test_cached_answers_all_or_none_and_count_only_when_told():
     assert cache.cached(model, rows({})) is None
     cache.answers(model, rows({"age": 20}))
     assert cache.cached(model, rows({"age": 20}, {"age": 30})) is None  # one missing: the request goes on
-    assert cache.cached(model, rows({"age": 20.0})) == model.answers(rows({"age": 20}))
+    assert cache.cached(model, rows({"age": 20.0})) == model.answers(frame({"age": 20}))
     cache.count_hits(1)
     assert cache.stats()["hits"] == 1 and cache.stats()["misses"] == 1
     assert ResponseCache(0).cached(model, rows({})) is None
