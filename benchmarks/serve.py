@@ -1,13 +1,17 @@
-"""Serving load test on localhost: throughput and latency with adaptive batching, with batching off, and the
-in-process limit of `predict_proba`.
+"""Serving load test on localhost: the targets of issue 14 in one run, with auth, the prediction log on and the
+response cache off unless said (rate limits too once the build has `serve.rate_limit`; else that part is skipped).
 
-Usage: python benchmarks/serve.py [--seconds 15] [--concurrency 32] [--rate 200]
-Trains a small model in a temporary project (about 20 s), then for each mode starts a real `amaas serve`
-and drives single-row requests at it:
-- closed loop: `--concurrency` clients send back to back for `--seconds` (the throughput);
-- open loop: `--rate` requests/s on a fixed schedule for `--seconds` (latency at that load; a request's
-  latency counts from when it was due, so a backlog shows).
-Targets (issue 5): batching >= 5x the batching-off throughput; p99 < 50 ms at 200 rps on 2 cores; 0 errors.
+Usage: python benchmarks/serve.py [--seconds 60] [--concurrency 32] [--rate 200] [--env NAME=VALUE ...]
+Trains a small model in a temporary project (about 20 s), then starts a real `amaas serve` per mode and prints:
+- in-process `predict` rows/s at batches of 256 (the ceiling);
+- adaptive batching: single rows at `--rate` requests/s for `--seconds` (open loop: a request's latency counts
+  from when it was due, so a backlog shows; target p99 < 50 ms, 0 errors), then `--concurrency` clients back
+  to back (closed loop: target >= 1,000 rps, 0 shed), then 100-row requests from 4 clients (served rows/s,
+  target >= 30% of in-process);
+- batching off: the closed loop again (target: batching >= 5x this);
+- the response cache: half the requests repeat one row, half are new rows, at `--rate`, with the cache off and
+  on (target: p50 on / off <= 0.5).
+`--env` sets a variable in the server's environment (e.g. OMP_WAIT_POLICY=PASSIVE) to compare settings.
 """
 
 from __future__ import annotations
@@ -16,12 +20,14 @@ import argparse
 import asyncio
 import logging
 import os
+import re
 import signal
 import socket
 import subprocess
 import sys
 import time
 from collections import Counter
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -39,17 +45,35 @@ ROW = {"age": 41, "income": 52000.0, "loan_amount": 12000, "term_months": 60, "i
        "delinquencies_2y": 1, "home_ownership": "rent", "purpose": "credit_card", "region": "south"}
 
 
-async def closed_loop(url: str, key: str, concurrency: int, seconds: float) -> dict[str, Any]:
+Payload = Callable[[int], dict[str, Any]]
+
+
+def one_row(i: int) -> dict[str, Any]:
+    return {"row": ROW}
+
+
+def rows_100(i: int) -> dict[str, Any]:
+    return {"rows": [ROW] * 100}
+
+
+def half_repeated(i: int) -> dict[str, Any]:
+    """Every other request repeats ROW (a cache hit once seen); the others are rows never sent before."""
+    return {"row": ROW if i % 2 else {**ROW, "income": 20_000.0 + i}}
+
+
+async def closed_loop(url: str, key: str, concurrency: int, seconds: float, payload: Payload = one_row
+                      ) -> dict[str, Any]:
     import aiohttp
 
     latencies: list[float] = []
     errors: Counter[int] = Counter()
     end = time.perf_counter() + seconds
+    sent = iter(range(10**9))
 
     async def client(session: aiohttp.ClientSession) -> None:
         while time.perf_counter() < end:
             start = time.perf_counter()
-            async with session.post(url, json={"row": ROW}) as r:
+            async with session.post(url, json=payload(next(sent))) as r:
                 await r.read()
                 errors[r.status] += r.status != 200
             latencies.append(time.perf_counter() - start)
@@ -60,14 +84,15 @@ async def closed_loop(url: str, key: str, concurrency: int, seconds: float) -> d
     return _figures(latencies, errors, seconds)
 
 
-async def open_loop(url: str, key: str, rate: float, seconds: float) -> dict[str, Any]:
+async def open_loop(url: str, key: str, rate: float, seconds: float, payload: Payload = one_row
+                    ) -> dict[str, Any]:
     import aiohttp
 
     latencies: list[float] = []
     errors: Counter[int] = Counter()
 
-    async def one(session: aiohttp.ClientSession, due: float) -> None:
-        async with session.post(url, json={"row": ROW}) as r:
+    async def one(session: aiohttp.ClientSession, due: float, i: int) -> None:
+        async with session.post(url, json=payload(i)) as r:
             await r.read()
             errors[r.status] += r.status != 200
         latencies.append(time.perf_counter() - due)
@@ -78,7 +103,7 @@ async def open_loop(url: str, key: str, rate: float, seconds: float) -> dict[str
         for i in range(int(rate * seconds)):
             due = start + i / rate
             await asyncio.sleep(max(0.0, due - time.perf_counter()))
-            tasks.append(asyncio.create_task(one(session, due)))
+            tasks.append(asyncio.create_task(one(session, due, i)))
         await asyncio.gather(*tasks)
     return _figures(latencies, errors, seconds)
 
@@ -86,12 +111,13 @@ async def open_loop(url: str, key: str, rate: float, seconds: float) -> dict[str
 def _figures(latencies: list[float], errors: Counter[int], seconds: float) -> dict[str, Any]:
     """Throughput counts answered requests of every status; latencies too (a 503 is fast, and shows)."""
     ms = np.asarray(latencies) * 1000
-    return {"rps": len(ms) / seconds, "p50": np.percentile(ms, 50), "p95": np.percentile(ms, 95),
-            "p99": np.percentile(ms, 99), "errors": sum(errors.values()),
+    failed = sum(errors.values())
+    return {"rps": len(ms) / seconds, "ok_rps": (len(ms) - failed) / seconds, "p50": np.percentile(ms, 50),
+            "p95": np.percentile(ms, 95), "p99": np.percentile(ms, 99), "errors": failed,
             "by_status": {k: v for k, v in errors.items() if v}, "requests": len(ms)}
 
 
-def serve(root: Path) -> tuple[subprocess.Popen[bytes], str]:
+def serve(root: Path, env: dict[str, str]) -> tuple[subprocess.Popen[bytes], str]:
     import requests
 
     with socket.socket() as s:
@@ -99,7 +125,8 @@ def serve(root: Path) -> tuple[subprocess.Popen[bytes], str]:
         port = s.getsockname()[1]
     proc = subprocess.Popen([sys.executable, "-m", "pipelines.cli", "--root", str(root), "--params",
                              str(root / "params.yaml"), "serve", "--port", str(port)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+                            env={**os.environ, **env})
     url = f"http://127.0.0.1:{port}"
     for _ in range(240):
         try:
@@ -111,13 +138,22 @@ def serve(root: Path) -> tuple[subprocess.Popen[bytes], str]:
     raise RuntimeError("server did not start")
 
 
+def cache_hit_ratio(url: str) -> float:
+    import requests
+
+    found = re.search(r"^amaas_cache_hit_ratio (\S+)$", requests.get(f"{url}/metrics", timeout=10).text, re.M)
+    return float(found.group(1)) if found else float("nan")
+
+
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--seconds", type=float, default=15)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--seconds", type=float, default=60, help="per run (60: the targets; less: a quick look)")
     parser.add_argument("--concurrency", type=int, default=32)
     parser.add_argument("--rate", type=float, default=200)
     parser.add_argument("--params", default="params.yaml")
+    parser.add_argument("--env", action="append", default=[], metavar="NAME=VALUE", help="in the server's environment")
     args = parser.parse_args()
+    env = dict(item.split("=", 1) for item in args.env)
     logging.basicConfig(level=logging.WARNING)
     with trained_project(args.params, "amaas-serve-") as (root, params):
         key = ApiKeys(root / ".amaas" / "api_keys.json").add("benchmark")
@@ -129,28 +165,57 @@ def main() -> int:
         while time.perf_counter() - start < 5:
             bundle.predict(rows)
             n += len(rows)
-        print(f"in-process predict, batches of 256 rows: {n / (time.perf_counter() - start):,.0f} rows/s")
-        print(f"single-row requests, {args.seconds:g} s per run; closed loop: {args.concurrency} clients")
-        print(f"{'mode':<22} {'load':<13} {'rps':>8} {'p50 ms':>8} {'p95 ms':>8} {'p99 ms':>8} {'errors':>7}")
-        for mode, batching in (("adaptive batching", True), ("batching off", False)):
-            params["serve"]["batching"] = batching
+        in_process = n / (time.perf_counter() - start)
+        print(f"in-process predict, batches of 256 rows: {in_process:,.0f} rows/s")
+        limits = "rate_limit" in params["serve"]
+        print(f"auth on, prediction log on; rate limits: {'on' if limits else 'not in this build, skipped'}; "
+              f"server env: {env or 'as is'}; {args.seconds:g} s per run, closed loop: {args.concurrency} clients")
+        print(f"{'mode':<22} {'load':<22} {'rps':>8} {'p50 ms':>8} {'p95 ms':>8} {'p99 ms':>8} {'errors':>7}")
+        results: dict[str, dict[str, Any]] = {}
+        modes = (("adaptive batching", True, 0), ("batching off", False, 0), ("cache on", True, 10_000))
+        for mode, batching, cache in modes:
+            params["serve"].update(batching=batching, cache={"size": cache})
             (root / "params.yaml").write_text(yaml.safe_dump(params))
-            proc, url = serve(root)
+            proc, url = serve(root, env)
+            runs: list[tuple[str, Payload, int | None]] = {  # (load, payload, clients; None: open loop at --rate)
+                "adaptive batching": [(f"{args.rate:g} rps", one_row, None), ("50% repeated rows", half_repeated, None),
+                                      ("100-row requests", rows_100, 4), ("closed loop", one_row, args.concurrency)],
+                "batching off": [("closed loop", one_row, args.concurrency)],
+                "cache on": [("50% repeated rows", half_repeated, None)]}[mode]
             try:
                 asyncio.run(closed_loop(f"{url}/predict", key, 4, 2))  # warm up
-                # the fixed rate first: an overload by the closed loop before it would leave BentoML's
-                # dispatcher shedding (503) for a while, which is not what steady traffic at that rate sees
-                runs = [(f"{args.rate:g} rps", asyncio.run(open_loop(f"{url}/predict", key, args.rate,
-                                                                     args.seconds)))]
-                runs.append(("closed loop", asyncio.run(closed_loop(f"{url}/predict", key, args.concurrency,
-                                                                    args.seconds))))
+                # the fixed rates first, the overload (closed loop) last: it leaves BentoML's dispatcher
+                # shedding (503) for a while, which is not what steady traffic at a fixed rate sees
+                for load, payload, clients in runs:
+                    r = asyncio.run(open_loop(f"{url}/predict", key, args.rate, args.seconds, payload)
+                                    if clients is None else
+                                    closed_loop(f"{url}/predict", key, clients, args.seconds, payload))
+                    results[f"{mode}/{load}"] = r
+                    print(f"{mode:<22} {load:<22} {r['rps']:>8.1f} {r['p50']:>8.1f} {r['p95']:>8.1f} "
+                          f"{r['p99']:>8.1f} {r['errors']:>7} {r['by_status'] or ''}", flush=True)
+                if cache:
+                    print(f"{'':<22} cache hit ratio {cache_hit_ratio(url):.2f}")
             finally:
                 os.killpg(proc.pid, signal.SIGTERM)
                 proc.wait(timeout=60)
-            for load, r in runs:
-                print(f"{mode:<22} {load:<13} {r['rps']:>8.1f} {r['p50']:>8.1f} {r['p95']:>8.1f} {r['p99']:>8.1f} "
-                      f"{r['errors']:>7} {r['by_status'] or ''}")
+        _targets(results, args.rate, in_process)
     return 0
+
+
+def _targets(results: dict[str, dict[str, Any]], rate: float, in_process: float) -> None:
+    """The issue's targets from this run's figures."""
+    at_rate, closed = results[f"adaptive batching/{rate:g} rps"], results["adaptive batching/closed loop"]
+    off = results["batching off/closed loop"]
+    served_rows = results["adaptive batching/100-row requests"]["ok_rps"] * 100  # answered (200) rows only
+    p50_off = results["adaptive batching/50% repeated rows"]["p50"]
+    p50_on = results["cache on/50% repeated rows"]["p50"]
+    shed = closed["by_status"].get(503, 0)
+    print("targets:")
+    print(f"  p99 at {rate:g} rps: {at_rate['p99']:.1f} ms (< 50), errors {at_rate['errors']} (0)")
+    print(f"  closed loop: {closed['rps']:.0f} rps (>= 1,000), shed {shed} (0), errors {closed['errors']}")
+    print(f"  batching / batching off: {closed['rps'] / off['rps']:.1f}x (>= 5)")
+    print(f"  100-row requests: {served_rows:,.0f} rows/s = {served_rows / in_process:.0%} of in-process (>= 30%)")
+    print(f"  50% cache hits: p50 {p50_on:.1f} ms vs {p50_off:.1f} ms off = {p50_on / p50_off:.2f} (<= 0.5)")
 
 
 if __name__ == "__main__":

@@ -17,6 +17,7 @@ import gc
 import logging
 import os
 import threading
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +27,7 @@ from pydantic import BaseModel
 from pipelines.bundle import ModelBundle
 from pipelines.config import PARAMS_ENV, ROOT_ENV, Paths, Settings, load_settings
 from pipelines.registry import Registry
+from pipelines.serving.cache import CacheFirst, ResponseCache
 from pipelines.serving.gateway import KEY_NAME, REQUEST_ID, ROUTE, Gateway, bound_metric_labels, quiet_shedding
 from pipelines.serving.limits import SharedState, keep_following, server_id
 from pipelines.serving.metrics import with_served_metrics
@@ -61,6 +63,7 @@ class Models:
         self.current: dict[str, ModelBundle | None] = {"champion": champion, "challenger": None}
         serve = settings().serve
         self.canary_share, self.shadow = serve.canary_share, serve.shadow
+        self.cache = ResponseCache(serve.cache.size)  # answers of the models in `current` only
         self._aliases: dict[str, Any] | None = None
         self._params_mtime: float | None = None
 
@@ -92,7 +95,10 @@ class Models:
                 loaded[role] = None
             elif have is None or have.version != version:
                 loaded[role] = _load(version, registry)
+        switched = any(loaded[role] is not self.current[role] for role in loaded)
         self.current, self._aliases = loaded, aliases
+        if switched:
+            self.cache.clear()
         log.info("serving champion %s, challenger %s", wanted["champion"], wanted["challenger"])
 
 
@@ -111,15 +117,15 @@ class AmaasService:
     model_ref = bentoml.models.BentoModel(ARGS.model_tag)
 
     def __init__(self) -> None:
-        import pandas as pd
         import torch
 
         # batches here are small and requests come in parallel: torch's intra-op threads only contend
         # (one row: 23 ms with 2 threads, 3.9 ms with 1, measured under load on 2 cores)
         torch.set_num_threads(1)
-        self._pd = pd
         self.settings = settings()
         self.models = MODELS.get(ModelBundle.load(Path(self.model_ref.path)))
+        if self.models.cache.size:  # requests whose answers are all cached skip the batch queue (CacheFirst)
+            MODELS.cached_answer = functools.partial(self.answer, cached_only=True)
         self.log = PredictionLog(PATHS.prediction_log)
         schema = self.settings.data_schema
         self.features = [*schema.numeric, *schema.categorical]
@@ -139,27 +145,45 @@ class AmaasService:
                        SharedState.beside(PATHS.api_keys), server_id())
 
     def __metrics__(self, content: str) -> str:
-        """BentoML's hook on /metrics: its text plus the versions served and the canary share (amaas_* gauges)."""
-        return with_served_metrics(content, MODELS.versions())
+        """BentoML's hook on /metrics: its text plus the versions served, the canary share and this worker's
+        response cache (amaas_* metrics)."""
+        return with_served_metrics(content, MODELS.versions(), MODELS.cache_stats())
 
     @bentoml.api(batchable=ARGS.batching, max_batch_size=ARGS.max_batch_size, max_latency_ms=ARGS.max_latency_ms)
     def predict(self, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
         """For each row: the label and the probability of each class (binary: also of the positive class),
         or the predicted value; with the model version and the request id."""
+        answers = self.answer(rows)
+        assert answers is not None
+        return answers
+
+    def answer(self, rows: list[dict[str, Any]], cached_only: bool = False) -> list[dict[str, Any]] | None:
+        """The answers to `rows`, logged: from the response cache where it has them, else from the model. With
+        `cached_only` (a request before it queues for a batch), None, nothing logged, unless all are cached."""
         models = self.models.current  # one generation for the whole batch
         champion, challenger = models["champion"], models["challenger"]
         assert champion is not None
-        frame = self._pd.DataFrame.from_records(rows)
+        cache = self.models.cache  # a hit is what that version answered for the same cleaned row
+        find = cache.cached if cached_only else cache.answers
         routes = [row.get(ROUTE, "champion") for row in rows]
         answered_by = [challenger if route == "challenger" and challenger else champion for route in routes]
         answers: list[dict[str, Any]] = [{}] * len(rows)
         for bundle in {id(b): b for b in answered_by}.values():
             picked = [i for i, b in enumerate(answered_by) if b is bundle]
-            for i, answer in zip(picked, bundle.answers(frame.iloc[picked][self.features]), strict=True):
+            found = find(bundle, [rows[i] for i in picked])
+            if found is None:
+                return None
+            for i, answer in zip(picked, found, strict=True):
                 answers[i] = answer
         shadowed = [i for i, route in enumerate(routes) if route == "shadow"] if challenger else []
-        shadow = dict(zip(shadowed, challenger.answers(frame.iloc[shadowed][self.features]), strict=True)
-                      ) if shadowed and challenger else {}
+        shadow: dict[int, dict[str, Any]] = {}
+        if shadowed and challenger:
+            found = find(challenger, [rows[i] for i in shadowed])
+            if found is None:
+                return None
+            shadow = dict(zip(shadowed, found, strict=True))
+        if cached_only:
+            cache.count_hits(len(rows) + len(shadow))
         out, records, at = [], [], now_iso()
         for i, row in enumerate(rows):
             result = {**answers[i], "model_version": answered_by[i].version, "request_id": row.get(REQUEST_ID)}
@@ -168,15 +192,17 @@ class AmaasService:
             records.append(PredictionRecord(time=at, **result, route=routes[i], key_name=row.get(KEY_NAME),
                                             id=row.get(self.id_column) if self.id_column else None,
                                             features={f: row.get(f) for f in self.features}, **shadowed_by))
-        self.log.append(records)
+        self.log.append(records)  # cached answers too: the log holds every answer served
         return out
 
 
 class _Shared:
-    """The Models of this server process, shared by the service and the gateway middleware."""
+    """The Models of this server process, shared by the service and the middlewares (gateway, CacheFirst)."""
 
     def __init__(self) -> None:
         self.models: Models | None = None
+        # the service's answer from the response cache alone (CacheFirst); None while the cache is off
+        self.cached_answer: Callable[[list[dict[str, Any]]], list[dict[str, Any]] | None] | None = None
 
     def get(self, champion: ModelBundle) -> Models:
         self.models = self.models or Models(champion)
@@ -184,6 +210,9 @@ class _Shared:
 
     def routing(self) -> tuple[float, bool]:
         return self.models.routing() if self.models else (0.0, False)
+
+    def cache_stats(self) -> dict[str, int]:
+        return self.models.cache.stats() if self.models else {"size": 0, "entries": 0, "hits": 0, "misses": 0}
 
     def versions(self) -> dict[str, Any]:
         """What answers requests now: GET /models, which `amaas deploy` polls."""
@@ -200,3 +229,4 @@ bound_metric_labels()  # unknown paths get 404 before BentoML's metrics label th
 quiet_shedding()  # a shed request is one gateway log line, not BentoML's traceback
 AmaasService.add_asgi_middleware(Gateway, settings=settings, keys_file=PATHS.api_keys, routing=MODELS.routing,
                                  versions=MODELS.versions, follows_registry=bool(PROJECT))
+AmaasService.add_asgi_middleware(CacheFirst, answerer=lambda: MODELS.cached_answer)  # inside the gateway

@@ -390,6 +390,10 @@ class BlueGreenConfig(_Strict):
     drain_s: float = Field(default=30.0, gt=0)  # the old backend's requests in flight finish within this, then it stops
 
 
+class CacheConfig(_Strict):
+    size: int = Field(default=0, ge=0)  # answers kept per worker process (LRU); 0: no cache
+
+
 class ServeConfig(_Strict):
     host: str
     port: int = Field(ge=1, le=65535)
@@ -412,6 +416,7 @@ class ServeConfig(_Strict):
     # `amaas deploy` starts the new champion beside the old one and switches once it answers
     strategy: Literal["hot", "blue-green"] = "hot"
     blue_green: BlueGreenConfig = BlueGreenConfig()
+    cache: CacheConfig = CacheConfig()  # the response cache
 
     @model_validator(mode="after")
     def _request_fits_a_batch(self) -> ServeConfig:

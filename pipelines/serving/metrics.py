@@ -1,8 +1,10 @@
 """What the server adds to BentoML's Prometheus /metrics: the model versions being served and the canary
-routing, as gauges (infra/grafana/dashboards/amaas-serving.json charts them).
+routing, as gauges (infra/grafana/dashboards/amaas-serving.json charts them), and the response cache's hits,
+misses, hit ratio and entries.
 
 They are computed when /metrics is scraped (BentoML's `__metrics__` hook on the service), from the same state
-that GET /models answers with: never stale, and nothing shared between worker processes.
+that GET /models answers with: never stale, and nothing shared between worker processes (the cache figures
+are those of the worker that answers the scrape).
 """
 
 from __future__ import annotations
@@ -11,20 +13,22 @@ from collections.abc import Iterator
 from typing import Any
 
 from prometheus_client import CollectorRegistry, generate_latest
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 MODEL_INFO = "amaas_model_info"
 CANARY_SHARE = "amaas_canary_share"
 SHADOW = "amaas_shadow_enabled"
+CACHE = "amaas_cache"  # _hits_total, _misses_total, _hit_ratio, _entries, _size
 ROLES = ("champion", "challenger")
 
 
 class _Served(Collector):
-    def __init__(self, versions: dict[str, Any]) -> None:
+    def __init__(self, versions: dict[str, Any], cache: dict[str, int]) -> None:
         self.versions = versions
+        self.cache = cache
 
-    def collect(self) -> Iterator[GaugeMetricFamily]:
+    def collect(self) -> Iterator[GaugeMetricFamily | CounterMetricFamily]:
         info = GaugeMetricFamily(MODEL_INFO, "Model versions being served: 1 per role (champion, challenger) and "
                                              "version", labels=["role", "version"])
         for role in ROLES:
@@ -35,15 +39,26 @@ class _Served(Collector):
                                               "loaded challenger)", value=float(self.versions["canary_share"]))
         yield GaugeMetricFamily(SHADOW, "1 while every request is also scored by the challenger (shadow)",
                                 value=float(bool(self.versions["shadow"])))
+        hits, misses = self.cache["hits"], self.cache["misses"]
+        yield CounterMetricFamily(f"{CACHE}_hits", "Rows answered from the response cache", value=hits)
+        yield CounterMetricFamily(f"{CACHE}_misses", "Rows the response cache sent to the model (none while it "
+                                                     "is off)", value=misses)
+        yield GaugeMetricFamily(f"{CACHE}_hit_ratio", "Share of rows answered from the response cache so far",
+                                value=hits / (hits + misses) if hits + misses else 0.0)
+        yield GaugeMetricFamily(f"{CACHE}_entries", "Answers in the response cache now (emptied on a model "
+                                                    "switch)", value=self.cache["entries"])
+        yield GaugeMetricFamily(f"{CACHE}_size", "The most answers the response cache keeps (serve.cache.size; "
+                                                 "0: off)", value=self.cache["size"])
 
 
-def served_metrics(versions: dict[str, Any]) -> str:
-    """Prometheus text for `versions` (what GET /models answers: champion, challenger, canary_share, shadow)."""
+def served_metrics(versions: dict[str, Any], cache: dict[str, int]) -> str:
+    """Prometheus text for `versions` (what GET /models answers: champion, challenger, canary_share, shadow)
+    and `cache` (ResponseCache.stats: size, entries, hits, misses)."""
     registry = CollectorRegistry(auto_describe=False)
-    registry.register(_Served(versions))
+    registry.register(_Served(versions, cache))
     return generate_latest(registry).decode()
 
 
-def with_served_metrics(content: str, versions: dict[str, Any]) -> str:
-    """BentoML's /metrics text followed by the served-model gauges."""
-    return (content if not content or content.endswith("\n") else content + "\n") + served_metrics(versions)
+def with_served_metrics(content: str, versions: dict[str, Any], cache: dict[str, int]) -> str:
+    """BentoML's /metrics text followed by the served-model and cache metrics."""
+    return (content if not content or content.endswith("\n") else content + "\n") + served_metrics(versions, cache)

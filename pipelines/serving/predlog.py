@@ -7,6 +7,7 @@ import dataclasses
 import json
 import logging
 import os
+import threading
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -72,25 +73,76 @@ class PredictionRecord:
 
 class PredictionLog:
     """Append-only JSON Lines, one file per day and process, readable by owner and group only (0640: rows
-    are customer data); fsync'ed before the answer leaves."""
+    are customer data). Group commit: `append` returns once an fsync that began after its write has returned,
+    and one fsync covers every batch written before it began, so concurrent callers share fsyncs instead of
+    queueing one each. Safe for any number of threads; processes never share a file."""
 
     def __init__(self, folder: Path) -> None:
         self.folder = folder
         folder.mkdir(parents=True, exist_ok=True)
+        self._lock = threading.Lock()
+        self._synced = threading.Condition(self._lock)  # notified when an fsync ends
+        self._file: tuple[str, int, int] | None = None  # (day, pid, fd) of the open file
+        self._written = 0  # appends written so far (the ticket of the newest)
+        self._durable = 0  # appends an fsync covered
+        self._syncing = False  # an fsync is running (outside the lock)
 
     def append(self, records: list[PredictionRecord]) -> None:
+        """Write `records` and return once they are on disk (acknowledged means logged: a crash after the
+        answer loses nothing)."""
         if not records:
             return
-        day = datetime.now(UTC).strftime("%Y-%m-%d")
         data = "".join(r.to_json() + "\n" for r in records).encode()
-        fd = os.open(self.folder / f"{day}-{os.getpid()}.jsonl", os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o640)
-        try:
-            if os.fstat(fd).st_mode & 0o037:  # an older, wider file (or a lax umask the other way round)
-                os.fchmod(fd, 0o640)
-            os.write(fd, data)
-            os.fsync(fd)  # acknowledged means on disk: a crash after the answer loses nothing
-        finally:
-            os.close(fd)
+        with self._lock:
+            fd = self._open()
+            _write_all(fd, data)
+            self._written += 1
+            ticket = self._written
+            while self._durable < ticket:
+                if self._syncing:  # a running fsync may have begun before this write: wait for its end
+                    self._synced.wait()
+                    continue
+                self._syncing, covered = True, self._written
+                self._lock.release()  # the others write (and wait) while this fsync runs
+                try:
+                    os.fsync(fd)
+                finally:
+                    self._lock.acquire()
+                    self._syncing = False
+                    self._synced.notify_all()
+                self._durable = max(self._durable, covered)
+
+    def _open(self) -> int:
+        """The fd of today's file of this process (under the lock), opened again if the file was moved or
+        deleted, and 0640 even if someone widened it; the previous day's file is synced and closed."""
+        day, pid = datetime.now(UTC).strftime("%Y-%m-%d"), os.getpid()
+        path = self.folder / f"{day}-{pid}.jsonl"
+        if not (self._file and self._file[:2] == (day, pid) and _same_file(path, self._file[2])):
+            if self._file and self._file[1] == pid:  # a forked child leaves its parent's file alone
+                while self._syncing:  # what went to the old file is made durable before it is closed
+                    self._synced.wait()
+                os.fsync(self._file[2])
+                os.close(self._file[2])
+                self._durable = self._written
+            self._file = (day, pid, os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o640))
+        fd = self._file[2]
+        if os.fstat(fd).st_mode & 0o037:  # an older, wider file (or a lax umask the other way round)
+            os.fchmod(fd, 0o640)
+        return fd
+
+
+def _same_file(path: Path, fd: int) -> bool:
+    try:
+        found, opened = os.stat(path), os.fstat(fd)
+    except FileNotFoundError:
+        return False
+    return (found.st_dev, found.st_ino) == (opened.st_dev, opened.st_ino)
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view):]
 
 
 def read_prediction_log(folder: Path) -> list[PredictionRecord]:

@@ -5,6 +5,7 @@ rollback while requests keep coming."""
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import threading
 import time
@@ -192,13 +193,27 @@ def test_a_release_the_service_never_takes_up_is_rolled_back(two_models, tmp_pat
     assert json.loads((root / "models" / "deployment.json").read_text())["champion"] == champion  # still live
 
 
+def _cache_metrics(server) -> dict[str, float]:
+    text = requests.get(f"{server.url}/metrics", timeout=30).text
+    return {name: float(value) for name, value in re.findall(r"^amaas_cache_(\w+) (\S+)$", text, re.M)}
+
+
 def test_canary_shadow_and_rollback_while_serving(two_models):
+    """With the response cache on: the same row again and again, answered by two versions (canary, shadow)."""
     root, champion, challenger = two_models
-    _serve_params(root, canary_share=0.3)
+    _serve_params(root, canary_share=0.3, cache={"size": 1000})
     with served(root) as server:
-        versions = [server.session.post(f"{server.url}/predict", json={"row": ROW}, timeout=30,
-                                        headers={"X-Request-ID": f"canary-{i}"}).json()[0]["model_version"]
-                    for i in range(400)]
+        answers = [server.session.post(f"{server.url}/predict", json={"row": ROW}, timeout=30,
+                                       headers={"X-Request-ID": f"canary-{i}"}).json()[0] for i in range(400)]
+        versions = [a["model_version"] for a in answers]
+        for version in (champion, challenger):  # a cached answer is the model's: the same as offline scoring
+            bundle = ModelBundle.load(root / "models" / "registry" / "versions" / version)
+            offline = bundle.answers(pd.DataFrame([ROW]))[0]["probability"]
+            served_probability = {a["probability"] for a in answers if a["model_version"] == version}
+            assert len(served_probability) == 1 and served_probability.pop() == pytest.approx(offline, rel=1e-9)
+        assert _cache_metrics(server)["hits_total"] >= 398  # one miss per version
+        logged = {r.request_id for r in read_prediction_log(root / "logs" / "predictions")}
+        assert {f"canary-{i}" for i in range(400)} <= logged  # cached answers are logged like any other
         share = versions.count(challenger) / len(versions)
         # the route is a hash of the request id: 400 ids give a binomial share, sd 0.023; allow 3.5 sd
         assert abs(share - 0.3) < 0.08, share
@@ -219,6 +234,10 @@ def test_canary_shadow_and_rollback_while_serving(two_models):
             time.sleep(0.2)
         assert answer["model_version"] == champion and record.shadow_model_version == challenger
         assert record.shadow["probability"] != answer["probability"]
+
+        distinct = [{**ROW, "age": age} for age in range(20, 60)]
+        assert server.session.post(f"{server.url}/predict", json={"rows": distinct}, timeout=30).status_code == 200
+        assert _cache_metrics(server)["entries"] >= 40
 
         # promote the challenger by force, then roll back, while a client keeps sending requests
         statuses, seen, stop = [], [], threading.Event()
@@ -242,6 +261,7 @@ def test_canary_shadow_and_rollback_while_serving(two_models):
         _wait_for(seen, champion)
         stop.set()
         thread.join(timeout=30)
+        assert _cache_metrics(server)["entries"] <= 3  # emptied by each switch; the client's row since
     assert statuses and set(statuses) == {200}, set(statuses)  # no request dropped while models switched
     switched = [v for i, v in enumerate(seen) if i == 0 or v != seen[i - 1]]
     assert switched[-2:] == [challenger, champion]

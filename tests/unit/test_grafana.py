@@ -19,6 +19,7 @@ BENTOML = {"bentoml_service_request_total", "bentoml_service_request_duration_se
            "bentoml_service_request_in_progress", "bentoml_service_adaptive_batch_size_bucket",
            "bentoml_service_adaptive_batch_size_sum", "bentoml_service_adaptive_batch_size_count"}
 VERSIONS = {"champion": "v2", "challenger": "v3", "canary_share": 0.25, "shadow": False}
+CACHE = {"size": 1000, "entries": 40, "hits": 30, "misses": 90}
 
 
 def test_metric_names_are_read_from_promql():
@@ -52,7 +53,7 @@ def test_dashboard_is_a_valid_grafana_dashboard():
 
 def test_dashboard_charts_what_operators_asked_for():
     """rps, p50/p99 per route, 4xx/5xx, shed requests, batch sizes, model version, canary share (no cache panel:
-    the server has no response cache, so no cache metric exists)."""
+    the response cache is off by default, and per worker)."""
     exprs = queries(load_dashboard())
     joined = "\n".join(exprs)
     for wanted in ("histogram_quantile(0.5,", "histogram_quantile(0.99,", 'http_response_code=~"4.."',
@@ -63,24 +64,32 @@ def test_dashboard_charts_what_operators_asked_for():
 
 
 def test_every_dashboard_metric_is_bentomls_or_ours():
-    ours = exposed_names(metrics.served_metrics(VERSIONS))
+    ours = exposed_names(metrics.served_metrics(VERSIONS, CACHE))
     used = set().union(*(metric_names(e) for e in queries(load_dashboard())))
     assert used <= BENTOML | ours, used - BENTOML - ours
 
 
 def test_served_gauges_say_what_get_models_says():
-    samples = {(s.name, tuple(sorted(s.labels.items()))): s.value
-               for family in text_string_to_metric_families(metrics.served_metrics(VERSIONS)) for s in family.samples}
+    families = text_string_to_metric_families(metrics.served_metrics(VERSIONS, CACHE))
+    samples = {(s.name, tuple(sorted(s.labels.items()))): s.value for family in families for s in family.samples}
     assert samples == {
         ("amaas_model_info", (("role", "champion"), ("version", "v2"))): 1.0,
         ("amaas_model_info", (("role", "challenger"), ("version", "v3"))): 1.0,
         ("amaas_canary_share", ()): 0.25,
         ("amaas_shadow_enabled", ()): 0.0,
+        ("amaas_cache_hits_total", ()): 30.0,
+        ("amaas_cache_misses_total", ()): 90.0,
+        ("amaas_cache_hit_ratio", ()): 0.25,
+        ("amaas_cache_entries", ()): 40.0,
+        ("amaas_cache_size", ()): 1000.0,
     }
-    alone = metrics.served_metrics({"champion": 'v"1', "challenger": None, "canary_share": 0.0, "shadow": True})
+    off = {"size": 0, "entries": 0, "hits": 0, "misses": 0}
+    assert "amaas_cache_hit_ratio 0.0" in metrics.served_metrics(VERSIONS, off)  # no lookups yet: 0, not NaN
+    alone = metrics.served_metrics({"champion": 'v"1', "challenger": None, "canary_share": 0.0, "shadow": True},
+                                   off)
     assert 'amaas_model_info{role="champion",version="v\\"1"} 1.0' in alone and 'role="challenger"' not in alone
     bentoml_text = "# TYPE x counter\nx_total 3.0"  # no final newline: ours still start on their own line
-    joined = metrics.with_served_metrics(bentoml_text, VERSIONS)
+    joined = metrics.with_served_metrics(bentoml_text, VERSIONS, CACHE)
     names = {s.name for f in text_string_to_metric_families(joined) for s in f.samples}
     assert names >= {"x_total", "amaas_model_info"}
 
