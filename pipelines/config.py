@@ -41,6 +41,7 @@ class SimulatorConfig(_Strict):
     malformed_share: float = Field(ge=0, le=1)
     drift_start_batch: int | None = Field(default=None, ge=0)
     drift_strength: float = Field(default=1.0, ge=0)
+    extra_features: int = Field(default=0, ge=0, le=1000)  # numeric columns extra_0.. derived from the real ones
 
 
 class SqlSourceConfig(_Strict):
@@ -197,6 +198,8 @@ class PrepareConfig(_Strict):
     test_share: float = Field(gt=0, lt=0.5)
     split: Literal["time", "random"] = "time"  # random: stratified by class and seeded
     drop_duplicate_rows: bool = True  # rows equal to a training row (features and label) leave valid and test
+    fit_rows: int | None = Field(default=None, ge=1000)  # the transform's statistics on a seeded sample of this
+    #   many training rows (every category and class kept); null: on all of them
 
 
 class LightGBMConfig(_Strict):
@@ -257,6 +260,8 @@ class TrainConfig(_Strict):
     xgboost: XGBoostConfig
     mlp: MLPConfig
     tuning: TuningConfig = TuningConfig()
+    max_rows: int | None = Field(default=None, ge=100)  # learners fit on a seeded sample of this many training rows
+    #   (stratified by class for classification); null: on all of them
 
     @model_validator(mode="after")
     def _tunable(self) -> TrainConfig:
@@ -339,6 +344,8 @@ class ReportConfig(_Strict):
     min_labeled_rows: int = Field(default=200, ge=10)  # fewer labelled rows: no performance verdict
     max_p_value: float = Field(default=0.05, gt=0, le=1)  # bootstrap: the decay must be this significant
     max_key_share: float = Field(default=1.0, gt=0, le=1)  # prediction_log: one API key's most share of the window
+    max_rows: int | None = Field(default=None, ge=100)  # the current rows judged: a seeded sample of this many;
+    #   null: all of them
 
 
 class DeployConfig(_Strict):

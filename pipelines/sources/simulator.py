@@ -1,11 +1,15 @@
 """Simulator of a production loan table: realistic, noisy, and drifting when asked.
 
-Each daily batch is a pure function of (seed, batch index), so a rerun gives the same rows.
+Each daily batch is a pure function of (seed, batch index), so a rerun gives the same rows. With
+`extra_features: n` it is a wide table: n more numeric columns extra_0 .. extra_{n-1}, each a noisy function
+of the real ones (from a random stream of their own: the 13 real columns are the same with or without them);
+`extra_schema(n)` gives their schema.numeric rules.
 """
 
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Iterator
 from datetime import timedelta
 from typing import TYPE_CHECKING
 
@@ -22,6 +26,12 @@ REGION = ["north", "south", "east", "west"]
 _PURPOSE_RISK = dict(zip(PURPOSE, [0.1, 0.0, -0.2, 0.6, -0.3, 0.3, 0.1], strict=True))
 _HOME_RISK = dict(zip(HOME, [0.25, -0.2, -0.1, 0.1], strict=True))
 ID_STRIDE = 10_000_000  # ids of batch k start at k * ID_STRIDE: unique across batches
+# The real numeric columns the extra ones derive from, each with a centre and a scale (after log for money).
+_BASES = {"age": (46.0, 17.0), "income": (10.9, 0.5), "loan_amount": (9.6, 0.6), "term_months": (43.0, 11.0),
+          "interest_rate": (11.0, 3.0), "credit_score": (680.0, 60.0), "debt_to_income": (0.35, 0.2),
+          "employment_years": (6.0, 4.0), "open_accounts": (8.0, 2.8), "delinquencies_2y": (0.3, 0.55)}
+_LOGGED = ("income", "loan_amount")
+EXTRA_BOUND = 50.0  # extra columns are clipped to [-EXTRA_BOUND, EXTRA_BOUND]
 
 
 class SimulatorSource:
@@ -37,6 +47,15 @@ class SimulatorSource:
         days = [generate_batch(self.cfg, self.seed, i) for i in range(self.cfg.n_batches) if self._may_hold(i, low)]
         rows = pd.concat(days, ignore_index=True) if days else generate_batch(self.cfg, self.seed, 0).head(0)
         return self.watermarks.select(rows, low, high), 0
+
+    def read_days(self, low: Watermark | None) -> Iterator[pd.DataFrame]:
+        """The rows of read(low, None), one day at a time in order (days hold disjoint watermark ranges), so
+        collect holds one day in memory, not the table."""
+        for i in range(self.cfg.n_batches):
+            if self._may_hold(i, low):
+                rows = self.watermarks.select(generate_batch(self.cfg, self.seed, i), low, None)
+                if len(rows):
+                    yield rows
 
     def state(self) -> str:
         """Its rows are a pure function of its settings and seed: those (and how they are read) are its state."""
@@ -78,10 +97,12 @@ def generate_batch(cfg: SimulatorConfig, seed: int, index: int) -> pd.DataFrame:
     age = rng.integers(18, 76, n)
     income = np.round(rng.lognormal(np.log(55_000) - 0.25 * d, 0.5, n), 2)
     employment = np.minimum(age - 18, np.round(rng.gamma(2.0, 3.0, n), 1))
-    home = rng.choice(HOME, n, p=[0.4, 0.2, 0.35, 0.05])
+    # drawn as indexes into one array of the labels: the same draws as choosing labels, and each row points at
+    # one shared string (a few bytes a row, not a string object each)
+    home = np.array(HOME, dtype=object)[rng.choice(len(HOME), n, p=[0.4, 0.2, 0.35, 0.05])]
     p_purpose = np.array([0.35, 0.2, 0.12, 0.06, 0.12, 0.05, 0.1]) + d * np.array([-0.1, 0, 0, 0.06, 0, 0.04, 0])
-    purpose = rng.choice(PURPOSE, n, p=p_purpose / p_purpose.sum())
-    region = rng.choice(REGION, n)
+    purpose = np.array(PURPOSE, dtype=object)[rng.choice(len(PURPOSE), n, p=p_purpose / p_purpose.sum())]
+    region = np.array(REGION, dtype=object)[rng.choice(len(REGION), n)]
     credit = np.clip(np.round(rng.normal(680 - 30 * d, 60, n)), 300, 850)
     amount = np.round(np.clip(rng.lognormal(np.log(15_000), 0.6, n), 500, 500_000), 2)
     term = rng.choice([36, 60], n, p=[0.7, 0.3])
@@ -121,15 +142,41 @@ def generate_batch(cfg: SimulatorConfig, seed: int, index: int) -> pd.DataFrame:
             "employment_years": employment,
             "open_accounts": accounts.astype("float64"),
             "delinquencies_2y": delinq.astype("float64"),
-            "home_ownership": home.astype(object),
-            "purpose": purpose.astype(object),
-            "region": region.astype(object),
+            "home_ownership": home,
+            "purpose": purpose,
+            "region": region,
             "default": target,
         }
     )
+    if cfg.extra_features:
+        extra = extra_columns(df, cfg.extra_features, np.random.default_rng([seed, index, 1]))
+        df = pd.concat([df.drop(columns=["default"]), extra, df[["default"]]], axis=1)
     _add_real_world_noise(df, rng)
     _add_malformed_rows(df, rng, cfg.malformed_share)
     return df
+
+
+def extra_schema(n: int) -> dict[str, dict[str, float]]:
+    """schema.numeric rules of the `n` extra columns (params.yaml lists them so that validation checks them)."""
+    return {f"extra_{k}": {"min": -EXTRA_BOUND, "max": EXTRA_BOUND} for k in range(n)}
+
+
+def extra_columns(df: pd.DataFrame, n: int, rng: np.random.Generator) -> pd.DataFrame:
+    """`n` numeric columns of a wide table: extra_k is a standardized real column plus noise (k even), or the
+    product of two of them plus noise (k odd), clipped to +-EXTRA_BOUND."""
+    import numpy as np
+    import pandas as pd
+
+    z = {}
+    for col, (centre, scale) in _BASES.items():
+        values = df[col].to_numpy(dtype="float64")
+        z[col] = ((np.log(values) if col in _LOGGED else values) - centre) / scale
+    names, out = list(_BASES), {}
+    for k in range(n):
+        a, b = z[names[k % len(names)]], z[names[(3 * k + 1) % len(names)]]
+        value = a * b + rng.normal(0, 0.5, len(df)) if k % 2 else a + rng.normal(0, 1, len(df))
+        out[f"extra_{k}"] = np.round(np.clip(value, -EXTRA_BOUND, EXTRA_BOUND), 4)
+    return pd.DataFrame(out, index=df.index)
 
 
 def _add_real_world_noise(df: pd.DataFrame, rng: np.random.Generator) -> None:

@@ -11,6 +11,9 @@ damaged batch file; rows repaired or changed at the source replace the batch, an
 records what it replaced. Batch files are written before the manifest names them, each atomically,
 so a killed run leaves the previous state.
 
+A source that can read whole days one at a time (the simulator's `read_days`) is read so, with batches per
+day: each day's batch file is written before the next day is read, so memory holds one day, not the table.
+
 The manifest also keeps the source's `state()` at the last read: while it is the same, nothing new can have
 arrived, and collect returns without reading (or importing pandas): a `dvc repro` with nothing new is fast.
 """
@@ -58,16 +61,23 @@ def run(settings: Settings, paths: Paths, rerun: str | None = None) -> dict[str,
         log.info("no new rows: %s is as it was at the last collect", source.description)
         return _summary(manifest, []) | {"rows_without_watermark": manifest["rows_without_watermark"]}
     low = watermarks.from_json(manifest["watermark"])
-    rows, unreadable = source.read(low, None)
+    by_day = settings.source.split_by_day
+    read_days = getattr(source, "read_days", None)  # a source that can hand over whole days one at a time
+    if by_day and watermarks.is_time and read_days is not None:
+        reads, unreadable = read_days(low), 0  # it reads its own rows: none lack a watermark
+    else:
+        everything, unreadable = source.read(low, None)
+        reads = iter([everything])
     new = []
-    for name, part in _split(rows, watermarks, settings.source.split_by_day, manifest):
-        high = watermarks.parse(part[watermarks.column]).max()
-        entry = _write_batch(paths, name, part) | {"low": manifest["watermark"], "high": watermarks.to_json(high)}
-        manifest["batches"].append(entry)
-        manifest["watermark"] = entry["high"]
-        new.append(entry)
-        log.info("collected batch %s: %d rows, %s in (%s, %s]", name, len(part), watermarks.column,
-                 entry["low"], entry["high"])
+    for rows in reads:  # batch files are written as each read comes in: memory holds one read at a time
+        for name, part in _split(rows, watermarks, by_day, manifest):
+            high = watermarks.parse(part[watermarks.column]).max()
+            entry = _write_batch(paths, name, part) | {"low": manifest["watermark"], "high": watermarks.to_json(high)}
+            manifest["batches"].append(entry)
+            manifest["watermark"] = entry["high"]
+            new.append(entry)
+            log.info("collected batch %s: %d rows, %s in (%s, %s]", name, len(part), watermarks.column,
+                     entry["low"], entry["high"])
     if not new:
         log.info("no new rows in %s after %s=%s", source.description, watermarks.column, manifest["watermark"])
     if unreadable:

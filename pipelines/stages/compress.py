@@ -23,12 +23,13 @@ from pipelines.contracts import Out, stage
 from pipelines.io import atomic_dir, read_json, tree_sha256, write_json, write_parquet
 from pipelines.models import Ensemble, LightGBMLearner
 from pipelines.models.base import valid_loss
+from pipelines.stages.train import training_rows
 
 log = logging.getLogger(__name__)
 
 
 @stage(
-    params=("seed", "schema", "compress", "promote.metric", "train.threads", "serve.model", "cost"),
+    params=("seed", "schema", "compress", "promote.metric", "train.threads", "train.max_rows", "serve.model", "cost"),
     deps=("trained", "features", "reference"),
     outs=(Out("challenger"), Out("test_predictions")),
     metrics=("compression_report",),
@@ -40,7 +41,8 @@ def run(settings: Settings, paths: Paths) -> dict[str, Any]:
     cfg, metric, seed = settings.compress, settings.promote.metric, settings.seed
     target = settings.data_schema.target
     trained = ModelBundle.load(paths.trained)
-    train = pd.read_parquet(paths.split_features("train"))
+    train, _ = training_rows(paths.split_features("train"), target, settings.train.max_rows, seed,  # the rows the
+                             stratify=trained.task != "regression")  # ensemble learned on: the student learns there
     valid = pd.read_parquet(paths.split_features("valid"))
     X, X_valid, y_valid = train.drop(columns=[target]), valid.drop(columns=[target]), valid[target].to_numpy()
     test = pd.read_parquet(paths.test_rows)

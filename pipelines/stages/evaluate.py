@@ -98,7 +98,7 @@ def plots(task: str, y: np.ndarray, output: np.ndarray, threshold: float, bins: 
 
 
 @stage(
-    params=("schema", "evaluate", "promote.metric"),
+    params=("schema", "evaluate", "promote.metric", "scale.score_chunk_rows"),
     deps=("trained", "reference"),
     metrics=("metrics", "slices"),
     atomic_outs=True,  # each written to a temp file or folder and renamed: DVC need not delete them first
@@ -118,7 +118,9 @@ def run(settings: Settings, paths: Paths) -> dict[str, Any]:
     task, threshold = bundle.task, bundle.threshold
     test = pd.read_parquet(paths.test_rows)
     y = bundle.transform.encode_target(test[schema.target])
-    member_preds = bundle.ensemble.member_predictions(bundle.transform.transform(test))
+    size = settings.scale.score_chunk_rows  # scored in chunks: the features of one chunk in memory at a time
+    member_preds = np.concatenate([bundle.ensemble.member_predictions(bundle.transform.transform(test.iloc[i:i + size]))
+                                   for i in range(0, len(test), size)])
     output = bundle.ensemble.combine(member_preds)  # what bundle.predict gives, members kept
     result: dict[str, Any] = {"task": task, **model_metrics(task, y, output, threshold, cfg.calibration_bins)}
     for i, name in enumerate(bundle.ensemble.names):

@@ -260,15 +260,26 @@ def current_rows(settings: Settings, paths: Paths, model: ModelBundle | None) ->
     """The rows to judge, with the model's monitored prediction (and class probabilities) for each, and a
     description of the window."""
     schema = settings.data_schema
-    if settings.report.current == "prediction_log":
-        return _logged_window(paths, schema, settings.report.window_hours, model, settings.report.max_key_share)
-    validated = pd.read_parquet(paths.validated_rows)
-    if validated.empty:
+    cfg = settings.report
+    if cfg.current == "prediction_log":
+        window, described = _logged_window(paths, schema, cfg.window_hours, model, cfg.max_key_share)
+        return judged_sample(window, cfg.max_rows, settings.seed), described
+    batches = pd.read_parquet(paths.validated_rows, columns=["batch"])["batch"].astype(str)
+    if batches.empty:
         raise MonitoringError(f"{paths.validated_rows} has no rows: collect a batch first")
-    newest = str(validated["batch"].max())
-    rows = validated.loc[validated["batch"].astype(str) == newest].drop(columns=[schema.target])
-    rows = rows.reset_index(drop=True)
+    newest = str(batches.max())  # only its rows are read
+    rows = pd.read_parquet(paths.validated_rows, filters=[("batch", "==", newest)]).drop(columns=[schema.target])
+    rows = judged_sample(rows.reset_index(drop=True), cfg.max_rows, settings.seed)
     return (scored(rows, model) if model is not None else rows), f"batch {newest}"
+
+
+def judged_sample(rows: pd.DataFrame, max_rows: int | None, seed: int) -> pd.DataFrame:
+    """`rows`, or a seeded sample of `max_rows` of them (report.max_rows) in their order."""
+    if max_rows is None or len(rows) <= max_rows:
+        return rows
+    log.info("judging a sample of %d of %d current rows (report.max_rows)", max_rows, len(rows))
+    keep = np.sort(np.random.default_rng([seed, 11]).choice(len(rows), max_rows, replace=False))
+    return rows.iloc[keep].reset_index(drop=True)
 
 
 def scored(rows: pd.DataFrame, model: ModelBundle) -> pd.DataFrame:

@@ -1,9 +1,15 @@
-"""train: fit the base learners and combine them into a model bundle (models/trained; compress makes the challenger)."""
+"""train: fit the base learners and combine them into a model bundle (models/trained; compress makes the challenger).
+
+`train.max_rows` fits the learners on a seeded sample of the training rows (stratified by class for
+classification, every class kept; in time order), read from the features file row group by row group so the
+full table is never in memory; the metadata records the sample's size and what it was drawn from.
+"""
 
 from __future__ import annotations
 
 import logging
 import shutil
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -39,7 +45,8 @@ def run(settings: Settings, paths: Paths) -> dict[str, Any]:
     """Fit on data/features/train, early-stop and combine on valid; write models/trained/."""
     target = settings.data_schema.target
     transform = FeatureTransform.load(paths.fitted_transform)
-    train = pd.read_parquet(paths.split_features("train"))
+    train, train_total = training_rows(paths.split_features("train"), target, settings.train.max_rows, settings.seed,
+                                       stratify=transform.task != "regression")
     valid = pd.read_parquet(paths.split_features("valid"))
     X, y = train.drop(columns=[target]), train[target].to_numpy()
     X_valid, y_valid = valid.drop(columns=[target]), valid[target].to_numpy()
@@ -81,6 +88,8 @@ def run(settings: Settings, paths: Paths) -> dict[str, Any]:
             "tuned_params": {kind: t["best_params"] for kind, t in tuning.items()},
             "seed": settings.seed,
             "train_rows": len(train),
+            "train_rows_total": train_total,  # the sample of train.max_rows was drawn from these
+            "train_max_rows": settings.train.max_rows,
             "valid_rows": len(valid),
             "features": transform.feature_names,
         }
@@ -91,6 +100,43 @@ def run(settings: Settings, paths: Paths) -> dict[str, Any]:
                                               **{f"weight_{n}": w for n, w in metadata["weights"].items()}})
     log.info("trained ensemble %s", version)
     return summary
+
+
+def sample_index(y: np.ndarray, max_rows: int | None, seed: int, stratify: bool) -> np.ndarray | None:
+    """Sorted positions of a seeded sample of about `max_rows` of the labels `y` (None: keep every row, as with
+    `max_rows` None or no more rows than it). Stratified: each class in proportion, and at least one row of each."""
+    n = len(y)
+    if max_rows is None or n <= max_rows:
+        return None
+    rng = np.random.default_rng([seed, 5])
+    if not stratify:
+        return np.sort(rng.choice(n, max_rows, replace=False))
+    classes, inverse, counts = np.unique(y, return_inverse=True, return_counts=True)
+    quotas = np.minimum(counts, np.maximum(1, np.round(counts * max_rows / n).astype(int)))
+    picked = [rng.choice(np.flatnonzero(inverse == k), quotas[k], replace=False) for k in range(len(classes))]
+    return np.sort(np.concatenate(picked))
+
+
+def training_rows(file: Path, target: str, max_rows: int | None, seed: int, stratify: bool
+                  ) -> tuple[pd.DataFrame, int]:
+    """The training features the learners fit on (see sample_index), and how many rows the file holds. The
+    sample is read one row group at a time, so memory holds the sample and one group, not the file."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    y = pd.read_parquet(file, columns=[target])[target].to_numpy()
+    index = sample_index(y, max_rows, seed, stratify)
+    if index is None:
+        return pd.read_parquet(file), len(y)
+    parquet, parts, start = pq.ParquetFile(file), [], 0
+    for group in range(parquet.num_row_groups):
+        size = parquet.metadata.row_group(group).num_rows
+        mine = index[(index >= start) & (index < start + size)] - start
+        if len(mine):
+            parts.append(parquet.read_row_group(group).take(pa.array(mine)))
+        start += size
+    log.info("learners fit on a sample of %d of %d training rows (train.max_rows)", len(index), len(y))
+    return pa.concat_tables(parts).to_pandas(), len(y)
 
 
 def pick_threshold(settings: Settings, task: str, y_valid: np.ndarray, output: np.ndarray) -> dict[str, Any]:
