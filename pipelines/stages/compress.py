@@ -23,7 +23,7 @@ from pipelines.contracts import Out, stage
 from pipelines.io import atomic_dir, read_json, tree_sha256, write_json, write_parquet
 from pipelines.models import Ensemble, LightGBMLearner
 from pipelines.models.base import valid_loss
-from pipelines.stages.train import training_rows
+from pipelines.sampling import training_rows
 
 log = logging.getLogger(__name__)
 

@@ -10,12 +10,12 @@ import pytest
 import yaml
 
 from pipelines.config import Paths, load_settings
+from pipelines.sampling import sample_index, training_rows
 from pipelines.sources import Watermarks, row_hash
 from pipelines.sources.simulator import EXTRA_BOUND, SimulatorSource, extra_schema, generate_batch
 from pipelines.stages import collect, prepare
 from pipelines.stages.prepare import duplicates_of, fit_sample, write_parquet_chunks
 from pipelines.stages.report import judged_sample
-from pipelines.stages.train import sample_index, training_rows
 from tests.conftest import small_params
 from tests.tables import make_table, params_for
 
