@@ -69,10 +69,12 @@ def test_api_keys_are_required_and_health_stays_open(server, trained_project):
         assert requests.get(f"{server.url}{path}", timeout=30).status_code == 200, path
     assert "/predict" in requests.get(f"{server.url}/docs.json", timeout=30).json()["paths"]
     assert "bentoml_service_request" in requests.get(f"{server.url}/metrics", timeout=30).text
-    stored = json.loads((trained_project / ".amaas" / "api_keys.json").read_text())
-    assert all(set(entry) == {"sha256", "created"} for entry in stored.values())  # hashes only
-
     created = amaas("keys", "add", "temporary", root=trained_project).stdout.strip()
+    stored_text = (trained_project / ".amaas" / "api_keys.json").read_text()
+    stored = json.loads(stored_text)  # hashes only (other tests of the session add keys with scopes and limits)
+    assert created not in stored_text and set(stored["temporary"]) == {"sha256", "created"}
+    assert all(set(entry) <= {"sha256", "created", "scopes", "rps", "burst", "daily_quota"}
+               for entry in stored.values())
     ok = requests.post(f"{server.url}/predict", json={"row": ROW}, timeout=30,
                        headers={"Authorization": f"Bearer {created}"})
     assert ok.status_code == 200
