@@ -12,18 +12,17 @@ from __future__ import annotations
 import json
 import threading
 from collections import OrderedDict
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from typing import Any, Protocol
 
 import pandas as pd
 
+from pipelines.serving.asgi import Receive, Send, replayed
 from pipelines.transform import FeatureTransform, normalize_value
 
 Answer = dict[str, Any]
 Rows = list[dict[str, Any]]
 Key = tuple[str, tuple[float | str | None, ...]]
-Send = Callable[[dict[str, Any]], Awaitable[None]]
-Receive = Callable[[], Awaitable[dict[str, Any]]]
 
 
 class Scorer(Protocol):
@@ -157,16 +156,7 @@ class CacheFirst:
         # worker thread that would then contend for the GIL with the loop and the batch thread
         answers = answer(json.loads(body)["rows"])
         if answers is None:
-            replayed = False
-
-            async def replay() -> dict[str, Any]:
-                nonlocal replayed
-                if replayed:
-                    return await receive()
-                replayed = True
-                return {"type": "http.request", "body": body, "more_body": False}
-
-            return await self.app(scope, replay, send)
+            return await self.app(scope, replayed(body, receive), send)
         data = json.dumps(answers, allow_nan=False).encode()
         await send({"type": "http.response.start", "status": 200,
                     "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(data)).encode())]})

@@ -11,7 +11,7 @@ import logging
 import re
 import time
 import uuid
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from functools import cached_property
 from pathlib import Path
 from typing import Any
@@ -19,6 +19,7 @@ from typing import Any
 from pydantic import BaseModel, ValidationError
 
 from pipelines.config import ServeConfig, Settings
+from pipelines.serving.asgi import Receive, Send, buffered, replayed
 from pipelines.serving.keys import ApiKeys, KeyEntry, KeyStoreError
 from pipelines.serving.limits import (
     NO_USAGE,
@@ -52,8 +53,6 @@ RETRY_AFTER_S = "1"
 RELOAD_WAIT_S = 30.0  # POST /admin/reload waits this long for every worker to follow the registry
 log = logging.getLogger("amaas.gateway")
 
-Send = Callable[[dict[str, Any]], Awaitable[None]]
-Receive = Callable[[], Awaitable[dict[str, Any]]]
 
 
 class Gateway:
@@ -188,14 +187,7 @@ class Gateway:
         forwarded = json.dumps({"rows": rows}, allow_nan=False).encode()
         scope = {**scope, "headers": [(k, v) for k, v in scope["headers"] if k.lower() != b"content-length"]
                  + [(b"content-length", str(len(forwarded)).encode())]}
-        sent, shed = False, False
-
-        async def replay() -> dict[str, Any]:
-            nonlocal sent
-            if sent:
-                return await receive()
-            sent = True
-            return {"type": "http.request", "body": forwarded, "more_body": False}
+        shed = False
 
         async def tag(message: dict[str, Any]) -> None:
             nonlocal shed
@@ -213,7 +205,7 @@ class Gateway:
                 return
             await send(message)
 
-        await self.app(scope, replay, tag)
+        await self.app(scope, replayed(forwarded, receive), tag)
 
     async def _authenticated(self, headers: dict[str, str], send: Send) -> KeyEntry | None:
         """The sender's key entry, or None after answering 401 (no valid key) or 503 (the key file is corrupt)."""
@@ -259,17 +251,7 @@ class Gateway:
 
     async def _metered(self, scope: dict[str, Any], receive: Receive, send: Send) -> None:
         """BentoML's /metrics with each API key's usage (all workers: read from the shared state) appended."""
-        started: dict[str, Any] = {}
-        chunks: list[bytes] = []
-
-        async def collect(message: dict[str, Any]) -> None:
-            if message["type"] == "http.response.start":
-                started.update(message)
-            else:
-                chunks.append(message.get("body", b""))
-
-        await self.app(scope, receive, collect)
-        text = b"".join(chunks)
+        started, text = await buffered(self.app, scope, receive)
         if started.get("status") == 200:
             try:
                 text = (text if not text or text.endswith(b"\n") else text + b"\n") + usage_metrics(
@@ -358,19 +340,10 @@ class Gateway:
 
     async def _documented(self, scope: dict[str, Any], receive: Receive, send: Send) -> None:
         """BentoML's /docs.json with the schemas of /predict filled in."""
-        started: dict[str, Any] = {}
-        chunks: list[bytes] = []
-
-        async def collect(message: dict[str, Any]) -> None:
-            if message["type"] == "http.response.start":
-                started.update(message)
-            else:
-                chunks.append(message.get("body", b""))
-
-        await self.app(scope, receive, collect)
+        started, body = await buffered(self.app, scope, receive)
         if started.get("status") != 200:
             return await _reply(send, int(started.get("status", 500)), {"error": "no OpenAPI document"})
-        await _reply(send, 200, openapi_with_schemas(json.loads(b"".join(chunks)), self.model, self.answer))
+        await _reply(send, 200, openapi_with_schemas(json.loads(body), self.model, self.answer))
 
 
 def known_path(path: str) -> bool:
