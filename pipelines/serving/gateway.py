@@ -132,12 +132,9 @@ class Gateway:
             return await self.app(scope, receive, send)
         entry = None
         if self.serve.auth:
-            entry = await self._authenticated(headers, send)
+            entry = await self._authorized(headers, send, "predict", "`amaas keys add NAME` (default scope predict)")
             if entry is None:
                 return None
-            if "predict" not in entry.scopes:
-                return await _reply(send, 403, {"error": f"API key {entry.name!r} has no 'predict' scope: create "
-                                                         f"one with `amaas keys add NAME` (default scope predict)"})
         if path != "/predict":
             return await self.app(scope, receive, send)
         limit = entry.limit(self.serve.rate_limit) if entry else None
@@ -207,6 +204,16 @@ class Gateway:
 
         await self.app(scope, replayed(forwarded, receive), tag)
 
+    async def _authorized(self, headers: dict[str, str], send: Send, scope: str, create: str) -> KeyEntry | None:
+        """The sender's key entry if it has `scope`, or None after answering 401/503 (see _authenticated) or 403
+        (another scope; `create` says how to make a key that has it)."""
+        entry = await self._authenticated(headers, send)
+        if entry is not None and scope not in entry.scopes:
+            await _reply(send, 403, {"error": f"API key {entry.name!r} has no {scope!r} scope: create one with "
+                                              f"{create}"})
+            return None
+        return entry
+
     async def _authenticated(self, headers: dict[str, str], send: Send) -> KeyEntry | None:
         """The sender's key entry, or None after answering 401 (no valid key) or 503 (the key file is corrupt)."""
         try:
@@ -264,12 +271,8 @@ class Gateway:
 
     async def _admin(self, path: str, method: str, headers: dict[str, str], receive: Receive, send: Send) -> None:
         """/admin/*: an admin-scoped key (401 without a key, 403 with another), whether or not serve.auth is on."""
-        entry = await self._authenticated(headers, send)
-        if entry is None:
+        if await self._authorized(headers, send, "admin", "`amaas keys add NAME --scope admin`") is None:
             return None
-        if "admin" not in entry.scopes:
-            return await _reply(send, 403, {"error": f"API key {entry.name!r} has no 'admin' scope: create one with "
-                                                     f"`amaas keys add NAME --scope admin`"})
         if method != ADMIN_PATHS[path]:
             return await _reply(send, 405, {"error": f"{path} takes {ADMIN_PATHS[path]}"},
                                 [(b"allow", ADMIN_PATHS[path].encode())])
