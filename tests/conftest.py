@@ -196,6 +196,25 @@ def wait_until(ready: Callable[[], bool], server: subprocess.Popen[Any], what: s
         time.sleep(0.2)
 
 
+def wait_ready(url: str, proc: subprocess.Popen[Any], log: Path, timeout: float = 120) -> None:
+    """Poll `url`/readyz until it answers 200 (a refused or slow answer is retried until `timeout`); fail with the
+    tail of `log` if the server process exits first."""
+    import requests
+
+    deadline = time.monotonic() + timeout
+    while True:
+        if proc.poll() is not None:
+            pytest.fail(f"server exited: {log.read_text()[-3000:]}")
+        try:
+            if requests.get(f"{url}/readyz", timeout=1).status_code == 200:
+                return
+        except requests.RequestException:
+            pass
+        if time.monotonic() > deadline:
+            pytest.fail(f"server not ready in {timeout:.0f} s")
+        time.sleep(0.3)
+
+
 @pytest.fixture(scope="session")
 def postgres_url() -> Iterator[str]:
     """A real PostgreSQL server of our own on 127.0.0.1 (Debian's postgresql package; .ci/run installs it)."""
@@ -272,18 +291,7 @@ def served(root: Path) -> Iterator[Server]:
                             start_new_session=True)
     url = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 120
-        while True:
-            if proc.poll() is not None:
-                pytest.fail(f"server exited: {(root / 'serve.log').read_text()[-3000:]}")
-            try:
-                if requests.get(f"{url}/readyz", timeout=1).status_code == 200:
-                    break
-            except (requests.ConnectionError, requests.Timeout):
-                pass
-            if time.monotonic() > deadline:
-                pytest.fail("server not ready in 120 s")
-            time.sleep(0.5)
+        wait_ready(url, proc, root / "serve.log")
         session = requests.Session()
         session.headers["Authorization"] = f"Bearer {key}"
         yield Server(url, session)

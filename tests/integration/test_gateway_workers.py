@@ -17,7 +17,7 @@ import requests
 import yaml
 
 from pipelines.serving.keys import ApiKeys
-from tests.conftest import BIN, amaas, free_port
+from tests.conftest import BIN, amaas, free_port, wait_ready
 
 pytestmark = pytest.mark.slow
 
@@ -58,16 +58,7 @@ def test_limits_scopes_reload_and_drain_hold_across_two_workers(trained_project)
                              "serve", "--port", str(port)], stdout=log, stderr=subprocess.STDOUT,
                             start_new_session=True)
     try:
-        deadline = time.monotonic() + 120
-        while True:
-            assert proc.poll() is None, (root / "serve-workers.log").read_text()[-3000:]
-            try:
-                if requests.get(f"{url}/readyz", timeout=1).status_code == 200:
-                    break
-            except requests.RequestException:
-                pass
-            assert time.monotonic() < deadline, "server not ready in 120 s"
-            time.sleep(0.3)
+        wait_ready(url, proc, root / "serve-workers.log")
 
         for _ in range(6):  # warm both workers up (fresh connections), so that few requests are shed below
             requests.post(f"{url}/predict", json={"row": ROW}, timeout=30,

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 import requests
 
-from tests.conftest import BIN, free_port, served
+from tests.conftest import BIN, free_port, served, wait_ready
 
 pytestmark = pytest.mark.slow
 
@@ -175,16 +175,7 @@ def test_sigterm_drains_the_server_and_frees_the_port(trained_project):
                             stderr=subprocess.STDOUT, start_new_session=True)
     url = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 120
-        while True:
-            assert proc.poll() is None, Path(log.name).read_text()[-3000:]
-            try:
-                if requests.get(f"{url}/readyz", timeout=1).status_code == 200:
-                    break
-            except requests.RequestException:
-                pass
-            assert time.monotonic() < deadline, "server not ready in 120 s"
-            time.sleep(0.5)
+        wait_ready(url, proc, Path(log.name))
         auth = {"Authorization": f"Bearer {key}"}
         assert requests.post(f"{url}/predict", json={"row": ROW}, timeout=30, headers=auth).status_code == 200
         statuses: list[int] = []
