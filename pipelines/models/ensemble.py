@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Self
@@ -17,6 +18,7 @@ from pipelines.models.base import Learner, TaskEstimatorMixin, fit_inputs, log, 
 from pipelines.progress import progress
 
 METHODS = ("averaging", "blending", "stacking", "bagging")
+GPU_SIDE_THREADS = 0.25  # the share of train.threads the GPU learners keep while overlapping (Ensemble._fit_members)
 
 
 def _clipped_logit(p: np.ndarray) -> np.ndarray:
@@ -93,7 +95,8 @@ class Ensemble(TaskEstimatorMixin, BaseEstimator):
     def _fit_members(self, X: pd.DataFrame, y: np.ndarray, X_valid: pd.DataFrame | None,
                      y_valid: np.ndarray | None) -> list[Learner]:
         """One fit of each learner. With a GPU, the learners that train there (one after another, in a thread of
-        their own with one CPU thread each) overlap with those that train on the CPU (here, on the other cores):
+        their own with a quarter of the threads: XGBoost sketches its histograms and the MLP builds its batches on
+        the CPU) overlap with those that train on the CPU (on the other cores):
         the wall time approaches the slowest side rather than the sum. Without one, they train one after
         another, each with all its threads, so the cores are never oversubscribed."""
         learners = [clone(learner) for learner in self.learners]
@@ -103,17 +106,24 @@ class Ensemble(TaskEstimatorMixin, BaseEstimator):
             return [lr.fit(X, y, X_valid, y_valid) for lr in progress(learners, f"ensemble {self.method}",
                                                                       unit="learner")]
         threads = {id(lr): lr.threads for lr in learners}
-        for lr in on_gpu:  # a core drives the GPU; the CPU learners get the others
-            lr.set_params(threads=1)
+        for lr in on_gpu:  # a share of the cores feeds the GPU (histogram sketches, batches); the CPU learners
+            lr.set_params(threads=max(1, round(lr.threads * GPU_SIDE_THREADS)))  # get the others
+        gpu_threads = max(lr.threads for lr in on_gpu)
         for lr in on_cpu:
-            lr.set_params(threads=max(1, lr.threads - 1))
+            lr.set_params(threads=max(1, lr.threads - gpu_threads))
         log.info("ensemble: %s on the GPU overlapping %s on the CPU", [lr.kind for lr in on_gpu],
                  [lr.kind for lr in on_cpu])
-        with ThreadPoolExecutor(1, thread_name_prefix="amaas-gpu-learners") as pool:
-            gpu_fits = pool.submit(lambda: [lr.fit(X, y, X_valid, y_valid) for lr in on_gpu])
-            for lr in on_cpu:
+        def fit_timed(side: list[Learner]) -> float:
+            start = time.perf_counter()
+            for lr in side:
                 lr.fit(X, y, X_valid, y_valid)
-            gpu_fits.result()
+            return time.perf_counter() - start
+
+        with ThreadPoolExecutor(1, thread_name_prefix="amaas-gpu-learners") as pool:
+            gpu_side = pool.submit(fit_timed, on_gpu)
+            cpu_seconds = fit_timed(on_cpu)
+            gpu_seconds = gpu_side.result()
+        log.info("ensemble: GPU side %.1f s, CPU side %.1f s (overlapped)", gpu_seconds, cpu_seconds)
         for lr in learners:  # the params as configured (they are saved, and predicting uses them)
             lr.set_params(threads=threads[id(lr)])
         return learners

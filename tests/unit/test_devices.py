@@ -98,13 +98,13 @@ def test_learners_overlap_when_some_train_on_a_gpu(data, monkeypatch):
         rec.wrap(cls, monkeypatch)
     # as on a GPU machine: XGBoost and the MLP would train on CUDA (they train on the CPU here)
     monkeypatch.setattr(models_base, "wants_cuda", lambda requested: True)
-    learners = [lr.set_params(threads=4) for lr in build_learners(settings, transform)]
+    learners = [lr.set_params(threads=8) for lr in build_learners(settings, transform)]
     ens = Ensemble(learners, "blending").fit(X, y, Xv, yv)
     lgb, xgb, mlp = (rec.calls[k] for k in ("lightgbm", "xgboost", "mlp"))
     assert xgb[0] == mlp[0] != lgb[0] == threading.current_thread().name  # the GPU ones in their own thread
     assert xgb[1] < lgb[2] and lgb[1] < xgb[2]  # LightGBM overlapped with them
-    assert (lgb[3], xgb[3], mlp[3]) == (3, 1, 1)  # one core drives the GPU, the CPU learner gets the rest
-    assert all(m.threads == 4 for m in ens.members_)  # and the params are as configured afterwards
+    assert (lgb[3], xgb[3], mlp[3]) == (6, 2, 2)  # a quarter feeds the GPU, the CPU learner gets the rest
+    assert all(m.threads == 8 for m in ens.members_)  # and the params are as configured afterwards
     assert ens.predict_proba(Xv).shape == (len(Xv), 2)
 
 
