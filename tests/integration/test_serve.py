@@ -153,24 +153,6 @@ def test_monitoring_judges_served_predictions_and_joins_delayed_labels(server, t
     assert (root / "reports" / "performance.html").stat().st_size > 10_000
 
 
-@pytest.fixture(scope="module")
-def two_models(trained_project, tmp_path_factory):
-    """A project whose registry holds the champion and a weaker challenger that failed the gate."""
-    root = tmp_path_factory.mktemp("two-models")
-    shutil.copytree(trained_project, root, dirs_exist_ok=True, symlinks=True)
-    shutil.rmtree(root / "logs", ignore_errors=True)
-    params = yaml.safe_load((root / "params.yaml").read_text())
-    params["train"]["learners"] = ["lightgbm"]
-    params["train"]["lightgbm"].update(n_estimators=3, num_leaves=2)
-    (root / "params.yaml").write_text(yaml.safe_dump(params))
-    for stage in ("train", "evaluate", "compress", "package", "promote"):
-        amaas(stage, root=root)
-    registry = Registry(root / "models" / "registry")
-    aliases = registry.aliases()
-    assert aliases["challenger"] != aliases["champion"]
-    return root, aliases["champion"], aliases["challenger"]
-
-
 def _set_params(root, section: str, **values) -> None:
     params = yaml.safe_load((root / "params.yaml").read_text())
     params[section].update(values)
