@@ -47,3 +47,21 @@ def test_dags_import_without_errors_and_follow_stage_order(tmp_path):
     for dag_id, found in dags.items():
         assert set(found["on_failure"]) == set(found["order"]), dag_id
         assert {task: calls for task, calls in found["on_failure"].items() if calls != [alert]} == {}, dag_id
+
+
+def test_a_dag_task_freezes_its_heap_at_exit(tmp_path, monkeypatch):
+    """`airflow dags test` runs every task in one process holding Airflow, torch, Evidently...: at exit the
+    interpreter's collections would walk all of it (seconds), unless the task froze the heap first."""
+    import atexit
+    import gc
+
+    from pipelines import runner
+
+    registered = []
+    monkeypatch.setattr(atexit, "register", registered.append)
+    runner._freeze_heap_at_exit.cache_clear()
+    monkeypatch.delenv("AMAAS_ROOT", raising=False)
+    monkeypatch.delenv("AMAAS_PARAMS", raising=False)
+    assert runner.project_files(tmp_path) == (tmp_path.resolve() / "params.yaml", tmp_path.resolve())
+    runner.project_files(tmp_path)  # every task of the run goes through here: one hook is enough
+    assert registered == [gc.freeze]
