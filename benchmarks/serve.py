@@ -211,8 +211,10 @@ def _targets(results: dict[str, dict[str, Any]], rate: float, in_process: float)
     p50_on = results["cache on/50% repeated rows"]["p50"]
     shed = closed["by_status"].get(503, 0)
     print("targets:")
-    print(f"  p99 at {rate:g} rps: {at_rate['p99']:.1f} ms (< 50), errors {at_rate['errors']} (0)")
-    print(f"  closed loop: {closed['rps']:.0f} rps (>= 1,000), shed {shed} (0), errors {closed['errors']}")
+    print(f"  p99 at {rate:g} rps: {at_rate['p99']:.1f} ms = {at_rate['p99'] / 50:.2f} of 50 ms (< 1), "
+          f"errors {at_rate['errors']} (0)")
+    print(f"  closed loop: {closed['rps']:.0f} rps = {closed['rps'] / 1000:.2f} of 1,000 (>= 1), shed {shed} (0), "
+          f"errors {closed['errors']}")
     print(f"  batching / batching off: {closed['rps'] / off['rps']:.1f}x (>= 5)")
     print(f"  100-row requests: {served_rows:,.0f} rows/s = {served_rows / in_process:.0%} of in-process (>= 30%)")
     print(f"  50% cache hits: p50 {p50_on:.1f} ms vs {p50_off:.1f} ms off = {p50_on / p50_off:.2f} (<= 0.5)")

@@ -24,14 +24,27 @@ from typing import Any
 import bentoml
 from pydantic import BaseModel
 
-from pipelines.bundle import ModelBundle
-from pipelines.config import PARAMS_ENV, ROOT_ENV, Paths, Settings, load_settings
-from pipelines.registry import Registry
-from pipelines.serving.cache import CacheFirst, ResponseCache
-from pipelines.serving.gateway import KEY_NAME, REQUEST_ID, ROUTE, Gateway, bound_metric_labels, quiet_shedding
-from pipelines.serving.limits import SharedState, keep_following, server_id
-from pipelines.serving.metrics import with_served_metrics
-from pipelines.serving.predlog import PredictionLog, PredictionRecord, now_iso
+# Before the models' libraries load OpenMP (its settings are read once, then): its idle threads sleep instead of
+# spinning after each parallel region. A spinning thread takes the core the event loop needs: one row through the
+# LightGBM student took 11.7 ms (8 ms of CPU) with the default policy and 0.08 ms with this one, on the loaded
+# 2-core machine. The environment still wins (setdefault).
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+from pipelines.bundle import ModelBundle  # noqa: E402
+from pipelines.config import PARAMS_ENV, ROOT_ENV, Paths, Settings, load_settings  # noqa: E402
+from pipelines.registry import Registry  # noqa: E402
+from pipelines.serving.cache import CacheFirst, ResponseCache  # noqa: E402
+from pipelines.serving.gateway import (  # noqa: E402
+    KEY_NAME,
+    REQUEST_ID,
+    ROUTE,
+    Gateway,
+    bound_metric_labels,
+    quiet_shedding,
+)
+from pipelines.serving.limits import SharedState, keep_following, server_id  # noqa: E402
+from pipelines.serving.metrics import with_served_metrics  # noqa: E402
+from pipelines.serving.predlog import PredictionLog, PredictionRecord, now_iso  # noqa: E402
 
 log = logging.getLogger("amaas.service")
 

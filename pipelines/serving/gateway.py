@@ -16,7 +16,7 @@ from functools import cached_property
 from pathlib import Path
 from typing import Any
 
-from pydantic import BaseModel, ValidationError
+from pydantic import BaseModel, TypeAdapter, ValidationError
 
 from pipelines.config import ServeConfig, Settings
 from pipelines.serving.asgi import Receive, Send, buffered, replayed
@@ -32,7 +32,7 @@ from pipelines.serving.limits import (
     usage_metrics,
 )
 from pipelines.serving.routing import route
-from pipelines.serving.schema import answer_model, openapi_with_schemas, request_model
+from pipelines.serving.schema import answer_model, openapi_with_schemas, request_schema, with_defaults
 
 MODELS_PATH = "/models"  # GET: the versions being served and the canary routing (open, like health)
 DOCS_JSON = "/docs.json"
@@ -81,9 +81,14 @@ class Gateway:
         return self.settings().serve
 
     @cached_property
-    def model(self) -> type[BaseModel]:
+    def model(self) -> TypeAdapter[Any]:
         """The request schema of /predict, from params.yaml."""
-        return request_model(self.settings().data_schema, self.serve.max_rows)
+        return request_schema(self.settings().data_schema, self.serve.max_rows)
+
+    @cached_property
+    def defaults(self) -> dict[str, None]:
+        """A row's optional fields, for the rows that leave them out."""
+        return with_defaults(self.settings().data_schema)
 
     @cached_property
     def answer(self) -> type[BaseModel]:
@@ -159,14 +164,14 @@ class Gateway:
             return await _reply(send, 413, {"error": f"{len(payload['rows'])} rows, more than serve.max_rows="
                                                      f"{self.serve.max_rows}: split the request"})
         try:
-            request: Any = self.model.model_validate(payload)  # its fields (rows, row) made at runtime
+            request: dict[str, Any] = self.model.validate_python(payload)
         except ValidationError as exc:
             return await _reply(send, 422, {"error": f"{exc.error_count()} invalid field(s)",
                                             "detail": _field_errors(exc)})
-        if (request.rows is None) == (request.row is None):
+        if (request.get("rows") is None) == (request.get("row") is None):
             return await _reply(send, 422, {"error": "send either 'rows' (a list) or 'row' (one row)",
                                             "detail": [{"loc": ["rows"], "msg": "exactly one of rows, row"}]})
-        received = request.rows or [request.row]
+        received: list[dict[str, Any]] = request.get("rows") or [request["row"]]
         if entry is not None and limit is not None:
             try:
                 left = self.state.charge(entry.name, len(received), limit)
@@ -179,8 +184,8 @@ class Gateway:
                                     [(b"retry-after", str(seconds_to_midnight(time.time())).encode())])
         request_id = self._request_id(headers.get("x-request-id"))
         where = route(request_id, *self.routing())
-        rows = [{**r.model_dump(), REQUEST_ID: request_id, ROUTE: where, KEY_NAME: entry.name if entry else None}
-                for r in received]
+        tags = {REQUEST_ID: request_id, ROUTE: where, KEY_NAME: entry.name if entry else None}
+        rows = [{**self.defaults, **r, **tags} for r in received]
         forwarded = json.dumps({"rows": rows}, allow_nan=False).encode()
         scope = {**scope, "headers": [(k, v) for k, v in scope["headers"] if k.lower() != b"content-length"]
                  + [(b"content-length", str(len(forwarded)).encode())]}

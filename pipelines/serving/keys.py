@@ -95,7 +95,10 @@ class ApiKeys:
         """The entry of `key` if it is a current key, else None (KeyStoreError: the file is corrupt)."""
         if not key:
             return None
-        mtime = self.path.stat().st_mtime if self.path.is_file() else None
+        try:  # one stat per request, not two (is_file, then stat): it runs on the event loop
+            mtime: float | None = os.stat(self.path).st_mtime
+        except FileNotFoundError:
+            mtime = None
         if mtime != self._mtime:
             self._digests = {e["sha256"]: _entry(n, e) for n, e in self._read().items()}
             self._mtime = mtime

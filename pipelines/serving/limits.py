@@ -142,7 +142,8 @@ class SharedState:
         except sqlite3.Error as exc:
             raise StateBusy(f"the shared limits state {self.path} is busy or unreadable ({exc})") from exc
 
-    def _read(self, sql: str, args: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
+    def _single(self, sql: str, args: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
+        """The rows of one statement, which is a transaction of its own (SQLite autocommit)."""
         try:
             return self._connection().execute(sql, args).fetchall()
         except sqlite3.Error as exc:
@@ -183,6 +184,10 @@ class SharedState:
         left today (then nothing is counted but a 429)."""
         now = time.time() if now is None else now
         today = int(now // DAY_S)
+        if limit.daily_quota is None:  # nothing to check: one statement (atomic alone), not a four-step transaction
+            self._single("UPDATE usage SET day_rows = (CASE WHEN day = ? THEN day_rows ELSE 0 END) + ?, day = ?, "
+                         "rows = rows + ? WHERE name = ?", (today, rows, today, rows, name))
+            return None
         with self._write() as conn:
             day, day_rows = conn.execute("SELECT day, day_rows FROM usage WHERE name = ?", (name,)).fetchone() or (
                 today, 0)
@@ -198,11 +203,11 @@ class SharedState:
         """Every key's counts, summed over all workers (they all write here)."""
         today = int((time.time() if now is None else now) // DAY_S)
         return {name: Usage(requests, rows, limited, day_rows if day == today else 0)
-                for name, requests, rows, limited, day, day_rows in self._read(
+                for name, requests, rows, limited, day, day_rows in self._single(
                     "SELECT name, requests, rows, limited, day, day_rows FROM usage ORDER BY name")}
 
     def draining(self, server: str) -> bool:
-        return self._read("SELECT draining FROM servers WHERE id = ?", (server,)) == [(1,)]
+        return self._single("SELECT draining FROM servers WHERE id = ?", (server,)) == [(1,)]
 
     def set_draining(self, server: str, draining: bool) -> None:
         with self._write() as conn:
@@ -211,7 +216,7 @@ class SharedState:
 
     def reload_generation(self, server: str) -> int:
         """How many reloads server `server` has been asked for."""
-        found = self._read("SELECT reload FROM servers WHERE id = ?", (server,))
+        found = self._single("SELECT reload FROM servers WHERE id = ?", (server,))
         return int(found[0][0]) if found else 0
 
     def request_reload(self, server: str) -> int:
@@ -231,7 +236,7 @@ class SharedState:
 
     def followers(self, server: str, generation: int) -> int:
         """How many workers of `server` have followed reload `generation` (or a later one)."""
-        return int(self._read("SELECT COUNT(*) FROM workers WHERE server = ? AND followed >= ?",
+        return int(self._single("SELECT COUNT(*) FROM workers WHERE server = ? AND followed >= ?",
                               (server, generation))[0][0])
 
 

@@ -15,7 +15,7 @@ from typing import Any
 
 log = logging.getLogger(__name__)
 _ANSWER = ("label", "probabilities", "probability", "value")  # written when set, in this order
-_SHADOW = ("shadow_model_version", "shadow")  # written for shadowed rows only
+_ENCODER = json.JSONEncoder(separators=(",", ":"), default=str)  # one, not one per line as json.dumps(...) makes
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -44,16 +44,21 @@ class PredictionRecord:
         """The JSON object of the record: answer fields and `output` only when set, shadow fields only for
         shadow traffic."""
         out: dict[str, Any] = {"time": self.time}
-        out |= {k: getattr(self, k) for k in _ANSWER if getattr(self, k) is not None}
-        out |= {"model_version": self.model_version, "request_id": self.request_id}
-        out |= {} if self.key_name is None else {"key_name": self.key_name}
-        out |= {"route": self.route, "id": self.id, "features": self.features}
+        for name in _ANSWER:
+            if (value := getattr(self, name)) is not None:
+                out[name] = value
+        out["model_version"], out["request_id"] = self.model_version, self.request_id
+        if self.key_name is not None:
+            out["key_name"] = self.key_name
+        out["route"], out["id"], out["features"] = self.route, self.id, self.features
         if self.shadow is not None:
-            out |= {k: getattr(self, k) for k in _SHADOW}
-        return out | ({} if self.output is None else {"output": self.output})
+            out["shadow_model_version"], out["shadow"] = self.shadow_model_version, self.shadow
+        if self.output is not None:
+            out["output"] = self.output
+        return out
 
     def to_json(self) -> str:
-        return json.dumps(self.to_dict(), separators=(",", ":"), default=str)
+        return _ENCODER.encode(self.to_dict())
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> PredictionRecord:

@@ -3,37 +3,50 @@ document that shows them."""
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Annotated, Any, NotRequired
 
-from pydantic import BaseModel, ConfigDict, Field, create_model
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, create_model
+from typing_extensions import TypedDict  # pydantic needs this one on Python 3.11
 
 from pipelines.config import SchemaConfig
 
 
-def row_model(schema: SchemaConfig) -> type[BaseModel]:
-    """The pydantic model of one input row, from the schema in params.yaml.
+def row_schema(schema: SchemaConfig) -> type:
+    """One input row as a TypedDict, from the schema in params.yaml: pydantic validates rows into plain dicts
+    (no model object per row, no dump of it: half the cost of a 100-row request's validation, measured).
 
-    Numeric features must lie in their ranges (nullable ones may be null); categories are free text (or a
-    number or a boolean, spelled as text), cleaned and encoded by the fitted transform (an unseen one is
-    the unknown category; null, where the column is nullable, is the missing category). The id is
-    optional: sent, it is logged so delayed labels can be joined to the prediction.
+    Numeric features must lie in their ranges (nullable ones may be null or left out); categories are free
+    text (or a number or a boolean, spelled as text), cleaned and encoded by the fitted transform (an unseen
+    one is the unknown category; null, where the column is nullable, is the missing category). The id is
+    optional: sent, it is logged so delayed labels can be joined to the prediction. Fields left out are not in
+    the validated dict: `with_defaults` fills them in.
     """
-    fields: dict[str, Any] = {schema.id_column: (int | str | None, None)} if schema.id_column else {}
+    fields: dict[str, Any] = {schema.id_column: NotRequired[int | str | None]} if schema.id_column else {}
     for col, rule in schema.numeric.items():
-        bounded = Field(ge=rule.min, le=rule.max, default=None if rule.nullable else ...)
-        fields[col] = (float | None, bounded) if rule.nullable else (float, bounded)
+        number: Any = Annotated[float | None if rule.nullable else float, Field(ge=rule.min, le=rule.max)]
+        fields[col] = NotRequired[number] if rule.nullable else number
     category = str | bool | int | float  # codes and flags are categories too: spelled as text by the transform
     for col, cat in schema.categorical.items():
-        fields[col] = (category | None, None) if cat.nullable else (category, ...)
-    return create_model("Row", __config__=ConfigDict(extra="forbid"), **fields)
+        fields[col] = NotRequired[category | None] if cat.nullable else category
+    row = TypedDict("Row", fields)  # type: ignore[misc]  # fields made at runtime
+    row.__pydantic_config__ = ConfigDict(extra="forbid")  # type: ignore[attr-defined]
+    return row
 
 
-def request_model(schema: SchemaConfig, max_rows: int) -> type[BaseModel]:
-    """A request: {"rows": [row, ...]} or {"row": row}."""
-    row = row_model(schema)
-    fields: dict[str, Any] = {"rows": (list[row] | None, Field(default=None, min_length=1, max_length=max_rows)),  # type: ignore[valid-type]
-                              "row": (row | None, None)}
-    return create_model("PredictRequest", __config__=ConfigDict(extra="forbid"), **fields)
+def request_schema(schema: SchemaConfig, max_rows: int) -> TypeAdapter[Any]:
+    """A request: {"rows": [row, ...]} or {"row": row} (validated into dicts, see row_schema)."""
+    row = row_schema(schema)
+    # functional syntax: a class body's annotations would be strings (postponed) naming this function's locals
+    request = TypedDict("PredictRequest", {  # type: ignore[name-match]  # noqa: UP013
+        "rows": NotRequired[Annotated[list[row] | None, Field(min_length=1, max_length=max_rows)]],  # type: ignore[valid-type]
+        "row": NotRequired[row | None]})  # type: ignore[valid-type]
+    request.__pydantic_config__ = ConfigDict(extra="forbid")  # type: ignore[attr-defined]
+    return TypeAdapter(request)
+
+
+def with_defaults(schema: SchemaConfig) -> dict[str, None]:
+    """What a row that leaves out every optional field stands for: each input column (and the id) as None."""
+    return dict.fromkeys([*([schema.id_column] if schema.id_column else []), *schema.numeric, *schema.categorical])
 
 
 def answer_model(schema: SchemaConfig) -> type[BaseModel]:
@@ -52,12 +65,12 @@ def answer_model(schema: SchemaConfig) -> type[BaseModel]:
     return create_model("Answer", **fields)
 
 
-def openapi_with_schemas(spec: dict[str, Any], request: type[BaseModel], answer: type[BaseModel]) -> dict[str, Any]:
+def openapi_with_schemas(spec: dict[str, Any], request: TypeAdapter[Any], answer: type[BaseModel]) -> dict[str, Any]:
     """BentoML's OpenAPI document with /predict's request and answer schemas as the gateway enforces them
     (BentoML sees rows as free-form dicts, since the gateway validates them)."""
     components = spec.setdefault("components", {}).setdefault("schemas", {})
     template = "#/components/schemas/{model}"
-    body = request.model_json_schema(ref_template=template)
+    body = request.json_schema(ref_template=template)
     reply: dict[str, Any] = {"type": "array", "items": answer.model_json_schema(ref_template=template)}
     for part in (body, reply["items"]):
         components.update(part.pop("$defs", {}))

@@ -54,6 +54,16 @@ def test_daily_quota_counts_rows_and_renews_at_midnight_utc(tmp_path):
     assert state.usage(now=T0 + DAY_S)["k"].rows == 10
 
 
+def test_rows_without_a_quota_are_counted_per_utc_day(tmp_path):
+    state, limit = SharedState(tmp_path / "limits.db"), Limit(rps=None, burst=10, daily_quota=None)
+    assert state.charge("k", 4, limit, now=T0) is None  # a key that has sent nothing yet: nothing to count on
+    assert state.admit("s", "k", limit, now=T0).refused is None
+    assert state.charge("k", 4, limit, now=T0) is None and state.charge("k", 3, limit, now=T0) is None
+    assert state.usage(now=T0)["k"] == Usage(requests=1, rows=7, limited=0, rows_today=7)
+    assert state.charge("k", 2, limit, now=T0 + DAY_S) is None  # a new UTC day starts from 0
+    assert state.usage(now=T0 + DAY_S)["k"] == Usage(requests=1, rows=9, limited=0, rows_today=2)
+
+
 def _hammer(path: str, start: float, out: multiprocessing.Queue) -> None:
     state, limit = SharedState(Path(path)), Limit(rps=0.001, burst=40, daily_quota=None)
     while time.time() < start:

@@ -168,6 +168,10 @@ def test_gateway_answers_401_413_422_and_forwards_tagged_rows(gateway):
     rows = json.loads(forwarded)["rows"]
     assert path == "/predict" and rows[0][REQUEST_ID] == "r1" and rows[0][ROUTE] == "challenger"
     assert rows[0]["home_ownership"] == "rent" and rows[0]["loan_id"] is None
+    left_out = {k: v for k, v in ROW.items() if k not in ("income", "debt_to_income")}  # nullable: may be left out
+    assert _call(gw, "/predict", json.dumps({"rows": [left_out]}).encode(), auth)[0] == 200
+    rows = json.loads(app.calls[-1][1])["rows"]
+    assert rows[0]["income"] is None and rows[0]["debt_to_income"] is None and rows[0]["age"] == 41.0
 
 
 def test_gateway_leaves_health_metrics_and_docs_open(gateway):
@@ -186,13 +190,13 @@ def test_openapi_shows_the_rows_and_the_answer_of_the_task(task, tmp_path):
     import yaml
 
     from pipelines.config import load_settings
-    from pipelines.serving.schema import answer_model, openapi_with_schemas, request_model
+    from pipelines.serving.schema import answer_model, openapi_with_schemas, request_schema
     from tests.tables import params_for
 
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params_for(task)))
     schema = load_settings(tmp_path / "params.yaml").data_schema
     spec = {"paths": {"/predict": {"post": {"requestBody": {"content": {"application/json": {"schema": {}}}}}}}}
-    doc = openapi_with_schemas(spec, request_model(schema, 10), answer_model(schema))
+    doc = openapi_with_schemas(spec, request_schema(schema, 10), answer_model(schema))
     row = doc["components"]["schemas"]["Row"]
     assert set(row["properties"]) == {"x1", "x2", "color", "size"}  # no id column in this table
     assert set(row["required"]) == {"x1", "color"}  # x2 and size are nullable
