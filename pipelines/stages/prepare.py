@@ -158,8 +158,8 @@ def run(settings: Settings, paths: Paths) -> dict[str, Any]:
                              cfg.valid_share, cfg.test_share, settings.seed)
     summary: dict[str, Any] = {"split": cfg.split}
     compared = table.select([*schema.feature_columns, schema.target])
-    digests = np.concatenate([_digest(rows_at(compared, part), compared.column_names)
-                              for part in chunks(np.arange(len(table)), size)])
+    digests = np.concatenate([_digest(compared.slice(start, size).to_pandas(), compared.column_names)
+                              for start in range(0, len(table), size)] or [np.array([], dtype=np.uint64)])
     for name in ("valid", "test"):  # a row that is also a training row inflates held-out metrics
         dupes = np.isin(digests[splits[name]], digests[splits["train"]])
         summary[f"{name}_duplicates_of_train"] = int(dupes.sum())
