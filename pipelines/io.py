@@ -12,12 +12,13 @@ import json
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:  # annotations only: the no-op paths (collect with nothing new, the CLI) never load pandas
     import pandas as pd
+    import pyarrow as pa
 
 
 def _clear_leftovers(target: Path) -> None:
@@ -96,6 +97,30 @@ def read_json(path: Path, fix: str = "restore it (`dvc checkout`, a backup) or r
 def write_parquet(path: Path, df: pd.DataFrame) -> None:
     with atomic_path(path) as tmp:
         df.to_parquet(tmp, index=False)
+
+
+def write_parquet_chunks(path: Path, frames: Iterable[pd.DataFrame | pa.Table], schema: pa.Schema | None = None
+                         ) -> None:
+    """One Parquet file (atomically) from frames (or Arrow tables) of the same columns, one row group each: memory
+    holds one.
+
+    The column types are `schema`'s where given (that of the whole table: a text column missing in one frame is
+    still text), else the first frame's."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    with atomic_path(path) as tmp:
+        writer: pq.ParquetWriter | None = None
+        try:
+            for frame in frames:
+                table = frame if isinstance(frame, pa.Table) else pa.Table.from_pandas(frame, schema=schema,
+                                                                                      preserve_index=False)
+                if writer is None:
+                    writer = pq.ParquetWriter(tmp, table.schema)
+                writer.write_table(table.cast(writer.schema))
+        finally:
+            if writer is not None:
+                writer.close()
 
 
 def write_text(path: Path, text: str) -> None:

@@ -1,5 +1,8 @@
 """prepare: train/valid/test split (by time, or random), the fitted feature transform, encoded labels.
 
+The validated table is held once, as Arrow; the split sorts only its key columns (time, key, target) and each
+split is a list of row positions, whose rows are taken, compared, transformed and written in chunks.
+
 At scale: `prepare.fit_rows` fits the transform's statistics (clip quantiles, imputation values, scaling) on a
 seeded sample of the training rows, with the first row of every category and class added so that no category
 or class is left out of it; the splits are transformed and written `scale.score_chunk_rows` rows at a time.
@@ -9,8 +12,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterator
-from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pandas as pd
@@ -18,8 +20,11 @@ from pandas.api import types
 
 from pipelines.config import Paths, SchemaConfig, Settings
 from pipelines.contracts import Out, stage
-from pipelines.io import atomic_dir, atomic_path, write_json, write_parquet
+from pipelines.io import atomic_dir, write_json, write_parquet, write_parquet_chunks
 from pipelines.transform import FeatureTransform, label_key
+
+if TYPE_CHECKING:
+    import pyarrow as pa
 
 log = logging.getLogger(__name__)
 SPLITS = ("train", "valid", "test")
@@ -47,23 +52,24 @@ def _every_split(counts: list[int]) -> list[int]:
     return counts
 
 
-def split_rows(df: pd.DataFrame, schema: SchemaConfig, how: str, valid_share: float, test_share: float,
-               seed: int) -> dict[str, pd.DataFrame]:
-    """Train, valid and test rows.
+def split_positions(keys: pd.DataFrame, schema: SchemaConfig, how: str, valid_share: float, test_share: float,
+                    seed: int) -> dict[str, np.ndarray]:
+    """The positions in `keys` of the train, valid and test rows, each in its split's order.
 
+    `keys`: the table, or as much of it as the split reads (the time and key columns, the target).
     `time`: oldest rows train, newer validate, newest test (no look-ahead); a class that this leaves out
     of a split gets its rows nearest the boundary moved into it, in time order. `random`: a seeded shuffle,
     stratified (each class split on its own). Either way every class is in every split; a class with fewer
     than 3 rows stops with the class counts.
     """
-    order = [c for c in (schema.time_column, schema.key_column) if c and c in df.columns]
-    rows = df.sort_values(order, kind="mergesort").reset_index(drop=True)
-    part = np.repeat([0, 1, 2], _counts(len(rows), valid_share, test_share))
+    order = [c for c in (schema.time_column, schema.key_column) if c and c in keys.columns]
+    positions = keys.reset_index(drop=True).sort_values(order, kind="mergesort").index.to_numpy()
+    part = np.repeat([0, 1, 2], _counts(len(positions), valid_share, test_share))
     if how == "random":
-        rows = rows.iloc[np.random.default_rng(seed).permutation(len(rows))].reset_index(drop=True)
+        positions = positions[np.random.default_rng(seed).permutation(len(positions))]
     if schema.is_classification:
-        keys = rows[schema.target].map(label_key)
-        counts = keys.value_counts()
+        labels = keys[schema.target].iloc[positions].map(label_key)
+        counts = labels.value_counts()
         rare = counts[counts < 3]
         if not rare.empty:
             raise SplitError(
@@ -72,11 +78,18 @@ def split_rows(df: pd.DataFrame, schema: SchemaConfig, how: str, valid_share: fl
                 f"{', '.join(f'{k}: {n}' for k, n in counts.items())}); collect more rows of them, or merge or "
                 f"drop the class in the source")
         for label in counts.index:
-            mine = np.flatnonzero((keys == label).to_numpy())  # in time order (or the seeded shuffle)
+            mine = np.flatnonzero((labels == label).to_numpy())  # in time order (or the seeded shuffle)
             have = np.bincount(part[mine], minlength=3).tolist()
             want = _counts(len(mine), valid_share, test_share) if how == "random" else have
             part[mine] = np.repeat([0, 1, 2], _every_split(want))
-    return {name: rows[part == i].reset_index(drop=True) for i, name in enumerate(SPLITS)}
+    return {name: positions[part == i] for i, name in enumerate(SPLITS)}
+
+
+def split_rows(df: pd.DataFrame, schema: SchemaConfig, how: str, valid_share: float, test_share: float,
+               seed: int) -> dict[str, pd.DataFrame]:
+    """Train, valid and test rows of `df` (see split_positions)."""
+    return {name: df.iloc[rows].reset_index(drop=True)
+            for name, rows in split_positions(df, schema, how, valid_share, test_share, seed).items()}
 
 
 def duplicates_of(rows: pd.DataFrame, seen: pd.DataFrame, columns: list[str]) -> np.ndarray:
@@ -91,44 +104,32 @@ def _digest(frame: pd.DataFrame, columns: list[str]) -> np.ndarray:
     return pd.util.hash_pandas_object(pd.DataFrame(as_hashed, index=frame.index), index=False).to_numpy()
 
 
-def fit_sample(train: pd.DataFrame, schema: SchemaConfig, rows: int | None, seed: int) -> pd.DataFrame:
-    """The training rows the transform is fitted on: all of them (`rows` None, or no more than `rows`), else
-    a seeded sample of `rows` with the first row of every categorical value and class added."""
+def fit_positions(train: pd.DataFrame, schema: SchemaConfig, rows: int | None, seed: int) -> np.ndarray | None:
+    """Sorted positions in `train` of the rows the transform is fitted on: None for all of them (`rows` None, or no
+    more than `rows`), else a seeded sample of `rows` with the first row of every categorical value and class
+    added. `train` needs only the categorical columns and the target."""
     if rows is None or len(train) <= rows:
-        return train
+        return None
     keep = np.random.default_rng([seed, 3]).choice(len(train), rows, replace=False)
     firsts = [*schema.categorical, *([schema.target] if schema.is_classification else [])]
     every = [np.flatnonzero(~train[c].duplicated().to_numpy()) for c in firsts]
     chosen = np.unique(np.concatenate([keep, *every]))
     log.info("transform fitted on %d of %d training rows (prepare.fit_rows)", len(chosen), len(train))
-    return train.iloc[chosen]
+    return chosen
 
 
-def chunks(rows: pd.DataFrame, size: int) -> Iterator[pd.DataFrame]:
-    """`rows` as consecutive slices of at most `size` rows (one empty slice for no rows: the file keeps its columns)."""
-    for start in range(0, max(len(rows), 1), size):
-        yield rows.iloc[start:start + size]
+def chunks(positions: np.ndarray, size: int) -> Iterator[np.ndarray]:
+    """`positions` as consecutive slices of at most `size` (one empty slice for none: the file keeps its columns)."""
+    for start in range(0, max(len(positions), 1), size):
+        yield positions[start:start + size]
 
 
-def write_parquet_chunks(path: Path, frames: Iterator[pd.DataFrame], whole: pd.DataFrame | None = None) -> None:
-    """One Parquet file (atomically) from frames of the same columns, one row group each: memory holds one.
-    The column types are those of `whole` (the frame the chunks are of: a text column missing in one chunk is
-    still text), else of the first frame."""
+def rows_at(table: pa.Table, positions: np.ndarray) -> pd.DataFrame:
+    """The rows of `table` at `positions`, in that order, as pandas."""
     import pyarrow as pa
-    import pyarrow.parquet as pq
 
-    schema = None if whole is None else pa.Schema.from_pandas(whole, preserve_index=False)
-    with atomic_path(path) as tmp:
-        writer: pq.ParquetWriter | None = None
-        try:
-            for frame in frames:
-                table = pa.Table.from_pandas(frame, schema=schema, preserve_index=False)
-                if writer is None:
-                    writer = pq.ParquetWriter(tmp, table.schema)
-                writer.write_table(table.cast(writer.schema))
-        finally:
-            if writer is not None:
-                writer.close()
+    rows: pd.DataFrame = table.take(pa.array(positions, type=pa.int64())).to_pandas()
+    return rows
 
 
 @stage(
@@ -140,43 +141,64 @@ def write_parquet_chunks(path: Path, frames: Iterator[pd.DataFrame], whole: pd.D
     atomic_outs=True,  # each written to a temp file or folder and renamed: DVC need not delete them first
 )
 def run(settings: Settings, paths: Paths) -> dict[str, Any]:
-    """Write raw splits to data/reference/, features to data/features/, and the fitted transform."""
-    schema, cfg = settings.data_schema, settings.prepare
-    data = pd.read_parquet(paths.validated_rows)
-    splits = split_rows(data, schema, cfg.split, cfg.valid_share, cfg.test_share, settings.seed)
-    del data  # the splits hold every row: memory for one copy of the table, not two
+    """Write raw splits to data/reference/, features to data/features/, and the fitted transform.
+
+    The validated table is held once, as Arrow (compact: text is not one Python object per value); the split
+    reads its key columns, and rows leave it `scale.score_chunk_rows` at a time to be compared, transformed
+    and written.
+    """
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    schema, cfg, size = settings.data_schema, settings.prepare, settings.scale.score_chunk_rows
+    table = pq.read_table(paths.validated_rows)
+    keys = [c for c in (schema.time_column, schema.key_column, schema.target) if c and c in table.column_names]
+    target = table.select([schema.target]).to_pandas()[schema.target]
+    splits = split_positions(table.select(list(dict.fromkeys(keys))).to_pandas(), schema, cfg.split,
+                             cfg.valid_share, cfg.test_share, settings.seed)
     summary: dict[str, Any] = {"split": cfg.split}
-    compared = [*schema.feature_columns, schema.target]
+    compared = table.select([*schema.feature_columns, schema.target])
+    digests = np.concatenate([_digest(compared.slice(start, size).to_pandas(), compared.column_names)
+                              for start in range(0, len(table), size)] or [np.array([], dtype=np.uint64)])
     for name in ("valid", "test"):  # a row that is also a training row inflates held-out metrics
-        dupes = duplicates_of(splits[name], splits["train"], compared)
+        dupes = np.isin(digests[splits[name]], digests[splits["train"]])
         summary[f"{name}_duplicates_of_train"] = int(dupes.sum())
         if cfg.drop_duplicate_rows and dupes.any():
-            splits[name] = splits[name][~dupes].reset_index(drop=True)
-    transform = FeatureTransform.fit(fit_sample(splits["train"], schema, cfg.fit_rows, settings.seed), schema,
+            splits[name] = splits[name][~dupes]
+    del digests
+    train = splits["train"]
+    firsts = [*schema.categorical, *([schema.target] if schema.is_classification else [])]
+    # categories as pandas categories: the first row of each value is found on codes, not one object per value
+    chosen = fit_positions(table.select(firsts).take(pa.array(train, type=pa.int64())).to_pandas(
+        strings_to_categorical=True), schema, cfg.fit_rows, settings.seed)
+    transform = FeatureTransform.fit(rows_at(table, train if chosen is None else train[chosen]), schema,
                                      settings.clean)
-    size = settings.scale.score_chunk_rows
 
-    def features_of(rows: pd.DataFrame) -> Iterator[pd.DataFrame]:
-        for part in chunks(rows, size):
-            features = transform.transform(part)
-            features[schema.target] = transform.encode_target(part[schema.target])
+    def features_of(positions: np.ndarray) -> Iterator[pd.DataFrame]:
+        for part in chunks(positions, size):
+            rows = rows_at(table, part)
+            features = transform.transform(rows)
+            features[schema.target] = transform.encode_target(rows[schema.target])
             yield features
 
     # each folder is written whole beside the old one and swapped in: a killed run leaves old or new, not a mix
     with atomic_dir(paths.features) as features_dir, atomic_dir(paths.reference) as reference_dir:
         transform.save(features_dir / paths.fitted_transform.name)
-        for name, rows in splits.items():
-            write_parquet_chunks(reference_dir / paths.split_rows(name).name, chunks(rows, size), rows)
-            write_parquet_chunks(features_dir / paths.split_features(name).name, features_of(rows))
-            summary[f"{name}_rows"] = len(rows)
+        for name, positions in splits.items():
+            write_parquet_chunks(reference_dir / paths.split_rows(name).name,
+                                 (table.take(pa.array(part, type=pa.int64())) for part in chunks(positions, size)),
+                                 table.schema)
+            write_parquet_chunks(features_dir / paths.split_features(name).name, features_of(positions))
+            summary[f"{name}_rows"] = len(positions)
             if schema.is_classification:
-                counts = rows[schema.target].map(label_key).value_counts()
+                counts = target.iloc[positions].map(label_key).value_counts()
                 summary[f"{name}_class_counts"] = {str(k): int(v) for k, v in sorted(counts.items())}
             else:
-                summary[f"{name}_target_mean"] = round(float(rows[schema.target].mean()), 6)
-        sample = splits["train"].sample(n=min(settings.report.reference_rows, len(splits["train"])),
-                                        random_state=settings.seed).sort_index()
-        write_parquet(reference_dir / paths.train_sample.name, sample)  # kept with the model: the drift reference
+                summary[f"{name}_target_mean"] = round(float(target.iloc[positions].mean()), 6)
+        # kept with the model: the drift reference, a seeded sample of the training rows in their order
+        picked = pd.RangeIndex(len(train)).to_series().sample(n=min(settings.report.reference_rows, len(train)),
+                                                             random_state=settings.seed)
+        write_parquet(reference_dir / paths.train_sample.name, rows_at(table, train[np.sort(picked.to_numpy())]))
     write_json(paths.prepare_report, summary)
     log.info("prepared splits %s", summary)
     return summary

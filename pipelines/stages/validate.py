@@ -12,6 +12,11 @@ stays numeric, a classification target is int64 where every label is an integer 
 a regression target is float64. A table without an id column gets a ROW_KEY column, a stable hash
 of the row (`row_keys`), so later stages can join labels and order rows.
 
+Batch by batch: memory holds one batch, the quarantined rows and the ids seen, whatever the table's size. What
+spans batches (an id repeated in a later batch, the target's classes, the validated types, the bad-row share of
+each batch, the top unexpected values) is kept as a compact summary; clean rows wait in files beside the output
+until the whole table's types are known, then go to data/validated/data.parquet one batch at a time.
+
 Invariant: rows in = clean rows + quarantined rows. A broken schema, a batch-level expectation that
 fails (row count), too few rows, or a bad-row share over the threshold stops the pipeline
 (DataValidationError) after writing a report that says which batch, which columns and why.
@@ -24,7 +29,9 @@ import json
 import logging
 import os
 import re
+import shutil
 from collections import Counter, defaultdict
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -36,7 +43,15 @@ from pandas.api import types
 from pipelines import rowrules
 from pipelines.config import ROW_KEY, Paths, SchemaConfig, Settings
 from pipelines.contracts import Out, stage
-from pipelines.io import atomic_dir, file_digest, read_json, text_if_mixed, write_json, write_parquet
+from pipelines.io import (
+    atomic_dir,
+    file_digest,
+    read_json,
+    text_if_mixed,
+    write_json,
+    write_parquet,
+    write_parquet_chunks,
+)
 from pipelines.progress import progress
 from pipelines.sources import parse_time, row_hash
 from pipelines.transform import allowed_categories, label_key, normalize_category
@@ -60,33 +75,43 @@ class DataValidationError(RuntimeError):
     """The batch must not reach training; the message says which columns and why."""
 
 
-def load_batches(paths: Paths) -> list[tuple[str, pd.DataFrame]]:
-    """Every collected batch as (name, rows), in manifest order."""
+def batch_entries(paths: Paths) -> list[dict[str, Any]]:
+    """The manifest's batches, in order, once every batch file is known to be there."""
     manifest_file = paths.raw_manifest
     if not manifest_file.is_file():
         raise DataValidationError(f"{manifest_file} not found: run `amaas collect` first")
-    batches = []
-    for entry in read_json(manifest_file, fix="restore data/raw (`dvc checkout data/raw`, `dvc pull`)")["batches"]:
+    entries = read_json(manifest_file, fix="restore data/raw (`dvc checkout data/raw`, `dvc pull`)")["batches"]
+    for entry in entries:
         file = paths.raw / entry["file"]
         if not file.is_file():
             raise DataValidationError(f"batch file {file} is missing; restore it from the source with "
                                       f"`amaas collect --rerun {entry['batch']}`")
-        try:
-            rows = pd.read_parquet(file)
-        except Exception as exc:  # a truncated or corrupt file is a data problem, not a crash
-            raise DataValidationError(f"batch file {entry['file']} cannot be read ({exc}); restore it from the "
-                                      f"source with `amaas collect --rerun {entry['batch']}`") from exc
-        digest = file_digest(file)
-        if "sha256" in entry and digest != entry["sha256"]:
-            raise DataValidationError(
-                f"batch {entry['batch']}: {file} has sha256 {digest[:12]}..., but {manifest_file} recorded "
-                f"{entry['sha256'][:12]}... when it was collected: the file was changed or damaged since. Restore "
-                f"it from the source with `amaas collect --rerun {entry['batch']}` (it also records what the "
-                f"source now gives)")
-        batches.append((entry["batch"], rows))
-    if not batches:
+    if not entries:
         raise DataValidationError("the source returned no batches: check source settings in params.yaml")
-    return batches
+    return list(entries)
+
+
+def read_batch(paths: Paths, entry: dict[str, Any]) -> pd.DataFrame:
+    """One collected batch's rows, once its bytes are known to be those the manifest recorded."""
+    file = paths.raw / entry["file"]
+    try:
+        rows = pd.read_parquet(file)
+    except Exception as exc:  # a truncated or corrupt file is a data problem, not a crash
+        raise DataValidationError(f"batch file {entry['file']} cannot be read ({exc}); restore it from the "
+                                  f"source with `amaas collect --rerun {entry['batch']}`") from exc
+    digest = file_digest(file)
+    if "sha256" in entry and digest != entry["sha256"]:
+        raise DataValidationError(
+            f"batch {entry['batch']}: {file} has sha256 {digest[:12]}..., but {paths.raw_manifest} recorded "
+            f"{entry['sha256'][:12]}... when it was collected: the file was changed or damaged since. Restore "
+            f"it from the source with `amaas collect --rerun {entry['batch']}` (it also records what the "
+            f"source now gives)")
+    return rows
+
+
+def load_batches(paths: Paths) -> list[tuple[str, pd.DataFrame]]:
+    """Every collected batch as (name, rows), in manifest order (all in memory: `run` reads one at a time)."""
+    return [(entry["batch"], read_batch(paths, entry)) for entry in batch_entries(paths)]
 
 
 def concat_batches(batches: list[tuple[str, pd.DataFrame]]) -> pd.DataFrame:
@@ -177,13 +202,14 @@ def row_keys(rows: pd.DataFrame, schema: SchemaConfig) -> pd.Series:
     return pd.Series(row_hash(rows[columns]), index=rows.index, name=ROW_KEY, dtype="int64")
 
 
-def target_problems(typed: pd.DataFrame, schema: SchemaConfig) -> list[str]:
-    """Batch-level target problems: a binary target without schema.classes whose data holds more than 2 labels."""
-    if schema.task != "binary" or schema.classes is not None:
+def target_problems(labels: set[str], schema: SchemaConfig) -> list[str]:
+    """Batch-level target problems: a binary target without schema.classes whose data holds more than 2 labels.
+
+    `labels`: every label the typed rows of all batches hold (a classification target as coerce_types spells it).
+    """
+    if schema.task != "binary" or schema.classes is not None or len(labels) <= 2:
         return []
-    found = sorted(typed[schema.target].dropna().unique(), key=_label_order)
-    if len(found) <= 2:
-        return []
+    found = sorted(labels, key=_label_order)
     return [f"target {schema.target!r} must have 2 classes for task binary; set schema.task: multiclass for "
             f"{len(found)} classes found: {', '.join(found)} (or list the 2 valid labels in schema.classes to "
             f"quarantine the others)"]
@@ -195,14 +221,17 @@ def _label_order(key: str) -> tuple[bool, int, str]:
     return (not integer, int(key) if integer else 0, key)
 
 
-def unexpected_values(reasons: dict[int, list[str]]) -> dict[str, list[tuple[str, int]]]:
-    """Per failing expectation (column), its most frequent unexpected values with their row counts."""
-    counts: dict[str, Counter[str]] = defaultdict(Counter)
+def count_unexpected(reasons: dict[int, list[str]], counts: dict[str, Counter[str]]) -> None:
+    """Add each failing expectation's unexpected values in `reasons` (one count per row) to `counts`."""
     for names in reasons.values():
         for text in set(names):
             name, has_value, value = text.partition(": ")
             if has_value:
                 counts[name][value] += 1
+
+
+def top_unexpected(counts: dict[str, Counter[str]]) -> dict[str, list[tuple[str, int]]]:
+    """Per failing expectation (column), its most frequent unexpected values with their row counts."""
     return {name: sorted(found.items(), key=lambda kv: (-kv[1], kv[0]))[:TOP_VALUES]
             for name, found in sorted(counts.items())}
 
@@ -211,16 +240,30 @@ def _values_lines(values: dict[str, list[tuple[str, int]]]) -> list[str]:
     return [f"{name} unexpected values: " + ", ".join(f"{v} ({n})" for v, n in top) for name, top in values.items()]
 
 
-def validated_types(clean: pd.DataFrame, schema: SchemaConfig) -> pd.DataFrame:
-    """Clean rows in the types later stages read (none of these columns holds nulls once validated)."""
+def type_facts(clean: pd.DataFrame, schema: SchemaConfig) -> dict[str, bool]:
+    """What `validated_types` decides on clean rows: whether the id and time columns hold whole numbers, and
+    (classification) whether every label is an integer. The facts of a table are those of its parts, and-ed."""
+    facts = {col: types.is_numeric_dtype(clean[col]) and _integral(clean[col])
+             for col in (schema.id_column, schema.time_column) if col is not None}
+    if schema.task != "regression":
+        facts[schema.target] = all(_INTEGER.fullmatch(str(k)) for k in clean[schema.target].unique())
+    return facts
+
+
+def validated_types(clean: pd.DataFrame, schema: SchemaConfig, facts: dict[str, bool] | None = None) -> pd.DataFrame:
+    """Clean rows in the types later stages read (none of these columns holds nulls once validated).
+
+    `facts`: the `type_facts` of the whole table these rows are part of (default: of these rows).
+    """
+    facts = type_facts(clean, schema) if facts is None else facts
     out = clean.copy()
     for col in (schema.id_column, schema.time_column):
-        if col is not None and types.is_numeric_dtype(out[col]) and _integral(out[col]):
+        if col is not None and facts[col]:
             out[col] = out[col].astype("int64")
     target = out[schema.target]
     if schema.task == "regression":
         out[schema.target] = target.astype("float64")
-    elif all(_INTEGER.fullmatch(str(k)) for k in target.unique()):
+    elif facts[schema.target]:
         out[schema.target] = target.astype("int64")
     else:
         out[schema.target] = target.astype(str)
@@ -299,22 +342,26 @@ class SuiteResult:
     expectations: dict[str, dict[str, Any]] = field(default_factory=dict)
 
 
-def frames_for_ge(typed: pd.DataFrame, batches: list[tuple[str, pd.DataFrame]], schema: SchemaConfig
-                  ) -> list[tuple[str, pd.DataFrame]]:
-    """Each batch's typed rows as the suite checks them: the schema's columns, categories as a pandas category.
+def frame_for_ge(typed: pd.DataFrame, schema: SchemaConfig) -> pd.DataFrame:
+    """A batch's typed rows as the suite checks them: the schema's columns, categories as a pandas category.
 
     The category dtype gives the same results as text for in-set and not-null checks, and both the row
     rules and GE run faster on it (GE copies its input for every metric).
     """
-    frame = typed[[ROW, *schema.columns]].astype({c: "category" for c in schema.categorical})
-    sizes = [len(rows) for _, rows in batches]  # `typed` holds the batches one after the other
+    return typed[[ROW, *schema.columns]].astype({c: "category" for c in schema.categorical})
+
+
+def frames_for_ge(typed: pd.DataFrame, batches: list[tuple[str, pd.DataFrame]], schema: SchemaConfig
+                  ) -> list[tuple[str, pd.DataFrame]]:
+    """`frame_for_ge` of each batch, from `typed`: the batches' typed rows one after the other."""
+    sizes = [len(rows) for _, rows in batches]
     ends = np.cumsum(sizes)
-    return [(name, frame.iloc[end - size : end]) for (name, _), size, end in zip(batches, sizes, ends, strict=True)]
+    return [(name, frame_for_ge(typed.iloc[end - size : end], schema))
+            for (name, _), size, end in zip(batches, sizes, ends, strict=True)]
 
 
-def run_expectations(batches: list[tuple[str, pd.DataFrame]], suite: list[Any], docs_dir: Path | None,
-                     chunk_rows: int = 1_000_000, vectorized: bool = True) -> SuiteResult:
-    """Validate each batch with the suite; row failures by `__row__`, batch-level failures by name.
+class SuiteRun:
+    """The suite over batches given one at a time (`check`), then their Data Docs (`finish`).
 
     The row-level expectations are evaluated once, vectorized, `chunk_rows` rows at a time
     (`pipelines.rowrules`); GE runs the rest (batch-level ones, and row-level ones with no vectorized
@@ -325,60 +372,87 @@ def run_expectations(batches: list[tuple[str, pd.DataFrame]], suite: list[Any], 
     GE runs in two passes, because most expectations pass and listing every unexpected row is GE's
     costly part: its expectations with BASIC results (counts and a sample, as Data Docs shows them),
     then only those that found unexpected rows, with COMPLETE results that list every such row.
+    `result` holds the batch-level failures and each expectation's counts over the batches checked so far.
     """
-    gx = _gx()
-    from great_expectations.data_context.types.base import ProgressBarsConfig
-    from great_expectations.data_context.types.resource_identifiers import (
-        ExpectationSuiteIdentifier,
-        ValidationResultIdentifier,
-    )
-    from great_expectations.validator.v1_validator import Validator
 
-    ctx = gx.get_context(mode="ephemeral")
-    ctx.variables.progress_bars = ProgressBarsConfig(globally=False)
-    if docs_dir is not None:
-        ctx.add_data_docs_site(site_name=DOCS_SITE, site_config={
-            "class_name": "SiteBuilder", "site_index_builder": {"class_name": "DefaultSiteIndexBuilder"},
-            "store_backend": {"class_name": "TupleFilesystemStoreBackend", "base_directory": str(docs_dir)}})
-    batch_def = ctx.data_sources.add_pandas("amaas").add_dataframe_asset("batch").add_batch_definition_whole_dataframe(
-        "whole")
+    def __init__(self, suite: list[Any], docs_dir: Path | None, chunk_rows: int = 1_000_000,
+                 vectorized: bool = True) -> None:
+        gx = self._gx = _gx()
+        from great_expectations.data_context.types.base import ProgressBarsConfig
 
-    def ge_run(configurations: list[Any], frame: pd.DataFrame, result_format: Any) -> Any:
+        self.ctx = gx.get_context(mode="ephemeral")
+        self.ctx.variables.progress_bars = ProgressBarsConfig(globally=False)
+        self.docs_dir, self.chunk_rows, self.vectorized = docs_dir, chunk_rows, vectorized
+        if docs_dir is not None:
+            self.ctx.add_data_docs_site(site_name=DOCS_SITE, site_config={
+                "class_name": "SiteBuilder", "site_index_builder": {"class_name": "DefaultSiteIndexBuilder"},
+                "store_backend": {"class_name": "TupleFilesystemStoreBackend", "base_directory": str(docs_dir)}})
+        self.batch_def = self.ctx.data_sources.add_pandas("amaas").add_dataframe_asset(
+            "batch").add_batch_definition_whole_dataframe("whole")
+        # copies: GE binds an expectation to the suite it joins, and the caller may run `suite` again
+        self.full = self.ctx.suites.add(gx.ExpectationSuite(name=SUITE, expectations=[copy.copy(e) for e in suite]))
+        self.result = SuiteResult()
+        self.pages: list[Any] = []  # one Data Docs page per batch
+
+    def _ge_run(self, configurations: list[Any], frame: pd.DataFrame, result_format: Any) -> Any:
+        from great_expectations.validator.v1_validator import Validator
+
         # from configurations, which keep their ids (copies of expectations would not): results are found by id
-        checked = gx.ExpectationSuite(name=SUITE, expectations=configurations)
-        return Validator(batch_def, result_format, {"dataframe": frame}).validate_expectation_suite(checked)
+        checked = self._gx.ExpectationSuite(name=SUITE, expectations=configurations)
+        return Validator(self.batch_def, result_format, {"dataframe": frame}).validate_expectation_suite(checked)
 
-    # copies: GE binds an expectation to the suite it joins, and the caller may run `suite` again
-    full = ctx.suites.add(gx.ExpectationSuite(name=SUITE, expectations=[copy.copy(e) for e in suite]))
-    result, pages = SuiteResult(), []
-    for name, rows in progress(batches, "validate", unit="batch"):
-        rules, by_ge = rowrules.split(full.expectations, rows.dtypes) if vectorized else ([], full.expectations)
-        outcomes = rowrules.evaluate(rules, rows, ROW, chunk_rows)
+    def check(self, name: str, rows: pd.DataFrame) -> dict[int, list[str]]:
+        """Validate one batch (`frame_for_ge`); its row failures by `__row__` (but uniqueness: see _summarize)."""
+        from great_expectations.data_context.types.resource_identifiers import (
+            ExpectationSuiteIdentifier,
+            ValidationResultIdentifier,
+        )
+
+        failures: dict[int, list[str]] = defaultdict(list)
+        expectations = self.full.expectations
+        rules, by_ge = rowrules.split(expectations, rows.dtypes) if self.vectorized else ([], expectations)
+        outcomes = rowrules.evaluate(rules, rows, ROW, self.chunk_rows)
         frame = _frame_for(by_ge, rows)
-        checked = ge_run([e.configuration for e in by_ge], frame, "BASIC")
-        merged = _merge(full.expectations, checked.results, outcomes)
-        flagged = {id(res) for res in merged if _summarize(result, name, res)}
+        checked = self._ge_run([e.configuration for e in by_ge], frame, "BASIC")
+        merged = _merge(expectations, checked.results, outcomes)
+        flagged = {id(res) for res in merged if _summarize(self.result, name, res)}
         listed = [res.expectation_config for res in checked.results if id(res) in flagged]
         for outcome in outcomes:
             if outcome.rule.type != UNIQUE:
                 for row, value in zip(outcome.keys.tolist(), outcome.values, strict=True):
-                    result.row_failures[int(row)].append(reason(outcome.rule.name, value))
+                    failures[int(row)].append(reason(outcome.rule.name, value))
         if listed:
-            detail = ge_run(listed, frame,
-                            {"result_format": "COMPLETE", "unexpected_index_column_names": [ROW]})
+            detail = self._ge_run(listed, frame, {"result_format": "COMPLETE", "unexpected_index_column_names": [ROW]})
             for res in detail.results:
                 rule, column = _name(res.expectation_config), res.expectation_config.kwargs.get("column")
                 for hit in res.result["unexpected_index_list"]:
-                    result.row_failures[int(hit[ROW])].append(reason(rule, hit.get(column)))
-        if docs_dir is not None:
+                    failures[int(hit[ROW])].append(reason(rule, hit.get(column)))
+        if self.docs_dir is not None:
             page = ValidationResultIdentifier(batch_identifier=checked.batch_id,
                                               expectation_suite_identifier=ExpectationSuiteIdentifier(SUITE),
-                                              run_id=gx.RunIdentifier(run_name=name))
-            ctx.validation_results_store.set(page, _suite_result(checked, merged, page.run_id))
-            pages.append(page)
-    if docs_dir is not None:  # once, at the end: building per batch would rebuild the whole site each time
-        ctx.build_data_docs(site_names=[DOCS_SITE], resource_identifiers=[ExpectationSuiteIdentifier(SUITE), *pages])
-    return result
+                                              run_id=self._gx.RunIdentifier(run_name=name))
+            self.ctx.validation_results_store.set(page, _suite_result(checked, merged, page.run_id))
+            self.pages.append(page)
+        return failures
+
+    def finish(self) -> SuiteResult:
+        """Build the Data Docs of every batch checked (once: building per batch would rebuild the whole site)."""
+        from great_expectations.data_context.types.resource_identifiers import ExpectationSuiteIdentifier
+
+        if self.docs_dir is not None:
+            self.ctx.build_data_docs(site_names=[DOCS_SITE],
+                                     resource_identifiers=[ExpectationSuiteIdentifier(SUITE), *self.pages])
+        return self.result
+
+
+def run_expectations(batches: list[tuple[str, pd.DataFrame]], suite: list[Any], docs_dir: Path | None,
+                     chunk_rows: int = 1_000_000, vectorized: bool = True) -> SuiteResult:
+    """Validate each batch with the suite (`SuiteRun`); row failures by `__row__`, batch-level failures by name."""
+    run = SuiteRun(suite, docs_dir, chunk_rows, vectorized)
+    for name, rows in progress(batches, "validate", unit="batch"):
+        for row, names in run.check(name, rows).items():
+            run.result.row_failures[row].extend(names)
+    return run.finish()
 
 
 def _frame_for(expectations: list[Any], rows: pd.DataFrame) -> pd.DataFrame:
@@ -448,17 +522,86 @@ def _summarize(result: SuiteResult, batch: str, res: Any) -> bool:
     return unexpected > 0 and cfg.type != UNIQUE
 
 
-def split_rows(
-    raw: pd.DataFrame, typed: pd.DataFrame, bad: pd.Series, reasons: dict[int, list[str]]
-) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """Clean (typed) rows and quarantined rows as they arrived, with their reasons.
+@dataclass
+class _Tally:
+    """What `run` keeps of the batches checked so far: counts and compact summaries, not their rows.
 
-    Together they are exactly the input rows. Quarantined values are kept as received (a value
-    that failed to cast stays visible), with mixed-type columns stored as text.
+    What grows with the table: the quarantined rows (a bounded share: a larger one stops the pipeline) and
+    the ids seen (uniqueness holds across batches). Clean rows wait in files (`clean_files`) until the
+    whole table's `type_facts` are known.
     """
-    quarantine = text_if_mixed(raw[bad])
-    quarantine[REASONS] = ["; ".join(sorted(set(reasons[int(r)]))) for r in quarantine[ROW]]
-    return typed[~bad.to_numpy()].copy(), quarantine
+
+    rows_in: int = 0
+    rows_clean: int = 0
+    schema_problems: list[str] = field(default_factory=list)
+    labels: set[str] = field(default_factory=set)
+    ids: list[np.ndarray] = field(default_factory=list)
+    duplicates: int = 0
+    bad_by_batch: dict[str, list[int]] = field(default_factory=dict)  # batch name: [bad rows, rows]
+    unexpected: dict[str, Counter[str]] = field(default_factory=lambda: defaultdict(Counter))
+    quarantine: list[pd.DataFrame] = field(default_factory=list)
+    facts: dict[str, bool] = field(default_factory=dict)
+    clean_files: list[Path] = field(default_factory=list)
+
+
+def check_batch(name: str, rows: pd.DataFrame, settings: Settings, suite: SuiteRun, tally: _Tally,
+                spill: Path) -> None:
+    """Validate one batch: its quarantined rows and summaries go to `tally`, its clean rows to a file in `spill`.
+
+    Once a batch's schema is broken, later batches are only counted and their schema checked.
+    """
+    schema = settings.data_schema
+    raw = rows.assign(batch=name)
+    raw.insert(0, ROW, range(tally.rows_in, tally.rows_in + len(raw)))  # positions in the table, as GE reports them
+    tally.rows_in += len(raw)
+    tally.schema_problems += [f"batch {name}: {problem}" for problem in check_schema(rows, schema)]
+    if tally.schema_problems:
+        return
+    typed, reasons = coerce_types(raw, schema, settings.clean.normalize_categories)
+    if schema.is_classification:
+        tally.labels.update(typed[schema.target].dropna().unique())
+    for row, names in suite.check(name, frame_for_ge(typed, schema)).items():
+        reasons[row].extend(names)
+    if schema.id_column is not None:  # the first copy of an id in the table stays; GE flags every copy in a batch
+        dupes = _repeated(typed[schema.id_column], tally.ids)
+        tally.duplicates += int(dupes.sum())
+        for row, value in typed.loc[dupes, [ROW, schema.id_column]].itertuples(index=False):
+            reasons[int(row)].append(reason(f"{UNIQUE}({schema.id_column})", value))
+    count_unexpected(reasons, tally.unexpected)
+    bad = raw[ROW].isin(list(reasons)).to_numpy()
+    counts = tally.bad_by_batch.setdefault(name, [0, 0])
+    counts[0], counts[1] = counts[0] + int(bad.sum()), counts[1] + len(raw)
+    # quarantined values as received (a value that failed to cast stays visible), with their reasons
+    tally.quarantine.append(raw[bad].assign(**{REASONS: ["; ".join(sorted(set(reasons[int(r)])))
+                                                          for r in raw[ROW].to_numpy()[bad]]}))
+    clean = typed[~bad].drop(columns=[ROW])
+    tally.facts = {k: v and tally.facts.get(k, True) for k, v in type_facts(clean, schema).items()}
+    tally.rows_clean += len(clean)
+    tally.clean_files.append(spill / f"{len(tally.clean_files)}.parquet")
+    clean.to_parquet(tally.clean_files[-1], index=False)
+
+
+def _repeated(ids: pd.Series, seen: list[np.ndarray]) -> np.ndarray:
+    """Which of `ids` repeat an earlier one, in this batch or in `seen` (earlier batches'); adds the new ones to it."""
+    present = ids.notna().to_numpy()
+    dupes = present & ids.duplicated(keep="first").to_numpy()
+    if seen:
+        dupes |= present & ids.isin(np.concatenate(seen)).to_numpy()
+    seen.append(ids.to_numpy()[present & ~dupes])
+    return dupes
+
+
+def write_clean(target: Path, files: list[Path], schema: SchemaConfig, facts: dict[str, bool]) -> None:
+    """The clean rows of every batch (`files`) in one Parquet file, in `validated_types` (one batch in memory)."""
+    import pyarrow as pa
+
+    def batches() -> Iterator[pd.DataFrame]:
+        return (validated_types(pd.read_parquet(file), schema, facts) for file in files)
+
+    # the types of all batches together: a text column all missing in one batch is still text
+    arrow = pa.unify_schemas([pa.Schema.from_pandas(rows, preserve_index=False) for rows in batches()],
+                             promote_options="permissive")
+    write_parquet_chunks(target, batches(), arrow)
 
 
 @stage(
@@ -470,70 +613,64 @@ def split_rows(
     atomic_outs=True,  # each written to a temp file or folder and renamed: DVC need not delete them first
 )
 def run(settings: Settings, paths: Paths) -> dict[str, Any]:
-    """Validate every collected row; write clean rows, quarantined rows, Data Docs and reports/validation.json."""
+    """Validate every collected row; write clean rows, quarantined rows, Data Docs and reports/validation.json.
+
+    Batch by batch: memory holds one batch (and the quarantined rows), whatever the table's size.
+    """
     schema, rules = settings.data_schema, settings.validation
-    batches = load_batches(paths)
-    raw = concat_batches(batches)
-    raw.insert(0, ROW, range(len(raw)))
-    report_file = paths.validation_report
-
-    # per batch: after concatenation a column missing from one batch would look like nulls
-    problems = [f"batch {name}: {problem}" for name, rows in batches for problem in check_schema(rows, schema)]
-    if problems:
-        _fail(report_file, len(raw), "schema", problems)
-
-    typed, reasons = coerce_types(raw, schema, settings.clean.normalize_categories)
-    problems = target_problems(typed, schema)
-    if problems:
-        _fail(report_file, len(raw), "target_classes", problems)
-    suite = build_suite(settings, paths)
-    with atomic_dir(paths.data_docs) as docs:
-        checked = run_expectations(frames_for_ge(typed, batches, schema), suite, docs, rules.chunk_rows)
-    for row, names in checked.row_failures.items():
-        reasons[row].extend(names)
-    if schema.id_column is not None:  # the first copy of an id stays; GE flags every copy
-        ident = schema.id_column
-        dupes = typed[ident].notna() & typed.duplicated(ident, keep="first")
-        for row, value in typed.loc[dupes, [ROW, ident]].itertuples(index=False):
-            reasons[int(row)].append(reason(f"{UNIQUE}({ident})", value))
-        checked.expectations[f"{UNIQUE}({ident})"] = {"success": not dupes.any(), "unexpected_count": int(dupes.sum())}
-
-    bad = raw[ROW].isin(list(reasons))
-    clean, quarantine = split_rows(raw, typed, bad, reasons)
-    assert len(clean) + len(quarantine) == len(raw), "validate lost or duplicated rows"
-    bad_share = {str(b): float(s) for b, s in bad.groupby(raw["batch"], sort=False).mean().items()}
-    values = unexpected_values(reasons)
-    summary = {
-        "status": "passed",
-        "batches": len(batches),
-        "rows_in": len(raw),
-        "rows_clean": len(clean),
-        "rows_quarantined": len(quarantine),
-        "bad_share": round(len(quarantine) / max(len(raw), 1), 6),
-        "bad_share_by_batch": bad_share,
-        "expectations": checked.expectations,
-        "unexpected_values": values,
-        "data_docs": str(paths.data_docs / "index.html"),
-    }
-    write_parquet(paths.quarantined_rows, quarantine)
-    write_json(paths.validation_details, summary)
-    if checked.batch_failures:
-        _fail(report_file, len(raw), "batch_expectations", checked.batch_failures, summary)
-    over = {b: s for b, s in bad_share.items() if s > rules.max_bad_share}
-    if over:
-        _fail(report_file, len(raw), "bad_share", [
-            f"batch {b}: {s:.1%} of rows failed expectations (max {rules.max_bad_share:.1%}); "
-            f"see {paths.quarantined_rows}" for b, s in over.items()
-        ] + _values_lines(values), summary)
-    if len(clean) < rules.min_rows:
-        _fail(report_file, len(raw), "too_few_rows",
-              [f"{len(clean)} clean rows, fewer than validate.min_rows={rules.min_rows}", *_values_lines(values)],
-              summary)
-
-    write_parquet(paths.validated_rows, validated_types(clean, schema).drop(columns=[ROW]))
+    entries = batch_entries(paths)
+    report_file, tally = paths.validation_report, _Tally()
+    with atomic_dir(paths.validated) as validated:
+        spill = validated / "batches"
+        spill.mkdir()
+        with atomic_dir(paths.data_docs) as docs:
+            suite = SuiteRun(build_suite(settings, paths), docs, rules.chunk_rows)
+            for entry in progress(entries, "validate", unit="batch"):
+                check_batch(entry["batch"], read_batch(paths, entry), settings, suite, tally, spill)
+            if tally.schema_problems:
+                _fail(report_file, tally.rows_in, "schema", tally.schema_problems)
+            problems = target_problems(tally.labels, schema)
+            if problems:
+                _fail(report_file, tally.rows_in, "target_classes", problems)
+            checked = suite.finish()
+        if schema.id_column is not None:
+            checked.expectations[f"{UNIQUE}({schema.id_column})"] = {"success": tally.duplicates == 0,
+                                                                     "unexpected_count": tally.duplicates}
+        quarantine = text_if_mixed(pd.concat(tally.quarantine, ignore_index=True))
+        assert tally.rows_clean + len(quarantine) == tally.rows_in, "validate lost or duplicated rows"
+        bad_share = {str(b): bad / rows for b, (bad, rows) in tally.bad_by_batch.items() if rows}
+        values = top_unexpected(tally.unexpected)
+        summary = {
+            "status": "passed",
+            "batches": len(entries),
+            "rows_in": tally.rows_in,
+            "rows_clean": tally.rows_clean,
+            "rows_quarantined": len(quarantine),
+            "bad_share": round(len(quarantine) / max(tally.rows_in, 1), 6),
+            "bad_share_by_batch": bad_share,
+            "expectations": checked.expectations,
+            "unexpected_values": values,
+            "data_docs": str(paths.data_docs / "index.html"),
+        }
+        write_parquet(paths.quarantined_rows, quarantine)
+        write_json(paths.validation_details, summary)
+        if checked.batch_failures:
+            _fail(report_file, tally.rows_in, "batch_expectations", checked.batch_failures, summary)
+        over = {b: s for b, s in bad_share.items() if s > rules.max_bad_share}
+        if over:
+            _fail(report_file, tally.rows_in, "bad_share", [
+                f"batch {b}: {s:.1%} of rows failed expectations (max {rules.max_bad_share:.1%}); "
+                f"see {paths.quarantined_rows}" for b, s in over.items()
+            ] + _values_lines(values), summary)
+        if tally.rows_clean < rules.min_rows:
+            _fail(report_file, tally.rows_in, "too_few_rows",
+                  [f"{tally.rows_clean} clean rows, fewer than validate.min_rows={rules.min_rows}",
+                   *_values_lines(values)], summary)
+        write_clean(validated / paths.validated_rows.name, tally.clean_files, schema, tally.facts)
+        shutil.rmtree(spill)
     write_json(report_file, {k: summary[k] for k in METRIC_KEYS})
-    log.info("validated %d rows in %d batches: %d clean, %d quarantined", len(raw), len(batches), len(clean),
-             len(quarantine))
+    log.info("validated %d rows in %d batches: %d clean, %d quarantined", tally.rows_in, len(entries),
+             tally.rows_clean, len(quarantine))
     return {k: summary[k] for k in METRIC_KEYS}
 
 

@@ -14,7 +14,7 @@ from pipelines.sampling import sample_index, training_rows
 from pipelines.sources import Watermarks, row_hash
 from pipelines.sources.simulator import EXTRA_BOUND, SimulatorSource, extra_schema, generate_batch
 from pipelines.stages import collect, prepare
-from pipelines.stages.prepare import duplicates_of, fit_sample, write_parquet_chunks
+from pipelines.stages.prepare import duplicates_of, fit_positions, write_parquet_chunks
 from pipelines.stages.report import judged_sample
 from tests.conftest import small_params
 from tests.tables import make_table, params_for
@@ -65,12 +65,13 @@ def test_fit_sample_keeps_every_category_and_class(tmp_path):
     schema = load_settings(tmp_path / "params.yaml").data_schema
     table = make_table("multiclass", 600, seed=3)
     table.loc[599, "color"] = "Purple "  # one row of a category
-    sample = fit_sample(table, schema, 40, seed=42)
-    assert 40 <= len(sample) < 60 and sample.index.is_monotonic_increasing
+    chosen = fit_positions(table, schema, 40, seed=42)
+    assert 40 <= len(chosen) < 60 and (np.diff(chosen) > 0).all()
+    sample = table.iloc[chosen]
     for column in ("color", "size", "label"):
         assert set(sample[column].dropna()) == set(table[column].dropna()), column
-    pd.testing.assert_frame_equal(sample, fit_sample(table, schema, 40, seed=42))
-    assert fit_sample(table, schema, None, seed=42) is table
+    assert chosen.tolist() == fit_positions(table, schema, 40, seed=42).tolist()
+    assert fit_positions(table, schema, None, seed=42) is None and fit_positions(table, schema, 600, seed=42) is None
 
 
 def test_judged_sample_is_seeded_and_null_keeps_all():

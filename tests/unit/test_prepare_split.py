@@ -1,0 +1,66 @@
+"""prepare splits from the key columns and moves rows in chunks: it writes the splits the whole sorted table gave.
+
+`whole_table_splits` is the split as it was before, on the whole table sorted in memory. The table is stored
+out of time order, with repeated rows, one rare class, mixed-case categories and missing values; prepare reads
+it in chunks smaller than any split.
+"""
+
+import numpy as np
+import pandas as pd
+import pytest
+import yaml
+
+from pipelines.config import ROW_KEY, Paths, load_settings
+from pipelines.stages import prepare
+from pipelines.transform import FeatureTransform, label_key
+from tests.tables import make_table, params_for
+
+
+def whole_table_splits(df, schema, how, valid_share, test_share, seed):
+    """prepare.split_rows as it was: the whole table sorted, shuffled and cut."""
+    rows = df.sort_values([schema.time_column, schema.key_column], kind="mergesort").reset_index(drop=True)
+    part = np.repeat([0, 1, 2], prepare._counts(len(rows), valid_share, test_share))
+    if how == "random":
+        rows = rows.iloc[np.random.default_rng(seed).permutation(len(rows))].reset_index(drop=True)
+    keys = rows[schema.target].map(label_key)
+    for label in keys.value_counts().index:
+        mine = np.flatnonzero((keys == label).to_numpy())
+        have = np.bincount(part[mine], minlength=3).tolist()
+        want = prepare._counts(len(mine), valid_share, test_share) if how == "random" else have
+        part[mine] = np.repeat([0, 1, 2], prepare._every_split(want))
+    return {name: rows[part == i].reset_index(drop=True) for i, name in enumerate(prepare.SPLITS)}
+
+
+@pytest.mark.parametrize("how", ["time", "random"])
+def test_prepare_writes_the_splits_of_the_whole_sorted_table(tmp_path, how):
+    table = make_table("multiclass", 300, seed=5)
+    table[ROW_KEY] = np.arange(len(table)) * 7919 % 1000  # a key that is not the stored order
+    table.loc[[40, 41], "day"] = table.loc[39, "day"]  # equal times: the key decides
+    repeats = table.iloc[[5, 6]].assign(day=table["day"].max(), **{ROW_KEY: [2001, 2002]})  # again, later
+    table = pd.concat([table, repeats], ignore_index=True)  # held-out copies of training rows are dropped
+    table = table.sample(frac=1, random_state=1).reset_index(drop=True)  # stored out of time order
+    params = params_for("multiclass", **{"prepare.split": how, "scale.score_chunk_rows": 23})
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    settings, paths = load_settings(tmp_path / "params.yaml"), Paths(tmp_path)
+    paths.validated.mkdir(parents=True)
+    table.to_parquet(paths.validated_rows, row_group_size=50)
+    summary = prepare.run(settings, paths)
+
+    schema = settings.data_schema
+    splits = whole_table_splits(table, schema, how, 0.15, 0.15, settings.seed)
+    columns = [*schema.feature_columns, schema.target]
+    for name in ("valid", "test"):
+        dupes = prepare.duplicates_of(splits[name], splits["train"], columns)
+        assert summary[f"{name}_duplicates_of_train"] == dupes.sum()
+        splits[name] = splits[name][~dupes].reset_index(drop=True)
+    assert sum(summary[f"{name}_duplicates_of_train"] for name in ("valid", "test")) > 0
+    transform = FeatureTransform.fit(splits["train"], schema, settings.clean)
+    for name, rows in splits.items():
+        pd.testing.assert_frame_equal(pd.read_parquet(paths.split_rows(name)), rows, obj=name)
+        features = transform.transform(rows)
+        features[schema.target] = transform.encode_target(rows[schema.target])
+        pd.testing.assert_frame_equal(pd.read_parquet(paths.split_features(name)), features, obj=name)
+        assert set(rows["label"]) == {"low", "mid", "high", "extreme"}
+    sample = splits["train"].sample(n=min(settings.report.reference_rows, len(splits["train"])),
+                                    random_state=settings.seed).sort_index().reset_index(drop=True)
+    pd.testing.assert_frame_equal(pd.read_parquet(paths.train_sample), sample)
