@@ -192,7 +192,7 @@ class SharedState:
             day, day_rows = conn.execute("SELECT day, day_rows FROM usage WHERE name = ?", (name,)).fetchone() or (
                 today, 0)
             used = day_rows if day == today else 0
-            if limit.daily_quota is not None and used + rows > limit.daily_quota:
+            if used + rows > limit.daily_quota:
                 conn.execute("UPDATE usage SET limited = limited + 1 WHERE name = ?", (name,))
                 return limit.daily_quota - used
             conn.execute("UPDATE usage SET day = ?, day_rows = ?, rows = rows + ? WHERE name = ?",
