@@ -1,7 +1,7 @@
 """Serving load test on localhost: the targets of issue 14 in one run, with auth, the prediction log on and the
 response cache off unless said (rate limits too once the build has `serve.rate_limit`; else that part is skipped).
 
-Usage: python benchmarks/serve.py [--seconds 60] [--concurrency 32] [--rate 200] [--env NAME=VALUE ...]
+Usage: python benchmarks/serve.py [--seconds 60] [--concurrency 32] [--rate 200] [--workers N] [--env NAME=VALUE ...]
 Trains a small model in a temporary project (about 20 s), then starts a real `amaas serve` per mode and prints:
 - in-process `predict` rows/s at batches of 256 (the ceiling);
 - adaptive batching: single rows at `--rate` requests/s for `--seconds` (open loop: a request's latency counts
@@ -11,7 +11,8 @@ Trains a small model in a temporary project (about 20 s), then starts a real `am
 - batching off: the closed loop again (target: batching >= 5x this);
 - the response cache: half the requests repeat one row, half are new rows, at `--rate`, with the cache off and
   on (target: p50 on / off <= 0.5).
-`--env` sets a variable in the server's environment (e.g. OMP_WAIT_POLICY=PASSIVE) to compare settings.
+`--workers` is serve.workers (default: one per core, as the README advises); `--env` sets a variable in the server's
+environment (e.g. OMP_WAIT_POLICY=PASSIVE) to compare settings.
 """
 
 from __future__ import annotations
@@ -151,6 +152,7 @@ def main() -> int:
     parser.add_argument("--concurrency", type=int, default=32)
     parser.add_argument("--rate", type=float, default=200)
     parser.add_argument("--params", default="params.yaml")
+    parser.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="serve.workers (default: cores)")
     parser.add_argument("--env", action="append", default=[], metavar="NAME=VALUE", help="in the server's environment")
     args = parser.parse_args()
     env = dict(item.split("=", 1) for item in args.env)
@@ -169,12 +171,13 @@ def main() -> int:
         print(f"in-process predict, batches of 256 rows: {in_process:,.0f} rows/s")
         limits = "rate_limit" in params["serve"]
         print(f"auth on, prediction log on; rate limits: {'on' if limits else 'not in this build, skipped'}; "
-              f"server env: {env or 'as is'}; {args.seconds:g} s per run, closed loop: {args.concurrency} clients")
+              f"{args.workers} worker(s) on {os.cpu_count()} cores; server env: {env or 'as is'}; {args.seconds:g} s "
+              f"per run, closed loop: {args.concurrency} clients")
         print(f"{'mode':<22} {'load':<22} {'rps':>8} {'p50 ms':>8} {'p95 ms':>8} {'p99 ms':>8} {'errors':>7}")
         results: dict[str, dict[str, Any]] = {}
         modes = (("adaptive batching", True, 0), ("batching off", False, 0), ("cache on", True, 10_000))
         for mode, batching, cache in modes:
-            params["serve"].update(batching=batching, cache={"size": cache})
+            params["serve"].update(batching=batching, cache={"size": cache}, workers=args.workers)
             (root / "params.yaml").write_text(yaml.safe_dump(params))
             proc, url = serve(root, env)
             runs: list[tuple[str, Payload, int | None]] = {  # (load, payload, clients; None: open loop at --rate)

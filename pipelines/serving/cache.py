@@ -15,6 +15,7 @@ from collections import OrderedDict
 from collections.abc import Callable
 from typing import Any, Protocol
 
+import orjson
 import pandas as pd
 
 from pipelines.serving.asgi import Receive, Send, replayed
@@ -155,7 +156,7 @@ class CacheFirst:
         body = b"".join(chunks)
         # on the event loop, like the gateway's own checks: a lookup is about 15 us a row, less than a hop to a
         # worker thread that would then contend for the GIL with the loop and the batch thread
-        answers = answer(json.loads(body)["rows"])
+        answers = answer(orjson.loads(body)["rows"])
         if answers is None:
             return await self.app(scope, replayed(body, receive), send)
         data = json.dumps(answers, allow_nan=False).encode()

@@ -11,11 +11,12 @@ import logging
 import re
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from functools import cached_property
 from pathlib import Path
 from typing import Any
 
+import orjson
 from pydantic import BaseModel, TypeAdapter, ValidationError
 
 from pipelines.config import ServeConfig, Settings
@@ -65,7 +66,7 @@ class Gateway:
 
     def __init__(self, app: Any, settings: Callable[[], Settings], keys_file: Path,
                  routing: Callable[[], tuple[float, bool]], versions: Callable[[], dict[str, Any]],
-                 follows_registry: bool = False) -> None:
+                 durable: Callable[[], Awaitable[None]] | None = None, follows_registry: bool = False) -> None:
         self.app = app
         self.settings = settings  # called on first use, not here: BentoML builds the gateway at import
         self.keys = ApiKeys(keys_file)
@@ -73,6 +74,7 @@ class Gateway:
         self.server = server_id()
         self.routing = routing  # (canary share, shadow) now: follows the registry while serving
         self.versions = versions  # GET /models: what is being served now (deploy checks it)
+        self.durable = durable  # returns once the answers given so far are in the prediction log on disk
         self.follows_registry = follows_registry  # False: a bento run on its own model, nothing to reload
         self._broken_at: float | None = -1.0  # the key file's mtime when its corruption was last logged
 
@@ -156,9 +158,9 @@ class Gateway:
             return await _reply(send, 413, {"error": f"request body over serve.max_body_bytes="
                                                      f"{self.serve.max_body_bytes} bytes"})
         try:
-            payload = _parse(body)
+            payload = _parse(body, check_depth=False)
         except ValueError as exc:
-            return await _reply(send, 422, {"error": "body is not valid JSON", "detail": [{"msg": _clip(str(exc))}]})
+            return await self._not_json(exc, send)
         if isinstance(payload, dict) and isinstance(payload.get("rows"), list) and len(
                 payload["rows"]) > self.serve.max_rows:
             return await _reply(send, 413, {"error": f"{len(payload['rows'])} rows, more than serve.max_rows="
@@ -166,6 +168,10 @@ class Gateway:
         try:
             request: dict[str, Any] = self.model.validate_python(payload)
         except ValidationError as exc:
+            try:  # only a refused request can be deep; its errors echo inputs, which must be shallow
+                _check_depth(payload)
+            except ValueError as deep:
+                return await self._not_json(deep, send)
             return await _reply(send, 422, {"error": f"{exc.error_count()} invalid field(s)",
                                             "detail": _field_errors(exc)})
         if (request.get("rows") is None) == (request.get("row") is None):
@@ -186,7 +192,7 @@ class Gateway:
         where = route(request_id, *self.routing())
         tags = {REQUEST_ID: request_id, ROUTE: where, KEY_NAME: entry.name if entry else None}
         rows = [{**self.defaults, **r, **tags} for r in received]
-        forwarded = json.dumps({"rows": rows}, allow_nan=False).encode()
+        forwarded = orjson.dumps({"rows": rows})  # finite numbers only: the parser and the schema saw to that
         scope = {**scope, "headers": [(k, v) for k, v in scope["headers"] if k.lower() != b"content-length"]
                  + [(b"content-length", str(len(forwarded)).encode())]}
         shed = False
@@ -197,6 +203,8 @@ class Gateway:
                 if message["status"] == 503:  # BentoML shed it: its body says "unexpected error"; ours, retry
                     shed = True
                     return
+                if message["status"] == 200 and self.durable is not None:
+                    await self.durable()  # answered means logged: this answer's rows are on disk before it leaves
                 message = {**message, "headers": [*message.get("headers", []), *decision.headers(),
                                                   (b"x-request-id", request_id.encode())]}
             elif shed:
@@ -208,6 +216,9 @@ class Gateway:
             await send(message)
 
         await self.app(scope, replayed(forwarded, receive), tag)
+
+    async def _not_json(self, exc: ValueError, send: Send) -> None:
+        await _reply(send, 422, {"error": "body is not valid JSON", "detail": [{"msg": _clip(str(exc))}]})
 
     async def _authorized(self, headers: dict[str, str], send: Send, scope: str, create: str) -> KeyEntry | None:
         """The sender's key entry if it has `scope`, or None after answering 401/503 (see _authenticated) or 403
@@ -406,17 +417,38 @@ def quiet_shedding() -> None:
             logger.addFilter(QuietShedding())
 
 
-def _parse(body: bytes) -> Any:
-    """The JSON of `body`, strictly: UTF-8, no NaN or Infinity, at most MAX_DEPTH levels (ValueError if not)."""
+def _parse(body: bytes, check_depth: bool = True) -> Any:
+    """The JSON of `body`, strictly: UTF-8, no NaN or Infinity, at most MAX_DEPTH levels (ValueError if not;
+    `check_depth` False leaves the depth to the caller: a request the schema takes is 3 levels deep).
+
+    orjson parses (strict already: it refuses NaN, Infinity, numbers out of range and bad UTF-8, and stops at 1,024
+    levels); only a body it refuses goes through the standard parser again, for an error that names the fault."""
+    try:
+        payload = orjson.loads(body or b"null")
+    except orjson.JSONDecodeError as exc:
+        raise ValueError(_why_not_json(body, exc)) from None
+    if check_depth:
+        _check_depth(payload)
+    return payload
+
+
+def _why_not_json(body: bytes, exc: orjson.JSONDecodeError) -> str:
+    """What is wrong with a body orjson refused, in words a client can act on."""
     def constant(name: str) -> Any:
         raise ValueError(f"{name} is not a JSON number (send null, or a finite number)")
 
     try:
-        payload = json.loads(body.decode("utf-8") if body else "null", parse_constant=constant)
-    except UnicodeDecodeError as exc:
-        raise ValueError(f"body is not UTF-8 (byte {exc.start})") from None
+        _check_depth(json.loads(body.decode("utf-8"), parse_constant=constant))
+    except UnicodeDecodeError as error:
+        return f"body is not UTF-8 (byte {error.start})"
     except RecursionError:
-        raise ValueError(f"JSON nested deeper than {MAX_DEPTH} levels") from None
+        return f"JSON nested deeper than {MAX_DEPTH} levels"
+    except ValueError as error:
+        return str(error)
+    return f"{exc} (numbers must be finite doubles)"  # the standard parser takes 1e400 as infinity
+
+
+def _check_depth(payload: Any) -> None:
     stack = [(payload, 1)]
     while stack:
         value, depth = stack.pop()
@@ -424,7 +456,6 @@ def _parse(body: bytes) -> Any:
             raise ValueError(f"JSON nested deeper than {MAX_DEPTH} levels")
         children = value.values() if isinstance(value, dict) else value if isinstance(value, list) else ()
         stack.extend((child, depth + 1) for child in children if isinstance(child, (dict, list)))
-    return payload
 
 
 def _field_errors(exc: ValidationError) -> list[dict[str, Any]]:

@@ -23,7 +23,8 @@ def row_schema(schema: SchemaConfig) -> type:
     """
     fields: dict[str, Any] = {schema.id_column: NotRequired[int | str | None]} if schema.id_column else {}
     for col, rule in schema.numeric.items():
-        number: Any = Annotated[float | None if rule.nullable else float, Field(ge=rule.min, le=rule.max)]
+        number: Any = Annotated[float | None if rule.nullable else float,  # "nan" and "inf" spelled as text too
+                                Field(ge=rule.min, le=rule.max, allow_inf_nan=False)]
         fields[col] = NotRequired[number] if rule.nullable else number
     category = str | bool | int | float  # codes and flags are categories too: spelled as text by the transform
     for col, cat in schema.categorical.items():

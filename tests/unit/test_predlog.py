@@ -3,6 +3,7 @@ share fsyncs, and no acknowledged record is missing after writers (threads, proc
 
 from __future__ import annotations
 
+import asyncio
 import os
 import signal
 import subprocess
@@ -104,3 +105,20 @@ def test_no_acknowledged_record_is_missing_after_two_writer_processes_are_killed
     logged = {r.request_id for r in read_prediction_log(tmp_path)}  # a torn last line (not acked) is skipped
     assert all(acked) and len(acked) >= 600
     assert set(acked) <= logged, sorted(set(acked) - logged)[:5]
+
+
+def test_writes_are_made_durable_off_the_event_loop_by_one_shared_fsync(tmp_path, monkeypatch):
+    log, fsyncs = PredictionLog(tmp_path), []
+    monkeypatch.setattr(predlog.os, "fsync", lambda fd: fsyncs.append(fd))
+    log.write([PredictionRecord(request_id="a")])
+    log.write([PredictionRecord(request_id="b")])
+    assert not fsyncs  # a batch does not wait for the disk
+
+    async def answers() -> None:
+        await asyncio.gather(log.synced(), log.synced(), log.synced())
+
+    asyncio.run(answers())
+    assert len(fsyncs) == 1  # one fsync covered both writes for all three waiters
+    asyncio.run(log.synced())
+    assert len(fsyncs) == 1  # nothing new written: nothing to sync
+    assert [r.request_id for r in read_prediction_log(tmp_path)] == ["a", "b"]

@@ -349,3 +349,46 @@ def test_one_key_cannot_steer_the_monitoring_window():
     assert len(cap_key_share(alone, 0.5)) == 50  # one source: nothing to balance
     several = cap_key_share(window, 0.3)
     assert several[LOGGED_KEY].value_counts().max() <= 0.3 * len(several)  # rows of no key are not capped
+
+
+def test_an_answer_leaves_the_gateway_only_once_its_rows_are_durable(tmp_path):
+    """The batch writes its rows and goes on; the gateway holds the answer until the log's fsync covers it."""
+    params = write_params(tmp_path)
+    key = ApiKeys(tmp_path / "keys.json").add("t")
+    events: list[str] = []
+
+    async def durable() -> None:
+        await asyncio.sleep(0.01)  # a slow disk
+        events.append("durable")
+
+    async def send(message: dict) -> None:
+        events.append(message["type"])
+
+    async def receive() -> dict:
+        return {"type": "http.request", "body": json.dumps({"row": ROW}).encode(), "more_body": False}
+
+    gw = Gateway(_App(), lambda: load_settings(params), tmp_path / "keys.json", lambda: (0.0, False), dict,
+                 durable=durable)
+    scope = {"type": "http", "method": "POST", "path": "/predict", "headers": [(b"x-api-key", key.encode())]}
+    asyncio.run(gw(scope, receive, send))
+    assert events == ["durable", "http.response.start", "http.response.body"]
+
+
+def test_the_server_makes_no_spans_while_no_trace_is_sampled():
+    from pipelines.cli import bentoml_overrides
+
+    config = bentoml_overrides(None, "svc", 2)
+    assert config == {"services": {"svc": {"workers": 2, "tracing": {"excluded_urls": ".*"}}}}
+    traced = bentoml_overrides(json.dumps({"services": {"svc": {"tracing": {"sample_rate": 0.5}}}}), "svc", 1)
+    assert traced["services"]["svc"] == {"workers": 1, "tracing": {"sample_rate": 0.5}}  # the user's tracing kept
+
+
+def test_numbers_spelled_as_text_must_be_finite_and_json_numbers_must_fit_a_double(gateway):
+    gw, app, key = gateway
+    auth = {"Authorization": f"Bearer {key}"}
+    for text in ("nan", "inf", "-Infinity"):
+        status, _, body = _call(gw, "/predict", json.dumps({"row": {**ROW, "income": text}}).encode(), auth)
+        assert status == 422 and body["detail"][0]["loc"] == ["row", "income"], (text, body)
+    status, _, body = _call(gw, "/predict", b'{"row": {"age": 1e400}}', auth)
+    assert status == 422 and "finite" in body["detail"][0]["msg"]
+    assert not app.calls
