@@ -41,6 +41,7 @@ from pipelines.serving.gateway import (  # noqa: E402
     ROUTE,
     Gateway,
     bound_metric_labels,
+    cancelled_timeouts,
     quiet_shedding,
 )
 from pipelines.serving.limits import SharedState, keep_following, server_id  # noqa: E402
@@ -251,6 +252,7 @@ class _Shared:
 
 MODELS = _Shared()
 bound_metric_labels()  # unknown paths get 404 before BentoML's metrics label them
+cancelled_timeouts()  # BentoML's per-request timeout timers are cancelled when the request is over
 quiet_shedding()  # a shed request is one gateway log line, not BentoML's traceback
 AmaasService.add_asgi_middleware(Gateway, settings=settings, keys_file=PATHS.api_keys, routing=MODELS.routing,
                                  versions=MODELS.versions, durable=MODELS.durable, follows_registry=bool(PROJECT))
