@@ -112,7 +112,15 @@ class Models:
             if version is None:
                 loaded[role] = None
             elif have is None or have.version != version:
-                loaded[role] = _load(version, registry)
+                try:
+                    loaded[role] = _load(version, registry)
+                except Exception:
+                    if role == "champion":  # nothing to serve instead: keep the current models, retry next time
+                        raise
+                    # the champion serves everything meanwhile (canary and shadow need a loaded challenger);
+                    # retried when the registry's aliases change
+                    log.exception("challenger %s does not load: the champion answers every request", version)
+                    loaded[role] = None
         switched = any(loaded[role] is not self.current[role] for role in loaded)
         self.current, self._aliases = loaded, aliases
         if switched:

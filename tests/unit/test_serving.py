@@ -439,3 +439,42 @@ def test_bentoml_request_timeouts_leave_no_timer_behind_and_still_answer_504():
     assert statuses == [200] * 50 and live == 0  # answered, and no timer waits 30 s for nothing
     assert ended < 1  # a request that ends without an answer does not wait for the timeout
     assert late == [504] and 0.15 < timed_out < 2
+
+
+def test_a_challenger_that_does_not_load_leaves_the_champion_serving_everything(tmp_path):
+    """A broken challenger once kept the server from starting (and, running, from following the registry at all),
+    even at canary share 0 where it answers nothing."""
+    root = Path(__file__).resolve().parents[2]
+    env = {**os.environ, "BENTOML_HOME": str(tmp_path / "bentoml"), "BENTOML_DO_NOT_TRACK": "True",
+           "PYTHONPATH": os.pathsep.join([str(root), os.environ.get("PYTHONPATH", "")])}
+    env.pop("AMAAS_ROOT", None)
+    code = """
+import bentos.service as s
+
+class Bundle:
+    def __init__(self, version): self.version = version
+
+class Registry:
+    def __init__(self, aliases): self._aliases, self.loads = aliases, []
+    def aliases(self): return self._aliases
+    def load(self, version):
+        self.loads.append(version)
+        if version == "broken": raise FileNotFoundError("model.txt is missing")
+        return Bundle(version)
+
+models = s.Models(Bundle("v1"))
+registry = Registry({"champion": "v2", "challenger": "broken"})
+models.follow(registry)
+assert models.current["champion"].version == "v2" and models.current["challenger"] is None
+assert models.routing() == (0.0, False)
+models.follow(registry)
+assert registry.loads == ["v2", "broken"]  # not tried again every interval
+registry._aliases = {"champion": "v2", "challenger": "v3"}
+models.follow(registry)
+assert models.current["challenger"].version == "v3"
+print("ok")
+"""
+    done = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True,
+                          timeout=120)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.strip().endswith("ok")
