@@ -10,6 +10,7 @@ import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
 from pipelines.serving import metrics
+from pipelines.serving.limits import NO_USAGE, usage_metrics
 from tests.grafana import DASHBOARD, exposed_names, load_dashboard, metric_names, panels, queries
 
 INFRA = DASHBOARD.parents[2]
@@ -52,19 +53,21 @@ def test_dashboard_is_a_valid_grafana_dashboard():
 
 
 def test_dashboard_charts_what_operators_asked_for():
-    """rps, p50/p99 per route, 4xx/5xx, shed requests, batch sizes, model version, canary share (no cache panel:
-    the response cache is off by default, and per worker)."""
+    """rps, p50/p99 per route, 4xx/5xx, shed requests, batch sizes, model version, canary share, requests, rows and
+    429s per API key (no cache panel: the response cache is off by default, and per worker)."""
     exprs = queries(load_dashboard())
     joined = "\n".join(exprs)
     for wanted in ("histogram_quantile(0.5,", "histogram_quantile(0.99,", 'http_response_code=~"4.."',
                    'http_response_code=~"5.."', 'http_response_code="503"', "by (le, endpoint)",
-                   "bentoml_service_adaptive_batch_size_bucket", metrics.MODEL_INFO, metrics.CANARY_SHARE):
+                   "bentoml_service_adaptive_batch_size_bucket", metrics.MODEL_INFO, metrics.CANARY_SHARE,
+                   "sum by (key) (rate(amaas_key_requests_total", "amaas_key_rows_total",
+                   "amaas_key_rate_limited_total"):
         assert wanted in joined, wanted
     assert "cache" not in joined
 
 
 def test_every_dashboard_metric_is_bentomls_or_ours():
-    ours = exposed_names(metrics.served_metrics(VERSIONS, CACHE))
+    ours = exposed_names(metrics.served_metrics(VERSIONS, CACHE)) | exposed_names(usage_metrics({"k": NO_USAGE}))
     used = set().union(*(metric_names(e) for e in queries(load_dashboard())))
     assert used <= BENTOML | ours, used - BENTOML - ours
 
