@@ -206,11 +206,6 @@ class XGBoostLearner(Learner):
             X[col] = pd.Categorical(X[col], categories=pd.RangeIndex(card))
         return X
 
-    def _matrix(self, X: pd.DataFrame, y: np.ndarray | None = None) -> Any:
-        import xgboost as xgb
-
-        return xgb.DMatrix(self._categorized(X), label=y, enable_categorical=True, nthread=self.threads)
-
     def _quantile_matrix(self, X: pd.DataFrame, y: np.ndarray, ref: Any = None) -> Any:
         """A training (or, with `ref`, validation) matrix of histogram bins only: the rows are binned once, here,
         and hist training (on a GPU too) starts from the bins, without a copy of the raw values."""
@@ -262,7 +257,23 @@ class XGBoostLearner(Learner):
     def _output(self, X: pd.DataFrame) -> np.ndarray:
         best = getattr(self.booster_, "best_iteration", None)
         rng = (0, best + 1) if best is not None else (0, 0)
-        return as_output(self.booster_.predict(self._matrix(X), iteration_range=rng), self.task)
+        # in place, from an array (the booster knows its categorical columns from training): a categorical copy
+        # of the frame and a DMatrix made from it took 2.5 ms of a 16-row call, this 0.3 ms (measured)
+        return as_output(self.booster_.inplace_predict(self._codes(X), iteration_range=rng), self.task)
+
+    def _codes(self, X: pd.DataFrame) -> np.ndarray:
+        """X as float32, with what _categorized's categoricals read as missing made missing: a category code that
+        is not a whole number in 0..cardinality-1. The columns must be the training columns, in order (as a
+        DMatrix of the frame checked)."""
+        names = self.booster_.feature_names
+        if names is not None and [str(c) for c in X.columns] != names:
+            raise ValueError(f"xgboost: the columns {list(X.columns)} are not those it was trained on, in order: "
+                             f"{names}")
+        out = X.to_numpy(dtype="float32", copy=True)
+        for col, card in self._categorical.items():
+            codes = out[:, X.columns.get_loc(col)]
+            codes[~((codes >= 0) & (codes < card) & (codes == np.floor(codes)))] = np.nan
+        return out
 
     def _state(self) -> dict[str, Any]:
         return {"device_": getattr(self, "trained_on_", self.device_)}
