@@ -46,7 +46,7 @@ from pipelines.serving.gateway import (  # noqa: E402
 )
 from pipelines.serving.limits import SharedState, keep_following, server_id  # noqa: E402
 from pipelines.serving.metrics import with_served_metrics  # noqa: E402
-from pipelines.serving.predlog import PredictionLog, PredictionRecord, now_iso  # noqa: E402
+from pipelines.serving.predlog import PredictionLog, log_entry, now_iso  # noqa: E402
 
 log = logging.getLogger("amaas.service")
 
@@ -210,17 +210,18 @@ class AmaasService:
             shadow = dict(zip(shadowed, found, strict=True))
         if cached_only:
             cache.count_hits(len(rows) + len(shadow))
-        out, records, at = [], [], now_iso()
+        out, entries, at, id_column = [], [], now_iso(), self.id_column
         for i, row in enumerate(rows):
-            result = {**answers[i], "model_version": answered_by[i].version, "request_id": row.get(REQUEST_ID)}
-            out.append(result)
-            shadowed_by = {"shadow_model_version": challenger.version, "shadow": shadow[i]} if i in shadow else {}
-            records.append(PredictionRecord(time=at, **result, route=routes[i], key_name=row.get(KEY_NAME),
-                                            id=row.get(self.id_column) if self.id_column else None,
-                                            features={f: row.get(f) for f in self.features}, **shadowed_by))
+            version, request_id = answered_by[i].version, row.get(REQUEST_ID)
+            out.append({**answers[i], "model_version": version, "request_id": request_id})
+            entries.append(log_entry(
+                time=at, answer=answers[i], model_version=version, request_id=request_id, key_name=row.get(KEY_NAME),
+                route=routes[i], id=row.get(id_column) if id_column else None,
+                features={f: row.get(f) for f in self.features},
+                shadow_model_version=challenger.version if challenger and i in shadow else None, shadow=shadow.get(i)))
         # cached answers too: the log holds every answer served. Written, not yet durable: the gateway holds each
         # answer until it is (MODELS.durable), so the next batch need not wait for this one's fsync
-        self.log.write(records)
+        self.log.write(entries)
         return out
 
 

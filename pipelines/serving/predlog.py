@@ -9,6 +9,7 @@ import json
 import logging
 import os
 import threading
+from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -47,25 +48,15 @@ class PredictionRecord:
     output: list[float] | float | None = None  # older lines only: the class probabilities as a list, or the value
 
     def to_dict(self) -> dict[str, Any]:
-        """The JSON object of the record: answer fields and `output` only when set, shadow fields only for
-        shadow traffic."""
-        out: dict[str, Any] = {"time": self.time}
-        for name in _ANSWER:
-            if (value := getattr(self, name)) is not None:
-                out[name] = value
-        out["model_version"], out["request_id"] = self.model_version, self.request_id
-        if self.key_name is not None:
-            out["key_name"] = self.key_name
-        out["route"], out["id"], out["features"] = self.route, self.id, self.features
-        if self.shadow is not None:
-            out["shadow_model_version"], out["shadow"] = self.shadow_model_version, self.shadow
-        if self.output is not None:
-            out["output"] = self.output
-        return out
+        """The JSON object of the record (see `log_entry`)."""
+        return log_entry(time=self.time, answer={name: getattr(self, name) for name in _ANSWER},
+                         model_version=self.model_version, request_id=self.request_id, key_name=self.key_name,
+                         route=self.route, id=self.id, features=self.features,
+                         shadow_model_version=self.shadow_model_version, shadow=self.shadow, output=self.output)
 
     def to_line(self) -> bytes:
         """The record as one line of the log: strict JSON, UTF-8, ending in a newline."""
-        return orjson.dumps(self.to_dict(), default=str, option=_LINE)
+        return to_line(self.to_dict())
 
     def to_json(self) -> str:
         return self.to_line()[:-1].decode()
@@ -84,6 +75,33 @@ class PredictionRecord:
     @classmethod
     def from_json(cls, line: str) -> PredictionRecord:
         return cls.from_dict(json.loads(line))
+
+
+def log_entry(*, time: str | None, answer: dict[str, Any], model_version: str | None, request_id: str | None,
+              key_name: str | None, route: str | None, id: int | str | None, features: dict[str, Any],
+              shadow_model_version: str | None = None, shadow: dict[str, Any] | None = None,
+              output: list[float] | float | None = None) -> dict[str, Any]:
+    """The JSON object of one logged prediction, with the keys of PredictionRecord in its order: answer fields
+    (of `answer`) and `output` only when set, `key_name` when known, the shadow fields for shadow traffic only.
+    The service builds these directly (a record object per row cost half the log's time on 100-row requests)."""
+    out: dict[str, Any] = {"time": time}
+    for name in _ANSWER:
+        if (value := answer.get(name)) is not None:
+            out[name] = value
+    out["model_version"], out["request_id"] = model_version, request_id
+    if key_name is not None:
+        out["key_name"] = key_name
+    out["route"], out["id"], out["features"] = route, id, features
+    if shadow is not None:
+        out["shadow_model_version"], out["shadow"] = shadow_model_version, shadow
+    if output is not None:
+        out["output"] = output
+    return out
+
+
+def to_line(entry: dict[str, Any]) -> bytes:
+    """A log entry as one line of the log: strict JSON, UTF-8, ending in a newline."""
+    return orjson.dumps(entry, default=str, option=_LINE)
 
 
 class PredictionLog:
@@ -107,13 +125,14 @@ class PredictionLog:
         self._syncing = False  # an fsync is running (outside the lock)
         self._syncer: ThreadPoolExecutor | None = None  # the thread `synced` waits on
 
-    def append(self, records: list[PredictionRecord]) -> None:
+    def append(self, records: Iterable[PredictionRecord | dict[str, Any]]) -> None:
         """Write `records` and return once they are on disk (acknowledged means logged)."""
         self.sync(self.write(records))
 
-    def write(self, records: list[PredictionRecord]) -> int:
-        """Write `records` (not yet durable: see sync); the ticket that covers them."""
-        data = b"".join(r.to_line() for r in records)
+    def write(self, records: Iterable[PredictionRecord | dict[str, Any]]) -> int:
+        """Write `records` (records, or entries of `log_entry`), not yet durable (see sync); the ticket that
+        covers them."""
+        data = b"".join(r.to_line() if isinstance(r, PredictionRecord) else to_line(r) for r in records)
         with self._lock:
             if data:
                 _write_all(self._open(), data)

@@ -17,7 +17,7 @@ import pytest
 from pipelines.config import load_settings
 from pipelines.serving.gateway import KEY_NAME, REQUEST_ID, ROUTE, Gateway, QuietShedding
 from pipelines.serving.keys import ApiKeys, KeyStoreError
-from pipelines.serving.predlog import PredictionLog, PredictionRecord, read_prediction_log
+from pipelines.serving.predlog import PredictionLog, PredictionRecord, log_entry, read_prediction_log, to_line
 from pipelines.serving.routing import route
 from tests.conftest import write_params
 
@@ -67,6 +67,14 @@ def test_prediction_records_write_todays_keys_and_read_older_lines(tmp_path):
     assert list(json.loads(line)) == ["time", "label", "probabilities", "probability", "model_version",
                                       "request_id", "route", "id", "features", "shadow_model_version", "shadow"]
     assert PredictionRecord.from_json(line) == record
+    # what the service writes without building records: the same bytes
+    entry = log_entry(time=record.time, answer=answer, model_version="v2", request_id="r", key_name=None,
+                      route="shadow", id=7, features={"age": 41, "region": None}, shadow_model_version="v3",
+                      shadow={**answer, "probability": 0.6})
+    assert to_line(entry) == record.to_line() == line.encode() + b"\n"
+    log = PredictionLog(tmp_path)
+    log.append([entry, PredictionRecord(request_id="b", key_name="k", value=float("nan"))])
+    assert read_prediction_log(tmp_path) == [record, PredictionRecord(request_id="b", key_name="k")]  # NaN: null
     regression = json.loads(PredictionRecord(time="t", value=3.5, model_version="v", request_id="r",
                                              route="champion").to_json())
     assert regression == {"time": "t", "value": 3.5, "model_version": "v", "request_id": "r", "route": "champion",
