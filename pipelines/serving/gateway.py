@@ -51,6 +51,8 @@ MAX_DEPTH = 16  # JSON nesting: a request is {"rows": [{...}]}, 3 deep
 MAX_ERRORS = 20  # field errors listed in a 422 (the count says how many there were)
 MAX_ECHO = 100  # characters of an input value echoed in a 422
 RETRY_AFTER_S = "1"
+# a forwarded /predict body is the gateway's own JSON: these headers of the client's no longer describe it
+_BODY_HEADERS = frozenset({b"content-length", b"content-type", b"content-encoding"})
 RELOAD_WAIT_S = 30.0  # POST /admin/reload waits this long for every worker to follow the registry
 log = logging.getLogger("amaas.gateway")
 
@@ -193,8 +195,8 @@ class Gateway:
         tags = {REQUEST_ID: request_id, ROUTE: where, KEY_NAME: entry.name if entry else None}
         rows = [{**self.defaults, **r, **tags} for r in received]
         forwarded = orjson.dumps({"rows": rows})  # finite numbers only: the parser and the schema saw to that
-        scope = {**scope, "headers": [(k, v) for k, v in scope["headers"] if k.lower() != b"content-length"]
-                 + [(b"content-length", str(len(forwarded)).encode())]}
+        scope = {**scope, "headers": [(k, v) for k, v in scope["headers"] if k.lower() not in _BODY_HEADERS]
+                 + [(b"content-type", b"application/json"), (b"content-length", str(len(forwarded)).encode())]}
         shed = False
 
         async def tag(message: dict[str, Any]) -> None:
