@@ -48,6 +48,10 @@ BACKEND_HOST = "127.0.0.1"  # backends are reached through the front only
 COLORS = ("blue", "green")
 FROZEN_RELOAD_S = 10 * 365 * 86_400.0  # a backend's registry check interval: never, in practice (see above)
 POLL_S = 0.2
+# a backend whose workers exit this many times before it is ready is given up at once: BentoML restarts a worker
+# that fails at start (a model that does not load) for as long as it is let, so waiting would cost deploy.timeout_s
+MAX_WORKER_EXITS = 3
+WORKER_MODULE = "_bentoml_impl.worker"  # in the command line of BentoML's API workers (they load the models)
 Launch = Callable[[str, int, dict[str, str]], "subprocess.Popen[bytes]"]  # (bento tag, port, env) -> the server
 
 
@@ -249,11 +253,15 @@ class Supervisor:
         return Backend(color, port, process, champion, bento)
 
     async def _check(self, backend: Backend, smoke: dict[str, Any], deadline: float | None) -> None:
+        workers = WorkerExits(backend.process.pid)
         async with httpx.AsyncClient(base_url=backend.url, timeout=10) as client:
             while not await _ready(client):
                 if (code := backend.process.poll()) is not None:
                     raise BlueGreenError(f"{backend.bento_tag} exited with code {code} before it was ready "
                                        f"(its log is in the server's output)")
+                if (exits := workers.count()) >= MAX_WORKER_EXITS:
+                    raise BlueGreenError(f"the workers of {backend.bento_tag} exited {exits} times before it was "
+                                         f"ready: they fail at start (their log is in the server's output)")
                 if self.server.should_exit:
                     raise BlueGreenError("the server is stopping")
                 if deadline is not None and time.monotonic() > deadline:
@@ -309,6 +317,35 @@ class Supervisor:
         write_json(self.paths.front_state, {
             "supervisor_pid": os.getpid(), "active": self.active.describe() if self.active else None,
             "last_deploy": self.last_deploy})
+
+
+class WorkerExits:
+    """Counts the BentoML workers under a server process that exited since counting began (BentoML starts
+    another in each one's place)."""
+
+    def __init__(self, pid: int) -> None:
+        self.pid = pid
+        self.seen: set[int] = set()
+
+    def count(self) -> int:
+        alive = self.workers()
+        self.seen |= alive
+        return len(self.seen - alive)
+
+    def workers(self) -> set[int]:
+        """The pids of the server's API workers alive now."""
+        import psutil
+
+        try:
+            children = psutil.Process(self.pid).children(recursive=True)
+        except psutil.NoSuchProcess:
+            return set()
+        found = set()
+        for child in children:
+            with contextlib.suppress(psutil.Error):  # gone meanwhile, or not ours to read
+                if any(WORKER_MODULE in part for part in child.cmdline()):
+                    found.add(child.pid)
+        return found
 
 
 async def _ready(client: httpx.AsyncClient) -> bool:

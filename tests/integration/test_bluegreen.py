@@ -8,6 +8,7 @@ import json
 import os
 import shutil
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -88,9 +89,12 @@ def test_blue_green_deploy_loses_no_request_and_a_broken_bento_leaves_the_old_on
 
         _register_copy(registry, "vbroken", tmp_path, broken=True)
         force_promote(paths, "vbroken", "test")
-        _set_params(root, "deploy", timeout_s=5)  # never ready: the deploy gives up after this
+        # its workers fail at start and BentoML starts them again: the deploy gives up on that, not on its timeout
+        _set_params(root, "deploy", timeout_s=900)
+        started = time.monotonic()
         failed = amaas("deploy", root=root, check=False)
         assert failed.returncode == 2 and "keeps serving" in failed.stderr, failed.stderr[-2000:]
+        assert "fail at start" in failed.stderr and time.monotonic() - started < 450, failed.stderr[-2000:]
         assert registry.champion == "vbluegreen"  # rolled back
         assert registry.decisions()[-1]["action"] == "rollback"
         assert json.loads(paths.front_state.read_text())["active"]["pid"] == green["pid"]

@@ -153,3 +153,38 @@ def test_a_request_refused_by_the_old_backend_during_a_switch_goes_to_the_new_on
     (answer,) = _run(front, ("POST", "/predict", {"content": b"{}"}))
     assert answer.status_code == 200 and answer.json()["backend"] == "green"
     assert answer.json()["body"] == "{}"
+
+
+def test_workers_that_keep_exiting_at_start_are_counted_and_others_are_not(tmp_path):
+    """What a blue-green deploy gives up on at once (MAX_WORKER_EXITS), instead of waiting out its timeout: a
+    server whose API workers exit and are started again, as BentoML does with a worker whose model fails to
+    load. Other children of the server (not API workers) that come and go are not counted."""
+    import subprocess
+    import sys
+
+    import psutil
+
+    from pipelines.serving.bluegreen import WORKER_MODULE, WorkerExits
+
+    server = (f"import subprocess, sys, time\n"
+              f"for _ in range(5):\n"  # a helper that ends, then a worker that keeps failing, restarted each time
+              f"    subprocess.run([sys.executable, '-c', 'pass', 'helper'])\n"
+              f"    subprocess.run([sys.executable, '-c', 'import time; time.sleep(0.4)', '{WORKER_MODULE}.service'])\n"
+              f"time.sleep(30)\n")
+    steady = f"import subprocess, sys; subprocess.run([sys.executable, '-c', 'import time; time.sleep(30)', " \
+             f"'{WORKER_MODULE}.service'])"
+    failing, healthy = (subprocess.Popen([sys.executable, "-c", code]) for code in (server, steady))
+    try:
+        exits, calm = WorkerExits(failing.pid), WorkerExits(healthy.pid)
+        deadline = time.monotonic() + 30
+        while exits.count() < 3 and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert exits.count() >= 3
+        assert calm.count() == 0 and len(calm.workers()) == 1  # one worker, alive all along
+    finally:
+        for process in (failing, healthy):
+            for child in psutil.Process(process.pid).children(recursive=True):
+                child.kill()
+            process.kill()
+            process.wait()
+    assert WorkerExits(failing.pid).workers() == set()  # a server that is gone has no workers
