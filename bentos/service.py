@@ -18,6 +18,7 @@ import logging
 import os
 import threading
 from collections.abc import Callable
+from contextlib import AbstractContextManager, nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -44,7 +45,7 @@ from pipelines.serving.gateway import (  # noqa: E402
     quiet_shedding,
 )
 from pipelines.serving.io import PredictAnswer, PredictRequest  # noqa: E402
-from pipelines.serving.limits import SharedState, keep_following, server_id  # noqa: E402
+from pipelines.serving.limits import RELOAD_LOCK, SharedState, keep_following, one_at_a_time, server_id  # noqa: E402
 from pipelines.serving.metrics import with_served_metrics  # noqa: E402
 from pipelines.serving.predlog import PredictionLog, log_entry, now_iso  # noqa: E402
 
@@ -88,10 +89,11 @@ class Models:
             return 0.0, False
         return self.canary_share, self.shadow
 
-    def follow(self, registry: Registry) -> None:
+    def follow(self, registry: Registry, loading: Callable[[], AbstractContextManager[object]] = nullcontext) -> None:
         """Take up what params.yaml (canary, shadow) and the registry aliases say now, if they changed.
 
-        Bundles load before the swap, so requests never wait for a load and never see half a switch.
+        Bundles load before the swap (inside `loading()`, when there is one to load), so requests never wait for a
+        load and never see half a switch.
         """
         mtime = PARAMS.stat().st_mtime if PARAMS.is_file() else None
         if mtime != self._params_mtime:
@@ -103,21 +105,19 @@ class Models:
             return
         wanted = {"champion": aliases["champion"],
                   "challenger": aliases["challenger"] if aliases["challenger"] != aliases["champion"] else None}
-        loaded = dict(self.current)
-        for role, version in wanted.items():
-            have = loaded[role]
-            if version is None:
-                loaded[role] = None
-            elif have is None or have.version != version:
+        have = {bundle.version: bundle for bundle in self.current.values() if bundle}  # a promoted challenger stays
+        loaded = {role: have.get(version) if version else None for role, version in wanted.items()}
+        missing = [role for role, version in wanted.items() if version is not None and loaded[role] is None]
+        with loading() if missing else nullcontext():
+            for role in missing:
                 try:
-                    loaded[role] = _load(version, registry)
+                    loaded[role] = _load(wanted[role], registry)
                 except Exception:
                     if role == "champion":  # nothing to serve instead: keep the current models, retry next time
                         raise
                     # the champion serves everything meanwhile (canary and shadow need a loaded challenger);
                     # retried when the registry's aliases change
-                    log.exception("challenger %s does not load: the champion answers every request", version)
-                    loaded[role] = None
+                    log.exception("challenger %s does not load: the champion answers every request", wanted[role])
         switched = any(loaded[role] is not self.current[role] for role in loaded)
         self.current, self._aliases = loaded, aliases
         if switched:
@@ -164,7 +164,8 @@ class AmaasService:
 
     def _watch(self, registry: Registry) -> None:
         """Follow the registry every reload_interval_s, and at once on POST /admin/reload to any worker."""
-        keep_following(lambda: self.models.follow(registry), self.settings.serve.reload_interval_s,
+        loading = functools.partial(one_at_a_time, PATHS.api_keys.with_name(RELOAD_LOCK))  # a rolling switch
+        keep_following(lambda: self.models.follow(registry, loading), self.settings.serve.reload_interval_s,
                        SharedState.beside(PATHS.api_keys), server_id())
 
     def __metrics__(self, content: str) -> str:

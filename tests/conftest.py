@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import glob
+import json
 import os
 import shutil
 import signal
@@ -15,10 +16,13 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pytest
 import yaml
+
+if TYPE_CHECKING:
+    from pipelines.registry import Registry
 
 REPO = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
@@ -299,3 +303,15 @@ def served(root: Path) -> Iterator[Server]:
         os.killpg(proc.pid, signal.SIGTERM)
         proc.wait(timeout=30)
         log.close()
+
+
+def register_copy(registry: Registry, version: str, tmp: Path, broken: bool = False) -> None:
+    """Register the champion's bundle again under another version name (the same model: a cheap new release),
+    or, `broken`, with its model file replaced by text that is not a model: its bento cannot start."""
+    bundle = tmp / version
+    shutil.copytree(registry.champion_dir(), bundle)
+    metadata = json.loads((bundle / "metadata.json").read_text())
+    (bundle / "metadata.json").write_text(json.dumps({**metadata, "version": version}))
+    if broken:
+        (bundle / "ensemble" / "student_lightgbm" / "model.txt").write_text("not a model")
+    registry.register(bundle)

@@ -12,6 +12,7 @@ The file must be on a local disk: SQLite's locks are not reliable over NFS.
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import logging
 import math
 import os
@@ -28,6 +29,7 @@ from prometheus_client.core import CounterMetricFamily
 from prometheus_client.registry import Collector
 
 STATE_FILE = "limits.db"  # beside the key store (.amaas/)
+RELOAD_LOCK = "reload.lock"  # beside it too: held by the worker that is loading a new model (one_at_a_time)
 SERVER_ENV = "AMAAS_SERVER_ID"  # set by `amaas serve` for all workers of one server start
 BUSY_TIMEOUT_S = 0.2  # a check waits at most this long for another worker's transaction, then 503
 POLL_S = 0.2  # how often a worker looks for a reload that another worker was asked for
@@ -242,6 +244,20 @@ class SharedState:
 
 def _refill_s(limit: Limit, tokens: float) -> int:
     return 0 if limit.rps is None else math.ceil((limit.burst - tokens) / limit.rps)
+
+
+@contextlib.contextmanager
+def one_at_a_time(lock_file: Path) -> Iterator[None]:
+    """Hold the project's reload lock (flock, exclusive) for a worker's loading of new models: the workers of a
+    server switch one after another (a rolling switch), so that the others serve at full speed meanwhile instead of
+    all loading at once on the same cores. The kernel releases the lock of a worker that dies."""
+    lock_file.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(lock_file, os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
 
 
 def keep_following(follow: Callable[[], None], interval_s: float, state: SharedState, server: str) -> NoReturn:

@@ -16,25 +16,13 @@ import yaml
 
 from pipelines.config import Paths
 from pipelines.registry import Registry, force_promote
-from tests.conftest import amaas, served
+from tests.conftest import amaas, register_copy, served
 
 pytestmark = pytest.mark.slow
 
 ROW = {"age": 41, "income": None, "loan_amount": 12000, "term_months": 60, "interest_rate": 14.5,
        "credit_score": 610, "debt_to_income": None, "employment_years": 3, "open_accounts": 7,
        "delinquencies_2y": 1, "home_ownership": "rent", "purpose": "credit_card", "region": "south"}
-
-
-def _register_copy(registry: Registry, version: str, tmp: Path, broken: bool = False) -> None:
-    """Register the champion's bundle again under another version name (the same model: a cheap new release),
-    or, `broken`, with its model file replaced by text that is not a model: its bento cannot start."""
-    bundle = tmp / version
-    shutil.copytree(registry.champion_dir(), bundle)
-    metadata = json.loads((bundle / "metadata.json").read_text())
-    (bundle / "metadata.json").write_text(json.dumps({**metadata, "version": version}))
-    if broken:
-        (bundle / "ensemble" / "student_lightgbm" / "model.txt").write_text("not a model")
-    registry.register(bundle)
 
 
 def _set_params(root: Path, section: str, **values: object) -> None:
@@ -58,7 +46,7 @@ def test_blue_green_deploy_loses_no_request_and_a_broken_bento_leaves_the_old_on
     paths = Paths(root)
     registry = Registry(paths.registry)
     old = registry.champion
-    _register_copy(registry, "vbluegreen", tmp_path)
+    register_copy(registry, "vbluegreen", tmp_path)
     _set_params(root, "serve", strategy="blue-green")
     _set_params(root, "deploy", timeout_s=120)
 
@@ -87,7 +75,7 @@ def test_blue_green_deploy_loses_no_request_and_a_broken_bento_leaves_the_old_on
         assert server.session.get(f"{server.url}/models", timeout=30).json()["champion"] == "vbluegreen"
         assert not _alive(blue["pid"])
 
-        _register_copy(registry, "vbroken", tmp_path, broken=True)
+        register_copy(registry, "vbroken", tmp_path, broken=True)
         force_promote(paths, "vbroken", "test")
         # its workers fail at start and BentoML starts them again: the deploy gives up on that, not on its timeout
         _set_params(root, "deploy", timeout_s=900)

@@ -1,11 +1,13 @@
 """A real `amaas serve` with `serve.workers: 2`: per-key rate limits hold across both workers, scopes guard the
-admin endpoints, /admin/reload reaches both workers, drain turns both away, and usage is summed over both."""
+admin endpoints, /admin/reload switches both workers to a new champion (one after the other), drain turns both
+away, and usage is summed over both."""
 
 from __future__ import annotations
 
 import contextlib
 import json
 import os
+import shutil
 import signal
 import subprocess
 import threading
@@ -17,8 +19,10 @@ import pytest
 import requests
 import yaml
 
+from pipelines.config import Paths
+from pipelines.registry import Registry, force_promote
 from pipelines.serving.keys import ApiKeys
-from tests.conftest import BIN, amaas, free_port, wait_ready
+from tests.conftest import BIN, amaas, free_port, register_copy, wait_ready
 
 pytestmark = pytest.mark.slow
 
@@ -49,8 +53,9 @@ def _answering_pids(root, tag: str) -> set[str]:
             if f"{tag}-" in f.read_text()}
 
 
-def test_limits_scopes_reload_and_drain_hold_across_two_workers(trained_project):
-    root = trained_project
+def test_limits_scopes_reload_and_drain_hold_across_two_workers(trained_project, tmp_path):
+    root = tmp_path / "project"  # a copy: this test promotes a new champion
+    shutil.copytree(trained_project, root, symlinks=True, ignore=shutil.ignore_patterns("logs", "serve*.log"))
     params = yaml.safe_load((root / "params.yaml").read_text())
     params["serve"].update(workers=2, reload_interval_s=3600)  # a reload within the test is /admin/reload's doing
     (root / "params-workers.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
@@ -108,8 +113,17 @@ def test_limits_scopes_reload_and_drain_hold_across_two_workers(trained_project)
                                     headers={"Authorization": f"Bearer {free}"}).status_code == 403, path
             assert requests.request(method, f"{url}{path}", timeout=10).status_code == 401, path
         as_admin = {"Authorization": f"Bearer {admin}"}
-        reloaded = requests.post(f"{url}/admin/reload", headers=as_admin, timeout=40)
+        # a new champion: on /admin/reload both workers load it (one at a time) and switch; answered once both have
+        registry = Registry(Paths(root).registry)
+        register_copy(registry, "vrolled", tmp_path)
+        force_promote(Paths(root), "vrolled", "test")
+        reloaded = requests.post(f"{url}/admin/reload", headers=as_admin, timeout=60)
         assert reloaded.status_code == 200 and reloaded.json()["followed"] == 2 == reloaded.json()["workers"]
+        assert reloaded.json()["models"]["champion"] == "vrolled"
+        for _ in range(6):  # fresh connections, spread over both workers: every answer is the new champion's
+            answer = requests.post(f"{url}/predict", json={"row": ROW}, timeout=30,
+                                   headers={"Authorization": f"Bearer {spread}"})
+            assert answer.status_code == 200 and answer.json()[0]["model_version"] == "vrolled", answer.text
 
         # usage, summed over both workers: /admin/keys, /metrics and `amaas keys list` agree with what we saw
         usage = requests.get(f"{url}/admin/keys", headers=as_admin, timeout=10).json()[f"{tag}-limited"]

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import multiprocessing
+import os
 import time
 from pathlib import Path
 
@@ -13,7 +14,7 @@ import pytest
 from pipelines.config import RateLimitConfig, load_settings
 from pipelines.serving.gateway import Gateway
 from pipelines.serving.keys import ApiKeys, KeyStoreError
-from pipelines.serving.limits import DAY_S, Limit, SharedState, Usage, usage_metrics
+from pipelines.serving.limits import DAY_S, Limit, SharedState, Usage, one_at_a_time, usage_metrics
 from tests.conftest import write_params
 from tests.unit.test_serving import ROW, _App, _call
 
@@ -88,6 +89,35 @@ def test_two_processes_together_admit_one_bucket_not_two(tmp_path):
     assert sum(admitted) == 40, admitted
     usage = SharedState(path).usage()["shared"]
     assert (usage.requests, usage.limited) == (600, 560)
+
+
+def _load_under_lock(lock: str, start: float, out: multiprocessing.Queue, die: bool) -> None:
+    while time.time() < start:
+        time.sleep(0.001)
+    with one_at_a_time(Path(lock)):
+        began = time.time()
+        if die:  # a worker killed while loading: the kernel releases its lock
+            os._exit(1)
+        time.sleep(0.3)  # a model loading
+        out.put((began, time.time()))
+
+
+def test_workers_load_new_models_one_at_a_time_and_a_dead_one_releases_the_lock(tmp_path):
+    """The rolling switch: 4 worker processes that all see a new model at once load it one after another."""
+    lock = tmp_path / ".amaas" / "reload.lock"
+    ctx = multiprocessing.get_context("fork")
+    out: multiprocessing.Queue = ctx.Queue()
+    start = time.time() + 0.5  # the one that dies takes the lock first (0.2 s earlier)
+    procs = [ctx.Process(target=_load_under_lock, args=(str(lock), start - 0.2 * (i == 0), out, i == 0))
+             for i in range(4)]
+    for p in procs:
+        p.start()
+    windows = sorted(out.get(timeout=60) for _ in procs[1:])
+    for p in procs:
+        p.join(timeout=30)
+    assert procs[0].exitcode == 1 and [p.exitcode for p in procs[1:]] == [0, 0, 0]
+    assert all(end <= later for (_, end), (later, _) in zip(windows, windows[1:], strict=False)), windows
+    assert windows[-1][0] - windows[0][0] >= 0.55  # three loads of 0.3 s, one after another
 
 
 def test_drain_and_reload_are_per_server(tmp_path):

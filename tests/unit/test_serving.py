@@ -480,6 +480,18 @@ assert registry.loads == ["v2", "broken"]  # not tried again every interval
 registry._aliases = {"champion": "v2", "challenger": "v3"}
 models.follow(registry)
 assert models.current["challenger"].version == "v3"
+
+entered = []  # loads happen inside `loading` (the workers' rolling lock), which is taken only to load
+class Loading:
+    def __enter__(self): entered.append(("in", len(registry.loads)))
+    def __exit__(self, *exc): entered.append(("out", len(registry.loads)))
+registry._aliases = {"champion": "v3", "challenger": None}  # the challenger promoted: it serves as it is
+models.follow(registry, Loading)
+assert models.current == {"champion": models.current["champion"], "challenger": None}
+assert models.current["champion"].version == "v3" and registry.loads == ["v2", "broken", "v3"] and entered == []
+registry._aliases = {"champion": "v4", "challenger": "v5"}
+models.follow(registry, Loading)
+assert entered == [("in", 3), ("out", 5)] and [b.version for b in models.current.values()] == ["v4", "v5"]
 print("ok")
 """
     done = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True,
