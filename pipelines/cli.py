@@ -168,7 +168,8 @@ def _serve(args: argparse.Namespace, paths: Paths) -> int:
 
 def _bento_command(bento: str, host: str, port: int) -> list[str]:
     """The server of one bento: what `amaas serve` runs (hot), or each blue-green backend."""
-    return [str(Path(sys.executable).with_name("bentoml")), "serve", bento, "--host", host, "--port", str(port)]
+    # `bentoml serve` with a metrics folder of the server's own (pipelines/serving/server.py)
+    return [sys.executable, "-m", "pipelines.serving.server", "serve", bento, "--host", host, "--port", str(port)]
 
 
 def _serve_blue_green(settings: Settings, paths: Paths, params: Path, env: dict[str, str], host: str, port: int,

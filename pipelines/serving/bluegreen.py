@@ -42,6 +42,7 @@ from pipelines.io import read_json, write_json, write_text
 from pipelines.registry import MONITORING_DIR, Registry
 from pipelines.serving.front import Front, read_state
 from pipelines.serving.keys import ApiKeys
+from pipelines.serving.server import alive
 
 log = logging.getLogger(__name__)
 BACKEND_HOST = "127.0.0.1"  # backends are reached through the front only
@@ -79,7 +80,7 @@ def smoke_row(paths: Paths, version: str) -> dict[str, Any]:
 def running_server(paths: Paths) -> dict[str, Any] | None:
     """The state of this project's blue-green server, or None when none is running."""
     state = read_state(paths.front_state)
-    return state if state and _alive(state["supervisor_pid"]) else None
+    return state if state and alive(state["supervisor_pid"]) else None
 
 
 def request_deploy(paths: Paths, champion: str, bento_tag: str, smoke: dict[str, Any], timeout_s: float,
@@ -360,16 +361,6 @@ def _free_port() -> int:
         s.bind((BACKEND_HOST, 0))
         port: int = s.getsockname()[1]
         return port
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # another user's process: alive
-        return True
-    return True
 
 
 def _now() -> str:
