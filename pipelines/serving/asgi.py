@@ -8,6 +8,9 @@ from typing import Any
 
 Send = Callable[[dict[str, Any]], Awaitable[None]]
 Receive = Callable[[], Awaitable[dict[str, Any]]]
+# in the scope of a /predict request the gateway forwards: its rows, parsed and checked (defaults, route, request id
+# and key name added), so that the apps behind it need not parse the forwarded body again
+ROWS_KEY = "amaas.rows"
 
 
 def replayed(body: bytes, receive: Receive) -> Receive:

@@ -9,7 +9,6 @@ one row.) Each server worker process has its own cache.
 
 from __future__ import annotations
 
-import json
 import threading
 from collections import OrderedDict
 from collections.abc import Callable
@@ -18,7 +17,8 @@ from typing import Any, Protocol
 import orjson
 import pandas as pd
 
-from pipelines.serving.asgi import Receive, Send, replayed
+from pipelines.serving.asgi import ROWS_KEY, Receive, Send, replayed
+from pipelines.serving.io import answers_body
 from pipelines.transform import FeatureTransform, normalize_value
 
 Answer = dict[str, Any]
@@ -147,19 +147,23 @@ class CacheFirst:
             scope["path"].rstrip("/") == "/predict") else None
         if answer is None:
             return await self.app(scope, receive, send)
-        chunks = []
-        while True:  # the gateway has read and checked the body already: it replays it whole
-            message = await receive()
-            chunks.append(message.get("body", b""))
-            if not message.get("more_body"):
-                break
-        body = b"".join(chunks)
+        rows = scope.get(ROWS_KEY)
+        if rows is None:  # not from the gateway (which hands its checked rows on in the scope): read them here
+            chunks = []
+            while True:
+                message = await receive()
+                chunks.append(message.get("body", b""))
+                if not message.get("more_body"):
+                    break
+            body = b"".join(chunks)
+            rows = orjson.loads(body)["rows"]
+            receive = replayed(body, receive)
         # on the event loop, like the gateway's own checks: a lookup is about 15 us a row, less than a hop to a
         # worker thread that would then contend for the GIL with the loop and the batch thread
-        answers = answer(orjson.loads(body)["rows"])
+        answers = answer(rows)
         if answers is None:
-            return await self.app(scope, replayed(body, receive), send)
-        data = json.dumps(answers, allow_nan=False).encode()
+            return await self.app(scope, receive, send)
+        data = answers_body(answers)
         await send({"type": "http.response.start", "status": 200,
                     "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(data)).encode())]})
         await send({"type": "http.response.body", "body": data})

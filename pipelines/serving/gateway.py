@@ -20,7 +20,7 @@ import orjson
 from pydantic import BaseModel, TypeAdapter, ValidationError
 
 from pipelines.config import ServeConfig, Settings
-from pipelines.serving.asgi import Receive, Send, buffered, replayed
+from pipelines.serving.asgi import ROWS_KEY, Receive, Send, buffered, replayed
 from pipelines.serving.keys import ApiKeys, KeyEntry, KeyStoreError
 from pipelines.serving.limits import (
     NO_USAGE,
@@ -196,7 +196,8 @@ class Gateway:
         rows = [{**self.defaults, **r, **tags} for r in received]
         forwarded = orjson.dumps({"rows": rows})  # finite numbers only: the parser and the schema saw to that
         scope = {**scope, "headers": [(k, v) for k, v in scope["headers"] if k.lower() not in _BODY_HEADERS]
-                 + [(b"content-type", b"application/json"), (b"content-length", str(len(forwarded)).encode())]}
+                 + [(b"content-type", b"application/json"), (b"content-length", str(len(forwarded)).encode())],
+                 ROWS_KEY: rows}
         shed = False
 
         async def tag(message: dict[str, Any]) -> None:

@@ -9,6 +9,7 @@ from typing import Any
 
 import pandas as pd
 
+from pipelines.serving.asgi import ROWS_KEY
 from pipelines.serving.cache import CacheFirst, ResponseCache
 from pipelines.transform import FeatureTransform
 
@@ -114,7 +115,7 @@ class App:
         await send({"type": "http.response.body", "body": b"[]"})
 
 
-def _post(middleware: CacheFirst, body: bytes) -> tuple[int, bytes]:
+def _post(middleware: CacheFirst, body: bytes, scope: dict[str, Any] | None = None) -> tuple[int, bytes]:
     import asyncio
 
     sent: list[dict[str, Any]] = []
@@ -125,7 +126,7 @@ def _post(middleware: CacheFirst, body: bytes) -> tuple[int, bytes]:
     async def send(message: dict[str, Any]) -> None:
         sent.append(message)
 
-    asyncio.run(middleware({"type": "http", "method": "POST", "path": "/predict"}, receive, send))
+    asyncio.run(middleware({"type": "http", "method": "POST", "path": "/predict", **(scope or {})}, receive, send))
     return sent[0]["status"], sent[1]["body"]
 
 
@@ -137,5 +138,11 @@ def test_cache_first_answers_only_fully_cached_requests_and_passes_the_rest_unch
     assert app.bodies == [body, body]
     given: list[Any] = []
     hit = CacheFirst(app, answerer=lambda: lambda rows: given.append(rows) or [{"value": 1.5, "request_id": "r"}])
-    assert _post(hit, body) == (200, b'[{"value": 1.5, "request_id": "r"}]')
+    assert _post(hit, body) == (200, b'[{"value":1.5,"request_id":"r"}]')
     assert len(app.bodies) == 2 and given == [json.loads(body)["rows"]]
+    # behind the gateway the checked rows come in the scope: those are looked up, the body is not parsed again
+    checked = [{"age": 41.0, "_request_id": "r"}]
+    assert _post(hit, b"not parsed", {ROWS_KEY: checked}) == (200, b'[{"value":1.5,"request_id":"r"}]')
+    assert given[-1] is checked
+    miss = CacheFirst(app, answerer=lambda: lambda rows: None)
+    assert _post(miss, body, {ROWS_KEY: checked}) == (200, b"[]") and app.bodies[-1] == body  # passed on unread

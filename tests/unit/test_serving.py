@@ -15,6 +15,7 @@ from typing import Any
 import pytest
 
 from pipelines.config import load_settings
+from pipelines.serving.asgi import ROWS_KEY
 from pipelines.serving.gateway import KEY_NAME, REQUEST_ID, ROUTE, Gateway, QuietShedding
 from pipelines.serving.keys import ApiKeys, KeyStoreError
 from pipelines.serving.predlog import PredictionLog, PredictionRecord, log_entry, read_prediction_log, to_line
@@ -91,10 +92,12 @@ class _App:
 
     def __init__(self) -> None:
         self.calls: list[tuple[str, bytes]] = []
+        self.scopes: list[dict] = []
 
     async def __call__(self, scope, receive, send) -> None:
         body = (await receive()).get("body", b"")
         self.calls.append((scope["path"], body))
+        self.scopes.append(scope)
         await send({"type": "http.response.start", "status": 200, "headers": []})
         await send({"type": "http.response.body", "body": b"[]"})
 
@@ -171,11 +174,14 @@ def test_gateway_answers_401_413_422_and_forwards_tagged_rows(gateway):
     assert _call(gw, "/predict", json.dumps({"rows": [ROW], "row": ROW}).encode(), auth)[0] == 422
     assert not app.calls  # nothing invalid reached the model
 
-    status, headers, _ = _call(gw, "/predict", json.dumps({"row": ROW}).encode(), {**auth, "X-Request-ID": "r1"})
+    status, headers, _ = _call(gw, "/predict", json.dumps({"row": ROW}).encode(),
+                               {**auth, "X-Request-ID": "r1", "Content-Type": "text/plain"})  # the body is JSON
     assert status == 200 and headers["x-request-id"] == "r1"
     path, forwarded = app.calls[-1]
     rows = json.loads(forwarded)["rows"]
     assert path == "/predict" and rows[0][REQUEST_ID] == "r1" and rows[0][ROUTE] == "challenger"
+    assert app.scopes[-1][ROWS_KEY] == rows  # handed on as checked, so that nothing behind parses them again
+    assert [v for k, v in app.scopes[-1]["headers"] if k == b"content-type"] == [b"application/json"]
     assert rows[0]["home_ownership"] == "rent" and rows[0]["loan_id"] is None
     left_out = {k: v for k, v in ROW.items() if k not in ("income", "debt_to_income")}  # nullable: may be left out
     assert _call(gw, "/predict", json.dumps({"rows": [left_out]}).encode(), auth)[0] == 200
@@ -498,3 +504,43 @@ print("ok")
                           timeout=120)
     assert done.returncode == 0, done.stderr[-3000:]
     assert done.stdout.strip().endswith("ok")
+
+
+def test_the_service_takes_the_gateways_rows_and_answers_in_strict_json():
+    """BentoML's side of /predict (pipelines/serving/io.py): the rows the gateway checked, from the scope, else
+    from the body; the answer as compact JSON with numpy numbers as numbers."""
+    import numpy as np
+    from starlette.requests import Request
+
+    from pipelines.serving.io import PredictAnswer, PredictRequest
+
+    checked = [{"age": 41.0, REQUEST_ID: "r"}]
+    body = json.dumps({"rows": [{"age": 7}]}).encode()
+
+    async def receive() -> dict:
+        return {"type": "http.request", "body": body, "more_body": False}
+
+    def request(**extra: Any) -> Request:
+        return Request({"type": "http", "method": "POST", "path": "/predict", "headers": [], **extra}, receive)
+
+    assert asyncio.run(PredictRequest.from_http_request(request(**{ROWS_KEY: checked}), None)).rows is checked
+    assert asyncio.run(PredictRequest.from_http_request(request(), None)).rows == [{"age": 7}]
+    with pytest.raises(TypeError):
+        asyncio.run(PredictRequest.from_http_request(request(**{ROWS_KEY: [1, 2]}), None))
+    response = asyncio.run(PredictAnswer.to_http_response([{"label": "a", "probability": np.float32(0.5)}], None))
+    assert response.body == b'[{"label":"a","probability":0.5}]' and response.media_type == "application/json"
+
+
+def test_each_server_counts_its_metrics_in_a_folder_of_its_own(tmp_path):
+    """Two servers of one project once shared BentoML's one Prometheus folder, which each start empties."""
+    import subprocess
+
+    from pipelines.serving.server import METRICS_DIR, metrics_folder
+
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()
+    (tmp_path / METRICS_DIR / str(gone.pid)).mkdir(parents=True)  # a server that was killed left its folder
+    (tmp_path / METRICS_DIR / str(os.getppid())).mkdir()  # a server that runs
+    mine = metrics_folder(tmp_path, os.getpid())
+    assert mine == tmp_path / METRICS_DIR / str(os.getpid()) and mine != metrics_folder(tmp_path, os.getppid())
+    assert sorted(p.name for p in (tmp_path / METRICS_DIR).iterdir()) == [str(os.getppid())]
