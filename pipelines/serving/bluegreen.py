@@ -329,9 +329,9 @@ class WorkerExits:
         self.seen: set[int] = set()
 
     def count(self) -> int:
-        alive = self.workers()
-        self.seen |= alive
-        return len(self.seen - alive)
+        running = self.workers()
+        self.seen |= running
+        return len(self.seen - running)
 
     def workers(self) -> set[int]:
         """The pids of the server's API workers alive now."""
