@@ -5,7 +5,6 @@ serving (the registry goes back, an alert goes out)."""
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import threading
 import time
@@ -16,6 +15,7 @@ import yaml
 
 from pipelines.config import Paths
 from pipelines.registry import Registry, force_promote
+from pipelines.serving.server import alive
 from tests.conftest import amaas, register_copy, served
 
 pytestmark = pytest.mark.slow
@@ -29,14 +29,6 @@ def _set_params(root: Path, section: str, **values: object) -> None:
     params = yaml.safe_load((root / "params.yaml").read_text())
     params[section].update(values)
     (root / "params.yaml").write_text(yaml.safe_dump(params))
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    return True
 
 
 def test_blue_green_deploy_loses_no_request_and_a_broken_bento_leaves_the_old_one_serving(
@@ -73,7 +65,7 @@ def test_blue_green_deploy_loses_no_request_and_a_broken_bento_leaves_the_old_on
         green = record["served"]
         assert green["color"] == "green" and green["champion"] == "vbluegreen" and green["url"] != blue["url"]
         assert server.session.get(f"{server.url}/models", timeout=30).json()["champion"] == "vbluegreen"
-        assert not _alive(blue["pid"])
+        assert not alive(blue["pid"])
 
         register_copy(registry, "vbroken", tmp_path, broken=True)
         force_promote(paths, "vbroken", "test")
@@ -92,4 +84,4 @@ def test_blue_green_deploy_loses_no_request_and_a_broken_bento_leaves_the_old_on
         thread.join(timeout=30)
     assert statuses and set(statuses) == {200}, set(statuses)  # no request lost while the front switched
     assert versions[0] == old and versions[-1] == "vbluegreen" and "vbroken" not in versions
-    assert not paths.front_state.exists() and not _alive(green["pid"])  # stopping the server stops its backends
+    assert not paths.front_state.exists() and not alive(green["pid"])  # stopping the server stops its backends
