@@ -22,6 +22,7 @@ from contextlib import AbstractContextManager, nullcontext
 from pathlib import Path
 from typing import Any
 
+import anyio
 import bentoml
 from pydantic import BaseModel
 
@@ -34,17 +35,16 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 from pipelines.bundle import ModelBundle  # noqa: E402
 from pipelines.config import PARAMS_ENV, ROOT_ENV, Paths, Settings, load_settings  # noqa: E402
 from pipelines.registry import Registry  # noqa: E402
-from pipelines.serving.cache import CacheFirst, ResponseCache  # noqa: E402
+from pipelines.serving.cache import ResponseCache  # noqa: E402
 from pipelines.serving.gateway import (  # noqa: E402
     KEY_NAME,
     REQUEST_ID,
     ROUTE,
     Gateway,
+    Rows,
     bound_metric_labels,
     cancelled_timeouts,
-    quiet_shedding,
 )
-from pipelines.serving.io import PredictAnswer, PredictRequest  # noqa: E402
 from pipelines.serving.limits import RELOAD_LOCK, SharedState, keep_following, one_at_a_time, server_id  # noqa: E402
 from pipelines.serving.metrics import with_served_metrics  # noqa: E402
 from pipelines.serving.predlog import PredictionLog, log_entry, now_iso  # noqa: E402
@@ -147,7 +147,8 @@ class AmaasService:
         torch.set_num_threads(1)
         self.settings = settings()
         self.models = MODELS.get(ModelBundle.load(Path(self.model_ref.path)))
-        if self.models.cache.size:  # requests whose answers are all cached skip the batch queue (CacheFirst)
+        MODELS.answer = self.answer
+        if self.models.cache.size:  # requests whose answers are all cached skip the batch queue
             MODELS.cached_answer = functools.partial(self.answer, cached_only=True)
         self.log = MODELS.log = PredictionLog(PATHS.prediction_log)
         schema = self.settings.data_schema
@@ -173,8 +174,8 @@ class AmaasService:
         response cache (amaas_* metrics)."""
         return with_served_metrics(content, MODELS.versions(), MODELS.cache_stats())
 
-    @bentoml.api(batchable=ARGS.batching, max_batch_size=ARGS.max_batch_size, max_latency_ms=ARGS.max_latency_ms,
-                 input_spec=PredictRequest, output_spec=PredictAnswer)  # the gateway's body in, orjson out
+    # BentoML's batching of this API serves /predict: the gateway hands it the rows it checked (MODELS.predict)
+    @bentoml.api(batchable=ARGS.batching, max_batch_size=ARGS.max_batch_size, max_latency_ms=ARGS.max_latency_ms)
     def predict(self, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
         """For each row: the label and the probability of each class (binary: also of the positive class),
         or the predicted value; with the model version and the request id."""
@@ -225,13 +226,32 @@ class AmaasService:
 
 
 class _Shared:
-    """The Models of this server process, shared by the service and the middlewares (gateway, CacheFirst)."""
+    """The Models of this server process, shared by the service and the gateway."""
 
     def __init__(self) -> None:
         self.models: Models | None = None
-        # the service's answer from the response cache alone (CacheFirst); None while the cache is off
-        self.cached_answer: Callable[[list[dict[str, Any]]], list[dict[str, Any]] | None] | None = None
+        self.answer: Callable[[Rows], Rows | None] | None = None  # the service's (AmaasService.answer)
+        # the service's answer from the response cache alone; None while the cache is off
+        self.cached_answer: Callable[[Rows], Rows | None] | None = None
         self.log: PredictionLog | None = None
+        self._batching: Any = None  # BentoML's app of this worker (its adaptive batching), found on first use
+        self._thread = anyio.CapacityLimiter(1)  # batching off: one request at a time on the model's thread
+
+    async def predict(self, scope: dict[str, Any], rows: Rows) -> Rows:
+        """The gateway's way to the model: the answers to its checked rows, logged. All from the response cache
+        when it has them (no wait for a batch), else through BentoML's adaptive batching of the `predict` API
+        (ServiceUnavailable when it sheds them), or with batching off on the model's thread."""
+        if self.cached_answer is not None and (found := self.cached_answer(rows)) is not None:
+            return found
+        if not ARGS.batching:
+            assert self.answer is not None, "the service is not initialized"
+            answers = await anyio.to_thread.run_sync(self.answer, rows, limiter=self._thread)
+            assert answers is not None
+            return answers
+        if self._batching is None:
+            self._batching = _bentoml_app(scope["app"])
+        answers = await self._batching.batch_infer("predict", (rows,), {})
+        return list(answers)
 
     async def durable(self) -> None:
         """Return once every answer this process has given so far is in the prediction log on disk."""
@@ -258,10 +278,20 @@ class _Shared:
             "canary_share": share, "shadow": shadow}
 
 
+def _bentoml_app(app: Any) -> Any:
+    """BentoML's ServiceAppFactory behind the Starlette app `app`: the object whose `api_endpoint_wrapper` its
+    /predict route calls, and whose `batch_infer` feeds the API's adaptive batching (its dispatcher, its batch-size
+    metric, its model thread)."""
+    for known in app.routes:
+        endpoint = getattr(known, "endpoint", None)
+        if getattr(known, "name", None) == "predict" and isinstance(endpoint, functools.partial):
+            return endpoint.func.__self__  # type: ignore[attr-defined]
+    raise RuntimeError("BentoML's app has no predict route to batch /predict with")
+
+
 MODELS = _Shared()
 bound_metric_labels()  # unknown paths get 404 before BentoML's metrics label them
 cancelled_timeouts()  # BentoML's per-request timeout timers are cancelled when the request is over
-quiet_shedding()  # a shed request is one gateway log line, not BentoML's traceback
 AmaasService.add_asgi_middleware(Gateway, settings=settings, keys_file=PATHS.api_keys, routing=MODELS.routing,
-                                 versions=MODELS.versions, durable=MODELS.durable, follows_registry=bool(PROJECT))
-AmaasService.add_asgi_middleware(CacheFirst, answerer=lambda: MODELS.cached_answer)  # inside the gateway
+                                 versions=MODELS.versions, predict=MODELS.predict, durable=MODELS.durable,
+                                 follows_registry=bool(PROJECT))

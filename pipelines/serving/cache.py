@@ -11,14 +11,10 @@ from __future__ import annotations
 
 import threading
 from collections import OrderedDict
-from collections.abc import Callable
 from typing import Any, Protocol
 
-import orjson
 import pandas as pd
 
-from pipelines.serving.asgi import ROWS_KEY, Receive, Send, replayed
-from pipelines.serving.io import answers_body
 from pipelines.transform import FeatureTransform, normalize_value
 
 Answer = dict[str, Any]
@@ -129,41 +125,3 @@ def features(model: Scorer, rows: Rows) -> pd.DataFrame:
     """The model's input columns of `rows` (KeyError if they lack one), built column by column (half the time of
     a frame of whole rows cut down to the columns, measured at 1 and 100 rows)."""
     return pd.DataFrame({c: [row[c] for row in rows] for c in (*model.transform.numeric, *model.transform.categorical)})
-
-
-class CacheFirst:
-    """ASGI middleware between the gateway and BentoML: a POST /predict whose rows are all in the response cache
-    is answered (and logged) here, without queueing for a batch; any other request goes on unchanged.
-
-    `answerer()` is None while the cache is off, else a function of the gateway's rows (route, request id and
-    key name added) that returns their logged answers, or None (nothing logged) unless all are cached."""
-
-    def __init__(self, app: Any, answerer: Callable[[], Callable[[Rows], Rows | None] | None]) -> None:
-        self.app = app
-        self.answerer = answerer
-
-    async def __call__(self, scope: dict[str, Any], receive: Receive, send: Send) -> None:
-        answer = self.answerer() if scope["type"] == "http" and scope["method"] == "POST" and (
-            scope["path"].rstrip("/") == "/predict") else None
-        if answer is None:
-            return await self.app(scope, receive, send)
-        rows = scope.get(ROWS_KEY)
-        if rows is None:  # not from the gateway (which hands its checked rows on in the scope): read them here
-            chunks = []
-            while True:
-                message = await receive()
-                chunks.append(message.get("body", b""))
-                if not message.get("more_body"):
-                    break
-            body = b"".join(chunks)
-            rows = orjson.loads(body)["rows"]
-            receive = replayed(body, receive)
-        # on the event loop, like the gateway's own checks: a lookup is about 15 us a row, less than a hop to a
-        # worker thread that would then contend for the GIL with the loop and the batch thread
-        answers = answer(rows)
-        if answers is None:
-            return await self.app(scope, receive, send)
-        data = answers_body(answers)
-        await send({"type": "http.response.start", "status": 200,
-                    "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(data)).encode())]})
-        await send({"type": "http.response.body", "body": data})

@@ -1,6 +1,13 @@
 """The ASGI gateway in front of BentoML's model API: API keys and their scopes, per-key rate limits and quotas,
 size limits, the request schema, a request id and a route per request, the admin endpoints (reload, drain,
-usage per key), GET /models and the documented /docs.json."""
+usage per key), GET /models and the documented /docs.json.
+
+A /predict request it takes goes to the service's `predict` with the rows as checked (defaults, route, request id
+and key name added): BentoML's adaptive batching and its worker thread score them, and the gateway writes the
+answer. It does not go through BentoML's route for /predict, which would wrap the request in a Starlette request,
+parse and validate the body again and build a response: 0.3 of the 1.1 ms of server CPU per single-row
+request (measured). BentoML's outer middlewares (metrics, tracing, the request timeout and concurrency limit)
+still see it."""
 
 from __future__ import annotations
 
@@ -17,10 +24,11 @@ from pathlib import Path
 from typing import Any
 
 import orjson
+from bentoml.exceptions import ServiceUnavailable
 from pydantic import BaseModel, TypeAdapter, ValidationError
 
 from pipelines.config import ServeConfig, Settings
-from pipelines.serving.asgi import ROWS_KEY, Receive, Send, buffered, replayed
+from pipelines.serving.asgi import Receive, Send, buffered
 from pipelines.serving.keys import ApiKeys, KeyEntry, KeyStoreError
 from pipelines.serving.limits import (
     NO_USAGE,
@@ -51,11 +59,14 @@ MAX_DEPTH = 16  # JSON nesting: a request is {"rows": [{...}]}, 3 deep
 MAX_ERRORS = 20  # field errors listed in a 422 (the count says how many there were)
 MAX_ECHO = 100  # characters of an input value echoed in a 422
 RETRY_AFTER_S = "1"
-# a forwarded /predict body is the gateway's own JSON: these headers of the client's no longer describe it
-_BODY_HEADERS = frozenset({b"content-length", b"content-type", b"content-encoding"})
 RELOAD_WAIT_S = 30.0  # POST /admin/reload waits this long for every worker to follow the registry
 log = logging.getLogger("amaas.gateway")
 
+Rows = list[dict[str, Any]]
+# predict(scope, rows): the answers to the rows, in order (ServiceUnavailable when BentoML's batching sheds them);
+# the scope is the request's (its "app" is BentoML's)
+Predict = Callable[[dict[str, Any], Rows], Awaitable[Rows]]
+_ANSWER = orjson.OPT_SERIALIZE_NUMPY  # numpy scalars as numbers; NaN (never in an answer) would be null
 
 
 class Gateway:
@@ -67,9 +78,10 @@ class Gateway:
     sees the same buckets and flags."""
 
     def __init__(self, app: Any, settings: Callable[[], Settings], keys_file: Path,
-                 routing: Callable[[], tuple[float, bool]], versions: Callable[[], dict[str, Any]],
+                 routing: Callable[[], tuple[float, bool]], versions: Callable[[], dict[str, Any]], predict: Predict,
                  durable: Callable[[], Awaitable[None]] | None = None, follows_registry: bool = False) -> None:
         self.app = app
+        self.predict = predict  # the service's answers to checked rows
         self.settings = settings  # called on first use, not here: BentoML builds the gateway at import
         self.keys = ApiKeys(keys_file)
         self.state = SharedState.beside(keys_file)
@@ -194,31 +206,15 @@ class Gateway:
         where = route(request_id, *self.routing())
         tags = {REQUEST_ID: request_id, ROUTE: where, KEY_NAME: entry.name if entry else None}
         rows = [{**self.defaults, **r, **tags} for r in received]
-        forwarded = orjson.dumps({"rows": rows})  # finite numbers only: the parser and the schema saw to that
-        scope = {**scope, "headers": [(k, v) for k, v in scope["headers"] if k.lower() not in _BODY_HEADERS]
-                 + [(b"content-type", b"application/json"), (b"content-length", str(len(forwarded)).encode())],
-                 ROWS_KEY: rows}
-        shed = False
-
-        async def tag(message: dict[str, Any]) -> None:
-            nonlocal shed
-            if message["type"] == "http.response.start":
-                if message["status"] == 503:  # BentoML shed it: its body says "unexpected error"; ours, retry
-                    shed = True
-                    return
-                if message["status"] == 200 and self.durable is not None:
-                    await self.durable()  # answered means logged: this answer's rows are on disk before it leaves
-                message = {**message, "headers": [*message.get("headers", []), *decision.headers(),
-                                                  (b"x-request-id", request_id.encode())]}
-            elif shed:
-                if not message.get("more_body"):
-                    log.warning("shed request %s: overloaded (it would wait over serve.max_latency_ms)", request_id)
-                    await _reply(send, 503, {"error": "overloaded, retry", "request_id": request_id},
-                                 [(b"retry-after", RETRY_AFTER_S.encode()), (b"x-request-id", request_id.encode())])
-                return
-            await send(message)
-
-        await self.app(scope, replayed(forwarded, receive), tag)
+        try:
+            answers = await self.predict(scope, rows)
+        except ServiceUnavailable:  # BentoML's batching shed it: it would wait over serve.max_latency_ms
+            log.warning("shed request %s: overloaded (it would wait over serve.max_latency_ms)", request_id)
+            return await _reply(send, 503, {"error": "overloaded, retry", "request_id": request_id},
+                                [(b"retry-after", RETRY_AFTER_S.encode()), (b"x-request-id", request_id.encode())])
+        if self.durable is not None:
+            await self.durable()  # answered means logged: this answer's rows are on disk before it leaves
+        await _send(send, 200, answers_body(answers), [*decision.headers(), (b"x-request-id", request_id.encode())])
 
     async def _not_json(self, exc: ValueError, send: Send) -> None:
         await _reply(send, 422, {"error": "body is not valid JSON", "detail": [{"msg": _clip(str(exc))}]})
@@ -445,22 +441,6 @@ def cancelled_timeouts() -> None:
     setattr(TimeoutMiddleware, "__call__", timed)  # noqa: B010 (a method replaced on the class)
 
 
-class QuietShedding(logging.Filter):
-    """Drops BentoML's ERROR traceback for a shed request (ServiceUnavailable): the gateway logs one line."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        from bentoml.exceptions import ServiceUnavailable
-
-        return not (record.exc_info and isinstance(record.exc_info[1], ServiceUnavailable))
-
-
-def quiet_shedding() -> None:
-    for name in ("bentoml._internal.server.http_app", "bentoml.serve"):
-        logger = logging.getLogger(name)
-        if not any(isinstance(f, QuietShedding) for f in logger.filters):
-            logger.addFilter(QuietShedding())
-
-
 def _parse(body: bytes, check_depth: bool = True) -> Any:
     """The JSON of `body`, strictly: UTF-8, no NaN or Infinity, at most MAX_DEPTH levels (ValueError if not;
     `check_depth` False leaves the depth to the caller: a request the schema takes is 3 levels deep).
@@ -541,9 +521,18 @@ async def _read_body(receive: Receive, limit: int, headers: dict[str, str]) -> b
             return b"".join(chunks)
 
 
+def answers_body(answers: Rows) -> bytes:
+    """The JSON body of /predict's answers: compact, numpy numbers as numbers."""
+    return orjson.dumps(answers, option=_ANSWER)
+
+
 async def _reply(send: Send, status: int, body: dict[str, Any], headers: list[tuple[bytes, bytes]] | None = None
                  ) -> None:
-    data = json.dumps(body, default=str, allow_nan=False).encode()
+    await _send(send, status, json.dumps(body, default=str, allow_nan=False).encode(), headers)
+
+
+async def _send(send: Send, status: int, data: bytes, headers: list[tuple[bytes, bytes]] | None = None) -> None:
+    """A whole JSON response."""
     await send({"type": "http.response.start", "status": status,
                 "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(data)).encode()),
                             *(headers or [])]})

@@ -4,13 +4,11 @@ batch queue."""
 
 from __future__ import annotations
 
-import json
 from typing import Any
 
 import pandas as pd
 
-from pipelines.serving.asgi import ROWS_KEY
-from pipelines.serving.cache import CacheFirst, ResponseCache
+from pipelines.serving.cache import ResponseCache
 from pipelines.transform import FeatureTransform
 
 TRANSFORM = FeatureTransform(
@@ -101,48 +99,3 @@ def test_cached_answers_all_or_none_and_count_only_when_told():
     cache.count_hits(1)
     assert cache.stats()["hits"] == 1 and cache.stats()["misses"] == 1
     assert ResponseCache(0).cached(model, rows({})) is None
-
-
-class App:
-    """The ASGI app behind CacheFirst: records the bodies it receives."""
-
-    def __init__(self) -> None:
-        self.bodies: list[bytes] = []
-
-    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
-        self.bodies.append((await receive())["body"])
-        await send({"type": "http.response.start", "status": 200, "headers": []})
-        await send({"type": "http.response.body", "body": b"[]"})
-
-
-def _post(middleware: CacheFirst, body: bytes, scope: dict[str, Any] | None = None) -> tuple[int, bytes]:
-    import asyncio
-
-    sent: list[dict[str, Any]] = []
-
-    async def receive() -> dict[str, Any]:
-        return {"type": "http.request", "body": body, "more_body": False}
-
-    async def send(message: dict[str, Any]) -> None:
-        sent.append(message)
-
-    asyncio.run(middleware({"type": "http", "method": "POST", "path": "/predict", **(scope or {})}, receive, send))
-    return sent[0]["status"], sent[1]["body"]
-
-
-def test_cache_first_answers_only_fully_cached_requests_and_passes_the_rest_unchanged():
-    body = json.dumps({"rows": [{"age": 41, "_request_id": "r"}]}).encode()
-    app = App()
-    assert _post(CacheFirst(app, answerer=lambda: None), body) == (200, b"[]") and app.bodies == [body]  # cache off
-    assert _post(CacheFirst(app, answerer=lambda: lambda rows: None), body) == (200, b"[]")  # a miss: on to BentoML
-    assert app.bodies == [body, body]
-    given: list[Any] = []
-    hit = CacheFirst(app, answerer=lambda: lambda rows: given.append(rows) or [{"value": 1.5, "request_id": "r"}])
-    assert _post(hit, body) == (200, b'[{"value":1.5,"request_id":"r"}]')
-    assert len(app.bodies) == 2 and given == [json.loads(body)["rows"]]
-    # behind the gateway the checked rows come in the scope: those are looked up, the body is not parsed again
-    checked = [{"age": 41.0, "_request_id": "r"}]
-    assert _post(hit, b"not parsed", {ROWS_KEY: checked}) == (200, b'[{"value":1.5,"request_id":"r"}]')
-    assert given[-1] is checked
-    miss = CacheFirst(app, answerer=lambda: lambda rows: None)
-    assert _post(miss, body, {ROWS_KEY: checked}) == (200, b"[]") and app.bodies[-1] == body  # passed on unread

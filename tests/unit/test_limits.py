@@ -174,8 +174,9 @@ def limited(tmp_path):
     params = write_params(tmp_path, **{"serve.rate_limit": {"rps": 0.001, "burst": 2, "daily_quota": 4}})
     keys = ApiKeys(tmp_path / "keys.json")
     predict, admin = keys.add("app"), keys.add("ops", scopes=("admin",))
-    gateway = Gateway(_App(), lambda: load_settings(params), tmp_path / "keys.json", lambda: (0.0, False),
-                      lambda: {"champion": "v1", "challenger": None})
+    app = _App()
+    gateway = Gateway(app, lambda: load_settings(params), tmp_path / "keys.json", lambda: (0.0, False),
+                      lambda: {"champion": "v1", "challenger": None}, app.predict)
     return gateway, predict, admin
 
 

@@ -15,8 +15,7 @@ from typing import Any
 import pytest
 
 from pipelines.config import load_settings
-from pipelines.serving.asgi import ROWS_KEY
-from pipelines.serving.gateway import KEY_NAME, REQUEST_ID, ROUTE, Gateway, QuietShedding
+from pipelines.serving.gateway import KEY_NAME, REQUEST_ID, ROUTE, Gateway
 from pipelines.serving.keys import ApiKeys, KeyStoreError
 from pipelines.serving.predlog import PredictionLog, PredictionRecord, log_entry, read_prediction_log, to_line
 from pipelines.serving.routing import route
@@ -88,18 +87,22 @@ def test_prediction_records_write_todays_keys_and_read_older_lines(tmp_path):
 
 
 class _App:
-    """Stands in for BentoML behind the gateway: records what reached it."""
+    """Stands in for BentoML behind the gateway: records the requests passed on to it (`calls`) and the rows the
+    gateway had scored (`predicted`, one list per request)."""
 
     def __init__(self) -> None:
         self.calls: list[tuple[str, bytes]] = []
-        self.scopes: list[dict] = []
+        self.predicted: list[list[dict]] = []
 
     async def __call__(self, scope, receive, send) -> None:
         body = (await receive()).get("body", b"")
         self.calls.append((scope["path"], body))
-        self.scopes.append(scope)
         await send({"type": "http.response.start", "status": 200, "headers": []})
         await send({"type": "http.response.body", "body": b"[]"})
+
+    async def predict(self, scope, rows: list[dict]) -> list[dict]:
+        self.predicted.append(rows)
+        return [{"value": 1.5, "request_id": row[REQUEST_ID]} for row in rows]
 
 
 def _call(gateway: Gateway, path: str, body: bytes, headers: dict[str, Any], method: str = "POST"
@@ -127,7 +130,7 @@ def gateway(tmp_path):
     keys = ApiKeys(tmp_path / "keys.json")
     key = keys.add("t")
     return Gateway(app, lambda: load_settings(params), tmp_path / "keys.json", lambda: (1.0, False),
-                   lambda: {"champion": "v1", "challenger": None}), app, key
+                   lambda: {"champion": "v1", "challenger": None}, app.predict), app, key
 
 
 def test_gateway_reads_settings_on_first_use_not_when_built(gateway, tmp_path):
@@ -138,7 +141,8 @@ def test_gateway_reads_settings_on_first_use_not_when_built(gateway, tmp_path):
         loads.append(1)
         return gw.settings()
 
-    lazy = Gateway(_App(), settings, tmp_path / "keys.json", lambda: (0.0, False), dict)
+    app = _App()
+    lazy = Gateway(app, settings, tmp_path / "keys.json", lambda: (0.0, False), dict, app.predict)
     assert not loads  # BentoML builds the middleware at import, before any settings exist
     assert _call(lazy, "/readyz", b"", {})[0] == 200 and not loads  # health needs no settings
     assert _call(lazy, "/predict", json.dumps({"row": ROW}).encode(), {"X-API-Key": key})[0] == 200
@@ -162,7 +166,7 @@ def test_importing_the_service_reads_no_settings(tmp_path):
     assert done.stdout.strip().endswith("amaas_service")
 
 
-def test_gateway_answers_401_413_422_and_forwards_tagged_rows(gateway):
+def test_gateway_answers_401_413_422_and_scores_tagged_rows(gateway):
     gw, app, key = gateway
     auth = {"Authorization": f"Bearer {key}"}
     assert _call(gw, "/predict", json.dumps({"row": ROW}).encode(), {})[0] == 401
@@ -172,20 +176,18 @@ def test_gateway_answers_401_413_422_and_forwards_tagged_rows(gateway):
     status, _, body = _call(gw, "/predict", json.dumps({"rows": [{**ROW, "age": 7}]}).encode(), auth)
     assert status == 422 and body["detail"][0]["loc"] == ["rows", 0, "age"]
     assert _call(gw, "/predict", json.dumps({"rows": [ROW], "row": ROW}).encode(), auth)[0] == 422
-    assert not app.calls  # nothing invalid reached the model
+    assert not app.calls and not app.predicted  # nothing invalid reached the model
 
-    status, headers, _ = _call(gw, "/predict", json.dumps({"row": ROW}).encode(),
-                               {**auth, "X-Request-ID": "r1", "Content-Type": "text/plain"})  # the body is JSON
-    assert status == 200 and headers["x-request-id"] == "r1"
-    path, forwarded = app.calls[-1]
-    rows = json.loads(forwarded)["rows"]
-    assert path == "/predict" and rows[0][REQUEST_ID] == "r1" and rows[0][ROUTE] == "challenger"
-    assert app.scopes[-1][ROWS_KEY] == rows  # handed on as checked, so that nothing behind parses them again
-    assert [v for k, v in app.scopes[-1]["headers"] if k == b"content-type"] == [b"application/json"]
+    status, headers, body = _call(gw, "/predict", json.dumps({"row": ROW}).encode(),
+                                  {**auth, "X-Request-ID": "r1", "Content-Type": "text/plain"})  # the body is JSON
+    assert status == 200 and headers["x-request-id"] == "r1" and headers["content-type"] == "application/json"
+    assert body == [{"value": 1.5, "request_id": "r1"}]  # the service's answers, as JSON
+    rows = app.predicted[-1]  # the rows as checked: nothing behind the gateway parses them again
+    assert rows[0][REQUEST_ID] == "r1" and rows[0][ROUTE] == "challenger" and not app.calls
     assert rows[0]["home_ownership"] == "rent" and rows[0]["loan_id"] is None
     left_out = {k: v for k, v in ROW.items() if k not in ("income", "debt_to_income")}  # nullable: may be left out
     assert _call(gw, "/predict", json.dumps({"rows": [left_out]}).encode(), auth)[0] == 200
-    rows = json.loads(app.calls[-1][1])["rows"]
+    rows = app.predicted[-1]
     assert rows[0]["income"] is None and rows[0]["debt_to_income"] is None and rows[0]["age"] == 41.0
 
 
@@ -243,7 +245,7 @@ def test_malformed_requests_get_a_4xx_at_once_and_nothing_escapes(gateway):
     for path in ("/nope", "/predict/x", "/static_content/../../etc/passwd", "/static_content/nope.js"):
         assert _call(gw, path, b"", {}, method="GET")[0] == 404, path
     assert _call(gw, "/static_content/swagger-ui.css", b"", {}, method="GET")[0] == 200
-    assert len(app.calls) == 2  # the keyed request with a junk header, and the static file
+    assert len(app.predicted) == 1 and len(app.calls) == 1  # the keyed request with a junk header; the static file
 
 
 def test_request_ids_are_capped_to_a_safe_alphabet(gateway, caplog):
@@ -256,7 +258,7 @@ def test_request_ids_are_capped_to_a_safe_alphabet(gateway, caplog):
             caplog.clear()
             status, headers, _ = _call(gw, "/predict", row, {**auth, "X-Request-ID": bad})
         assert status == 200 and len(headers["x-request-id"]) == 32 and headers["x-request-id"] != bad
-        assert json.loads(app.calls[-1][1])["rows"][0][REQUEST_ID] == headers["x-request-id"]
+        assert app.predicted[-1][0][REQUEST_ID] == headers["x-request-id"]
         assert len(caplog.records) == 1 and len(caplog.records[0].getMessage()) < 300
         assert "\n" not in caplog.records[0].getMessage()
 
@@ -301,36 +303,28 @@ def test_amaas_keys_list_says_how_to_repair_a_corrupt_file(tmp_path, capsys):
 
 
 def test_shed_requests_say_overloaded_retry_and_log_one_line(tmp_path, caplog):
-    import logging
-
     from bentoml.exceptions import ServiceUnavailable
 
     params = write_params(tmp_path)
     keys = ApiKeys(tmp_path / "keys.json")
     key = keys.add("t")
 
-    async def shedding(scope, receive, send) -> None:  # what BentoML answers when it sheds load
-        await send({"type": "http.response.start", "status": 503, "headers": []})
-        await send({"type": "http.response.body", "body": b'{"error": "An unexpected error has occurred"}'})
-
-    gw = Gateway(shedding, lambda: load_settings(params), tmp_path / "keys.json", lambda: (0.0, False), dict)
-    with caplog.at_level("WARNING", logger="amaas.gateway"):
-        status, headers, body = _call(gw, "/predict", json.dumps({"row": ROW}).encode(), {"X-API-Key": key})
-    assert status == 503 and body["error"] == "overloaded, retry" and headers["retry-after"] == "1"
-    assert len(caplog.records) == 1 and "overloaded" in caplog.records[0].getMessage()
-    try:
+    async def shedding(scope, rows) -> list[dict]:  # what BentoML's batching raises when it sheds load
         raise ServiceUnavailable("process is overloaded")
-    except ServiceUnavailable:
-        shed = logging.LogRecord("bentoml", logging.ERROR, __file__, 1, "Exception on /predict", None, sys.exc_info())
-    other = logging.LogRecord("bentoml", logging.ERROR, __file__, 1, "Exception on /predict", None,
-                              (ValueError, ValueError("x"), None))
-    assert not QuietShedding().filter(shed) and QuietShedding().filter(other)
+
+    gw = Gateway(_App(), lambda: load_settings(params), tmp_path / "keys.json", lambda: (0.0, False), dict, shedding)
+    with caplog.at_level("WARNING", logger="amaas.gateway"):
+        status, headers, body = _call(gw, "/predict", json.dumps({"row": ROW}).encode(),
+                                      {"X-API-Key": key, "X-Request-ID": "r9"})
+    assert status == 503 and body == {"error": "overloaded, retry", "request_id": "r9"}
+    assert headers["retry-after"] == "1" and headers["x-request-id"] == "r9"
+    assert len(caplog.records) == 1 and "overloaded" in caplog.records[0].getMessage()
 
 
 def test_the_key_name_reaches_the_log_never_the_key(gateway, tmp_path):
     gw, app, key = gateway
     assert _call(gw, "/predict", json.dumps({"row": ROW}).encode(), {"X-API-Key": key})[0] == 200
-    assert json.loads(app.calls[-1][1])["rows"][0][KEY_NAME] == "t"
+    assert app.predicted[-1][0][KEY_NAME] == "t"
     log = PredictionLog(tmp_path / "log")
     log.append([PredictionRecord(request_id="a", key_name="t", probability=0.1)])
     file = next((tmp_path / "log").glob("*.jsonl"))
@@ -382,7 +376,8 @@ def test_an_answer_leaves_the_gateway_only_once_its_rows_are_durable(tmp_path):
     async def receive() -> dict:
         return {"type": "http.request", "body": json.dumps({"row": ROW}).encode(), "more_body": False}
 
-    gw = Gateway(_App(), lambda: load_settings(params), tmp_path / "keys.json", lambda: (0.0, False), dict,
+    app = _App()
+    gw = Gateway(app, lambda: load_settings(params), tmp_path / "keys.json", lambda: (0.0, False), dict, app.predict,
                  durable=durable)
     scope = {"type": "http", "method": "POST", "path": "/predict", "headers": [(b"x-api-key", key.encode())]}
     asyncio.run(gw(scope, receive, send))
@@ -406,7 +401,7 @@ def test_numbers_spelled_as_text_must_be_finite_and_json_numbers_must_fit_a_doub
         assert status == 422 and body["detail"][0]["loc"] == ["row", "income"], (text, body)
     status, _, body = _call(gw, "/predict", b'{"row": {"age": 1e400}}', auth)
     assert status == 422 and "finite" in body["detail"][0]["msg"]
-    assert not app.calls
+    assert not app.predicted
 
 
 def test_bentoml_request_timeouts_leave_no_timer_behind_and_still_answer_504():
@@ -506,29 +501,61 @@ print("ok")
     assert done.stdout.strip().endswith("ok")
 
 
-def test_the_service_takes_the_gateways_rows_and_answers_in_strict_json():
-    """BentoML's side of /predict (pipelines/serving/io.py): the rows the gateway checked, from the scope, else
-    from the body; the answer as compact JSON with numpy numbers as numbers."""
+def test_answers_are_strict_compact_json_with_numpy_numbers_as_numbers():
     import numpy as np
-    from starlette.requests import Request
 
-    from pipelines.serving.io import PredictAnswer, PredictRequest
+    from pipelines.serving.gateway import answers_body
 
-    checked = [{"age": 41.0, REQUEST_ID: "r"}]
-    body = json.dumps({"rows": [{"age": 7}]}).encode()
+    assert answers_body([{"label": "a", "probability": np.float32(0.5), "n": np.int64(2)}]) == (
+        b'[{"label":"a","probability":0.5,"n":2}]')
 
-    async def receive() -> dict:
-        return {"type": "http.request", "body": body, "more_body": False}
 
-    def request(**extra: Any) -> Request:
-        return Request({"type": "http", "method": "POST", "path": "/predict", "headers": [], **extra}, receive)
+def test_the_gateways_rows_go_to_bentomls_batching_unless_the_cache_has_them_all(tmp_path):
+    """The service's side of the gateway (MODELS.predict): all cached, answered at once; else into the adaptive
+    batching of BentoML's app behind the request (found by its predict route), or, batching off, on a thread."""
+    root = Path(__file__).resolve().parents[2]
+    env = {**os.environ, "BENTOML_HOME": str(tmp_path / "bentoml"), "BENTOML_DO_NOT_TRACK": "True",
+           "PYTHONPATH": os.pathsep.join([str(root), os.environ.get("PYTHONPATH", "")])}
+    env.pop("AMAAS_ROOT", None)
+    code = """
+import asyncio, functools, threading
+import pytest
+import bentos.service as s
 
-    assert asyncio.run(PredictRequest.from_http_request(request(**{ROWS_KEY: checked}), None)).rows is checked
-    assert asyncio.run(PredictRequest.from_http_request(request(), None)).rows == [{"age": 7}]
-    with pytest.raises(TypeError):
-        asyncio.run(PredictRequest.from_http_request(request(**{ROWS_KEY: [1, 2]}), None))
-    response = asyncio.run(PredictAnswer.to_http_response([{"label": "a", "probability": np.float32(0.5)}], None))
-    assert response.body == b'[{"label":"a","probability":0.5}]' and response.media_type == "application/json"
+class Factory:  # BentoML's ServiceAppFactory: its routes call its api_endpoint_wrapper
+    def __init__(self): self.batched = []
+    async def api_endpoint_wrapper(self, name, request): raise AssertionError("not the route")
+    async def batch_infer(self, name, args, kwargs):
+        self.batched.append((name, args[0]))
+        return [{"value": 2.0} for _ in args[0]]
+
+class Route:
+    def __init__(self, name, endpoint): self.name, self.endpoint = name, endpoint
+
+factory = Factory()
+app = type("App", (), {"routes": [Route("index", lambda request: None),
+                                  Route("predict", functools.partial(factory.api_endpoint_wrapper, "predict"))]})()
+shared, rows = s._Shared(), [{"a": 1}, {"a": 2}]
+assert asyncio.run(shared.predict({"app": app}, rows)) == [{"value": 2.0}] * 2
+assert factory.batched == [("predict", rows)]
+shared.cached_answer = lambda rows: [{"value": 3.0}] * len(rows) if rows[0]["a"] == 1 else None
+assert asyncio.run(shared.predict({"app": app}, rows)) == [{"value": 3.0}] * 2 and len(factory.batched) == 1
+assert asyncio.run(shared.predict({"app": app}, [{"a": 2}])) == [{"value": 2.0}] and len(factory.batched) == 2
+with pytest.raises(RuntimeError, match="no predict route"):
+    asyncio.run(s._Shared().predict({"app": type("App", (), {"routes": []})()}, rows))
+
+s.ARGS.batching = False  # each request on the model's thread, one at a time
+threads = []
+unbatched = s._Shared()
+unbatched.answer = lambda rows: threads.append(threading.current_thread()) or [{"value": 4.0}] * len(rows)
+assert asyncio.run(unbatched.predict({"app": app}, rows)) == [{"value": 4.0}] * 2 and len(factory.batched) == 2
+assert threads and threads[0] is not threading.main_thread()
+print("ok")
+"""
+    done = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True,
+                          timeout=120)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.strip().endswith("ok")
 
 
 def test_each_server_counts_its_metrics_in_a_folder_of_its_own(tmp_path):
