@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import functools
 import gc
+import inspect
 import logging
 import os
 import threading
@@ -289,6 +290,8 @@ def _bentoml_app(app: Any) -> Any:
     raise RuntimeError("BentoML's app has no predict route to batch /predict with")
 
 
+# BentoML reads the API function's signature each time it fetches the function (every request); read it once
+AmaasService.apis["predict"].func.__signature__ = inspect.signature(AmaasService.apis["predict"].func)
 MODELS = _Shared()
 bound_metric_labels()  # unknown paths get 404 before BentoML's metrics label them
 cancelled_timeouts()  # BentoML's per-request timeout timers are cancelled when the request is over
