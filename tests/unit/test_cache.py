@@ -99,3 +99,14 @@ def test_cached_answers_all_or_none_and_count_only_when_told():
     cache.count_hits(1)
     assert cache.stats()["hits"] == 1 and cache.stats()["misses"] == 1
     assert ResponseCache(0).cached(model, rows({})) is None
+
+
+def test_the_models_input_frame_has_number_columns_even_when_every_value_is_missing():
+    from pipelines.serving.cache import features
+
+    frame = features(Model("v1"), rows({"age": None, "home": None}, {"age": None, "income": 7}))
+    assert list(frame.columns) == ["age", "income", "home"]
+    assert frame["age"].dtype == "float64" and frame["age"].isna().all() and frame["income"].tolist() == [52_000, 7]
+    assert frame["home"].tolist() == [None, "rent"]
+    assert Model("v1").answers(frame) == Model("v1").answers(pd.DataFrame(rows({"age": None, "home": None},
+                                                                              {"age": None, "income": 7})))
