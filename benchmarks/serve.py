@@ -12,6 +12,8 @@ Trains a small model in a temporary project (about 20 s), then starts a real `am
 - batching off: the closed loop again (target: batching >= 5x this);
 - the response cache: half the requests repeat one row, half are new rows, at `--rate`, with the cache off and
   on (target: p50 on / off <= 0.5).
+It also prints how long the disk under the project takes to fsync a small append: every answer waits for the
+prediction log's fsync, so a disk with slow fsyncs now and then shows in every latency tail.
 `--workers` is serve.workers (default: one per core, as the README advises); `--model` is serve.model (default:
 params.yaml's; the targets of issue 14 were set on the ensemble, before compress made a student that scores 7x
 faster); `--env` sets a variable in the server's environment (e.g. OMP_WAIT_POLICY=PASSIVE) to compare settings.
@@ -142,6 +144,29 @@ def serve(root: Path, env: dict[str, str]) -> tuple[subprocess.Popen[bytes], str
     raise RuntimeError("server did not start")
 
 
+def fsync_latency(folder: Path, seconds: float = 5.0) -> str:
+    """How long the disk under `folder` takes to make a small append durable: every answer waits for one (the
+    prediction log's guarantee), so its tail shows in the latency tail of every run."""
+    folder.mkdir(parents=True, exist_ok=True)
+    probe = folder / f".fsync-probe-{os.getpid()}"
+    fd = os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+    took: list[float] = []
+    try:
+        end = time.perf_counter() + seconds
+        while time.perf_counter() < end:
+            os.write(fd, b"x" * 2000 + b"\n")  # about one 5-row batch of log lines
+            start = time.perf_counter()
+            os.fsync(fd)
+            took.append((time.perf_counter() - start) * 1000)
+            time.sleep(0.005)
+    finally:
+        os.close(fd)
+        probe.unlink()
+    ms = np.asarray(took)
+    return (f"p50 {np.percentile(ms, 50):.2f} ms, p99 {np.percentile(ms, 99):.1f} ms, max {ms.max():.1f} ms, "
+            f"{int((ms > 50).sum())} of {len(ms)} over 50 ms")
+
+
 def cache_hit_ratio(url: str) -> float:
     import requests
 
@@ -177,6 +202,7 @@ def main() -> int:
         served = read_json(root / "reports" / "compression.json")
         print(f"served model: {served['served']} ({served['reason']})")
         print(f"in-process predict, batches of 256 rows: {in_process:,.0f} rows/s")
+        print(f"fsync of the prediction log's disk: {fsync_latency(root / 'logs')}")
         limits = "rate_limit" in params["serve"]
         print(f"auth on, prediction log on; rate limits: {'on' if limits else 'not in this build, skipped'}; "
               f"{args.workers} worker(s) on {os.cpu_count()} cores; server env: {env or 'as is'}; {args.seconds:g} s "
