@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from pipelines.serving.limits import Limit, SharedState
+from pipelines.state.limits import Limit, SharedState
 
 LIMIT = Limit(rps=1e9, burst=1_000_000, daily_quota=None)  # never refuses: every check takes the full path
 

@@ -44,7 +44,7 @@ from _project import trained_project  # beside this script
 from pipelines.bundle import ModelBundle
 from pipelines.io import read_json
 from pipelines.registry import Registry
-from pipelines.serving.keys import ApiKeys
+from pipelines.state.keys import ApiKeys
 
 ROW = {"age": 41, "income": 52000.0, "loan_amount": 12000, "term_months": 60, "interest_rate": 14.5,
        "credit_score": 610, "debt_to_income": 0.3, "employment_years": 3, "open_accounts": 7,

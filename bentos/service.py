@@ -46,9 +46,12 @@ from pipelines.serving.gateway import (  # noqa: E402
     bound_metric_labels,
     cancelled_timeouts,
 )
-from pipelines.serving.limits import RELOAD_LOCK, SharedState, keep_following, one_at_a_time, server_id  # noqa: E402
 from pipelines.serving.metrics import with_served_metrics  # noqa: E402
-from pipelines.serving.predlog import PredictionLog, log_entry, now_iso  # noqa: E402
+from pipelines.state import Shared, shared  # noqa: E402
+from pipelines.state.artifacts import fetch_bento  # noqa: E402
+from pipelines.state.limits import RELOAD_LOCK, keep_following, one_at_a_time, server_id  # noqa: E402
+from pipelines.state.postgres import PgPredictionLog  # noqa: E402
+from pipelines.state.predlog import PredictionLog, log_entry, now_iso  # noqa: E402
 
 log = logging.getLogger("amaas.service")
 
@@ -71,6 +74,13 @@ PARAMS = Path(os.environ.get(PARAMS_ENV) or PATHS.root / "params.yaml") if PROJE
 def settings() -> Settings:
     """params.yaml as the server started with it (canary and shadow are re-read by Models.follow)."""
     return load_settings(PARAMS)
+
+
+@functools.cache
+def state() -> Shared:
+    """What this server shares with the other workers and replicas: files beside the project, or a fleet's
+    PostgreSQL, Redis and artifacts store ($AMAAS_STATE_URL, ...)."""
+    return shared(settings(), PATHS)
 
 
 class Models:
@@ -97,9 +107,13 @@ class Models:
         load and never see half a switch.
         """
         mtime = PARAMS.stat().st_mtime if PARAMS.is_file() else None
+        configured = (self.canary_share, self.shadow)
         if mtime != self._params_mtime:
             serve = load_settings(PARAMS).serve
-            self.canary_share, self.shadow, self._params_mtime = serve.canary_share, serve.shadow, mtime
+            configured, self._params_mtime = (serve.canary_share, serve.shadow), mtime
+        routing = state().routing(configured)  # a fleet's published routing wins over the bento's params
+        if routing != (self.canary_share, self.shadow):
+            self.canary_share, self.shadow = routing
             log.info("canary share %.2f, shadow %s", self.canary_share, self.shadow)
         aliases = registry.aliases()
         if aliases == self._aliases or aliases["champion"] is None:  # no registry yet: keep the bento's model
@@ -127,12 +141,19 @@ class Models:
 
 
 def _load(version: str, registry: Registry) -> ModelBundle:
-    """A version from the BentoML model store (where `amaas package` put it), else from the registry."""
+    """A version from the BentoML model store (where `amaas package` put it); else, in a fleet, from its bento in
+    the artifacts store; else from the registry's folder."""
     try:
         return ModelBundle.load(Path(bentoml.models.get(f"amaas:{version}").path))
     except bentoml.exceptions.NotFound:
-        log.warning("amaas:%s is not in the BentoML store; loading it from the registry", version)
-        return registry.load(version)
+        pass
+    shared_state = state()
+    found = registry.store.version(version) if registry.store is not None else None
+    if found is not None and found["bento"] and shared_state.cfg.artifacts_url:
+        fetch_bento(shared_state.cfg.artifacts_url, found["bento"])
+        return ModelBundle.load(Path(bentoml.models.get(f"amaas:{version}").path))
+    log.warning("amaas:%s is not in the BentoML store; loading it from the registry", version)
+    return registry.load(version)
 
 
 # every prediction is in the prediction log already; no access-log line per request (522 -> 561 rps measured)
@@ -151,12 +172,12 @@ class AmaasService:
         MODELS.answer = self.answer
         if self.models.cache.size:  # requests whose answers are all cached skip the batch queue
             MODELS.cached_answer = functools.partial(self.answer, cached_only=True)
-        self.log = MODELS.log = PredictionLog(PATHS.prediction_log)
+        self.log = MODELS.log = state().prediction_log()
         schema = self.settings.data_schema
         self.features = [*schema.numeric, *schema.categorical]
         self.id_column = schema.id_column  # None: the table has no id, nothing to join labels by
         if PROJECT:
-            registry = Registry(PATHS.registry)
+            registry = Registry(PATHS.registry, state().registry_store)
             self.models.follow(registry)
             threading.Thread(target=self._watch, args=(registry,), daemon=True, name="registry-watch").start()
         # The loaded libraries and models are millions of long-lived objects: without this, each full
@@ -168,7 +189,7 @@ class AmaasService:
         """Follow the registry every reload_interval_s, and at once on POST /admin/reload to any worker."""
         loading = functools.partial(one_at_a_time, PATHS.api_keys.with_name(RELOAD_LOCK))  # a rolling switch
         keep_following(lambda: self.models.follow(registry, loading), self.settings.serve.reload_interval_s,
-                       SharedState.beside(PATHS.api_keys), server_id())
+                       state().limits, server_id())
 
     def __metrics__(self, content: str) -> str:
         """BentoML's hook on /metrics: its text plus the versions served, the canary share and this worker's
@@ -234,7 +255,7 @@ class _Shared:
         self.answer: Callable[[Rows], Rows | None] | None = None  # the service's (AmaasService.answer)
         # the service's answer from the response cache alone; None while the cache is off
         self.cached_answer: Callable[[Rows], Rows | None] | None = None
-        self.log: PredictionLog | None = None
+        self.log: PredictionLog | PgPredictionLog | None = None
         self._batching: Any = None  # BentoML's app of this worker (its adaptive batching), found on first use
         self._thread = anyio.CapacityLimiter(1)  # batching off: one request at a time on the model's thread
 
@@ -295,6 +316,6 @@ AmaasService.apis["predict"].func.__signature__ = inspect.signature(AmaasService
 MODELS = _Shared()
 bound_metric_labels()  # unknown paths get 404 before BentoML's metrics label them
 cancelled_timeouts()  # BentoML's per-request timeout timers are cancelled when the request is over
-AmaasService.add_asgi_middleware(Gateway, settings=settings, keys_file=PATHS.api_keys, routing=MODELS.routing,
+AmaasService.add_asgi_middleware(Gateway, settings=settings, state=state, routing=MODELS.routing,
                                  versions=MODELS.versions, predict=MODELS.predict, durable=MODELS.durable,
                                  follows_registry=bool(PROJECT))

@@ -43,7 +43,7 @@ from pipelines.config import Paths, Settings, experiment_name
 from pipelines.labels import ACTUAL, ROUTE, TIME, VERSION, join_labels, logged_frame, model_output
 from pipelines.metrics import bootstrap_resamples, higher_is_better, score
 from pipelines.registry import Registry
-from pipelines.serving.predlog import read_prediction_log
+from pipelines.state import shared
 
 ROLES = ("champion", "challenger")
 DECISION = "ab_test"  # the action of its registry decisions and the kind of its alerts
@@ -55,7 +55,7 @@ def ab_report(settings: Settings, paths: Paths) -> dict[str, Any]:
     """The A/B test of the registry's champion and challenger on the prediction log: each route's metric and
     rows, the challenger's gain and its significance, the rows each route needs, the verdict and its reasons."""
     serve, metric = settings.serve, settings.promote.metric
-    aliases = Registry(paths.registry).aliases()
+    aliases = Registry.of(paths, settings).aliases()
     versions = {role: aliases[role] for role in ROLES}
     result: dict[str, Any] = {
         "verdict": "no_ab_test", "reasons": [], "metric": metric, "higher_is_better": higher_is_better(metric),
@@ -69,7 +69,7 @@ def ab_report(settings: Settings, paths: Paths) -> dict[str, Any]:
     if versions["champion"] is None or versions["challenger"] in (None, versions["champion"]):
         return result | {"reasons": [f"no challenger beside the champion {versions['champion']} in the registry: "
                                      f"the next `amaas promote` registers one"]}
-    registry = Registry(paths.registry)
+    registry = Registry.of(paths, settings)
     models = {role: registry.load(versions[role], role) for role in ROLES}
     if (models["champion"].task, models["champion"].classes) != (models["challenger"].task,
                                                                  models["challenger"].classes):
@@ -94,7 +94,7 @@ def labelled_routes(settings: Settings, paths: Paths, models: dict[str, ModelBun
     """Each route's logged rows that its own model answered since the challenger's first answer (one per row
     key: a retried row counts once), with their labels; and the window (its start, the rows served per route)."""
     schema = settings.data_schema
-    records = read_prediction_log(paths.prediction_log) if paths.prediction_log.is_dir() else []
+    records = shared(settings, paths).predictions()
     frame = logged_frame(records, schema, models["champion"].classes)
     window: dict[str, Any] = {"start": None, "champion_rows": 0, "challenger_rows": 0}
     if frame.empty:
@@ -239,7 +239,7 @@ def apply_policy(settings: Settings, paths: Paths, result: dict[str, Any], now: 
         return {"taken": "none", "reason": f"no decision on {verdict}"}
     if (experiment := experiment_name()) is not None:
         return {"taken": "none", "reason": f"experiment {experiment}: the registry is left as it is"}
-    registry = Registry(paths.registry)
+    registry = Registry.of(paths, settings)
     now = now or datetime.now(UTC)
     last = next((d for d in reversed(registry.decisions()) if d.get("action") == DECISION and d.get("at")), None)
     if last is not None:
@@ -253,18 +253,20 @@ def apply_policy(settings: Settings, paths: Paths, result: dict[str, Any], now: 
         return {"taken": "none", "reason": f"the registry changed while the test ran (champion {aliases['champion']}, "
                                            f"challenger {aliases['challenger']}): no decision on an old result"}
     if verdict == WIN:
-        registry.set_champion(challenger)
         taken, message = "promoted", f"A/B test: challenger {challenger} promoted over {champion}"
     else:
-        registry.clear_challenger()
         taken, message = "canary_ended", f"A/B test: canary of challenger {challenger} ended, {champion} stays"
     decision = {"action": DECISION, "verdict": verdict, "by": "serve.canary_policy: auto",
                 "at": now.isoformat(timespec="seconds"), "champion_before": champion,
-                "champion_after": registry.champion, "challenger": challenger if verdict == WIN else None,
+                "champion_after": challenger if verdict == WIN else champion,
+                "challenger": challenger if verdict == WIN else None,
                 "tested_challenger": challenger, "reason": result["reasons"][0], "metric": result["metric"],
                 **{k: result.get(k) for k in ("gain", "ci_low", "ci_high", "p_value")},
                 "labeled_rows": {role: result[role].get("labeled_rows") for role in ROLES}}
-    registry.record(decision)
+    if verdict == WIN:
+        registry.set_champion(challenger, decision)
+    else:
+        registry.clear_challenger(decision)
     alert(settings, paths, DECISION, f"{message}: {result['reasons'][0]}", decision)
     return {"taken": taken, "reason": message, "decision": decision}
 

@@ -20,13 +20,13 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from pipelines.config import PARAMS_ENV, ROOT_ENV, ConfigError, Paths, Settings, load_settings
+from pipelines.config import PARAMS_ENV, ROOT_ENV, ConfigError, Paths, Settings, StateConfig, load_settings
 from pipelines.contracts import UndeclaredSetting, declaration
 from pipelines.io import read_json, write_text
 from pipelines.lock import PipelineLocked, project_lock
 from pipelines.runner import STAGES, run_stage, write_dvc_yaml
-from pipelines.serving.keys import DEFAULT_SCOPES, SCOPES
-from pipelines.serving.limits import NO_USAGE, SERVER_ENV, SharedState
+from pipelines.state.keys import DEFAULT_SCOPES, SCOPES
+from pipelines.state.limits import NO_USAGE, SERVER_ENV
 
 log = logging.getLogger("amaas")
 
@@ -141,29 +141,71 @@ def bentoml_overrides(given: str | None, service: str, workers: int) -> dict[str
 
 def _serve(args: argparse.Namespace, paths: Paths) -> int:
     from pipelines.registry import Registry, RegistryError
-    from pipelines.serving.bento import SERVICE_NAME, ensure_bento
-    from pipelines.serving.keys import ApiKeys
+    from pipelines.serving.bento import ensure_bento
 
+    params = Path(args.params or os.environ.get(PARAMS_ENV) or "params.yaml").resolve()
+    if not params.is_file() and StateConfig().resolved().url:  # a fleet's replica in a folder of its own
+        return _serve_replica(args, paths)
     settings = load_settings(args.params)
-    registry = Registry(paths.registry)
+    registry = Registry.of(paths, settings)
     if registry.champion is None:
         raise RegistryError("no champion to serve yet: run `amaas run` (or `dvc repro`) first")
     champion = registry.champion
     bento = ensure_bento(settings, paths, registry.champion_dir())["bento_tag"]  # this code, this model
-    host, port = args.host or settings.serve.host, args.port or settings.serve.port
-    if settings.serve.auth and not ApiKeys(paths.api_keys).names():
-        log.warning("serve.auth is on and there is no API key yet: every /predict gets 401 until you run "
-                    "`amaas keys add NAME`")
-    log.info("serving champion %s at http://%s:%d (POST /predict)", champion, host, port)
-    params = Path(args.params or os.environ.get(PARAMS_ENV) or "params.yaml").resolve()
-    bentoml_config = bentoml_overrides(os.environ.get(BENTOML_CONFIG_ENV), SERVICE_NAME, settings.serve.workers)
-    # the project the server follows: its registry, params, keys and prediction log; and which server start its
-    # workers belong to (they share drain and reload, another server of the project does not)
-    env = {**os.environ, ROOT_ENV: str(paths.root), PARAMS_ENV: str(params), SERVER_ENV: uuid.uuid4().hex,
-           BENTOML_CONFIG_ENV: json.dumps(bentoml_config)}
+    host, port, env = _server_env(args, paths, settings, params, champion)
     if settings.serve.strategy == "blue-green":
         return _serve_blue_green(settings, paths, params, env, host, port, bento, champion)
     return _supervise(_bento_command(bento, host, port), env)
+
+
+def _serve_replica(args: argparse.Namespace, paths: Paths) -> int:
+    """`amaas serve` in a folder without params.yaml, with $AMAAS_STATE_URL set: a replica of a fleet. It takes
+    the champion from the state database, fetches its bento from $AMAAS_ARTIFACTS_URL (with the params.yaml it
+    was built with), serves it and follows the shared registry; it keeps nothing another replica needs."""
+    from pipelines.registry import Registry, RegistryError
+    from pipelines.serving.bento import use_project_home
+    from pipelines.state import Shared
+    from pipelines.state.artifacts import fetch_bento
+
+    state = Shared(StateConfig(), paths)
+    if state.cfg.artifacts_url is None:
+        raise ConfigError("a replica without params.yaml fetches the champion's bento from the artifacts store: set "
+                          "$AMAAS_ARTIFACTS_URL (where `amaas package` puts the bentos)")
+    use_project_home(paths)
+    import bentoml
+
+    assert state.registry_store is not None
+    champion = Registry(paths.registry, state.registry_store).champion
+    if champion is None:
+        raise RegistryError("the state database has no champion yet: run the pipeline on the project host with "
+                            "$AMAAS_STATE_URL set (`amaas promote` names the champion there)")
+    found = state.registry_store.version(champion)
+    if found is None or not found["bento"]:
+        raise RegistryError(f"champion {champion} has no bento in the artifacts store: run `amaas package` (or "
+                            f"`amaas deploy`) on the project host with $AMAAS_ARTIFACTS_URL set")
+    fetch_bento(state.cfg.artifacts_url, found["bento"])
+    params = Path(bentoml.get(found["bento"]).path) / "src" / "params.yaml"  # the settings it was built with
+    host, port, env = _server_env(args, paths, load_settings(params), params, champion)
+    return _supervise(_bento_command(found["bento"], host, port), env)
+
+
+def _server_env(args: argparse.Namespace, paths: Paths, settings: Settings, params: Path, champion: str
+                ) -> tuple[str, int, dict[str, str]]:
+    """Where a server listens, and its environment: the project it follows (its registry, params, keys and
+    prediction log), and which server start its workers belong to (they share drain and reload, another server
+    of the project does not)."""
+    from pipelines.serving.bento import SERVICE_NAME
+    from pipelines.state import shared
+
+    host, port = args.host or settings.serve.host, args.port or settings.serve.port
+    if settings.serve.auth and not shared(settings, paths).keys.names():
+        log.warning("serve.auth is on and there is no API key yet: every /predict gets 401 until you run "
+                    "`amaas keys add NAME`")
+    log.info("serving champion %s at http://%s:%d (POST /predict)", champion, host, port)
+    bentoml_config = bentoml_overrides(os.environ.get(BENTOML_CONFIG_ENV), SERVICE_NAME, settings.serve.workers)
+    env = {**os.environ, ROOT_ENV: str(paths.root), PARAMS_ENV: str(params),
+           SERVER_ENV: os.environ.get(SERVER_ENV) or uuid.uuid4().hex, BENTOML_CONFIG_ENV: json.dumps(bentoml_config)}
+    return host, port, env
 
 
 def _bento_command(bento: str, host: str, port: int) -> list[str]:
@@ -290,17 +332,17 @@ def _run_all(args: argparse.Namespace, paths: Paths) -> int:
 
 
 def _rollback(args: argparse.Namespace, paths: Paths) -> int:
-    from pipelines.registry import rollback
+    from pipelines.registry import Registry, rollback
 
     with _locked(args, paths):
-        print(json.dumps({"champion": rollback(paths, args.reason)}))
+        print(json.dumps({"champion": rollback(Registry.of(paths, load_settings(args.params)), args.reason)}))
     return 0
 
 
 def _status(args: argparse.Namespace, paths: Paths) -> int:
     from pipelines.registry import Registry
 
-    registry = Registry(paths.registry)
+    registry = Registry.of(paths, load_settings(args.params))
     history = paths.monitoring_history
     aliases = registry.aliases()
     champion = aliases.get("champion")
@@ -395,12 +437,15 @@ def _loads(text: str, where: Path) -> Settings:
 
 
 def _keys(args: argparse.Namespace, paths: Paths) -> int:
-    from pipelines.serving.keys import ApiKeys
+    from pipelines.state import Shared
 
-    store = ApiKeys(paths.api_keys)
+    params = Path(args.params or os.environ.get(PARAMS_ENV) or "params.yaml")
+    # the project's key store, or a fleet's ($AMAAS_STATE_URL works without a params.yaml too)
+    state = Shared(load_settings(params).state if params.is_file() else StateConfig(), paths)
+    store = state.keys
     if args.action == "list":
         defaults = load_settings(args.params).serve.rate_limit
-        usage = SharedState.beside(paths.api_keys).usage()
+        usage = state.limits.usage()
         print(json.dumps({name: {"created": entry.created, "scopes": list(entry.scopes),
                                  **vars(entry.limit(defaults)), **vars(usage.get(name, NO_USAGE))}
                           for name, entry in store.entries().items()}, indent=2))
@@ -413,8 +458,9 @@ def _keys(args: argparse.Namespace, paths: Paths) -> int:
     if args.action == "add":
         print(store.add(args.name, tuple(args.scopes or DEFAULT_SCOPES), args.rps, args.burst,
                         args.daily_quota))  # the only time the key is shown
+        where = "the state database" if state.fleet else str(paths.api_keys)
         print(f"API key {args.name!r} created: send it as 'Authorization: Bearer <key>'; it is stored only as a "
-              f"hash in {paths.api_keys}", file=sys.stderr)
+              f"hash in {where}", file=sys.stderr)
     else:
         store.revoke(args.name)
         print(f"API key {args.name!r} revoked", file=sys.stderr)
@@ -428,7 +474,7 @@ def _locked(args: argparse.Namespace, paths: Paths) -> contextlib.AbstractContex
 def _print_where(paths: Paths, settings: Settings) -> None:
     from pipelines.registry import Registry
 
-    registry = Registry(paths.registry)
+    registry = Registry.of(paths, settings)
     champion = registry.champion
     url = f"http://{settings.serve.host}:{settings.serve.port}"
     print(f"\nChallenger model:  {paths.challenger}")

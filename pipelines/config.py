@@ -448,6 +448,48 @@ class ScaleConfig(_Strict):
     score_chunk_rows: int = Field(ge=1)
 
 
+STATE_URL_ENV = "AMAAS_STATE_URL"  # PostgreSQL: keys, usage, registry, routing and drain flags, prediction log
+REDIS_URL_ENV = "AMAAS_REDIS_URL"  # Redis: the per-key token buckets
+ARTIFACTS_URL_ENV = "AMAAS_ARTIFACTS_URL"  # where bentos are put and fetched: a folder, file:// or s3:// URL
+
+
+class StateConfig(_Strict):
+    """Where what several servers share lives: null everywhere is one host (files and SQLite beside the project).
+    Each environment variable wins over its key (keep passwords out of git: set the variables)."""
+
+    url: str | None = None  # postgresql://user:password@host:5432/db ($AMAAS_STATE_URL)
+    redis_url: str | None = None  # redis://host:6379/0 ($AMAAS_REDIS_URL); null: buckets in the state database
+    artifacts_url: str | None = None  # /shared/folder, file:///..., s3://bucket/prefix ($AMAAS_ARTIFACTS_URL)
+
+    @field_validator("url")
+    @classmethod
+    def _postgres(cls, value: str | None) -> str | None:
+        if value is not None and urlsplit(value).scheme not in ("postgresql", "postgres", "postgresql+psycopg"):
+            raise ValueError(f"{value!r} is not a PostgreSQL URL: give postgresql://user:password@host:5432/db, or "
+                             f"null for the one-host files")
+        return value
+
+    @field_validator("redis_url")
+    @classmethod
+    def _redis(cls, value: str | None) -> str | None:
+        if value is not None and urlsplit(value).scheme not in ("redis", "rediss", "unix"):
+            raise ValueError(f"{value!r} is not a Redis URL: give redis://host:6379/0, or null")
+        return value
+
+    @field_validator("artifacts_url")
+    @classmethod
+    def _artifacts(cls, value: str | None) -> str | None:
+        if value is not None and urlsplit(value).scheme not in ("", "file", "s3"):
+            raise ValueError(f"{value!r}: the artifacts store is a folder, a file:// or an s3:// URL")
+        return value
+
+    def resolved(self) -> StateConfig:
+        """These settings with the environment's overrides applied ($AMAAS_STATE_URL, ...), checked again."""
+        env = {"url": os.environ.get(STATE_URL_ENV), "redis_url": os.environ.get(REDIS_URL_ENV),
+               "artifacts_url": os.environ.get(ARTIFACTS_URL_ENV)}
+        return StateConfig(**{**self.model_dump(), **{k: v for k, v in env.items() if v}})
+
+
 class Settings(_Strict):
     seed: int
     pipeline: PipelineConfig
@@ -466,6 +508,7 @@ class Settings(_Strict):
     serve: ServeConfig
     deploy: DeployConfig = DeployConfig()
     scale: ScaleConfig
+    state: StateConfig = StateConfig()
 
     @property
     def data_schema(self) -> SchemaConfig:

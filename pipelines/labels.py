@@ -16,7 +16,7 @@ import pandas as pd
 
 from pipelines.bundle import ModelBundle
 from pipelines.config import Paths, SchemaConfig
-from pipelines.serving.predlog import PredictionRecord
+from pipelines.state.predlog import PredictionRecord
 
 log = logging.getLogger(__name__)
 PREDICTION = "prediction"  # what monitoring watches per row: bundle.monitored(output)

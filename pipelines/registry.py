@@ -18,11 +18,15 @@ import shutil
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pipelines.bundle import METADATA_FILE, ModelBundle
-from pipelines.config import Paths
+from pipelines.config import Paths, Settings
 from pipelines.io import atomic_dir, read_json, write_json
+from pipelines.state import shared
+
+if TYPE_CHECKING:
+    from pipelines.state.postgres import PgRegistry
 
 log = logging.getLogger(__name__)
 MONITORING_DIR = "monitoring"  # inside a version: what monitoring compares new data with
@@ -34,7 +38,16 @@ class RegistryError(RuntimeError):
 
 @dataclass(frozen=True)
 class Registry:
+    """The registry under `root`; with `store` (a fleet's state database) its aliases and decisions live there,
+    shared by every replica and host, and each change of champion is one transaction with its decision."""
+
     root: Path
+    store: PgRegistry | None = None
+
+    @classmethod
+    def of(cls, paths: Paths, settings: Settings) -> Registry:
+        """The project's registry, its aliases and decisions where `settings.state` puts them."""
+        return cls(paths.registry, shared(settings, paths).registry_store)
 
     @property
     def _aliases_file(self) -> Path:
@@ -52,10 +65,26 @@ class Registry:
         return sorted(p.name for p in folder.iterdir() if (p / METADATA_FILE).is_file()) if folder.is_dir() else []
 
     def aliases(self) -> dict[str, Any]:
+        if self.store is not None:
+            found = self.store.aliases()
+            if found is not None:
+                return found
+            if not (self._aliases_file.is_file() or self._decisions_file.is_file()):
+                return {"champion": None, "challenger": None, "champion_history": []}
+            # a one-host project moving to the fleet: its registry's state goes to the database once
+            self.store.seed(self._file_aliases(), self._file_decisions())
+            log.warning("the registry's aliases and decisions were copied from %s into the state database; they are "
+                        "kept there from now on", self.root)
+            found = self.store.aliases()
+            assert found is not None
+            return found
+        return self._file_aliases()
+
+    def _file_aliases(self) -> dict[str, Any]:
         if self._aliases_file.is_file():
             aliases: dict[str, Any] = read_json(self._aliases_file, fix=self._aliases_fix())
             return aliases
-        decisions = self.decisions()
+        decisions = self._file_decisions()
         if decisions:
             rebuilt = aliases_from_decisions(decisions)
             log.warning("%s is missing: rebuilt from %s (champion %s, challenger %s)", self._aliases_file,
@@ -104,7 +133,7 @@ class Registry:
         `extra` is merged into its metadata; `monitoring` files (name -> source) go into monitoring/."""
         version = str(read_json(bundle_dir / METADATA_FILE)["version"])
         aliases = self.aliases()  # a damaged registry stops here, before anything is added to it
-        if not self._aliases_file.is_file():  # a new registry: its state exists before its first version does
+        if self.store is None and not self._aliases_file.is_file():  # a new registry: its state exists first
             write_json(self._aliases_file, aliases)
         target = self.version_dir(version)
         if not (target / METADATA_FILE).is_file():
@@ -115,25 +144,29 @@ class Registry:
                 for name, source in (monitoring or {}).items():
                     (tmp / MONITORING_DIR).mkdir(exist_ok=True)
                     shutil.copy2(source, tmp / MONITORING_DIR / name)
+        if self.store is not None:
+            self.store.put_version(version, read_json(target / METADATA_FILE))
         self._set_aliases(challenger=version)
         return version
 
-    def set_champion(self, version: str) -> None:
+    def set_champion(self, version: str, decision: dict[str, Any] | None = None) -> None:
+        """Make `version` champion and record `decision` (its `champion_after` filled in) with it: in the state
+        database one transaction; in files the aliases first (aliases.json is rebuilt from the decisions)."""
         if version not in self.versions():
             raise RegistryError(f"cannot make {version!r} champion: it is not registered")
         aliases = self.aliases()
-        if aliases["champion"] == version:
-            return
         history = [*aliases["champion_history"], aliases["champion"]] if aliases["champion"] else []
-        self._set_aliases(champion=version, champion_history=history)
+        changes = {} if aliases["champion"] == version else {"champion": version, "champion_history": history}
+        self._change(changes, None if decision is None else {**decision, "champion_after": version})
 
-    def clear_challenger(self) -> None:
-        """No challenger any more: a running server follows the aliases and sends it no canary or shadow traffic
-        (until promote registers the next one)."""
-        self._set_aliases(challenger=None)
+    def clear_challenger(self, decision: dict[str, Any] | None = None) -> None:
+        """No challenger any more (and `decision` recorded with that): a running server follows the aliases and
+        sends it no canary or shadow traffic (until promote registers the next one)."""
+        self._change({"challenger": None}, decision)
 
-    def rollback(self) -> tuple[str, str]:
-        """Make the previous champion champion again; return (from, to)."""
+    def rollback(self, decision: dict[str, Any] | None = None) -> tuple[str, str]:
+        """Make the previous champion champion again, recording `decision` (its champions filled in) with it;
+        return (from, to)."""
         aliases = self.aliases()
         if not aliases["champion_history"]:
             raise RegistryError("nothing to roll back to: there has been only one champion (or none)")
@@ -143,10 +176,18 @@ class Registry:
                                 f"from the registry; restore it (`dvc checkout`, a backup), or make a registered "
                                 f"version champion with `amaas promote --force --version V --reason \"...\"`"
                                 f" (registered: {', '.join(self.versions()) or 'none'})")
-        self._set_aliases(champion=previous, champion_history=history)
+        record = None if decision is None else {
+            **decision, "champion_before": aliases["champion"], "champion_after": previous}
+        self._change({"champion": previous, "champion_history": history}, record)
         return aliases["champion"], previous
 
     def decisions(self) -> list[dict[str, Any]]:
+        if self.store is not None:
+            self.aliases()  # a project moving to the fleet: its file registry is copied first
+            return self.store.decisions()
+        return self._file_decisions()
+
+    def _file_decisions(self) -> list[dict[str, Any]]:
         if not self._decisions_file.is_file():
             return []
         decisions: list[dict[str, Any]] = read_json(
@@ -155,10 +196,20 @@ class Registry:
         return decisions
 
     def record(self, decision: dict[str, Any]) -> None:
-        write_json(self._decisions_file, [*self.decisions(), decision])
+        self._change({}, decision)
 
     def _set_aliases(self, **changes: Any) -> None:
-        write_json(self._aliases_file, {**self.aliases(), **changes})
+        self._change(changes, None)
+
+    def _change(self, changes: dict[str, Any], decision: dict[str, Any] | None) -> None:
+        """Apply alias `changes` and append `decision`, in the database as one transaction."""
+        if self.store is not None:
+            self.store.change({**self.aliases(), **changes} if changes else None, decision)
+            return
+        if changes:
+            write_json(self._aliases_file, {**self.aliases(), **changes})
+        if decision is not None:
+            write_json(self._decisions_file, [*self.decisions(), decision])
 
 
 def aliases_from_decisions(decisions: list[dict[str, Any]]) -> dict[str, Any]:
@@ -183,23 +234,19 @@ def _operator_record(action: str, **fields: Any) -> dict[str, Any]:
     return {"action": action, "by": getpass.getuser(), "at": datetime.now(UTC).isoformat(timespec="seconds"), **fields}
 
 
-def force_promote(paths: Paths, version: str | None = None, reason: str = "") -> str:
+def force_promote(registry: Registry, version: str | None = None, reason: str = "") -> str:
     """Operator override: make `version` (default: the current challenger) champion, gate skipped."""
-    registry = Registry(paths.registry)
     target = version or registry.aliases()["challenger"]
     if target is None:
         raise ValueError("no challenger registered: run the pipeline first or pass --version")
     before = registry.champion
-    registry.set_champion(target)
-    registry.record(_operator_record("force_promote", champion_before=before, champion_after=target, reason=reason))
+    registry.set_champion(target, _operator_record("force_promote", champion_before=before, reason=reason))
     log.warning("operator forced %s to champion (was %s)", target, before)
     return target
 
 
-def rollback(paths: Paths, reason: str = "") -> str:
+def rollback(registry: Registry, reason: str = "") -> str:
     """Operator action: return to the previous champion."""
-    registry = Registry(paths.registry)
-    before, after = registry.rollback()
-    registry.record(_operator_record("rollback", champion_before=before, champion_after=after, reason=reason))
+    before, after = registry.rollback(_operator_record("rollback", reason=reason))
     log.warning("operator rolled back champion %s -> %s", before, after)
     return after

@@ -140,10 +140,10 @@ def _locked_project(default_root: Path) -> Iterator[Path]:
 
 def rollback_in_project(default_root: Path, reason: str) -> str:
     """Operator rollback from an orchestrator: the previous champion becomes champion again."""
-    from pipelines.registry import rollback
+    from pipelines.registry import Registry, rollback
 
     with _locked_project(default_root) as root:
-        return rollback(Paths(root), reason)
+        return rollback(Registry.of(Paths(root), load_settings(project_files(default_root)[0])), reason)
 
 
 def version_in_project(default_root: Path, stages: tuple[str, ...] = ()) -> dict[str, Any]:

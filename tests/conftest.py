@@ -284,7 +284,7 @@ def served(root: Path) -> Iterator[Server]:
     """A real `amaas serve` of `root`'s champion on a free localhost port, and a client with an API key."""
     import requests
 
-    from pipelines.serving.keys import ApiKeys
+    from pipelines.state.keys import ApiKeys
 
     names = ApiKeys(root / ".amaas" / "api_keys.json").names()
     key = ApiKeys(root / ".amaas" / "api_keys.json").add(f"tests-{len(names)}")
@@ -315,3 +315,14 @@ def register_copy(registry: Registry, version: str, tmp: Path, broken: bool = Fa
     if broken:
         (bundle / "ensemble" / "student_lightgbm" / "model.txt").write_text("not a model")
     registry.register(bundle)
+
+
+def files_state(keys_file: Path) -> Callable[[], Any]:
+    """The one-host shared state of a gateway under test: the key file `keys_file` and the limits beside it."""
+    from types import SimpleNamespace
+
+    from pipelines.state.keys import ApiKeys
+    from pipelines.state.limits import SharedState
+
+    state = SimpleNamespace(keys=ApiKeys(keys_file), limits=SharedState.beside(keys_file))
+    return lambda: state

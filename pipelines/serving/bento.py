@@ -15,6 +15,8 @@ from typing import Any
 from pipelines.config import Paths, Settings
 from pipelines.io import read_json
 from pipelines.registry import MONITORING_DIR
+from pipelines.state import shared
+from pipelines.state.artifacts import put_bento
 
 log = logging.getLogger(__name__)
 MODEL_NAME = "amaas"
@@ -85,6 +87,20 @@ def ensure_bento(settings: Settings, paths: Paths, bundle_dir: Path) -> dict[str
         log.info("packaged model %s into bento %s", model.tag, bento.tag)
     return {"version": version, "model_tag": str(model.tag), "bento_tag": str(bento.tag),
             "bentoml_home": str(paths.bentoml_home)}
+
+
+def publish_bento(settings: Settings, paths: Paths, bundle_dir: Path, bento_tag: str) -> dict[str, Any]:
+    """With an artifacts store (state.artifacts_url), put bento `bento_tag` of the bundle there and, with a state
+    database, record it as its version's bento, which replicas fetch when it becomes champion: {"artifact": where}
+    or {} on one host."""
+    store = shared(settings, paths)
+    if store.cfg.artifacts_url is None:
+        return {}
+    where = put_bento(store.cfg.artifacts_url, bento_tag)
+    if store.registry_store is not None:
+        metadata = read_json(bundle_dir / "metadata.json")
+        store.registry_store.put_version(str(metadata["version"]), metadata, bento_tag)
+    return {"artifact": where}
 
 
 def build_context(folder: Path) -> Path:

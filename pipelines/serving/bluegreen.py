@@ -41,8 +41,8 @@ from pipelines.config import PARAMS_ENV, Paths, load_settings
 from pipelines.io import read_json, write_json, write_text
 from pipelines.registry import MONITORING_DIR, Registry
 from pipelines.serving.front import Front, read_state
-from pipelines.serving.keys import ApiKeys
 from pipelines.serving.server import alive
+from pipelines.state.keys import ApiKeys
 
 log = logging.getLogger(__name__)
 BACKEND_HOST = "127.0.0.1"  # backends are reached through the front only

@@ -29,8 +29,11 @@ from pydantic import BaseModel, TypeAdapter, ValidationError
 
 from pipelines.config import ServeConfig, Settings
 from pipelines.serving.asgi import Receive, Send, buffered
-from pipelines.serving.keys import ApiKeys, KeyEntry, KeyStoreError
-from pipelines.serving.limits import (
+from pipelines.serving.routing import route
+from pipelines.serving.schema import answer_model, openapi_with_schemas, request_schema, with_defaults
+from pipelines.state import Shared
+from pipelines.state.keys import ApiKeys, KeyEntry, KeyStoreError
+from pipelines.state.limits import (
     NO_USAGE,
     POLL_S,
     Decision,
@@ -40,8 +43,7 @@ from pipelines.serving.limits import (
     server_id,
     usage_metrics,
 )
-from pipelines.serving.routing import route
-from pipelines.serving.schema import answer_model, openapi_with_schemas, request_schema, with_defaults
+from pipelines.state.postgres import PgApiKeys, PgLimits
 
 MODELS_PATH = "/models"  # GET: the versions being served and the canary routing (open, like health)
 DOCS_JSON = "/docs.json"
@@ -74,23 +76,31 @@ class Gateway:
     quotas (429), draining (503), size limits (413), the request schema (422 with field errors), a request id and
     a route per request, and the admin endpoints. Health, metrics and docs stay open.
 
-    Limits, usage, drain and reload live in the SharedState beside the key file, so every worker of a server
-    sees the same buckets and flags."""
+    Keys, limits, usage, drain and reload live in the shared state (`state()`: files beside the project, or a
+    fleet's PostgreSQL and Redis), so every worker and every replica sees the same keys, buckets and flags."""
 
-    def __init__(self, app: Any, settings: Callable[[], Settings], keys_file: Path,
+    def __init__(self, app: Any, settings: Callable[[], Settings], state: Callable[[], Shared],
                  routing: Callable[[], tuple[float, bool]], versions: Callable[[], dict[str, Any]], predict: Predict,
                  durable: Callable[[], Awaitable[None]] | None = None, follows_registry: bool = False) -> None:
         self.app = app
         self.predict = predict  # the service's answers to checked rows
         self.settings = settings  # called on first use, not here: BentoML builds the gateway at import
-        self.keys = ApiKeys(keys_file)
-        self.state = SharedState.beside(keys_file)
+        self.shared = state  # likewise
         self.server = server_id()
         self.routing = routing  # (canary share, shadow) now: follows the registry while serving
         self.versions = versions  # GET /models: what is being served now (deploy checks it)
         self.durable = durable  # returns once the answers given so far are in the prediction log on disk
         self.follows_registry = follows_registry  # False: a bento run on its own model, nothing to reload
-        self._broken_at: float | None = -1.0  # the key file's mtime when its corruption was last logged
+        self._broken: str | None = None  # the key store's fault as last logged
+
+    @cached_property
+    def keys(self) -> ApiKeys | PgApiKeys:
+        return self.shared().keys
+
+    @cached_property
+    def state(self) -> SharedState | PgLimits:
+        """Limits, quotas, usage, drain and reload."""
+        return self.shared().limits
 
     @cached_property
     def serve(self) -> ServeConfig:
@@ -213,7 +223,10 @@ class Gateway:
             return await _reply(send, 503, {"error": "overloaded, retry", "request_id": request_id},
                                 [(b"retry-after", RETRY_AFTER_S.encode()), (b"x-request-id", request_id.encode())])
         if self.durable is not None:
-            await self.durable()  # answered means logged: this answer's rows are on disk before it leaves
+            try:
+                await self.durable()  # answered means logged: this answer's rows are durable before it leaves
+            except StateBusy as exc:  # a fleet's log database stayed unreachable: no answer that is not logged
+                return await self._state_busy(exc, send)
         await _send(send, 200, answers_body(answers), [*decision.headers(), (b"x-request-id", request_id.encode())])
 
     async def _not_json(self, exc: ValueError, send: Send) -> None:
@@ -233,6 +246,7 @@ class Gateway:
         """The sender's key entry, or None after answering 401 (no valid key) or 503 (the key file is corrupt)."""
         try:
             entry = self.keys.lookup(_key(headers))
+            self._broken = None
         except KeyStoreError as exc:
             self._report_broken_keys(exc)
             await _reply(send, 503, {"error": "the server's API key store is unreadable; the operator must repair "
@@ -350,10 +364,9 @@ class Gateway:
         return made
 
     def _report_broken_keys(self, exc: KeyStoreError) -> None:
-        """One log line per change of the key file, not one per request."""
-        stamp = self.keys.path.stat().st_mtime if self.keys.path.exists() else None
-        if stamp != self._broken_at:
-            self._broken_at = stamp
+        """One log line per fault of the key store, not one per request."""
+        if str(exc) != self._broken:
+            self._broken = str(exc)
             log.error("%s; every keyed request gets 503 until then", exc)
 
     async def _documented(self, scope: dict[str, Any], receive: Receive, send: Send) -> None:

@@ -25,8 +25,9 @@ from pipelines.config import Paths, Settings, experiment_name
 from pipelines.contracts import Option, Out, stage
 from pipelines.io import read_json, write_json
 from pipelines.registry import Registry, RegistryError, rollback
-from pipelines.serving.bento import ensure_bento
+from pipelines.serving.bento import ensure_bento, publish_bento
 from pipelines.serving.bluegreen import request_deploy, running_server, smoke_row
+from pipelines.state import shared
 
 log = logging.getLogger(__name__)
 STRATEGIES = ("hot", "blue-green")
@@ -38,7 +39,7 @@ class DeployError(RuntimeError):
 
 @stage(
     params=("deploy", "serve"),
-    runtime=("alerts",),
+    runtime=("alerts", "state"),
     deps=("registry_aliases",),
     # persist: an experiment (`dvc exp run`) leaves the record of what is live as it is
     outs=(Out("deployment", cache=False, persist=True),),
@@ -63,11 +64,13 @@ def run(settings: Settings, paths: Paths, strategy: str | None = None) -> dict[s
     strategy = strategy or settings.serve.strategy
     if strategy not in STRATEGIES:
         raise ValueError(f"--strategy {strategy!r}: use one of {', '.join(STRATEGIES)}")
-    registry = Registry(paths.registry)
+    registry = Registry.of(paths, settings)
     champion = registry.champion
     if champion is None:
         raise RegistryError("no champion to deploy: run the pipeline up to `amaas promote` first")
     bento = ensure_bento(settings, paths, registry.champion_dir())["bento_tag"]
+    publish_bento(settings, paths, registry.champion_dir(), bento)  # a fleet's replicas load the champion from there
+    shared(settings, paths).publish_routing(settings.serve.canary_share, settings.serve.shadow)
     record = paths.deployment
     before = read_json(record).get("champion") if record.is_file() else None
     summary: dict[str, Any] = {"champion": champion, "bento_tag": bento, "strategy": strategy,
@@ -128,7 +131,7 @@ def _fail(settings: Settings, paths: Paths, registry: Registry, champion: str, s
     history = registry.aliases()["champion_history"]
     # roll back a new release only: a server that is down for the champion already live is not the model's fault
     if settings.deploy.rollback_on_failure and new_release and history:
-        previous = rollback(paths, reason=f"deploy failed: {message}")
+        previous = rollback(registry, reason=f"deploy failed: {message}")
         message += f"; the registry is back on {previous}"
     alert(settings, paths, "deploy_failed", message, {"champion": champion, "served": served})
     raise DeployError(message + ": check the server's log, then rerun `amaas deploy`")

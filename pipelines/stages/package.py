@@ -8,13 +8,14 @@ from typing import Any
 from pipelines.config import Paths, Settings
 from pipelines.contracts import Out, stage
 from pipelines.io import write_json
-from pipelines.serving.bento import ensure_bento
+from pipelines.serving.bento import ensure_bento, publish_bento
 
 log = logging.getLogger(__name__)
 
 
 @stage(
     params=("serve",),
+    runtime=("state",),  # with an artifacts store, the bento goes there too (replicas fetch it)
     deps=("challenger",),
     extra_code=("bentos", "pipelines"),  # the bento carries this code: a change rebuilds it
     outs=(Out("package_record", cache=False),),
@@ -24,6 +25,7 @@ log = logging.getLogger(__name__)
 def run(settings: Settings, paths: Paths) -> dict[str, Any]:
     """Model `amaas:<version>` and bento `amaas_service:<version>-<code>` of the challenger (each built once)."""
     summary = ensure_bento(settings, paths, paths.challenger)
+    summary |= publish_bento(settings, paths, paths.challenger, summary["bento_tag"])
     write_json(paths.package_record, summary)
     return summary
 

@@ -30,7 +30,7 @@ log = logging.getLogger(__name__)
 
 @stage(
     params=("seed", "schema.target", "promote"),
-    runtime=("alerts",),
+    runtime=("alerts", "state"),
     deps=("challenger", "reference", "metrics", "slices", "plots", "validation_report", "drift_report",
           "compression_report"),
     # the registry accumulates versions across runs: DVC must not delete it before the stage runs
@@ -50,10 +50,10 @@ def run(settings: Settings, paths: Paths, force: bool = False, version: str | No
     Under `dvc exp run` the registry is left alone: the decision the gate would take is recorded in
     reports/promotion.json only, so an experiment never changes the champion. `force` (an operator's
     `amaas promote --force`) makes `version` (default: the challenger) champion without the gate."""
+    registry = Registry.of(paths, settings)
     if force:
-        return {"champion": force_promote(paths, version, reason), "forced": True}
+        return {"champion": force_promote(registry, version, reason), "forced": True}
     cfg = settings.promote
-    registry = Registry(paths.registry)
     experiment = experiment_name()
     reports = {"validation": paths.validation_report, "drift": paths.drift_report, "metrics": paths.metrics,
                "slices": paths.slices, "compression": paths.compression_report}
@@ -89,10 +89,10 @@ def run(settings: Settings, paths: Paths, force: bool = False, version: str | No
         decision |= {"experiment": experiment, "would_promote": decision["promoted"], "promoted": False,
                      "reason": f"experiment {experiment}: the registry is left as it is; the gate would say: "
                                f"{decision['reason']}"}
-    elif decision["promoted"]:
-        registry.set_champion(challenger)
-    decision["champion_after"] = registry.champion
-    if not experiment:
+    decision["champion_after"] = challenger if decision["promoted"] else champion
+    if decision["promoted"]:  # the new champion and its decision: one transaction in a fleet's database
+        registry.set_champion(challenger, {"action": "gate", **decision})
+    elif not experiment:
         registry.record({"action": "gate", **decision})
     write_json(paths.promotion, decision)
     card = modelcard.card({**read_json(bundle_dir / METADATA_FILE), **({} if not experiment else extra)},

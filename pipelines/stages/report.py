@@ -54,7 +54,7 @@ from pipelines.labels import (
 )
 from pipelines.metrics import bootstrap_resamples, higher_is_better, improvement, score
 from pipelines.registry import MONITORING_DIR, Registry
-from pipelines.serving.predlog import read_prediction_log
+from pipelines.state import Shared, shared
 from pipelines.transform import normalize_category
 from pipelines.workspace import add_run, window_time
 
@@ -113,7 +113,7 @@ def drift_summary(snapshot: dict[str, Any], share_threshold: float) -> dict[str,
 @stage(
     params=("seed", "schema", "clean.normalize_categories", "report", "promote.metric", "promote.bootstrap_samples",
             "promote.max_p_value", "serve.canary_share", "serve.shadow", "serve.canary_policy", "serve.ab_test"),
-    runtime=("alerts",),
+    runtime=("alerts", "state"),
     # it reads the champion's reference from models/registry too (not a dep: promote, later, writes it)
     deps=("reference", "validated", "quarantine", "challenger", "test_predictions"),
     outs=(Out("drift_html", cache=False), Out("prediction_drift_html", cache=False),
@@ -225,7 +225,7 @@ def decide(settings: Settings, summary: dict[str, Any]) -> list[str]:
 
 def load_reference(settings: Settings, paths: Paths) -> dict[str, Any]:
     """The model to watch with its training-row sample, test predictions and test metric."""
-    registry = Registry(paths.registry)
+    registry = Registry.of(paths, settings)
     champion = registry.champion
     metric = settings.promote.metric
     if champion is not None:
@@ -262,7 +262,8 @@ def current_rows(settings: Settings, paths: Paths, model: ModelBundle | None) ->
     schema = settings.data_schema
     cfg = settings.report
     if cfg.current == "prediction_log":
-        window, described = _logged_window(paths, schema, cfg.window_hours, model, cfg.max_key_share)
+        window, described = _logged_window(shared(settings, paths), schema, cfg.window_hours, model,
+                                           cfg.max_key_share)
         return judged_sample(window, cfg.max_rows, settings.seed), described
     batches = pd.read_parquet(paths.validated_rows, columns=["batch"])["batch"].astype(str)
     if batches.empty:
@@ -293,12 +294,13 @@ def scored(rows: pd.DataFrame, model: ModelBundle) -> pd.DataFrame:
     return rows
 
 
-def _logged_window(paths: Paths, schema: SchemaConfig, hours: float, model: ModelBundle | None,
+def _logged_window(state: Shared, schema: SchemaConfig, hours: float, model: ModelBundle | None,
                    max_key_share: float = 1.0) -> tuple[pd.DataFrame, str]:
-    records = read_prediction_log(paths.prediction_log)
+    """The newest `hours` of the prediction log (every replica's, in a fleet)."""
+    records = state.predictions()
     if not records:
-        raise MonitoringError(f"no predictions in {paths.prediction_log}: serve the model (`amaas serve`) first, "
-                              f"or set report.current: batch")
+        raise MonitoringError(f"no predictions in {state.prediction_log_name}: serve the model (`amaas serve`) "
+                              f"first, or set report.current: batch")
     classes = model.classes if model is not None else schema.classes
     log_frame = logged_frame(records, schema, classes)
     times = pd.to_datetime(log_frame[TIME], utc=True)

@@ -20,9 +20,9 @@ from sklearn.metrics import roc_auc_score
 from pipelines.config import Paths, load_settings
 from pipelines.registry import Registry, force_promote
 from pipelines.runner import run_stage
-from pipelines.serving.keys import ApiKeys
 from pipelines.serving.routing import route
 from pipelines.sources.simulator import generate_batch
+from pipelines.state.keys import ApiKeys
 from tests.conftest import served
 from tests.unit.test_alerts import webhook  # noqa: F401 (the local webhook server fixture)
 
@@ -135,7 +135,7 @@ def test_auto_policy_ends_a_worse_canary_and_promotes_a_better_one(two_models, w
         assert _reload(server, admin)["challenger"] is None  # both workers follow: no canary any more
 
         # the mirror case: the weak model champion (by force, as an operator would), the strong one challenger
-        force_promote(Paths(root), weak, "A/B test of a better challenger")
+        force_promote(Registry(Paths(root).registry), weak, "A/B test of a better challenger")
         registry.register(registry.version_dir(strong))  # what the gate does with a new version: the challenger
         assert _reload(server, admin)["challenger"] == strong
         second = _serve_rows(server, rows, "ab-2")  # the same people again: their labels are in already

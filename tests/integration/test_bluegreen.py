@@ -58,7 +58,7 @@ def test_blue_green_deploy_loses_no_request_and_a_broken_bento_leaves_the_old_on
         blue = json.loads(paths.front_state.read_text())["active"]
         assert blue["color"] == "blue" and blue["champion"] == old
 
-        force_promote(paths, "vbluegreen", "test")
+        force_promote(Registry(paths.registry), "vbluegreen", "test")
         deployed = amaas("deploy", root=root)  # returns once the front has switched and blue is stopped
         record = json.loads(paths.deployment.read_text())
         assert record["verified"] and record["strategy"] == "blue-green", deployed.stdout
@@ -68,7 +68,7 @@ def test_blue_green_deploy_loses_no_request_and_a_broken_bento_leaves_the_old_on
         assert not alive(blue["pid"])
 
         register_copy(registry, "vbroken", tmp_path, broken=True)
-        force_promote(paths, "vbroken", "test")
+        force_promote(Registry(paths.registry), "vbroken", "test")
         # its workers fail at start and BentoML starts them again: the deploy gives up on that, not on its timeout
         _set_params(root, "deploy", timeout_s=900)
         started = time.monotonic()

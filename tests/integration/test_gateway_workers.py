@@ -21,7 +21,7 @@ import yaml
 
 from pipelines.config import Paths
 from pipelines.registry import Registry, force_promote
-from pipelines.serving.keys import ApiKeys
+from pipelines.state.keys import ApiKeys
 from tests.conftest import BIN, amaas, free_port, register_copy, wait_ready
 
 pytestmark = pytest.mark.slow
@@ -116,7 +116,7 @@ def test_limits_scopes_reload_and_drain_hold_across_two_workers(trained_project,
         # a new champion: on /admin/reload both workers load it (one at a time) and switch; answered once both have
         registry = Registry(Paths(root).registry)
         register_copy(registry, "vrolled", tmp_path)
-        force_promote(Paths(root), "vrolled", "test")
+        force_promote(Registry(Paths(root).registry), "vrolled", "test")
         reloaded = requests.post(f"{url}/admin/reload", headers=as_admin, timeout=60)
         assert reloaded.status_code == 200 and reloaded.json()["followed"] == 2 == reloaded.json()["workers"]
         assert reloaded.json()["models"]["champion"] == "vrolled"

@@ -21,7 +21,7 @@ from pipelines.bundle import ModelBundle
 from pipelines.config import load_settings
 from pipelines.registry import Registry
 from pipelines.runner import STAGES
-from pipelines.serving.predlog import read_prediction_log
+from pipelines.state.predlog import read_prediction_log
 from tests.conftest import amaas, served
 
 pytestmark = pytest.mark.slow

@@ -166,7 +166,7 @@ def _serving(port: int) -> list[str]:
 
 def test_sigterm_drains_the_server_and_frees_the_port(trained_project):
     port = free_port()
-    from pipelines.serving.keys import ApiKeys
+    from pipelines.state.keys import ApiKeys
 
     key = ApiKeys(trained_project / ".amaas" / "api_keys.json").add(f"sigterm-{time.time_ns()}")
     log = (trained_project / "sigterm.log").open("w")

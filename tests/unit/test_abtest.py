@@ -19,7 +19,7 @@ from pipelines.bundle import ModelBundle
 from pipelines.config import Paths, Settings, load_settings
 from pipelines.io import write_json
 from pipelines.registry import Registry, aliases_from_decisions
-from pipelines.serving.predlog import PredictionRecord
+from pipelines.state.predlog import PredictionRecord
 from pipelines.transform import FeatureTransform
 from tests.conftest import write_params
 

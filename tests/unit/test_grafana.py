@@ -10,7 +10,7 @@ import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
 from pipelines.serving import metrics
-from pipelines.serving.limits import NO_USAGE, usage_metrics
+from pipelines.state.limits import NO_USAGE, usage_metrics
 from tests.grafana import DASHBOARD, exposed_names, load_dashboard, metric_names, panels, queries
 
 INFRA = DASHBOARD.parents[2]

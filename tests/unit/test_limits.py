@@ -13,9 +13,9 @@ import pytest
 
 from pipelines.config import RateLimitConfig, load_settings
 from pipelines.serving.gateway import Gateway
-from pipelines.serving.keys import ApiKeys, KeyStoreError
-from pipelines.serving.limits import DAY_S, Limit, SharedState, Usage, one_at_a_time, usage_metrics
-from tests.conftest import write_params
+from pipelines.state.keys import ApiKeys, KeyStoreError
+from pipelines.state.limits import DAY_S, Limit, SharedState, Usage, one_at_a_time, usage_metrics
+from tests.conftest import files_state, write_params
 from tests.unit.test_serving import ROW, _App, _call
 
 T0 = 1_800_000_000.0 - 1_800_000_000.0 % DAY_S + 3600  # 01:00 UTC on some day
@@ -175,7 +175,7 @@ def limited(tmp_path):
     keys = ApiKeys(tmp_path / "keys.json")
     predict, admin = keys.add("app"), keys.add("ops", scopes=("admin",))
     app = _App()
-    gateway = Gateway(app, lambda: load_settings(params), tmp_path / "keys.json", lambda: (0.0, False),
+    gateway = Gateway(app, lambda: load_settings(params), files_state(tmp_path / "keys.json"), lambda: (0.0, False),
                       lambda: {"champion": "v1", "challenger": None}, app.predict)
     return gateway, predict, admin
 

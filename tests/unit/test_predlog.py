@@ -12,15 +12,15 @@ import threading
 import time
 from pathlib import Path
 
-from pipelines.serving import predlog
-from pipelines.serving.predlog import PredictionLog, PredictionRecord, read_prediction_log
+from pipelines.state import predlog
+from pipelines.state.predlog import PredictionLog, PredictionRecord, read_prediction_log
 
 REPO = Path(__file__).resolve().parents[2]
 # a writer process: 4 threads append one record at a time and print each id once append returned (acknowledged)
 WRITER = """
 import sys, threading
 from pathlib import Path
-from pipelines.serving.predlog import PredictionLog, PredictionRecord
+from pipelines.state.predlog import PredictionLog, PredictionRecord
 log, lock = PredictionLog(Path(sys.argv[1])), threading.Lock()
 def write(t):
     for i in range(100_000):

@@ -61,14 +61,14 @@ def test_gate_promotes_better_keeps_champion_against_worse_and_rolls_back(tmp_pa
     assert any(r.getMessage().startswith("ALERT gate_failed: challenger") for r in caplog.records)
     assert registry.champion == strong
 
-    assert registry_ops.rollback(paths, reason="test") == weak
+    assert registry_ops.rollback(registry, reason="test") == weak
     assert registry.champion == weak
     with pytest.raises(RegistryError, match="nothing to roll back"):
-        registry_ops.rollback(paths)
+        registry_ops.rollback(registry)
     actions = [d["action"] for d in registry.decisions()]
     assert actions == ["gate", "gate", "gate", "rollback"]
 
-    assert registry_ops.force_promote(paths, strong, reason="test") == strong
+    assert registry_ops.force_promote(registry, strong, reason="test") == strong
     assert registry.decisions()[-1]["action"] == "force_promote"
 
 

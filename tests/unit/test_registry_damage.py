@@ -45,7 +45,7 @@ def test_lost_aliases_are_rebuilt_from_the_decision_log(tmp_path):
     assert aliases_from_decisions(DECISIONS) == expected
     assert registry.aliases() == expected
     # the replay matches what the operations themselves leave behind
-    assert registry_ops.rollback(Paths(tmp_path)) == "v2"
+    assert registry_ops.rollback(Registry(Paths(tmp_path).registry)) == "v2"
     assert json.loads((registry.root / "aliases.json").read_text())["champion_history"] == ["v1"]
     (registry.root / "aliases.json").unlink()
     assert registry.aliases() == aliases_from_decisions(registry.decisions()) == {
@@ -68,7 +68,7 @@ def test_rollback_to_a_deleted_version_names_the_folder_and_the_fix(tmp_path):
     (registry.version_dir("v2") / METADATA_FILE).unlink()
     with pytest.raises(RegistryError, match=r"cannot roll back to 'v2': its folder .*versions/v2 is gone.*"
                                             r"amaas promote --force --version"):
-        registry_ops.rollback(Paths(tmp_path))
+        registry_ops.rollback(Registry(Paths(tmp_path).registry))
     assert registry.champion == "v3"  # nothing changed
 
 

@@ -15,8 +15,8 @@ import pytest
 from pipelines import labels
 from pipelines.bundle import ModelBundle
 from pipelines.config import ROW_KEY, Paths, Settings, load_settings
-from pipelines.serving.predlog import PredictionRecord
 from pipelines.stages import report
+from pipelines.state.predlog import PredictionRecord
 from pipelines.transform import FeatureTransform
 from tests.conftest import write_params
 

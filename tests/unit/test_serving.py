@@ -16,10 +16,10 @@ import pytest
 
 from pipelines.config import load_settings
 from pipelines.serving.gateway import KEY_NAME, REQUEST_ID, ROUTE, Gateway
-from pipelines.serving.keys import ApiKeys, KeyStoreError
-from pipelines.serving.predlog import PredictionLog, PredictionRecord, log_entry, read_prediction_log, to_line
 from pipelines.serving.routing import route
-from tests.conftest import write_params
+from pipelines.state.keys import ApiKeys, KeyStoreError
+from pipelines.state.predlog import PredictionLog, PredictionRecord, log_entry, read_prediction_log, to_line
+from tests.conftest import files_state, write_params
 
 ROW = {"age": 41, "income": None, "loan_amount": 12000, "term_months": 60, "interest_rate": 14.5,
        "credit_score": 610, "debt_to_income": None, "employment_years": 3, "open_accounts": 7,
@@ -129,7 +129,7 @@ def gateway(tmp_path):
     app = _App()
     keys = ApiKeys(tmp_path / "keys.json")
     key = keys.add("t")
-    return Gateway(app, lambda: load_settings(params), tmp_path / "keys.json", lambda: (1.0, False),
+    return Gateway(app, lambda: load_settings(params), files_state(tmp_path / "keys.json"), lambda: (1.0, False),
                    lambda: {"champion": "v1", "challenger": None}, app.predict), app, key
 
 
@@ -142,7 +142,7 @@ def test_gateway_reads_settings_on_first_use_not_when_built(gateway, tmp_path):
         return gw.settings()
 
     app = _App()
-    lazy = Gateway(app, settings, tmp_path / "keys.json", lambda: (0.0, False), dict, app.predict)
+    lazy = Gateway(app, settings, files_state(tmp_path / "keys.json"), lambda: (0.0, False), dict, app.predict)
     assert not loads  # BentoML builds the middleware at import, before any settings exist
     assert _call(lazy, "/readyz", b"", {})[0] == 200 and not loads  # health needs no settings
     assert _call(lazy, "/predict", json.dumps({"row": ROW}).encode(), {"X-API-Key": key})[0] == 200
@@ -312,7 +312,8 @@ def test_shed_requests_say_overloaded_retry_and_log_one_line(tmp_path, caplog):
     async def shedding(scope, rows) -> list[dict]:  # what BentoML's batching raises when it sheds load
         raise ServiceUnavailable("process is overloaded")
 
-    gw = Gateway(_App(), lambda: load_settings(params), tmp_path / "keys.json", lambda: (0.0, False), dict, shedding)
+    gw = Gateway(_App(), lambda: load_settings(params), files_state(tmp_path / "keys.json"), lambda: (0.0, False),
+                 dict, shedding)
     with caplog.at_level("WARNING", logger="amaas.gateway"):
         status, headers, body = _call(gw, "/predict", json.dumps({"row": ROW}).encode(),
                                       {"X-API-Key": key, "X-Request-ID": "r9"})
@@ -377,8 +378,8 @@ def test_an_answer_leaves_the_gateway_only_once_its_rows_are_durable(tmp_path):
         return {"type": "http.request", "body": json.dumps({"row": ROW}).encode(), "more_body": False}
 
     app = _App()
-    gw = Gateway(app, lambda: load_settings(params), tmp_path / "keys.json", lambda: (0.0, False), dict, app.predict,
-                 durable=durable)
+    gw = Gateway(app, lambda: load_settings(params), files_state(tmp_path / "keys.json"), lambda: (0.0, False),
+                 dict, app.predict, durable=durable)
     scope = {"type": "http", "method": "POST", "path": "/predict", "headers": [(b"x-api-key", key.encode())]}
     asyncio.run(gw(scope, receive, send))
     assert events == ["durable", "http.response.start", "http.response.body"]

@@ -19,7 +19,7 @@ from typing import Any
 
 from pipelines.config import RateLimitConfig
 from pipelines.io import read_json, write_json
-from pipelines.serving.limits import Limit
+from pipelines.state.limits import Limit
 
 SCOPES = ("predict", "admin")  # predict: POST /predict; admin: /admin/reload, /admin/drain, /admin/keys
 DEFAULT_SCOPES = ("predict",)
@@ -62,14 +62,7 @@ class ApiKeys:
         entries = self._read()
         if name in entries:
             raise ValueError(f"an API key named {name!r} exists: revoke it first or pick another name")
-        own = {"scopes": sorted(set(scopes)) if set(scopes) != set(DEFAULT_SCOPES) else None, "rps": rps,
-               "burst": burst, "daily_quota": daily_quota}
-        problem = _entry_problem(own)
-        if problem:
-            raise ValueError(f"API key {name!r}: {problem}")
-        key = "amaas_" + secrets.token_urlsafe(32)
-        entries[name] = {"sha256": _digest(key), "created": datetime.now(UTC).isoformat(timespec="seconds"),
-                         **{k: v for k, v in own.items() if v is not None}}
+        key, entries[name] = new_key(name, scopes, rps, burst, daily_quota)
         write_json(self.path, entries)
         os.chmod(self.path, 0o600)
         return key
@@ -123,6 +116,20 @@ class ApiKeys:
                 f"recovered, they are stored hashed), then create keys again with `amaas keys add NAME` and give "
                 f"them to the clients") from exc
         return entries
+
+
+def new_key(name: str, scopes: tuple[str, ...] = DEFAULT_SCOPES, rps: float | None = None, burst: int | None = None,
+            daily_quota: int | None = None) -> tuple[str, dict[str, Any]]:
+    """A new random key and its stored entry ({sha256, created} and the limits that differ from the defaults);
+    ValueError naming the fix when a scope or limit is wrong."""
+    own = {"scopes": sorted(set(scopes)) if set(scopes) != set(DEFAULT_SCOPES) else None, "rps": rps,
+           "burst": burst, "daily_quota": daily_quota}
+    problem = _entry_problem(own)
+    if problem:
+        raise ValueError(f"API key {name!r}: {problem}")
+    key = "amaas_" + secrets.token_urlsafe(32)
+    return key, {"sha256": _digest(key), "created": datetime.now(UTC).isoformat(timespec="seconds"),
+                 **{k: v for k, v in own.items() if v is not None}}
 
 
 def _entry(name: str, e: dict[str, Any]) -> KeyEntry:

@@ -52,7 +52,7 @@ CREATE TABLE IF NOT EXISTS workers (
 
 
 class StateBusy(RuntimeError):
-    """The shared state stayed locked (or unreadable) past BUSY_TIMEOUT_S: answer 503, retry."""
+    """The shared state stayed locked (or unreachable) past its timeout: answer 503, retry."""
 
 
 @dataclass(frozen=True)
@@ -169,11 +169,11 @@ class SharedState:
                 decision = Decision("quota", seconds_to_midnight(now), limit, int(tokens), 0)
             elif tokens >= 1:
                 tokens -= 1
-                decision = Decision(None, 0, limit, int(tokens), _refill_s(limit, tokens))
+                decision = Decision(None, 0, limit, int(tokens), refill_s(limit, tokens))
             else:
                 assert limit.rps is not None  # without a rate the bucket is always full
                 decision = Decision("rate", max(1, math.ceil((1 - tokens) / limit.rps)), limit, 0,
-                                    _refill_s(limit, tokens))
+                                    refill_s(limit, tokens))
             refused = decision.refused is not None
             conn.execute(
                 "INSERT INTO usage VALUES (?, ?, ?, ?, ?, 1, 0, ?) ON CONFLICT(name) DO UPDATE SET tokens = "
@@ -242,7 +242,7 @@ class SharedState:
                               (server, generation))[0][0])
 
 
-def _refill_s(limit: Limit, tokens: float) -> int:
+def refill_s(limit: Limit, tokens: float) -> int:
     return 0 if limit.rps is None else math.ceil((limit.burst - tokens) / limit.rps)
 
 
