@@ -24,13 +24,15 @@ from pipelines.contracts import Option, Out, stage
 from pipelines.io import read_json, write_json, write_text
 from pipelines.metrics import improvement, paired_bootstrap, score
 from pipelines.registry import Registry, force_promote
+from pipelines.serving.bento import ensure_bento, publish_bento
+from pipelines.state import shared
 
 log = logging.getLogger(__name__)
 
 
 @stage(
     params=("seed", "schema.target", "promote"),
-    runtime=("alerts", "state"),
+    runtime=("alerts", "state", "serve"),  # serve: the champion's bento, built for a fleet's artifacts store
     deps=("challenger", "reference", "metrics", "slices", "plots", "validation_report", "drift_report",
           "compression_report"),
     # the registry accumulates versions across runs: DVC must not delete it before the stage runs
@@ -52,7 +54,9 @@ def run(settings: Settings, paths: Paths, force: bool = False, version: str | No
     `amaas promote --force`) makes `version` (default: the challenger) champion without the gate."""
     registry = Registry.of(paths, settings)
     if force:
-        return {"champion": force_promote(registry, version, reason), "forced": True}
+        champion = force_promote(registry, version, reason)
+        publish_champion(settings, paths, registry)
+        return {"champion": champion, "forced": True}
     cfg = settings.promote
     experiment = experiment_name()
     reports = {"validation": paths.validation_report, "drift": paths.drift_report, "metrics": paths.metrics,
@@ -92,6 +96,7 @@ def run(settings: Settings, paths: Paths, force: bool = False, version: str | No
     decision["champion_after"] = challenger if decision["promoted"] else champion
     if decision["promoted"]:  # the new champion and its decision: one transaction in a fleet's database
         registry.set_champion(challenger, {"action": "gate", **decision})
+        publish_champion(settings, paths, registry)
     elif not experiment:
         registry.record({"action": "gate", **decision})
     write_json(paths.promotion, decision)
@@ -111,6 +116,15 @@ def run(settings: Settings, paths: Paths, force: bool = False, version: str | No
               decision)
     log.info("promotion decision: %s -> champion %s (%s)", challenger, decision["champion_after"], decision["reason"])
     return decision
+
+
+def publish_champion(settings: Settings, paths: Paths, registry: Registry) -> None:
+    """With an artifacts store, the champion's bento is there (built if missing), where a fleet's replicas fetch
+    it from when they follow the registry."""
+    if shared(settings, paths).cfg.artifacts_url is None or registry.champion is None:
+        return
+    bundle = registry.champion_dir()
+    publish_bento(settings, paths, bundle, ensure_bento(settings, paths, bundle)["bento_tag"])
 
 
 def over_budget(cfg: PromoteConfig, serving: dict[str, Any]) -> str | None:
