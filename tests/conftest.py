@@ -11,7 +11,6 @@ import signal
 import socket
 import subprocess
 import sys
-import tempfile
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -222,55 +221,21 @@ def wait_ready(url: str, proc: subprocess.Popen[Any], log: Path, timeout: float 
 @pytest.fixture(scope="session")
 def postgres_url() -> Iterator[str]:
     """A real PostgreSQL server of our own on 127.0.0.1 (Debian's postgresql package; .ci/run installs it)."""
-    bin_dir = Path(server_binary("initdb", "postgresql", also="/usr/lib/postgresql/*/bin/initdb")).parent
-    # initdb and postgres refuse to run as root: run them as the postgres user the Debian package creates,
-    # in a folder of /tmp that user can reach (pytest's own tmp folders are private to root)
-    data = Path(tempfile.mkdtemp(prefix="amaas-pg-"))
-    as_user = ["runuser", "-u", "postgres", "--"] if os.geteuid() == 0 else []
-    if as_user:
-        shutil.chown(data, "postgres")
-    port = free_port()
-    subprocess.run([*as_user, str(bin_dir / "initdb"), "-D", str(data), "-U", "postgres", "--auth=trust", "-E",
-                    "UTF8"], check=True, capture_output=True)
-    server = subprocess.Popen([*as_user, str(bin_dir / "postgres"), "-D", str(data), "-p", str(port), "-k",
-                               str(data), "-c", "listen_addresses=127.0.0.1", "-c", "fsync=off"],
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    import psycopg
+    server_binary("initdb", "postgresql", also="/usr/lib/postgresql/*/bin/initdb")
+    from pipelines.state.local_servers import postgres
 
-    def accepts_logins() -> bool:
-        try:
-            psycopg.connect(host="127.0.0.1", port=port, user="postgres", dbname="postgres", connect_timeout=2).close()
-            return True
-        except psycopg.OperationalError:
-            return False
-
-    wait_until(accepts_logins, server, "PostgreSQL")
-    yield f"postgresql+psycopg://postgres@127.0.0.1:{port}/postgres"
-    server.terminate()
-    server.wait(timeout=30)
-    shutil.rmtree(data, ignore_errors=True)
+    with postgres() as url:
+        yield url
 
 
 @pytest.fixture(scope="session")
-def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+def redis_url() -> Iterator[str]:
     """A real Redis server of our own on 127.0.0.1, nothing persisted."""
-    binary = server_binary("redis-server", "redis-server")
-    port = free_port()
-    folder = tmp_path_factory.mktemp("redis")
-    server = subprocess.Popen([binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly",
-                               "no", "--dir", str(folder)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    def pongs() -> bool:
-        try:
-            with socket.create_connection(("127.0.0.1", port), timeout=1) as conn:
-                conn.sendall(b"PING\r\n")
-                return conn.recv(16).startswith(b"+PONG")
-        except OSError:
-            return False
+    server_binary("redis-server", "redis-server")
+    from pipelines.state.local_servers import redis
 
-    wait_until(pongs, server, "Redis")
-    yield f"redis://127.0.0.1:{port}/0"
-    server.terminate()
-    server.wait(timeout=30)
+    with redis() as url:
+        yield url
 
 
 @dataclass

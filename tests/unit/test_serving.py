@@ -465,6 +465,7 @@ class Bundle:
     def __init__(self, version): self.version = version
 
 class Registry:
+    store = None  # one host: the aliases in files
     def __init__(self, aliases): self._aliases, self.loads = aliases, []
     def aliases(self): return self._aliases
     def load(self, version):
