@@ -66,7 +66,10 @@ class Shared:
                 from pipelines.state.redis_buckets import RedisBuckets
 
                 buckets = RedisBuckets(self.cfg.redis_url)
-            return PgLimits(self.db, buckets)
+            from pipelines.state.postgres import Database
+
+            assert self.cfg.url is not None
+            return PgLimits(Database(self.cfg.url, durable=False), buckets)  # counters: no WAL flush per request
         from pipelines.state.limits import SharedState
 
         return SharedState.beside(self.paths.api_keys)

@@ -87,10 +87,15 @@ def redacted(url: str) -> str:
 
 
 class Database:
-    """One PostgreSQL database, a connection per thread (autocommit), the schema migrated on first use."""
+    """One PostgreSQL database, a connection per thread (autocommit), the schema migrated on first use.
 
-    def __init__(self, url: str) -> None:
+    `durable` False commits without waiting for the WAL's flush (synchronous_commit off): for the usage counters,
+    as the one-host SQLite file keeps them (synchronous=NORMAL): a crash of the database may lose its last fraction
+    of a second of counts, never corrupt them. Keys, the registry and the prediction log are always durable."""
+
+    def __init__(self, url: str, durable: bool = True) -> None:
         self.url = libpq_url(url)
+        self.durable = durable
         self._local = threading.local()
         self._migrated = False
         self._lock = threading.Lock()
@@ -106,7 +111,9 @@ class Database:
                 conn.close()
             self._local.conn = None
             conn = psycopg.connect(self.url, autocommit=True, connect_timeout=CONNECT_TIMEOUT_S,
-                                   options=f"-c statement_timeout={STATEMENT_TIMEOUT_MS}", application_name="amaas")
+                                   options=f"-c statement_timeout={STATEMENT_TIMEOUT_MS}"
+                                           + ("" if self.durable else " -c synchronous_commit=off"),
+                                   application_name="amaas")
             if not self._migrated:
                 with self._lock:
                     if not self._migrated:
@@ -267,15 +274,19 @@ class PgLimits:
         today = f"floor({_NOW} / {DAY_S})::bigint"
         used = f"(CASE WHEN u.day = {today} THEN u.day_rows ELSE 0 END)"
         args = {"name": name, "rows": rows, "quota": limit.daily_quota, "burst": float(limit.burst)}
-        with _busy("counting rows against a quota"), self.db.transaction() as conn:
-            conn.execute(f"INSERT INTO key_usage VALUES (%(name)s, %(burst)s, {_NOW}, {today}, 0, 0, 0, 0) "
-                         f"ON CONFLICT (name) DO NOTHING", args)
-            if conn.execute(f"UPDATE key_usage AS u SET day = {today}, day_rows = {used} + %(rows)s, rows = u.rows + "
-                            f"%(rows)s WHERE name = %(name)s AND (%(quota)s::bigint IS NULL OR {used} + %(rows)s <= "
-                            f"%(quota)s) RETURNING day_rows", args).fetchone():
+        fits = "(%(quota)s::bigint IS NULL OR %(rows)s <= %(quota)s)"  # a key's first rows
+        with _busy("counting rows against a quota"):
+            # one statement, one round trip: a new key's row is inserted with its rows if they fit (else with
+            # none: day_rows 0 says refused), an existing one is updated only if they fit (else no row returned)
+            charged = self.db.rows(
+                f"INSERT INTO key_usage AS u VALUES (%(name)s, %(burst)s, {_NOW}, {today}, CASE WHEN {fits} THEN "
+                f"%(rows)s ELSE 0 END, 0, CASE WHEN {fits} THEN %(rows)s ELSE 0 END, 0) ON CONFLICT (name) DO UPDATE "
+                f"SET day = {today}, day_rows = {used} + %(rows)s, rows = u.rows + %(rows)s WHERE %(quota)s::bigint "
+                f"IS NULL OR {used} + %(rows)s <= %(quota)s RETURNING day_rows", args)
+            if charged and charged[0][0] > 0:
                 return None
-            found = conn.execute(f"UPDATE key_usage AS u SET limited = u.limited + 1 WHERE name = %(name)s "
-                                 f"RETURNING {used}", args).fetchone()
+            found = self.db.rows(f"UPDATE key_usage AS u SET limited = u.limited + 1 WHERE name = %(name)s "
+                                 f"RETURNING {used}", args)[0]
         assert limit.daily_quota is not None and found is not None  # without a quota the update above counts
         return max(0, limit.daily_quota - int(found[0]))
 
