@@ -99,7 +99,8 @@ def _parser(command: str | None = None) -> argparse.ArgumentParser:
                       help="add: what the key may do (repeat for both; default predict): predict = POST /predict, "
                       "admin = /admin/reload, /admin/drain, /admin/keys")
     keys.add_argument("--rps", type=float, help="add: this key's requests/s (default serve.rate_limit.rps)")
-    keys.add_argument("--burst", type=int, help="add: requests it may send at once (default serve.rate_limit.burst)")
+    keys.add_argument("--burst", type=int, help="add: requests it may send at once (default: ceil(--rps) with --rps, "
+                      "else serve.rate_limit.burst)")
     keys.add_argument("--daily-quota", type=int,
                       help="add: rows it may have predicted per UTC day (default serve.rate_limit.daily_quota)")
     dy = sub.add_parser("dvc-yaml", help="write dvc.yaml from the stage declarations (pipelines/stages/*.py)")
@@ -462,7 +463,7 @@ def _keys(args: argparse.Namespace, paths: Paths) -> int:
         print(f"API key {args.name!r} created: send it as 'Authorization: Bearer <key>'; it is stored only as a "
               f"hash in {where}", file=sys.stderr)
     else:
-        store.revoke(args.name)
+        state.revoke(args.name)
         print(f"API key {args.name!r} revoked", file=sys.stderr)
     return 0
 

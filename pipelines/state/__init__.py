@@ -74,6 +74,11 @@ class Shared:
 
         return SharedState.beside(self.paths.api_keys)
 
+    def revoke(self, name: str) -> None:
+        """Revoke key `name` and forget its usage (a new key of that name starts with a full bucket and quota)."""
+        self.keys.revoke(name)
+        self.limits.forget(name)
+
     def prediction_log(self) -> PredictionLog | PgPredictionLog:
         """Where a server appends the answers it gives."""
         if self.fleet:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import math
 import os
 import secrets
 from dataclasses import dataclass
@@ -121,7 +122,10 @@ class ApiKeys:
 def new_key(name: str, scopes: tuple[str, ...] = DEFAULT_SCOPES, rps: float | None = None, burst: int | None = None,
             daily_quota: int | None = None) -> tuple[str, dict[str, Any]]:
     """A new random key and its stored entry ({sha256, created} and the limits that differ from the defaults);
-    ValueError naming the fix when a scope or limit is wrong."""
+    ValueError naming the fix when a scope or limit is wrong. A key given a rate and no burst may send one
+    second's worth at once (burst = ceil(rps)), not the default burst of keys without a rate of their own."""
+    if rps is not None and burst is None and isinstance(rps, (int, float)) and 0 < rps < float("inf"):
+        burst = max(1, math.ceil(rps))
     own = {"scopes": sorted(set(scopes)) if set(scopes) != set(DEFAULT_SCOPES) else None, "rps": rps,
            "burst": burst, "daily_quota": daily_quota}
     problem = _entry_problem(own)

@@ -156,12 +156,15 @@ class SharedState:
         request without a key, where only the drain flag applies)."""
         if name is None or limit is None:
             return Decision("draining", DRAIN_RETRY_S) if self.draining(server) else Decision(None)
-        now = time.time() if now is None else now
         with self._write() as conn:
+            # the clock is read holding the write lock: a worker that read it earlier and waited for the lock
+            # would write an older time over a newer one, and the refill between them would count twice
+            now = time.time() if now is None else now
             if conn.execute("SELECT draining FROM servers WHERE id = ?", (server,)).fetchone() == (1,):
                 return Decision("draining", DRAIN_RETRY_S)
             row = conn.execute("SELECT tokens, updated, day, day_rows FROM usage WHERE name = ?", (name,)).fetchone()
             tokens, updated, day, day_rows = row or (float(limit.burst), now, 0, 0)
+            now = max(now, updated)  # a clock stepped back refills nothing, and never moves `updated` back
             today = int(now // DAY_S)
             tokens = float(limit.burst) if limit.rps is None else min(
                 float(limit.burst), tokens + max(0.0, now - updated) * limit.rps)
@@ -200,6 +203,10 @@ class SharedState:
             conn.execute("UPDATE usage SET day = ?, day_rows = ?, rows = rows + ? WHERE name = ?",
                          (today, used + rows, rows, name))
         return None
+
+    def forget(self, name: str) -> None:
+        """Drop key `name`'s bucket, quota and counts: a new key given a revoked key's name starts afresh."""
+        self._single("DELETE FROM usage WHERE name = ?", (name,))
 
     def usage(self, now: float | None = None) -> dict[str, Usage]:
         """Every key's counts, summed over all workers (they all write here)."""

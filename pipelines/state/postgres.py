@@ -191,7 +191,6 @@ class PgApiKeys:
         with _busy("revoking a key", KeyStoreError):
             if not self.db.rows("DELETE FROM api_keys WHERE name = %s RETURNING name", (name,)):
                 raise ValueError(f"no API key named {name!r}; keys: {', '.join(self.names()) or 'none'}")
-            self.db.rows("DELETE FROM key_usage WHERE name = %s RETURNING name", (name,))
         self._read_at = -math.inf
 
     def names(self) -> dict[str, str]:
@@ -289,6 +288,13 @@ class PgLimits:
                                  f"RETURNING {used}", args)[0]
         assert limit.daily_quota is not None and found is not None  # without a quota the update above counts
         return max(0, limit.daily_quota - int(found[0]))
+
+    def forget(self, name: str) -> None:
+        """Drop key `name`'s bucket, quota and counts: a new key given a revoked key's name starts afresh."""
+        with _busy("forgetting a key's usage"):
+            self.db.rows("DELETE FROM key_usage WHERE name = %s RETURNING name", (name,))
+        if self.buckets is not None:
+            self.buckets.forget(name)
 
     def usage(self, now: float | None = None) -> dict[str, Usage]:
         """Every key's counts over the whole fleet."""

@@ -3,6 +3,7 @@ state (also from two processes at once), key scopes and limits in the key store,
 
 from __future__ import annotations
 
+import contextlib
 import json
 import multiprocessing
 import os
@@ -14,7 +15,7 @@ import pytest
 from pipelines.config import RateLimitConfig, load_settings
 from pipelines.serving.gateway import Gateway
 from pipelines.state.keys import ApiKeys, KeyStoreError
-from pipelines.state.limits import DAY_S, Limit, SharedState, Usage, one_at_a_time, usage_metrics
+from pipelines.state.limits import DAY_S, Limit, SharedState, StateBusy, Usage, one_at_a_time, usage_metrics
 from tests.conftest import files_state, write_params
 from tests.unit.test_serving import ROW, _App, _call
 
@@ -89,6 +90,58 @@ def test_two_processes_together_admit_one_bucket_not_two(tmp_path):
     assert sum(admitted) == 40, admitted
     usage = SharedState(path).usage()["shared"]
     assert (usage.requests, usage.limited) == (600, 560)
+
+
+def _hammer_for(path: str, start: float, seconds: float, out: multiprocessing.Queue) -> None:
+    state, limit = SharedState(Path(path)), Limit(rps=5, burst=5, daily_quota=None)
+    while time.time() < start:
+        time.sleep(0.001)
+    admitted = 0
+    while time.time() < start + seconds:
+        with contextlib.suppress(StateBusy):  # the lock stayed busy past its timeout: a 503, not admitted
+            admitted += state.admit("s", "rated", limit).refused is None
+    out.put(admitted)
+
+
+def test_four_processes_admit_no_more_than_the_rate_allows(tmp_path):
+    """Hardening II, item 1: the clock was read before the write lock, so a worker that waited for the lock wrote
+    an older time over a newer one and a refill counted twice (132 admitted against 55 with 4 processes)."""
+    path = tmp_path / "limits.db"
+    SharedState(path).usage()
+    ctx = multiprocessing.get_context("fork")
+    out: multiprocessing.Queue = ctx.Queue()
+    start, seconds = time.time() + 0.5, 3.0
+    procs = [ctx.Process(target=_hammer_for, args=(str(path), start, seconds, out)) for _ in range(4)]
+    for p in procs:
+        p.start()
+    admitted = sum(out.get(timeout=60) for _ in procs)
+    for p in procs:
+        p.join(timeout=30)
+    assert admitted <= 5 * seconds + 5, admitted
+
+
+def test_a_new_key_with_a_revoked_keys_name_starts_afresh(tmp_path):
+    """Hardening II, item 10: the counters and the used quota of a revoked key stayed with its name."""
+    from pipelines.config import Paths, StateConfig
+    from pipelines.state import Shared
+
+    state = Shared(StateConfig(), Paths(tmp_path))
+    state.keys.add("app")
+    limit = Limit(rps=1, burst=1, daily_quota=10)
+    assert state.limits.admit("s", "app", limit).refused is None and state.limits.charge("app", 10, limit) is None
+    state.revoke("app")
+    state.keys.add("app")
+    assert "app" not in state.limits.usage()
+    assert state.limits.admit("s", "app", limit).refused is None and state.limits.charge("app", 10, limit) is None
+
+
+def test_a_keys_burst_follows_its_rate_unless_given(tmp_path):
+    """Hardening II, item 15: `keys add --rps 5` kept the default burst of 100 (40 at once, no 429)."""
+    keys = ApiKeys(tmp_path / "keys.json")
+    defaults = RateLimitConfig(rps=50, burst=100, daily_quota=None)
+    assert keys.lookup(keys.add("five", rps=5)).limit(defaults) == Limit(5, 5, None)
+    assert keys.lookup(keys.add("half", rps=0.5)).limit(defaults) == Limit(0.5, 1, None)
+    assert keys.lookup(keys.add("given", rps=5, burst=20)).limit(defaults) == Limit(5, 20, None)
 
 
 def _load_under_lock(lock: str, start: float, out: multiprocessing.Queue, die: bool) -> None:
