@@ -7,6 +7,7 @@ mistakes into messages that name the key and how to fix it.
 from __future__ import annotations
 
 import os
+import warnings
 from dataclasses import dataclass
 from datetime import date
 from pathlib import Path
@@ -197,9 +198,18 @@ class PrepareConfig(_Strict):
     valid_share: float = Field(gt=0, lt=0.5)
     test_share: float = Field(gt=0, lt=0.5)
     split: Literal["time", "random"] = "time"  # random: stratified by class and seeded
-    drop_duplicate_rows: bool = True  # rows equal to a training row (features and label) leave valid and test
+    drop_duplicate_rows: bool | None = None  # deprecated and ignored: identical rows now stay in one split
     fit_rows: int | None = Field(default=None, ge=1000)  # the transform's statistics on a seeded sample of this
     #   many training rows (every category and class kept); null: on all of them
+
+    @field_validator("drop_duplicate_rows")
+    @classmethod
+    def _deprecated(cls, value: bool | None) -> bool | None:
+        if value is not None:  # older params files set it: they keep working, and are told what changed
+            warnings.warn("prepare.drop_duplicate_rows is deprecated and ignored: identical rows (features and "
+                          "label) now go to one split, so no held-out row copies a training row and none is "
+                          "dropped; remove the key from params.yaml", FutureWarning, stacklevel=2)
+        return value
 
 
 class LightGBMConfig(_Strict):
