@@ -107,7 +107,8 @@ def _cut(unit: np.ndarray, counts: list[int]) -> np.ndarray:
     sizes = np.bincount(unit)
     middle = np.cumsum(sizes) - sizes / 2
     per_unit = np.searchsorted(np.cumsum(counts)[:2], middle, side="right")
-    return per_unit[unit].astype("int64")
+    cut: np.ndarray = per_unit[unit].astype("int64")
+    return cut
 
 
 def split_rows(df: pd.DataFrame, schema: SchemaConfig, how: str, valid_share: float, test_share: float,
