@@ -77,15 +77,18 @@ class ModelBundle:
         """What the API and batch scoring answer for each row: the label and the per-class probabilities,
         or the value."""
         output = self.predict(rows)
+        # never silently: a row with a category the model never saw, or a number outside what it trained on,
+        # is answered (the unknown category; the clipped value) and says so (`unseen`, `out_of_reference`)
+        notices = self.transform.notices(rows)
         if self.classes is None:
-            return [{"value": float(v)} for v in output]
+            return [{"value": float(v), **notice} for v, notice in zip(output, notices, strict=True)]
         names = [str(c) for c in self.classes]
         answers = []
-        for label, probs in zip(self.labels(output), output.tolist(), strict=True):
+        for label, probs, notice in zip(self.labels(output), output.tolist(), notices, strict=True):
             answer: dict[str, Any] = {"label": label, "probabilities": dict(zip(names, probs, strict=True))}
             if self.task == "binary":
                 answer["probability"] = probs[1]
-            answers.append(answer)
+            answers.append(answer | notice)
         return answers
 
     @classmethod

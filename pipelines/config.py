@@ -72,15 +72,35 @@ class SourceConfig(_Strict):
 
 
 class NumericRule(_Strict):
-    min: float
-    max: float
+    """A numeric column: hard bounds and a reference range.
+
+    `min`/`max` are hard bounds: impossible values (a negative count, a share above 1), quarantined by validation
+    and refused by serving (422); either may be left out (null: no bound on that side). Params files written
+    before reference ranges existed keep their `min`/`max` as hard bounds, as they always were.
+    `reference: [low, high]` is what training saw: a value outside it is valid, served, counted (serving's
+    /metrics, the prediction log) and reported by monitoring as drift, never refused.
+    """
+
+    min: float | None = None
+    max: float | None = None
+    reference: tuple[float, float] | None = None
     nullable: bool = False
 
     @model_validator(mode="after")
     def _ordered(self) -> NumericRule:
-        if self.min > self.max:
+        if self.min is not None and self.max is not None and self.min > self.max:
             raise ValueError(f"min ({self.min}) must not exceed max ({self.max})")
+        if self.reference is not None and self.reference[0] > self.reference[1]:
+            raise ValueError(f"reference {list(self.reference)} must be [low, high] with low <= high")
         return self
+
+    def outside_reference(self, values: Any) -> Any:
+        """Where `values` (numbers; NaN for missing) leave the reference range: a boolean mask (all False without
+        one). Works on arrays and Series alike."""
+        if self.reference is None:
+            return values < float("-inf")  # all False, the shape of `values`
+        low, high = self.reference
+        return (values < low) | (values > high)
 
 
 Task = Literal["binary", "multiclass", "regression"]

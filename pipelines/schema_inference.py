@@ -195,7 +195,49 @@ def _is_id(values: pd.Series, name: str) -> bool:
         types.is_integer_dtype(values) or types.is_object_dtype(values)))
 
 
-def infer_schema(sample: pd.DataFrame, target: str, task: str = "auto", margin: float = 0.5) -> Inferred:
+_FRACTION_NAME = re.compile(r"rate|ratio|share|fraction|frac|prob|pct|percent")
+
+
+def numeric_rule(name: str, present: pd.Series, margin: float = 0.0) -> tuple[dict[str, Any], str]:
+    """The schema rule of a numeric column from its non-null sample values, and what was seen.
+
+    Hard bounds only where the data shows one (an impossible value beyond it): never negative -> min 0; every
+    value in [0, 1] with a fraction-like name or a non-integer -> [0, 1]. The reference range is the sample's
+    range (widened by `margin` of the span on each side): values outside it are served and reported as drift.
+    """
+    low, high = float(present.min()), float(present.max())
+    span = high - low or max(abs(high), 1.0)
+    rule: dict[str, Any] = {}
+    said = f"seen {_round(low)} to {_round(high)}"
+    fraction = low >= 0 and high <= 1 and (bool(_FRACTION_NAME.search(name.lower()))
+                                           or not np.allclose(present, np.round(present)))
+    if fraction:
+        rule |= {"min": 0, "max": 1}
+        said += "; a fraction: hard bounds [0, 1]"
+    elif low >= 0:
+        rule["min"] = 0
+        said += "; never negative: hard min 0"
+    reference = [_round_out(low - margin * span, down=True), _round_out(high + margin * span, down=False)]
+    if "min" in rule:
+        reference[0] = max(reference[0], rule["min"])
+    if "max" in rule:
+        reference[1] = min(reference[1], rule["max"])
+    rule["reference"] = reference
+    if margin:
+        said += f"; reference widened by {margin:.0%} of the span"
+    return rule, said
+
+
+def _round_out(value: float, down: bool) -> float | int:
+    """`value` to 4 significant digits, rounded away from the range's inside so that the sample stays in it."""
+    rounded = _round(value)
+    if (down and rounded > value) or (not down and rounded < value):
+        step = 10 ** (math.floor(math.log10(abs(value))) - 3) if value else 0
+        rounded = _round(rounded - step if down else rounded + step)
+    return rounded
+
+
+def infer_schema(sample: pd.DataFrame, target: str, task: str = "auto", margin: float = 0.0) -> Inferred:
     """The schema of `sample` with `target` as the label, and a sentence for every guess."""
     if target not in sample.columns:
         raise InitError(f"no column {target!r} in the table; its columns: {', '.join(map(str, sample.columns))}")
@@ -251,15 +293,10 @@ def infer_schema(sample: pd.DataFrame, target: str, task: str = "auto", margin: 
             if present.empty:
                 out.review.append(f"`{name}` is empty in the sample; it is left out")
                 continue
-            low, high = float(present.min()), float(present.max())
-            span = high - low or max(abs(high), 1.0)
-            lo, hi = low - margin * span, high + margin * span
-            if low >= 0:
-                lo = max(lo, 0.0)  # a quantity that was never negative stays non-negative
-            schema["numeric"][name] = {"min": _round(math.floor(lo) if lo < 0 else lo), "max": _round(hi),
-                                       **({"nullable": True} if values.isna().any() else {})}
-            out.comments[f"numeric.{name}"] = f"{_seen(values)}, seen {_round(low)} to {_round(high)}, " \
-                                              f"widened by {margin:.0%} of the span"
+            schema["numeric"][name], out.comments[f"numeric.{name}"] = numeric_rule(name, present, margin)
+            if values.isna().any():
+                schema["numeric"][name]["nullable"] = True
+            out.comments[f"numeric.{name}"] = f"{_seen(values)}, {out.comments[f'numeric.{name}']}"
         else:
             out.review.append(f"`{name}` ({values.dtype}) is left out")
     if not schema["numeric"] and not schema["categorical"]:

@@ -138,6 +138,7 @@ def run(settings: Settings, paths: Paths) -> dict[str, Any]:
     snapshots: dict[str, Any] = {}  # Evidently's snapshots of this run, by kind, for the workspace
     snapshot = data_drift_report(settings, current, reference["rows"], paths.drift_html, snapshots)
     summary |= drift_summary(snapshot, cfg.drift_share_threshold)
+    summary["out_of_reference"] = out_of_reference(current, schema)
     summary |= prediction_drift_report(settings, current, reference["predictions"], paths, model, snapshots)
     summary |= label_info | performance_report(settings, labeled, reference, paths, snapshots)
     reasons = decide(settings, summary)
@@ -146,7 +147,9 @@ def run(settings: Settings, paths: Paths) -> dict[str, Any]:
 
     write_json(paths.drift_details, _strict(summary))
     scores = {c: r["score"] for c, r in summary["columns"].items()}
-    write_json(paths.drift_report, _strict({**{k: summary[k] for k in METRIC_KEYS}, "columns": scores}))
+    write_json(paths.drift_report, _strict({**{k: summary[k] for k in METRIC_KEYS}, "columns": scores,
+                                            "out_of_reference": {c: r["rows"]
+                                                                 for c, r in summary["out_of_reference"].items()}}))
     history = _record(paths, {**{k: summary[k] for k in (*METRIC_KEYS, "reference", "reasons", "drifted_columns",
                                                          "not_judged")}, "champion": reference.get("champion")})
     log.info("monitoring %s against %s: retrain_needed=%s %s", described, reference["name"],
@@ -331,6 +334,22 @@ def cap_key_share(window: pd.DataFrame, share: float) -> pd.DataFrame:
     if (dropped := len(window) - int(keep.sum())):
         log.warning("monitoring window: %d rows of API keys over report.max_key_share=%.2f left out", dropped, share)
     return window.loc[keep]
+
+
+def out_of_reference(current: pd.DataFrame, schema: SchemaConfig) -> dict[str, dict[str, Any]]:
+    """Per numeric column with a reference range that current values leave: the rows outside it, their share,
+    the range and the values seen beyond it. Such values were validated and served (only hard bounds refuse):
+    this is where they show, beside the drift test of the column."""
+    out: dict[str, dict[str, Any]] = {}
+    for column, rule in schema.numeric.items():
+        if rule.reference is None or column not in current.columns:
+            continue
+        values = pd.to_numeric(current[column], errors="coerce")
+        outside = values[rule.outside_reference(values)]
+        if len(outside):
+            out[column] = {"rows": len(outside), "share": round(len(outside) / len(current), 6),
+                           "reference": list(rule.reference), "seen": [float(outside.min()), float(outside.max())]}
+    return out
 
 
 def _drift_frame(frame: pd.DataFrame, schema: SchemaConfig, normalize: bool) -> pd.DataFrame:

@@ -304,7 +304,8 @@ def build_suite(settings: Settings, paths: Paths) -> list[Any]:
         suite.append(e.ExpectColumnValuesToBeInSet(column=schema.target,
                                                    value_set=[label_key(c) for c in schema.classes]))
     for col, rule in schema.numeric.items():
-        suite.append(e.ExpectColumnValuesToBeBetween(column=col, min_value=rule.min, max_value=rule.max))
+        if rule.min is not None or rule.max is not None:  # hard bounds only: the reference range is monitoring's
+            suite.append(e.ExpectColumnValuesToBeBetween(column=col, min_value=rule.min, max_value=rule.max))
         if not rule.nullable:
             suite.append(e.ExpectColumnValuesToNotBeNull(column=col))
     for col, cat in schema.categorical.items():

@@ -8,7 +8,7 @@ import pytest
 import yaml
 
 from pipelines.config import load_settings
-from pipelines.schema_inference import InitError, infer_schema, params_text, url_without_password
+from pipelines.schema_inference import InitError, infer_schema, numeric_rule, params_text, url_without_password
 from tests.tables import make_survey, make_table
 
 
@@ -18,7 +18,9 @@ def test_roles_ranges_and_comments_of_a_survey():
     assert (schema["task"], schema["id_column"], schema["time_column"], schema["time_unit"]) == (
         "multiclass", "customer_id", "year", None)
     age = schema["numeric"]["age"]
-    assert age["min"] == 0 and 79 < age["max"] < 120 and "nullable" not in age  # 18-79 widened by half the span
+    # never negative: a hard min 0 and no hard max; the sample's range is the reference range
+    assert age == {"min": 0, "reference": [18, 79]}
+    assert schema["numeric"]["income"]["nullable"] is True and "max" not in schema["numeric"]["income"]
     assert schema["categorical"]["region"] == {"values": ["North", "SOUTH", "West ", "east"], "nullable": True}
     assert "comment" not in schema["categorical"]
     assert any("free text" in r and "`comment`" in r for r in inferred.review)
@@ -62,3 +64,17 @@ def test_written_params_load_and_keep_the_comments(tmp_path):
 def test_a_password_never_reaches_params_yaml():
     assert url_without_password("postgresql+psycopg://bob:s3cret@db:5432/shop") == "postgresql+psycopg://bob@db:5432/shop"
     assert url_without_password("sqlite:///data/source.db") == "sqlite:///data/source.db"
+
+
+def test_hard_bounds_only_where_the_data_shows_one():
+    shares = pd.Series(np.linspace(0.03, 0.91, 40))
+    assert numeric_rule("default_rate", shares)[0] == {"min": 0, "max": 1, "reference": [0.03, 0.91]}
+    signed = pd.Series([-3.21, 0.5, 17.3456])
+    rule, said = numeric_rule("delta", signed)
+    assert rule == {"reference": [-3.21, 17.35]} and "hard" not in said  # no bound: any number is possible
+    counts = pd.Series([0, 1, 1, 0])  # integers 0/1, a name that is no fraction: only never negative
+    assert numeric_rule("children", counts)[0] == {"min": 0, "reference": [0, 1]}
+    big = pd.Series([123_456.0, 987_654.0])  # rounded outward: the sample stays inside its reference range
+    low, high = numeric_rule("amount", big)[0]["reference"]
+    assert low <= 123_456 and high >= 987_654
+    assert numeric_rule("amount", big, margin=0.5)[0]["reference"][1] > 987_654 * 1.3
