@@ -52,7 +52,7 @@ from pipelines.labels import (
     model_output,
     proba_columns,
 )
-from pipelines.metrics import bootstrap_resamples, higher_is_better, improvement, score
+from pipelines.metrics import Decision, bootstrap_resamples, higher_is_better, improvement, score
 from pipelines.registry import MONITORING_DIR, Registry
 from pipelines.serving.predlog import read_prediction_log
 from pipelines.transform import normalize_category
@@ -543,7 +543,7 @@ def performance_report(settings: Settings, labeled: pd.DataFrame, reference: dic
         return out | {"metric_note": note}
     assert model is not None and output is not None
     y = labeled[ACTUAL].to_numpy()
-    now = score(metric, y, output, model.threshold)
+    now = score(metric, y, output, model.decision)
     if now is None:
         out["metric_note"] = f"{metric} is undefined on these {len(labeled)} labelled rows (one class only?)"
     elif before is None:
@@ -553,13 +553,13 @@ def performance_report(settings: Settings, labeled: pd.DataFrame, reference: dic
     if now is not None and before is not None and improvement(metric, now, before) < -cfg.max_metric_drop:
         bound = before - cfg.max_metric_drop if higher_is_better(metric) else before + cfg.max_metric_drop
         out["decay_p_value"] = decay_p_value(y, output, bound, metric, settings.promote.bootstrap_samples,
-                                             settings.seed, model.threshold, task != "regression")
+                                             settings.seed, model.decision, task != "regression")
     _performance_html(labeled, reference["predictions"], model, task, html, keep)
     return out
 
 
 def decay_p_value(y: np.ndarray, output: np.ndarray, bound: float, metric: str, samples: int, seed: int,
-                  threshold: float = 0.5, classification: bool = True, max_rows: int = 50_000) -> float | None:
+                  threshold: Decision = 0.5, classification: bool = True, max_rows: int = 50_000) -> float | None:
     """Share of bootstrap resamples whose metric still reaches `bound` (in the metric's direction): small
     means it really fell past it. None where the metric is undefined on every resample."""
     rng = np.random.default_rng(seed)
