@@ -657,8 +657,8 @@ def run(settings: Settings, paths: Paths) -> dict[str, Any]:
             "rows_skipped_below_watermark": int(read_json(paths.raw_manifest).get("rows_skipped_below_watermark", 0)),
         }
         if summary["rows_skipped_below_watermark"]:
-            log.warning("%d source row(s) at or below the watermark were skipped by collect (see data/raw/manifest.json)",
-                        summary["rows_skipped_below_watermark"])
+            log.warning("%d source row(s) at or below the watermark were skipped by collect (see "
+                        "data/raw/manifest.json)", summary["rows_skipped_below_watermark"])
         write_parquet(paths.quarantined_rows, quarantine)
         write_json(paths.validation_details, summary)
         if checked.batch_failures:
