@@ -86,7 +86,7 @@ def split_positions(keys: pd.DataFrame, schema: SchemaConfig, how: str, valid_sh
                 f"class(es) {', '.join(f'{k!r} ({n} rows)' for k, n in rare.items())} of {schema.target!r} have "
                 f"fewer than 3 rows, too few for train, valid and test (class counts: "
                 f"{', '.join(f'{k}: {n}' for k, n in counts.items())}); collect more rows of them, or merge or "
-                f"drop the class in the source")
+                f"drop the class in the source" + _regression_hint(counts.index, schema))
         for label in counts.index:
             mine = np.flatnonzero((labels == label).to_numpy())  # in time order (or the seeded shuffle)
             units = np.unique(unit[mine], return_inverse=True)[1]
@@ -99,6 +99,15 @@ def split_positions(keys: pd.DataFrame, schema: SchemaConfig, how: str, valid_sh
             per_unit = np.repeat([0, 1, 2], _every_split(have))  # units keep their order across the splits
             part[mine] = per_unit[units]
     return {name: positions[part == i] for i, name in enumerate(SPLITS)}
+
+
+def _regression_hint(labels: pd.Index, schema: SchemaConfig) -> str:
+    """Labels that are all numbers, many of them: the target is likely a quantity (the task was inferred)."""
+    numbers = pd.to_numeric(pd.Series(labels, dtype=object), errors="coerce")
+    if numbers.notna().all() and len(labels) > 5:
+        return (f"; {len(labels)} numeric labels look like a quantity to predict: set schema.task: regression "
+                f"(or rerun `amaas init --task regression`)")
+    return ""
 
 
 def _cut(unit: np.ndarray, counts: list[int]) -> np.ndarray:

@@ -78,3 +78,25 @@ def test_hard_bounds_only_where_the_data_shows_one():
     low, high = numeric_rule("amount", big)[0]["reference"]
     assert low <= 123_456 and high >= 987_654
     assert numeric_rule("amount", big, margin=0.5)[0]["reference"][1] > 987_654 * 1.3
+
+
+def test_the_task_says_why_and_names_the_switch_and_a_small_continuous_target_is_regression():
+    rng = np.random.default_rng(0)
+    frame = pd.DataFrame({"x": rng.normal(0, 1, 20), "y": rng.normal(50, 10, 20).round(2)})  # 20 distinct values
+    inferred = infer_schema(frame, "y")
+    assert inferred.schema["task"] == "regression"
+    assert inferred.review[0].startswith("task regression for target 'y': numbers with 20 distinct values")
+    assert "`--task multiclass`" in inferred.review[0]
+    codes = infer_schema(frame.assign(y=rng.integers(0, 5, 20)), "y")
+    assert codes.schema["task"] == "multiclass" and "`--task regression`" in codes.review[0]
+
+
+def test_a_split_error_on_numeric_labels_suggests_regression(tmp_path):
+    from pipelines.stages.prepare import SplitError, split_rows
+    from tests.tables import params_for
+
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params_for("multiclass")))
+    schema = load_settings(tmp_path / "params.yaml").data_schema
+    table = make_table("multiclass", 40, seed=1).assign(label=np.arange(40) % 20, _row_key=np.arange(40))
+    with pytest.raises(SplitError, match=r"set schema.task: regression \(or rerun `amaas init --task regression`\)"):
+        split_rows(table, schema, "random", 0.15, 0.15, seed=0)
