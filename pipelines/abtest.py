@@ -41,7 +41,7 @@ from pipelines.alerts import alert
 from pipelines.bundle import ModelBundle
 from pipelines.config import Paths, Settings, experiment_name
 from pipelines.labels import ACTUAL, ROUTE, TIME, VERSION, join_labels, logged_frame, model_output
-from pipelines.metrics import bootstrap_resamples, higher_is_better, score
+from pipelines.metrics import Decision, bootstrap_resamples, higher_is_better, score
 from pipelines.registry import Registry
 from pipelines.state import shared
 
@@ -127,7 +127,7 @@ def compare(settings: Settings, routes: dict[str, pd.DataFrame], models: dict[st
     for role in ROLES:
         frame, model = routes[role], models[role]
         output = model_output(frame, task, len(model.classes or []))
-        value = None if output is None else score(metric, frame[ACTUAL].to_numpy(), output, model.threshold)
+        value = None if output is None else score(metric, frame[ACTUAL].to_numpy(), output, model.decision)
         out[role]["metric"] = None if value is None else round(value, 6)
         if frame.empty:
             undefined.append(f"the {role} route has no labelled rows yet")
@@ -135,7 +135,7 @@ def compare(settings: Settings, routes: dict[str, pd.DataFrame], models: dict[st
             undefined.append(f"{metric} is undefined on the {len(frame)} labelled rows of the {role} route"
                              + (" (one class only?)" if task != "regression" else ""))
         else:
-            data[role] = (frame[ACTUAL].to_numpy(), output, model.threshold)
+            data[role] = (frame[ACTUAL].to_numpy(), output, model.decision)
     if undefined:
         why = "; ".join(undefined)
         if not all(out[role]["served_rows"] for role in ROLES):
@@ -179,7 +179,7 @@ def _verdict(settings: Settings, routes: dict[str, Any], stats: dict[str, Any], 
                             f"{cfg.min_effect} would most likely have shown, so any real one is smaller")
 
 
-def bootstrap_difference(metric: str, routes: dict[str, tuple[np.ndarray, np.ndarray, float]], samples: int,
+def bootstrap_difference(metric: str, routes: dict[str, tuple[np.ndarray, np.ndarray, Decision]], samples: int,
                          seed: int, classification: bool, side_alpha: float, two_sided: bool) -> dict[str, Any] | None:
     """The gain: the challenger's metric less the champion's (positive: better, in the metric's direction), resampling
     each route on its own: the one-sided p-values of a win and of a loss, the test's p-value, the interval of

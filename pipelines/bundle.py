@@ -14,7 +14,7 @@ import numpy as np
 import pandas as pd
 
 from pipelines.io import read_json
-from pipelines.metrics import labels_of
+from pipelines.metrics import Decision, labels_of
 from pipelines.models import Ensemble
 from pipelines.transform import FeatureTransform
 
@@ -46,14 +46,24 @@ class ModelBundle:
         """The binary label cut-off chosen at training (evaluate.threshold); 0.5 where none was recorded."""
         return float(self.metadata.get("threshold", 0.5))
 
+    @property
+    def decision(self) -> Decision:
+        """How labels are read off the probabilities, as chosen on validation rows at training: the binary cut-off,
+        or the multiclass class weights (`class_weights`; the plain argmax where none were recorded)."""
+        weights = self.metadata.get("class_weights")
+        if self.task == "multiclass" and weights:
+            return tuple(float(w) for w in weights)
+        return self.threshold
+
     def predict(self, rows: pd.DataFrame) -> np.ndarray:
         """The canonical output for raw rows (as collected or as sent to the API): class probabilities
         (n, k) in the order of `classes`, or predicted values (n,) for regression."""
         return self.ensemble.predict_output(self.transform.transform(rows))
 
     def labels(self, output: np.ndarray) -> list[str | int]:
-        """The predicted class of each row, spelled as in the data (binary: at the bundle's cut-off)."""
-        return self.transform.decode_labels(labels_of(output, self.threshold))
+        """The predicted class of each row, spelled as in the data (binary: at the bundle's cut-off; multiclass: by
+        its class weights)."""
+        return self.transform.decode_labels(labels_of(output, self.decision))
 
     def monitored(self, output: np.ndarray) -> np.ndarray:
         """One number or label per row that monitoring watches for drift: the positive-class probability
@@ -77,15 +87,18 @@ class ModelBundle:
         """What the API and batch scoring answer for each row: the label and the per-class probabilities,
         or the value."""
         output = self.predict(rows)
+        # never silently: a row with a category the model never saw, or a number outside what it trained on,
+        # is answered (the unknown category; the clipped value) and says so (`unseen`, `out_of_reference`)
+        notices = self.transform.notices(rows)
         if self.classes is None:
-            return [{"value": float(v)} for v in output]
+            return [{"value": float(v), **notice} for v, notice in zip(output, notices, strict=True)]
         names = [str(c) for c in self.classes]
         answers = []
-        for label, probs in zip(self.labels(output), output.tolist(), strict=True):
+        for label, probs, notice in zip(self.labels(output), output.tolist(), notices, strict=True):
             answer: dict[str, Any] = {"label": label, "probabilities": dict(zip(names, probs, strict=True))}
             if self.task == "binary":
                 answer["probability"] = probs[1]
-            answers.append(answer)
+            answers.append(answer | notice)
         return answers
 
     @classmethod

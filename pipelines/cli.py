@@ -75,8 +75,9 @@ def _parser(command: str | None = None) -> argparse.ArgumentParser:
     init.add_argument("--table", help="with --source sql: the table")
     init.add_argument("--target", help="the label column")
     init.add_argument("--task", default="auto", choices=["auto", "binary", "multiclass", "regression"])
-    init.add_argument("--range-margin", type=float, default=0.5,
-                      help="numeric ranges are widened by this share of the observed span on each side")
+    init.add_argument("--range-margin", type=float, default=0.0,
+                      help="numeric reference ranges (monitored, never refused) are widened by this share of the "
+                      "observed span on each side; hard bounds are written only where the data shows one")
     init.add_argument("--sample-rows", type=int, default=100_000, help="rows read to infer from (at most)")
     init.add_argument("--force", action="store_true", help="overwrite an existing params file")
     init.add_argument("--check", action="store_true",

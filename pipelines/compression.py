@@ -30,7 +30,7 @@ import pandas as pd
 from pipelines.accounting import cpu_seconds, usd_per_1k_rows
 from pipelines.bundle import ModelBundle
 from pipelines.config import CompressConfig, CostConfig
-from pipelines.metrics import improvement, score
+from pipelines.metrics import Decision, improvement, score
 from pipelines.models import Ensemble, LightGBMLearner, MLPLearner
 from pipelines.models.base import Learner, as_output
 from pipelines.transform import FeatureTransform
@@ -82,7 +82,7 @@ def distill(cfg: CompressConfig, teacher: Ensemble, student: Learner, X: pd.Data
     return {"kind": student.kind, "rows": len(rows), "augmented_rows": len(extra)}
 
 
-def prune(student: LightGBMLearner, X_valid: pd.DataFrame, y_valid: np.ndarray, metric: str, threshold: float,
+def prune(student: LightGBMLearner, X_valid: pd.DataFrame, y_valid: np.ndarray, metric: str, threshold: Decision,
           tolerance: float) -> tuple[LightGBMLearner, list[dict[str, Any]]]:
     """The student cut to the fewest trees whose `metric` on the validation rows is within `tolerance` of all
     its trees, and the validation curve it was read from (about 20 points)."""
@@ -112,7 +112,7 @@ def quantized(ensemble: Ensemble) -> Ensemble | None:
     return copy
 
 
-def mlp_alone(ensemble: Ensemble, int8: Ensemble, X: pd.DataFrame, y: np.ndarray, metric: str, threshold: float
+def mlp_alone(ensemble: Ensemble, int8: Ensemble, X: pd.DataFrame, y: np.ndarray, metric: str, threshold: Decision
               ) -> dict[str, dict[str, Any]]:
     """The MLP member on its own, float32 and int8, on model features `X`: `metric` and rows/s at batches of
     BATCH (what quantization changes, without the other members and the transform around it)."""
@@ -201,7 +201,7 @@ def measure(bundle_dir: Path, rows: pd.DataFrame, y: np.ndarray, metric: str, co
         done, calls = done + len(batch), calls + 1
     wall, cpu = time.perf_counter() - wall0, cpu_seconds() - cpu0
     per_row = cpu / done
-    return {metric: score(metric, y, output, bundle.threshold), "version": bundle.version,
+    return {metric: score(metric, y, output, bundle.decision), "version": bundle.version,
             "latency_ms_p50": float(np.percentile(seconds, 50) * 1e3),
             "latency_ms_p99": float(np.percentile(seconds, 99) * 1e3),
             "model_latency_ms_p50": float(np.percentile(model_seconds, 50) * 1e3),

@@ -7,6 +7,7 @@ mistakes into messages that name the key and how to fix it.
 from __future__ import annotations
 
 import os
+import warnings
 from dataclasses import dataclass
 from datetime import date
 from pathlib import Path
@@ -71,15 +72,35 @@ class SourceConfig(_Strict):
 
 
 class NumericRule(_Strict):
-    min: float
-    max: float
+    """A numeric column: hard bounds and a reference range.
+
+    `min`/`max` are hard bounds: impossible values (a negative count, a share above 1), quarantined by validation
+    and refused by serving (422); either may be left out (null: no bound on that side). Params files written
+    before reference ranges existed keep their `min`/`max` as hard bounds, as they always were.
+    `reference: [low, high]` is what training saw: a value outside it is valid, served, counted (serving's
+    /metrics, the prediction log) and reported by monitoring as drift, never refused.
+    """
+
+    min: float | None = None
+    max: float | None = None
+    reference: tuple[float, float] | None = None
     nullable: bool = False
 
     @model_validator(mode="after")
     def _ordered(self) -> NumericRule:
-        if self.min > self.max:
+        if self.min is not None and self.max is not None and self.min > self.max:
             raise ValueError(f"min ({self.min}) must not exceed max ({self.max})")
+        if self.reference is not None and self.reference[0] > self.reference[1]:
+            raise ValueError(f"reference {list(self.reference)} must be [low, high] with low <= high")
         return self
+
+    def outside_reference(self, values: Any) -> Any:
+        """Where `values` (numbers; NaN for missing) leave the reference range: a boolean mask (all False without
+        one). Works on arrays and Series alike."""
+        if self.reference is None:
+            return values < float("-inf")  # all False, the shape of `values`
+        low, high = self.reference
+        return (values < low) | (values > high)
 
 
 Task = Literal["binary", "multiclass", "regression"]
@@ -197,9 +218,18 @@ class PrepareConfig(_Strict):
     valid_share: float = Field(gt=0, lt=0.5)
     test_share: float = Field(gt=0, lt=0.5)
     split: Literal["time", "random"] = "time"  # random: stratified by class and seeded
-    drop_duplicate_rows: bool = True  # rows equal to a training row (features and label) leave valid and test
+    drop_duplicate_rows: bool | None = None  # deprecated and ignored: identical rows now stay in one split
     fit_rows: int | None = Field(default=None, ge=1000)  # the transform's statistics on a seeded sample of this
     #   many training rows (every category and class kept); null: on all of them
+
+    @field_validator("drop_duplicate_rows")
+    @classmethod
+    def _deprecated(cls, value: bool | None) -> bool | None:
+        if value is not None:  # older params files set it: they keep working, and are told what changed
+            warnings.warn("prepare.drop_duplicate_rows is deprecated and ignored: identical rows (features and "
+                          "label) now go to one split, so no held-out row copies a training row and none is "
+                          "dropped; remove the key from params.yaml", FutureWarning, stacklevel=2)
+        return value
 
 
 class LightGBMConfig(_Strict):

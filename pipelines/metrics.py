@@ -15,6 +15,9 @@ from typing import Any
 import numpy as np
 from sklearn import metrics as skm
 
+# How labels are read off class probabilities: the positive-class cut-off (binary), or one weight per class
+# (multiclass: the label is the argmax of probability x weight; all 1 is the plain argmax)
+Decision = float | tuple[float, ...]
 LOWER_IS_BETTER = frozenset({"log_loss", "rmse", "mae", "brier", "calibration_error"})
 
 
@@ -27,40 +30,50 @@ def improvement(metric: str, new: float, old: float) -> float:
     return new - old if higher_is_better(metric) else old - new
 
 
-def labels_of(output: np.ndarray, threshold: float = 0.5) -> np.ndarray:
-    """Encoded class labels from class probabilities: the cut-off on the positive class for two classes."""
+def labels_of(output: np.ndarray, threshold: Decision = 0.5) -> np.ndarray:
+    """Encoded class labels from class probabilities: the cut-off on the positive class for two classes; for
+    more, the argmax, of the probabilities times the class weights where `threshold` gives them."""
     if output.shape[1] == 2:
-        return (output[:, 1] >= threshold).astype("int64")
+        return (output[:, 1] >= (threshold if isinstance(threshold, float | int) else 0.5)).astype("int64")
+    if isinstance(threshold, tuple) and len(threshold) == output.shape[1]:
+        return np.argmax(output * np.asarray(threshold), axis=1).astype("int64")
     return np.argmax(output, axis=1).astype("int64")
+
+
+def decision_of(choice: dict[str, Any]) -> Decision:
+    """The Decision a recorded choice stands for (a model's `threshold_choice`: a cut-off, or class weights)."""
+    if "class_weights" in choice:
+        return tuple(float(w) for w in choice["class_weights"])
+    return float(choice.get("threshold", 0.5))
 
 
 def _two_classes(y: np.ndarray) -> bool:
     return len(np.unique(y)) == 2
 
 
-def _binary(name: str) -> Callable[[np.ndarray, np.ndarray, float], float | None]:
+def _binary(name: str) -> Callable[[np.ndarray, np.ndarray, Decision], float | None]:
     ranking = {"roc_auc": skm.roc_auc_score, "pr_auc": skm.average_precision_score}[name]
     return lambda y, p, t: float(ranking(y, p[:, 1])) if _two_classes(y) else None
 
 
-def _label_metric(fn: Callable[..., float], **kw: Any) -> Callable[[np.ndarray, np.ndarray, float], float | None]:
+def _label_metric(fn: Callable[..., float], **kw: Any) -> Callable[[np.ndarray, np.ndarray, Decision], float | None]:
     return lambda y, p, t: float(fn(y, labels_of(p, t), **kw))
 
 
-def _kappa(y: np.ndarray, p: np.ndarray, t: float) -> float | None:
+def _kappa(y: np.ndarray, p: np.ndarray, t: Decision) -> float | None:
     predicted = labels_of(p, t)
     if len(np.union1d(y, predicted)) < 2:
         return None  # one class in truth and prediction: kappa is 0/0
     return float(skm.cohen_kappa_score(y, predicted))
 
 
-def _log_loss(y: np.ndarray, p: np.ndarray, t: float) -> float:
+def _log_loss(y: np.ndarray, p: np.ndarray, t: Decision) -> float:
     clipped = np.clip(p, 1e-7, 1 - 1e-7)
     clipped = clipped / clipped.sum(axis=1, keepdims=True)
     return float(skm.log_loss(y, clipped, labels=list(range(p.shape[1]))))
 
 
-SCORERS: dict[str, Callable[[np.ndarray, np.ndarray, float], float | None]] = {
+SCORERS: dict[str, Callable[[np.ndarray, np.ndarray, Decision], float | None]] = {
     "roc_auc": _binary("roc_auc"),
     "pr_auc": _binary("pr_auc"),
     "log_loss": _log_loss,
@@ -85,7 +98,7 @@ REPORTED: dict[str, tuple[str, ...]] = {
 }
 
 
-def score(metric: str, y: np.ndarray, output: np.ndarray, threshold: float = 0.5) -> float | None:
+def score(metric: str, y: np.ndarray, output: np.ndarray, threshold: Decision = 0.5) -> float | None:
     """One metric of `output` against `y`; None where it is undefined on these rows."""
     if len(y) == 0:
         return None
@@ -93,7 +106,7 @@ def score(metric: str, y: np.ndarray, output: np.ndarray, threshold: float = 0.5
     return None if value is None or not math.isfinite(value) else value
 
 
-def task_metrics(task: str, y: np.ndarray, output: np.ndarray, threshold: float = 0.5) -> dict[str, float | None]:
+def task_metrics(task: str, y: np.ndarray, output: np.ndarray, threshold: Decision = 0.5) -> dict[str, float | None]:
     """Every metric reported for `task` (amaas evaluate, slices, the model card)."""
     return {name: score(name, y, output, threshold) for name in REPORTED[task]}
 
@@ -111,7 +124,7 @@ def bootstrap_resamples(y: np.ndarray, samples: int, rng: np.random.Generator, c
 
 
 def paired_bootstrap(metric: str, y: np.ndarray, champion: np.ndarray, challenger: np.ndarray, samples: int,
-                     seed: int, thresholds: tuple[float, float] = (0.5, 0.5), classification: bool = True
+                     seed: int, thresholds: tuple[Decision, Decision] = (0.5, 0.5), classification: bool = True
                      ) -> dict[str, Any]:
     """Gain of challenger over champion on the same rows (positive: better, in the metric's direction),
     with a one-sided bootstrap p-value (share of resamples where the gain is <= 0) and a 95% interval.
@@ -153,3 +166,42 @@ def choose_threshold(y: np.ndarray, p1: np.ndarray, costs: tuple[float, float] |
     pick = best[np.argmin(np.abs(candidates[best] - 0.5))]
     return {"threshold": float(candidates[pick]), "criterion": "f1" if costs is None else "expected_cost",
             "value_on_valid": round(float(values[pick]), 6)}
+
+
+MIN_STEP_GAIN = 0.005  # choose_class_weights: what a per-class step must gain on the validation rows
+
+
+def choose_class_weights(y: np.ndarray, proba: np.ndarray, metric: str) -> dict[str, Any]:
+    """Multiclass: the class weights (label = argmax of probability x weight) picked on validation rows for
+    `metric`, a label metric where higher is better (f1_macro, accuracy, ...); log loss reads no labels: all 1.
+
+    Candidates: the plain argmax; prior correction (weight = class share ** -a, a in 0.25..1: rare classes get
+    predicted), each kept only if better (ties keep the simpler rule); then one pass of mild per-class steps from
+    the best, each kept only if it gains MIN_STEP_GAIN (a finer search fits the noise of a small validation set:
+    on a 944-row 7-class table it gained 0.1 f1_macro on the validation rows and lost 0.05 on the test rows).
+    """
+    y = np.asarray(y).astype("int64")
+    k = proba.shape[1]
+    plain = tuple([1.0] * k)
+    if metric not in SCORERS or not higher_is_better(metric) or metric == "log_loss" or len(y) == 0:
+        return {"class_weights": list(plain), "criterion": "argmax"}
+
+    def value(weights: tuple[float, ...]) -> float:
+        found = score(metric, y, proba, weights)
+        return -math.inf if found is None else found
+
+    base = value(plain)
+    best, best_value = plain, base
+    shares = np.maximum(np.bincount(y, minlength=k) / len(y), 1 / len(y))
+    for power in (0.25, 0.5, 0.75, 1.0):
+        trial = tuple(float(w) for w in shares ** -power / (shares ** -power).max())
+        if (v := value(trial)) > best_value + 1e-9:
+            best, best_value = trial, v
+    for c in range(k):  # one pass of mild steps, each worth a clear gain: few validation rows are noisy
+        for factor in (0.7, 1.4):
+            trial = tuple(w * factor if i == c else w for i, w in enumerate(best))
+            if (v := value(trial)) > best_value + MIN_STEP_GAIN:
+                best, best_value = trial, v
+    top = max(best)
+    return {"class_weights": [round(w / top, 6) for w in best], "criterion": metric,
+            "value_on_valid": round(best_value, 6), "argmax_value_on_valid": round(base, 6)}

@@ -121,6 +121,18 @@ def _model(metadata: dict[str, Any], target: str) -> list[Block]:
              _text("Ensemble: ", Strong(str(metadata["ensemble"])), " of "
                    + ", ".join(f"{name} (weight {w:.3f})" for name, w in metadata["weights"].items()) + "."),
              _text(f"Device: {metadata['device']}; trained on: {metadata.get('trained_on', 'this process')}.")]
+    combination = metadata.get("combination") or {}
+    if combination.get("served", "ensemble") != "ensemble":  # say why one member serves, not the configured blend
+        valid = combination.get("valid", {})
+        items.append(_text("Served alone: ", Strong(str(combination["served"])), f" scored {combination['metric']} "
+                           f"{_num(valid.get(combination['served']))} on the validation rows, better than the "
+                           f"{metadata.get('params', {}).get('ensemble', 'configured')} blend of the members "
+                           f"({_num(valid.get('ensemble'))}), so the blend is not served."))
+    if metadata.get("class_weights"):
+        items.append(_text("Labels: the class with the highest probability x class weight (weights "
+                           + ", ".join(f"{c}: {w:.3g}" for c, w in zip(metadata.get("classes") or [],
+                                                                     metadata["class_weights"], strict=False))
+                           + f"), chosen on the validation rows for {choice.get('criterion')}."))
     if metadata.get("tuned_params"):
         items.append(_text("Tuned parameters: " + "; ".join(f"{k}: {v}" for k, v in metadata["tuned_params"].items())))
     return [Heading(2, "Model"), Bullets(tuple(items))]

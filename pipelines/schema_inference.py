@@ -23,9 +23,7 @@ import yaml
 from pandas.api import types
 
 from pipelines.config import Paths, Settings
-from pipelines.io import read_json
-from pipelines.sources import SourceError
-from pipelines.transform import allowed_categories, label_key, normalize_value
+from pipelines.transform import normalize_value
 
 TEMPLATE = Path(__file__).resolve().parent.parent / "params.yaml"  # the shipped settings: defaults for the rest
 MAX_CATEGORIES = 50  # more distinct values than this (or than half the rows) is free text, left out
@@ -153,7 +151,8 @@ def infer_task(target: pd.Series, asked: str) -> str:
     if distinct < 2:
         raise InitError(f"target {target.name!r} has {distinct} distinct value(s) in the sample: nothing to learn")
     numeric = types.is_numeric_dtype(values) and not types.is_bool_dtype(values)
-    inferred = ("regression" if numeric and distinct > REGRESSION_MIN_VALUES
+    fractional = numeric and not np.allclose(values, np.round(values))  # measurements, not class codes
+    inferred = ("regression" if numeric and (distinct > REGRESSION_MIN_VALUES or fractional)
                 else "binary" if distinct == 2 else "multiclass")
     if asked != "auto":
         if asked == "binary" and distinct != 2:
@@ -195,18 +194,61 @@ def _is_id(values: pd.Series, name: str) -> bool:
         types.is_integer_dtype(values) or types.is_object_dtype(values)))
 
 
-def infer_schema(sample: pd.DataFrame, target: str, task: str = "auto", margin: float = 0.5) -> Inferred:
+_FRACTION_NAME = re.compile(r"rate|ratio|share|fraction|frac|prob|pct|percent")
+
+
+def numeric_rule(name: str, present: pd.Series, margin: float = 0.0) -> tuple[dict[str, Any], str]:
+    """The schema rule of a numeric column from its non-null sample values, and what was seen.
+
+    Hard bounds only where the data shows one (an impossible value beyond it): never negative -> min 0; every
+    value in [0, 1] with a fraction-like name or a non-integer -> [0, 1]. The reference range is the sample's
+    range (widened by `margin` of the span on each side): values outside it are served and reported as drift.
+    """
+    low, high = float(present.min()), float(present.max())
+    span = high - low or max(abs(high), 1.0)
+    rule: dict[str, Any] = {}
+    said = f"seen {_round(low)} to {_round(high)}"
+    fraction = low >= 0 and high <= 1 and (bool(_FRACTION_NAME.search(name.lower()))
+                                           or not np.allclose(present, np.round(present)))
+    if fraction:
+        rule |= {"min": 0, "max": 1}
+        said += "; a fraction: hard bounds [0, 1]"
+    elif low >= 0:
+        rule["min"] = 0
+        said += "; never negative: hard min 0"
+    reference = [_round_out(low - margin * span, down=True), _round_out(high + margin * span, down=False)]
+    if "min" in rule:
+        reference[0] = max(reference[0], rule["min"])
+    if "max" in rule:
+        reference[1] = min(reference[1], rule["max"])
+    rule["reference"] = reference
+    if margin:
+        said += f"; reference widened by {margin:.0%} of the span"
+    return rule, said
+
+
+def _round_out(value: float, down: bool) -> float | int:
+    """`value` to 4 significant digits, rounded away from the range's inside so that the sample stays in it."""
+    rounded = _round(value)
+    if (down and rounded > value) or (not down and rounded < value):
+        step = 10 ** (math.floor(math.log10(abs(value))) - 3) if value else 0
+        rounded = _round(rounded - step if down else rounded + step)
+    return rounded
+
+
+def infer_schema(sample: pd.DataFrame, target: str, task: str = "auto", margin: float = 0.0) -> Inferred:
     """The schema of `sample` with `target` as the label, and a sentence for every guess."""
     if target not in sample.columns:
         raise InitError(f"no column {target!r} in the table; its columns: {', '.join(map(str, sample.columns))}")
     n = len(sample)
-    task = infer_task(sample[target], task)
+    asked, task = task, infer_task(sample[target], task)
     schema: dict[str, Any] = {"task": task, "id_column": None, "time_column": None, "time_unit": None,
                               "target": target, "classes": None, "numeric": {}, "categorical": {}}
     out = Inferred(schema)
     labels = sample[target].dropna()
     shown = "" if task == "regression" else " (" + ", ".join(map(str, sorted(labels.unique(), key=str)[:10])) + ")"
     out.comments["task"] = f"target {target!r}: {labels.nunique()} distinct values{shown}"
+    out.review.insert(0, task_reason(sample[target], task, asked))
     out.comments["target"] = _seen(sample[target])
     times = [(c, kind) for c in sample.columns if c != target and (kind := _time_kind(sample[c], str(c)))]
     times.sort(key=lambda ck: (not _TIME_NAME.search(str(ck[0]).lower()), str(ck[0])))
@@ -251,15 +293,10 @@ def infer_schema(sample: pd.DataFrame, target: str, task: str = "auto", margin: 
             if present.empty:
                 out.review.append(f"`{name}` is empty in the sample; it is left out")
                 continue
-            low, high = float(present.min()), float(present.max())
-            span = high - low or max(abs(high), 1.0)
-            lo, hi = low - margin * span, high + margin * span
-            if low >= 0:
-                lo = max(lo, 0.0)  # a quantity that was never negative stays non-negative
-            schema["numeric"][name] = {"min": _round(math.floor(lo) if lo < 0 else lo), "max": _round(hi),
-                                       **({"nullable": True} if values.isna().any() else {})}
-            out.comments[f"numeric.{name}"] = f"{_seen(values)}, seen {_round(low)} to {_round(high)}, " \
-                                              f"widened by {margin:.0%} of the span"
+            schema["numeric"][name], out.comments[f"numeric.{name}"] = numeric_rule(name, present, margin)
+            if values.isna().any():
+                schema["numeric"][name]["nullable"] = True
+            out.comments[f"numeric.{name}"] = f"{_seen(values)}, {out.comments[f'numeric.{name}']}"
         else:
             out.review.append(f"`{name}` ({values.dtype}) is left out")
     if not schema["numeric"] and not schema["categorical"]:
@@ -334,44 +371,53 @@ def _schema_lines(inferred: Inferred) -> list[str]:
 # --- checking new data against params.yaml --------------------------------------------------------------
 
 def check(settings: Settings, paths: Paths) -> dict[str, Any]:
-    """What the newest collected batch does that the schema does not allow, before validation quarantines it."""
-    manifest = paths.raw_manifest
-    if not manifest.is_file():
-        raise SourceError(f"{manifest} not found: run `amaas collect` first")
-    batches = read_json(manifest)["batches"]
-    if not batches:
-        raise SourceError("no batch collected yet: run `amaas collect` first")
-    newest = batches[-1]
-    rows = pd.read_parquet(paths.raw / newest["file"])
-    schema, normalize = settings.data_schema, settings.clean.normalize_categories
-    problems: list[str] = [f"column {c!r} is missing" for c in schema.columns if c not in rows.columns]
-    for name, rule in schema.numeric.items():
-        if name not in rows.columns:
-            continue
-        values = pd.to_numeric(rows[name], errors="coerce")
-        out = values[(values < rule.min) | (values > rule.max)]
-        if len(out):
-            problems.append(f"{name}: {len(out)} value(s) outside [{rule.min}, {rule.max}] (seen {out.min():g} to "
-                            f"{out.max():g}); widen schema.numeric.{name} if they are right")
-        if not rule.nullable and rows[name].isna().any():
-            problems.append(f"{name}: {int(rows[name].isna().sum())} null(s); set nullable: true if nulls are valid")
-    for name, cat in schema.categorical.items():
-        if name not in rows.columns:
-            continue
-        spell = normalize_value if normalize else str
-        allowed = allowed_categories(cat.values, normalize)
-        present = rows[name].dropna()
-        new = present[~present.map(spell).isin(allowed)].map(str).value_counts()
-        if len(new):
-            top = ", ".join(f"{v!r} ({k})" for v, k in new.head(5).items())
-            problems.append(f"{name}: {int(new.sum())} row(s) with categories not in the schema: {top}; add them to "
-                            f"schema.categorical.{name} if they are right")
-        if not cat.nullable and rows[name].isna().any():
-            problems.append(f"{name}: {int(rows[name].isna().sum())} null(s); use {{values: [...], nullable: true}} "
-                            f"if missing is valid")
-    if schema.classes is not None and schema.target in rows.columns:
-        known = {label_key(c) for c in schema.classes}
-        new_labels = sorted({label_key(v) for v in rows[schema.target].dropna()} - known)
-        if new_labels:
-            problems.append(f"{schema.target}: labels not in schema.classes: {', '.join(new_labels[:5])}")
-    return {"batch": newest["batch"], "rows": len(rows), "problems": problems}
+    """What validation would quarantine in the newest collected batch, and why, before it does.
+
+    It runs validation's own checks (the same suite, casts and cross-batch id check, over every collected batch
+    in order, as `amaas validate` does) and lists the newest batch's quarantined rows with their reasons (`row`:
+    the position in that batch), and the schema problems that would stop the pipeline.
+    """
+    import tempfile
+
+    from pipelines.stages import validate
+
+    entries = validate.batch_entries(paths)
+    suite = validate.SuiteRun(validate.build_suite(settings, paths), None, settings.validation.chunk_rows)
+    tally = validate._Tally()
+    with tempfile.TemporaryDirectory() as spill:
+        for entry in entries:
+            start = tally.rows_in
+            rows = validate.read_batch(paths, entry)
+            validate.check_batch(entry["batch"], rows, settings, suite, tally, Path(spill))
+    newest = entries[-1]
+    quarantined = [q for q in tally.quarantine if len(q)]
+    found = pd.concat(quarantined, ignore_index=True) if quarantined else pd.DataFrame(columns=[validate.ROW])
+    mine = found[found[validate.ROW] >= start] if len(found) else found
+    listed = [{"row": int(r) - start, "reasons": str(why)}
+              for r, why in zip(mine[validate.ROW], mine.get(validate.REASONS, []), strict=True)]
+    counts: dict[str, int] = {}
+    for item in listed:
+        for why in str(item["reasons"]).split("; "):
+            name = why.partition(": ")[0]
+            counts[name] = counts.get(name, 0) + 1
+    problems = [*tally.schema_problems, *[f"{name}: {n} row(s) would be quarantined" for name, n in counts.items()]]
+    return {"batch": newest["batch"], "rows": len(rows), "problems": problems, "quarantined": listed}
+
+
+def task_reason(target: pd.Series, task: str, asked: str) -> str:
+    """Why the task is what it is, and the `--task` switch that changes it (init prints it in its review)."""
+    values = target.dropna()
+    distinct = values.nunique()
+    numeric = types.is_numeric_dtype(values) and not types.is_bool_dtype(values)
+    if asked != "auto":
+        why = "as asked with --task"
+    elif task == "regression":
+        why = (f"numbers with {distinct} distinct values" + ("" if distinct > REGRESSION_MIN_VALUES else
+                                                             ", not whole numbers"))
+    else:
+        kind = "whole numbers" if numeric else "labels"
+        why = f"{distinct} distinct {kind} (at most {REGRESSION_MIN_VALUES} whole numbers are classes)"
+    other = ("regression" if task != "regression" and numeric else "multiclass" if task == "regression"
+             else "binary" if task == "multiclass" and distinct == 2 else None)
+    switch = f"; if that is wrong, rerun with `--task {other}`" if other else ""
+    return f"task {task} for target {target.name!r}: {why}{switch}"

@@ -58,6 +58,8 @@ class FeatureTransform:
     nullable: list[str] = field(default_factory=list)  # categorical columns where missing is a code of its own
     task: str = "binary"
     classes: list[str | int] | None = None  # classification: labels in encoded order (0..k-1)
+    reference: dict[str, list[float]] = field(default_factory=dict)  # numeric column: [low, high] training saw
+    #   (schema.numeric's reference ranges; transforms saved before them have none)
 
     @classmethod
     def fit(cls, df: pd.DataFrame, schema: SchemaConfig, clean: CleanConfig) -> FeatureTransform:
@@ -90,6 +92,7 @@ class FeatureTransform:
             nullable=[c for c, rule in schema.categorical.items() if rule.nullable],
             task=schema.task,
             classes=fit_classes(df[schema.target], schema) if schema.is_classification else None,
+            reference={c: list(rule.reference) for c, rule in schema.numeric.items() if rule.reference is not None},
         )
 
     @property
@@ -130,6 +133,28 @@ class FeatureTransform:
 
             columns[col] = _per_distinct(df[col], code, missing_code).astype("int64")
         return pd.DataFrame(columns, copy=False)  # built in the order of feature_names
+
+    def notices(self, df: pd.DataFrame) -> list[dict[str, list[str]]]:
+        """Per row, what the model answers without having seen it: `unseen` (categorical columns whose value no
+        training row had: scored as the unknown category) and `out_of_reference` (numeric columns outside their
+        reference range: scored, and drift for monitoring). Empty dicts for ordinary rows."""
+        spell = normalize_value if self.normalize else str
+        flags: dict[str, list[tuple[str, np.ndarray]]] = {"unseen": [], "out_of_reference": []}
+        for col in self.categorical:
+            known = set(self.vocab[col])
+            values = df[col]
+            flags["unseen"].append((col, np.fromiter(
+                (v is not None and not (isinstance(v, float) and v != v) and spell(v) not in known for v in values),
+                dtype=bool, count=len(values))))
+        for col, (low, high) in self.reference.items():
+            numbers = pd.to_numeric(df[col], errors="coerce").to_numpy(dtype="float64", na_value=np.nan)
+            flags["out_of_reference"].append((col, (numbers < low) | (numbers > high)))
+        out: list[dict[str, list[str]]] = [{} for _ in range(len(df))]
+        for kind, masks in flags.items():
+            for col, mask in masks:
+                for i in np.flatnonzero(mask):
+                    out[i].setdefault(kind, []).append(col)
+        return out
 
     def encode_target(self, values: pd.Series | np.ndarray) -> np.ndarray:
         """Labels as the model sees them: class indexes 0..k-1 (classification) or float values (regression)."""

@@ -141,6 +141,11 @@ class Ensemble(TaskEstimatorMixin, BaseEstimator):
         ens.intercept_, ens.member_valid_log_loss_ = 0.0, {}
         return ens
 
+    def with_valid_log_loss(self, losses: dict[str, float]) -> Self:
+        """This ensemble, with its members' validation log loss recorded (an ensemble made `of_fitted` has none)."""
+        self.member_valid_log_loss_ = dict(losses)
+        return self
+
     @property
     def member_weights(self) -> np.ndarray:
         """One weight per member, for people: the blend weights, or the size of each member's stacking

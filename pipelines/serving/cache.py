@@ -10,7 +10,7 @@ one row.) Each server worker process has its own cache.
 from __future__ import annotations
 
 import threading
-from collections import OrderedDict
+from collections import Counter, OrderedDict
 from typing import Any, Protocol
 
 import numpy as np
@@ -21,6 +21,7 @@ from pipelines.transform import FeatureTransform, normalize_value
 Answer = dict[str, Any]
 Rows = list[dict[str, Any]]
 Key = tuple[str, tuple[float | str | None, ...]]
+NOTICES = ("unseen", "out_of_reference")  # answer fields that name the columns a model had not seen so (bundle.answers)
 
 
 class Scorer(Protocol):
@@ -44,12 +45,14 @@ class ResponseCache:
         self._entries: OrderedDict[Key, Answer] = OrderedDict()
         self._lock = threading.Lock()
         self._cleared = 0  # clears so far: a lookup that began before one keeps none of its answers
+        # rows answered per column with an unseen category / a number outside the reference range (cached or not)
+        self.notices: dict[str, Counter[str]] = {kind: Counter() for kind in NOTICES}
 
     def answers(self, model: Scorer, rows: Rows) -> list[Answer]:
         """`model`'s answer for each row: cached ones from memory, the others scored in one model call (and
         kept). The answers are shared with the cache: copy before changing one."""
         if not self.size:
-            return model.answers(features(model, rows))
+            return self._noticed(model.answers(features(model, rows)))
         keys = row_keys(model, rows)
         with self._lock:
             cleared = self._cleared
@@ -69,7 +72,7 @@ class ResponseCache:
                     self._entries.move_to_end(keys[i])
             while len(self._entries) > self.size:
                 self._entries.popitem(last=False)
-        return [answer for answer in found if answer is not None]
+        return self._noticed([answer for answer in found if answer is not None])
 
     def cached(self, model: Scorer, rows: Rows) -> list[Answer] | None:
         """`model`'s cached answer for each row, or None if any is missing; counts nothing (see count_hits)."""
@@ -82,7 +85,15 @@ class ResponseCache:
                 return None
             for key in keys:
                 self._entries.move_to_end(key)
-        return [answer for answer in found if answer is not None]
+        return self._noticed([answer for answer in found if answer is not None])
+
+    def _noticed(self, answers: list[Answer]) -> list[Answer]:
+        """`answers`, their unseen categories and out-of-reference numbers counted per column."""
+        with self._lock:
+            for answer in answers:
+                for kind in NOTICES:
+                    self.notices[kind].update(answer.get(kind, ()))
+        return answers
 
     def count_hits(self, rows: int) -> None:
         """Rows answered from `cached` lookups."""
@@ -95,10 +106,12 @@ class ResponseCache:
             self._entries.clear()
             self._cleared += 1
 
-    def stats(self) -> dict[str, int]:
-        """size (the most entries), entries, hits, misses: what /metrics shows."""
+    def stats(self) -> dict[str, Any]:
+        """size (the most entries), entries, hits, misses, and per notice (unseen, out_of_reference) the rows
+        answered per column: what /metrics shows."""
         with self._lock:
-            return {"size": self.size, "entries": len(self._entries), "hits": self.hits, "misses": self.misses}
+            return {"size": self.size, "entries": len(self._entries), "hits": self.hits, "misses": self.misses,
+                    **{kind: dict(counts) for kind, counts in self.notices.items()}}
 
 
 def row_keys(model: Scorer, rows: Rows) -> list[Key]:

@@ -1,6 +1,7 @@
 """What the server adds to BentoML's Prometheus /metrics: the model versions being served and the canary
-routing, as gauges (infra/grafana/dashboards/amaas-serving.json charts them), and the response cache's hits,
-misses, hit ratio and entries.
+routing, as gauges (infra/grafana/dashboards/amaas-serving.json charts them), the response cache's hits,
+misses, hit ratio and entries, and per column the rows answered with an unseen category or a number outside the
+reference range.
 
 They are computed when /metrics is scraped (BentoML's `__metrics__` hook on the service), from the same state
 that GET /models answers with: never stale, and nothing shared between worker processes (the cache figures
@@ -20,11 +21,13 @@ MODEL_INFO = "amaas_model_info"
 CANARY_SHARE = "amaas_canary_share"
 SHADOW = "amaas_shadow_enabled"
 CACHE = "amaas_cache"  # _hits_total, _misses_total, _hit_ratio, _entries, _size
+UNSEEN = "amaas_unseen_category_rows"  # _total, per column: rows answered with a category the model never saw
+OUT_OF_REFERENCE = "amaas_out_of_reference_rows"  # _total, per column: rows answered outside the reference range
 ROLES = ("champion", "challenger")
 
 
 class _Served(Collector):
-    def __init__(self, versions: dict[str, Any], cache: dict[str, int]) -> None:
+    def __init__(self, versions: dict[str, Any], cache: dict[str, Any]) -> None:
         self.versions = versions
         self.cache = cache
 
@@ -49,9 +52,17 @@ class _Served(Collector):
                                                     "switch)", value=self.cache["entries"])
         yield GaugeMetricFamily(f"{CACHE}_size", "The most answers the response cache keeps (serve.cache.size; "
                                                  "0: off)", value=self.cache["size"])
+        for name, kind, what in ((UNSEEN, "unseen", "with a category the model never saw (answered as the unknown "
+                                                    "category)"),
+                                 (OUT_OF_REFERENCE, "out_of_reference", "with a number outside the column's reference "
+                                                                        "range (answered; drift for monitoring)")):
+            counts = CounterMetricFamily(name, f"Rows answered {what}, per column", labels=["column"])
+            for column, rows in sorted(self.cache.get(kind, {}).items()):  # columns of the schema: bounded labels
+                counts.add_metric([column], rows)
+            yield counts
 
 
-def served_metrics(versions: dict[str, Any], cache: dict[str, int]) -> str:
+def served_metrics(versions: dict[str, Any], cache: dict[str, Any]) -> str:
     """Prometheus text for `versions` (what GET /models answers: champion, challenger, canary_share, shadow)
     and `cache` (ResponseCache.stats: size, entries, hits, misses)."""
     registry = CollectorRegistry(auto_describe=False)
@@ -59,6 +70,6 @@ def served_metrics(versions: dict[str, Any], cache: dict[str, int]) -> str:
     return generate_latest(registry).decode()
 
 
-def with_served_metrics(content: str, versions: dict[str, Any], cache: dict[str, int]) -> str:
+def with_served_metrics(content: str, versions: dict[str, Any], cache: dict[str, Any]) -> str:
     """BentoML's /metrics text followed by the served-model and cache metrics."""
     return (content if not content or content.endswith("\n") else content + "\n") + served_metrics(versions, cache)

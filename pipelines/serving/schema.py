@@ -15,13 +15,17 @@ def row_schema(schema: SchemaConfig) -> type:
     """One input row as a TypedDict, from the schema in params.yaml: pydantic validates rows into plain dicts
     (no model object per row, no dump of it: half the cost of a 100-row request's validation, measured).
 
-    Numeric features must lie in their ranges (nullable ones may be null or left out); categories are free
-    text (or a number or a boolean, spelled as text), cleaned and encoded by the fitted transform (an unseen
-    one is the unknown category; null, where the column is nullable, is the missing category). The id is
-    optional: sent, it is logged so delayed labels can be joined to the prediction. Fields left out are not in
-    the validated dict: `with_defaults` fills them in.
+    Numeric features must lie within their hard bounds (`min`/`max`: impossible values; the reference range
+    is not checked here: a value outside it is answered, and counted); nullable ones may be null or left out.
+    Categories are free text (or a number or a boolean, spelled as text), cleaned and encoded by the fitted
+    transform (an unseen one is the unknown category, and the answer says so; null, where the column is
+    nullable, is the missing category). The id and time columns are optional, so a row is sent as the table
+    has it: the id is logged so delayed labels can be joined to the prediction; neither is a feature. Fields
+    left out are not in the validated dict: `with_defaults` fills them in.
     """
     fields: dict[str, Any] = {schema.id_column: NotRequired[int | str | None]} if schema.id_column else {}
+    if schema.time_column:  # a timestamp as text, or epoch/ordinal numbers: taken as sent, never a feature
+        fields[schema.time_column] = NotRequired[int | float | str | None]
     for col, rule in schema.numeric.items():
         number: Any = Annotated[float | None if rule.nullable else float,  # "nan" and "inf" spelled as text too
                                 Field(ge=rule.min, le=rule.max, allow_inf_nan=False)]
@@ -62,6 +66,12 @@ def answer_model(schema: SchemaConfig) -> type[BaseModel]:
         fields["probabilities"] = (dict[str, float], Field(description="the probability of each class"))
         if schema.task == "binary":
             fields["probability"] = (float, Field(description="the probability of the positive class"))
+    fields |= {"unseen": (list[str] | None, Field(default=None, description="only when there are some: the "
+                                                  "categorical columns whose value the model never saw (answered "
+                                                  "as the unknown category)")),
+               "out_of_reference": (list[str] | None, Field(default=None, description="only when there are some: "
+                                                            "the numeric columns outside the range the model "
+                                                            "trained on (answered; reported as drift)"))}
     fields |= {"model_version": (str, ...), "request_id": (str, ...)}
     return create_model("Answer", **fields)
 

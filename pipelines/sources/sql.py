@@ -26,6 +26,7 @@ class SqlSource:
         self.url, self.table_name, self.db_schema, self.watermarks = parsed, table, db_schema, watermarks
         where = f"{table}" if db_schema is None else f"{db_schema}.{table}"
         self.description = f"sql({shown}, table {where})"
+        self.at_or_below_watermark: int | None = None  # rows at or below `low` in the table, counted by `read`
 
     def read(self, low: Watermark | None, high: Watermark | None) -> tuple[pd.DataFrame, int]:
         engine = sa.create_engine(self.url)
@@ -42,6 +43,9 @@ class SqlSource:
                     query = query.where(wm <= self.watermarks.to_source(high))
                 rows = pd.read_sql(query, conn)
                 unreadable = conn.execute(sa.select(sa.func.count()).select_from(table).where(wm.is_(None))).scalar()
+                if low is not None:  # more than were collected: rows that arrived late, never read (collect says so)
+                    self.at_or_below_watermark = int(conn.execute(sa.select(sa.func.count()).select_from(table).where(
+                        wm <= self.watermarks.to_source(low))).scalar() or 0)
         except sa.exc.SQLAlchemyError as exc:
             raise SourceError(f"cannot read {self.description}: {exc.__class__.__name__}: "
                               f"{str(exc).splitlines()[0]}; check source.sql in params.yaml or ${SOURCE_URL_ENV}"

@@ -66,8 +66,15 @@ def run(settings: Settings, paths: Paths, rerun: str | None = None) -> dict[str,
     if by_day and watermarks.is_time and read_days is not None:
         reads, unreadable = read_days(low), 0  # it reads its own rows: none lack a watermark
     else:
+        collected = sum(b["rows"] for b in manifest["batches"])
         everything, unreadable = source.read(low, None)
         reads = iter([everything])
+        below = getattr(source, "at_or_below_watermark", None)
+        if below is not None and below > collected:  # rows inserted at or below the watermark after it passed them
+            manifest["rows_skipped_below_watermark"] = below - collected
+            log.warning("%d row(s) of %s have %s at or below the watermark %s but were not collected (inserted "
+                        "late): they are skipped; `amaas collect --rerun BATCH` takes the batch whose interval holds "
+                        "them", below - collected, source.description, watermarks.column, manifest["watermark"])
     new = []
     for rows in reads:  # batch files are written as each read comes in: memory holds one read at a time
         for name, part in _split(rows, watermarks, by_day, manifest):

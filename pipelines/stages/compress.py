@@ -57,7 +57,7 @@ def run(settings: Settings, paths: Paths) -> dict[str, Any]:
         student_report = distill(cfg, trained.ensemble, student, X, X_valid, seed)
         if isinstance(student, LightGBMLearner):
             student_report["trees_distilled"] = student.n_trees_
-            student, student_report["prune_curve"] = prune(student, X_valid, y_valid, metric, trained.threshold,
+            student, student_report["prune_curve"] = prune(student, X_valid, y_valid, metric, trained.decision,
                                                            cfg.prune_tolerance)
             student_report["trees"] = student.n_trees_
         name = f"student_{student.kind}"
@@ -68,7 +68,7 @@ def run(settings: Settings, paths: Paths) -> dict[str, Any]:
         mlp_int8: dict[str, Any] = {}
         if int8 is not None:
             mlp_int8 = mlp_alone(trained.ensemble, int8, trained.transform.transform(test), y_test, metric,
-                                          trained.threshold)
+                                          trained.decision)
             folders["quantized"] = write_candidate(Path(tmp) / "quantized", paths, trained, int8, "quantized",
                                                    trained.ensemble.member_valid_log_loss_)
         memory = (peak_memory(folders, test, Path(tmp)) if cfg.measure_memory  # before the timings: they need

@@ -19,7 +19,7 @@ from pipelines.bundle import ModelBundle
 from pipelines.config import Paths, Settings
 from pipelines.contracts import Plot, stage
 from pipelines.io import atomic_dir, write_json
-from pipelines.metrics import labels_of, score, task_metrics
+from pipelines.metrics import Decision, decision_of, labels_of, score, task_metrics
 from pipelines.transform import normalize_category
 
 log = logging.getLogger(__name__)
@@ -42,7 +42,7 @@ def calibration_error(y: np.ndarray, proba: np.ndarray, bins: int) -> float:
     return float((table["mean_predicted"] - table["fraction_positive"]).abs().mul(table["rows"]).sum() / len(y))
 
 
-def model_metrics(task: str, y: np.ndarray, output: np.ndarray, threshold: float, bins: int
+def model_metrics(task: str, y: np.ndarray, output: np.ndarray, threshold: Decision, bins: int
                   ) -> dict[str, float | None]:
     """The task's metrics, plus for classification the Brier score and the calibration error of the
     positive class (binary) or of the top class's confidence (multiclass)."""
@@ -56,7 +56,7 @@ def model_metrics(task: str, y: np.ndarray, output: np.ndarray, threshold: float
     return result
 
 
-def per_class(y: np.ndarray, output: np.ndarray, classes: list[Any], threshold: float) -> dict[str, Any]:
+def per_class(y: np.ndarray, output: np.ndarray, classes: list[Any], threshold: Decision) -> dict[str, Any]:
     """Precision, recall, F1 and support of each class."""
     precision, recall, f1, support = skm.precision_recall_fscore_support(
         y, labels_of(output, threshold), labels=list(range(len(classes))), zero_division=0)
@@ -65,7 +65,7 @@ def per_class(y: np.ndarray, output: np.ndarray, classes: list[Any], threshold: 
 
 
 def slice_metrics(test: pd.DataFrame, y: np.ndarray, output: np.ndarray, columns: list[str], task: str,
-                  metric: str, threshold: float) -> dict[str, dict[str, dict[str, Any]]]:
+                  metric: str, threshold: Decision) -> dict[str, dict[str, dict[str, Any]]]:
     """promote.metric and the rows of each value of each slice column (categories as the model sees them)."""
     out: dict[str, dict[str, dict[str, Any]]] = {}
     for col in columns:
@@ -79,7 +79,7 @@ def slice_metrics(test: pd.DataFrame, y: np.ndarray, output: np.ndarray, columns
     return out
 
 
-def plots(task: str, y: np.ndarray, output: np.ndarray, threshold: float, bins: int, classes: list[Any] | None
+def plots(task: str, y: np.ndarray, output: np.ndarray, threshold: Decision, bins: int, classes: list[Any] | None
           ) -> dict[str, pd.DataFrame]:
     """The DVC plots of the task, by their `Paths` property: ROC, precision-recall and calibration curves
     (binary), the confusion matrix (classification), predicted against actual values and residuals (regression)."""
@@ -115,7 +115,7 @@ def run(settings: Settings, paths: Paths) -> dict[str, Any]:
     compress stage measures the candidates it makes of it, and picks the challenger)."""
     schema, cfg, metric = settings.data_schema, settings.evaluate, settings.promote.metric
     bundle = ModelBundle.load(paths.trained)
-    task, threshold = bundle.task, bundle.threshold
+    task, threshold = bundle.task, bundle.decision
     test = pd.read_parquet(paths.test_rows)
     y = bundle.transform.encode_target(test[schema.target])
     size = settings.scale.score_chunk_rows  # scored in chunks: the features of one chunk in memory at a time
@@ -123,8 +123,10 @@ def run(settings: Settings, paths: Paths) -> dict[str, Any]:
                                    for i in range(0, len(test), size)])
     output = bundle.ensemble.combine(member_preds)  # what bundle.predict gives, members kept
     result: dict[str, Any] = {"task": task, **model_metrics(task, y, output, threshold, cfg.calibration_bins)}
+    own = (bundle.metadata.get("combination") or {}).get("decisions", {})  # each member's, picked on valid
     for i, name in enumerate(bundle.ensemble.names):
-        result[f"{metric}_{name}"] = score(metric, y, member_preds[:, i], threshold)
+        decision = decision_of(own[name]) if name in own else threshold
+        result[f"{metric}_{name}"] = score(metric, y, member_preds[:, i], decision)
     undefined = sorted(k for k, v in result.items() if v is None)
     if undefined:
         counts: tuple[Iterable[Any], Iterable[Any]] = np.unique(y, return_counts=True) if bundle.classes else ([], [])

@@ -53,7 +53,7 @@ def _every_split(counts: list[int]) -> list[int]:
 
 
 def split_positions(keys: pd.DataFrame, schema: SchemaConfig, how: str, valid_share: float, test_share: float,
-                    seed: int) -> dict[str, np.ndarray]:
+                    seed: int, groups: np.ndarray | None = None) -> dict[str, np.ndarray]:
     """The positions in `keys` of the train, valid and test rows, each in its split's order.
 
     `keys`: the table, or as much of it as the split reads (the time and key columns, the target).
@@ -61,12 +61,22 @@ def split_positions(keys: pd.DataFrame, schema: SchemaConfig, how: str, valid_sh
     of a split gets its rows nearest the boundary moved into it, in time order. `random`: a seeded shuffle,
     stratified (each class split on its own). Either way every class is in every split; a class with fewer
     than 3 rows stops with the class counts.
+
+    `groups`: one id per row of `keys` (`row_digests`: equal for rows identical in features and label). Rows of
+    one group go to one split, the split where the group's rows fall in the order above (by their middle row),
+    so no held-out row copies a training row and none is dropped. A class with fewer than 3 distinct rows is
+    split row by row (its copies are counted by `run` as duplicates of train).
     """
     order = [c for c in (schema.time_column, schema.key_column) if c and c in keys.columns]
     positions = keys.reset_index(drop=True).sort_values(order, kind="mergesort").index.to_numpy()
-    part = np.repeat([0, 1, 2], _counts(len(positions), valid_share, test_share))
     if how == "random":
         positions = positions[np.random.default_rng(seed).permutation(len(positions))]
+    # a unit is a group of identical rows, ordered by its first row; without groups every row is a unit
+    _, unit = np.unique(np.arange(len(positions)) if groups is None else groups[positions], return_inverse=True)
+    first = np.full(unit.max(initial=-1) + 1, len(positions))
+    np.minimum.at(first, unit, np.arange(len(positions)))
+    unit = np.argsort(np.argsort(first, kind="stable"), kind="stable")[unit]  # units numbered in order
+    part = _cut(unit, _counts(len(positions), valid_share, test_share))
     if schema.is_classification:
         labels = keys[schema.target].iloc[positions].map(label_key)
         counts = labels.value_counts()
@@ -76,29 +86,55 @@ def split_positions(keys: pd.DataFrame, schema: SchemaConfig, how: str, valid_sh
                 f"class(es) {', '.join(f'{k!r} ({n} rows)' for k, n in rare.items())} of {schema.target!r} have "
                 f"fewer than 3 rows, too few for train, valid and test (class counts: "
                 f"{', '.join(f'{k}: {n}' for k, n in counts.items())}); collect more rows of them, or merge or "
-                f"drop the class in the source")
+                f"drop the class in the source" + _regression_hint(counts.index, schema))
         for label in counts.index:
             mine = np.flatnonzero((labels == label).to_numpy())  # in time order (or the seeded shuffle)
-            have = np.bincount(part[mine], minlength=3).tolist()
-            want = _counts(len(mine), valid_share, test_share) if how == "random" else have
-            part[mine] = np.repeat([0, 1, 2], _every_split(want))
+            units = np.unique(unit[mine], return_inverse=True)[1]
+            if units.max() < 2:  # fewer than 3 distinct rows: only splitting copies puts the class in every split
+                units = np.arange(len(mine))
+            if how == "random":
+                part[mine] = _cut(units, _counts(len(mine), valid_share, test_share))
+            first_rows = np.unique(units, return_index=True)[1]
+            have = np.bincount(part[mine][first_rows], minlength=3).tolist()
+            per_unit = np.repeat([0, 1, 2], _every_split(have))  # units keep their order across the splits
+            part[mine] = per_unit[units]
     return {name: positions[part == i] for i, name in enumerate(SPLITS)}
+
+
+def _regression_hint(labels: pd.Index, schema: SchemaConfig) -> str:
+    """Labels that are all numbers, many of them: the target is likely a quantity (the task was inferred)."""
+    numbers = pd.to_numeric(pd.Series(labels, dtype=object), errors="coerce")
+    if numbers.notna().all() and len(labels) > 5:
+        return (f"; {len(labels)} numeric labels look like a quantity to predict: set schema.task: regression "
+                f"(or rerun `amaas init --task regression`)")
+    return ""
+
+
+def _cut(unit: np.ndarray, counts: list[int]) -> np.ndarray:
+    """The split (0, 1, 2) of each row, whose unit number is `unit` (units in order, 0..u-1): a unit goes where
+    the cut of the rows into `counts` puts its middle row, so groups of copies move whole."""
+    sizes = np.bincount(unit)
+    middle = np.cumsum(sizes) - sizes / 2
+    per_unit = np.searchsorted(np.cumsum(counts)[:2], middle, side="right")
+    cut: np.ndarray = per_unit[unit].astype("int64")
+    return cut
 
 
 def split_rows(df: pd.DataFrame, schema: SchemaConfig, how: str, valid_share: float, test_share: float,
                seed: int) -> dict[str, pd.DataFrame]:
-    """Train, valid and test rows of `df` (see split_positions)."""
+    """Train, valid and test rows of `df` (see split_positions), identical rows (features and label) together."""
+    groups = row_digests(df, [*schema.feature_columns, schema.target])
     return {name: df.iloc[rows].reset_index(drop=True)
-            for name, rows in split_positions(df, schema, how, valid_share, test_share, seed).items()}
+            for name, rows in split_positions(df, schema, how, valid_share, test_share, seed, groups).items()}
 
 
 def duplicates_of(rows: pd.DataFrame, seen: pd.DataFrame, columns: list[str]) -> np.ndarray:
     """Which of `rows` equal a row of `seen` on `columns` (features and label): nulls compare equal, numbers
     compare as numbers (1 and 1.0 alike). Both hold validated rows, so each column has one type in both."""
-    return np.isin(_digest(rows, columns), _digest(seen, columns))
+    return np.isin(row_digests(rows, columns), row_digests(seen, columns))
 
 
-def _digest(frame: pd.DataFrame, columns: list[str]) -> np.ndarray:
+def row_digests(frame: pd.DataFrame, columns: list[str]) -> np.ndarray:
     """A 64-bit hash of each row's `columns` (pandas' vectorized hashing: about 1 s per million rows)."""
     as_hashed = {c: frame[c].astype("float64") if types.is_numeric_dtype(frame[c]) else frame[c] for c in columns}
     return pd.util.hash_pandas_object(pd.DataFrame(as_hashed, index=frame.index), index=False).to_numpy()
@@ -154,17 +190,17 @@ def run(settings: Settings, paths: Paths) -> dict[str, Any]:
     table = pq.read_table(paths.validated_rows)
     keys = [c for c in (schema.time_column, schema.key_column, schema.target) if c and c in table.column_names]
     target = table.select([schema.target]).to_pandas()[schema.target]
-    splits = split_positions(table.select(list(dict.fromkeys(keys))).to_pandas(), schema, cfg.split,
-                             cfg.valid_share, cfg.test_share, settings.seed)
-    summary: dict[str, Any] = {"split": cfg.split}
     compared = table.select([*schema.feature_columns, schema.target])
-    digests = np.concatenate([_digest(compared.slice(start, size).to_pandas(), compared.column_names)
+    digests = np.concatenate([row_digests(compared.slice(start, size).to_pandas(), compared.column_names)
                               for start in range(0, len(table), size)] or [np.array([], dtype=np.uint64)])
-    for name in ("valid", "test"):  # a row that is also a training row inflates held-out metrics
-        dupes = np.isin(digests[splits[name]], digests[splits["train"]])
-        summary[f"{name}_duplicates_of_train"] = int(dupes.sum())
-        if cfg.drop_duplicate_rows and dupes.any():
-            splits[name] = splits[name][~dupes]
+    # identical rows (features and label) go to one split: a held-out copy of a training row would inflate the
+    # held-out metrics, and dropping it would bias the test rows (and the prediction-drift reference made of them)
+    splits = split_positions(table.select(list(dict.fromkeys(keys))).to_pandas(), schema, cfg.split,
+                             cfg.valid_share, cfg.test_share, settings.seed, digests)
+    summary: dict[str, Any] = {"split": cfg.split,
+                               "duplicate_rows": int(len(digests) - len(np.unique(digests)))}
+    for name in ("valid", "test"):  # 0 but for a class with fewer than 3 distinct rows (split row by row)
+        summary[f"{name}_duplicates_of_train"] = int(np.isin(digests[splits[name]], digests[splits["train"]]).sum())
     del digests
     train = splits["train"]
     firsts = [*schema.categorical, *([schema.target] if schema.is_classification else [])]

@@ -83,7 +83,7 @@ def run(settings: Settings, paths: Paths, force: bool = False, version: str | No
         bundle = ModelBundle.load(bundle_dir)
         test = pd.read_parquet(paths.test_rows)
         value = score(cfg.metric, bundle.transform.encode_target(test[settings.data_schema.target]),
-                      bundle.predict(test), bundle.threshold)
+                      bundle.predict(test), bundle.decision)
         decision |= first_champion(cfg.metric, value, cfg.min_first_metric)
     elif champion == challenger:
         decision |= {"promoted": False, "reason": "challenger is already the champion"}
@@ -166,7 +166,7 @@ def gate(settings: Settings, paths: Paths, champion: ModelBundle, challenger: Mo
     test = pd.read_parquet(paths.test_rows)
     y = challenger.transform.encode_target(test[settings.data_schema.target])
     stats = paired_bootstrap(cfg.metric, y, champion.predict(test), challenger.predict(test), cfg.bootstrap_samples,
-                             settings.seed, (champion.threshold, challenger.threshold),
+                             settings.seed, (champion.decision, challenger.decision),
                              classification=challenger.classes is not None)
     if stats["gain"] is None:
         return {"promoted": False, "reason": f"{cfg.metric} is undefined on the test rows: no verdict", **stats}

@@ -52,7 +52,7 @@ from pipelines.labels import (
     model_output,
     proba_columns,
 )
-from pipelines.metrics import bootstrap_resamples, higher_is_better, improvement, score
+from pipelines.metrics import Decision, bootstrap_resamples, higher_is_better, improvement, score
 from pipelines.registry import MONITORING_DIR, Registry
 from pipelines.state import Shared, shared
 from pipelines.transform import normalize_category
@@ -138,6 +138,7 @@ def run(settings: Settings, paths: Paths) -> dict[str, Any]:
     snapshots: dict[str, Any] = {}  # Evidently's snapshots of this run, by kind, for the workspace
     snapshot = data_drift_report(settings, current, reference["rows"], paths.drift_html, snapshots)
     summary |= drift_summary(snapshot, cfg.drift_share_threshold)
+    summary["out_of_reference"] = out_of_reference(current, schema)
     summary |= prediction_drift_report(settings, current, reference["predictions"], paths, model, snapshots)
     summary |= label_info | performance_report(settings, labeled, reference, paths, snapshots)
     reasons = decide(settings, summary)
@@ -146,7 +147,9 @@ def run(settings: Settings, paths: Paths) -> dict[str, Any]:
 
     write_json(paths.drift_details, _strict(summary))
     scores = {c: r["score"] for c, r in summary["columns"].items()}
-    write_json(paths.drift_report, _strict({**{k: summary[k] for k in METRIC_KEYS}, "columns": scores}))
+    write_json(paths.drift_report, _strict({**{k: summary[k] for k in METRIC_KEYS}, "columns": scores,
+                                            "out_of_reference": {c: r["rows"]
+                                                                 for c, r in summary["out_of_reference"].items()}}))
     history = _record(paths, {**{k: summary[k] for k in (*METRIC_KEYS, "reference", "reasons", "drifted_columns",
                                                          "not_judged")}, "champion": reference.get("champion")})
     log.info("monitoring %s against %s: retrain_needed=%s %s", described, reference["name"],
@@ -333,6 +336,22 @@ def cap_key_share(window: pd.DataFrame, share: float) -> pd.DataFrame:
     if (dropped := len(window) - int(keep.sum())):
         log.warning("monitoring window: %d rows of API keys over report.max_key_share=%.2f left out", dropped, share)
     return window.loc[keep]
+
+
+def out_of_reference(current: pd.DataFrame, schema: SchemaConfig) -> dict[str, dict[str, Any]]:
+    """Per numeric column with a reference range that current values leave: the rows outside it, their share,
+    the range and the values seen beyond it. Such values were validated and served (only hard bounds refuse):
+    this is where they show, beside the drift test of the column."""
+    out: dict[str, dict[str, Any]] = {}
+    for column, rule in schema.numeric.items():
+        if rule.reference is None or column not in current.columns:
+            continue
+        values = pd.to_numeric(current[column], errors="coerce")
+        outside = values[rule.outside_reference(values)]
+        if len(outside):
+            out[column] = {"rows": len(outside), "share": round(len(outside) / len(current), 6),
+                           "reference": list(rule.reference), "seen": [float(outside.min()), float(outside.max())]}
+    return out
 
 
 def _drift_frame(frame: pd.DataFrame, schema: SchemaConfig, normalize: bool) -> pd.DataFrame:
@@ -526,7 +545,7 @@ def performance_report(settings: Settings, labeled: pd.DataFrame, reference: dic
         return out | {"metric_note": note}
     assert model is not None and output is not None
     y = labeled[ACTUAL].to_numpy()
-    now = score(metric, y, output, model.threshold)
+    now = score(metric, y, output, model.decision)
     if now is None:
         out["metric_note"] = f"{metric} is undefined on these {len(labeled)} labelled rows (one class only?)"
     elif before is None:
@@ -536,13 +555,13 @@ def performance_report(settings: Settings, labeled: pd.DataFrame, reference: dic
     if now is not None and before is not None and improvement(metric, now, before) < -cfg.max_metric_drop:
         bound = before - cfg.max_metric_drop if higher_is_better(metric) else before + cfg.max_metric_drop
         out["decay_p_value"] = decay_p_value(y, output, bound, metric, settings.promote.bootstrap_samples,
-                                             settings.seed, model.threshold, task != "regression")
+                                             settings.seed, model.decision, task != "regression")
     _performance_html(labeled, reference["predictions"], model, task, html, keep)
     return out
 
 
 def decay_p_value(y: np.ndarray, output: np.ndarray, bound: float, metric: str, samples: int, seed: int,
-                  threshold: float = 0.5, classification: bool = True, max_rows: int = 50_000) -> float | None:
+                  threshold: Decision = 0.5, classification: bool = True, max_rows: int = 50_000) -> float | None:
     """Share of bootstrap resamples whose metric still reaches `bound` (in the metric's direction): small
     means it really fell past it. None where the metric is undefined on every resample."""
     rng = np.random.default_rng(seed)

@@ -19,7 +19,7 @@ from pipelines.config import Paths, Settings
 from pipelines.contracts import Out, stage
 from pipelines.io import atomic_dir, tree_sha256, write_json, write_text
 from pipelines.lineage import git_commit, md5_of
-from pipelines.metrics import choose_threshold
+from pipelines.metrics import choose_class_weights, choose_threshold, decision_of, improvement, score
 from pipelines.models import Ensemble, build_learners, resolve_device
 from pipelines.models.cluster import dask_cluster, describe
 from pipelines.sampling import training_rows
@@ -30,8 +30,8 @@ log = logging.getLogger(__name__)
 
 
 @stage(
-    params=("seed", "schema.target", "train", "evaluate.threshold", "evaluate.costs", "scale.dask_scheduler",
-            "scale.dask_workers"),  # the label cut-off is chosen on validation rows
+    params=("seed", "schema.target", "train", "evaluate.threshold", "evaluate.costs", "promote.metric",
+            "scale.dask_scheduler", "scale.dask_workers"),  # decisions are chosen on validation rows for the metric
     deps=("features", "validated"),
     # tuning_studies: the Optuna studies (SQLite), kept so a rerun resumes them; SQLite's transactions keep it
     # whole when a run is killed, as the renames keep the other outputs whole
@@ -62,7 +62,14 @@ def run(settings: Settings, paths: Paths) -> dict[str, Any]:
     tuning = tuned.report
     write_json(paths.tuning_report, tuning)
     write_text(paths.tuning_html, tuning_html(tuned.studies, tuning))
-    threshold = pick_threshold(settings, transform.task, y_valid, ensemble.predict_output(X_valid))
+    member_valid = ensemble.member_predictions(X_valid)
+    combination = check_combination(settings, transform.task, y_valid, ensemble.combine(member_valid), member_valid,
+                                    ensemble.names)
+    if combination["served"] != "ensemble":  # a member alone is better on the gate's metric: it is what serves
+        ensemble = Ensemble.of_fitted(ensemble.members_, ensemble.names,
+                                      np.eye(len(ensemble.names))[ensemble.names.index(combination["served"])],
+                                      random_state=settings.seed).with_valid_log_loss(ensemble.member_valid_log_loss_)
+    threshold = combination["decision"]
 
     with atomic_dir(paths.trained) as out:
         shutil.copy2(paths.fitted_transform, out / TRANSFORM_FILE)
@@ -74,8 +81,10 @@ def run(settings: Settings, paths: Paths) -> dict[str, Any]:
             "learners": ensemble.names,
             "task": transform.task,
             "classes": transform.classes,
-            "threshold": threshold["threshold"],
+            "threshold": threshold.get("threshold", 0.5),
             "threshold_choice": threshold,
+            **({"class_weights": threshold["class_weights"]} if "class_weights" in threshold else {}),
+            "combination": combination,
             "weights": dict(zip(ensemble.names, ensemble.member_weights.tolist(), strict=True)),
             "member_valid_log_loss": ensemble.member_valid_log_loss_,
             "device": resolve_device(settings.train.device),
@@ -103,10 +112,17 @@ def run(settings: Settings, paths: Paths) -> dict[str, Any]:
 
 
 def pick_threshold(settings: Settings, task: str, y_valid: np.ndarray, output: np.ndarray) -> dict[str, Any]:
-    """The binary label cut-off: evaluate.threshold as set, or picked on the validation rows (auto)."""
+    """How labels are read off `output`: the binary cut-off (evaluate.threshold as set, or picked on the validation
+    rows: auto), or the multiclass class weights picked on the validation rows for promote.metric."""
     cfg = settings.evaluate
+    if task == "multiclass":
+        chosen = choose_class_weights(y_valid, output, settings.promote.metric)
+        if chosen["criterion"] != "argmax":
+            log.info("class weights %s picked on %d validation rows (%s %.4f, argmax %.4f)", chosen["class_weights"],
+                     len(y_valid), chosen["criterion"], chosen["value_on_valid"], chosen["argmax_value_on_valid"])
+        return {"threshold": 0.5, **chosen}
     if task != "binary":
-        return {"threshold": 0.5, "criterion": "argmax" if task == "multiclass" else "none"}
+        return {"threshold": 0.5, "criterion": "none"}
     if cfg.threshold != "auto":
         return {"threshold": float(cfg.threshold), "criterion": "evaluate.threshold"}
     costs = (cfg.costs.false_positive, cfg.costs.false_negative) if cfg.costs else None
@@ -114,3 +130,25 @@ def pick_threshold(settings: Settings, task: str, y_valid: np.ndarray, output: n
     log.info("threshold %.4f picked on %d validation rows (%s %.4f)", chosen["threshold"], len(y_valid),
              chosen["criterion"], chosen["value_on_valid"])
     return chosen
+
+
+def check_combination(settings: Settings, task: str, y_valid: np.ndarray, output: np.ndarray, members: np.ndarray,
+                      names: list[str]) -> dict[str, Any]:
+    """The ensemble's combination against each member alone on the validation rows, for promote.metric, each with
+    its own decision picked on those rows: `served` is "ensemble", or the member that is better than it (a blend
+    is never served where one of its members is better on the gate's metric); `decision` is the served one's."""
+    metric = settings.promote.metric
+    candidates = {"ensemble": output} | ({} if len(names) < 2 else
+                                         {name: members[:, i] for i, name in enumerate(names)})
+    decisions = {name: pick_threshold(settings, task, y_valid, out) for name, out in candidates.items()}
+    values = {name: score(metric, y_valid, out, decision_of(decisions[name])) for name, out in candidates.items()}
+    served = "ensemble"
+    for name in names if len(names) > 1 else []:
+        best, alone = values[served], values[name]
+        if alone is not None and (best is None or improvement(metric, alone, best) > 1e-9):
+            served = name
+    if served != "ensemble":
+        log.warning("the %s blend scores %s=%s on the validation rows, %s alone %s: %s alone is served",
+                    settings.train.ensemble, metric, values["ensemble"], served, values[served], served)
+    return {"metric": metric, "valid": values, "served": served, "decision": decisions[served],
+            "decisions": decisions}

@@ -60,7 +60,8 @@ log = logging.getLogger(__name__)
 
 ROW = "__row__"  # position of a row in the collected data; GE reports failures by it
 REASONS = "quarantine_reasons"
-METRIC_KEYS = ("status", "batches", "rows_in", "rows_clean", "rows_quarantined", "bad_share")
+METRIC_KEYS = ("status", "batches", "rows_in", "rows_clean", "rows_quarantined", "bad_share",
+               "rows_skipped_below_watermark")
 UNIQUE = rowrules.UNIQUE
 TABLE_ROWS = ("expect_table_row_count_to_be_between", "expect_table_row_count_to_equal")  # read no column
 OF_TYPE = "expect_column_values_to_be_of_type"
@@ -304,7 +305,8 @@ def build_suite(settings: Settings, paths: Paths) -> list[Any]:
         suite.append(e.ExpectColumnValuesToBeInSet(column=schema.target,
                                                    value_set=[label_key(c) for c in schema.classes]))
     for col, rule in schema.numeric.items():
-        suite.append(e.ExpectColumnValuesToBeBetween(column=col, min_value=rule.min, max_value=rule.max))
+        if rule.min is not None or rule.max is not None:  # hard bounds only: the reference range is monitoring's
+            suite.append(e.ExpectColumnValuesToBeBetween(column=col, min_value=rule.min, max_value=rule.max))
         if not rule.nullable:
             suite.append(e.ExpectColumnValuesToNotBeNull(column=col))
     for col, cat in schema.categorical.items():
@@ -651,7 +653,12 @@ def run(settings: Settings, paths: Paths) -> dict[str, Any]:
             "expectations": checked.expectations,
             "unexpected_values": values,
             "data_docs": str(paths.data_docs / "index.html"),
+            # rows a SQL source held at or below the watermark that collect never read (inserted late)
+            "rows_skipped_below_watermark": int(read_json(paths.raw_manifest).get("rows_skipped_below_watermark", 0)),
         }
+        if summary["rows_skipped_below_watermark"]:
+            log.warning("%d source row(s) at or below the watermark were skipped by collect (see "
+                        "data/raw/manifest.json)", summary["rows_skipped_below_watermark"])
         write_parquet(paths.quarantined_rows, quarantine)
         write_json(paths.validation_details, summary)
         if checked.batch_failures:

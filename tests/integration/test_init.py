@@ -50,16 +50,18 @@ def test_init_from_a_csv_folder_then_dvc_repro_serve_and_check(tmp_path):
     assert answered.status_code == 200, answered.text
     assert [a["label"] for a in answered.json()] == [a["label"] for a in champion.answers(rows)]
 
-    # a later export: a new region and an impossible age; --check names both before validation quarantines them
+    # a later export: a new region, an unusual age and an impossible one; --check names what validation would quarantine
     later = make_survey(100, seed=2, first_year=2023, years=1)
-    later.loc[0, "region"], later.loc[1, "age"] = "Central", 250
+    later.loc[0, "region"], later.loc[1, "age"], later.loc[2, "age"] = "Central", 250, -5
     later.to_csv(drop / "survey_c.csv", index=False)
     amaas("collect", root=tmp_path)
     checked = amaas("init", "--check", root=tmp_path, check=False)
     assert checked.returncode == 1, checked.stderr
-    problems = json.loads(checked.stdout)["problems"]
-    assert any(p.startswith("region: 1 row(s) with categories not in the schema: 'Central'") for p in problems)
-    assert any(p.startswith("age: 1 value(s) outside") and "250" in p for p in problems), problems
+    found = json.loads(checked.stdout)  # validation's own rules: the rows it would quarantine, and why
+    reasons = {q["row"]: q["reasons"] for q in found["quarantined"]}
+    assert "expect_column_values_to_be_in_set(region): 'central'" in reasons[0], found
+    assert 1 not in reasons  # age 250 leaves the reference range only: validated, served, monitored as drift
+    assert "expect_column_values_to_be_between(age): -5" in reasons[2], found  # below the hard min 0
 
 
 def test_init_from_a_sqlite_table_then_dvc_repro(tmp_path):

@@ -38,6 +38,11 @@ def rows(*spelled: dict[str, Any]) -> list[dict[str, Any]]:
     return [{"age": 41, "income": 52_000.0, "home": "rent", "_route": "champion", **r} for r in spelled]
 
 
+def counts(cache: ResponseCache) -> dict[str, Any]:
+    """The cache's own figures in its stats (without the unseen/out-of-reference counts, tested in test_bounds)."""
+    return {k: v for k, v in cache.stats().items() if k in ("size", "entries", "hits", "misses")}
+
+
 def frame(*spelled: dict[str, Any]) -> pd.DataFrame:
     return pd.DataFrame(rows(*spelled))
 
@@ -52,7 +57,7 @@ def test_rows_the_transform_reads_alike_share_one_entry():
     assert cache.answers(model, rows({"age": None}))[0] == missing and model.scored == 5  # 1, the check, 3
     above = cache.answers(model, rows({"age": 95}, {"age": 200}, {"home": "boat"}))
     assert above[0] == above[1] == model.answers(frame({"age": 90}))[0]  # two entries, the model's one answer
-    assert cache.stats() == {"size": 100, "entries": 6, "hits": 5, "misses": 7}
+    assert counts(cache) == {"size": 100, "entries": 6, "hits": 5, "misses": 7}
 
 
 def test_the_model_version_is_part_of_the_key():
@@ -75,7 +80,7 @@ def test_least_recently_used_goes_first_and_size_zero_keeps_nothing():
     off, model = ResponseCache(0), Model("v1")
     off.answers(model, rows({}, {}))
     off.answers(model, rows({}))
-    assert model.scored == 3 and off.stats() == {"size": 0, "entries": 0, "hits": 0, "misses": 0}
+    assert model.scored == 3 and counts(off) == {"size": 0, "entries": 0, "hits": 0, "misses": 0}
 
 
 def test_a_switch_empties_it_and_answers_scored_across_the_switch_are_not_kept():
@@ -87,7 +92,7 @@ def test_a_switch_empties_it_and_answers_scored_across_the_switch_are_not_kept()
     assert cache.answers(switching, rows({"age": 60})) == model.answers(frame({"age": 60}))
     assert cache.stats()["entries"] == 0
     cache.answers(model, rows({"age": 20}))
-    assert cache.stats() == {"size": 100, "entries": 1, "hits": 0, "misses": 4}
+    assert counts(cache) == {"size": 100, "entries": 1, "hits": 0, "misses": 4}
 
 
 def test_cached_answers_all_or_none_and_count_only_when_told():

@@ -80,3 +80,10 @@ def test_a_request_the_limits_allow_fits_one_batch(tmp_path):
     msg = str(pytest.raises(ConfigError, load_settings, _write(tmp_path, params)).value)
     assert "serve.max_rows (1000) is more than serve.max_batch_size (256)" in msg
     assert load_settings(_write(tmp_path, small_params(**{"serve.max_rows": 1000, "serve.batching": False})))
+
+
+def test_a_params_file_that_still_drops_duplicates_loads_with_a_warning(tmp_path):
+    params = small_params()
+    params["prepare"]["drop_duplicate_rows"] = True
+    with pytest.warns(FutureWarning, match=r"prepare\.drop_duplicate_rows is deprecated.*remove the key"):
+        load_settings(_write(tmp_path, params))

@@ -32,12 +32,14 @@ def whole_table_splits(df, schema, how, valid_share, test_share, seed):
 
 
 @pytest.mark.parametrize("how", ["time", "random"])
-def test_prepare_writes_the_splits_of_the_whole_sorted_table(tmp_path, how):
+@pytest.mark.parametrize("repeated", [False, True])
+def test_prepare_writes_the_splits_of_the_whole_sorted_table(tmp_path, how, repeated):
     table = make_table("multiclass", 300, seed=5)
     table[ROW_KEY] = np.arange(len(table)) * 7919 % 1000  # a key that is not the stored order
     table.loc[[40, 41], "day"] = table.loc[39, "day"]  # equal times: the key decides
-    repeats = table.iloc[[5, 6]].assign(day=table["day"].max(), **{ROW_KEY: [2001, 2002]})  # again, later
-    table = pd.concat([table, repeats], ignore_index=True)  # held-out copies of training rows are dropped
+    if repeated:  # copies of rows, later: they join their originals' split, none is dropped
+        repeats = table.iloc[[5, 6, 250]].assign(day=table["day"].max(), **{ROW_KEY: [2001, 2002, 2003]})
+        table = pd.concat([table, repeats], ignore_index=True)
     table = table.sample(frac=1, random_state=1).reset_index(drop=True)  # stored out of time order
     params = params_for("multiclass", **{"prepare.split": how, "scale.score_chunk_rows": 23})
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
@@ -47,13 +49,22 @@ def test_prepare_writes_the_splits_of_the_whole_sorted_table(tmp_path, how):
     summary = prepare.run(settings, paths)
 
     schema = settings.data_schema
-    splits = whole_table_splits(table, schema, how, 0.15, 0.15, settings.seed)
     columns = [*schema.feature_columns, schema.target]
+    # without copies the split is the plain one of the whole sorted table; with them, the grouped one
+    splits = (prepare.split_rows(table, schema, how, 0.15, 0.15, settings.seed) if repeated
+              else whole_table_splits(table, schema, how, 0.15, 0.15, settings.seed))
+    assert sum(len(rows) for rows in splits.values()) == len(table)  # none dropped
+    assert summary["duplicate_rows"] == (3 if repeated else 0)
     for name in ("valid", "test"):
-        dupes = prepare.duplicates_of(splits[name], splits["train"], columns)
-        assert summary[f"{name}_duplicates_of_train"] == dupes.sum()
-        splits[name] = splits[name][~dupes].reset_index(drop=True)
-    assert sum(summary[f"{name}_duplicates_of_train"] for name in ("valid", "test")) > 0
+        assert summary[f"{name}_duplicates_of_train"] == 0
+        assert not prepare.duplicates_of(splits[name], splits["train"], columns).any()
+    if repeated:
+        originals = [k for k in table[ROW_KEY] if k >= 2001]
+        assert len(originals) == 3
+        for name, rows in splits.items():  # each copy is in its original's split
+            keys = set(rows[ROW_KEY])
+            for copy, original in zip((2001, 2002, 2003), np.arange(1000)[[5, 6, 250]] * 7919 % 1000, strict=True):
+                assert (copy in keys) == (original in keys), name
     transform = FeatureTransform.fit(splits["train"], schema, settings.clean)
     for name, rows in splits.items():
         pd.testing.assert_frame_equal(pd.read_parquet(paths.split_rows(name)), rows, obj=name)
@@ -64,3 +75,21 @@ def test_prepare_writes_the_splits_of_the_whole_sorted_table(tmp_path, how):
     sample = splits["train"].sample(n=min(settings.report.reference_rows, len(splits["train"])),
                                     random_state=settings.seed).sort_index().reset_index(drop=True)
     pd.testing.assert_frame_equal(pd.read_parquet(paths.train_sample), sample)
+
+
+def test_many_copies_stay_together_and_a_class_of_copies_is_still_split(tmp_path):
+    table = make_table("multiclass", 300, seed=3)
+    table = pd.concat([table, table.sample(200, replace=True, random_state=2)], ignore_index=True)  # 40% copies
+    twin = table[table["label"] == "extreme"].iloc[[0]]
+    table = pd.concat([table[table["label"] != "extreme"], twin, twin, twin, twin], ignore_index=True)
+    table[ROW_KEY] = np.arange(len(table))
+    params = params_for("multiclass")
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    schema = load_settings(tmp_path / "params.yaml").data_schema
+    splits = prepare.split_rows(table, schema, "random", 0.15, 0.15, 0)
+    columns = [*schema.feature_columns, schema.target]
+    assert sum(map(len, splits.values())) == len(table)
+    for name in ("valid", "test"):  # only the class made of one row repeated must be split row by row
+        dupes = prepare.duplicates_of(splits[name], splits["train"], columns)
+        assert set(splits[name].loc[dupes, "label"]) == {"extreme"}, name
+        assert 0.10 < len(splits[name]) / len(table) < 0.20, name  # groups move whole, the shares hold

@@ -215,12 +215,14 @@ def test_openapi_shows_the_rows_and_the_answer_of_the_task(task, tmp_path):
     spec = {"paths": {"/predict": {"post": {"requestBody": {"content": {"application/json": {"schema": {}}}}}}}}
     doc = openapi_with_schemas(spec, request_schema(schema, 10), answer_model(schema))
     row = doc["components"]["schemas"]["Row"]
-    assert set(row["properties"]) == {"x1", "x2", "color", "size"}  # no id column in this table
-    assert set(row["required"]) == {"x1", "color"}  # x2 and size are nullable
+    # no id column in this table; its time column may be sent (not a feature)
+    assert set(row["properties"]) == {"day", "x1", "x2", "color", "size"}
+    assert set(row["required"]) == {"x1", "color"}  # x2 and size are nullable, day optional
     answer = doc["paths"]["/predict"]["post"]["responses"]["200"]["content"]["application/json"]["schema"]
     expected = {"binary": {"label", "probability", "probabilities"}, "multiclass": {"label", "probabilities"},
                 "regression": {"value"}}[task]
-    assert set(answer["items"]["properties"]) == expected | {"model_version", "request_id"}
+    assert set(answer["items"]["properties"]) == expected | {"model_version", "request_id", "unseen",
+                                                             "out_of_reference"}
     json.dumps(doc)  # a valid JSON document
 
 

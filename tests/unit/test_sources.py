@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pandas as pd
 import pytest
 import sqlalchemy as sa
@@ -123,7 +124,7 @@ def test_files_source_errors_name_the_file_and_the_fix(tmp_path, rows):
         collect.run(missing, paths)
 
 
-def test_sql_source_sqlite_with_id_watermark(tmp_path, rows):
+def test_sql_source_sqlite_with_id_watermark(tmp_path, rows, caplog):
     engine = sa.create_engine(f"sqlite:///{tmp_path / 'data' / 'source.db'}")
     (tmp_path / "data").mkdir()
     rows.iloc[:1500].to_sql("loans", engine, index=False)
@@ -136,6 +137,14 @@ def test_sql_source_sqlite_with_id_watermark(tmp_path, rows):
     got = _collected(paths)
     assert sorted(got["loan_id"]) == sorted(rows["loan_id"])  # appended rows: none twice, none skipped
     assert collect.run(settings, paths, rerun="000001")["identical"]
+    assert "rows_skipped_below_watermark" not in read_json(paths.raw_manifest)
+
+    late = rows.iloc[[0, 1]].assign(loan_id=rows["loan_id"].min() - np.array([1, 2]))  # ids below the watermark
+    late.to_sql("loans", engine, index=False, if_exists="append")
+    with caplog.at_level("WARNING", logger="pipelines.stages.collect"):
+        assert collect.run(settings, paths)["new_rows"] == 0
+    assert read_json(paths.raw_manifest)["rows_skipped_below_watermark"] == 2
+    assert "2 row(s) of sql(" in caplog.text and "were not collected" in caplog.text
 
     bad, _ = _settings(tmp_path, **{"source.kind": "sql", "source.watermark_column": "loan_id",
                                     "source.sql.table": "nope"})
