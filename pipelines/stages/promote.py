@@ -54,9 +54,9 @@ def run(settings: Settings, paths: Paths, force: bool = False, version: str | No
     `amaas promote --force`) makes `version` (default: the challenger) champion without the gate."""
     registry = Registry.of(paths, settings)
     if force:
-        champion = force_promote(registry, version, reason)
+        forced = force_promote(registry, version, reason)
         publish_champion(settings, paths, registry)
-        return {"champion": champion, "forced": True}
+        return {"champion": forced, "forced": True}
     cfg = settings.promote
     experiment = experiment_name()
     reports = {"validation": paths.validation_report, "drift": paths.drift_report, "metrics": paths.metrics,

@@ -15,10 +15,10 @@ from pipelines.bundle import ModelBundle
 from pipelines.config import ConfigError, load_settings
 from pipelines.serving.cache import ResponseCache
 from pipelines.serving.metrics import served_metrics
-from pipelines.serving.predlog import PredictionRecord
 from pipelines.stages import report
+from pipelines.state.predlog import PredictionRecord
 from pipelines.transform import FeatureTransform
-from tests.conftest import write_params
+from tests.conftest import files_state, write_params
 from tests.unit.test_serving import ROW, _App, _call
 
 AGE = {"min": 18, "max": 100, "reference": [25, 60]}  # hard: impossible ages; reference: what training saw
@@ -27,12 +27,12 @@ AGE = {"min": 18, "max": 100, "reference": [25, 60]}  # hard: impossible ages; r
 @pytest.fixture
 def gateway(tmp_path):
     from pipelines.serving.gateway import Gateway
-    from pipelines.serving.keys import ApiKeys
+    from pipelines.state.keys import ApiKeys
 
     params = write_params(tmp_path, **{"schema.numeric.age": AGE})
     app = _App()
     key = ApiKeys(tmp_path / "keys.json").add("t")
-    gw = Gateway(app, lambda: load_settings(params), tmp_path / "keys.json", lambda: (0.0, False),
+    gw = Gateway(app, lambda: load_settings(params), files_state(tmp_path / "keys.json"), lambda: (0.0, False),
                  lambda: {"champion": "v1", "challenger": None}, app.predict)
     return gw, app, {"X-API-Key": key}
 
