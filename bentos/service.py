@@ -176,6 +176,7 @@ class AmaasService:
         schema = self.settings.data_schema
         self.features = [*schema.numeric, *schema.categorical]
         self.id_column = schema.id_column  # None: the table has no id, nothing to join labels by
+        self.time_column = schema.time_column  # logged as the row's own time when a client sends it
         if PROJECT:
             registry = Registry(PATHS.registry, state().registry_store)
             self.models.follow(registry)
@@ -232,14 +233,14 @@ class AmaasService:
             shadow = dict(zip(shadowed, found, strict=True))
         if cached_only:
             cache.count_hits(len(rows) + len(shadow))
-        out, entries, at, id_column = [], [], now_iso(), self.id_column
+        out, entries, at, id_column, time_column = [], [], now_iso(), self.id_column, self.time_column
         for i, row in enumerate(rows):
             version, request_id = answered_by[i].version, row.get(REQUEST_ID)
             out.append({**answers[i], "model_version": version, "request_id": request_id})
             entries.append(log_entry(
                 time=at, answer=answers[i], model_version=version, request_id=request_id, key_name=row.get(KEY_NAME),
                 route=routes[i], id=row.get(id_column) if id_column else None,
-                features={f: row.get(f) for f in self.features},
+                row_time=row.get(time_column) if time_column else None, features={f: row.get(f) for f in self.features},
                 shadow_model_version=challenger.version if challenger and i in shadow else None, shadow=shadow.get(i)))
         # cached answers too: the log holds every answer served. Written, not yet durable: the gateway holds each
         # answer until it is (MODELS.durable), so the next batch need not wait for this one's fsync

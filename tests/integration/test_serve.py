@@ -108,19 +108,23 @@ def test_bad_requests_get_422_with_field_errors_and_413_over_the_limits(server, 
 
 def test_every_answered_prediction_is_in_the_log(server, trained_project):
     rid = f"log-check-{time.time_ns()}"
-    answer = server.session.post(f"{server.url}/predict", json={"rows": [{**ROW, "loan_id": 77}, ROW]},
-                                 headers={"X-Request-ID": rid}, timeout=30).json()
+    sent = [{**ROW, "loan_id": 77, "event_time": "2026-12-07T10:00:00"}, ROW]  # a row as the table has it
+    answer = server.session.post(f"{server.url}/predict", json={"rows": sent}, headers={"X-Request-ID": rid},
+                                 timeout=30).json()
     logged = [r for r in read_prediction_log(trained_project / "logs" / "predictions") if r.request_id == rid]
     assert [r.probability for r in logged] == [a["probability"] for a in answer]
     assert logged[0].id == 77 and logged[0].features["credit_score"] == 610
+    assert logged[0].row_time == "2026-12-07T10:00:00" and "event_time" not in logged[0].features
     assert logged[0].features["home_ownership"] == "  RENT "  # as received; the model cleans it
     assert {r.model_version for r in logged} == {answer[0]["model_version"]}
     assert len({r.key_name for r in logged}) == 1 and logged[0].key_name.startswith("tests-")  # its name, not the key
     lines = [json.loads(line) for file in (trained_project / "logs" / "predictions").glob("*.jsonl")
              for line in file.read_text().splitlines()]
-    assert list(next(line for line in lines if line["request_id"] == rid)) == [  # the format on disk
-        "time", "label", "probabilities", "probability", "model_version", "request_id", "key_name", "route", "id",
-        "features"]
+    assert [list(line) for line in lines if line["request_id"] == rid] == [  # the format on disk
+        ["time", "label", "probabilities", "probability", "model_version", "request_id", "key_name", "route", "id",
+         "row_time", "features"],
+        ["time", "label", "probabilities", "probability", "model_version", "request_id", "key_name", "route", "id",
+         "features"]]
 
 
 def test_monitoring_judges_served_predictions_and_joins_delayed_labels(server, trained_project, tmp_path):
