@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any
 
 from pipelines.bundle import METADATA_FILE, ModelBundle
 from pipelines.config import Paths, Settings
-from pipelines.io import atomic_dir, read_json, write_json
+from pipelines.io import DamagedFile, atomic_dir, read_json, write_json
 from pipelines.state import shared
 
 if TYPE_CHECKING:
@@ -82,7 +82,12 @@ class Registry:
 
     def _file_aliases(self) -> dict[str, Any]:
         if self._aliases_file.is_file():
-            aliases: dict[str, Any] = read_json(self._aliases_file, fix=self._aliases_fix())
+            aliases = read_json(self._aliases_file, fix=self._aliases_fix())
+            if not (isinstance(aliases, dict) and {"champion", "challenger", "champion_history"} <= set(aliases)
+                    and all(v is None or isinstance(v, str) for v in (aliases["champion"], aliases["challenger"]))
+                    and isinstance(aliases["champion_history"], list)):
+                raise DamagedFile(f"{self._aliases_file} is not an object of champion, challenger and "
+                                  f"champion_history: {self._aliases_fix()}")
             return aliases
         decisions = self._file_decisions()
         if decisions:
@@ -97,6 +102,21 @@ class Registry:
                                 f"backup), or name the champion by hand: `amaas promote --force --version V "
                                 f"--reason \"...\"`")
         return {"champion": None, "challenger": None, "champion_history": []}
+
+    def checked_aliases(self) -> dict[str, Any]:
+        """The aliases, after checking that the champion is the one the decision log leads to: a restored or
+        edited aliases.json (champion null, an older champion) must not let a challenger past the gate as a
+        "first champion" or past a champion that had beaten it. RegistryError names the repair."""
+        aliases = self.aliases()
+        decisions = self.decisions()
+        if decisions and (logged := aliases_from_decisions(decisions)["champion"]) != aliases["champion"]:
+            where = "the state database's aliases" if self.store is not None else str(self._aliases_file)
+            repair = ("name the champion by hand" if self.store is not None else
+                      f"delete {self._aliases_file} to rebuild it from the log, or name the champion by hand")
+            raise RegistryError(f"{where} name champion {aliases['champion']!r} but the decision log leads to "
+                                f"{logged!r}: the gate does not decide against a registry that disagrees with its "
+                                f"history; {repair}: `amaas promote --force --version V --reason \"...\"`")
+        return aliases
 
     def _aliases_fix(self) -> str:
         return (f"restore it (`dvc checkout`, a backup), or delete it to rebuild it from {self._decisions_file}")
@@ -124,7 +144,14 @@ class Registry:
         return folder
 
     def load(self, version: str, role: str = "model version") -> ModelBundle:
-        return ModelBundle.load(self._existing(version, role))
+        folder = self._existing(version, role)
+        try:
+            return ModelBundle.load(folder)
+        except Exception as exc:  # a damaged model file: each library fails in its own words
+            raise RegistryError(f"{role} {version!r} does not load from {folder} ({type(exc).__name__}: "
+                                f"{str(exc)[:200]}): restore the folder (`dvc checkout`, a backup), or make another "
+                                f"version champion with `amaas promote --force --version V --reason \"...\"`"
+                                ) from exc
 
     def register(self, bundle_dir: Path, extra: dict[str, Any] | None = None,
                  monitoring: dict[str, Path] | None = None) -> str:
@@ -190,9 +217,10 @@ class Registry:
     def _file_decisions(self) -> list[dict[str, Any]]:
         if not self._decisions_file.is_file():
             return []
-        decisions: list[dict[str, Any]] = read_json(
-            self._decisions_file, fix="restore it (`dvc checkout`, a backup): it is the registry's history, and "
-                                      "aliases.json is rebuilt from it when lost")
+        fix = "restore it (`dvc checkout`, a backup): it is the registry's history, and aliases.json is rebuilt from it"
+        decisions = read_json(self._decisions_file, fix=fix)
+        if not (isinstance(decisions, list) and all(isinstance(d, dict) for d in decisions)):
+            raise DamagedFile(f"{self._decisions_file} is not a list of decisions: {fix}")
         return decisions
 
     def record(self, decision: dict[str, Any]) -> None:
@@ -206,10 +234,13 @@ class Registry:
         if self.store is not None:
             self.store.change({**self.aliases(), **changes} if changes else None, decision)
             return
-        if changes:
-            write_json(self._aliases_file, {**self.aliases(), **changes})
+        # the decision first: killed between the two writes, the log holds the change and aliases.json is the
+        # older one, which checked_aliases() refuses to decide on until it is rebuilt from the log
+        aliases = {**self.aliases(), **changes}
         if decision is not None:
             write_json(self._decisions_file, [*self.decisions(), decision])
+        if changes:
+            write_json(self._aliases_file, aliases)
 
 
 def aliases_from_decisions(decisions: list[dict[str, Any]]) -> dict[str, Any]:

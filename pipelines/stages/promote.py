@@ -70,7 +70,7 @@ def run(settings: Settings, paths: Paths, force: bool = False, version: str | No
         monitoring = {Paths.SAMPLE_FILE: paths.train_sample, Paths.TEST_PREDICTIONS_FILE: paths.test_predictions}
         challenger = registry.register(paths.challenger, extra, {k: v for k, v in monitoring.items() if v.is_file()})
         bundle_dir = registry.version_dir(challenger)
-    champion = registry.champion
+    champion = registry.checked_aliases()["champion"]
     decision: dict[str, Any] = {"challenger": challenger, "champion_before": champion, "metric": cfg.metric,
                                 "min_improvement": cfg.min_improvement, "max_p_value": cfg.max_p_value}
     serving = found["compression"].get("served_figures", {})

@@ -130,3 +130,67 @@ def test_lost_aliases_never_let_a_failed_challenger_through(tmp_path):
     with pytest.raises(RegistryError, match="amaas promote --force"):
         promote.run(weak, paths)
     assert not (paths.registry / "aliases.json").exists()
+
+
+def test_aliases_that_disagree_with_the_decision_log_stop_the_gate(tmp_path):
+    """Hardening II, item 2: aliases.json restored from a new registry (champion null) let the challenger in as a
+    "first champion" although the log names a champion that had beaten it."""
+    registry = _fake_registry(tmp_path, ["v1", "v2"], DECISIONS[:2])
+    write_json(registry.root / "aliases.json", {"champion": None, "challenger": None, "champion_history": []})
+    with pytest.raises(RegistryError, match=r"name champion None but the decision log leads to 'v2'.*delete .*"
+                                            r"aliases.json.*amaas promote --force --version"):
+        registry.checked_aliases()
+    (registry.root / "aliases.json").unlink()  # the repair the message names
+    assert registry.checked_aliases()["champion"] == "v2"
+
+
+def test_a_promotion_killed_between_its_writes_keeps_its_decision(tmp_path, monkeypatch):
+    """Hardening II, item 3: killed between the aliases write and the decisions write, a champion changed with no
+    decision, and a rebuild from the log brought the old one back. The decision is written first now."""
+    registry = _fake_registry(tmp_path, ["v1", "v2", "v3"], DECISIONS[:2])
+    write_json(registry.root / "aliases.json", registry.aliases())
+    from pipelines import registry as module
+
+    real, calls = module.write_json, []
+
+    def killed_after_first(path, data):
+        calls.append(path.name)
+        if len(calls) == 2:
+            raise KeyboardInterrupt  # the process dies before its second write
+        real(path, data)
+
+    monkeypatch.setattr(module, "write_json", killed_after_first)
+    with pytest.raises(KeyboardInterrupt):
+        registry_ops.force_promote(registry, "v3", "test")
+    monkeypatch.setattr(module, "write_json", real)
+    assert calls[0] == "decisions.json" and registry.decisions()[-1]["champion_after"] == "v3"
+    with pytest.raises(RegistryError, match="disagrees with its history"):
+        registry.checked_aliases()  # the gate decides nothing until the aliases are rebuilt
+    (registry.root / "aliases.json").unlink()
+    assert registry.champion == "v3"
+
+
+@pytest.mark.parametrize("aliases", [{}, [], {"champion": 3, "challenger": None, "champion_history": []}])
+def test_aliases_of_the_wrong_shape_name_the_file(tmp_path, aliases):
+    """Hardening II, item 9: `{}` or `[]` in aliases.json ended in a traceback."""
+    registry = _fake_registry(tmp_path, ["v1"], DECISIONS[:1])
+    write_json(registry.root / "aliases.json", aliases)
+    with pytest.raises(DamagedFile, match=r"aliases.json is not an object of champion.*delete it to rebuild it"):
+        registry.champion  # noqa: B018
+
+
+def test_a_decision_log_of_the_wrong_shape_is_not_appended_to(tmp_path):
+    """Hardening II, item 9: an object in decisions.json was "appended to" and corrupted further."""
+    registry = _fake_registry(tmp_path, ["v1"], DECISIONS[:1])
+    write_json(registry.root / "aliases.json", registry.aliases())
+    write_json(registry.root / "decisions.json", {"action": "gate"})
+    with pytest.raises(DamagedFile, match="decisions.json is not a list of decisions"):
+        registry.record({"action": "gate"})
+    assert json.loads((registry.root / "decisions.json").read_text()) == {"action": "gate"}
+
+
+def test_a_corrupt_model_file_names_the_version_and_the_fix(tmp_path):
+    """Hardening II, item 9: a corrupt champion model file ended in the model library's traceback."""
+    registry = _fake_registry(tmp_path, ["v1"], DECISIONS[:1])
+    with pytest.raises(RegistryError, match=r"champion 'v1' does not load from .*amaas promote --force"):
+        registry.load("v1", "champion")
