@@ -157,7 +157,7 @@ def _serve(args: argparse.Namespace, paths: Paths) -> int:
     host, port, env = _server_env(args, paths, settings, params, champion)
     if settings.serve.strategy == "blue-green":
         return _serve_blue_green(settings, paths, params, env, host, port, bento, champion)
-    return _supervise(_bento_command(bento, host, port), env)
+    return _supervise(_bento_command(bento, host, port, settings.serve.keep_alive_s), env)
 
 
 def _serve_replica(args: argparse.Namespace, paths: Paths) -> int:
@@ -187,8 +187,9 @@ def _serve_replica(args: argparse.Namespace, paths: Paths) -> int:
                             f"`amaas deploy`) on the project host with $AMAAS_ARTIFACTS_URL set")
     fetch_bento(state.cfg.artifacts_url, found["bento"])
     params = Path(bentoml.get(found["bento"]).path) / "src" / "params.yaml"  # the settings it was built with
-    host, port, env = _server_env(args, paths, load_settings(params), params, champion)
-    return _supervise(_bento_command(found["bento"], host, port), env)
+    settings = load_settings(params)
+    host, port, env = _server_env(args, paths, settings, params, champion)
+    return _supervise(_bento_command(found["bento"], host, port, settings.serve.keep_alive_s), env)
 
 
 def _server_env(args: argparse.Namespace, paths: Paths, settings: Settings, params: Path, champion: str
@@ -210,10 +211,13 @@ def _server_env(args: argparse.Namespace, paths: Paths, settings: Settings, para
     return host, port, env
 
 
-def _bento_command(bento: str, host: str, port: int) -> list[str]:
-    """The server of one bento: what `amaas serve` runs (hot), or each blue-green backend."""
+def _bento_command(bento: str, host: str, port: int, keep_alive_s: int) -> list[str]:
+    """The server of one bento: what `amaas serve` runs (hot), or each blue-green backend. An idle keep-alive
+    connection is closed after `keep_alive_s` (BentoML hands uvicorn no timeout unless told: idle connections
+    stayed open for good)."""
     # `bentoml serve` with a metrics folder of the server's own (pipelines/serving/server.py)
-    return [sys.executable, "-m", "pipelines.serving.server", "serve", bento, "--host", host, "--port", str(port)]
+    return [sys.executable, "-m", "pipelines.serving.server", "serve", bento, "--host", host, "--port", str(port),
+            "--timeout-keep-alive", str(keep_alive_s)]
 
 
 def _serve_blue_green(settings: Settings, paths: Paths, params: Path, env: dict[str, str], host: str, port: int,
@@ -228,7 +232,8 @@ def _serve_blue_green(settings: Settings, paths: Paths, params: Path, env: dict[
 
     def launch(tag: str, backend_port: int, backend_env: dict[str, str]) -> subprocess.Popen[bytes]:
         # each backend is a server start of its own: draining or reloading one leaves the other alone
-        return _spawn(_bento_command(tag, BACKEND_HOST, backend_port), {**backend_env, SERVER_ENV: uuid.uuid4().hex})
+        return _spawn(_bento_command(tag, BACKEND_HOST, backend_port, settings.serve.keep_alive_s),
+                      {**backend_env, SERVER_ENV: uuid.uuid4().hex})
 
     logging.getLogger("httpx").setLevel(logging.WARNING)  # not a line per request the front forwards
     supervisor = Supervisor(paths, params, launch, env)

@@ -128,6 +128,21 @@ def test_every_malformed_request_gets_a_4xx_at_once(hostile, trained_project):
             assert isinstance(record, dict)
 
 
+def test_an_idle_keep_alive_connection_is_closed(hostile, trained_project):
+    """Hardening II, item 13: idle keep-alive connections were never closed (2,000 stayed open for 45 s)."""
+    from pipelines.config import load_settings
+
+    _, port, _ = hostile
+    idle = load_settings(trained_project / "params.yaml").serve.keep_alive_s
+    with socket.create_connection(("127.0.0.1", port), timeout=idle + 10) as conn:
+        conn.sendall(b"GET /livez HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")  # keep-alive: HTTP/1.1's default
+        assert conn.recv(65536).startswith(b"HTTP/1.1 200")
+        started = time.monotonic()
+        while conn.recv(65536):  # the server closes an idle connection: recv returns b""
+            pass
+        assert idle - 1 <= time.monotonic() - started <= idle + 5
+
+
 def test_a_corrupt_key_file_is_a_clear_503_at_once(hostile, trained_project):
     server, port, key = hostile
     keys = trained_project / ".amaas" / "api_keys.json"
