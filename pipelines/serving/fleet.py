@@ -15,7 +15,12 @@ Retries: HAProxy resends a request to another replica only when it cannot have b
 failed (`conn-failure`), or the replica answered 503, which amaas answers only before a request is predicted or
 logged (draining, shed by adaptive batching, the shared state busy). A request a replica had already taken when it
 died is not resent (`empty-response` is not in `retry-on`): it may already be in the prediction log, and a retry
-would log it twice. Such requests (those in flight at the moment of a crash) fail with 502; nothing else does.
+would log it twice. Such requests (those in flight at the moment of a crash) fail: with 502, or, on a keep-alive
+client connection, with that connection closed without an answer (HAProxy's way of telling the client "this
+request was not answered", as if the keep-alive connection had been closed under it); nothing else fails.
+
+HAProxy logs (`<folder>/logs/haproxy.log`) only what is abnormal: failed and retried requests, and servers going
+up, down or into maintenance.
 """
 
 from __future__ import annotations
@@ -82,11 +87,15 @@ global
     stats timeout 10s
     pidfile {folder / "haproxy.pid"}
     maxconn 4096
+    log stderr format iso local0 info   # into <folder>/logs/haproxy.log
     # a soft stop (SIGUSR1) lets the requests in flight finish, at most this long
     hard-stop-after {int(drain_s)}s
 
 defaults
     mode http
+    log global
+    option httplog
+    option dontlog-normal       # only failed or retried requests, and servers going up or down
     option http-keep-alive
     timeout connect 1s          # loopback: a replica that does not accept within 1 s is not there
     timeout client 60s
@@ -566,8 +575,8 @@ def prepare_project(root: Path, params: Path) -> str:
 
 def state_replica() -> ReplicaCommand:
     """Replicas that need nothing but their environment (AMAAS_STATE_URL, AMAAS_REDIS_URL, AMAAS_ARTIFACTS_URL):
-    `amaas serve` in an empty folder."""
-    return lambda port: [*amaas_command(), "serve", "--host", REPLICA_HOST, "--port", str(port)]
+    `amaas serve` in an empty folder, which is its root (`--root .`: not an $AMAAS_ROOT the supervisor inherited)."""
+    return lambda port: [*amaas_command(), "--root", ".", "serve", "--host", REPLICA_HOST, "--port", str(port)]
 
 
 def amaas_command() -> list[str]:

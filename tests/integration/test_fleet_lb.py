@@ -71,7 +71,7 @@ class Load:
                 status = session.post(f"{self.url}/predict", json={"row": ROW}, timeout=15).status_code
             except requests.RequestException as exc:
                 status = 0
-                self.errors[type(exc).__name__] += 1
+                self.errors[f"{type(exc).__name__}: {str(exc)[-120:]}"] += 1
             with self._lock:
                 self.results.append((self.elapsed(), status))
 
@@ -160,14 +160,15 @@ def test_a_replica_killed_under_load_fails_at_most_its_requests_in_flight_and_re
         fleet.wait_ready([victim], timeout_s=MAX_LOAD_S - 15)  # restarted, ready, enabled in HAProxy again
         rejoined_at = load.elapsed()
         served_then = _served(fleet)[victim]
-        load.run_on(5)
+        # what fails is what the replica held: one request per client thread at most, 0.1% of 4,000+ requests
+        load.run_on(max(5.0, 4_500 / RPS - load.elapsed()))
         served_after = _served(fleet)[victim]
     replica = fleet.replicas()[victim]
     print(f"\nkill: {load.summary()}; killed at {killed_at:.1f} s, rejoined after {rejoined_at - killed_at:.1f} s")
     assert replica["pid"] != first_pid and replica["starts"] == 2 and replica["state"] == "ready"
     assert served_after > served_then, "the restarted replica takes no traffic"
     assert len(load.results) >= 0.8 * RPS * load.elapsed(), load.summary()  # the load was what it says
-    assert len(load.failed()) <= 0.001 * len(load.results), load.summary()
+    assert len(load.failed()) <= min(load.threads, 0.001 * len(load.results)), load.summary()
 
 
 def test_a_replica_added_and_one_removed_under_load_lose_no_request(fleet):

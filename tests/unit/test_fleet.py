@@ -53,9 +53,12 @@ def test_scaling_a_fleet_that_is_not_running_says_so(tmp_path: Path):
         request_scale(tmp_path, 3)
 
 
-def test_fleet_commands_without_a_running_fleet_or_a_champion_say_what_to_do(tmp_path: Path, capsys):
+def test_fleet_commands_without_a_running_fleet_or_a_champion_say_what_to_do(tmp_path: Path, capsys, monkeypatch):
     from pipelines.cli import main
+    from pipelines.serving.fleet import STATE_URL_ENV
     from tests.conftest import write_params
+
+    monkeypatch.delenv(STATE_URL_ENV, raising=False)  # replicas of this project, not of a shared state
 
     base = ["--params", str(write_params(tmp_path)), "--root", str(tmp_path), "fleet"]
     assert main([*base, "scale", "3"]) == 2
@@ -65,3 +68,14 @@ def test_fleet_commands_without_a_running_fleet_or_a_champion_say_what_to_do(tmp
     assert main([*base, "--replicas", "2"]) == 2  # replicas of this project serve its champion: there is none
     assert "no champion" in capsys.readouterr().err
     assert not (tmp_path / ".fleet" / "haproxy.cfg").exists()  # nothing started
+
+
+def test_a_replica_serves_on_loopback_from_its_project_or_from_its_own_empty_folder(tmp_path: Path):
+    from pipelines.serving.fleet import project_replica, state_replica
+
+    project = project_replica(tmp_path, tmp_path / "params.yaml")(4100)
+    assert project[-5:] == ["serve", "--host", "127.0.0.1", "--port", "4100"]
+    assert project[project.index("--root") + 1] == str(tmp_path)
+    shared = state_replica()(4101)  # in fleet mode the replica's folder (its working directory) is its root
+    assert shared[shared.index("--root") + 1] == "." and "--params" not in shared
+    assert shared[-5:] == ["serve", "--host", "127.0.0.1", "--port", "4101"]
