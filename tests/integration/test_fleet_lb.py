@@ -8,6 +8,10 @@ for the module. Every request goes to 127.0.0.1, and each load run is bounded in
 
 from __future__ import annotations
 
+import contextlib
+import os
+import signal
+import subprocess
 import threading
 import time
 import uuid
@@ -18,9 +22,9 @@ from urllib.parse import urlsplit
 import pytest
 import requests
 
-from pipelines.serving.fleet import Fleet, project_replica
+from pipelines.serving.fleet import MARKER_ENV, Fleet, project_replica, running_fleet
 from pipelines.serving.keys import ApiKeys
-from tests.conftest import server_binary
+from tests.conftest import BIN, amaas, free_port, server_binary
 
 pytestmark = pytest.mark.slow
 
@@ -188,3 +192,59 @@ def test_a_replica_added_and_one_removed_under_load_lose_no_request(fleet):
     assert served_after > served_then, "the added replica takes no traffic"
     assert removed_at < load.elapsed()  # the load ran on after the removal
     assert load.failed() == [], load.summary()
+
+
+def _left_in(folder: Path) -> list[int]:
+    """The processes of a fleet's replicas that run in `folder` (none should outlive the fleet)."""
+    import psutil
+
+    found = []
+    for process in psutil.process_iter(["pid"]):
+        with contextlib.suppress(psutil.Error):
+            if MARKER_ENV in process.environ() and Path(process.cwd()).is_relative_to(folder):
+                found.append(process.pid)
+    return found
+
+
+def _wait_ready_replicas(folder: Path, count: int, timeout_s: float = 150) -> dict:
+    deadline = time.monotonic() + timeout_s
+    while True:
+        state = running_fleet(folder)
+        if state and sum(r["state"] == "ready" for r in state["replicas"]) == count:
+            return state
+        assert time.monotonic() < deadline, f"not {count} ready replicas: {state}"
+        time.sleep(0.5)
+
+
+def test_amaas_fleet_scales_from_the_command_line_and_leaves_nothing_running_after_sigterm(
+        fleet, trained_project, tmp_path):
+    """`amaas fleet` in the foreground, `amaas fleet scale 2` from another process, then SIGTERM: it exits 0 and
+    HAProxy, the replicas and their servers are gone."""
+    folder, port = tmp_path / "fleet", free_port()
+    log = (tmp_path / "fleet.log").open("w")
+    proc = subprocess.Popen([str(BIN / "amaas"), "--root", str(trained_project), "--params",
+                             str(trained_project / "params.yaml"), "fleet", "--replicas", "1", "--port", str(port),
+                             "--folder", str(folder)], stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        _wait_ready_replicas(folder, 1)
+        scaled = amaas("fleet", "scale", "2", "--folder", str(folder), root=trained_project)
+        assert '"asked": 2' in scaled.stdout
+        state = _wait_ready_replicas(folder, 2)
+        assert state["url"] == f"http://127.0.0.1:{port}"
+        answer = requests.post(f"{state['url']}/predict", json={"row": ROW}, timeout=30,
+                               headers={"Authorization": f"Bearer {fleet.key}"})
+        assert answer.status_code == 200
+        assert len(_left_in(folder)) >= 2
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=90) == 0, (tmp_path / "fleet.log").read_text()[-3000:]
+        assert _left_in(folder) == [] and running_fleet(folder) is None
+        with pytest.raises(requests.ConnectionError):
+            requests.get(f"{state['url']}/readyz", timeout=5)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)  # its children get SIGTERM (they die with their parent)
+            proc.wait()
+        for pid in _left_in(folder):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        log.close()
