@@ -372,7 +372,9 @@ class Fleet:
             pending, self._pending = self._pending, []
             replicas = list(self._replicas.values())
         for replica in pending:
-            self._launch(replica)
+            with self._lock:
+                if replica.state == "starting":  # not removed before it began
+                    self._launch(replica)
         changed = bool(pending)
         now = time.monotonic()
         for replica in replicas:
@@ -380,8 +382,10 @@ class Fleet:
                 continue
             if replica.state == "restarting":
                 if now >= replica.restart_after:
-                    self._launch(replica)
-                    changed = True
+                    with self._lock:  # not if remove() took it meanwhile: its new process would outlive it
+                        if replica.state == "restarting":
+                            self._launch(replica)
+                            changed = True
                 continue
             assert replica.process is not None
             code = replica.process.poll()
@@ -390,8 +394,11 @@ class Fleet:
                 self._lost(replica, code)
                 changed = True
             elif replica.state == "starting" and _ready(replica.port):
-                self.api.set_state(replica.slot, "ready")  # HAProxy's health check takes over from here
-                replica.state, replica.ready_at, replica.failures = "ready", now, 0
+                with self._lock:  # remove() may have begun meanwhile: its drain must not be undone
+                    if replica.state != "starting":
+                        continue
+                    self.api.set_state(replica.slot, "ready")  # HAProxy's health check takes over from here
+                    replica.state, replica.ready_at, replica.failures = "ready", now, 0
                 replica.ready.set()
                 log.info("fleet: replica %d ready on port %d after %.1f s (start %d)", replica.slot, replica.port,
                          now - replica.started_at, replica.starts)
@@ -401,6 +408,10 @@ class Fleet:
 
     def _lost(self, replica: Replica, code: int | None) -> None:
         """A replica's process exited (or never got ready): out of HAProxy now, restarted after a backoff."""
+        with self._lock:
+            if replica.state in ("draining", "stopped"):  # remove() or stop() is stopping it: not to be restarted
+                return
+            replica.state = "restarting"
         with contextlib.suppress(FleetError, OSError):
             self.api.set_state(replica.slot, "maint")
         replica.ready.clear()
@@ -408,7 +419,7 @@ class Fleet:
         self._stop_replica(replica, grace_s=0)
         replica.failures += 1
         delay = 0.0 if replica.failures == 1 else min(RESTART_BACKOFF_MAX_S, 2.0 ** (replica.failures - 1))
-        replica.state, replica.restart_after = "restarting", time.monotonic() + delay
+        replica.restart_after = time.monotonic() + delay
         log.warning("fleet: replica %d (pid %s, port %d) %s: restarting it in %.0f s", replica.slot,
                     replica.process.pid if replica.process else None, replica.port, what, delay)
 

@@ -12,6 +12,7 @@ import contextlib
 import os
 import signal
 import subprocess
+import sys
 import threading
 import time
 import uuid
@@ -33,6 +34,7 @@ ROW = {"age": 41, "income": None, "loan_amount": 12000, "term_months": 60, "inte
        "delinquencies_2y": 1, "home_ownership": "rent", "purpose": "credit_card", "region": "south"}
 REPLICAS = 3
 RPS = 150  # the whole machine has 2 cores: the replicas, HAProxy and this client share them
+LOAD_S = 45  # the kill test's load: 0.1% of it is about 7 requests; issue 28 asks 60 s at 200 rps of 3 hosts
 MAX_LOAD_S = 90  # a replica starts in 10-30 s here, depending on what else the machine runs
 
 
@@ -91,6 +93,56 @@ class Load:
         rate = len(self.results) / max(self.elapsed(), 1e-9)
         return (f"{len(self.results)} requests at {rate:.0f}/s, statuses {dict(Counter(s for _, s in self.results))},"
                 f" failures at {[round(t, 2) for t, _ in self.failed()]} {dict(self.errors)}")
+
+
+# a stand-in replica for the supervisor's own mechanics (seconds, not a model): ready after $FAKE_START_S
+FAKE_REPLICA = """
+import http.server, os, sys, time
+time.sleep(float(os.environ.get("FAKE_START_S", "0")))
+class Handler(http.server.BaseHTTPRequestHandler):
+    def answer(self):
+        self.send_response(200); self.send_header("Content-Length", "2"); self.end_headers(); self.wfile.write(b"ok")
+    do_GET = do_POST = answer
+    def log_message(self, *args): pass
+http.server.ThreadingHTTPServer(("127.0.0.1", int(sys.argv[1])), Handler).serve_forever()
+"""
+
+
+def test_the_supervisor_restarts_adds_and_removes_replicas_and_leaves_no_process(tmp_path):
+    server_binary("haproxy", "haproxy", also="/usr/sbin/haproxy")
+    folder = tmp_path / "fleet"
+    env = {**os.environ, "FAKE_START_S": "0.5"}
+    with Fleet(folder, 2, lambda port: [sys.executable, "-c", FAKE_REPLICA, str(port)], env=env,
+               ready_timeout_s=30, drain_s=5) as fake:
+        assert requests.post(f"{fake.url}/predict", timeout=5).status_code == 200
+        first = fake.replicas()[1]["pid"]
+        fake.kill(1)
+        fake.wait_ready([1], 30)
+        assert fake.replicas()[1]["starts"] == 2 and fake.replicas()[1]["pid"] != first
+        assert fake.replicas()[1]["folder"] == str(folder / "replica-1")  # its own folder, its cwd
+        added = fake.add()
+        assert added == 3 and fake.api.servers()[3]["status"] != "MAINT"
+        starting = fake.add(wait=False)  # removed before it is ready: never enabled, never left behind
+        fake.remove(starting)
+        fake.remove(added)
+        assert sorted(fake.replicas()) == [1, 2]
+        assert {fake.api.servers()[slot]["status"] for slot in (3, 4)} == {"MAINT"}
+        assert len(_left_in(folder)) == 2
+        statuses = Counter(requests.post(f"{fake.url}/predict", timeout=5).status_code for _ in range(20))
+        assert statuses == {200: 20}
+    assert _left_in(folder) == []
+
+
+def test_a_replica_that_keeps_dying_is_restarted_ever_more_slowly(tmp_path):
+    server_binary("haproxy", "haproxy", also="/usr/sbin/haproxy")
+    fake = Fleet(tmp_path / "fleet", 1, lambda port: [sys.executable, "-c", "raise SystemExit(3)"])
+    try:
+        fake.start(wait=False)
+        time.sleep(4)  # starts at about 0, 0.2 (at once), 2.4 (2 s later), then 4 s later: 3 in 4 s
+        assert 2 <= fake.replicas()[1]["starts"] <= 4, fake.replicas()
+        assert fake.api.servers()[1]["status"] == "MAINT"  # never took traffic
+    finally:
+        fake.stop()
 
 
 @pytest.fixture(scope="module")
@@ -164,15 +216,16 @@ def test_a_replica_killed_under_load_fails_at_most_its_requests_in_flight_and_re
         fleet.wait_ready([victim], timeout_s=MAX_LOAD_S - 15)  # restarted, ready, enabled in HAProxy again
         rejoined_at = load.elapsed()
         served_then = _served(fleet)[victim]
-        # what fails is what the replica held: one request per client thread at most, 0.1% of 4,000+ requests
-        load.run_on(max(5.0, 4_500 / RPS - load.elapsed()))
+        load.run_on(max(5.0, LOAD_S - load.elapsed()))  # the rejoined replica under load for a while
         served_after = _served(fleet)[victim]
     replica = fleet.replicas()[victim]
     print(f"\nkill: {load.summary()}; killed at {killed_at:.1f} s, rejoined after {rejoined_at - killed_at:.1f} s")
     assert replica["pid"] != first_pid and replica["starts"] == 2 and replica["state"] == "ready"
     assert served_after > served_then, "the restarted replica takes no traffic"
     assert len(load.results) >= 0.8 * RPS * load.elapsed(), load.summary()  # the load was what it says
-    assert len(load.failed()) <= min(load.threads, 0.001 * len(load.results)), load.summary()
+    assert len(load.failed()) <= 0.001 * len(load.results), load.summary()
+    # what fails is what the replica held when it died, nothing before, nothing when it comes back
+    assert all(killed_at <= t <= killed_at + 2 for t, _ in load.failed()), load.summary()
 
 
 def test_a_replica_added_and_one_removed_under_load_lose_no_request(fleet):
