@@ -109,6 +109,16 @@ def _parser(command: str | None = None) -> argparse.ArgumentParser:
     sv = sub.add_parser("serve", help="serve the champion's bento over HTTP")
     sv.add_argument("--host")
     sv.add_argument("--port", type=int)
+    fl = sub.add_parser("fleet", help="N replicas of `amaas serve` behind HAProxy on this machine, restarted when "
+                        "they die (run, until SIGTERM/SIGINT); `scale N` grows or shrinks the running fleet without "
+                        "losing a request; `status` prints it")
+    fl.add_argument("action", nargs="?", default="run", choices=["run", "scale", "status"])
+    fl.add_argument("count", nargs="?", type=int, help="scale: how many replicas the running fleet should have")
+    fl.add_argument("--replicas", type=int, default=2, help="run: replicas to start (default 2)")
+    fl.add_argument("--host", help="run: HAProxy's address (default serve.host)")
+    fl.add_argument("--port", type=int, help="run: HAProxy's port (default serve.port)")
+    fl.add_argument("--folder", type=Path, help="where the fleet keeps HAProxy's files, the replicas' folders and "
+                    "logs (default <root>/.fleet)")
     ab = sub.add_parser("ab-report", help="the canary's A/B test: champion against challenger on the labelled "
                         "rows of the prediction log, and the verdict (the report stage writes reports/ab_test.json)")
     ab.add_argument("--json", action="store_true", help="strict JSON instead of text")
@@ -240,6 +250,44 @@ def _serve_blue_green(settings: Settings, paths: Paths, params: Path, env: dict[
     return supervisor.run(host, port, bento, champion, smoke_row(paths, champion))
 
 
+def _fleet(args: argparse.Namespace, paths: Paths) -> int:
+    """`amaas fleet`: replicas behind HAProxy (pipelines/serving/fleet.py). With $AMAAS_STATE_URL set, each replica
+    is `amaas serve` in an empty folder of its own; without it, a replica of this project."""
+    from pipelines.serving import fleet
+
+    folder = (args.folder or paths.root / fleet.FLEET_DIR).resolve()
+    if args.action == "status":
+        print(json.dumps(fleet.running_fleet(folder) or {"running": False, "folder": str(folder)}, indent=2))
+        return 0
+    if args.action == "scale":
+        if args.count is None:
+            raise ValueError("amaas fleet scale N: say how many replicas")
+        state = fleet.request_scale(folder, args.count)
+        print(json.dumps({"url": state["url"], "replicas": len(state["replicas"]), "asked": args.count}))
+        return 0
+    if os.environ.get(fleet.STATE_URL_ENV):
+        host, port, command = args.host or fleet.REPLICA_HOST, args.port or fleet.DEFAULT_PORT, fleet.state_replica()
+    else:
+        settings = load_settings(args.params)
+        params = Path(args.params or os.environ.get(PARAMS_ENV) or "params.yaml").resolve()
+        fleet.prepare_project(paths.root, params)
+        host, port = args.host or settings.serve.host, args.port or settings.serve.port
+        command = fleet.project_replica(paths.root, params)
+    stopping: list[int] = []
+    previous = {sig: signal.signal(sig, lambda signum, _frame: stopping.append(signum))
+                for sig in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        with fleet.Fleet(folder, args.replicas, command, host=host, port=port) as running:
+            log.info("fleet: %d replicas behind %s (files in %s); `amaas fleet scale N` to resize", args.replicas,
+                     running.url, folder)
+            running.serve_forever(lambda: bool(stopping))
+            log.info("fleet: stopping (draining HAProxy, then the replicas)")
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    return 0
+
+
 DRAIN_S = 30.0  # after SIGTERM/SIGINT: how long requests in flight have to finish before the server is killed
 
 
@@ -312,7 +360,8 @@ def main(argv: list[str] | None = None) -> int:
 # (an exception of a class whose module never loaded cannot have been raised), so naming them costs no imports.
 USER_ERRORS = (("pipelines.sources", "SourceError"), ("pipelines.stages.validate", "DataValidationError"),
                ("pipelines.registry", "RegistryError"), ("pipelines.stages.deploy", "DeployError"),
-               ("pipelines.stages.report", "MonitoringError"), ("pipelines.serving.bluegreen", "BlueGreenError"))
+               ("pipelines.stages.report", "MonitoringError"), ("pipelines.serving.bluegreen", "BlueGreenError"),
+               ("pipelines.serving.fleet", "FleetError"))
 
 
 def _user_error(exc: Exception) -> bool:
@@ -507,7 +556,7 @@ def _card(page: Path, markdown: Path) -> str:
 COMMANDS: dict[str, Callable[[argparse.Namespace, Paths], int]] = {
     "run": _run_all, "init": _init, "rollback": _rollback, "status": _status, "where": _where, "score": _score,
     "keys": _keys, "serve": _serve, "dvc-yaml": _dvc_yaml,
-    "ab-report": _ab_report}  # every other command is a stage (_stage)
+    "ab-report": _ab_report, "fleet": _fleet}  # every other command is a stage (_stage)
 
 
 if __name__ == "__main__":
