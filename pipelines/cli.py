@@ -265,7 +265,7 @@ def _fleet(args: argparse.Namespace, paths: Paths) -> int:
         state = fleet.request_scale(folder, args.count)
         print(json.dumps({"url": state["url"], "replicas": len(state["replicas"]), "asked": args.count}))
         return 0
-    if os.environ.get(fleet.STATE_URL_ENV):
+    if StateConfig().resolved().url:
         host, port, command = args.host or fleet.REPLICA_HOST, args.port or fleet.DEFAULT_PORT, fleet.state_replica()
     else:
         settings = load_settings(args.params)

@@ -60,9 +60,9 @@ SLOTS = 32  # server slots in HAProxy's backend: the most replicas one fleet run
 POLL_S = 0.2
 PARKED = "127.0.0.1:1"  # where an unused slot points (it is in maintenance: never connected to)
 MARKER_ENV = "AMAAS_FLEET_REPLICA"  # inherited by every process of a replica start: found and stopped by it
-SERVER_ID_ENV = "AMAAS_SERVER_ID"  # pipelines.serving.limits.SERVER_ENV (not imported: it loads the limiter)
+SERVER_ID_ENV = "AMAAS_SERVER_ID"  # pipelines.state.limits.SERVER_ENV (not imported: it loads the limiter)
 RESTART_BACKOFF_MAX_S = 30.0
-STATE_URL_ENV = "AMAAS_STATE_URL"  # set: replicas keep their state in PostgreSQL and start in empty folders
+
 DEFAULT_PORT = 3000  # HAProxy's port where no params.yaml says serve.port
 
 ReplicaCommand = Callable[[int], list[str]]  # the replica's port -> its command line

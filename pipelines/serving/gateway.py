@@ -12,6 +12,7 @@ still see it."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import json
 import logging
@@ -220,13 +221,18 @@ class Gateway:
             answers = await self.predict(scope, rows)
         except ServiceUnavailable:  # BentoML's batching shed it: it would wait over serve.max_latency_ms
             log.warning("shed request %s: overloaded (it would wait over serve.max_latency_ms)", request_id)
+            if entry is not None and limit is not None:  # nothing was predicted: its rows do not count (a balancer
+                with contextlib.suppress(StateBusy):  # resends a 503, and the resent request is charged again)
+                    self.state.refund(entry.name, len(received))
             return await _reply(send, 503, {"error": "overloaded, retry", "request_id": request_id},
                                 [(b"retry-after", RETRY_AFTER_S.encode()), (b"x-request-id", request_id.encode())])
         if self.durable is not None:
             try:
                 await self.durable()  # answered means logged: this answer's rows are durable before it leaves
-            except StateBusy as exc:  # a fleet's log database stayed unreachable: no answer that is not logged
-                return await self._state_busy(exc, send)
+            except StateBusy as exc:  # a fleet's log database stayed unreachable: no answer that is not logged;
+                log.error("%s", exc)  # 504, not 503: its rows may still reach the log, a balancer must not resend it
+                return await _reply(send, 504, {"error": "the prediction log could not be written in time; the "
+                                                         "server log has the details", "request_id": request_id})
         await _send(send, 200, answers_body(answers), [*decision.headers(), (b"x-request-id", request_id.encode())])
 
     async def _not_json(self, exc: ValueError, send: Send) -> None:

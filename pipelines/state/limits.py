@@ -204,6 +204,12 @@ class SharedState:
                          (today, used + rows, rows, name))
         return None
 
+    def refund(self, name: str, rows: int, now: float | None = None) -> None:
+        """Take back `rows` that `charge` counted today for key `name` (a request it then could not answer)."""
+        today = int((time.time() if now is None else now) // DAY_S)
+        self._single("UPDATE usage SET day_rows = MAX(0, day_rows - ?), rows = MAX(0, rows - ?) WHERE name = ? AND "
+                     "day = ?", (rows, rows, name, today))
+
     def forget(self, name: str) -> None:
         """Drop key `name`'s bucket, quota and counts: a new key given a revoked key's name starts afresh."""
         self._single("DELETE FROM usage WHERE name = ?", (name,))

@@ -289,6 +289,13 @@ class PgLimits:
         assert limit.daily_quota is not None and found is not None  # without a quota the update above counts
         return max(0, limit.daily_quota - int(found[0]))
 
+    def refund(self, name: str, rows: int, now: float | None = None) -> None:
+        """Take back `rows` that `charge` counted today for key `name` (a request it then could not answer)."""
+        with _busy("refunding rows"):
+            self.db.rows(f"UPDATE key_usage SET day_rows = GREATEST(0, day_rows - %s), rows = GREATEST(0, rows - %s) "
+                         f"WHERE name = %s AND day = floor({_NOW} / {DAY_S})::bigint RETURNING name",
+                         (rows, rows, name))
+
     def forget(self, name: str) -> None:
         """Drop key `name`'s bucket, quota and counts: a new key given a revoked key's name starts afresh."""
         with _busy("forgetting a key's usage"):

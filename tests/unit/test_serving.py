@@ -322,6 +322,8 @@ def test_shed_requests_say_overloaded_retry_and_log_one_line(tmp_path, caplog):
     assert status == 503 and body == {"error": "overloaded, retry", "request_id": "r9"}
     assert headers["retry-after"] == "1" and headers["x-request-id"] == "r9"
     assert len(caplog.records) == 1 and "overloaded" in caplog.records[0].getMessage()
+    usage = gw.state.usage()["t"]  # nothing was predicted: a balancer resends it, so its rows are not counted
+    assert usage.rows == usage.rows_today == 0 and usage.requests == 1
 
 
 def test_the_key_name_reaches_the_log_never_the_key(gateway, tmp_path):
