@@ -11,12 +11,13 @@
    add fault tolerance here, not throughput; on hosts of their own they add both.
 
 Usage: python benchmarks/fleet.py [--requests 3000] [--seconds 20] [--rate 200] [--concurrency 16]
-                                  [--replicas 1,2,3] [--skip-fleet]
+                                  [--replicas 1,2,3] [--params params.yaml] [--skip-fleet]
 """
 
 from __future__ import annotations
 
 import argparse
+import asyncio
 import sys
 import tempfile
 import time
@@ -85,6 +86,41 @@ def state_cost(n: int, pg_url: str, redis_url: str) -> None:
               f"{fleet[1] / files[1]:.2f}x")
 
 
+def fleet_load(pg_url: str, redis_url: str, counts: list[int], seconds: float, rate: float, concurrency: int,
+               params_file: str) -> None:
+    """Part 2: a trained project moved onto the state database, then fleets of each size in `counts`."""
+    import os
+
+    from _project import trained_project  # beside this script
+    from serve import closed_loop, one_row, open_loop
+
+    from pipelines.runner import run_stage
+    from pipelines.serving.fleet import Fleet, state_replica
+
+    print(f"\n2. /predict through HAProxy: open loop at {rate:.0f} requests/s, then {concurrency} clients back to "
+          f"back, {seconds:.0f} s each")
+    with trained_project(params_file, "amaas-fleet-bench-") as (root, _), \
+            tempfile.TemporaryDirectory(prefix="amaas-fleet-") as tmp:
+        env = {"AMAAS_STATE_URL": pg_url, "AMAAS_REDIS_URL": redis_url, "AMAAS_ARTIFACTS_URL": f"{tmp}/artifacts"}
+        os.environ.update(env)  # the project host's commands below, and the replicas, use the shared state
+        run_stage("deploy", root / "params.yaml", root)  # registry -> database, the champion's bento -> the store
+        key = Shared(StateConfig(), Paths(root)).keys.add("benchmark")
+        print(f"{'replicas':>8} {'open rps':>9} {'p50 ms':>7} {'p99 ms':>7} {'errors':>7}   {'closed rps':>10} "
+              f"{'p99 ms':>7} {'errors':>7}")
+        base: tuple[float, float] | None = None
+        for count in counts:
+            with Fleet(Path(tmp) / f"fleet-{count}", count, state_replica(), env={**os.environ, **env}) as fleet:
+                url = f"{fleet.url}/predict"
+                asyncio.run(closed_loop(url, key, 4, 3, one_row))  # warm: connections, caches, the first batches
+                opened = asyncio.run(open_loop(url, key, rate, seconds, one_row))
+                closed = asyncio.run(closed_loop(url, key, concurrency, seconds, one_row))
+            print(f"{count:>8} {opened['ok_rps']:>9.0f} {opened['p50']:>7.1f} {opened['p99']:>7.1f} "
+                  f"{opened['errors']:>7}   {closed['ok_rps']:>10.0f} {closed['p99']:>7.1f} {closed['errors']:>7}")
+            base = base or (opened["p99"], closed["ok_rps"])
+            print(f"{'':>8} vs 1 replica: open-loop p99 {opened['p99'] / base[0]:.2f}x, closed-loop rps "
+                  f"{closed['ok_rps'] / base[1]:.2f}x")
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--requests", type=int, default=3000)
@@ -92,15 +128,14 @@ def main() -> int:
     parser.add_argument("--rate", type=float, default=200)
     parser.add_argument("--concurrency", type=int, default=16)
     parser.add_argument("--replicas", default="1,2,3")
+    parser.add_argument("--params", default="params.yaml", help="the project the fleet serves (trained small here)")
     parser.add_argument("--skip-fleet", action="store_true", help="part 1 only")
     args = parser.parse_args()
     with postgres(durable=True) as pg_url, redis() as redis_url:
         state_cost(args.requests, pg_url, redis_url)
         if not args.skip_fleet:
-            from _fleet_load import fleet_load  # beside this script
-
             fleet_load(pg_url, redis_url, [int(n) for n in args.replicas.split(",")], args.seconds, args.rate,
-                       args.concurrency)
+                       args.concurrency, args.params)
     return 0
 
 

@@ -18,7 +18,8 @@ from email.message import EmailMessage
 from pathlib import Path
 from typing import Any
 
-from pipelines.config import Paths, Settings, load_settings
+from pipelines.config import Paths, Settings, load_settings, webhook_problem
+from pipelines.io import redacted_url
 
 log = logging.getLogger(__name__)
 WEBHOOK_ENV = "AMAAS_ALERT_WEBHOOK"
@@ -32,7 +33,10 @@ def alert(settings: Settings, paths: Paths, kind: str, message: str, details: di
     body = {"kind": kind, "message": message, "details": details, "project": str(paths.root)}
     delivered: dict[str, Any] = {"log": True}
     url = os.environ.get(WEBHOOK_ENV) or cfg.webhook_url
-    if url:
+    if url and (problem := webhook_problem(url)):  # $AMAAS_ALERT_WEBHOOK is not checked when params load
+        log.error("alert webhook not used: %s (%s)", problem, WEBHOOK_ENV)
+        delivered["webhook"] = False
+    elif url:
         delivered["webhook"] = _post(url, body, cfg.timeout_s, cfg.retries)
     if cfg.email_to and cfg.smtp_host:
         delivered["email"] = _mail(cfg.smtp_host, cfg.smtp_port, cfg.email_from, cfg.email_to,
@@ -86,7 +90,7 @@ def _post(url: str, body: dict[str, Any], timeout_s: float, retries: int) -> boo
                     return True
         except OSError as exc:
             log.warning("alert webhook attempt %d failed: %s", attempt, exc)
-    log.error("alert webhook %s did not take the alert", url.split("?")[0])
+    log.error("alert webhook %s did not take the alert", redacted_url(url))
     return False
 
 

@@ -395,6 +395,15 @@ class DeployConfig(_Strict):
         return value
 
 
+def webhook_problem(url: str) -> str | None:
+    """Why `url` cannot take alerts (only an http(s) URL with a host can), or None."""
+    parts = urlsplit(url)
+    if parts.scheme not in ("http", "https") or not parts.netloc:
+        return (f"an alert webhook must be an http:// or https:// URL with a host, not one of scheme "
+                f"{parts.scheme or 'none'!r}")
+    return None
+
+
 class AlertsConfig(_Strict):
     webhook_url: str | None = None  # $AMAAS_ALERT_WEBHOOK overrides it
     timeout_s: float = Field(default=5, gt=0)
@@ -403,6 +412,13 @@ class AlertsConfig(_Strict):
     smtp_port: int = Field(default=25, ge=1, le=65535)
     email_from: str = "amaas@localhost"
     email_to: list[str] = []
+
+    @field_validator("webhook_url")
+    @classmethod
+    def _http_webhook(cls, value: str | None) -> str | None:
+        if value is not None and (problem := webhook_problem(value)):
+            raise ValueError(problem)
+        return value
 
 
 class ABTestConfig(_Strict):

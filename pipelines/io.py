@@ -15,6 +15,7 @@ import tempfile
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
+from urllib.parse import urlsplit
 
 if TYPE_CHECKING:  # annotations only: the no-op paths (collect with nothing new, the CLI) never load pandas
     import pandas as pd
@@ -77,6 +78,14 @@ def write_json(path: Path, obj: Any) -> None:
     text = json.dumps(obj, indent=2, sort_keys=True, default=str, allow_nan=False)
     with atomic_path(path) as tmp:
         tmp.write_text(text + "\n")
+
+
+def redacted_url(url: str) -> str:
+    """`scheme://host[:port]` of a URL: what a message or a log line may show of it (a path, a query, a user or a
+    password may hold a token)."""
+    parts = urlsplit(url)
+    return f"{parts.scheme}://{parts.hostname or ''}{f':{parts.port}' if parts.port else ''}" if parts.scheme else \
+        "<a URL without a scheme>"
 
 
 class DamagedFile(ValueError):

@@ -24,6 +24,7 @@ import orjson
 import psycopg
 from psycopg.types.json import Jsonb
 
+from pipelines.io import redacted_url
 from pipelines.state.keys import DEFAULT_SCOPES, KeyEntry, KeyStoreError, _digest, _entry_problem, new_key
 from pipelines.state.limits import (
     DAY_S,
@@ -79,13 +80,6 @@ def libpq_url(url: str) -> str:
     return "postgresql://" + url.split("://", 1)[1] if url.startswith("postgresql+") else url
 
 
-def redacted(url: str) -> str:
-    """The URL without its password, for messages."""
-    scheme, _, rest = url.partition("://")
-    credentials, at, host = rest.rpartition("@")
-    return f"{scheme}://{credentials.split(':')[0]}{':***' if ':' in credentials else ''}{at}{host}"
-
-
 class Database:
     """One PostgreSQL database, a connection per thread (autocommit), the schema migrated on first use.
 
@@ -101,7 +95,7 @@ class Database:
         self._lock = threading.Lock()
 
     def __repr__(self) -> str:
-        return f"Database({redacted(self.url)})"
+        return f"Database({redacted_url(self.url)})"
 
     def connection(self) -> psycopg.Connection[Any]:
         """This thread's connection, opened (and the schema migrated) if it has none or lost it."""

@@ -131,3 +131,33 @@ def test_drift_over_the_threshold_alerts(tmp_path, webhook, monkeypatch):
     assert summary["retrain_needed"]
     assert [r["kind"] for r in received] == ["drift"]
     assert received[0]["details"]["drifted_columns"] == summary["drifted_columns"]
+
+
+def test_a_failed_webhook_logs_only_its_scheme_and_host(tmp_path, monkeypatch, caplog):
+    """Hardening II, item 5: tokens in the path or in user:pass@ of a webhook URL were logged in full."""
+    secret = "http://user:hunter2@127.0.0.1:9/hooks/T0KEN?sig=s3cret"
+    settings = load_settings(write_params(tmp_path, **{"alerts.retries": 0, "alerts.timeout_s": 1}))
+    for given in ("params", "env"):
+        if given == "env":
+            monkeypatch.setenv(alerts.WEBHOOK_ENV, secret)
+        else:
+            settings = load_settings(write_params(tmp_path, **{"alerts.webhook_url": secret, "alerts.retries": 0,
+                                                               "alerts.timeout_s": 1}))
+        caplog.clear()
+        with caplog.at_level(logging.ERROR, logger="pipelines.alerts"):
+            assert alerts.alert(settings, Paths(tmp_path), "test", "m", {})["webhook"] is False
+        assert "http://127.0.0.1:9" in caplog.text
+        assert not any(part in caplog.text for part in ("hunter2", "user", "T0KEN", "s3cret", "hooks"))
+
+
+def test_a_webhook_that_is_not_http_is_refused_with_the_fix(tmp_path, monkeypatch, caplog):
+    """Hardening II, item 7: a file:// webhook loaded, and promote crashed with a TypeError after its decision."""
+    from pipelines.config import ConfigError
+
+    with pytest.raises(ConfigError, match=r"alerts.webhook_url.*http:// or https://"):
+        load_settings(write_params(tmp_path, **{"alerts.webhook_url": "file:///etc/passwd"}))
+    monkeypatch.setenv(alerts.WEBHOOK_ENV, "file:///etc/passwd")
+    settings = load_settings(write_params(tmp_path))
+    with caplog.at_level(logging.ERROR, logger="pipelines.alerts"):
+        assert alerts.alert(settings, Paths(tmp_path), "test", "m", {}) == {"log": True, "webhook": False}
+    assert "http:// or https://" in caplog.text and alerts.WEBHOOK_ENV in caplog.text

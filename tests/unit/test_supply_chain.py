@@ -145,3 +145,38 @@ def test_images_are_pinned() -> None:
         exact = re.search(r"\d+\.\d+|RELEASE\.\d{4}-", tag)
         assert "@sha256:" in image or (name and exact), f"{image} is not an exact release"
 
+
+
+def test_every_package_the_code_imports_is_declared() -> None:
+    """Hardening II, item 16: pipelines/progress.py imported tqdm, which arrived only through another package."""
+    import ast
+    import sys
+    import tomllib
+    from importlib.metadata import packages_distributions
+
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    from importlib.metadata import requires
+
+    declared = set()
+    for spec in map(Requirement, project["dependencies"]):
+        declared.add(canonicalize_name(spec.name))
+        for extra in spec.extras:  # dask[distributed] declares distributed
+            for dep in map(Requirement, requires(spec.name) or []):
+                if dep.marker is not None and dep.marker.evaluate({"extra": extra}):
+                    declared.add(canonicalize_name(dep.name))
+    providers = packages_distributions()
+    ours = {"pipelines", "bentos", "dags", "tests", "_project", "serve"}
+    missing = {}
+    for folder in ("pipelines", "bentos", "dags"):
+        for path in (ROOT / folder).rglob("*.py"):
+            for node in ast.walk(ast.parse(path.read_text())):
+                names = [a.name for a in node.names] if isinstance(node, ast.Import) else (
+                    [node.module] if isinstance(node, ast.ImportFrom) and node.module and not node.level else [])
+                for name in names:
+                    top = name.split(".")[0]
+                    if top in ours or top in sys.stdlib_module_names:
+                        continue
+                    dists = {canonicalize_name(d) for d in providers.get(top, [])}
+                    if not dists & declared:
+                        missing.setdefault(top, str(path.relative_to(ROOT)))
+    assert not missing, f"imported but not declared in pyproject.toml's dependencies: {missing}"
