@@ -10,6 +10,13 @@ from typing_extensions import TypedDict  # pydantic needs this one on Python 3.1
 
 from pipelines.config import SchemaConfig
 
+# What a client may send as text is logged as sent: its length is bounded, so one key cannot fill the disk through
+# the prediction log. A category may be longer than every allowed value (padding, case: the transform cleans them),
+# but not by much: CATEGORY_SLACK characters more than the longest allowed value, and at least MIN_CATEGORY_CHARS.
+MIN_CATEGORY_CHARS = 64
+CATEGORY_SLACK = 32
+MAX_ID_CHARS = 128  # an id or a time as text
+
 
 def row_schema(schema: SchemaConfig) -> type:
     """One input row as a TypedDict, from the schema in params.yaml: pydantic validates rows into plain dicts
@@ -17,21 +24,25 @@ def row_schema(schema: SchemaConfig) -> type:
 
     Numeric features must lie within their hard bounds (`min`/`max`: impossible values; the reference range
     is not checked here: a value outside it is answered, and counted); nullable ones may be null or left out.
-    Categories are free text (or a number or a boolean, spelled as text), cleaned and encoded by the fitted
+    Categories are free text of bounded length (or a number or a boolean, spelled as text), cleaned and encoded by
+    the fitted
     transform (an unseen one is the unknown category, and the answer says so; null, where the column is
     nullable, is the missing category). The id and time columns are optional, so a row is sent as the table
     has it: the id is logged so delayed labels can be joined to the prediction; neither is a feature. Fields
     left out are not in the validated dict: `with_defaults` fills them in.
     """
-    fields: dict[str, Any] = {schema.id_column: NotRequired[int | str | None]} if schema.id_column else {}
+    text = Annotated[str, Field(max_length=MAX_ID_CHARS)]
+    fields: dict[str, Any] = {schema.id_column: NotRequired[int | text | None]} if schema.id_column else {}
     if schema.time_column:  # a timestamp as text, or epoch/ordinal numbers: taken as sent, never a feature
-        fields[schema.time_column] = NotRequired[int | float | str | None]
+        fields[schema.time_column] = NotRequired[int | float | text | None]
     for col, rule in schema.numeric.items():
         number: Any = Annotated[float | None if rule.nullable else float,  # "nan" and "inf" spelled as text too
                                 Field(ge=rule.min, le=rule.max, allow_inf_nan=False)]
         fields[col] = NotRequired[number] if rule.nullable else number
-    category = str | bool | int | float  # codes and flags are categories too: spelled as text by the transform
     for col, cat in schema.categorical.items():
+        longest = max((len(str(v)) for v in cat.values), default=0)
+        spelled = Annotated[str, Field(max_length=max(MIN_CATEGORY_CHARS, longest + CATEGORY_SLACK))]
+        category = spelled | bool | int | float  # codes and flags are categories too: spelled as text by the transform
         fields[col] = NotRequired[category | None] if cat.nullable else category
     row = TypedDict("Row", fields)  # type: ignore[misc]  # fields made at runtime
     row.__pydantic_config__ = ConfigDict(extra="forbid")  # type: ignore[attr-defined]

@@ -577,3 +577,19 @@ def test_each_server_counts_its_metrics_in_a_folder_of_its_own(tmp_path):
     mine = metrics_folder(tmp_path, os.getpid())
     assert mine == tmp_path / METRICS_DIR / str(os.getpid()) and mine != metrics_folder(tmp_path, os.getppid())
     assert sorted(p.name for p in (tmp_path / METRICS_DIR).iterdir()) == [str(os.getppid())]
+
+
+def test_text_fields_are_bounded_before_anything_is_logged(gateway):
+    """Hardening II, item 4: categories of any length up to the body limit were logged as sent (117 MB/s)."""
+    from pipelines.serving.schema import CATEGORY_SLACK, MAX_ID_CHARS, MIN_CATEGORY_CHARS
+
+    gw, app, key = gateway
+    longest = max(len(v) for v in gw.settings().data_schema.categorical["purpose"].values)
+    allowed = max(MIN_CATEGORY_CHARS, longest + CATEGORY_SLACK)
+    status, _, body = _call(gw, "/predict", json.dumps({"row": {**ROW, "purpose": "x" * (allowed + 1)}}).encode(),
+                            {"X-API-Key": key})
+    assert status == 422 and "purpose" in body["detail"][0]["loc"] and "at most" in body["detail"][0]["msg"]
+    assert _call(gw, "/predict", json.dumps({"row": {**ROW, "purpose": " " * 3 + "car"}}).encode(),
+                 {"X-API-Key": key})[0] == 200  # padding and case are the transform's to clean
+    assert _call(gw, "/predict", json.dumps({"row": {**ROW, "loan_id": "i" * (MAX_ID_CHARS + 1)}}).encode(),
+                 {"X-API-Key": key})[0] == 422
