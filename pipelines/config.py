@@ -15,7 +15,7 @@ from typing import Annotated, Any, ClassVar, Literal
 from urllib.parse import urlsplit
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
 PARAMS_ENV = "AMAAS_PARAMS"
 ROOT_ENV = "AMAAS_ROOT"
@@ -38,17 +38,30 @@ class _Strict(BaseModel):
 class SimulatorConfig(_Strict):
     start_date: date
     n_batches: int = Field(ge=1, le=3650)
-    rows_per_batch: int = Field(ge=10)
+    rows_per_batch: int = Field(ge=10, le=100_000_000)
     malformed_share: float = Field(ge=0, le=1)
     drift_start_batch: int | None = Field(default=None, ge=0)
-    drift_strength: float = Field(default=1.0, ge=0)
+    drift_strength: float = Field(default=1.0, ge=0, le=100)
     extra_features: int = Field(default=0, ge=0, le=1000)  # numeric columns extra_0.. derived from the real ones
+
+
+def password_in(url: str | None) -> bool:
+    """Whether a URL carries a password (user:password@host)."""
+    return url is not None and "://" in url and urlsplit(url).password is not None
 
 
 class SqlSourceConfig(_Strict):
     url: str = Field(min_length=1)  # SQLAlchemy URL; a relative sqlite path is taken from the project root
     table: str = Field(min_length=1)
     db_schema: str | None = Field(default=None, alias="schema")
+
+    @field_validator("url")
+    @classmethod
+    def _no_password(cls, value: str) -> str:
+        if password_in(value):  # params.yaml is in git, dvc.lock copies it, every bento carries it
+            raise ValueError("holds a password: params.yaml is committed (and copied into dvc.lock and every bento); "
+                             "write the URL without it here and set $AMAAS_SOURCE_URL to the full URL")
+        return value
 
 
 class FilesSourceConfig(_Strict):
@@ -186,10 +199,11 @@ class SchemaConfig(_Strict):
 
 class ValidateConfig(_Strict):
     max_bad_share: float = Field(ge=0, le=1)
-    min_rows: int = Field(ge=0)
+    min_rows: int = Field(ge=0, le=1_000_000_000)
     batch_rows: tuple[int, int] = (1, 10_000_000)
     expectations_file: str | None = None  # extra GE expectations (JSON list), relative to the project root
-    chunk_rows: int = Field(default=1_000_000, ge=1)  # rows per chunk of the vectorized row-rule evaluation
+    # rows per chunk of the vectorized row-rule evaluation
+    chunk_rows: int = Field(default=1_000_000, ge=1, le=100_000_000)
 
     @model_validator(mode="after")
     def _bounds(self) -> ValidateConfig:
@@ -219,7 +233,8 @@ class PrepareConfig(_Strict):
     test_share: float = Field(gt=0, lt=0.5)
     split: Literal["time", "random"] = "time"  # random: stratified by class and seeded
     drop_duplicate_rows: bool | None = None  # deprecated and ignored: identical rows now stay in one split
-    fit_rows: int | None = Field(default=None, ge=1000)  # the transform's statistics on a seeded sample of this
+    # the transform's statistics on a seeded sample of this
+    fit_rows: int | None = Field(default=None, ge=1000, le=1_000_000_000)
     #   many training rows (every category and class kept); null: on all of them
 
     @field_validator("drop_duplicate_rows")
@@ -233,27 +248,27 @@ class PrepareConfig(_Strict):
 
 
 class LightGBMConfig(_Strict):
-    n_estimators: int = Field(ge=1)
+    n_estimators: int = Field(ge=1, le=100_000)
     learning_rate: float = Field(gt=0, le=1)
-    num_leaves: int = Field(ge=2)
-    min_child_samples: int = Field(ge=1)
-    early_stopping_rounds: int = Field(ge=1)
+    num_leaves: int = Field(ge=2, le=131_072)
+    min_child_samples: int = Field(ge=1, le=1_000_000)
+    early_stopping_rounds: int = Field(ge=1, le=10_000)
 
 
 class XGBoostConfig(_Strict):
-    n_estimators: int = Field(ge=1)
+    n_estimators: int = Field(ge=1, le=100_000)
     learning_rate: float = Field(gt=0, le=1)
-    max_depth: int = Field(ge=1)
-    early_stopping_rounds: int = Field(ge=1)
+    max_depth: int = Field(ge=1, le=64)
+    early_stopping_rounds: int = Field(ge=1, le=10_000)
 
 
 class MLPConfig(_Strict):
     hidden: list[int] = Field(min_length=1)
-    embedding_dim: int = Field(ge=1)
-    epochs: int = Field(ge=1)
+    embedding_dim: int = Field(ge=1, le=1024)
+    epochs: int = Field(ge=1, le=10_000)
     batch_size: Annotated[int, Field(ge=1)] | Literal["auto"] = "auto"  # auto: by rows and device
-    learning_rate: float = Field(gt=0)  # at a batch of 256 (auto scales it with the square root of the batch)
-    patience: int = Field(ge=1)
+    learning_rate: float = Field(gt=0, le=10)  # at a batch of 256 (auto scales it with the square root of the batch)
+    patience: int = Field(ge=1, le=10_000)
     compile: bool = False  # train through torch.compile (pays a compile of tens of seconds; for long GPU runs)
     autocast: bool = False  # bf16 steps on a GPU: for wide networks (the default 64-32 one ran 5% slower with it)
 
@@ -274,8 +289,8 @@ class SearchRange(_Strict):
 
 
 class TuningConfig(_Strict):
-    trials: int = Field(default=0, ge=0)  # 0: no tuning
-    time_budget_s: float = Field(default=600, gt=0)  # per learner
+    trials: int = Field(default=0, ge=0, le=10_000)  # 0: no tuning
+    time_budget_s: float = Field(default=600, gt=0, le=604_800)  # per learner
     space: dict[Learner, dict[str, SearchRange]] = {}
 
 
@@ -285,12 +300,13 @@ class TrainConfig(_Strict):
     stacking_folds: int = Field(ge=2, le=20)
     bags: int = Field(default=5, ge=2, le=50)  # bagging: bootstrap fits of each learner
     device: Literal["auto", "cpu", "cuda"] = "auto"
-    threads: int = Field(ge=1)
+    threads: int = Field(ge=1, le=1024)
     lightgbm: LightGBMConfig
     xgboost: XGBoostConfig
     mlp: MLPConfig
     tuning: TuningConfig = TuningConfig()
-    max_rows: int | None = Field(default=None, ge=100)  # learners fit on a seeded sample of this many training rows
+    # learners fit on a seeded sample of this many training rows
+    max_rows: int | None = Field(default=None, ge=100, le=1_000_000_000)
     #   (stratified by class for classification); null: on all of them
 
     @model_validator(mode="after")
@@ -305,12 +321,13 @@ class TrainConfig(_Strict):
 
 
 class Costs(_Strict):
-    false_positive: float = Field(ge=0)
-    false_negative: float = Field(ge=0)
+    false_positive: float = Field(ge=0, le=1e9)
+    false_negative: float = Field(ge=0, le=1e9)
 
 
 class EvaluateConfig(_Strict):
-    threshold: float | Literal["auto"] = Field(default=0.5)  # binary: label cut-off; auto = picked on valid rows
+    # binary: label cut-off; auto = picked on valid rows
+    threshold: Annotated[float, Field(ge=0, le=1, allow_inf_nan=False)] | Literal["auto"] = 0.5
     costs: Costs | None = None  # threshold auto: least expected cost with these; null: the cut-off of max F1
     slices: list[str] = []  # categorical columns to report metrics per value of
     calibration_bins: int = Field(default=10, ge=2, le=100)
@@ -329,58 +346,66 @@ class PromoteConfig(_Strict):
     metric: Literal["roc_auc", "pr_auc", "log_loss", "accuracy", "f1", "f1_macro", "f1_weighted", "cohen_kappa",
                     "rmse", "mae", "r2"]
     min_first_metric: float | None = None  # a first champion needs a defined metric at least this good
-    min_improvement: float = Field(ge=0)
-    bootstrap_samples: int = Field(ge=10)
+    min_improvement: float = Field(ge=0, le=1e9)
+    bootstrap_samples: int = Field(ge=10, le=100_000)
     max_p_value: float = Field(gt=0, le=1)
-    max_latency_ms: float | None = Field(default=None, gt=0)  # the challenger's single-row p99, in process
-    max_cost_per_1k: float | None = Field(default=None, gt=0)  # the challenger's serving cost per 1,000 rows (USD)
+    max_latency_ms: float | None = Field(default=None, gt=0, le=1e6)  # the challenger's single-row p99, in process
+    # the challenger's serving cost per 1,000 rows (USD)
+    max_cost_per_1k: float | None = Field(default=None, gt=0, le=1e6)
 
 
 class StudentConfig(_Strict):
     kind: Literal["lightgbm", "mlp"] = "lightgbm"
-    n_estimators: int = Field(default=100, ge=1)  # lightgbm: at most this many trees, pruned to the fewest that keep
-    num_leaves: int = Field(default=15, ge=2)  #   the metric on the validation rows
-    learning_rate: float = Field(default=0.1, gt=0)
+    # lightgbm: at most this many trees, pruned to the fewest that keep
+    n_estimators: int = Field(default=100, ge=1, le=100_000)
+    num_leaves: int = Field(default=15, ge=2, le=131_072)  #   the metric on the validation rows
+    learning_rate: float = Field(default=0.1, gt=0, le=10)
     hidden: list[int] = [32]  # mlp: its layers
-    epochs: int = Field(default=30, ge=1)
+    epochs: int = Field(default=30, ge=1, le=10_000)
 
 
 class CompressConfig(_Strict):
     student: StudentConfig = StudentConfig()
     augment_factor: float = Field(default=1.0, ge=0, le=20)  # augmented rows per training row, labelled by the ensemble
     swap_share: float = Field(default=0.2, ge=0, le=1)  # share of an augmented row's columns taken from another row
-    prune_tolerance: float = Field(default=0.001, ge=0)  # trees are cut while the validation metric loses at most this
+    # trees are cut while the validation metric loses at most this
+    prune_tolerance: float = Field(default=0.001, ge=0, le=1e9)
     quantize: bool = True  # an int8 candidate of the ensemble (its MLP's Linear layers), when it has an MLP
-    max_metric_loss: float = Field(default=0.005, ge=0)  # a candidate may lose this much promote.metric (absolute)
-    min_speedup: float = Field(default=2.0, ge=1)  # ... and must be this many times faster on one row, to be served
-    latency_rows: int = Field(default=200, ge=20)  # single-row predictions timed per candidate (p50, p99)
+    # a candidate may lose this much promote.metric (absolute)
+    max_metric_loss: float = Field(default=0.005, ge=0, le=1e9)
+    # ... and must be this many times faster on one row, to be served
+    min_speedup: float = Field(default=2.0, ge=1, le=1000)
+    latency_rows: int = Field(default=200, ge=20, le=100_000)  # single-row predictions timed per candidate (p50, p99)
     measure_memory: bool = True  # peak memory of each candidate, in a fresh interpreter each (seconds of imports)
 
 
 class CostConfig(_Strict):
     # Defaults: AWS on-demand list prices, us-east-1 (2024): m7i.large, 2 vCPUs for $0.1008/h, so $0.0504 per
     # CPU-hour; p4d.24xlarge, 8 A100 GPUs for $32.77/h, so $4.10 per GPU-hour. Set your own.
-    cpu_hour_usd: float = Field(default=0.0504, ge=0)
-    gpu_hour_usd: float = Field(default=4.10, ge=0)
+    cpu_hour_usd: float = Field(default=0.0504, ge=0, le=10_000)
+    gpu_hour_usd: float = Field(default=4.10, ge=0, le=10_000)
 
 
 class ReportConfig(_Strict):
     current: Literal["batch", "prediction_log"] = "batch"  # what is compared with the champion's reference
-    window_hours: float = Field(default=24, gt=0)  # prediction_log: the newest this many hours of predictions
-    reference_rows: int = Field(default=20_000, ge=100)  # training rows kept with a model as its drift reference
+    window_hours: float = Field(default=24, gt=0, le=8784)  # prediction_log: the newest this many hours of predictions
+    # training rows kept with a model as its drift reference
+    reference_rows: int = Field(default=20_000, ge=100, le=100_000_000)
     drift_share_threshold: float = Field(gt=0, le=1)
-    prediction_drift_threshold: float = Field(default=0.1, gt=0)  # normed Wasserstein distance of probabilities
-    max_metric_drop: float = Field(default=0.03, ge=0)  # promote.metric on labelled rows this far under the champion's
-    min_labeled_rows: int = Field(default=200, ge=10)  # fewer labelled rows: no performance verdict
+    prediction_drift_threshold: float = Field(default=0.1, gt=0, le=1e6)  # normed Wasserstein distance of probabilities
+    # promote.metric on labelled rows this far under the champion's
+    max_metric_drop: float = Field(default=0.03, ge=0, le=1e9)
+    min_labeled_rows: int = Field(default=200, ge=10, le=1_000_000_000)  # fewer labelled rows: no performance verdict
     max_p_value: float = Field(default=0.05, gt=0, le=1)  # bootstrap: the decay must be this significant
     max_key_share: float = Field(default=1.0, gt=0, le=1)  # prediction_log: one API key's most share of the window
-    max_rows: int | None = Field(default=None, ge=100)  # the current rows judged: a seeded sample of this many;
+    # the current rows judged: a seeded sample of this many;
+    max_rows: int | None = Field(default=None, ge=100, le=1_000_000_000)
     #   null: all of them
 
 
 class DeployConfig(_Strict):
     endpoint: str | None = None  # a running `amaas serve` to check (http://host:port); null: build the bento only
-    timeout_s: float = Field(default=60, gt=0)  # how long the endpoint has to serve the new champion
+    timeout_s: float = Field(default=60, gt=0, le=86_400)  # how long the endpoint has to serve the new champion
     rollback_on_failure: bool = True  # the endpoint never served it: return the registry to the previous champion
 
     @field_validator("endpoint")
@@ -406,8 +431,8 @@ def webhook_problem(url: str) -> str | None:
 
 class AlertsConfig(_Strict):
     webhook_url: str | None = None  # $AMAAS_ALERT_WEBHOOK overrides it
-    timeout_s: float = Field(default=5, gt=0)
-    retries: int = Field(default=2, ge=0)
+    timeout_s: float = Field(default=5, gt=0, le=600)
+    retries: int = Field(default=2, ge=0, le=20)
     smtp_host: str | None = None
     smtp_port: int = Field(default=25, ge=1, le=65535)
     email_from: str = "amaas@localhost"
@@ -424,47 +449,53 @@ class AlertsConfig(_Strict):
 class ABTestConfig(_Strict):
     """The A/B test of a canary (pipelines/abtest.py): when the challenger's live results make a verdict."""
 
-    min_effect: float = Field(default=0.02, gt=0)  # the smallest difference in promote.metric worth detecting
+    min_effect: float = Field(default=0.02, gt=0, le=1e9)  # the smallest difference in promote.metric worth detecting
     power: float = Field(default=0.8, gt=0, lt=1)  # the chance to detect a difference of min_effect
     sided: Literal["two-sided", "one-sided"] = "two-sided"  # each direction at alpha/2 | at alpha
-    min_rows: int = Field(default=200, ge=10)  # labelled rows each route needs at least, whatever the power says
-    cooldown_h: float = Field(default=24, ge=0)  # canary_policy auto: no new decision within this many hours
+    # labelled rows each route needs at least, whatever the power says
+    min_rows: int = Field(default=200, ge=10, le=1_000_000_000)
+    cooldown_h: float = Field(default=24, ge=0, le=8784)  # canary_policy auto: no new decision within this many hours
 
 
 class RateLimitConfig(_Strict):
-    rps: float | None = Field(default=None, gt=0)  # requests/s per key (token bucket refill); null: no rate limit
-    burst: int = Field(default=100, ge=1)  # the bucket: requests a key may send at once before rps applies
-    daily_quota: int | None = Field(default=None, ge=1)  # rows per key per UTC day; null: no quota
+    # requests/s per key (token bucket refill); null: no rate limit
+    rps: float | None = Field(default=None, gt=0, le=1e6)
+    # the bucket: requests a key may send at once before rps applies
+    burst: int = Field(default=100, ge=1, le=1_000_000)
+    daily_quota: int | None = Field(default=None, ge=1, le=10**12)  # rows per key per UTC day; null: no quota
 
 
 class BlueGreenConfig(_Strict):
-    connect_timeout_s: float = Field(default=1.0, gt=0)  # the front answers 502 when a backend does not accept sooner
-    read_timeout_s: float = Field(default=60.0, gt=0)  # ... and 504 when it does not answer sooner
-    drain_s: float = Field(default=30.0, gt=0)  # the old backend's requests in flight finish within this, then it stops
+    # the front answers 502 when a backend does not accept sooner
+    connect_timeout_s: float = Field(default=1.0, gt=0, le=600)
+    read_timeout_s: float = Field(default=60.0, gt=0, le=3600)  # ... and 504 when it does not answer sooner
+    # the old backend's requests in flight finish within this, then it stops
+    drain_s: float = Field(default=30.0, gt=0, le=3600)
 
 
 class CacheConfig(_Strict):
-    size: int = Field(default=0, ge=0)  # answers kept per worker process (LRU); 0: no cache
+    size: int = Field(default=0, ge=0, le=10_000_000)  # answers kept per worker process (LRU); 0: no cache
 
 
 class ServeConfig(_Strict):
     host: str
     port: int = Field(ge=1, le=65535)
     batching: bool = True  # adaptive batching; false scores each request on its own
-    max_batch_size: int = Field(ge=2)  # BentoML's lower bound for a batchable API
-    max_latency_ms: int = Field(ge=1)
+    max_batch_size: int = Field(ge=2, le=100_000)  # BentoML's lower bound for a batchable API
+    max_latency_ms: int = Field(ge=1, le=60_000)
     auth: bool = True  # API keys required on /predict (health, metrics and docs stay open)
-    max_rows: int = Field(default=256, ge=1)  # rows in one request; more is 413 (batching: <= max_batch_size)
-    max_body_bytes: int = Field(default=1_000_000, ge=1024)  # request body size; more is 413
+    # rows in one request; more is 413 (batching: <= max_batch_size)
+    max_rows: int = Field(default=256, ge=1, le=100_000)
+    max_body_bytes: int = Field(default=1_000_000, ge=1024, le=1_000_000_000)  # request body size; more is 413
     canary_share: float = Field(default=0.0, ge=0, le=1)  # share of requests the challenger answers
     shadow: bool = False  # score every request with the challenger too, answer with the champion
     canary_policy: Literal["manual", "auto"] = "manual"  # auto: a winning challenger is promoted, a losing one ends
     ab_test: ABTestConfig = ABTestConfig()  # the canary's verdict: reports/ab_test.json, `amaas ab-report`
     model: Literal["auto", "ensemble", "student", "quantized"] = "auto"  # what the compress stage sends on to serve
-    reload_interval_s: float = Field(default=2.0, gt=0)  # how often a server checks the registry aliases
+    reload_interval_s: float = Field(default=2.0, gt=0, le=3600)  # how often a server checks the registry aliases
     keep_alive_s: int = Field(default=5, ge=1, le=3600)  # an idle keep-alive connection is closed after this
     # the gateway: worker processes, and per-key limits that hold across them (`amaas keys add --rps` overrides)
-    workers: int = Field(default=1, ge=1)  # BentoML worker processes of the service (each loads the models)
+    workers: int = Field(default=1, ge=1, le=256)  # BentoML worker processes of the service (each loads the models)
     rate_limit: RateLimitConfig = RateLimitConfig()
     # hot: one bento follows the registry; blue-green: a front on `port` forwards to one of two bentos, and
     # `amaas deploy` starts the new champion beside the old one and switches once it answers
@@ -491,8 +522,8 @@ class PipelineConfig(_Strict):
 
 class ScaleConfig(_Strict):
     dask_scheduler: str | None = None  # null: this process; "local": a LocalCluster; or tcp://host:8786
-    dask_workers: int = Field(default=2, ge=1)  # worker processes of the "local" cluster
-    score_chunk_rows: int = Field(ge=1)
+    dask_workers: int = Field(default=2, ge=1, le=1024)  # worker processes of the "local" cluster
+    score_chunk_rows: int = Field(ge=1, le=100_000_000)
 
 
 STATE_URL_ENV = "AMAAS_STATE_URL"  # PostgreSQL: keys, usage, registry, routing and drain flags, prediction log
@@ -508,19 +539,29 @@ class StateConfig(_Strict):
     redis_url: str | None = None  # redis://host:6379/0 ($AMAAS_REDIS_URL); null: buckets in the state database
     artifacts_url: str | None = None  # /shared/folder, file:///..., s3://bucket/prefix ($AMAAS_ARTIFACTS_URL)
 
+    @field_validator("url", "redis_url")
+    @classmethod
+    def _no_password(cls, value: str | None, info: ValidationInfo) -> str | None:
+        if password_in(value) and not (info.context or {}).get("from_env"):
+            raise ValueError("holds a password: params.yaml is committed (and copied into every bento); leave it "
+                             "null here and set $AMAAS_STATE_URL / $AMAAS_REDIS_URL instead")
+        return value
+
     @field_validator("url")
     @classmethod
     def _postgres(cls, value: str | None) -> str | None:
         if value is not None and urlsplit(value).scheme not in ("postgresql", "postgres", "postgresql+psycopg"):
-            raise ValueError(f"{value!r} is not a PostgreSQL URL: give postgresql://user:password@host:5432/db, or "
-                             f"null for the one-host files")
+            raise ValueError(f"{urlsplit(value).scheme or 'no scheme'}: not a PostgreSQL URL: give "
+                             f"postgresql://user@host:5432/db (the password in $AMAAS_STATE_URL), or null for the "
+                             f"one-host files")
         return value
 
     @field_validator("redis_url")
     @classmethod
     def _redis(cls, value: str | None) -> str | None:
         if value is not None and urlsplit(value).scheme not in ("redis", "rediss", "unix"):
-            raise ValueError(f"{value!r} is not a Redis URL: give redis://host:6379/0, or null")
+            raise ValueError(f"{urlsplit(value).scheme or 'no scheme'}: not a Redis URL: give redis://host:6379/0, "
+                             f"or null")
         return value
 
     @field_validator("artifacts_url")
@@ -534,7 +575,8 @@ class StateConfig(_Strict):
         """These settings with the environment's overrides applied ($AMAAS_STATE_URL, ...), checked again."""
         env = {"url": os.environ.get(STATE_URL_ENV), "redis_url": os.environ.get(REDIS_URL_ENV),
                "artifacts_url": os.environ.get(ARTIFACTS_URL_ENV)}
-        return StateConfig(**{**self.model_dump(), **{k: v for k, v in env.items() if v}})
+        return StateConfig.model_validate({**self.model_dump(), **{k: v for k, v in env.items() if v}},
+                                          context={"from_env": True})
 
 
 class Settings(_Strict):
@@ -615,9 +657,22 @@ def _format_errors(exc: ValidationError, path: Path) -> str:
         elif err["type"] == "extra_forbidden":
             fix = "remove it or fix its spelling"
         else:
-            fix = f"got {got!r}; change it"
+            fix = f"got {_shown(got)}; change it"
         lines.append(f"  - {key}: {err['msg']} -> {fix}")
     return "\n".join(lines)
+
+
+def _shown(value: Any) -> str:
+    """A refused value as an error shows it: a scalar, clipped; never a password; a whole section by its keys only
+    (a check of the whole file would otherwise print all of it)."""
+    if isinstance(value, dict):
+        return f"a section with keys {', '.join(map(str, list(value)[:12]))}" + (", ..." if len(value) > 12 else "")
+    if isinstance(value, (list, tuple)) and len(repr(value)) > 100:
+        return f"a list of {len(value)} items"
+    if isinstance(value, str) and password_in(value):
+        return "a URL with a password (not shown)"
+    text = repr(value)
+    return text if len(text) <= 100 else text[:100] + f"... ({len(text)} characters)"
 
 
 def load_settings(path: str | Path | None = None) -> Settings:

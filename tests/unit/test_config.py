@@ -87,3 +87,41 @@ def test_a_params_file_that_still_drops_duplicates_loads_with_a_warning(tmp_path
     params["prepare"]["drop_duplicate_rows"] = True
     with pytest.warns(FutureWarning, match=r"prepare\.drop_duplicate_rows is deprecated.*remove the key"):
         load_settings(_write(tmp_path, params))
+
+
+def test_a_password_in_params_is_refused_with_the_fix_and_never_echoed(tmp_path, monkeypatch):
+    """Hardening II, item 6: a SQL password in params.yaml was copied into dvc.lock and every bento's params."""
+    sql = {"kind": "sql", "sql": {"url": "postgresql://app:hunter2@db:5432/loans", "table": "loans"}}
+    params = small_params()
+    params["source"].update(sql)
+    with pytest.raises(ConfigError) as err:
+        load_settings(_write(tmp_path, params))
+    assert "source.sql.url" in str(err.value) and "$AMAAS_SOURCE_URL" in str(err.value)
+    assert "hunter2" not in str(err.value)
+    for key in ("url", "redis_url"):
+        url = "postgresql://a:hunter2@db/x" if key == "url" else "redis://:hunter2@cache:6379/0"
+        with pytest.raises(ConfigError) as err:
+            load_settings(write_params(tmp_path, **{f"state.{key}": url}))
+        assert f"state.{key}" in str(err.value) and "hunter2" not in str(err.value)
+    # the environment is where passwords go: it is read at use, never written anywhere
+    monkeypatch.setenv("AMAAS_STATE_URL", "postgresql://a:hunter2@db/x")
+    assert load_settings(write_params(tmp_path)).state.resolved().url == "postgresql://a:hunter2@db/x"
+
+
+@pytest.mark.parametrize(("key", "value"), [("serve.workers", 10_000), ("train.lightgbm.n_estimators", 10**12),
+                                            ("source.simulator.rows_per_batch", 10**15), ("evaluate.threshold", 5),
+                                            ("evaluate.threshold", -1), ("evaluate.threshold", float("nan"))])
+def test_numeric_settings_have_bounds_that_name_the_key(tmp_path, key, value):
+    """Hardening II, item 8: absurd sizes loaded, and a NaN threshold failed only after training."""
+    with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
+        load_settings(write_params(tmp_path, **{key: value}))
+
+
+def test_an_error_of_a_whole_section_names_its_keys_without_dumping_it(tmp_path):
+    """Hardening II, item 8: a whole-file check printed all of params.yaml (3 kB) after the useful line."""
+    params = small_params()
+    params["prepare"]["split"] = "time"
+    params["schema"]["time_column"] = None
+    with pytest.raises(ConfigError) as err:
+        load_settings(_write(tmp_path, params))
+    assert "prepare.split: time needs schema.time_column" in str(err.value) and len(str(err.value)) < 600
