@@ -416,6 +416,7 @@ def bound_metric_labels() -> None:
         await metered(self, scope, receive, send)
 
     known_only._amaas_bounded = True  # type: ignore[attr-defined]
+    known_only._amaas_original = metered  # type: ignore[attr-defined]  # what tests/unit/test_bentoml_patches.py pins
     setattr(Metrics, "__call__", known_only)  # noqa: B010 (a method replaced on the class)
 
 
@@ -457,6 +458,7 @@ def cancelled_timeouts() -> None:
             started.cancel()
 
     timed._amaas_cancels = True  # type: ignore[attr-defined]
+    timed._amaas_original = TimeoutMiddleware.__call__  # type: ignore[attr-defined]  # pinned by a test
     setattr(TimeoutMiddleware, "__call__", timed)  # noqa: B010 (a method replaced on the class)
 
 
