@@ -50,8 +50,7 @@ from pipelines.serving.metrics import with_served_metrics  # noqa: E402
 from pipelines.state import Shared, shared  # noqa: E402
 from pipelines.state.artifacts import fetch_bento  # noqa: E402
 from pipelines.state.limits import RELOAD_LOCK, keep_following, one_at_a_time, server_id  # noqa: E402
-from pipelines.state.postgres import PgPredictionLog  # noqa: E402
-from pipelines.state.predlog import PredictionLog, log_entry, now_iso  # noqa: E402
+from pipelines.state.predlog import GroupCommit, log_entry, now_iso  # noqa: E402
 
 log = logging.getLogger("amaas.service")
 
@@ -256,7 +255,7 @@ class _Shared:
         self.answer: Callable[[Rows], Rows | None] | None = None  # the service's (AmaasService.answer)
         # the service's answer from the response cache alone; None while the cache is off
         self.cached_answer: Callable[[Rows], Rows | None] | None = None
-        self.log: PredictionLog | PgPredictionLog | None = None
+        self.log: GroupCommit | None = None  # the files of one host, or a fleet's database
         self._batching: Any = None  # BentoML's app of this worker (its adaptive batching), found on first use
         self._thread = anyio.CapacityLimiter(1)  # batching off: one request at a time on the model's thread
 

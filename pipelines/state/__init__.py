@@ -22,8 +22,8 @@ from pipelines.config import Paths, Settings, StateConfig
 if TYPE_CHECKING:
     from pipelines.state.keys import ApiKeys
     from pipelines.state.limits import SharedState
-    from pipelines.state.postgres import Database, PgApiKeys, PgLimits, PgPredictionLog, PgRegistry
-    from pipelines.state.predlog import PredictionLog, PredictionRecord
+    from pipelines.state.postgres import Database, PgApiKeys, PgLimits, PgRegistry
+    from pipelines.state.predlog import GroupCommit, PredictionRecord
 
 
 class Shared:
@@ -79,7 +79,7 @@ class Shared:
         self.keys.revoke(name)
         self.limits.forget(name)
 
-    def prediction_log(self) -> PredictionLog | PgPredictionLog:
+    def prediction_log(self) -> GroupCommit:
         """Where a server appends the answers it gives."""
         if self.fleet:
             from pipelines.state.postgres import PgPredictionLog

@@ -37,7 +37,7 @@ from pipelines.state.limits import (
     Usage,
     refill_s,
 )
-from pipelines.state.predlog import PredictionRecord
+from pipelines.state.predlog import GroupCommit, PredictionRecord
 
 log = logging.getLogger("amaas.state")
 CONNECT_TIMEOUT_S = 2
@@ -415,7 +415,7 @@ class PgRegistry:
         return [row[0] for row in self.db.rows("SELECT version FROM registry_versions ORDER BY version")]
 
 
-class PgPredictionLog:
+class PgPredictionLog(GroupCommit):
     """The prediction log as rows of the state database, with PredictionLog's promise: `write` queues a batch's
     entries and returns a ticket, `sync(ticket)`/`synced()` return once a committed transaction holds them. One
     writer thread commits whatever has queued meanwhile in one COPY (group commit), so the log costs a commit per
@@ -429,13 +429,7 @@ class PgPredictionLog:
         self._lock = threading.Lock()
         self._changed = threading.Condition(self._lock)
         self._pending: list[dict[str, Any]] = []
-        self._written = 0  # tickets given
-        self._durable = 0  # tickets committed
         self._writer: threading.Thread | None = None
-        self._syncer: Any = None
-
-    def append(self, records: Iterable[PredictionRecord | dict[str, Any]]) -> None:
-        self.sync(self.write(records))
 
     def write(self, records: Iterable[PredictionRecord | dict[str, Any]]) -> int:
         entries = [r.to_dict() if isinstance(r, PredictionRecord) else r for r in records]
@@ -457,17 +451,6 @@ class PgPredictionLog:
                         time.monotonic() >= deadline:
                     raise StateBusy(f"the prediction log could not be written to the state database within "
                                     f"{self.SYNC_TIMEOUT_S:.0f} s (see the server log)")
-
-    async def synced(self) -> None:
-        import asyncio
-        from concurrent.futures import ThreadPoolExecutor
-
-        ticket = self._written
-        if self._durable >= ticket:
-            return
-        if self._syncer is None:
-            self._syncer = ThreadPoolExecutor(1, thread_name_prefix="predlog-sync")
-        await asyncio.get_running_loop().run_in_executor(self._syncer, self.sync, ticket)
 
     def _write_loop(self) -> None:
         delay = 0.05

@@ -111,7 +111,36 @@ def to_line(entry: dict[str, Any]) -> bytes:
     return orjson.dumps(entry, default=str, option=_LINE)
 
 
-class PredictionLog:
+class GroupCommit:
+    """What every prediction log shares: writes return tickets, `sync(ticket)` returns once they are durable, and
+    `synced` waits for that on the log's own thread, off the event loop (one thread: each sync there covers every
+    caller that came before it). Subclasses set `_written` and `_durable` and implement `write` and `sync`."""
+
+    _written = 0  # writes so far (the ticket of the newest)
+    _durable = 0  # writes known to be durable
+    _syncer: ThreadPoolExecutor | None = None  # the thread `synced` waits on
+
+    def write(self, records: Iterable[PredictionRecord | dict[str, Any]]) -> int:
+        raise NotImplementedError
+
+    def sync(self, ticket: int) -> None:
+        raise NotImplementedError
+
+    def append(self, records: Iterable[PredictionRecord | dict[str, Any]]) -> None:
+        """Write `records` and return once they are durable (acknowledged means logged)."""
+        self.sync(self.write(records))
+
+    async def synced(self) -> None:
+        """Return once everything written before this call is durable, without blocking the event loop."""
+        ticket = self._written
+        if self._durable >= ticket:
+            return
+        if self._syncer is None:
+            self._syncer = ThreadPoolExecutor(1, thread_name_prefix="predlog-sync")
+        await asyncio.get_running_loop().run_in_executor(self._syncer, self.sync, ticket)
+
+
+class PredictionLog(GroupCommit):
     """Append-only JSON Lines, one file per day and process, readable by owner and group only (0640: rows
     are customer data). Safe for any number of threads; processes never share a file.
 
@@ -127,14 +156,7 @@ class PredictionLog:
         self._lock = threading.Lock()
         self._synced = threading.Condition(self._lock)  # notified when an fsync ends
         self._file: tuple[str, int, int] | None = None  # (day, pid, fd) of the open file
-        self._written = 0  # writes so far (the ticket of the newest)
-        self._durable = 0  # writes an fsync covered
         self._syncing = False  # an fsync is running (outside the lock)
-        self._syncer: ThreadPoolExecutor | None = None  # the thread `synced` waits on
-
-    def append(self, records: Iterable[PredictionRecord | dict[str, Any]]) -> None:
-        """Write `records` and return once they are on disk (acknowledged means logged)."""
-        self.sync(self.write(records))
 
     def write(self, records: Iterable[PredictionRecord | dict[str, Any]]) -> int:
         """Write `records` (records, or entries of `log_entry`), not yet durable (see sync); the ticket that
@@ -163,16 +185,6 @@ class PredictionLog:
                     self._syncing = False
                     self._synced.notify_all()
                 self._durable = max(self._durable, covered)
-
-    async def synced(self) -> None:
-        """Return once everything written before this call is on disk, without blocking the event loop: the
-        fsync runs on the log's own thread, and each fsync there covers every caller that came before it."""
-        ticket = self._written
-        if self._durable >= ticket:
-            return
-        if self._syncer is None:
-            self._syncer = ThreadPoolExecutor(1, thread_name_prefix="predlog-sync")
-        await asyncio.get_running_loop().run_in_executor(self._syncer, self.sync, ticket)
 
     def _open(self) -> int:
         """The fd of today's file of this process (under the lock), opened again if the file was moved or
