@@ -55,7 +55,7 @@ def test_scaling_a_fleet_that_is_not_running_says_so(tmp_path: Path):
 
 def test_fleet_commands_without_a_running_fleet_or_a_champion_say_what_to_do(tmp_path: Path, capsys, monkeypatch):
     from pipelines.cli import main
-    from pipelines.serving.fleet import STATE_URL_ENV
+    from pipelines.config import STATE_URL_ENV
     from tests.conftest import write_params
 
     monkeypatch.delenv(STATE_URL_ENV, raising=False)  # replicas of this project, not of a shared state
