@@ -233,6 +233,12 @@ class Registry:
         """Apply alias `changes` and append `decision`, in the database as one transaction."""
         if self.store is not None:
             self.store.change({**self.aliases(), **changes} if changes else None, decision)
+            # the files mirror the database on the host that changed it: DVC's lineage (deploy depends on
+            # aliases.json) and anyone reading the files see the champion the fleet serves
+            found = self.store.aliases()
+            assert found is not None  # just written
+            write_json(self._decisions_file, self.store.decisions())
+            write_json(self._aliases_file, found)
             return
         # the decision first: killed between the two writes, the log holds the change and aliases.json is the
         # older one, which checked_aliases() refuses to decide on until it is rebuilt from the log

@@ -4,6 +4,7 @@ processes' worth of objects on one database behave as one: keys, buckets, quotas
 from __future__ import annotations
 
 import asyncio
+import json
 import threading
 import time
 import uuid
@@ -116,6 +117,8 @@ def test_promote_and_rollback_are_one_transaction_with_their_decision(db_url, tm
     other_host = Registry(tmp_path / "elsewhere", PgRegistry(Database(db_url)))  # no files: all in the database
     assert other_host.champion == "v2" and other_host.aliases()["champion_history"] == ["v1"]
     assert rollback(registry, "back") == "v1"
+    mirrored = json.loads((registry.root / "aliases.json").read_text())  # what DVC's deploy stage depends on
+    assert mirrored["champion"] == "v1" and len(json.loads((registry.root / "decisions.json").read_text())) == 3
     decisions = other_host.decisions()
     assert [d["action"] for d in decisions] == ["force_promote", "force_promote", "rollback"]
     assert aliases_from_decisions(decisions)["champion"] == other_host.champion == "v1"
