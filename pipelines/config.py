@@ -699,8 +699,11 @@ class Paths:
     The stage declarations (pipelines/contracts.py) name their inputs and outputs by these properties."""
 
     root: Path
-    SAMPLE_FILE: ClassVar[str] = "train_sample.parquet"  # a seeded sample of training rows: the drift reference
-    TEST_PREDICTIONS_FILE: ClassVar[str] = "test_predictions.parquet"  # id, actual, prediction on the test rows
+    # a seeded sample of the rows of the training period as the table has them (copies of other rows included):
+    # the data drift reference
+    SAMPLE_FILE: ClassVar[str] = "train_sample.parquet"
+    # id, actual, prediction on the newest rows as the table has them (recent_rows): the prediction drift reference
+    TEST_PREDICTIONS_FILE: ClassVar[str] = "test_predictions.parquet"
     MODEL_CARD_FILE: ClassVar[str] = "MODEL_CARD.md"  # a registered version's card, in its folder
     MODEL_CARD_HTML_FILE: ClassVar[str] = "MODEL_CARD.html"  # the same card as one self-contained page
 
@@ -768,6 +771,12 @@ class Paths:
     @property
     def train_sample(self) -> Path:
         return self.reference / self.SAMPLE_FILE
+
+    @property
+    def recent_rows(self) -> Path:
+        """The newest rows as the table has them, copies of training rows included (the test rows where no
+        identical rows moved): drawn like the batches to come, what prediction drift compares them with."""
+        return self.reference / "recent.parquet"
 
     @property
     def expectations(self) -> Path:

@@ -83,8 +83,12 @@ def run(settings: Settings, paths: Paths) -> dict[str, Any]:
             shutil.copytree(folders[served], out, dirs_exist_ok=True)
             write_json(out / METADATA_FILE, {**read_json(out / METADATA_FILE), "compression": summary})
     challenger = ModelBundle.load(paths.challenger)
+    # monitoring's prediction drift reference: the newest rows as the table has them (a project prepared before
+    # they were kept: the test rows)
+    recent = pd.read_parquet(paths.recent_rows) if paths.recent_rows.is_file() else test
     write_parquet(paths.test_predictions, challenger.prediction_frame(
-        test[settings.data_schema.key_column], y_test, challenger.predict(test), settings.data_schema.key_column))
+        recent[settings.data_schema.key_column], trained.transform.encode_target(recent[target]),
+        challenger.predict(recent), settings.data_schema.key_column))
     report = {**summary, "challenger_version": challenger.version,
               "candidates": {n: {**f, **choice["verdicts"].get(n, {})} for n, f in figures.items()},
               "student": student_report, "mlp_int8": mlp_int8}

@@ -173,7 +173,7 @@ def rows_at(table: pa.Table, positions: np.ndarray) -> pd.DataFrame:
     deps=("validated",),
     outs=(Out("features"), Out("reference")),
     metrics=("prepare_report",),
-    description="Split train/valid/test, fit the feature transform, keep the drift reference sample",
+    description="Split train/valid/test, fit the feature transform, keep the drift reference rows",
     atomic_outs=True,  # each written to a temp file or folder and renamed: DVC need not delete them first
 )
 def run(settings: Settings, paths: Paths) -> dict[str, Any]:
@@ -202,6 +202,10 @@ def run(settings: Settings, paths: Paths) -> dict[str, Any]:
     for name in ("valid", "test"):  # 0 but for a class with fewer than 3 distinct rows (split row by row)
         summary[f"{name}_duplicates_of_train"] = int(np.isin(digests[splits[name]], digests[splits["train"]]).sum())
     del digests
+    # monitoring's references are rows as they were drawn: with many copies, the grouped splits are not (the
+    # copies of common rows gather in train, the test rows are the rare ones), and an iid batch would look drifted
+    drawn = split_positions(table.select(list(dict.fromkeys(keys))).to_pandas(), schema, cfg.split,
+                            cfg.valid_share, cfg.test_share, settings.seed)
     train = splits["train"]
     firsts = [*schema.categorical, *([schema.target] if schema.is_classification else [])]
     # categories as pandas categories: the first row of each value is found on codes, not one object per value
@@ -231,10 +235,15 @@ def run(settings: Settings, paths: Paths) -> dict[str, Any]:
                 summary[f"{name}_class_counts"] = {str(k): int(v) for k, v in sorted(counts.items())}
             else:
                 summary[f"{name}_target_mean"] = round(float(target.iloc[positions].mean()), 6)
-        # kept with the model: the drift reference, a seeded sample of the training rows in their order
-        picked = pd.RangeIndex(len(train)).to_series().sample(n=min(settings.report.reference_rows, len(train)),
-                                                             random_state=settings.seed)
-        write_parquet(reference_dir / paths.train_sample.name, rows_at(table, train[np.sort(picked.to_numpy())]))
+        # kept with the model: the drift reference, a seeded sample of the training period's rows in their order,
+        # and the newest rows (the prediction drift reference: compress scores them), each as the table has them
+        period = drawn["train"]
+        picked = pd.RangeIndex(len(period)).to_series().sample(n=min(settings.report.reference_rows, len(period)),
+                                                              random_state=settings.seed)
+        write_parquet(reference_dir / paths.train_sample.name, rows_at(table, period[np.sort(picked.to_numpy())]))
+        write_parquet_chunks(reference_dir / paths.recent_rows.name,
+                             (table.take(pa.array(part, type=pa.int64())) for part in chunks(drawn["test"], size)),
+                             table.schema)
     write_json(paths.prepare_report, summary)
     log.info("prepared splits %s", summary)
     return summary

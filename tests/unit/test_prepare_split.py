@@ -72,9 +72,12 @@ def test_prepare_writes_the_splits_of_the_whole_sorted_table(tmp_path, how, repe
         features[schema.target] = transform.encode_target(rows[schema.target])
         pd.testing.assert_frame_equal(pd.read_parquet(paths.split_features(name)), features, obj=name)
         assert set(rows["label"]) == {"low", "mid", "high", "extreme"}
-    sample = splits["train"].sample(n=min(settings.report.reference_rows, len(splits["train"])),
-                                    random_state=settings.seed).sort_index().reset_index(drop=True)
+    # monitoring's references are rows as drawn, copies included: the plain split's training rows and test rows
+    drawn = whole_table_splits(table, schema, how, 0.15, 0.15, settings.seed)
+    sample = drawn["train"].sample(n=min(settings.report.reference_rows, len(drawn["train"])),
+                                   random_state=settings.seed).sort_index().reset_index(drop=True)
     pd.testing.assert_frame_equal(pd.read_parquet(paths.train_sample), sample)
+    pd.testing.assert_frame_equal(pd.read_parquet(paths.recent_rows), drawn["test"])
 
 
 def test_many_copies_stay_together_and_a_class_of_copies_is_still_split(tmp_path):
