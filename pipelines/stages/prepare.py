@@ -98,7 +98,13 @@ def split_positions(keys: pd.DataFrame, schema: SchemaConfig, how: str, valid_sh
             have = np.bincount(part[mine][first_rows], minlength=3).tolist()
             per_unit = np.repeat([0, 1, 2], _every_split(have))  # units keep their order across the splits
             part[mine] = per_unit[units]
-    return {name: positions[part == i] for i, name in enumerate(SPLITS)}
+    found = {name: positions[part == i] for i, name in enumerate(SPLITS)}
+    if empty := [name for name, rows in found.items() if len(rows) == 0]:  # train would fail later, unclearly
+        raise SplitError(f"the {' and '.join(empty)} split would be empty: {len(positions)} rows, "
+                         f"{int(unit.max(initial=-1)) + 1} of them distinct (identical rows stay in one split), are "
+                         f"too few at prepare.valid_share {valid_share} and prepare.test_share {test_share}; collect "
+                         f"more rows (or raise the shares)")
+    return found
 
 
 def _regression_hint(labels: pd.Index, schema: SchemaConfig) -> str:

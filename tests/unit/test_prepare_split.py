@@ -96,3 +96,17 @@ def test_many_copies_stay_together_and_a_class_of_copies_is_still_split(tmp_path
         dupes = prepare.duplicates_of(splits[name], splits["train"], columns)
         assert set(splits[name].loc[dupes, "label"]) == {"extreme"}, name
         assert 0.10 < len(splits[name]) / len(table) < 0.20, name  # groups move whole, the shares hold
+
+
+def test_a_split_left_empty_stops_with_the_counts_and_the_fix(tmp_path):
+    """Hardening II, item 12: a tiny table (or one of copies) left valid or test empty, and train failed later with
+    an unclear LightGBM message."""
+    from pipelines.stages.prepare import SplitError
+
+    table = make_table("regression", 3, seed=1)
+    table = pd.concat([table] * 10, ignore_index=True)  # 30 rows, 3 distinct
+    table[ROW_KEY] = np.arange(len(table))
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params_for("regression")))
+    schema = load_settings(tmp_path / "params.yaml").data_schema
+    with pytest.raises(SplitError, match=r"split would be empty: 30 rows, 3 of them distinct.*collect more rows"):
+        prepare.split_rows(table, schema, "random", 0.15, 0.15, 0)
