@@ -269,30 +269,49 @@ def test_a_revoked_key_is_refused_by_every_replica_within_a_second(fleet, projec
     assert time.monotonic() - revoked_at < 1.5
 
 
+PACKAGE = """
+import sys
+from pathlib import Path
+from pipelines.config import Paths, load_settings
+from pipelines.registry import Registry
+from pipelines.serving.bento import ensure_bento, publish_bento
+root = Path(sys.argv[1])
+paths, settings = Paths(root), load_settings(root / "params.yaml")
+folder = Registry.of(paths, settings).version_dir(sys.argv[2])
+publish_bento(settings, paths, folder, ensure_bento(settings, paths, folder)["bento_tag"])
+"""
+
+
 def test_promote_and_rollback_reach_every_replica(fleet, project, tmp_path):
+    """As the pipeline does it: the challenger's bento goes to the store (the package stage), replicas load the
+    challenger beside the champion, and promote switches them all within serve.reload_interval_s + 1 s."""
     root, env = project["root"], project["env"]
     registry = Registry.of(Paths(root), load_settings(root / "params.yaml"))
     before = registry.champion
-    register_copy(registry, "vfleet", tmp_path)
+    register_copy(registry, "vfleet", tmp_path)  # the challenger now
+    packaged = subprocess.run([sys.executable, "-c", PACKAGE, str(root), "vfleet"], env=env, capture_output=True,
+                              text=True, timeout=300)
+    assert packaged.returncode == 0, packaged.stderr[-2000:]
+    _all_serve(fleet, "vfleet", within=60, role="challenger")  # fetched and loaded by every replica
     promoted = _amaas(root, env, "promote", "--force", "--version", "vfleet", "--reason", "fleet test")
     assert promoted.returncode == 0, promoted.stderr[-2000:]
-    took = _all_serve(fleet, "vfleet", within=RELOAD_S + 1.0 + 5.0)  # + fetching and loading the new bento once
+    took = _all_serve(fleet, "vfleet", within=RELOAD_S + 1.0)
     rolled = _amaas(root, env, "rollback", "--reason", "fleet test")
     assert rolled.returncode == 0, rolled.stderr[-2000:]
-    back = _all_serve(fleet, before, within=RELOAD_S + 1.0)  # its model is loaded already: only the switch
+    back = _all_serve(fleet, before, within=RELOAD_S + 1.0)
     print(f"\npromote: every replica served vfleet {took:.1f} s after `amaas promote --force` returned; rollback: "
           f"{back:.1f} s (serve.reload_interval_s {RELOAD_S})")
 
 
-def _all_serve(fleet, version: str, within: float) -> float:
-    """Seconds until every replica's /models names `version` as champion (fails after `within`)."""
+def _all_serve(fleet, version: str, within: float, role: str = "champion") -> float:
+    """Seconds until every replica's /models names `version` as `role` (fails after `within`)."""
     started = time.monotonic()
     while True:
         try:
             models = [requests.get(f"{url}/models", timeout=5).json() for url in _urls(fleet)]
         except requests.RequestException:
             models = []
-        if models and all(m["champion"] == version for m in models):
+        if models and all(m[role] == version for m in models):
             return time.monotonic() - started
         assert time.monotonic() - started < within, f"not all replicas serve {version} after {within} s: {models}"
         time.sleep(0.1)
