@@ -492,7 +492,7 @@ class ServeConfig(_Strict):
     canary_policy: Literal["manual", "auto"] = "manual"  # auto: a winning challenger is promoted, a losing one ends
     ab_test: ABTestConfig = ABTestConfig()  # the canary's verdict: reports/ab_test.json, `amaas ab-report`
     model: Literal["auto", "ensemble", "student", "quantized"] = "auto"  # what the compress stage sends on to serve
-    reload_interval_s: float = Field(default=2.0, gt=0, le=3600)  # how often a server checks the registry aliases
+    reload_interval_s: float = Field(default=2.0, gt=0, le=1e9)  # how often a server checks the registry aliases
     keep_alive_s: int = Field(default=5, ge=1, le=3600)  # an idle keep-alive connection is closed after this
     # the gateway: worker processes, and per-key limits that hold across them (`amaas keys add --rps` overrides)
     workers: int = Field(default=1, ge=1, le=256)  # BentoML worker processes of the service (each loads the models)

@@ -103,10 +103,13 @@ def run(settings: Settings, paths: Paths) -> dict[str, Any]:
             "features": transform.feature_names,
         }
         write_json(out / METADATA_FILE, metadata)
-    summary = {"version": version, "ensemble": ensemble.method, "weights": metadata["weights"],
-               "member_valid_log_loss": ensemble.member_valid_log_loss_, "model_dir": str(paths.trained)}
-    write_json(paths.train_report, {"version": version, "ensemble": ensemble.method,
-                                              **{f"weight_{n}": w for n, w in metadata["weights"].items()}})
+    # the report names the ensemble as configured (what `dvc exp show` compares) and what serves of it
+    summary = {"version": version, "ensemble": settings.train.ensemble, "served": combination["served"],
+               "weights": metadata["weights"], "member_valid_log_loss": ensemble.member_valid_log_loss_,
+               "model_dir": str(paths.trained)}
+    write_json(paths.train_report, {"version": version, "ensemble": settings.train.ensemble,
+                                    "served": combination["served"],
+                                    **{f"weight_{n}": w for n, w in metadata["weights"].items()}})
     log.info("trained ensemble %s", version)
     return summary
 
