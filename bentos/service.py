@@ -18,6 +18,7 @@ import inspect
 import logging
 import os
 import threading
+import time
 from collections.abc import Callable
 from contextlib import AbstractContextManager, nullcontext
 from pathlib import Path
@@ -53,6 +54,7 @@ from pipelines.state.limits import RELOAD_LOCK, keep_following, one_at_a_time, s
 from pipelines.state.predlog import GroupCommit, log_entry, now_iso  # noqa: E402
 
 log = logging.getLogger("amaas.service")
+CHALLENGER_RETRY_S = 30.0
 
 
 class ServiceArgs(BaseModel):
@@ -92,6 +94,7 @@ class Models:
         self.cache = ResponseCache(serve.cache.size)  # answers of the models in `current` only
         self._aliases: dict[str, Any] | None = None
         self._params_mtime: float | None = None
+        self._failed_at: float | None = None  # when a challenger last failed to load (None: none failed)
 
     def routing(self) -> tuple[float, bool]:
         """(canary share, shadow) as they apply now: nothing goes to a challenger that is not loaded."""
@@ -115,13 +118,17 @@ class Models:
             self.canary_share, self.shadow = routing
             log.info("canary share %.2f, shadow %s", self.canary_share, self.shadow)
         aliases = registry.aliases()
-        if aliases == self._aliases or aliases["champion"] is None:  # no registry yet: keep the bento's model
+        # a challenger that did not load is tried again when the aliases change, or after CHALLENGER_RETRY_S (in a
+        # fleet its bento may reach the artifacts store after its alias)
+        retry = self._failed_at is not None and time.monotonic() - self._failed_at >= CHALLENGER_RETRY_S
+        if (aliases == self._aliases and not retry) or aliases["champion"] is None:  # no registry: the bento's model
             return
         wanted = {"champion": aliases["champion"],
                   "challenger": aliases["challenger"] if aliases["challenger"] != aliases["champion"] else None}
         have = {bundle.version: bundle for bundle in self.current.values() if bundle}  # a promoted challenger stays
         loaded = {role: have.get(version) if version else None for role, version in wanted.items()}
         missing = [role for role, version in wanted.items() if version is not None and loaded[role] is None]
+        self._failed_at = None
         with loading() if missing else nullcontext():
             for role in missing:
                 try:
@@ -129,9 +136,10 @@ class Models:
                 except Exception:
                     if role == "champion":  # nothing to serve instead: keep the current models, retry next time
                         raise
-                    # the champion serves everything meanwhile (canary and shadow need a loaded challenger);
-                    # retried when the registry's aliases change
-                    log.exception("challenger %s does not load: the champion answers every request", wanted[role])
+                    # the champion serves everything meanwhile (canary and shadow need a loaded challenger)
+                    self._failed_at = time.monotonic()
+                    log.exception("challenger %s does not load: the champion answers every request (tried again "
+                                  "when the registry changes, or in %.0f s)", wanted[role], CHALLENGER_RETRY_S)
         switched = any(loaded[role] is not self.current[role] for role in loaded)
         self.current, self._aliases = loaded, aliases
         if switched:

@@ -35,7 +35,7 @@ from pipelines.registry import Registry
 from pipelines.serving.fleet import MARKER_ENV, Fleet, running_fleet, state_replica
 from pipelines.state import Shared
 from pipelines.state.keys import ApiKeys
-from tests.conftest import BIN, amaas, free_port, register_copy, server_binary
+from tests.conftest import BIN, amaas, free_port, server_binary
 
 pytestmark = pytest.mark.slow
 
@@ -273,12 +273,10 @@ PACKAGE = """
 import sys
 from pathlib import Path
 from pipelines.config import Paths, load_settings
-from pipelines.registry import Registry
 from pipelines.serving.bento import ensure_bento, publish_bento
-root = Path(sys.argv[1])
+root, bundle = Path(sys.argv[1]), Path(sys.argv[2])
 paths, settings = Paths(root), load_settings(root / "params.yaml")
-folder = Registry.of(paths, settings).version_dir(sys.argv[2])
-publish_bento(settings, paths, folder, ensure_bento(settings, paths, folder)["bento_tag"])
+publish_bento(settings, paths, bundle, ensure_bento(settings, paths, bundle)["bento_tag"])
 """
 
 
@@ -288,10 +286,14 @@ def test_promote_and_rollback_reach_every_replica(fleet, project, tmp_path):
     root, env = project["root"], project["env"]
     registry = Registry.of(Paths(root), load_settings(root / "params.yaml"))
     before = registry.champion
-    register_copy(registry, "vfleet", tmp_path)  # the challenger now
-    packaged = subprocess.run([sys.executable, "-c", PACKAGE, str(root), "vfleet"], env=env, capture_output=True,
-                              text=True, timeout=300)
+    bundle = tmp_path / "vfleet"  # the champion's model released again under another version: a cheap challenger
+    shutil.copytree(registry.champion_dir(), bundle, ignore=shutil.ignore_patterns("monitoring"))
+    metadata = json.loads((bundle / "metadata.json").read_text())
+    (bundle / "metadata.json").write_text(json.dumps({**metadata, "version": "vfleet"}))
+    packaged = subprocess.run([sys.executable, "-c", PACKAGE, str(root), str(bundle)], env=env, capture_output=True,
+                              text=True, timeout=300)  # the package stage: its bento into the store
     assert packaged.returncode == 0, packaged.stderr[-2000:]
+    registry.register(bundle)  # the promote stage registers it: the challenger
     _all_serve(fleet, "vfleet", within=60, role="challenger")  # fetched and loaded by every replica
     promoted = _amaas(root, env, "promote", "--force", "--version", "vfleet", "--reason", "fleet test")
     assert promoted.returncode == 0, promoted.stderr[-2000:]
