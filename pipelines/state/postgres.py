@@ -44,7 +44,9 @@ CONNECT_TIMEOUT_S = 2
 STATEMENT_TIMEOUT_MS = 2000  # a check that waits longer answers 503 (the gateway's promise: never a hang)
 KEYS_REFRESH_S = 0.5  # how often a process re-reads the key table: a revocation holds everywhere within 1 s
 _LOCK_ID = 0x616D616173  # the advisory lock that serializes migrations ("amaas")
-_NOW = "extract(epoch from clock_timestamp())"  # the database's clock, in Unix seconds
+# the database's clock, in Unix seconds. SQL is built from constants like this one only (bandit's B608 marks each
+# place, `# nosec B608`): every value a caller or client gives is a bound parameter (%s, %(name)s)
+_NOW = "extract(epoch from clock_timestamp())"
 
 # Applied in order, once each (amaas_migrations records them). Never edit one that has shipped: add the next.
 MIGRATIONS: tuple[str, ...] = (
@@ -246,10 +248,10 @@ class PgLimits:
     def _take(self, name: str, limit: Limit) -> tuple[float, bool]:
         """The bucket in the database: one locked row, the database's clock."""
         with _busy("checking a rate limit"), self.db.transaction() as conn:
-            conn.execute("INSERT INTO key_usage VALUES (%s, %s, " + _NOW + ", 0, 0, 0, 0, 0) ON CONFLICT (name) "
+            conn.execute("INSERT INTO key_usage VALUES (%s, %s, " + _NOW + ", 0, 0, 0, 0, 0) ON CONFLICT (name) "  # nosec B608
                          "DO NOTHING", (name, float(limit.burst)))
             found = conn.execute(
-                "SELECT tokens, updated, " + _NOW + " FROM key_usage WHERE name = %s FOR UPDATE", (name,)).fetchone()
+                "SELECT tokens, updated, " + _NOW + " FROM key_usage WHERE name = %s FOR UPDATE", (name,)).fetchone()  # nosec B608
             assert found is not None  # inserted above
             tokens, updated, now = found
             tokens = float(limit.burst) if limit.rps is None else min(
@@ -272,13 +274,13 @@ class PgLimits:
             # one statement, one round trip: a new key's row is inserted with its rows if they fit (else with
             # none: day_rows 0 says refused), an existing one is updated only if they fit (else no row returned)
             charged = self.db.rows(
-                f"INSERT INTO key_usage AS u VALUES (%(name)s, %(burst)s, {_NOW}, {today}, CASE WHEN {fits} THEN "
+                f"INSERT INTO key_usage AS u VALUES (%(name)s, %(burst)s, {_NOW}, {today}, CASE WHEN {fits} THEN "  # nosec B608
                 f"%(rows)s ELSE 0 END, 0, CASE WHEN {fits} THEN %(rows)s ELSE 0 END, 0) ON CONFLICT (name) DO UPDATE "
                 f"SET day = {today}, day_rows = {used} + %(rows)s, rows = u.rows + %(rows)s WHERE %(quota)s::bigint "
                 f"IS NULL OR {used} + %(rows)s <= %(quota)s RETURNING day_rows", args)
             if charged and charged[0][0] > 0:
                 return None
-            found = self.db.rows(f"UPDATE key_usage AS u SET limited = u.limited + 1 WHERE name = %(name)s "
+            found = self.db.rows(f"UPDATE key_usage AS u SET limited = u.limited + 1 WHERE name = %(name)s "  # nosec B608
                                  f"RETURNING {used}", args)[0]
         assert limit.daily_quota is not None and found is not None  # without a quota the update above counts
         return max(0, limit.daily_quota - int(found[0]))
@@ -286,7 +288,7 @@ class PgLimits:
     def refund(self, name: str, rows: int, now: float | None = None) -> None:
         """Take back `rows` that `charge` counted today for key `name` (a request it then could not answer)."""
         with _busy("refunding rows"):
-            self.db.rows(f"UPDATE key_usage SET day_rows = GREATEST(0, day_rows - %s), rows = GREATEST(0, rows - %s) "
+            self.db.rows(f"UPDATE key_usage SET day_rows = GREATEST(0, day_rows - %s), rows = GREATEST(0, rows - %s) "  # nosec B608
                          f"WHERE name = %s AND day = floor({_NOW} / {DAY_S})::bigint RETURNING name",
                          (rows, rows, name))
 
@@ -300,7 +302,7 @@ class PgLimits:
     def usage(self, now: float | None = None) -> dict[str, Usage]:
         """Every key's counts over the whole fleet."""
         with _busy("reading usage"):
-            found = self.db.rows(f"SELECT name, requests, rows, limited, CASE WHEN day = floor({_NOW} / {DAY_S}) "
+            found = self.db.rows(f"SELECT name, requests, rows, limited, CASE WHEN day = floor({_NOW} / {DAY_S}) "  # nosec B608
                                  f"THEN day_rows ELSE 0 END FROM key_usage ORDER BY name")
         usage = {name: Usage(int(r), int(rows), int(lim), int(today)) for name, r, rows, lim, today in found}
         if self.buckets is not None:
@@ -337,9 +339,9 @@ class PgLimits:
 
     def followed(self, server: str, pid: int, generation: int, now: float | None = None) -> None:
         with _busy("recording a reload"), self.db.transaction() as conn:
-            conn.execute(f"INSERT INTO workers VALUES (%s, %s, %s, {_NOW}) ON CONFLICT (server, pid) DO UPDATE SET "
+            conn.execute(f"INSERT INTO workers VALUES (%s, %s, %s, {_NOW}) ON CONFLICT (server, pid) DO UPDATE SET "  # nosec B608
                          f"followed = excluded.followed, seen = excluded.seen", (server, pid, generation))
-            conn.execute(f"DELETE FROM workers WHERE seen < {_NOW} - %s", (STALE_WORKER_S,))
+            conn.execute(f"DELETE FROM workers WHERE seen < {_NOW} - %s", (STALE_WORKER_S,))  # nosec B608
 
     def followers(self, server: str, generation: int) -> int:
         with _busy("counting reloaded workers"):
@@ -483,7 +485,7 @@ class PgPredictionLog(GroupCommit):
 
     def read(self, since: datetime | None = None) -> list[PredictionRecord]:
         """Every logged prediction of the fleet (since `since`, when given), oldest first."""
-        sql = "SELECT entry FROM prediction_log" + (" WHERE at >= %s" if since else "") + " ORDER BY at, seq"
+        sql = "SELECT entry FROM prediction_log" + (" WHERE at >= %s" if since else "") + " ORDER BY at, seq"  # nosec B608
         with _busy("reading the prediction log"):
             found = self.db.rows(sql, (since,) if since else ())
         return [PredictionRecord.from_dict(row[0] if isinstance(row[0], dict) else json.loads(row[0]))
