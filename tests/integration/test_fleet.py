@@ -284,7 +284,7 @@ def test_promote_and_rollback_reach_every_replica(fleet, project, tmp_path):
     """As the pipeline does it: the challenger's bento goes to the store (the package stage), replicas load the
     challenger beside the champion, and promote switches them all within serve.reload_interval_s + 1 s."""
     root, env = project["root"], project["env"]
-    registry = Registry.of(Paths(root), load_settings(root / "params.yaml"))
+    registry = Registry(Paths(root).registry, project["state"].registry_store)  # the fleet's, as `amaas` sees it
     before = registry.champion
     bundle = tmp_path / "vfleet"  # the champion's model released again under another version: a cheap challenger
     shutil.copytree(registry.champion_dir(), bundle, ignore=shutil.ignore_patterns("monitoring"))
