@@ -137,6 +137,6 @@ def test_prepare_in_chunks_writes_what_it_wrote_whole(tmp_path, task):
         outputs[chunk] = {f"{d.name}/{f.name}": pd.read_parquet(f) for d in (paths.features, paths.reference)
                           for f in sorted(d.glob("*.parquet"))}
         assert (paths.features / paths.fitted_transform.name).is_file()
-    assert outputs[37].keys() == outputs[1_000_000].keys() and len(outputs[37]) == 7
+    assert outputs[37].keys() == outputs[1_000_000].keys() and len(outputs[37]) == 8  # recent.parquet too
     for name, frame in outputs[1_000_000].items():
         pd.testing.assert_frame_equal(outputs[37][name], frame, obj=name)
