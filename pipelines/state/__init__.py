@@ -100,10 +100,6 @@ class Shared:
 
         return read_prediction_log(self.paths.prediction_log) if self.paths.prediction_log.is_dir() else []
 
-    def has_predictions(self) -> bool:
-        """Whether anything was logged yet (the one-host log's folder exists)."""
-        return self.fleet or self.paths.prediction_log.is_dir()
-
     @property
     def prediction_log_name(self) -> str:
         """Where the log is, for messages."""
