@@ -30,8 +30,9 @@ from pydantic import BaseModel, TypeAdapter, ValidationError
 
 from pipelines.config import ServeConfig, Settings
 from pipelines.serving.asgi import Receive, Send, buffered
+from pipelines.serving.openapi import document
 from pipelines.serving.routing import route
-from pipelines.serving.schema import answer_model, openapi_with_schemas, request_schema, with_defaults
+from pipelines.serving.schema import answer_model, request_schema, with_defaults
 from pipelines.state import Shared
 from pipelines.state.keys import ApiKeys, KeyEntry, KeyStoreError
 from pipelines.state.limits import (
@@ -48,13 +49,16 @@ from pipelines.state.postgres import PgApiKeys, PgLimits
 
 MODELS_PATH = "/models"  # GET: the versions being served and the canary routing (open, like health)
 DOCS_JSON = "/docs.json"
-OPEN_PATHS = ("/readyz", "/livez", "/healthz", "/metrics", "/docs", "/docs.json", "/")
 REQUEST_ID = "_request_id"  # added to each row by the gateway, carried through the adaptive batch
 ROUTE = "_route"  # champion | challenger | shadow
 KEY_NAME = "_key_name"  # the name of the API key that sent the row (never the key), for the prediction log
 STATIC_DIR = "/static_content"  # BentoML's Swagger UI files
-ADMIN_PATHS = {"/admin/reload": "POST", "/admin/drain": "POST", "/admin/keys": "GET"}  # an admin-scoped key only
-KNOWN_PATHS = frozenset({*OPEN_PATHS, MODELS_PATH, "/predict", *ADMIN_PATHS})
+ADMIN_PATHS = ("/admin/reload", "/admin/drain", "/admin/keys")  # an admin-scoped key only
+# every route and its one method (another one is 405 with Allow); openapi.py documents each of them
+ROUTES: dict[str, tuple[str, ...]] = {
+    "/predict": ("POST",), MODELS_PATH: ("GET",), DOCS_JSON: ("GET",), "/docs": ("GET",), "/": ("GET",),
+    "/readyz": ("GET",), "/livez": ("GET",), "/healthz": ("GET",), "/metrics": ("GET",),
+    "/admin/reload": ("POST",), "/admin/drain": ("POST",), "/admin/keys": ("GET",)}
 MAX_HEADER_BYTES = 16 * 1024  # all names and values together; more is 431
 MAX_REQUEST_ID = 128
 REQUEST_ID_PATTERN = re.compile(rf"[A-Za-z0-9._:-]{{1,{MAX_REQUEST_ID}}}")
@@ -145,30 +149,32 @@ class Gateway:
         if not known_path(path):  # no route of ours: answered here, so no per-path state grows anywhere
             return await _reply(send, 404, {"error": "not found: POST /predict; GET /models, /docs, /readyz, "
                                                      "/livez, /metrics; /admin/reload, /admin/drain, /admin/keys"})
+        allowed = ROUTES.get(path, ("GET",))  # BentoML's Swagger UI files: GET
+        if scope["method"] not in allowed:
+            return await _reply(send, 405, {"error": f"{path} takes {', '.join(allowed)}"},
+                                [(b"allow", ", ".join(allowed).encode())])
         if path == "/docs":  # the Swagger UI lives at /; /docs is where people look for it
             scope = {**scope, "path": "/", "raw_path": b"/"}
             path = "/"
-        if path == MODELS_PATH and scope["method"] == "GET":
+        if path == MODELS_PATH:
             return await _reply(send, 200, self.versions())
-        if path == DOCS_JSON and scope["method"] == "GET":
+        if path == DOCS_JSON:
             return await self._documented(scope, receive, send)
-        if path == "/readyz" and scope["method"] == "GET":
+        if path == "/readyz":
             return await self._ready(scope, receive, send)
-        if path == "/metrics" and scope["method"] == "GET":
+        if path == "/metrics":
             return await self._metered(scope, receive, send)
         # latin-1 maps every byte: a header that is not UTF-8 is a wrong key or a bad id, never an error
         headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
         if path in ADMIN_PATHS:
-            return await self._admin(path, scope["method"], headers, receive, send)
-        if path in OPEN_PATHS or scope["method"] != "POST":
+            return await self._admin(path, headers, receive, send)
+        if path != "/predict":  # health and the Swagger UI: BentoML's, open
             return await self.app(scope, receive, send)
         entry = None
         if self.serve.auth:
             entry = await self._authorized(headers, send, "predict", "`amaas keys add NAME` (default scope predict)")
             if entry is None:
                 return None
-        if path != "/predict":
-            return await self.app(scope, receive, send)
         limit = entry.limit(self.serve.rate_limit) if entry else None
         try:
             decision = self.state.admit(self.server, entry.name if entry else None, limit)
@@ -304,13 +310,10 @@ class Gateway:
         await send({**started, "headers": [*headers, (b"content-length", str(len(text)).encode())]})
         await send({"type": "http.response.body", "body": text})
 
-    async def _admin(self, path: str, method: str, headers: dict[str, str], receive: Receive, send: Send) -> None:
+    async def _admin(self, path: str, headers: dict[str, str], receive: Receive, send: Send) -> None:
         """/admin/*: an admin-scoped key (401 without a key, 403 with another), whether or not serve.auth is on."""
         if await self._authorized(headers, send, "admin", "`amaas keys add NAME --scope admin`") is None:
             return None
-        if method != ADMIN_PATHS[path]:
-            return await _reply(send, 405, {"error": f"{path} takes {ADMIN_PATHS[path]}"},
-                                [(b"allow", ADMIN_PATHS[path].encode())])
         try:
             if path == "/admin/keys":
                 return await _reply(send, 200, self._usage())
@@ -376,18 +379,20 @@ class Gateway:
             log.error("%s; every keyed request gets 503 until then", exc)
 
     async def _documented(self, scope: dict[str, Any], receive: Receive, send: Send) -> None:
-        """BentoML's /docs.json with the schemas of /predict filled in."""
+        """The OpenAPI document of every route the gateway answers (BentoML's title and version)."""
         started, body = await buffered(self.app, scope, receive)
-        if started.get("status") != 200:
-            return await _reply(send, int(started.get("status", 500)), {"error": "no OpenAPI document"})
-        await _reply(send, 200, openapi_with_schemas(json.loads(body), self.model, self.answer))
+        bentoml = json.loads(body) if started.get("status") == 200 else {}
+        info = bentoml.get("info", {}) if isinstance(bentoml, dict) else {}
+        limits = {"max_rows": self.serve.max_rows, "max_body_bytes": self.serve.max_body_bytes}
+        await _reply(send, 200, document({"title": "amaas", "version": "unknown", **info}, self.model, self.answer,
+                                         self.serve.auth, ROUTES, limits))
 
 
 def known_path(path: str) -> bool:
     """Whether `path` is a route of the service (or one of BentoML's Swagger UI files): other paths get 404
     before anything keeps per-path state for them (BentoML's metrics label requests by path)."""
     path = path.rstrip("/") or "/"
-    if path in KNOWN_PATHS:
+    if path in ROUTES:
         return True
     if not path.startswith(STATIC_DIR + "/") or ".." in path:
         return False

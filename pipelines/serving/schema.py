@@ -1,11 +1,11 @@
-"""The request and answer schemas of /predict, from the data schema in params.yaml, and the OpenAPI
-document that shows them."""
+"""The request and answer schemas of /predict, from the data schema in params.yaml (the OpenAPI document that
+shows them: openapi.py)."""
 
 from __future__ import annotations
 
 from typing import Annotated, Any, NotRequired
 
-from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, create_model
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, JsonValue, TypeAdapter, create_model
 from typing_extensions import TypedDict  # pydantic needs this one on Python 3.11
 
 from pipelines.config import SchemaConfig
@@ -16,6 +16,7 @@ from pipelines.config import SchemaConfig
 MIN_CATEGORY_CHARS = 64
 CATEGORY_SLACK = 32
 MAX_ID_CHARS = 128  # an id or a time as text
+MAX_EXACT_INT = 2 ** 53 - 1
 
 
 def row_schema(schema: SchemaConfig) -> type:
@@ -32,7 +33,9 @@ def row_schema(schema: SchemaConfig) -> type:
     left out are not in the validated dict: `with_defaults` fills them in.
     """
     text = Annotated[str, Field(max_length=MAX_ID_CHARS)]
-    fields: dict[str, Any] = {schema.id_column: NotRequired[int | text | None]} if schema.id_column else {}
+    # an integer id is exact in a double (larger ones: as text): a JSON parser may read a larger one as a float
+    integer = Annotated[int, Field(ge=-MAX_EXACT_INT, le=MAX_EXACT_INT), BeforeValidator(_whole)]
+    fields: dict[str, Any] = {schema.id_column: NotRequired[integer | text | None]} if schema.id_column else {}
     if schema.time_column:  # a timestamp as text, or epoch/ordinal numbers: taken as sent, never a feature
         fields[schema.time_column] = NotRequired[int | float | text | None]
     for col, rule in schema.numeric.items():
@@ -45,8 +48,15 @@ def row_schema(schema: SchemaConfig) -> type:
         category = spelled | bool | int | float  # codes and flags are categories too: spelled as text by the transform
         fields[col] = NotRequired[category | None] if cat.nullable else category
     row = TypedDict("Row", fields)  # type: ignore[misc]  # fields made at runtime
-    row.__pydantic_config__ = ConfigDict(extra="forbid")  # type: ignore[attr-defined]
+    # strict: a number is a JSON number ("30" and true are refused, as the published JSON Schema says)
+    row.__pydantic_config__ = ConfigDict(extra="forbid", strict=True)  # type: ignore[attr-defined]
     return row
+
+
+def _whole(value: Any) -> Any:
+    """A float with no fraction as the integer it is (JSON Schema's "integer" takes 3.0); anything else as sent, for
+    the strict check (which refuses true and "3")."""
+    return int(value) if isinstance(value, float) and value.is_integer() else value
 
 
 def request_schema(schema: SchemaConfig, max_rows: int) -> TypeAdapter[Any]:
@@ -56,7 +66,11 @@ def request_schema(schema: SchemaConfig, max_rows: int) -> TypeAdapter[Any]:
     request = TypedDict("PredictRequest", {  # type: ignore[name-match]  # noqa: UP013
         "rows": NotRequired[Annotated[list[row] | None, Field(min_length=1, max_length=max_rows)]],  # type: ignore[valid-type]
         "row": NotRequired[row | None]})  # type: ignore[valid-type]
-    request.__pydantic_config__ = ConfigDict(extra="forbid")  # type: ignore[attr-defined]
+    # exactly one of the two (the gateway checks it after validation; the document says so)
+    one_of: list[JsonValue] = [{"required": [name], "properties": {name: {"type": kind}}}
+                               for name, kind in (("rows", "array"), ("row", "object"))]
+    request.__pydantic_config__ = ConfigDict(  # type: ignore[attr-defined]
+        extra="forbid", strict=True, json_schema_extra={"oneOf": one_of})
     return TypeAdapter(request)
 
 
@@ -85,20 +99,3 @@ def answer_model(schema: SchemaConfig) -> type[BaseModel]:
                                                             "trained on (answered; reported as drift)"))}
     fields |= {"model_version": (str, ...), "request_id": (str, ...)}
     return create_model("Answer", **fields)
-
-
-def openapi_with_schemas(spec: dict[str, Any], request: TypeAdapter[Any], answer: type[BaseModel]) -> dict[str, Any]:
-    """BentoML's OpenAPI document with /predict's request and answer schemas as the gateway enforces them
-    (BentoML sees rows as free-form dicts, since the gateway validates them)."""
-    components = spec.setdefault("components", {}).setdefault("schemas", {})
-    template = "#/components/schemas/{model}"
-    body = request.json_schema(ref_template=template)
-    reply: dict[str, Any] = {"type": "array", "items": answer.model_json_schema(ref_template=template)}
-    for part in (body, reply["items"]):
-        components.update(part.pop("$defs", {}))
-    post = spec.get("paths", {}).get("/predict", {}).get("post")
-    if post is not None:
-        post["requestBody"] = {"required": True, "content": {"application/json": {"schema": body}}}
-        post.setdefault("responses", {})["200"] = {"description": "one answer per row",
-                                                   "content": {"application/json": {"schema": reply}}}
-    return spec

@@ -137,5 +137,6 @@ def test_a_users_table_runs_end_to_end_and_serves_what_it_scores(task, tmp_path)
     row_schema = docs["components"]["schemas"]["Row"]["properties"]  # /docs shows what the gateway enforces
     assert set(features) <= set(row_schema)
     post = docs["paths"]["/predict"]["post"]
-    answer = post["responses"]["200"]["content"]["application/json"]["schema"]["items"]["properties"]
+    reference = post["responses"]["200"]["content"]["application/json"]["schema"]["items"]["$ref"]
+    answer = docs["components"]["schemas"][reference.rsplit("/", 1)[1]]["properties"]
     assert ("value" if task == "regression" else "probabilities") in answer

@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 
 from pipelines.config import load_settings
-from pipelines.serving.gateway import KEY_NAME, REQUEST_ID, ROUTE, Gateway
+from pipelines.serving.gateway import KEY_NAME, REQUEST_ID, ROUTE, ROUTES, Gateway
 from pipelines.serving.routing import route
 from pipelines.state.keys import ApiKeys, KeyStoreError
 from pipelines.state.predlog import PredictionLog, PredictionRecord, log_entry, read_prediction_log, to_line
@@ -120,7 +120,11 @@ def _call(gateway: Gateway, path: str, body: bytes, headers: dict[str, Any], met
     asyncio.run(gateway(scope, receive, send))
     start = sent[0]
     payload = b"".join(m.get("body", b"") for m in sent[1:])
-    return start["status"], dict((k.decode(), v.decode()) for k, v in start["headers"]), json.loads(payload or b"0")
+    try:
+        answer = json.loads(payload or b"0")
+    except ValueError:  # /metrics: Prometheus text
+        answer = payload.decode()
+    return start["status"], dict((k.decode(), v.decode()) for k, v in start["headers"]), answer
 
 
 @pytest.fixture
@@ -144,7 +148,7 @@ def test_gateway_reads_settings_on_first_use_not_when_built(gateway, tmp_path):
     app = _App()
     lazy = Gateway(app, settings, files_state(tmp_path / "keys.json"), lambda: (0.0, False), dict, app.predict)
     assert not loads  # BentoML builds the middleware at import, before any settings exist
-    assert _call(lazy, "/readyz", b"", {})[0] == 200 and not loads  # health needs no settings
+    assert _call(lazy, "/readyz", b"", {}, method="GET")[0] == 200 and not loads  # health needs no settings
     assert _call(lazy, "/predict", json.dumps({"row": ROW}).encode(), {"X-API-Key": key})[0] == 200
     calls = len(loads)
     assert _call(lazy, "/predict", json.dumps({"row": ROW}).encode(), {"X-API-Key": key})[0] == 200
@@ -194,7 +198,7 @@ def test_gateway_answers_401_413_422_and_scores_tagged_rows(gateway):
 def test_gateway_leaves_health_metrics_and_docs_open(gateway):
     gw, app, _ = gateway
     for path in ("/readyz", "/metrics", "/docs"):
-        assert _call(gw, path, b"", {})[0] == 200
+        assert _call(gw, path, b"", {}, method="GET")[0] == 200
     assert app.calls[-1][0] == "/"  # /docs shows the Swagger UI that BentoML serves at /
     calls = len(app.calls)
     status, _, body = _call(gw, "/models", b"", {}, method="GET")
@@ -207,23 +211,58 @@ def test_openapi_shows_the_rows_and_the_answer_of_the_task(task, tmp_path):
     import yaml
 
     from pipelines.config import load_settings
-    from pipelines.serving.schema import answer_model, openapi_with_schemas, request_schema
+    from pipelines.serving.openapi import document
+    from pipelines.serving.schema import answer_model, request_schema
     from tests.tables import params_for
 
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params_for(task)))
     schema = load_settings(tmp_path / "params.yaml").data_schema
-    spec = {"paths": {"/predict": {"post": {"requestBody": {"content": {"application/json": {"schema": {}}}}}}}}
-    doc = openapi_with_schemas(spec, request_schema(schema, 10), answer_model(schema))
+    doc = document({"title": "t", "version": "v"}, request_schema(schema, 10), answer_model(schema), True,
+                   ROUTES, {"max_rows": 10, "max_body_bytes": 1000})
     row = doc["components"]["schemas"]["Row"]
     # no id column in this table; its time column may be sent (not a feature)
     assert set(row["properties"]) == {"day", "x1", "x2", "color", "size"}
     assert set(row["required"]) == {"x1", "color"}  # x2 and size are nullable, day optional
-    answer = doc["paths"]["/predict"]["post"]["responses"]["200"]["content"]["application/json"]["schema"]
+    answer = doc["components"]["schemas"]["Answer"]
     expected = {"binary": {"label", "probability", "probabilities"}, "multiclass": {"label", "probabilities"},
                 "regression": {"value"}}[task]
-    assert set(answer["items"]["properties"]) == expected | {"model_version", "request_id", "unseen",
-                                                             "out_of_reference"}
-    json.dumps(doc)  # a valid JSON document
+    assert set(answer["properties"]) == expected | {"model_version", "request_id", "unseen", "out_of_reference"}
+    json.dumps(doc, allow_nan=False)  # a valid JSON document
+
+
+def test_openapi_lists_every_route_and_status_and_the_schema_the_gateway_enforces(gateway):
+    """Issue 33, item 11: the document once had no 401/403/413/422/429/503 and no admin routes; `{}` passed its
+    schema but got 422, and numbers took "30" and true."""
+    import jsonschema
+
+    from pipelines.serving.openapi import document
+    from pipelines.serving.schema import answer_model, request_schema
+
+    gw, app, key = gateway
+    status, _, doc = _call(gw, "/docs.json", b"", {}, method="GET")
+    assert status == 200 and doc["openapi"].startswith("3.1")
+    assert set(doc["paths"]) == set(ROUTES)
+    predict = doc["paths"]["/predict"]["post"]
+    assert {"200", "401", "403", "413", "422", "429", "503"} <= set(predict["responses"])
+    assert {"401", "403"} <= set(doc["paths"]["/admin/drain"]["post"]["responses"])
+    for path, methods in ROUTES.items():  # every other method: 405 naming the route's (documented)
+        assert "405" in doc["paths"][path][methods[0].lower()]["responses"]
+        status, headers, _ = _call(gw, path, b"", {}, method="DELETE")
+        assert (status, headers["allow"]) == (405, methods[0])
+    # the request schema as a document of its own, its references resolved in the components beside it
+    validator = jsonschema.Draft202012Validator({**predict["requestBody"]["content"]["application/json"]["schema"],
+                                                 "components": doc["components"]})
+    auth = {"X-API-Key": key}
+    for request, valid in [({"row": ROW}, True), ({"rows": [ROW, ROW]}, True), ({}, False),
+                           ({"row": ROW, "rows": [ROW]}, False), ({"rows": [ROW] * 4}, False),
+                           ({"row": {**ROW, "age": "30"}}, False), ({"row": {**ROW, "age": True}}, False),
+                           ({"row": {**ROW, "age": 30}}, True), ({"rows": None, "row": ROW}, True)]:
+        assert validator.is_valid(request) == valid, request
+        assert (_call(gw, "/predict", json.dumps(request).encode(), auth)[0] == 200) == valid, request
+    # the document follows the server: a route it does not describe is an error, not a silent gap
+    with pytest.raises(RuntimeError, match="/extra"):
+        document({}, request_schema(gw.settings().data_schema, 3), answer_model(gw.settings().data_schema), True,
+                 {**ROUTES, "/extra": ("GET",)}, {"max_rows": 3, "max_body_bytes": 1})
 
 
 def test_malformed_requests_get_a_4xx_at_once_and_nothing_escapes(gateway):
@@ -285,7 +324,7 @@ def test_a_corrupt_key_file_is_a_503_at_once_logged_once(gateway, tmp_path, capl
             status, _, body = _call(gw, "/predict", json.dumps({"row": ROW}).encode(), {"X-API-Key": key})
             assert status == 503 and "key store" in body["error"]
     assert len(caplog.records) == 1 and str(tmp_path / "keys.json") in caplog.records[0].getMessage()
-    assert _call(gw, "/readyz", b"", {})[0] == 200  # health stays open
+    assert _call(gw, "/readyz", b"", {}, method="GET")[0] == 200  # health stays open
     with pytest.raises(KeyStoreError, match="amaas keys add"):
         ApiKeys(tmp_path / "keys.json").names()
     (tmp_path / "keys.json").write_text('{"t": 1}')
