@@ -63,13 +63,17 @@ def test_a_blend_worse_than_its_best_member_is_not_served(tmp_path):
     assert kept["served"] == "ensemble"  # a tie keeps the blend
 
 
-def test_seven_imbalanced_classes_every_common_class_predicted_and_no_member_better_on_valid(tmp_path):
-    table = seven_classes(2000, seed=3)
+@pytest.mark.slow
+def test_seven_imbalanced_classes_every_common_class_predicted_and_no_member_better(tmp_path):
+    """Issue 29: on a 944-row 7-class table the ensemble's f1_macro was 0.281, below its LightGBM (0.324) and
+    XGBoost (0.348) members, and classes 2-4 were never predicted. Here the default learners and ensemble on 6,000
+    rows (900 test rows: on 300, members' test f1_macro spread over 0.1 by noise alone, measured)."""
+    table = seven_classes(6000, seed=3)
     params = params_for("multiclass", **{
         "schema.numeric": {c: {"reference": [-5, 5]} for c in ("x1", "x2", "x3", "x4")},
         "schema.categorical": {"color": ["Red", "Green", "Blue"]},
-        "train.learners": ["lightgbm", "xgboost"], "train.ensemble": "blending", "promote.metric": "f1_macro",
-        "evaluate.slices": []})
+        "train.learners": ["lightgbm", "xgboost", "mlp"], "train.ensemble": "blending",
+        "promote.metric": "f1_macro", "evaluate.slices": []})
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
     settings, paths = load_settings(tmp_path / "params.yaml"), Paths(tmp_path)
     paths.validated.mkdir(parents=True)
@@ -91,7 +95,12 @@ def test_seven_imbalanced_classes_every_common_class_predicted_and_no_member_bet
         assert served_valid >= score("f1_macro", y_valid, members[:, i], own) - 1e-9, name
     test = pd.read_parquet(paths.test_rows)
     output = bundle.predict(test)
-    assert score("f1_macro", bundle.transform.encode_target(test["label"]), output,
-                 bundle.decision) == pytest.approx(metrics["f1_macro"])
+    y_test = bundle.transform.encode_target(test["label"])
+    served_test = score("f1_macro", y_test, output, bundle.decision)
+    assert served_test == pytest.approx(metrics["f1_macro"])
+    tested = bundle.ensemble.member_predictions(bundle.transform.transform(test))
+    on_test = {name: score("f1_macro", y_test, tested[:, i], decision_of(train.pick_threshold(
+        settings, "multiclass", y_valid, members[:, i]))) for i, name in enumerate(bundle.ensemble.names)}
+    assert served_test >= max(on_test.values()) - 0.005, (served_test, on_test)  # the test rows too
     common = {c for c, n in table["label"].value_counts().items() if n >= 0.05 * len(table)}
     assert common <= set(bundle.labels(output)), sorted(common - set(bundle.labels(output)))
