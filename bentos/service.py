@@ -37,7 +37,7 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 from pipelines.bundle import ModelBundle  # noqa: E402
 from pipelines.config import PARAMS_ENV, ROOT_ENV, Paths, Settings, load_settings  # noqa: E402
 from pipelines.registry import Registry  # noqa: E402
-from pipelines.serving.cache import ResponseCache  # noqa: E402
+from pipelines.serving.cache import ResponseCache, features  # noqa: E402
 from pipelines.serving.gateway import (  # noqa: E402
     KEY_NAME,
     REQUEST_ID,
@@ -95,6 +95,7 @@ class Models:
         self._aliases: dict[str, Any] | None = None
         self._params_mtime: float | None = None
         self._failed_at: float | None = None  # when a challenger last failed to load (None: none failed)
+        self.explained = 0  # rows this worker answered on /explain (/metrics)
 
     def routing(self) -> tuple[float, bool]:
         """(canary share, shadow) as they apply now: nothing goes to a challenger that is not loaded."""
@@ -176,7 +177,7 @@ class AmaasService:
         torch.set_num_threads(1)
         self.settings = settings()
         self.models = MODELS.get(ModelBundle.load(Path(self.model_ref.path)))
-        MODELS.answer = self.answer
+        MODELS.answer, MODELS.explain_rows = self.answer, self.explain
         if self.models.cache.size:  # requests whose answers are all cached skip the batch queue
             MODELS.cached_answer = functools.partial(self.answer, cached_only=True)
         self.log = MODELS.log = state().prediction_log()
@@ -202,7 +203,8 @@ class AmaasService:
     def __metrics__(self, content: str) -> str:
         """BentoML's hook on /metrics: its text plus the versions served, the canary share and this worker's
         response cache (amaas_* metrics)."""
-        return with_served_metrics(content, MODELS.versions(), MODELS.cache_stats())
+        return with_served_metrics(content, MODELS.versions(), MODELS.cache_stats(),
+                                   MODELS.models.explained if MODELS.models else 0)
 
     # BentoML's batching of this API serves /predict: the gateway hands it the rows it checked (MODELS.predict)
     @bentoml.api(batchable=ARGS.batching, max_batch_size=ARGS.max_batch_size, max_latency_ms=ARGS.max_latency_ms)
@@ -212,6 +214,23 @@ class AmaasService:
         answers = self.answer(rows)
         assert answers is not None
         return answers
+
+    def explain(self, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        """For each row: the answer with its explanation (pipelines.explain), by the model its route picks (a
+        shadow row: the champion; nothing is cached, no challenger scores it in the shadow), logged with
+        `explained` set."""
+        models = self.models.current
+        champion, challenger = models["champion"], models["challenger"]
+        assert champion is not None
+        routes = [row.get(ROUTE, "champion") for row in rows]
+        answered_by = [challenger if route == "challenger" and challenger else champion for route in routes]
+        answers: list[dict[str, Any]] = [{}] * len(rows)
+        for bundle in {id(b): b for b in answered_by}.values():
+            picked = [i for i, b in enumerate(answered_by) if b is bundle]
+            for i, answer in zip(picked, bundle.explained(features(bundle, [rows[i] for i in picked])), strict=True):
+                answers[i] = answer
+        self.models.explained += len(rows)
+        return self._logged(rows, routes, answered_by, answers, {}, None, explained=True)
 
     def answer(self, rows: list[dict[str, Any]], cached_only: bool = False) -> list[dict[str, Any]] | None:
         """The answers to `rows`, logged: from the response cache where it has them, else from the model. With
@@ -240,6 +259,12 @@ class AmaasService:
             shadow = dict(zip(shadowed, found, strict=True))
         if cached_only:
             cache.count_hits(len(rows) + len(shadow))
+        return self._logged(rows, routes, answered_by, answers, shadow, challenger)
+
+    def _logged(self, rows: list[dict[str, Any]], routes: list[str], answered_by: list[ModelBundle],
+                answers: list[dict[str, Any]], shadow: dict[int, dict[str, Any]], challenger: ModelBundle | None,
+                explained: bool = False) -> list[dict[str, Any]]:
+        """The answers as sent (with the model version and the request id), written to the prediction log."""
         out, entries, at, id_column, time_column = [], [], now_iso(), self.id_column, self.time_column
         for i, row in enumerate(rows):
             version, request_id = answered_by[i].version, row.get(REQUEST_ID)
@@ -248,7 +273,8 @@ class AmaasService:
                 time=at, answer=answers[i], model_version=version, request_id=request_id, key_name=row.get(KEY_NAME),
                 route=routes[i], id=row.get(id_column) if id_column else None,
                 row_time=row.get(time_column) if time_column else None, features={f: row.get(f) for f in self.features},
-                shadow_model_version=challenger.version if challenger and i in shadow else None, shadow=shadow.get(i)))
+                shadow_model_version=challenger.version if challenger and i in shadow else None, shadow=shadow.get(i),
+                explained=explained))
         # cached answers too: the log holds every answer served. Written, not yet durable: the gateway holds each
         # answer until it is (MODELS.durable), so the next batch need not wait for this one's fsync
         self.log.write(entries)
@@ -261,6 +287,7 @@ class _Shared:
     def __init__(self) -> None:
         self.models: Models | None = None
         self.answer: Callable[[Rows], Rows | None] | None = None  # the service's (AmaasService.answer)
+        self.explain_rows: Callable[[Rows], Rows] | None = None  # the service's (AmaasService.explain)
         # the service's answer from the response cache alone; None while the cache is off
         self.cached_answer: Callable[[Rows], Rows | None] | None = None
         self.log: GroupCommit | None = None  # the files of one host, or a fleet's database
@@ -282,6 +309,13 @@ class _Shared:
             self._batching = _bentoml_app(scope["app"])
         answers = await self._batching.batch_infer("predict", (rows,), {})
         return list(answers)
+
+    async def explain(self, scope: dict[str, Any], rows: Rows) -> Rows:
+        """The gateway's way to explanations: the answers to its checked rows with their explanations, logged, on
+        the model's thread (off the event loop; not batched: an explanation costs many model calls already)."""
+        assert self.explain_rows is not None, "the service is not initialized"
+        del scope  # the same signature as predict
+        return await anyio.to_thread.run_sync(self.explain_rows, rows, limiter=self._thread)
 
     async def durable(self) -> None:
         """Return once every answer this process has given so far is in the prediction log on disk."""
@@ -326,4 +360,5 @@ bound_metric_labels()  # unknown paths get 404 before BentoML's metrics label th
 cancelled_timeouts()  # BentoML's per-request timeout timers are cancelled when the request is over
 AmaasService.add_asgi_middleware(Gateway, settings=settings, state=state, routing=MODELS.routing,
                                  versions=MODELS.versions, predict=MODELS.predict, durable=MODELS.durable,
+                                 explain=MODELS.explain,
                                  follows_registry=bool(PROJECT))

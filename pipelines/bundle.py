@@ -13,6 +13,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from pipelines.explain import answer_part, explain
 from pipelines.io import read_json
 from pipelines.metrics import Decision, labels_of
 from pipelines.models import Ensemble
@@ -86,7 +87,18 @@ class ModelBundle:
     def answers(self, rows: pd.DataFrame) -> list[dict[str, Any]]:
         """What the API and batch scoring answer for each row: the label and the per-class probabilities,
         or the value."""
-        output = self.predict(rows)
+        return self._answers(rows, self.predict(rows))
+
+    def explained(self, rows: pd.DataFrame) -> list[dict[str, Any]]:
+        """What /explain answers for each row: the answer of `answers` with its `explanation` (base value and
+        contributions per input column, in the answer's space; see pipelines.explain)."""
+        found = explain(self.transform, self.ensemble, rows)
+        names = None if self.classes is None else [str(c) for c in self.classes]
+        output = found.output[:, 0] if self.classes is None else found.output
+        return [answer | {"explanation": answer_part(found, i, names)}
+                for i, answer in enumerate(self._answers(rows, output))]
+
+    def _answers(self, rows: pd.DataFrame, output: np.ndarray) -> list[dict[str, Any]]:
         # never silently: a row with a category the model never saw, or a number outside what it trained on,
         # is answered (the unknown category; the clipped value) and says so (`unseen`, `out_of_reference`)
         notices = self.transform.notices(rows)

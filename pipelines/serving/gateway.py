@@ -54,10 +54,11 @@ ROUTE = "_route"  # champion | challenger | shadow
 KEY_NAME = "_key_name"  # the name of the API key that sent the row (never the key), for the prediction log
 STATIC_DIR = "/static_content"  # BentoML's Swagger UI files
 ADMIN_PATHS = ("/admin/reload", "/admin/drain", "/admin/keys")  # an admin-scoped key only
+MODEL_PATHS = ("/predict", "/explain")  # the same body, keys (predict scope), limits and schema
 # every route and its one method (another one is 405 with Allow); openapi.py documents each of them
 ROUTES: dict[str, tuple[str, ...]] = {
-    "/predict": ("POST",), MODELS_PATH: ("GET",), DOCS_JSON: ("GET",), "/docs": ("GET",), "/": ("GET",),
-    "/readyz": ("GET",), "/livez": ("GET",), "/healthz": ("GET",), "/metrics": ("GET",),
+    "/predict": ("POST",), "/explain": ("POST",), MODELS_PATH: ("GET",), DOCS_JSON: ("GET",), "/docs": ("GET",),
+    "/": ("GET",), "/readyz": ("GET",), "/livez": ("GET",), "/healthz": ("GET",), "/metrics": ("GET",),
     "/admin/reload": ("POST",), "/admin/drain": ("POST",), "/admin/keys": ("GET",)}
 MAX_HEADER_BYTES = 16 * 1024  # all names and values together; more is 431
 MAX_REQUEST_ID = 128
@@ -86,9 +87,11 @@ class Gateway:
 
     def __init__(self, app: Any, settings: Callable[[], Settings], state: Callable[[], Shared],
                  routing: Callable[[], tuple[float, bool]], versions: Callable[[], dict[str, Any]], predict: Predict,
-                 durable: Callable[[], Awaitable[None]] | None = None, follows_registry: bool = False) -> None:
+                 durable: Callable[[], Awaitable[None]] | None = None, follows_registry: bool = False,
+                 explain: Predict | None = None) -> None:
         self.app = app
         self.predict = predict  # the service's answers to checked rows
+        self.explain = explain  # ... with their explanations (None: /explain is not served)
         self.settings = settings  # called on first use, not here: BentoML builds the gateway at import
         self.shared = state  # likewise
         self.server = server_id()
@@ -147,8 +150,9 @@ class Gateway:
             return await _reply(send, 431, {"error": f"request headers over {MAX_HEADER_BYTES} bytes"})
         path = scope["path"].rstrip("/") or "/"
         if not known_path(path):  # no route of ours: answered here, so no per-path state grows anywhere
-            return await _reply(send, 404, {"error": "not found: POST /predict; GET /models, /docs, /readyz, "
-                                                     "/livez, /metrics; /admin/reload, /admin/drain, /admin/keys"})
+            return await _reply(send, 404, {"error": "not found: POST /predict, /explain; GET /models, /docs, "
+                                                     "/readyz, /livez, /metrics; /admin/reload, /admin/drain, "
+                                                     "/admin/keys"})
         allowed = ROUTES.get(path, ("GET",))  # BentoML's Swagger UI files: GET
         if scope["method"] not in allowed:
             return await _reply(send, 405, {"error": f"{path} takes {', '.join(allowed)}"},
@@ -168,13 +172,16 @@ class Gateway:
         headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
         if path in ADMIN_PATHS:
             return await self._admin(path, headers, receive, send)
-        if path != "/predict":  # health and the Swagger UI: BentoML's, open
+        if path not in MODEL_PATHS:  # health and the Swagger UI: BentoML's, open
             return await self.app(scope, receive, send)
         entry = None
         if self.serve.auth:
             entry = await self._authorized(headers, send, "predict", "`amaas keys add NAME` (default scope predict)")
             if entry is None:
                 return None
+        score = self.predict if path == "/predict" else self.explain
+        if score is None:
+            return await _reply(send, 404, {"error": "this server does not serve /explain"})
         limit = entry.limit(self.serve.rate_limit) if entry else None
         try:
             decision = self.state.admit(self.server, entry.name if entry else None, limit)
@@ -224,7 +231,7 @@ class Gateway:
         tags = {REQUEST_ID: request_id, ROUTE: where, KEY_NAME: entry.name if entry else None}
         rows = [{**self.defaults, **r, **tags} for r in received]
         try:
-            answers = await self.predict(scope, rows)
+            answers = await score(scope, rows)
         except ServiceUnavailable:  # BentoML's batching shed it: it would wait over serve.max_latency_ms
             log.warning("shed request %s: overloaded (it would wait over serve.max_latency_ms)", request_id)
             if entry is not None and limit is not None:  # nothing was predicted: its rows do not count (a balancer

@@ -23,13 +23,15 @@ SHADOW = "amaas_shadow_enabled"
 CACHE = "amaas_cache"  # _hits_total, _misses_total, _hit_ratio, _entries, _size
 UNSEEN = "amaas_unseen_category_rows"  # _total, per column: rows answered with a category the model never saw
 OUT_OF_REFERENCE = "amaas_out_of_reference_rows"  # _total, per column: rows answered outside the reference range
+EXPLAINED = "amaas_explained_rows"  # _total: rows answered on /explain
 ROLES = ("champion", "challenger")
 
 
 class _Served(Collector):
-    def __init__(self, versions: dict[str, Any], cache: dict[str, Any]) -> None:
+    def __init__(self, versions: dict[str, Any], cache: dict[str, Any], explained: int) -> None:
         self.versions = versions
         self.cache = cache
+        self.explained = explained
 
     def collect(self) -> Iterator[GaugeMetricFamily | CounterMetricFamily]:
         info = GaugeMetricFamily(MODEL_INFO, "Model versions being served: 1 per role (champion, challenger) and "
@@ -52,6 +54,8 @@ class _Served(Collector):
                                                     "switch)", value=self.cache["entries"])
         yield GaugeMetricFamily(f"{CACHE}_size", "The most answers the response cache keeps (serve.cache.size; "
                                                  "0: off)", value=self.cache["size"])
+        yield CounterMetricFamily(EXPLAINED, "Rows answered on /explain (with an explanation; also in the prediction "
+                                             "log, flagged explained)", value=self.explained)
         for name, kind, what in ((UNSEEN, "unseen", "with a category the model never saw (answered as the unknown "
                                                     "category)"),
                                  (OUT_OF_REFERENCE, "out_of_reference", "with a number outside the column's reference "
@@ -62,14 +66,15 @@ class _Served(Collector):
             yield counts
 
 
-def served_metrics(versions: dict[str, Any], cache: dict[str, Any]) -> str:
-    """Prometheus text for `versions` (what GET /models answers: champion, challenger, canary_share, shadow)
-    and `cache` (ResponseCache.stats: size, entries, hits, misses)."""
+def served_metrics(versions: dict[str, Any], cache: dict[str, Any], explained: int = 0) -> str:
+    """Prometheus text for `versions` (what GET /models answers: champion, challenger, canary_share, shadow),
+    `cache` (ResponseCache.stats: size, entries, hits, misses) and the rows `explained` on /explain."""
     registry = CollectorRegistry(auto_describe=False)
-    registry.register(_Served(versions, cache))
+    registry.register(_Served(versions, cache, explained))
     return generate_latest(registry).decode()
 
 
-def with_served_metrics(content: str, versions: dict[str, Any], cache: dict[str, Any]) -> str:
-    """BentoML's /metrics text followed by the served-model and cache metrics."""
-    return (content if not content or content.endswith("\n") else content + "\n") + served_metrics(versions, cache)
+def with_served_metrics(content: str, versions: dict[str, Any], cache: dict[str, Any], explained: int = 0) -> str:
+    """BentoML's /metrics text followed by the served-model, cache and explanation metrics."""
+    return (content if not content or content.endswith("\n") else content + "\n") + served_metrics(versions, cache,
+                                                                                                   explained)

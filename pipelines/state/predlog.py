@@ -49,13 +49,15 @@ class PredictionRecord:
     shadow_model_version: str | None = None
     shadow: dict[str, Any] | None = None  # the challenger's answer, not sent to the client
     output: list[float] | float | None = None  # older lines only: the class probabilities as a list, or the value
+    explained: bool = False  # answered on /explain (with an explanation, which is not logged)
 
     def to_dict(self) -> dict[str, Any]:
         """The JSON object of the record (see `log_entry`)."""
         return log_entry(time=self.time, answer={name: getattr(self, name) for name in _ANSWER},
                          model_version=self.model_version, request_id=self.request_id, key_name=self.key_name,
                          route=self.route, id=self.id, row_time=self.row_time, features=self.features,
-                         shadow_model_version=self.shadow_model_version, shadow=self.shadow, output=self.output)
+                         shadow_model_version=self.shadow_model_version, shadow=self.shadow, output=self.output,
+                         explained=self.explained)
 
     def to_line(self) -> bytes:
         """The record as one line of the log: strict JSON, UTF-8, ending in a newline."""
@@ -83,10 +85,10 @@ class PredictionRecord:
 def log_entry(*, time: str | None, answer: dict[str, Any], model_version: str | None, request_id: str | None,
               key_name: str | None, route: str | None, id: int | str | None, features: dict[str, Any],
               row_time: Any = None, shadow_model_version: str | None = None, shadow: dict[str, Any] | None = None,
-              output: list[float] | float | None = None) -> dict[str, Any]:
+              output: list[float] | float | None = None, explained: bool = False) -> dict[str, Any]:
     """The JSON object of one logged prediction, with the keys of PredictionRecord in its order: answer fields
     (of `answer`) and `output` only when set, `key_name` and `row_time` when known, the shadow fields for shadow
-    traffic only.
+    traffic only, `explained` for an answer of /explain only.
     The service builds these directly (a record object per row cost half the log's time on 100-row requests)."""
     out: dict[str, Any] = {"time": time}
     for name in _ANSWER:
@@ -103,6 +105,8 @@ def log_entry(*, time: str | None, answer: dict[str, Any], model_version: str | 
         out["shadow_model_version"], out["shadow"] = shadow_model_version, shadow
     if output is not None:
         out["output"] = output
+    if explained:
+        out["explained"] = True
     return out
 
 

@@ -73,7 +73,7 @@ def test_every_dashboard_metric_is_bentomls_or_ours():
 
 
 def test_served_gauges_say_what_get_models_says():
-    families = text_string_to_metric_families(metrics.served_metrics(VERSIONS, CACHE))
+    families = text_string_to_metric_families(metrics.served_metrics(VERSIONS, CACHE, explained=7))
     samples = {(s.name, tuple(sorted(s.labels.items()))): s.value for family in families for s in family.samples}
     assert samples == {
         ("amaas_model_info", (("role", "champion"), ("version", "v2"))): 1.0,
@@ -85,6 +85,7 @@ def test_served_gauges_say_what_get_models_says():
         ("amaas_cache_hit_ratio", ()): 0.25,
         ("amaas_cache_entries", ()): 40.0,
         ("amaas_cache_size", ()): 1000.0,
+        ("amaas_explained_rows_total", ()): 7.0,
     }
     off = {"size": 0, "entries": 0, "hits": 0, "misses": 0}
     assert "amaas_cache_hit_ratio 0.0" in metrics.served_metrics(VERSIONS, off)  # no lookups yet: 0, not NaN

@@ -79,6 +79,10 @@ def test_prediction_records_write_todays_keys_and_read_older_lines(tmp_path):
                                              route="champion").to_json())
     assert regression == {"time": "t", "value": 3.5, "model_version": "v", "request_id": "r", "route": "champion",
                           "id": None, "features": {}}  # id always written, shadow fields only when shadowed
+    explained = log_entry(time="t", answer={"value": 3.5}, model_version="v", request_id="r", key_name=None,
+                          route="champion", id=None, features={}, explained=True)
+    assert list(explained)[-1] == "explained" and PredictionRecord.from_dict(explained).explained
+    assert to_line(explained) == PredictionRecord.from_dict(explained).to_line()  # an answer of /explain: flagged
 
     older = PredictionRecord.from_json('{"time": "t", "key": "h1", "output": {"value": 2.0}, "features": {},'
                                        ' "extra": 1}')
@@ -103,6 +107,11 @@ class _App:
     async def predict(self, scope, rows: list[dict]) -> list[dict]:
         self.predicted.append(rows)
         return [{"value": 1.5, "request_id": row[REQUEST_ID]} for row in rows]
+
+    async def explain(self, scope, rows: list[dict]) -> list[dict]:
+        self.predicted.append(rows)
+        return [{"value": 1.5, "explanation": {"base": 1.0, "contributions": {"age": 0.5}},
+                 "request_id": row[REQUEST_ID]} for row in rows]
 
 
 def _call(gateway: Gateway, path: str, body: bytes, headers: dict[str, Any], method: str = "POST"
@@ -134,7 +143,25 @@ def gateway(tmp_path):
     keys = ApiKeys(tmp_path / "keys.json")
     key = keys.add("t")
     return Gateway(app, lambda: load_settings(params), files_state(tmp_path / "keys.json"), lambda: (1.0, False),
-                   lambda: {"champion": "v1", "challenger": None}, app.predict), app, key
+                   lambda: {"champion": "v1", "challenger": None}, app.predict, explain=app.explain), app, key
+
+
+def test_explain_takes_the_keys_scopes_limits_and_schema_of_predict(gateway, tmp_path):
+    gw, app, key = gateway
+    admin = ApiKeys(tmp_path / "keys.json").add("ops", scopes=("admin",))
+    row = json.dumps({"row": ROW}).encode()
+    status, _, body = _call(gw, "/explain", row, {"X-API-Key": admin})
+    assert status == 403 and "'predict' scope" in body["error"]
+    assert _call(gw, "/explain", row, {})[0] == 401
+    assert _call(gw, "/explain", json.dumps({"rows": [ROW] * 4}).encode(), {"X-API-Key": key})[0] == 413
+    status, _, body = _call(gw, "/explain", json.dumps({"rows": [{**ROW, "age": 7}]}).encode(), {"X-API-Key": key})
+    assert status == 422 and body["detail"][0]["loc"] == ["rows", 0, "age"]
+    assert not app.predicted  # nothing refused reached the model
+    status, headers, body = _call(gw, "/explain", row, {"X-API-Key": key})
+    assert status == 200 and body[0]["explanation"]["contributions"] == {"age": 0.5}
+    assert body[0]["request_id"] == headers["x-request-id"] and len(app.predicted) == 1
+    alone = Gateway(app, gw.settings, files_state(tmp_path / "keys.json"), lambda: (0.0, False), dict, app.predict)
+    assert _call(alone, "/explain", row, {"X-API-Key": key})[0] == 404  # a server that does not explain says so
 
 
 def test_gateway_reads_settings_on_first_use_not_when_built(gateway, tmp_path):
