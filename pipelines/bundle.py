@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from pipelines.explain import answer_part, explain
+from pipelines.explain import Explanation, answer_part, explain
 from pipelines.io import read_json
 from pipelines.metrics import Decision, labels_of
 from pipelines.models import Ensemble
@@ -92,11 +92,15 @@ class ModelBundle:
     def explained(self, rows: pd.DataFrame) -> list[dict[str, Any]]:
         """What /explain answers for each row: the answer of `answers` with its `explanation` (base value and
         contributions per input column, in the answer's space; see pipelines.explain)."""
-        found = explain(self.transform, self.ensemble, rows)
+        found = self.explanation(rows)
         names = None if self.classes is None else [str(c) for c in self.classes]
         output = found.output[:, 0] if self.classes is None else found.output
         return [answer | {"explanation": answer_part(found, i, names)}
                 for i, answer in enumerate(self._answers(rows, output))]
+
+    def explanation(self, rows: pd.DataFrame) -> Explanation:
+        """Base values and contributions per input column of raw `rows` (pipelines.explain)."""
+        return explain(self.transform, self.ensemble, rows)
 
     def _answers(self, rows: pd.DataFrame, output: np.ndarray) -> list[dict[str, Any]]:
         # never silently: a row with a category the model never saw, or a number outside what it trained on,

@@ -401,6 +401,9 @@ class ReportConfig(_Strict):
     # the current rows judged: a seeded sample of this many;
     max_rows: int | None = Field(default=None, ge=100, le=1_000_000_000)
     #   null: all of them
+    # 1 - NDCG of the champion's top columns by mean |contribution|, current against reference, at which to retrain
+    attribution_drift_threshold: float = Field(default=0.15, gt=0, le=1)
+    explain_rows: int = Field(default=500, ge=50, le=1_000_000)  # rows explained on each side for attribution drift
 
 
 class DeployConfig(_Strict):

@@ -278,3 +278,36 @@ def answer_part(explanation: Explanation, i: int, classes: list[str] | None) -> 
 def mean_abs(explanation: Explanation) -> np.ndarray:
     """Mean |contribution| per column and class (columns, d) over the explained rows."""
     return np.abs(explanation.contributions).mean(axis=0)
+
+
+def importance(found: Explanation) -> dict[str, Any]:
+    """Global importance: mean |contribution| per column over the explained rows, over all classes together and
+    per class for classification (by class index); with the number of rows and the method."""
+    per_class = mean_abs(found)  # (columns, d)
+    return {"columns": found.columns, "mean_abs": dict(zip(found.columns, per_class.sum(axis=1).tolist(), strict=True)),
+            "per_class": [dict(zip(found.columns, per_class[:, k].tolist(), strict=True))
+                          for k in range(per_class.shape[1])] if per_class.shape[1] > 1 else None,
+            "rows": len(found.base), "method": found.method}
+
+
+def attribution_drift(reference: dict[str, float], current: dict[str, float], top: int) -> dict[str, Any]:
+    """How far the ranking of the columns by mean |contribution| moved: 1 - NDCG@top of the current ranking, each
+    column graded by its reference rank (the first of the top columns `top`, the next `top` - 1, ..., the others
+    0; gain 2^grade - 1, so the top columns weigh most): 0 is the same top columns in the same order. With the
+    columns whose share of the attribution moved most (at least half the largest move)."""
+    columns = list(reference)
+    ref = np.array([reference[c] for c in columns])
+    cur = np.array([current.get(c, 0.0) for c in columns])
+    ref_share = ref / ref.sum() if ref.sum() > 0 else np.zeros_like(ref)
+    cur_share = cur / cur.sum() if cur.sum() > 0 else np.zeros_like(cur)
+    k = min(top, len(columns))
+    grade = np.zeros(len(columns))
+    grade[np.argsort(-ref_share, kind="stable")[:k]] = np.arange(k, 0, -1)
+    gain, discount = 2.0**grade - 1, 1 / np.log2(np.arange(k) + 2)
+    ideal = float(np.sort(gain)[::-1][:k] @ discount)
+    ndcg = float(gain[np.argsort(-cur_share, kind="stable")[:k]] @ discount) / ideal if ideal > 0 else 1.0
+    moved = np.abs(cur_share - ref_share)
+    named = [columns[i] for i in np.argsort(-moved, kind="stable") if moved[i] > 0 and moved[i] >= moved.max() / 2]
+    return {"attribution_drift": round(1 - ndcg, 6), "attribution_drift_columns": named, "attribution_top": k,
+            "attribution_shares": {c: {"reference": round(float(r), 6), "current": round(float(s), 6)}
+                                   for c, r, s in zip(columns, ref_share, cur_share, strict=True)}}

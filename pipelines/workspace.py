@@ -80,6 +80,10 @@ def panels(metric: str) -> tuple[Panel, ...]:
         Panel(f"{metric} on labelled rows vs the champion's test value", "line",
               (("metric_current", f"{metric} on labelled rows"), ("metric_reference", f"champion's test {metric}")),
               "promote.metric on the current rows whose labels arrived, and the champion's on its test rows"),
+        Panel("Attribution drift per day", "line",
+              (("attribution_drift", "1 - NDCG of top columns"), ("attribution_drift_threshold", "threshold")),
+              "How far the champion's ranking of columns by mean |contribution| moved from its reference "
+              "(threshold: report.attribution_drift_threshold)"),
         Panel("Rows and quarantined rows per batch", "bar",
               (("rows", "rows"), ("quarantined_rows", "quarantined rows")),
               "Rows collected in the batch (clean + quarantined) and rows validate quarantined"),

@@ -13,7 +13,12 @@ reason:
   `report.prediction_drift_threshold` and is significant against resamples of the reference of the same
   sizes (p <= `report.max_p_value`), so a small day is not drift by chance;
 - performance decay: promote.metric on labelled rows worse than the champion's test value by more than
-  the allowed drop, in the metric's own direction, significant by a bootstrap over those rows.
+  the allowed drop, in the metric's own direction, significant by a bootstrap over those rows;
+- attribution drift: the champion's ranking of the input columns by mean |contribution| (pipelines.explain) on
+  the current rows against its reference rows, 1 - NDCG of its top ATTRIBUTION_TOP columns, past
+  `report.attribution_drift_threshold` (at most `report.explain_rows` rows explained on each side). It sees
+  what the model's use of its inputs does on the new rows (a column arriving constant or broken, a shift into a
+  region the model reads differently); a change of the label alone, with the same inputs, is performance decay.
 HTML for people (reports/drift.html, prediction_drift.html, performance.html; a short page saying why
 where there is nothing to show), JSON for machines (no NaN: None plus a note saying why). With a canary
 (serve.canary_share > 0) it also writes the A/B test of champion against challenger (reports/ab_test.json,
@@ -39,6 +44,7 @@ from pipelines.alerts import alert
 from pipelines.bundle import METADATA_FILE, ModelBundle
 from pipelines.config import Paths, SchemaConfig, Settings, experiment_name
 from pipelines.contracts import Out, stage
+from pipelines.explain import attribution_drift, importance
 from pipelines.io import read_json, write_json, write_text
 from pipelines.labels import (
     ACTUAL,
@@ -62,7 +68,8 @@ log = logging.getLogger(__name__)
 MISSING_CATEGORY = "<missing>"  # a missing category is a value of its own for drift (a surge of nulls is drift)
 METRIC_KEYS = ("current", "current_rows", "drift_share", "n_drifted", "n_columns", "prediction_drift",
                "prediction_drift_p_value", "prediction_drift_detected", "labeled_rows", "metric_current",
-               "metric_reference", "decay_p_value", "retrain_needed")
+               "metric_reference", "decay_p_value", "attribution_drift", "attribution_drift_detected",
+               "retrain_needed")
 # Evidently's drift methods whose score is a p-value (drift: a small score); the others are distances
 # (drift: a large score). Used only where a snapshot carries no test verdict of Evidently's own.
 TWO_SAMPLE_CHI2 = "chisquare_two_sample"  # the name a column's drift method has in a snapshot
@@ -71,6 +78,7 @@ P_VALUE_METHODS = frozenset({"K-S p_value", "ks", "chi-square p_value", TWO_SAMP
                              "Anderson-Darling", "Cramer-von Mises", "Epps-Singleton", "Fisher's Exact test", "g_test",
                              "Mann-Whitney U-rank test", "empirical_mmd", "Total-Variation-Distance", "t_test"})
 MAX_DRIFT_ROWS = 20_000  # prediction drift: larger samples are subsampled (the distance is exact enough by then)
+ATTRIBUTION_TOP = 10  # attribution drift: the NDCG of this many top columns
 
 
 class MonitoringError(RuntimeError):
@@ -141,13 +149,16 @@ def run(settings: Settings, paths: Paths) -> dict[str, Any]:
     summary["out_of_reference"] = out_of_reference(current, schema)
     summary |= prediction_drift_report(settings, current, reference["predictions"], paths, model, snapshots)
     summary |= label_info | performance_report(settings, labeled, reference, paths, snapshots)
+    summary |= attribution_drift_report(settings, current, reference["rows"], model)
     reasons = decide(settings, summary)
     summary |= {"retrain_needed": bool(reasons), "reasons": reasons,
-                "not_judged": [summary[k] for k in ("prediction_drift_note", "metric_note") if summary.get(k)]}
+                "not_judged": [summary[k] for k in ("prediction_drift_note", "metric_note", "attribution_note")
+                               if summary.get(k)]}
 
     write_json(paths.drift_details, _strict(summary))
     scores = {c: r["score"] for c, r in summary["columns"].items()}
     write_json(paths.drift_report, _strict({**{k: summary[k] for k in METRIC_KEYS}, "columns": scores,
+                                            "attribution_drift_columns": summary["attribution_drift_columns"],
                                             "out_of_reference": {c: r["rows"]
                                                                  for c, r in summary["out_of_reference"].items()}}))
     history = _record(paths, {**{k: summary[k] for k in (*METRIC_KEYS, "reference", "reasons", "drifted_columns",
@@ -185,7 +196,9 @@ def _to_workspace(settings: Settings, paths: Paths, summary: dict[str, Any], sna
               "prediction_drift": summary["prediction_drift"],
               "prediction_drift_threshold": cfg.prediction_drift_threshold,
               "metric_current": summary["metric_current"], "metric_reference": summary["metric_reference"],
-              "champion_changed": float(changed), **batch_rows(paths, window, summary["current_rows"])}
+              "attribution_drift": summary["attribution_drift"],
+              "attribution_drift_threshold": cfg.attribution_drift_threshold, "champion_changed": float(changed),
+              **batch_rows(paths, window, summary["current_rows"])}
     add_run(paths.workspace, settings.promote.metric, window, when, champion, values, snapshots)
 
 
@@ -223,7 +236,34 @@ def decide(settings: Settings, summary: dict[str, Any]) -> list[str]:
         reasons.append(f"performance decay: {metric} {now:.4f} on {summary['labeled_rows']} labelled rows, "
                        f"{abs(before - now):.4f} {side} the champion's test {before:.4f} "
                        f"(allowed drop {cfg.max_metric_drop}, bootstrap p={p:.3f} <= {cfg.max_p_value})")
+    if summary.get("attribution_drift_detected"):
+        reasons.append(f"attribution drift: the champion's ranking of columns by mean |contribution| moved "
+                       f"{summary['attribution_drift']:.3f} (1 - NDCG of its top {summary['attribution_top']} columns) "
+                       f">= {cfg.attribution_drift_threshold}; moved most: "
+                       + ", ".join(summary["attribution_drift_columns"]))
     return reasons
+
+
+def attribution_drift_report(settings: Settings, current: pd.DataFrame, reference: pd.DataFrame,
+                             model: ModelBundle | None) -> dict[str, Any]:
+    """The champion's mean |contribution| per column on (a seeded sample of report.explain_rows of) the current
+    rows against its reference rows, and whether the ranking moved past report.attribution_drift_threshold."""
+    cfg = settings.report
+    out: dict[str, Any] = {"attribution_drift": None, "attribution_drift_detected": False,
+                           "attribution_drift_columns": [], "attribution_top": ATTRIBUTION_TOP}
+    features = [*settings.data_schema.numeric, *settings.data_schema.categorical]
+    if model is None:
+        return out | {"attribution_note": "no model to explain yet: no attribution drift"}
+    if current.empty:
+        return out | {"attribution_note": "no current rows: no attribution drift"}
+    sides = {name: judged_sample(rows[features].reset_index(drop=True), cfg.explain_rows, settings.seed)
+             for name, rows in (("reference", reference), ("current", current))}
+    found = {name: importance(model.explanation(rows)) for name, rows in sides.items()}
+    out |= attribution_drift(found["reference"]["mean_abs"], found["current"]["mean_abs"], ATTRIBUTION_TOP)
+    out |= {"attribution_drift_detected": out["attribution_drift"] >= cfg.attribution_drift_threshold,
+            "attribution_rows": {name: len(rows) for name, rows in sides.items()},
+            "attribution_method": found["current"]["method"]}
+    return out
 
 
 def load_reference(settings: Settings, paths: Paths) -> dict[str, Any]:
@@ -278,10 +318,10 @@ def current_rows(settings: Settings, paths: Paths, model: ModelBundle | None) ->
 
 
 def judged_sample(rows: pd.DataFrame, max_rows: int | None, seed: int) -> pd.DataFrame:
-    """`rows`, or a seeded sample of `max_rows` of them (report.max_rows) in their order."""
+    """`rows`, or a seeded sample of `max_rows` of them (report.max_rows, report.explain_rows) in their order."""
     if max_rows is None or len(rows) <= max_rows:
         return rows
-    log.info("judging a sample of %d of %d current rows (report.max_rows)", max_rows, len(rows))
+    log.info("judging a seeded sample of %d of %d rows", max_rows, len(rows))
     keep = np.sort(np.random.default_rng([seed, 11]).choice(len(rows), max_rows, replace=False))
     return rows.iloc[keep].reset_index(drop=True)
 

@@ -14,8 +14,9 @@ import pytest
 from pipelines.bundle import ModelBundle
 from pipelines.compression import quantized
 from pipelines.config import load_settings
-from pipelines.explain import column_groups, explain
+from pipelines.explain import attribution_drift, column_groups, explain
 from pipelines.models import Ensemble, LightGBMLearner, MLPLearner, XGBoostLearner
+from pipelines.stages import report
 from pipelines.transform import FeatureTransform
 from tests.conftest import write_params
 from tests.unit.test_compress import SCHEMAS, _table
@@ -23,8 +24,8 @@ from tests.unit.test_compress import SCHEMAS, _table
 TASKS = list(SCHEMAS)
 
 
-def _fitted(task: str, root: Path) -> dict[str, Any]:
-    """A transform and every kind of model that can serve, on a small table with a constant column `flat`."""
+def _params(task: str) -> dict[str, Any]:
+    """params.yaml for the small table of test_compress with a constant column `flat`."""
     spec = SCHEMAS[task]
     schema = {"task": task, "target": spec["target"], "id_column": None, "time_column": None,
               "classes": spec.get("classes"),
@@ -32,8 +33,14 @@ def _fitted(task: str, root: Path) -> dict[str, Any]:
                           "flat": {"min": 0, "max": 10}},
               "categorical": {"region": ["North", "South", "East"], "colour": {"values": ["Red", "Blue"],
                                                                                "nullable": True}}}
-    settings = load_settings(write_params(root, **{"source.kind": "files", "schema": schema, "evaluate.slices": [],
-                                                   "prepare.split": "random", "promote.metric": spec["metric"]}))
+    return {"source.kind": "files", "schema": schema, "evaluate.slices": [], "prepare.split": "random",
+            "promote.metric": spec["metric"]}
+
+
+def _fitted(task: str, root: Path) -> dict[str, Any]:
+    """A transform and every kind of model that can serve, on a small table with a constant column `flat`."""
+    spec = SCHEMAS[task]
+    settings = load_settings(write_params(root, **_params(task)))
     table = _table(700).assign(flat=3.0)
     train, valid, test = table.iloc[:400], table.iloc[400:550], table.iloc[550:]
     transform = FeatureTransform.fit(train, settings.data_schema, settings.clean)
@@ -53,7 +60,8 @@ def _fitted(task: str, root: Path) -> dict[str, Any]:
     models = {"blending": blended, "stacking": stacked, "student": Ensemble.of_fitted([student], ["student"]),
               "mlp_student": Ensemble.of_fitted([mlp_student], ["student_mlp"]),
               "int8": quantized(blended), "int8_stacking": quantized(stacked)}
-    return {"transform": transform, "models": models, "rows": test.drop(columns=[spec["target"]])}
+    return {"transform": transform, "models": models, "rows": test.drop(columns=[spec["target"]]),
+            "settings": settings, "train": train.drop(columns=[spec["target"]])}
 
 
 @pytest.fixture(scope="module", params=TASKS)
@@ -117,3 +125,50 @@ def test_the_bundle_answers_with_the_explanation(fitted, tmp_path):
                 total = explanation["base"][name] + sum(explanation["contributions"][name].values())
                 assert total == pytest.approx(p, rel=1e-6)
             assert set(explanation["contributions"][name]) == {"size", "weight", "flat", "region", "colour"}
+
+
+@pytest.mark.parametrize("model", ["blending", "student"])
+def test_attribution_drift_flags_a_column_switched_off_and_not_an_iid_batch(fitted, model):
+    """The champion's ranking of columns by mean |contribution|, reference rows against a new batch: a batch where
+    `size` no longer varies (a source that sends one value: its effect on the label is gone) moves it past the
+    threshold and names `size`; a fresh batch of the same table does not."""
+    if fitted["task"] != "binary":
+        pytest.skip("one task is enough: the ranking is over columns, summed over classes")
+    settings, transform = fitted["settings"], fitted["transform"]
+    bundle = ModelBundle(transform, fitted["models"][model], {"version": "v1"})
+    iid = _table(300, seed=5).assign(flat=3.0)
+    off = iid.assign(size=float(fitted["train"]["size"].mean()))
+    calm = report.attribution_drift_report(settings, iid, fitted["train"], bundle)
+    moved = report.attribution_drift_report(settings, off, fitted["train"], bundle)
+    threshold = settings.report.attribution_drift_threshold
+    assert calm["attribution_drift"] < threshold and not calm["attribution_drift_detected"], calm
+    assert moved["attribution_drift"] >= threshold and moved["attribution_drift_detected"], moved
+    assert moved["attribution_drift_columns"][0] == "size"
+    assert moved["attribution_rows"] == {"reference": 400, "current": 300}
+    reasons = report.decide(settings, {**moved, "data_drift": False, "prediction_drift": None,
+                                       "metric_current": None, "metric_reference": None})
+    assert len(reasons) == 1 and reasons[0].startswith("attribution drift") and "size" in reasons[0]
+
+
+def test_attribution_drift_samples_at_most_explain_rows(fitted, tmp_path):
+    if fitted["task"] != "regression":
+        pytest.skip("one task is enough")
+    settings = load_settings(write_params(tmp_path, **_params("regression"), **{"report.explain_rows": 50}))
+    bundle = ModelBundle(fitted["transform"], fitted["models"]["student"], {"version": "v1"})
+    found = report.attribution_drift_report(settings, fitted["rows"], fitted["train"], bundle)
+    assert found["attribution_rows"] == {"reference": 50, "current": 50}
+    assert report.attribution_drift_report(settings, fitted["rows"], fitted["train"], None)["attribution_note"]
+
+
+def test_attribution_drift_is_a_rank_measure_that_weighs_the_top_columns_most():
+    ranked = {f"c{i}": 10.0 - i for i in range(10)}
+    assert attribution_drift(ranked, {c: 3 * v for c, v in ranked.items()}, 10)["attribution_drift"] == 0  # scale
+    swapped = {**ranked, "c0": ranked["c1"], "c1": ranked["c0"]}
+    fallen = {**ranked, "c0": ranked["c2"] - 0.5}
+    tail = {**ranked, "c8": ranked["c9"], "c9": ranked["c8"]}
+    drift = {name: attribution_drift(ranked, moved, 10) for name, moved in
+             (("swapped", swapped), ("fallen", fallen), ("tail", tail))}
+    assert drift["tail"]["attribution_drift"] < 0.001
+    assert drift["swapped"]["attribution_drift"] == pytest.approx(0.12, abs=0.01)
+    assert drift["fallen"]["attribution_drift"] == pytest.approx(0.18, abs=0.01)
+    assert drift["fallen"]["attribution_drift_columns"] == ["c0"]

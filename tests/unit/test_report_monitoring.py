@@ -15,6 +15,7 @@ import pytest
 from pipelines import labels
 from pipelines.bundle import ModelBundle
 from pipelines.config import ROW_KEY, Paths, Settings, load_settings
+from pipelines.explain import Explanation
 from pipelines.stages import report
 from pipelines.state.predlog import PredictionRecord
 from pipelines.transform import FeatureTransform
@@ -64,6 +65,15 @@ class StubBundle(ModelBundle):
         logits = np.column_stack([-2 * z, np.zeros_like(z), 2 * z])
         e = np.exp(logits)
         return e / e.sum(axis=1, keepdims=True)
+
+    def explanation(self, rows: pd.DataFrame) -> Explanation:
+        """All of the answer's move from the answer at x1 = 10 is x1's."""
+        columns = ["x1", "x2", "x3", "home", "region"]
+        output = self.predict(rows).reshape(len(rows), -1)
+        base = np.repeat(self.predict(pd.DataFrame({"x1": [10.0]})).reshape(1, -1), len(rows), axis=0)
+        contributions = np.zeros((len(rows), len(columns), output.shape[1]))
+        contributions[:, 0] = output - base
+        return Explanation(columns, base, contributions, output, "formula of x1")
 
 
 def stub(task: str) -> StubBundle:

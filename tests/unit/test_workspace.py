@@ -63,7 +63,7 @@ def test_the_project_and_its_dashboard_are_created_once(tmp_path):
     assert project is not None and project.name == ws.PROJECT_NAME
     board = workspace.get_dashboard(ws.PROJECT_ID)
     titles = [p.title for p in board.panels]
-    assert titles == [p.title for p in ws.panels(METRIC)] and len(titles) == 5
+    assert titles == [p.title for p in ws.panels(METRIC)] and len(titles) == 6
     assert "roc_auc on labelled rows vs the champion's test value" in titles
     assert [t.panels for t in board.tabs] == [[p.id for p in board.panels]]
     files = {f: f.read_bytes() for f in _project_dir(folder).glob("*.json")}
@@ -71,14 +71,14 @@ def test_the_project_and_its_dashboard_are_created_once(tmp_path):
 
     ws.open_project(folder, METRIC)  # a second report run: nothing rewritten, nothing added
     again = _evidently(folder)
-    assert len(again.get_dashboard(ws.PROJECT_ID).panels) == 5
+    assert len(again.get_dashboard(ws.PROJECT_ID).panels) == 6
     assert len(again.list_projects()) == 1
     assert {f: f.read_bytes() for f in files} == files
     assert {f: f.stat().st_mtime_ns for f in files} == stamps
 
     ws.open_project(folder, "log_loss")  # promote.metric changed: that panel follows it, still five
     titles = [p.title for p in _evidently(folder).get_dashboard(ws.PROJECT_ID).panels]
-    assert len(titles) == 5 and "log_loss on labelled rows vs the champion's test value" in titles
+    assert len(titles) == 6 and "log_loss on labelled rows vs the champion's test value" in titles
 
 
 def test_damaged_project_files_are_rewritten_from_code(tmp_path, caplog):
@@ -92,7 +92,7 @@ def test_damaged_project_files_are_rewritten_from_code(tmp_path, caplog):
         ws.open_project(folder, METRIC)
     assert "damaged: rewritten from the definition in code" in caplog.text
     assert (metadata.read_text(), dashboard.read_text()) == expected
-    assert len(_evidently(folder).get_dashboard(ws.PROJECT_ID).panels) == 5
+    assert len(_evidently(folder).get_dashboard(ws.PROJECT_ID).panels) == 6
 
 
 def test_a_file_in_place_of_the_workspace_is_a_clear_error(tmp_path):
@@ -228,4 +228,4 @@ def test_make_monitor_prepares_the_workspace_before_the_ui_reads_it(tmp_path):
     bad.write_text('{"name": "values: batch 2026-01-04", "timestamp": ')
     assert monitor_ui.prepare(tmp_path, tmp_path / "params.yaml") == folder
     assert not bad.exists() and (folder / ws.DAMAGED_DIR / bad.name).is_file()
-    assert len(_evidently(folder).get_dashboard(ws.PROJECT_ID).panels) == 5  # a project even before any report
+    assert len(_evidently(folder).get_dashboard(ws.PROJECT_ID).panels) == 6  # a project even before any report
