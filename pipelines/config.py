@@ -331,6 +331,7 @@ class EvaluateConfig(_Strict):
     costs: Costs | None = None  # threshold auto: least expected cost with these; null: the cut-off of max F1
     slices: list[str] = []  # categorical columns to report metrics per value of
     calibration_bins: int = Field(default=10, ge=2, le=100)
+    explain_rows: int = Field(default=2000, ge=50, le=1_000_000)  # test rows explained for reports/explain.json
 
 
 # the metrics promote.metric may name, by task (kept here, not in pipelines.metrics, so that loading settings does
@@ -886,6 +887,14 @@ class Paths:
     @property
     def residuals_plot(self) -> Path:
         return self.plots / "residuals.csv"
+
+    @property
+    def explain_plot(self) -> Path:
+        return self.plots / "explain.csv"
+
+    @property
+    def explain_report(self) -> Path:
+        return self.reports / "explain.json"
 
     @property
     def compression_report(self) -> Path:

@@ -85,7 +85,17 @@ class Chart:
     notes: tuple[str, ...] = ()  # a tooltip per point (dots only)
 
 
-Block = Heading | Para | Bullets | Table | Chart
+@dataclass(frozen=True)
+class Bars:
+    """Horizontal bars, one per label, longest first: drawn as SVG in the HTML page, a table in Markdown."""
+
+    title: str
+    value_label: str
+    bars: tuple[tuple[str, float], ...]
+    caption: Text
+
+
+Block = Heading | Para | Bullets | Table | Chart | Bars
 
 
 def _text(*spans: Any) -> Text:
@@ -95,9 +105,10 @@ def _text(*spans: Any) -> Text:
 # ---- the content ------------------------------------------------------------------------------------------------
 def card(metadata: dict[str, Any], metrics: dict[str, Any], slices: dict[str, Any], validation: dict[str, Any],
          drift: dict[str, Any], decision: dict[str, Any], target: str, compression: dict[str, Any] | None = None,
-         cost: dict[str, Any] | None = None, plots: dict[str, pd.DataFrame] | None = None) -> list[Block]:
-    """The card's content, from the bundle metadata, the reports of the run that produced it and the evaluate
-    stage's plot data (`read_plots`)."""
+         cost: dict[str, Any] | None = None, plots: dict[str, pd.DataFrame] | None = None,
+         explain: dict[str, Any] | None = None) -> list[Block]:
+    """The card's content, from the bundle metadata, the reports of the run that produced it, the evaluate
+    stage's plot data (`read_plots`) and its global explanation (reports/explain.json)."""
     version = metadata["version"]
     status = "champion" if decision.get("champion_after") == version else "not promoted"
     reason = decision.get("reason", "no decision recorded")
@@ -106,7 +117,8 @@ def card(metadata: dict[str, Any], metrics: dict[str, Any], slices: dict[str, An
                  css=f"status {status.replace(' ', '-')}"),
             *_model(metadata, target), *_data(metadata, metrics, validation, drift),
             *_metrics(metadata, metrics, decision), *_slices(slices), *_plots(metadata, metrics, plots or {}),
-            *_compression(compression or {}, metadata), *_cost(cost or {}, decision.get("serving") or {}),
+            *_importance(explain or {}), *_compression(compression or {}, metadata),
+            *_cost(cost or {}, decision.get("serving") or {}),
             *_lineage(metadata), *_decision(decision), *_limits()]
 
 
@@ -186,6 +198,32 @@ def _plots(metadata: dict[str, Any], metrics: dict[str, Any], plots: dict[str, p
         blocks += [Heading(3, "Confusion matrix"), *_confusion(confusion, metadata, of)]
     if (residuals := plots.get("residuals_plot")) is not None:
         blocks += [Heading(3, "Residuals"), _residuals(residuals, of)]
+    return blocks
+
+
+def _importance(explain: dict[str, Any]) -> list[Block]:
+    """Which input columns move the answers most: mean |contribution| per column on test rows (reports/explain.json),
+    per class for classification."""
+    blocks: list[Block] = [Heading(2, "Which columns matter")]
+    overall = explain.get("mean_abs_contribution")
+    if not overall:
+        return [*blocks, Para(_text("No ", Code("reports/explain.json"), ": run ", Code("amaas evaluate"), " before ",
+                                    Code("amaas promote"), "."))]
+    space = "each class's probability" if explain.get("output") == "probability" else "the predicted value"
+    ranked = sorted(overall.items(), key=lambda item: -item[1])
+    blocks.append(Bars("Mean |contribution| per column", f"mean |contribution| to {space}",
+                       tuple((str(c), float(v)) for c, v in ranked),
+                       _text(f"How far each input column moves {space} on average (summed over the classes), over "
+                             f"{explain.get('rows', '?')} held-out test rows of the trained ensemble "
+                             f"{explain.get('version', '')} ({explain.get('method', '')}). Per row, the base value "
+                             f"plus every column's contribution is the answer: ", Code("POST /explain"),
+                             " gives them.")))
+    per_class = explain.get("per_class")
+    if per_class:
+        names = list(per_class)
+        blocks += [Para(_text("Per class: the mean |contribution| to that class's probability.")),
+                   Table(("column", *names), tuple((str(c), *(f"{per_class[n][c]:.4f}" for n in names))
+                                                   for c, _ in ranked))]
     return blocks
 
 
@@ -338,6 +376,9 @@ def _md_block(block: Block) -> str:
             return "| " + " | ".join(c.replace("|", "\\|").replace("\n", " ") for c in cells) + " |"
 
         return "\n".join([row(block.header), "|" + " --- |" * len(block.header), *map(row, block.rows)])
+    if isinstance(block, Bars):
+        return "\n\n".join([_md_text(block.caption), _md_block(Table(("column", block.value_label), tuple(
+            (label.replace("|", "\\|"), f"{value:.4f}") for label, value in block.bars)))])
     return _md_text((*block.caption, " (Drawn in the HTML card.)"))
 
 
@@ -396,6 +437,8 @@ def _html_block(block: Block) -> str:
         head = "".join(f"<th>{_esc(c)}</th>" for c in block.header)
         body = "\n".join("<tr>" + "".join(f"<td>{_esc(c)}</td>" for c in row) + "</tr>" for row in block.rows)
         return f"<table>\n<thead><tr>{head}</tr></thead>\n<tbody>\n{body}\n</tbody>\n</table>"
+    if isinstance(block, Bars):
+        return f"<figure>\n{bars_svg(block)}\n<figcaption>{_html_text(block.caption)}</figcaption>\n</figure>"
     return f"<figure>\n{svg(block)}\n<figcaption>{_html_text(block.caption)}</figcaption>\n</figure>"
 
 
@@ -450,6 +493,29 @@ def svg(chart: Chart) -> str:
             note = f"<title>{_esc(chart.notes[i])}</title>" if i < len(chart.notes) else ""
             out.append(f'<circle cx="{sx(x):.1f}" cy="{sy(y):.1f}" r="{radius}" fill="#0969da" '
                        f'fill-opacity="{opacity}">{note}</circle>')
+    out.append("</svg>")
+    return "\n".join(out)
+
+
+BAR_HEIGHT, LABEL_WIDTH = 18, 160
+
+
+def bars_svg(chart: Bars) -> str:
+    """Horizontal bars as an inline SVG element: a label and a value per bar, lengths to scale from 0."""
+    top = max((v for _, v in chart.bars), default=0.0) or 1.0
+    inner = WIDTH - LABEL_WIDTH - 70
+    height = BAR_HEIGHT * len(chart.bars) + 24
+    out = [f'<svg xmlns="http://www.w3.org/2000/svg" viewBox="0 0 {WIDTH} {height}" width="{WIDTH}" '
+           f'height="{height}" role="img" aria-label="{_esc(chart.title)}">']
+    for i, (label, value) in enumerate(chart.bars):
+        y = i * BAR_HEIGHT
+        length = max(0.0, value) / top * inner
+        out.append(f'<text x="{LABEL_WIDTH - 6}" y="{y + 13}" text-anchor="end">{_esc(label)}</text>'
+                   f'<rect x="{LABEL_WIDTH}" y="{y + 3}" width="{length:.1f}" height="{BAR_HEIGHT - 6}" '
+                   f'fill="#0969da"/>'
+                   f'<text x="{LABEL_WIDTH + length + 4:.1f}" y="{y + 13}">{value:.4g}</text>')
+    out.append(f'<text x="{LABEL_WIDTH + inner / 2:.1f}" y="{height - 6}" text-anchor="middle">'
+               f"{_esc(chart.value_label)}</text>")
     out.append("</svg>")
     return "\n".join(out)
 

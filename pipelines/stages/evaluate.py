@@ -18,6 +18,7 @@ from sklearn import metrics as skm
 from pipelines.bundle import ModelBundle
 from pipelines.config import Paths, Settings
 from pipelines.contracts import Plot, stage
+from pipelines.explain import importance
 from pipelines.io import atomic_dir, write_json
 from pipelines.metrics import Decision, decision_of, labels_of, score, task_metrics
 from pipelines.transform import normalize_category
@@ -97,17 +98,42 @@ def plots(task: str, y: np.ndarray, output: np.ndarray, threshold: Decision, bin
     return out
 
 
+def global_importance(bundle: ModelBundle, test: pd.DataFrame, rows: int, seed: int) -> dict[str, Any]:
+    """reports/explain.json: the trained ensemble's mean |contribution| per input column (per class too, by class
+    label, for classification) on a seeded sample of at most `rows` test rows (pipelines.explain)."""
+    sample = test if len(test) <= rows else test.iloc[np.sort(np.random.default_rng([seed, 13]).choice(
+        len(test), rows, replace=False))]
+    found = importance(bundle.explanation(sample))
+    names = [str(c) for c in bundle.classes] if bundle.classes is not None else None
+    return {"version": bundle.version, "rows": found["rows"], "method": found["method"],
+            "output": "value" if names is None else "probability",
+            "mean_abs_contribution": found["mean_abs"],
+            "per_class": None if names is None or found["per_class"] is None else dict(zip(
+                names, found["per_class"], strict=True))}
+
+
+def importance_frame(explained: dict[str, Any]) -> pd.DataFrame:
+    """The plot data of reports/explain.json: one row per column, most important first (per class columns too)."""
+    frame = pd.DataFrame({"column": list(explained["mean_abs_contribution"]),
+                          "mean_abs_contribution": list(explained["mean_abs_contribution"].values())})
+    for name, values in (explained["per_class"] or {}).items():
+        frame[f"class_{name}"] = [values[c] for c in frame["column"]]
+    return frame.sort_values("mean_abs_contribution", ascending=False, kind="stable").reset_index(drop=True)
+
+
 @stage(
-    params=("schema", "evaluate", "promote.metric", "scale.score_chunk_rows"),
+    params=("schema", "evaluate", "promote.metric", "scale.score_chunk_rows", "seed"),
     deps=("trained", "reference"),
-    metrics=("metrics", "slices"),
+    metrics=("metrics", "slices", "explain_report"),
     atomic_outs=True,  # each written to a temp file or folder and renamed: DVC need not delete them first
     plots_dir="plots",  # the plots of the task: ROC, PR, calibration (binary), confusion (classes), residuals
     plots=(Plot("roc_plot", x="fpr", y="tpr", title="ROC"),
            Plot("pr_plot", x="recall", y="precision", title="Precision-recall"),
            Plot("calibration_plot", x="mean_predicted", y="fraction_positive", title="Calibration"),
            Plot("confusion_plot", x="actual", y="predicted", title="Confusion matrix", template="confusion"),
-           Plot("residuals_plot", x="predicted", y="residual", title="Residuals", template="scatter")),
+           Plot("residuals_plot", x="predicted", y="residual", title="Residuals", template="scatter"),
+           Plot("explain_plot", x="mean_abs_contribution", y="column", title="Mean |contribution| per column",
+                template="bar_horizontal_sorted")),
     description="Score the trained ensemble and its learners on the held-out test rows: metrics, slices, plots",
 )
 def run(settings: Settings, paths: Paths) -> dict[str, Any]:
@@ -139,9 +165,12 @@ def run(settings: Settings, paths: Paths) -> dict[str, Any]:
     result["version"] = bundle.version
     result["test_rows"] = len(test)
     write_json(paths.metrics, result)
+    explained = global_importance(bundle, test, cfg.explain_rows, settings.seed)
+    write_json(paths.explain_report, explained)
     with atomic_dir(paths.plots) as folder:
         for name, frame in plots(task, y, output, threshold, cfg.calibration_bins, bundle.classes).items():
             frame.to_csv(folder / getattr(paths, name).name, index=False, float_format="%.6g")
+        importance_frame(explained).to_csv(folder / paths.explain_plot.name, index=False, float_format="%.6g")
     write_json(paths.slices,
                slice_metrics(test, y, output, cfg.slices, task, metric, threshold))
     log.info("trained %s: %s=%s on %d test rows", bundle.version, metric, result.get(metric), len(test))

@@ -34,7 +34,7 @@ log = logging.getLogger(__name__)
     params=("seed", "schema.target", "promote"),
     runtime=("alerts", "state", "serve"),  # serve: the champion's bento, built for a fleet's artifacts store
     deps=("challenger", "reference", "metrics", "slices", "plots", "validation_report", "drift_report",
-          "compression_report"),
+          "compression_report", "explain_report"),
     # the registry accumulates versions across runs: DVC must not delete it before the stage runs
     outs=(Out("registry", cache=False, persist=True), Out("model_card", cache=False),
           Out("model_card_html", cache=False)),
@@ -60,7 +60,7 @@ def run(settings: Settings, paths: Paths, force: bool = False, version: str | No
     cfg = settings.promote
     experiment = experiment_name()
     reports = {"validation": paths.validation_report, "drift": paths.drift_report, "metrics": paths.metrics,
-               "slices": paths.slices, "compression": paths.compression_report}
+               "slices": paths.slices, "compression": paths.compression_report, "explain": paths.explain_report}
     found = {name: read_json(path) if path.is_file() else {} for name, path in reports.items()}
     extra = {"reports": {name: str(path.relative_to(paths.root)) for name, path in reports.items()},
              "metrics": found["metrics"]}
@@ -104,7 +104,7 @@ def run(settings: Settings, paths: Paths, force: bool = False, version: str | No
                           found["metrics"], found["slices"], found["validation"], found["drift"], decision,
                           settings.data_schema.target, found["compression"],
                           read_json(paths.cost_report) if paths.cost_report.is_file() else {},
-                          modelcard.read_plots(paths))
+                          modelcard.read_plots(paths), found["explain"])
     markdown, page = modelcard.markdown(card), modelcard.html(card)
     if not experiment:
         write_text(registry.version_dir(challenger) / Paths.MODEL_CARD_FILE, markdown)

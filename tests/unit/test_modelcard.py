@@ -121,3 +121,22 @@ def test_many_points_are_thinned_to_a_page_that_stays_small():
     points = modelcard._points(x, x ** 2)
     assert len(points) == modelcard.MAX_POINTS and points[0] == (0.0, 0.0) and points[-1] == (1.0, 1.0)
     assert modelcard._points(pd.Series([0.0, np.nan, 1.0]), pd.Series([0.0, 1.0, np.inf])) == ((0.0, 0.0),)
+
+
+def test_the_card_shows_which_columns_matter_as_bars_and_per_class(tmp_path):
+    explain = {"version": "v2", "rows": 300, "method": "blending of lightgbm (tree SHAP)", "output": "probability",
+               "mean_abs_contribution": {"age": 0.02, HOSTILE: 0.11, "region": 0.0},
+               "per_class": {"low": {"age": 0.01, HOSTILE: 0.05, "region": 0.0},
+                             "<i>high</i>": {"age": 0.01, HOSTILE: 0.06, "region": 0.0}}}
+    page, text = (render(modelcard._importance(explain)) for render in (modelcard.html, modelcard.markdown))
+    assert "<h2>Which columns matter</h2>" in page and _svg_labels(page) == ["Mean |contribution| per column"]
+    bars = page[page.index('aria-label="Mean |contribution| per column"'):]
+    bars = bars[:bars.index("</svg>")]
+    widths = [float(w) for w in re.findall(r'<rect [^>]*width="([\d.]+)"', bars)]
+    assert len(widths) == 3 and widths[0] > widths[1] > widths[2] == 0  # longest first, to scale from 0
+    assert bars.index("&lt;script&gt;") < bars.index(">age<") and "<script" not in page
+    assert "<th>&lt;i&gt;high&lt;/i&gt;</th>" in page  # the per-class table
+    assert f"| {HOSTILE} | 0.1100 |" in text and "| region | 0.0000 | 0.0000 |" in text
+    assert "<h2>Which columns matter</h2>" in modelcard.html(_card("binary"))  # a section of every card
+    empty = modelcard.markdown(modelcard._importance({}))
+    assert "No `reports/explain.json`: run `amaas evaluate` before `amaas promote`." in empty
