@@ -104,3 +104,8 @@ def test_seven_imbalanced_classes_every_common_class_predicted_and_no_member_bet
     assert served_test >= max(on_test.values()) - 0.005, (served_test, on_test)  # the test rows too
     common = {c for c, n in table["label"].value_counts().items() if n >= 0.05 * len(table)}
     assert common <= set(bundle.labels(output)), sorted(common - set(bundle.labels(output)))
+    explained = json.loads(paths.explain_report.read_text())  # the global explanation, per class, and its plot data
+    assert explained["rows"] == len(test) and set(explained["per_class"]) == {str(c) for c in bundle.classes}
+    assert set(explained["mean_abs_contribution"]) == {"x1", "x2", "x3", "x4", "color"}
+    assert list(pd.read_csv(paths.explain_plot)["column"])[0] == max(explained["mean_abs_contribution"],
+                                                                     key=explained["mean_abs_contribution"].get)
