@@ -47,7 +47,7 @@ from pipelines.serving.gateway import (  # noqa: E402
     bound_metric_labels,
     cancelled_timeouts,
 )
-from pipelines.serving.metrics import with_served_metrics  # noqa: E402
+from pipelines.serving.metrics import latest_attribution_drift, with_served_metrics  # noqa: E402
 from pipelines.state import Shared, shared  # noqa: E402
 from pipelines.state.artifacts import fetch_bento  # noqa: E402
 from pipelines.state.limits import RELOAD_LOCK, keep_following, one_at_a_time, server_id  # noqa: E402
@@ -201,10 +201,12 @@ class AmaasService:
                        state().limits, server_id())
 
     def __metrics__(self, content: str) -> str:
-        """BentoML's hook on /metrics: its text plus the versions served, the canary share and this worker's
-        response cache (amaas_* metrics)."""
+        """BentoML's hook on /metrics: its text plus the versions served, the canary share, this worker's
+        response cache and explanations, and the newest report's attribution drift (amaas_* metrics)."""
+        attribution = latest_attribution_drift(PATHS.drift_report, self.settings.report.attribution_drift_threshold
+                                               ) if PROJECT else {}
         return with_served_metrics(content, MODELS.versions(), MODELS.cache_stats(),
-                                   MODELS.models.explained if MODELS.models else 0)
+                                   MODELS.models.explained if MODELS.models else 0, attribution)
 
     # BentoML's batching of this API serves /predict: the gateway hands it the rows it checked (MODELS.predict)
     @bentoml.api(batchable=ARGS.batching, max_batch_size=ARGS.max_batch_size, max_latency_ms=ARGS.max_latency_ms)

@@ -10,7 +10,9 @@ are those of the worker that answers the scrape).
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 from prometheus_client import CollectorRegistry, generate_latest
@@ -24,14 +26,17 @@ CACHE = "amaas_cache"  # _hits_total, _misses_total, _hit_ratio, _entries, _size
 UNSEEN = "amaas_unseen_category_rows"  # _total, per column: rows answered with a category the model never saw
 OUT_OF_REFERENCE = "amaas_out_of_reference_rows"  # _total, per column: rows answered outside the reference range
 EXPLAINED = "amaas_explained_rows"  # _total: rows answered on /explain
+ATTRIBUTION_DRIFT = "amaas_attribution_drift"  # (and _threshold): the newest report's, where the server has it
 ROLES = ("champion", "challenger")
 
 
 class _Served(Collector):
-    def __init__(self, versions: dict[str, Any], cache: dict[str, Any], explained: int) -> None:
+    def __init__(self, versions: dict[str, Any], cache: dict[str, Any], explained: int,
+                 attribution: dict[str, float]) -> None:
         self.versions = versions
         self.cache = cache
         self.explained = explained
+        self.attribution = attribution
 
     def collect(self) -> Iterator[GaugeMetricFamily | CounterMetricFamily]:
         info = GaugeMetricFamily(MODEL_INFO, "Model versions being served: 1 per role (champion, challenger) and "
@@ -56,6 +61,12 @@ class _Served(Collector):
                                                  "0: off)", value=self.cache["size"])
         yield CounterMetricFamily(EXPLAINED, "Rows answered on /explain (with an explanation; also in the prediction "
                                              "log, flagged explained)", value=self.explained)
+        if "drift" in self.attribution:
+            yield GaugeMetricFamily(ATTRIBUTION_DRIFT, "Attribution drift of the champion in the newest report "
+                                                       "(reports/drift.json: 1 - NDCG of its top columns)",
+                                    value=self.attribution["drift"])
+            yield GaugeMetricFamily(f"{ATTRIBUTION_DRIFT}_threshold", "report.attribution_drift_threshold",
+                                    value=self.attribution["threshold"])
         for name, kind, what in ((UNSEEN, "unseen", "with a category the model never saw (answered as the unknown "
                                                     "category)"),
                                  (OUT_OF_REFERENCE, "out_of_reference", "with a number outside the column's reference "
@@ -66,15 +77,27 @@ class _Served(Collector):
             yield counts
 
 
-def served_metrics(versions: dict[str, Any], cache: dict[str, Any], explained: int = 0) -> str:
+def served_metrics(versions: dict[str, Any], cache: dict[str, Any], explained: int = 0,
+                   attribution: dict[str, float] | None = None) -> str:
     """Prometheus text for `versions` (what GET /models answers: champion, challenger, canary_share, shadow),
-    `cache` (ResponseCache.stats: size, entries, hits, misses) and the rows `explained` on /explain."""
+    `cache` (ResponseCache.stats: size, entries, hits, misses), the rows `explained` on /explain and the newest
+    report's `attribution` drift (drift, threshold; none: no gauge)."""
     registry = CollectorRegistry(auto_describe=False)
-    registry.register(_Served(versions, cache, explained))
+    registry.register(_Served(versions, cache, explained, attribution or {}))
     return generate_latest(registry).decode()
 
 
-def with_served_metrics(content: str, versions: dict[str, Any], cache: dict[str, Any], explained: int = 0) -> str:
+def with_served_metrics(content: str, versions: dict[str, Any], cache: dict[str, Any], explained: int = 0,
+                        attribution: dict[str, float] | None = None) -> str:
     """BentoML's /metrics text followed by the served-model, cache and explanation metrics."""
-    return (content if not content or content.endswith("\n") else content + "\n") + served_metrics(versions, cache,
-                                                                                                   explained)
+    return (content if not content or content.endswith("\n") else content + "\n") + served_metrics(
+        versions, cache, explained, attribution)
+
+
+def latest_attribution_drift(drift_report: Path, threshold: float) -> dict[str, float]:
+    """{drift, threshold} from the newest reports/drift.json, or {} without one (or without a value in it)."""
+    try:
+        value = json.loads(drift_report.read_text()).get("attribution_drift")
+    except (OSError, ValueError, AttributeError):
+        return {}
+    return {"drift": float(value), "threshold": threshold} if isinstance(value, int | float) else {}

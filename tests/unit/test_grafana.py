@@ -67,7 +67,8 @@ def test_dashboard_charts_what_operators_asked_for():
 
 
 def test_every_dashboard_metric_is_bentomls_or_ours():
-    ours = exposed_names(metrics.served_metrics(VERSIONS, CACHE)) | exposed_names(usage_metrics({"k": NO_USAGE}))
+    ours = exposed_names(metrics.served_metrics(VERSIONS, CACHE, 1, {"drift": 0.1, "threshold": 0.15})) | (
+        exposed_names(usage_metrics({"k": NO_USAGE})))
     used = set().union(*(metric_names(e) for e in queries(load_dashboard())))
     assert used <= BENTOML | ours, used - BENTOML - ours
 
@@ -101,3 +102,17 @@ def test_served_gauges_say_what_get_models_says():
 @pytest.mark.parametrize("provisioning", ["datasources/prometheus.yaml", "dashboards/amaas.yaml"])
 def test_provisioning_files_parse(provisioning):
     assert yaml.safe_load((INFRA / "grafana" / "provisioning" / provisioning).read_text())["apiVersion"] == 1
+
+
+def test_the_dashboard_charts_explanations_and_the_newest_attribution_drift(tmp_path):
+    joined = "\n".join(queries(load_dashboard()))
+    assert "amaas_explained_rows_total" in joined and "max(amaas_attribution_drift)" in joined
+    report = tmp_path / "drift.json"
+    assert metrics.latest_attribution_drift(report, 0.15) == {}  # no report yet: no gauge
+    report.write_text('{"attribution_drift": null}')
+    assert metrics.latest_attribution_drift(report, 0.15) == {}  # no model to explain in that run
+    report.write_text('{"attribution_drift": 0.3}')
+    found = metrics.latest_attribution_drift(report, 0.15)
+    text = metrics.served_metrics(VERSIONS, CACHE, 2, found)
+    assert "amaas_attribution_drift 0.3" in text and "amaas_attribution_drift_threshold 0.15" in text
+    assert "amaas_explained_rows_total 2.0" in text
