@@ -12,6 +12,8 @@ Trains a small model in a temporary project (about 20 s), then starts a real `am
 - batching off: the closed loop again (target: batching >= 5x this);
 - the response cache: half the requests repeat one row, half are new rows, at `--rate`, with the cache off and
   on (target: p50 on / off <= 0.5).
+- explanations (issue 30): one row on POST /explain, in process (p50 of the served model and of the trained
+  3-learner ensemble; targets <= 5 ms for a tree student, <= 50 ms for the ensemble) and over HTTP (one client).
 It also prints how long the disk under the project takes to fsync a small append: every answer waits for the
 prediction log's fsync, so a disk with slow fsyncs now and then shows in every latency tail.
 `--workers` is serve.workers (default: one per core, as the README advises); `--model` is serve.model (default:
@@ -42,6 +44,7 @@ import yaml
 from _project import trained_project  # beside this script
 
 from pipelines.bundle import ModelBundle
+from pipelines.config import Paths
 from pipelines.io import read_json
 from pipelines.registry import Registry
 from pipelines.state.keys import ApiKeys
@@ -208,6 +211,10 @@ def main() -> int:
         served = read_json(root / "reports" / "compression.json")
         print(f"served model: {served['served']} ({served['reason']})")
         print(f"in-process predict, batches of 256 rows: {in_process:,.0f} rows/s")
+        explain_ms = {f"served {served['served']}": explain_p50(bundle),
+                      "3-learner ensemble": explain_p50(ModelBundle.load(Paths(root).trained))}
+        print("in-process /explain of one row, p50: " + ", ".join(f"{name} {ms:.2f} ms" for name, ms in
+                                                                   explain_ms.items()))
         print(f"fsync of the prediction log's disk: {fsync_latency(root / 'logs')}")
         limits = "rate_limit" in params["serve"]
         print(f"auth on, prediction log on; rate limits: {'on' if limits else 'not in this build, skipped'}; "
@@ -227,6 +234,10 @@ def main() -> int:
                 "cache on": [("50% repeated rows", half_repeated, None)]}[mode]
             try:
                 asyncio.run(closed_loop(f"{url}/predict", key, 4, 2))  # warm up
+                if mode == "adaptive batching":  # explanations one at a time, before any overload
+                    r = results["explain"] = asyncio.run(closed_loop(f"{url}/explain", key, 1, args.seconds))
+                    print(f"{mode:<22} {'/explain, 1 client':<22} {r['rps']:>8.1f} {r['p50']:>8.1f} "
+                          f"{r['p95']:>8.1f} {r['p99']:>8.1f} {r['errors']:>7} {r['by_status'] or ''}", flush=True)
                 # the fixed rates first, the overload (closed loop) last: it leaves BentoML's dispatcher
                 # shedding (503) for a while, which is not what steady traffic at a fixed rate sees
                 for load, payload, clients in runs:
@@ -241,11 +252,25 @@ def main() -> int:
             finally:
                 os.killpg(proc.pid, signal.SIGTERM)
                 proc.wait(timeout=60)
-        _targets(results, args.rate, in_process)
+        _targets(results, args.rate, in_process, explain_ms)
     return 0
 
 
-def _targets(results: dict[str, dict[str, Any]], rate: float, in_process: float) -> None:
+def explain_p50(bundle: ModelBundle, calls: int = 200) -> float:
+    """Milliseconds, p50 of `calls` one-row explanations in this process (after 5 to warm up)."""
+    row = pd.DataFrame([ROW])
+    for _ in range(5):
+        bundle.explained(row)
+    seconds = []
+    for _ in range(calls):
+        started = time.perf_counter()
+        bundle.explained(row)
+        seconds.append(time.perf_counter() - started)
+    return float(np.percentile(seconds, 50) * 1e3)
+
+
+def _targets(results: dict[str, dict[str, Any]], rate: float, in_process: float, explain_ms: dict[str, float]
+             ) -> None:
     """The issue's targets from this run's figures."""
     at_rate, closed = results[f"adaptive batching/{rate:g} rps"], results["adaptive batching/closed loop"]
     off = results["batching off/closed loop"]
@@ -265,6 +290,11 @@ def _targets(results: dict[str, dict[str, Any]], rate: float, in_process: float)
     print(f"    p50 of the repeated rows (the hits): {cache_on['p50_repeated']:.1f} ms on, "
           f"{cache_off['p50_repeated']:.1f} ms off; of the new rows: {cache_on['p50_new']:.1f} ms on, "
           f"{cache_off['p50_new']:.1f} ms off")
+    ensemble = explain_ms["3-learner ensemble"]
+    served = next(v for k, v in explain_ms.items() if k.startswith("served"))
+    print(f"  /explain of one row in process: served model {served:.2f} ms (tree student <= 5), 3-learner ensemble "
+          f"{ensemble:.2f} ms (<= 50); over HTTP p50 {results['explain']['p50']:.1f} ms, errors "
+          f"{results['explain']['errors']} (0)")
 
 
 if __name__ == "__main__":
