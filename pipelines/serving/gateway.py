@@ -32,7 +32,7 @@ from pipelines.config import ServeConfig, Settings
 from pipelines.serving.asgi import Receive, Send, buffered
 from pipelines.serving.openapi import document
 from pipelines.serving.routing import route
-from pipelines.serving.schema import answer_model, request_schema, with_defaults
+from pipelines.serving.schema import answer_model, explained_answer_model, request_schema, with_defaults
 from pipelines.state import Shared
 from pipelines.state.keys import ApiKeys, KeyEntry, KeyStoreError
 from pipelines.state.limits import (
@@ -391,8 +391,10 @@ class Gateway:
         bentoml = json.loads(body) if started.get("status") == 200 else {}
         info = bentoml.get("info", {}) if isinstance(bentoml, dict) else {}
         limits = {"max_rows": self.serve.max_rows, "max_body_bytes": self.serve.max_body_bytes}
+        explained = None if self.explain is None else explained_answer_model(self.settings().data_schema)
+        routes = {path: methods for path, methods in ROUTES.items() if path != "/explain" or explained}
         await _reply(send, 200, document({"title": "amaas", "version": "unknown", **info}, self.model, self.answer,
-                                         self.serve.auth, ROUTES, limits))
+                                         self.serve.auth, routes, limits, explained))
 
 
 def known_path(path: str) -> bool:

@@ -23,19 +23,31 @@ KEYS = "bearer", "apiKey"  # Authorization: Bearer <key>, or X-API-Key: <key>
 
 
 def document(info: dict[str, Any], request: TypeAdapter[Any], answer: type[BaseModel], auth: bool,
-             routes: dict[str, tuple[str, ...]], limits: dict[str, int]) -> dict[str, Any]:
+             routes: dict[str, tuple[str, ...]], limits: dict[str, int], explained: type[BaseModel] | None = None
+             ) -> dict[str, Any]:
     """The whole document. `info` is BentoML's (its title and the bento's version); `auth` whether /predict takes
     API keys (serve.auth); `routes` each path the gateway answers and its methods (a path it does not describe is
-    an error: the document must not fall behind the server); `limits` serve.max_body_bytes and serve.max_rows."""
+    an error: the document must not fall behind the server); `limits` serve.max_body_bytes and serve.max_rows;
+    `explained` the answer of POST /explain (None: not served)."""
     components: dict[str, Any] = {"Error": ERROR}
     body = request.json_schema(ref_template=TEMPLATE)
     answers: dict[str, Any] = {"type": "array", "items": answer.model_json_schema(ref_template=TEMPLATE)}
-    for part in (body, answers["items"]):
-        components.update(part.pop("$defs", {}))
-    answer_name = answers["items"].get("title", "Answer")
-    components[answer_name] = answers["items"]
-    answers["items"] = {"$ref": TEMPLATE.format(model=answer_name)}
+    explanations: dict[str, Any] = {"type": "array", "items": (explained or answer).model_json_schema(
+        ref_template=TEMPLATE)}
+    for reply in (answers, explanations):
+        components.update(reply["items"].pop("$defs", {}))
+        name = reply["items"].get("title", "Answer")
+        components[name] = reply["items"]
+        reply["items"] = {"$ref": TEMPLATE.format(model=name)}
+    components.update(body.pop("$defs", {}))
     operations = _operations(body, answers, auth, limits)
+    if explained is not None:  # /predict's operation, answered with the explanations
+        predict = operations["/predict"]["post"]
+        operations["/explain"] = {"post": {
+            **predict, "summary": "Explain rows", "description": "For each row: the answer of /predict with its "
+            "explanation (the base value and each input column's contribution, in the answer's space: base + "
+            "contributions = the answer). Same body, keys (predict scope), limits and statuses as /predict.",
+            "responses": {**predict["responses"], "200": _json("one explained answer per row", explanations)}}}
     missing = {path: methods for path, methods in routes.items()
                if {m.lower() for m in methods} != set(operations.get(path, {}))}
     if missing:

@@ -99,3 +99,22 @@ def answer_model(schema: SchemaConfig) -> type[BaseModel]:
                                                             "trained on (answered; reported as drift)"))}
     fields |= {"model_version": (str, ...), "request_id": (str, ...)}
     return create_model("Answer", **fields)
+
+
+def explained_answer_model(schema: SchemaConfig) -> type[BaseModel]:
+    """The pydantic model of one answer of /explain: the answer of /predict with its explanation."""
+    by_class = schema.task != "regression"
+    number: Any = dict[str, float] if by_class else float
+    per_column: Any = dict[str, dict[str, float]] if by_class else dict[str, float]
+    fields: dict[str, Any] = {
+        "method": (str, Field(description="how the contributions were computed, per model (see the README)")),
+        "output": (str, Field(description="the space of base and contributions: probability (of each class) or "
+                                          "value")),
+        "base": (number, Field(description="the answer with no column's information" + (", per class" if by_class
+                                                                                          else ""))),
+        "contributions": (per_column, Field(description=("per class, " if by_class else "") + "per input column: "
+                                            "how much it moves the answer; base + their sum = the answer"))}
+    explanation = create_model("Explanation", **fields)
+    return create_model("ExplainedAnswer", __base__=answer_model(schema),
+                        explanation=(explanation, Field(description="why: the base value and each input column's "
+                                                                    "contribution")))

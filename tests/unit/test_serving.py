@@ -239,13 +239,13 @@ def test_openapi_shows_the_rows_and_the_answer_of_the_task(task, tmp_path):
 
     from pipelines.config import load_settings
     from pipelines.serving.openapi import document
-    from pipelines.serving.schema import answer_model, request_schema
+    from pipelines.serving.schema import answer_model, explained_answer_model, request_schema
     from tests.tables import params_for
 
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params_for(task)))
     schema = load_settings(tmp_path / "params.yaml").data_schema
     doc = document({"title": "t", "version": "v"}, request_schema(schema, 10), answer_model(schema), True,
-                   ROUTES, {"max_rows": 10, "max_body_bytes": 1000})
+                   ROUTES, {"max_rows": 10, "max_body_bytes": 1000}, explained_answer_model(schema))
     row = doc["components"]["schemas"]["Row"]
     # no id column in this table; its time column may be sent (not a feature)
     assert set(row["properties"]) == {"day", "x1", "x2", "color", "size"}
@@ -254,6 +254,15 @@ def test_openapi_shows_the_rows_and_the_answer_of_the_task(task, tmp_path):
     expected = {"binary": {"label", "probability", "probabilities"}, "multiclass": {"label", "probabilities"},
                 "regression": {"value"}}[task]
     assert set(answer["properties"]) == expected | {"model_version", "request_id", "unseen", "out_of_reference"}
+    explain = doc["paths"]["/explain"]["post"]
+    assert explain["requestBody"] == doc["paths"]["/predict"]["post"]["requestBody"]  # the same body
+    explained = doc["components"]["schemas"]["ExplainedAnswer"]
+    assert explain["responses"]["200"]["content"]["application/json"]["schema"]["items"] == {
+        "$ref": "#/components/schemas/ExplainedAnswer"}
+    assert set(explained["properties"]) == set(answer["properties"]) | {"explanation"}
+    parts = doc["components"]["schemas"]["Explanation"]["properties"]
+    assert set(parts) == {"method", "output", "base", "contributions"}
+    assert ("additionalProperties" in parts["base"]) is (task != "regression")  # per class, or one number
     json.dumps(doc, allow_nan=False)  # a valid JSON document
 
 
