@@ -38,16 +38,19 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-import pandas as pd
-import yaml
-from _project import trained_project  # beside this script
+# as the server sets it (bentos/service.py), before the models' libraries load OpenMP: the in-process figures too
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
-from pipelines.bundle import ModelBundle
-from pipelines.config import Paths
-from pipelines.io import read_json
-from pipelines.registry import Registry
-from pipelines.state.keys import ApiKeys
+import numpy as np  # noqa: E402
+import pandas as pd  # noqa: E402
+import yaml  # noqa: E402
+from _project import trained_project  # noqa: E402  # beside this script
+
+from pipelines.bundle import ModelBundle  # noqa: E402
+from pipelines.config import Paths  # noqa: E402
+from pipelines.io import read_json  # noqa: E402
+from pipelines.registry import Registry  # noqa: E402
+from pipelines.state.keys import ApiKeys  # noqa: E402
 
 ROW = {"age": 41, "income": 52000.0, "loan_amount": 12000, "term_months": 60, "interest_rate": 14.5,
        "credit_score": 610, "debt_to_income": 0.3, "employment_years": 3, "open_accounts": 7,
@@ -257,7 +260,11 @@ def main() -> int:
 
 
 def explain_p50(bundle: ModelBundle, calls: int = 200) -> float:
-    """Milliseconds, p50 of `calls` one-row explanations in this process (after 5 to warm up)."""
+    """Milliseconds, p50 of `calls` one-row explanations in this process (after 5 to warm up), with torch on one
+    thread as the server runs it (bentos/service.py)."""
+    import torch
+
+    torch.set_num_threads(1)
     row = pd.DataFrame([ROW])
     for _ in range(5):
         bundle.explained(row)

@@ -124,8 +124,8 @@ def _learner(learner: Learner, X: pd.DataFrame, groups: np.ndarray, baseline: np
     """(base (n, d), contributions (n, columns, d), output (n, d)) of one fitted learner on encoded rows `X`."""
     output = _as_2d(learner.predict_output(X))
     if isinstance(learner, MLPLearner):
-        return _permutation_shapley(lambda Z: _as_2d(learner.predict_output(pd.DataFrame(Z, columns=X.columns))),
-                                    X.to_numpy(dtype="float64"), output, groups, baseline)
+        return _permutation_shapley(_mlp_forward(learner, list(X.columns)), X.to_numpy(dtype="float64"), output,
+                                    groups, baseline)
     if isinstance(learner, (LightGBMLearner, XGBoostLearner)):
         margin = _tree_contributions(learner, X)  # (n, features + 1, margins)
         base_m, phi = margin[:, -1, :], np.einsum("nfk,fc->nck", margin[:, :-1, :], groups)
@@ -137,6 +137,24 @@ def _learner(learner: Learner, X: pd.DataFrame, groups: np.ndarray, baseline: np
             return _complete(*_through_softmax(base_m, phi), output)
         return _complete(base_m, phi, output)
     raise TypeError(f"no explanation method for a {type(learner).__name__}")
+
+
+def _mlp_forward(learner: MLPLearner, columns: list[str]) -> Callable[[np.ndarray], np.ndarray]:
+    """The MLP's output (n, d) for encoded rows as an array in the order of `columns`: what predict_output gives
+    for them as a frame, without building one per call (its numeric and category columns picked by position)."""
+    import torch
+
+    cats = set(learner._categorical)
+    ordered = [columns.index(c) for c in learner.columns_]
+    numeric = [i for i, c in zip(ordered, learner.columns_, strict=True) if c not in cats]
+    codes = [i for i, c in zip(ordered, learner.columns_, strict=True) if c in cats]
+
+    def forward(Z: np.ndarray) -> np.ndarray:
+        num = torch.from_numpy(np.ascontiguousarray(Z[:, numeric], dtype="float32")).to(learner.device_)
+        cat = torch.from_numpy(np.ascontiguousarray(Z[:, codes]).astype("int64")).to(learner.device_)
+        return _as_2d(learner._predict(num, cat))
+
+    return forward
 
 
 def _tree_contributions(learner: LightGBMLearner | XGBoostLearner, X: pd.DataFrame) -> np.ndarray:

@@ -127,6 +127,40 @@ def test_every_answered_prediction_is_in_the_log(server, trained_project):
          "features"]]
 
 
+def test_explain_answers_why_with_the_keys_of_predict_logged_and_counted(server, trained_project):
+    rid = f"explain-{time.time_ns()}"
+    sent = [ROW, {**ROW, "credit_score": 780, "home_ownership": "own", "income": 90000}]
+    response = server.session.post(f"{server.url}/explain", json={"rows": sent}, headers={"X-Request-ID": rid},
+                                   timeout=30)
+    assert response.status_code == 200, response.text
+    explained = response.json()
+    predicted = server.session.post(f"{server.url}/predict", json={"rows": sent}, timeout=30).json()
+    columns = set(ModelBundle.load(trained_project / "models" / "challenger").transform.numeric) | set(
+        ModelBundle.load(trained_project / "models" / "challenger").transform.categorical)
+    for answer, same in zip(explained, predicted, strict=True):
+        why = answer.pop("explanation")
+        assert {k: v for k, v in answer.items() if k != "request_id"} == {
+            k: v for k, v in same.items() if k != "request_id"}  # the answer of /predict, with why
+        assert why["output"] == "probability" and "student_lightgbm (tree SHAP)" in why["method"]
+        for name, p in answer["probabilities"].items():  # base + contributions = the answer, per class
+            assert set(why["contributions"][name]) == columns
+            assert why["base"][name] + sum(why["contributions"][name].values()) == pytest.approx(p, rel=1e-6)
+    logged = [r for r in read_prediction_log(trained_project / "logs" / "predictions") if r.request_id == rid]
+    assert len(logged) == 2 and all(r.explained for r in logged)
+    assert [r.probability for r in logged] == [a["probability"] for a in explained]
+    metrics = requests.get(f"{server.url}/metrics", timeout=30).text
+    assert float(re.search(r"^amaas_explained_rows_total (\S+)$", metrics, re.M)[1]) >= 2
+    admin = amaas("keys", "add", f"explain-admin-{time.time_ns()}", "--scope", "admin",
+                  root=trained_project).stdout.strip()
+    refused = requests.post(f"{server.url}/explain", json={"row": ROW}, timeout=30,
+                            headers={"Authorization": f"Bearer {admin}"})
+    assert refused.status_code == 403 and "'predict' scope" in refused.json()["error"]
+    assert requests.post(f"{server.url}/explain", json={"row": ROW}, timeout=30).status_code == 401
+    docs = requests.get(f"{server.url}/docs.json", timeout=30).json()
+    assert "explanation" in docs["paths"]["/explain"]["post"]["responses"]["200"]["content"]["application/json"][
+        "schema"]["items"]["properties"]
+
+
 def test_monitoring_judges_served_predictions_and_joins_delayed_labels(server, trained_project, tmp_path):
     validated = pd.read_parquet(trained_project / "data" / "validated" / "data.parquet")
     rows = validated.sample(300, random_state=1)
