@@ -224,8 +224,7 @@ class AmaasService:
         models = self.models.current
         champion, challenger = models["champion"], models["challenger"]
         assert champion is not None
-        routes = [row.get(ROUTE, "champion") for row in rows]
-        answered_by = [challenger if route == "challenger" and challenger else champion for route in routes]
+        routes, answered_by = _routed(rows, champion, challenger)
         answers: list[dict[str, Any]] = [{}] * len(rows)
         for bundle in {id(b): b for b in answered_by}.values():
             picked = [i for i, b in enumerate(answered_by) if b is bundle]
@@ -242,8 +241,7 @@ class AmaasService:
         assert champion is not None
         cache = self.models.cache  # a hit is what that version answered for the same cleaned row
         find = cache.cached if cached_only else cache.answers
-        routes = [row.get(ROUTE, "champion") for row in rows]
-        answered_by = [challenger if route == "challenger" and challenger else champion for route in routes]
+        routes, answered_by = _routed(rows, champion, challenger)
         answers: list[dict[str, Any]] = [{}] * len(rows)
         for bundle in {id(b): b for b in answered_by}.values():
             picked = [i for i, b in enumerate(answered_by) if b is bundle]
@@ -281,6 +279,14 @@ class AmaasService:
         # answer until it is (MODELS.durable), so the next batch need not wait for this one's fsync
         self.log.write(entries)
         return out
+
+
+def _routed(rows: list[dict[str, Any]], champion: ModelBundle, challenger: ModelBundle | None
+            ) -> tuple[list[str], list[ModelBundle]]:
+    """Each row's route (as the gateway set it) and the model that answers it (a challenger not loaded: the
+    champion; a shadow row: the champion)."""
+    routes = [row.get(ROUTE, "champion") for row in rows]
+    return routes, [challenger if route == "challenger" and challenger else champion for route in routes]
 
 
 class _Shared:
