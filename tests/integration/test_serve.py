@@ -157,8 +157,9 @@ def test_explain_answers_why_with_the_keys_of_predict_logged_and_counted(server,
     assert refused.status_code == 403 and "'predict' scope" in refused.json()["error"]
     assert requests.post(f"{server.url}/explain", json={"row": ROW}, timeout=30).status_code == 401
     docs = requests.get(f"{server.url}/docs.json", timeout=30).json()
-    assert "explanation" in docs["paths"]["/explain"]["post"]["responses"]["200"]["content"]["application/json"][
-        "schema"]["items"]["properties"]
+    explained = docs["paths"]["/explain"]["post"]["responses"]["200"]["content"]["application/json"]["schema"]
+    assert explained["items"] == {"$ref": "#/components/schemas/ExplainedAnswer"}
+    assert "explanation" in docs["components"]["schemas"]["ExplainedAnswer"]["properties"]
 
 
 def test_monitoring_judges_served_predictions_and_joins_delayed_labels(server, trained_project, tmp_path):
