@@ -375,14 +375,27 @@ def _stage(args: argparse.Namespace, paths: Paths) -> int:
     with _locked(args, paths):
         summary = run_stage(args.command, args.params, paths.root, **options)
     print(json.dumps({args.command: summary}, default=str))
-    return 0
+    return _stopped(summary)
+
+
+def _stopped(summary: dict[str, Any]) -> int:
+    """A stage whose summary waits for a person's approval stops the command (exit code 3, so `dvc repro` stops
+    there too) with the way to answer; else 0."""
+    if not summary.get("awaiting_approval"):
+        return 0
+    print(f"amaas: {summary['reason']}\namaas: answer with `amaas promote --approve --note \"...\"` or "
+          f"`amaas promote --reject --note \"...\"`, then run again", file=sys.stderr)
+    return 3
 
 
 def _run_all(args: argparse.Namespace, paths: Paths) -> int:
-    """`amaas run`: every stage in order; the project stays locked across all of them."""
+    """`amaas run`: every stage in order, until one waits for approval; the project stays locked across all."""
     with _locked(args, paths):
         for stage in STAGES:
-            print(json.dumps({stage: run_stage(stage, args.params, paths.root)}, default=str))
+            summary = run_stage(stage, args.params, paths.root)
+            print(json.dumps({stage: summary}, default=str))
+            if code := _stopped(summary):
+                return code
     _print_where(paths, load_settings(args.params))
     return 0
 
