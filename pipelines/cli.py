@@ -343,6 +343,10 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser(_command(argv)).parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if not args.verbose and args.command in (*STAGES, "run"):
+        logging.captureWarnings(True)  # the libraries' Python warnings go through the filter too
+        for handler in logging.getLogger().handlers:
+            handler.addFilter(_stage_lines)
     paths = Paths(Path(args.root).resolve()) if args.root else Paths.from_env()
     try:
         return COMMANDS.get(args.command, _stage)(args, paths)
@@ -369,12 +373,23 @@ def _user_error(exc: Exception) -> bool:
                if module in sys.modules)
 
 
+def _stage_lines(record: logging.LogRecord) -> bool:
+    """What a stage command logs without -v: each stage's end with its key figures (pipelines.runner), and the
+    project's warnings and errors; the stages' own progress, the libraries' INFO lines (Great Expectations,
+    Evidently, BentoML...) and their Python warnings (scikit-learn's undefined precision...) only with -v."""
+    if record.name == "py.warnings":
+        return False
+    return record.levelno >= logging.WARNING or record.name == "pipelines.runner"
+
+
 def _stage(args: argparse.Namespace, paths: Paths) -> int:
-    """`amaas <stage>`: the stage with its command-line options, under the project lock."""
+    """`amaas <stage>`: the stage with its command-line options, under the project lock. The summary is printed
+    as JSON, except under `dvc repro` (DVC_STAGE set), whose log has its key figures on the stage's one line."""
     options = {o.dest: getattr(args, o.dest) for o in declaration(args.command).options}
     with _locked(args, paths):
         summary = run_stage(args.command, args.params, paths.root, **options)
-    print(json.dumps({args.command: summary}, default=str))
+    if "DVC_STAGE" not in os.environ:
+        print(json.dumps({args.command: summary}, default=str))
     return _stopped(summary)
 
 

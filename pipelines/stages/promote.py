@@ -30,10 +30,9 @@ from pipelines.bundle import METADATA_FILE, ModelBundle
 from pipelines.config import Paths, PromoteConfig, Settings, experiment_name
 from pipelines.contracts import Option, Out, stage
 from pipelines.io import read_json, write_json, write_text
-from pipelines.metrics import improvement, paired_bootstrap, score
+from pipelines.metrics import improvement, paired_bootstrap, score, slice_metrics
 from pipelines.registry import Registry, answer_approval, force_promote, rejection
 from pipelines.serving.bento import ensure_bento, publish_bento
-from pipelines.stages.evaluate import slice_metrics
 from pipelines.state import shared
 
 log = logging.getLogger(__name__)
@@ -174,6 +173,45 @@ def answer(settings: Settings, paths: Paths, approve: bool, by: str | None, note
     log.info("promote answered: %s %s -> champion %s", decision["challenger"], decision["reason"],
              decision["champion_after"])
     return decision
+
+
+def approval_request(settings: Settings, paths: Paths, pending: dict[str, Any]) -> tuple[str, str]:
+    """The subject and Markdown body of the request to approve `pending` (a decision that waits): the metrics of
+    challenger and champion, the gate's figures, the slices, latency and cost, links to the card and drift report."""
+    registry = Registry.of(paths, settings)
+    challenger, champion = pending["challenger"], pending["champion_before"]
+    metrics = [read_json(registry.version_dir(v) / METADATA_FILE).get("metrics", {}) if v else {}
+               for v in (challenger, champion)]
+    names = [k for k, v in metrics[0].items() if isinstance(v, int | float) and not isinstance(v, bool)
+             and k not in ("test_rows", "threshold")]
+    rows = [f"| {name} | {_figure(metrics[0].get(name))} | {_figure(metrics[1].get(name))} |" for name in names]
+    gate_line = (f"gain {pending['gain']:+.4f} {pending['metric']} (95% CI {pending['ci_low']:+.4f} to "
+                 f"{pending['ci_high']:+.4f}), p = {pending['p_value']:.3f}; the gate needs >= "
+                 f"{pending['min_improvement']} and p <= {pending['max_p_value']}"
+                 if pending.get("gain") is not None else pending["reason"])
+    slices = [f"- {s['column']} = {s['value']} ({s['rows']} rows): {_figure(s['champion'])} -> "
+              f"{_figure(s['challenger'])}" for s in pending.get("slice_losses", [])]
+    serving = pending.get("serving") or {}
+    links = [f"[{title}]({path.as_uri()})" for title, path in (("Model card", paths.model_card_html),
+                                                               ("Drift report", paths.drift_html)) if path.is_file()]
+    body = "\n".join([
+        f"**{pending['reason']}**", "",
+        f"| metric (test rows) | challenger {challenger} | champion {champion} |", "|---|---|---|", *rows, "",
+        f"**Gate:** {gate_line}", "",
+        f"**Slices losing more than promote.max_slice_loss {settings.promote.max_slice_loss}:**",
+        *(slices or ["- none"]), "",
+        f"**Serving ({serving.get('model')}):** single-row latency p50 {_figure(serving.get('latency_ms_p50'), 2)} ms, "
+        f"p99 {_figure(serving.get('latency_ms_p99'), 2)} ms; "
+        + ("no cost figure" if serving.get("usd_per_1k_rows") is None else f"${serving['usd_per_1k_rows']:.3g}")
+        + " per 1,000 rows", "",
+        " · ".join(links) or "(no model card or drift report written yet)", "",
+        f"Approve makes {challenger} champion; Reject, or no answer within promote.approval_timeout_min "
+        f"({settings.promote.approval_timeout_min} min), keeps {champion}."])
+    return f"Promote {challenger} over champion {champion}?", body
+
+
+def _figure(value: Any, digits: int = 4) -> str:
+    return "n/a" if value is None else f"{value:.{digits}f}"
 
 
 def publish_champion(settings: Settings, paths: Paths, registry: Registry) -> None:
