@@ -66,7 +66,7 @@ def _new_challenger(root: Path, name: str, timeout_min: int = 30) -> str:
     """The challenger again under a new version name (a new release of the same weak model), and the approval
     timeout of the next run."""
     metadata = root / "models" / "challenger" / "metadata.json"
-    version = f"{json.loads(metadata.read_text())['version'].split('+')[0]}+{name}"
+    version = f"{json.loads(metadata.read_text())['version'].split('-')[0]}-{name}"  # a valid BentoML tag too
     metadata.write_text(json.dumps({**json.loads(metadata.read_text()), "version": version}))
     params = yaml.safe_load((root / "params.yaml").read_text())
     params["promote"]["approval_timeout_min"] = timeout_min
