@@ -88,3 +88,13 @@ def test_cli_answers_and_says_when_nothing_waits(tmp_path):
     assert again.returncode == 2 and "no challenger waits for approval" in again.stderr
     both = amaas("promote", "--reject", "--approve", root=tmp_path, check=False)
     assert both.returncode == 2 and "one of --approve and --reject" in both.stderr
+
+
+def test_a_waiting_stage_stops_the_command_with_the_way_to_answer(capsys):
+    """Exit code 3: `dvc repro` and `amaas run` stop at promote, saying how to answer."""
+    from pipelines.cli import _stopped
+
+    assert _stopped({"promoted": True}) == 0
+    assert _stopped({"awaiting_approval": True, "reason": "waiting for approval (borderline: p=0.100)"}) == 3
+    err = capsys.readouterr().err
+    assert "amaas: waiting for approval (borderline: p=0.100)" in err and "amaas promote --approve --note" in err
