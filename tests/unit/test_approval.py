@@ -9,7 +9,7 @@ import pytest
 from pipelines.config import Paths, load_settings
 from pipelines.registry import Registry, RegistryError, answer_approval, force_promote, rejection, waiting_approval
 from pipelines.stages import promote
-from tests.conftest import amaas, write_params
+from tests.conftest import write_params
 
 
 def _cfg(tmp_path, approval: str):
@@ -76,18 +76,19 @@ def test_timeout_rejects(tmp_path):
     assert decision["reason"] == "rejected by nobody in time" and registry.champion == "v1"
 
 
-def test_cli_answers_and_says_when_nothing_waits(tmp_path):
+def test_cli_answers_and_says_when_nothing_waits(tmp_path, capsys):
+    from pipelines.cli import main
+
     write_params(tmp_path)
     registry = _registry_with_waiting_challenger(tmp_path / "models")
     assert registry.root == Paths(tmp_path).registry
-    done = amaas("promote", "--approve", "--note", "signed off", root=tmp_path, check=False)
-    assert done.returncode == 0, done.stderr
-    assert json.loads(done.stdout)["promote"]["by"] and registry.champion == "v2"
+    args = ["--params", str(tmp_path / "params.yaml"), "--root", str(tmp_path), "promote"]
+    assert main([*args, "--approve", "--note", "signed off"]) == 0
+    assert json.loads(capsys.readouterr().out)["promote"]["by"] and registry.champion == "v2"
     assert json.loads(Paths(tmp_path).promotion.read_text())["note"] == "signed off"
-    again = amaas("promote", "--reject", root=tmp_path, check=False)
-    assert again.returncode == 2 and "no challenger waits for approval" in again.stderr
-    both = amaas("promote", "--reject", "--approve", root=tmp_path, check=False)
-    assert both.returncode == 2 and "one of --approve and --reject" in both.stderr
+    assert main([*args, "--reject"]) == 2 and "no challenger waits for approval" in capsys.readouterr().err
+    assert main([*args, "--reject", "--approve"]) == 2
+    assert "one of --approve and --reject" in capsys.readouterr().err
 
 
 def test_a_waiting_stage_stops_the_command_with_the_way_to_answer(capsys):
