@@ -15,9 +15,10 @@ from pathlib import Path
 import pendulum
 from airflow.sdk import Param, dag, get_current_context, task
 
-from pipelines.runner import FailureAlert, rollback_in_project, run_in_project, task_retries
+from pipelines.runner import FailureAlert, dag_settings, rollback_in_project, run_in_project, task_retries
 
 PROJECT = Path(__file__).resolve().parent.parent
+SETTINGS, _ = dag_settings(PROJECT)
 
 
 @dag(
@@ -27,7 +28,8 @@ PROJECT = Path(__file__).resolve().parent.parent
     catchup=False,
     max_active_runs=1,
     # a rollback is never repeated blindly; a failed task alerts (pipelines.alerts: log, webhook, email)
-    default_args={"retries": 0, "retry_delay": timedelta(minutes=1), "on_failure_callback": FailureAlert(PROJECT)},
+    default_args={"retries": 0, "retry_delay": timedelta(minutes=1), "on_failure_callback": FailureAlert(PROJECT),
+                  "owner": SETTINGS.pipeline.owner},
     params={"reason": Param(type="string", minLength=3, title="Reason",
                             description="Why the current champion is taken out of service (recorded).")},
     doc_md=__doc__,

@@ -343,6 +343,10 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser(_command(argv)).parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if not args.verbose and args.command in (*STAGES, "run"):
+        logging.captureWarnings(True)  # the libraries' Python warnings go through the filter too
+        for handler in logging.getLogger().handlers:
+            handler.addFilter(_stage_lines)
     paths = Paths(Path(args.root).resolve()) if args.root else Paths.from_env()
     try:
         return COMMANDS.get(args.command, _stage)(args, paths)
@@ -369,20 +373,44 @@ def _user_error(exc: Exception) -> bool:
                if module in sys.modules)
 
 
+def _stage_lines(record: logging.LogRecord) -> bool:
+    """What a stage command logs without -v: each stage's end with its key figures (pipelines.runner), and the
+    project's warnings and errors; the stages' own progress, the libraries' INFO lines (Great Expectations,
+    Evidently, BentoML...) and their Python warnings (scikit-learn's undefined precision...) only with -v."""
+    if record.name == "py.warnings":
+        return False
+    return record.levelno >= logging.WARNING or record.name == "pipelines.runner"
+
+
 def _stage(args: argparse.Namespace, paths: Paths) -> int:
-    """`amaas <stage>`: the stage with its command-line options, under the project lock."""
+    """`amaas <stage>`: the stage with its command-line options, under the project lock. The summary is printed
+    as JSON, except under `dvc repro` (DVC_STAGE set), whose log has its key figures on the stage's one line."""
     options = {o.dest: getattr(args, o.dest) for o in declaration(args.command).options}
     with _locked(args, paths):
         summary = run_stage(args.command, args.params, paths.root, **options)
-    print(json.dumps({args.command: summary}, default=str))
-    return 0
+    if "DVC_STAGE" not in os.environ:
+        print(json.dumps({args.command: summary}, default=str))
+    return _stopped(summary)
+
+
+def _stopped(summary: dict[str, Any]) -> int:
+    """A stage whose summary waits for a person's approval stops the command (exit code 3, so `dvc repro` stops
+    there too) with the way to answer; else 0."""
+    if not summary.get("awaiting_approval"):
+        return 0
+    print(f"amaas: {summary['reason']}\namaas: answer with `amaas promote --approve --note \"...\"` or "
+          f"`amaas promote --reject --note \"...\"`, then run again", file=sys.stderr)
+    return 3
 
 
 def _run_all(args: argparse.Namespace, paths: Paths) -> int:
-    """`amaas run`: every stage in order; the project stays locked across all of them."""
+    """`amaas run`: every stage in order, until one waits for approval; the project stays locked across all."""
     with _locked(args, paths):
         for stage in STAGES:
-            print(json.dumps({stage: run_stage(stage, args.params, paths.root)}, default=str))
+            summary = run_stage(stage, args.params, paths.root)
+            print(json.dumps({stage: summary}, default=str))
+            if code := _stopped(summary):
+                return code
     _print_where(paths, load_settings(args.params))
     return 0
 

@@ -353,6 +353,19 @@ class PromoteConfig(_Strict):
     max_latency_ms: float | None = Field(default=None, gt=0, le=1e6)  # the challenger's single-row p99, in process
     # the challenger's serving cost per 1,000 rows (USD)
     max_cost_per_1k: float | None = Field(default=None, gt=0, le=1e6)
+    # a person signs off: never; borderline (p-value in (max_p_value, approval_max_p_value], or a slice that
+    # loses more than max_slice_loss); always (every change of champion the gate would make, and borderline ones)
+    approval: Literal["never", "borderline", "always"] = "never"
+    approval_max_p_value: float = Field(default=0.2, gt=0, le=1)
+    max_slice_loss: float = Field(default=0.02, ge=0, le=1e9)  # promote.metric, absolute, on one evaluate.slices value
+    approval_timeout_min: int = Field(default=1440, ge=1, le=43_200)  # no answer in this long rejects the challenger
+
+    @model_validator(mode="after")
+    def _approval_above_gate(self) -> PromoteConfig:
+        if self.approval_max_p_value < self.max_p_value:
+            raise ValueError(f"promote.approval_max_p_value {self.approval_max_p_value} is below promote.max_p_value "
+                             f"{self.max_p_value}: the borderline p-values lie between the two; raise it")
+        return self
 
 
 class StudentConfig(_Strict):
@@ -522,6 +535,9 @@ class ServeConfig(_Strict):
 
 class PipelineConfig(_Strict):
     lock_timeout_s: float = Field(ge=0)
+    owner: str = Field(default="amaas", min_length=1, max_length=100)  # the DAGs' owner in the Airflow UI
+    # what starts training_pipeline besides its schedule: monitoring's trigger (dag) or its "retrain needed" asset
+    training_trigger: Literal["dag", "asset"] = "dag"
 
 
 class ScaleConfig(_Strict):

@@ -10,10 +10,15 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from sklearn import metrics as skm
+
+from pipelines.transform import normalize_category
+
+if TYPE_CHECKING:
+    import pandas as pd
 
 # How labels are read off class probabilities: the positive-class cut-off (binary), or one weight per class
 # (multiclass: the label is the argmax of probability x weight; all 1 is the plain argmax)
@@ -205,3 +210,18 @@ def choose_class_weights(y: np.ndarray, proba: np.ndarray, metric: str) -> dict[
     top = max(best)
     return {"class_weights": [round(w / top, 6) for w in best], "criterion": metric,
             "value_on_valid": round(best_value, 6), "argmax_value_on_valid": round(base, 6)}
+
+
+def slice_metrics(test: pd.DataFrame, y: np.ndarray, output: np.ndarray, columns: list[str], task: str,
+                  metric: str, threshold: Decision) -> dict[str, dict[str, dict[str, Any]]]:
+    """promote.metric and the rows of each value of each slice column (categories as the model sees them)."""
+    out: dict[str, dict[str, dict[str, Any]]] = {}
+    for col in columns:
+        values = normalize_category(test[col]).fillna("<missing>").to_numpy()
+        out[col] = {}
+        for value in sorted(set(values)):
+            rows = values == value
+            out[col][str(value)] = {"rows": int(rows.sum()), metric: score(metric, y[rows], output[rows], threshold)}
+            if task == "binary":
+                out[col][str(value)]["positive_rate"] = float(y[rows].mean())
+    return out

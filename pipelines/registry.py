@@ -287,3 +287,47 @@ def rollback(registry: Registry, reason: str = "") -> str:
     before, after = registry.rollback(_operator_record("rollback", reason=reason))
     log.warning("operator rolled back champion %s -> %s", before, after)
     return after
+
+
+def waiting_approval(registry: Registry) -> dict[str, Any] | None:
+    """The gate's decision that waits for a person's approval: the last decision, if it waits and its challenger
+    and champion are still the registry's; else None."""
+    decisions = registry.decisions()
+    last = decisions[-1] if decisions else {}
+    aliases = registry.aliases()
+    if last.get("awaiting_approval") and (last.get("challenger"), last.get("champion_before")) == (
+            aliases["challenger"], aliases["champion"]):
+        return last
+    return None
+
+
+def rejection(registry: Registry, challenger: str) -> dict[str, Any] | None:
+    """The rejection of `challenger`, if the last answer about it was one (a rejected challenger stays rejected)."""
+    answers = [d for d in registry.decisions()
+               if d.get("challenger") == challenger and d.get("action") in ("approve", "reject")]
+    return answers[-1] if answers and answers[-1]["action"] == "reject" else None
+
+
+def answer_approval(registry: Registry, approve: bool, by: str | None, note: str, timed_out: bool = False
+                    ) -> dict[str, Any]:
+    """A person's answer to the challenger that waits for approval, recorded as a decision with their name and
+    note and the gate's evidence (`by` None with `timed_out`: nobody answered in time, which rejects). Approved,
+    the challenger becomes champion in the same change."""
+    pending = waiting_approval(registry)
+    if pending is None:
+        raise RegistryError("no challenger waits for approval (see `amaas status`: last_decision); a promote run "
+                            "with promote.approval borderline or always asks for one")
+    who = by or ("nobody in time" if timed_out else "nobody")
+    decision = {**{k: v for k, v in pending.items() if k not in ("awaiting_approval", "reason")},
+                "action": "approve" if approve else "reject", "by": by, "note": note,
+                "at": datetime.now(UTC).isoformat(timespec="seconds"), "timed_out": timed_out, "promoted": approve,
+                "reason": f"{'approved' if approve else 'rejected'} by {who}" + (f": {note}" if note else "")}
+    if approve:
+        registry.set_champion(pending["challenger"], decision)
+        decision["champion_after"] = pending["challenger"]
+    else:
+        decision["champion_after"] = pending["champion_before"]
+        registry.record(decision)
+    log.warning("%s: challenger %s %s; champion %s", decision["action"], pending["challenger"], decision["reason"],
+                decision["champion_after"])
+    return decision

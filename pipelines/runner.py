@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from pipelines.accounting import measured, record_stage
-from pipelines.config import PARAMS_ENV, ROOT_ENV, Paths, load_settings
+from pipelines.config import PARAMS_ENV, ROOT_ENV, Paths, Settings, load_settings
 from pipelines.contracts import Stage, declaration, dvc_yaml
 from pipelines.lock import project_lock
 
@@ -50,8 +50,20 @@ def run_stage(name: str, params: str | Path | None = None, root: str | Path | No
             status = "ok"
         finally:  # a failed run costs too: reports/cost.json says so
             record_stage(paths, settings.cost, name, usage, status)
-    log.info("stage %s done in %.2f s (%.1f CPU s)", name, usage.wall_s, usage.cpu_s)
+    log.info("%s done in %.1f s (%.1f CPU s): %s", name, usage.wall_s, usage.cpu_s, key_figures(summary))
     return summary
+
+
+def key_figures(summary: dict[str, Any]) -> str:
+    """A stage's summary as one line: its numbers, words and flags (figures to 4 significant digits), without the
+    nested tables and the folders (the JSON summary and the reports have them)."""
+    shown = []
+    for key, value in summary.items():
+        if isinstance(value, float):
+            shown.append(f"{key}={value:.4g}")
+        elif isinstance(value, bool | int) or (isinstance(value, str) and os.sep not in value):
+            shown.append(f"{key}={value}")
+    return " ".join(shown) or "done"
 
 
 def project_files(default_root: Path) -> tuple[Path, Path]:
@@ -60,8 +72,19 @@ def project_files(default_root: Path) -> tuple[Path, Path]:
     Every task of the DAGs starts here, so this is also where its process is told to exit fast
     (_freeze_heap_at_exit)."""
     _freeze_heap_at_exit()
+    return _project_files(default_root)
+
+
+def _project_files(default_root: Path) -> tuple[Path, Path]:
     root = Path(os.environ.get(ROOT_ENV) or default_root).resolve()
     return Path(os.environ.get(PARAMS_ENV) or root / "params.yaml"), root
+
+
+def dag_settings(default_root: Path) -> tuple[Settings, Paths]:
+    """The settings and paths a DAG file is parsed with (its owner, its trigger, its assets' URIs): those of
+    project_files, read without touching the parsing process otherwise."""
+    params, root = _project_files(default_root)
+    return load_settings(params), Paths(root)
 
 
 @functools.cache
@@ -144,6 +167,15 @@ def rollback_in_project(default_root: Path, reason: str) -> str:
 
     with _locked_project(default_root) as root:
         return rollback(Registry.of(Paths(root), load_settings(project_files(default_root)[0])), reason)
+
+
+def answer_in_project(default_root: Path, approve: bool, by: str | None, note: str, timed_out: bool
+                      ) -> dict[str, Any]:
+    """A person's answer to the challenger that waits for approval, from an orchestrator (promote.answer)."""
+    from pipelines.stages.promote import answer
+
+    with _locked_project(default_root) as root:
+        return answer(load_settings(project_files(default_root)[0]), Paths(root), approve, by, note, timed_out)
 
 
 def version_in_project(default_root: Path, stages: tuple[str, ...] = ()) -> dict[str, Any]:

@@ -218,7 +218,8 @@ class MLPLearner(Learner):
             else:
                 stale += 1
                 if stale >= self.patience:
-                    log.info("mlp: early stop at epoch %d (best valid log loss %.4f)", epoch, best_loss)
+                    log.info("mlp: early stop at epoch %d (best valid %s %.4f)", epoch,
+                             "squared error (standardized)" if self.task == "regression" else "log loss", best_loss)
                     break
         if valid is not None:
             self.net_.load_state_dict(best)

@@ -20,8 +20,7 @@ from pipelines.config import Paths, Settings
 from pipelines.contracts import Plot, stage
 from pipelines.explain import importance
 from pipelines.io import atomic_dir, write_json
-from pipelines.metrics import Decision, decision_of, labels_of, score, task_metrics
-from pipelines.transform import normalize_category
+from pipelines.metrics import Decision, decision_of, labels_of, score, slice_metrics, task_metrics
 
 log = logging.getLogger(__name__)
 
@@ -63,21 +62,6 @@ def per_class(y: np.ndarray, output: np.ndarray, classes: list[Any], threshold: 
         y, labels_of(output, threshold), labels=list(range(len(classes))), zero_division=0)
     return {str(c): {"precision": float(precision[i]), "recall": float(recall[i]), "f1": float(f1[i]),
                      "support": int(support[i])} for i, c in enumerate(classes)}
-
-
-def slice_metrics(test: pd.DataFrame, y: np.ndarray, output: np.ndarray, columns: list[str], task: str,
-                  metric: str, threshold: Decision) -> dict[str, dict[str, dict[str, Any]]]:
-    """promote.metric and the rows of each value of each slice column (categories as the model sees them)."""
-    out: dict[str, dict[str, dict[str, Any]]] = {}
-    for col in columns:
-        values = normalize_category(test[col]).fillna("<missing>").to_numpy()
-        out[col] = {}
-        for value in sorted(set(values)):
-            rows = values == value
-            out[col][str(value)] = {"rows": int(rows.sum()), metric: score(metric, y[rows], output[rows], threshold)}
-            if task == "binary":
-                out[col][str(value)]["positive_rate"] = float(y[rows].mean())
-    return out
 
 
 def plots(task: str, y: np.ndarray, output: np.ndarray, threshold: Decision, bins: int, classes: list[Any] | None

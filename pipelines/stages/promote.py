@@ -7,10 +7,18 @@ promote.max_p_value). A challenger that serves too slowly or too dearly (promote
 p99, promote.max_cost_per_1k; the compress stage's figures) is not promoted either. The decision and its numbers
 are recorded in the registry and in reports/promotion.json; the model card (Markdown and one HTML page, with the
 evaluate stage's ROC, calibration, confusion or residual pictures) beside the version and in reports/.
+
+Approval (promote.approval): with `borderline`, a challenger whose p-value lies between promote.max_p_value and
+promote.approval_max_p_value, or that loses more than promote.max_slice_loss on a value of an evaluate.slices
+column, waits for a person; with `always`, so does every change of champion the gate would make. The decision is
+then recorded as waiting; the person's answer (`amaas promote --approve/--reject --note`, or the approval task of
+the training_pipeline DAG) is recorded as a decision of its own, with their name and note. A rejected challenger
+stays rejected when the stage runs again.
 """
 
 from __future__ import annotations
 
+import getpass
 import logging
 from typing import Any
 
@@ -22,8 +30,8 @@ from pipelines.bundle import METADATA_FILE, ModelBundle
 from pipelines.config import Paths, PromoteConfig, Settings, experiment_name
 from pipelines.contracts import Option, Out, stage
 from pipelines.io import read_json, write_json, write_text
-from pipelines.metrics import improvement, paired_bootstrap, score
-from pipelines.registry import Registry, force_promote
+from pipelines.metrics import improvement, paired_bootstrap, score, slice_metrics
+from pipelines.registry import Registry, answer_approval, force_promote, rejection
 from pipelines.serving.bento import ensure_bento, publish_bento
 from pipelines.state import shared
 
@@ -31,7 +39,7 @@ log = logging.getLogger(__name__)
 
 
 @stage(
-    params=("seed", "schema.target", "promote"),
+    params=("seed", "schema.target", "promote", "evaluate.slices"),
     runtime=("alerts", "state", "serve"),  # serve: the champion's bento, built for a fleet's artifacts store
     deps=("challenger", "reference", "metrics", "slices", "plots", "validation_report", "drift_report",
           "compression_report", "explain_report"),
@@ -42,16 +50,24 @@ log = logging.getLogger(__name__)
     atomic_outs=True,  # each written to a temp file or folder and renamed: DVC need not delete them first
     options=(Option("--force", switch=True, default=False, help="skip the gate: make a version champion"),
              Option("--version", help="with --force: the version to promote (default: the challenger)"),
-             Option("--reason", default="", help="why (recorded in the registry)")),
+             Option("--reason", default="", help="why (recorded in the registry)"),
+             Option("--approve", switch=True, default=False, help="approve the challenger that waits for approval"),
+             Option("--reject", switch=True, default=False, help="reject the challenger that waits for approval"),
+             Option("--note", default="", help="with --approve/--reject: your note (recorded in the registry)")),
     description="Register the challenger; it becomes champion only if it passes the significance gate",
 )
-def run(settings: Settings, paths: Paths, force: bool = False, version: str | None = None, reason: str = ""
-        ) -> dict[str, Any]:
+def run(settings: Settings, paths: Paths, force: bool = False, version: str | None = None, reason: str = "",
+        approve: bool = False, reject: bool = False, note: str = "") -> dict[str, Any]:
     """Register the challenger; make it champion if the gate passes (or if there is no champion).
 
     Under `dvc exp run` the registry is left alone: the decision the gate would take is recorded in
     reports/promotion.json only, so an experiment never changes the champion. `force` (an operator's
-    `amaas promote --force`) makes `version` (default: the challenger) champion without the gate."""
+    `amaas promote --force`) makes `version` (default: the challenger) champion without the gate; `approve` or
+    `reject` answers the challenger that waits for approval, with the user's name and `note`."""
+    if approve or reject:
+        if approve == reject or force:
+            raise ValueError("pass one of --approve and --reject (without --force)")
+        return answer(settings, paths, approve, getpass.getuser(), note)
     registry = Registry.of(paths, settings)
     if force:
         forced = force_promote(registry, version, reason)
@@ -87,8 +103,14 @@ def run(settings: Settings, paths: Paths, force: bool = False, version: str | No
         decision |= first_champion(cfg.metric, value, cfg.min_first_metric)
     elif champion == challenger:
         decision |= {"promoted": False, "reason": "challenger is already the champion"}
+    elif (rejected := rejection(registry, challenger)) is not None:
+        decision |= {"promoted": False, "reason": f"rejected by {rejected.get('by') or 'the approval timeout'} at "
+                                                  f"{rejected.get('at')}: {rejected.get('note') or 'no note'}"}
     else:
         decision |= gate(settings, paths, registry.load(champion, "champion"), ModelBundle.load(bundle_dir))
+    if not experiment and (why := approval_needed(cfg, decision)) is not None:
+        decision |= {"promoted": False, "awaiting_approval": True, "gate_promoted": decision["promoted"],
+                     "reason": f"waiting for approval ({why}); the gate: {decision['reason']}"}
     if experiment:
         decision |= {"experiment": experiment, "would_promote": decision["promoted"], "promoted": False,
                      "reason": f"experiment {experiment}: the registry is left as it is; the gate would say: "
@@ -111,11 +133,85 @@ def run(settings: Settings, paths: Paths, force: bool = False, version: str | No
         write_text(registry.version_dir(challenger) / Paths.MODEL_CARD_HTML_FILE, page)
     write_text(paths.model_card, markdown)
     write_text(paths.model_card_html, page)
-    if ("gain" in decision or decision.get("over_budget")) and not decision["promoted"] and not experiment:
+    if decision.get("awaiting_approval"):
+        alert(settings, paths, "approval_needed", f"challenger {challenger}: {decision['reason']}", decision)
+    elif ("gain" in decision or decision.get("over_budget")) and not decision["promoted"] and not experiment:
         alert(settings, paths, "gate_failed", f"challenger {challenger} not promoted: {decision['reason']}",
               decision)
-    log.info("promotion decision: %s -> champion %s (%s)", challenger, decision["champion_after"], decision["reason"])
+    log.info("promote done: %s -> champion %s (%s)", challenger, decision["champion_after"], decision["reason"])
     return decision
+
+
+def approval_needed(cfg: PromoteConfig, decision: dict[str, Any]) -> str | None:
+    """Why a person must approve (promote.approval), or None: the gate's decision stands."""
+    if cfg.approval == "never" or decision.get("over_budget"):
+        return None
+    borderline = []
+    p_value = decision.get("p_value")
+    if p_value is not None and cfg.max_p_value < p_value <= cfg.approval_max_p_value:
+        borderline.append(f"p={p_value:.3f} is between promote.max_p_value {cfg.max_p_value} and "
+                          f"promote.approval_max_p_value {cfg.approval_max_p_value}")
+    if losses := decision.get("slice_losses"):
+        borderline.append(f"loses more than promote.max_slice_loss {cfg.max_slice_loss} {cfg.metric} on "
+                          + ", ".join(f"{s['column']}={s['value']} ({s['loss']:+.3f})" for s in losses))
+    if borderline:
+        return "borderline: " + "; ".join(borderline)
+    if cfg.approval == "always" and decision["promoted"]:
+        return "promote.approval is always"
+    return None
+
+
+def answer(settings: Settings, paths: Paths, approve: bool, by: str | None, note: str,
+           timed_out: bool = False) -> dict[str, Any]:
+    """Record a person's answer to the challenger that waits for approval (registry.answer_approval; approved,
+    its bento is published like a gate's champion) and write it to reports/promotion.json."""
+    registry = Registry.of(paths, settings)
+    decision = answer_approval(registry, approve, by, note, timed_out)
+    if approve:
+        publish_champion(settings, paths, registry)
+    write_json(paths.promotion, decision)
+    log.info("promote answered: %s %s -> champion %s", decision["challenger"], decision["reason"],
+             decision["champion_after"])
+    return decision
+
+
+def approval_request(settings: Settings, paths: Paths, pending: dict[str, Any]) -> tuple[str, str]:
+    """The subject and Markdown body of the request to approve `pending` (a decision that waits): the metrics of
+    challenger and champion, the gate's figures, the slices, latency and cost, links to the card and drift report."""
+    registry = Registry.of(paths, settings)
+    challenger, champion = pending["challenger"], pending["champion_before"]
+    metrics = [read_json(registry.version_dir(v) / METADATA_FILE).get("metrics", {}) if v else {}
+               for v in (challenger, champion)]
+    names = [k for k, v in metrics[0].items() if isinstance(v, int | float) and not isinstance(v, bool)
+             and k not in ("test_rows", "threshold")]
+    rows = [f"| {name} | {_figure(metrics[0].get(name))} | {_figure(metrics[1].get(name))} |" for name in names]
+    gate_line = (f"gain {pending['gain']:+.4f} {pending['metric']} (95% CI {pending['ci_low']:+.4f} to "
+                 f"{pending['ci_high']:+.4f}), p = {pending['p_value']:.3f}; the gate needs >= "
+                 f"{pending['min_improvement']} and p <= {pending['max_p_value']}"
+                 if pending.get("gain") is not None else pending["reason"])
+    slices = [f"- {s['column']} = {s['value']} ({s['rows']} rows): {_figure(s['champion'])} -> "
+              f"{_figure(s['challenger'])}" for s in pending.get("slice_losses", [])]
+    serving = pending.get("serving") or {}
+    links = [f"[{title}]({path.as_uri()})" for title, path in (("Model card", paths.model_card_html),
+                                                               ("Drift report", paths.drift_html)) if path.is_file()]
+    body = "\n".join([
+        f"**{pending['reason']}**", "",
+        f"| metric (test rows) | challenger {challenger} | champion {champion} |", "|---|---|---|", *rows, "",
+        f"**Gate:** {gate_line}", "",
+        f"**Slices losing more than promote.max_slice_loss {settings.promote.max_slice_loss}:**",
+        *(slices or ["- none"]), "",
+        f"**Serving ({serving.get('model')}):** single-row latency p50 {_figure(serving.get('latency_ms_p50'), 2)} ms, "
+        f"p99 {_figure(serving.get('latency_ms_p99'), 2)} ms; "
+        + ("no cost figure" if serving.get("usd_per_1k_rows") is None else f"${serving['usd_per_1k_rows']:.3g}")
+        + " per 1,000 rows", "",
+        " · ".join(links) or "(no model card or drift report written yet)", "",
+        f"Approve makes {challenger} champion; Reject, or no answer within promote.approval_timeout_min "
+        f"({settings.promote.approval_timeout_min} min), keeps {champion}."])
+    return f"Promote {challenger} over champion {champion}?", body
+
+
+def _figure(value: Any, digits: int = 4) -> str:
+    return "n/a" if value is None else f"{value:.{digits}f}"
 
 
 def publish_champion(settings: Settings, paths: Paths, registry: Registry) -> None:
@@ -165,14 +261,23 @@ def gate(settings: Settings, paths: Paths, champion: ModelBundle, challenger: Mo
                                              f"--force` if the change is intended"}
     test = pd.read_parquet(paths.test_rows)
     y = challenger.transform.encode_target(test[settings.data_schema.target])
-    stats = paired_bootstrap(cfg.metric, y, champion.predict(test), challenger.predict(test), cfg.bootstrap_samples,
-                             settings.seed, (champion.decision, challenger.decision),
-                             classification=challenger.classes is not None)
+    old, new = champion.predict(test), challenger.predict(test)
+    stats = paired_bootstrap(cfg.metric, y, old, new, cfg.bootstrap_samples, settings.seed,
+                             (champion.decision, challenger.decision), classification=challenger.classes is not None)
     if stats["gain"] is None:
         return {"promoted": False, "reason": f"{cfg.metric} is undefined on the test rows: no verdict", **stats}
     better = stats["gain"] >= cfg.min_improvement and stats["p_value"] <= cfg.max_p_value
     reason = (f"gain {stats['gain']:+.4f} {cfg.metric} (p={stats['p_value']:.3f}) "
               + ("passes" if better else "fails") + f" the gate (>= {cfg.min_improvement}, p <= {cfg.max_p_value})")
-    return {"promoted": better, "reason": reason, **stats}
+    columns, task = settings.evaluate.slices, challenger.task
+    before = slice_metrics(test, y, old, columns, task, cfg.metric, champion.decision)
+    after = slice_metrics(test, y, new, columns, task, cfg.metric, challenger.decision)
+    losses = [{"column": column, "value": value, "rows": found["rows"], "champion": before[column][value][cfg.metric],
+               "challenger": found[cfg.metric],
+               "loss": -improvement(cfg.metric, found[cfg.metric], before[column][value][cfg.metric])}
+              for column, values in after.items() for value, found in values.items()
+              if found[cfg.metric] is not None and before[column][value][cfg.metric] is not None]
+    return {"promoted": better, "reason": reason, **stats,
+            "slice_losses": [loss for loss in losses if loss["loss"] > cfg.max_slice_loss]}
 
 

@@ -227,7 +227,7 @@ def decide(settings: Settings, summary: dict[str, Any]) -> list[str]:
     if distance is not None and p is not None and distance >= cfg.prediction_drift_threshold and p <= cfg.max_p_value:
         what = {"binary": "predicted probabilities", "multiclass": "predicted class shares",
                 "regression": "predicted values"}[settings.data_schema.task]
-        reasons.append(f"prediction drift: distance {distance:.3f} of the {what} >= "
+        reasons.append(f"prediction drift: distance {distance:.3g} of the {what} >= "
                        f"{cfg.prediction_drift_threshold}, and larger than resamples of the reference of the "
                        f"same size give (p={p:.3f} <= {cfg.max_p_value})")
     now, before, p = summary["metric_current"], summary["metric_reference"], summary.get("decay_p_value")

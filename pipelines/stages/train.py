@@ -105,7 +105,10 @@ def run(settings: Settings, paths: Paths) -> dict[str, Any]:
         write_json(out / METADATA_FILE, metadata)
     # the report names the ensemble as configured (what `dvc exp show` compares) and what serves of it
     summary = {"version": version, "ensemble": settings.train.ensemble, "served": combination["served"],
-               "weights": metadata["weights"], "member_valid_log_loss": ensemble.member_valid_log_loss_,
+               "weights": {n: round(w, 4) for n, w in metadata["weights"].items()},
+               # what the blend minimizes on the validation rows: log loss of probabilities, squared error of values
+               f"member_valid_{'mse' if transform.task == 'regression' else 'log_loss'}":
+                   {n: round(v, 4) for n, v in ensemble.member_valid_log_loss_.items()},
                "model_dir": str(paths.trained)}
     write_json(paths.train_report, {"version": version, "ensemble": settings.train.ensemble,
                                     "served": combination["served"],
@@ -151,7 +154,7 @@ def check_combination(settings: Settings, task: str, y_valid: np.ndarray, output
         if alone is not None and (best is None or improvement(metric, alone, best) > 1e-9):
             served = name
     if served != "ensemble":
-        log.warning("the %s blend scores %s=%s on the validation rows, %s alone %s: %s alone is served",
+        log.info("the %s blend scores %s=%s on the validation rows, %s alone %s: %s alone is served",
                     settings.train.ensemble, metric, values["ensemble"], served, values[served], served)
     return {"metric": metric, "valid": values, "served": served, "decision": decisions[served],
             "decisions": decisions}

@@ -2,13 +2,26 @@
 
 from __future__ import annotations
 
+import contextlib
+import os
+import re
 import shutil
+import signal
+import subprocess
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
 
+import psutil
 import pytest
 import yaml
+from playwright.sync_api import Page
 
 from pipelines.registry import Registry
-from tests.conftest import amaas
+from tests.conftest import BIN, amaas, free_port, wait_until
+
+# the login lines pipelines/airflow_ui.py (`make airflow`) prints once the UI answers
+BANNER = re.compile(r"^Airflow UI: (\S+)\nUser:\s+(\S+)\nPassword:\s+(\S+)$", re.MULTILINE)
 
 
 @pytest.fixture(scope="session")
@@ -28,3 +41,69 @@ def two_models(trained_project, tmp_path_factory):
     aliases = registry.aliases()
     assert aliases["challenger"] != aliases["champion"]
     return root, aliases["champion"], aliases["challenger"]
+
+
+@dataclass
+class Airflow:
+    url: str
+    user: str
+    password: str
+    log: Path
+    env: dict[str, str]  # of `airflow standalone`, less what pipelines.airflow_ui adds
+
+
+def _stop(server: subprocess.Popen[bytes]) -> None:
+    """SIGTERM everything Airflow started, then SIGKILL what is left. Task processes run in process groups of
+    their own, so they are found as descendants before anything is killed."""
+    try:
+        family = [psutil.Process(server.pid), *psutil.Process(server.pid).children(recursive=True)]
+    except psutil.NoSuchProcess:
+        family = []
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(server.pid, signal.SIGTERM)
+    for process in family:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            process.terminate()
+    for process in psutil.wait_procs(family, timeout=30)[1]:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            process.kill()
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(server.pid, signal.SIGKILL)  # anything that left the tree but not the session's group
+    server.wait(timeout=30)
+
+
+@contextlib.contextmanager
+def standalone_airflow(root: Path) -> Iterator[Airflow]:
+    """`make airflow`'s script (scheduler, DAG processor, triggerer, API server and UI) on the project at `root`
+    (its params.yaml written), on free ports; stopped with everything it started."""
+    env = {
+        **os.environ,
+        "AIRFLOW_HOME": str(root / ".airflow"),  # `make test` exports the repository's own
+        "AIRFLOW__CORE__UNIT_TEST_MODE": "False",
+        "AMAAS_TRAINING_SCHEDULE": "none",  # unpausing a @weekly DAG would start a scheduled run before ours
+        # the log servers' fixed ports would clash with a `make airflow` running on this machine
+        "AIRFLOW__LOGGING__WORKER_LOG_SERVER_PORT": str(free_port()),
+        "AIRFLOW__LOGGING__TRIGGER_LOG_SERVER_PORT": str(free_port()),
+    }
+    log_path = root / "airflow.log"
+    with log_path.open("w") as log:
+        server = subprocess.Popen([str(BIN / "python"), "-m", "pipelines.airflow_ui", "--root", str(root),
+                                   "--port", str(free_port())], stdout=log, stderr=subprocess.STDOUT, env=env,
+                                  start_new_session=True)
+        try:
+            wait_until(lambda: BANNER.search(log_path.read_text()) is not None, server,
+                       f"Airflow (log: {log_path})", timeout=300)
+            url, user, password = BANNER.search(log_path.read_text()).groups()
+            yield Airflow(url, user, password, log_path, env)
+        finally:
+            _stop(server)
+
+
+def log_in(page: Page, airflow: Airflow) -> str:
+    """Sign in through the login form; the session's API token (the `_token` cookie)."""
+    page.goto(airflow.url)
+    page.get_by_label("Username").fill(airflow.user)
+    page.get_by_label("Password").fill(airflow.password)
+    page.get_by_role("button", name="Sign in").click()
+    page.wait_for_url(lambda url: "/auth/login" not in url)
+    return next(c["value"] for c in page.context.cookies() if c["name"] == "_token")

@@ -4,96 +4,33 @@ with the Trigger button and see the run succeed."""
 from __future__ import annotations
 
 import contextlib
-import os
 import re
-import signal
-import subprocess
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import psutil
 import pytest
 import requests
 from playwright.sync_api import Page, expect, sync_playwright
 
-from tests.conftest import BIN, free_port, launch_chromium, wait_until, write_params
+from tests.conftest import launch_chromium, write_params
+from tests.integration.conftest import Airflow, log_in, standalone_airflow
 
 pytestmark = [
     pytest.mark.slow,
     pytest.mark.timeout(1200),  # Airflow's start, the DAG's parsing and up to RUN_TIMEOUT for the run
 ]
 DAG_ID = "training_pipeline"
-# the login lines pipelines/airflow_ui.py (`make airflow`) prints once the UI answers
-BANNER = re.compile(r"^Airflow UI: (\S+)\nUser:\s+(\S+)\nPassword:\s+(\S+)$", re.MULTILINE)
 RUN_TIMEOUT = 600
-
-
-@dataclass
-class Airflow:
-    url: str
-    user: str
-    password: str
-    log: Path
-
-
-def _stop(server: subprocess.Popen[bytes]) -> None:
-    """SIGTERM everything Airflow started, then SIGKILL what is left. Task processes run in process groups of
-    their own, so they are found as descendants before anything is killed."""
-    try:
-        family = [psutil.Process(server.pid), *psutil.Process(server.pid).children(recursive=True)]
-    except psutil.NoSuchProcess:
-        family = []
-    with contextlib.suppress(ProcessLookupError):
-        os.killpg(server.pid, signal.SIGTERM)
-    for process in family:
-        with contextlib.suppress(psutil.NoSuchProcess):
-            process.terminate()
-    for process in psutil.wait_procs(family, timeout=30)[1]:
-        with contextlib.suppress(psutil.NoSuchProcess):
-            process.kill()
-    with contextlib.suppress(ProcessLookupError):
-        os.killpg(server.pid, signal.SIGKILL)  # anything that left the tree but not the session's group
-    server.wait(timeout=30)
 
 
 @pytest.fixture
 def airflow(tmp_path: Path) -> Iterator[Airflow]:
     """`make airflow`'s script on a small project in `tmp_path`, on free ports."""
     write_params(tmp_path)
-    env = {
-        **os.environ,
-        "AIRFLOW_HOME": str(tmp_path / ".airflow"),  # `make test` exports the repository's own
-        "AIRFLOW__CORE__UNIT_TEST_MODE": "False",
-        "AMAAS_TRAINING_SCHEDULE": "none",  # unpausing a @weekly DAG would start a scheduled run before ours
-        # the log servers' fixed ports would clash with a `make airflow` running on this machine
-        "AIRFLOW__LOGGING__WORKER_LOG_SERVER_PORT": str(free_port()),
-        "AIRFLOW__LOGGING__TRIGGER_LOG_SERVER_PORT": str(free_port()),
-    }
-    log_path = tmp_path / "airflow.log"
-    with log_path.open("w") as log:
-        server = subprocess.Popen([str(BIN / "python"), "-m", "pipelines.airflow_ui", "--root", str(tmp_path),
-                                   "--port", str(free_port())], stdout=log, stderr=subprocess.STDOUT, env=env,
-                                  start_new_session=True)
-        try:
-            wait_until(lambda: BANNER.search(log_path.read_text()) is not None, server,
-                       f"Airflow (log: {log_path})", timeout=300)
-            url, user, password = BANNER.search(log_path.read_text()).groups()
-            yield Airflow(url, user, password, log_path)
-        finally:
-            _stop(server)
-
-
-def _log_in(page: Page, airflow: Airflow) -> str:
-    """Sign in through the login form; the session's API token (the `_token` cookie)."""
-    page.goto(airflow.url)
-    page.get_by_label("Username").fill(airflow.user)
-    page.get_by_label("Password").fill(airflow.password)
-    page.get_by_role("button", name="Sign in").click()
-    page.wait_for_url(lambda url: "/auth/login" not in url)
-    return next(c["value"] for c in page.context.cookies() if c["name"] == "_token")
+    with standalone_airflow(tmp_path) as running:
+        yield running
 
 
 def _get(api: requests.Session, url: str) -> requests.Response | None:
@@ -146,7 +83,7 @@ def test_training_pipeline_triggered_from_the_ui_succeeds(airflow: Airflow, tmp_
         page = browser.new_page(viewport={"width": 1400, "height": 900})
         try:
             api = requests.Session()
-            api.headers["Authorization"] = f"Bearer {_log_in(page, airflow)}"
+            api.headers["Authorization"] = f"Bearer {log_in(page, airflow)}"
             _wait_for_dag(api, airflow.url)
             _trigger(page, airflow.url)
             runs = _finished_runs(api, airflow.url)

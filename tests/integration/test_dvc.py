@@ -36,6 +36,10 @@ def test_dvc_repro_twice_and_same_metrics_as_amaas_run(tmp_path, trained_project
     assert first.returncode == 0, first.stdout[-2000:] + first.stderr[-3000:]
     for stage in STAGES:
         assert f"Running stage '{stage}'" in first.stdout
+    # a log worth reading: DVC's lines and one line per stage with its figures; no warning (progress with -v)
+    lines = (first.stdout + first.stderr).splitlines()
+    assert len(lines) <= 60 and not [line for line in lines if "warning" in line.lower()], "\n".join(lines)
+    assert sum(" done in " in line for line in lines) == len(STAGES)
 
     # collect asks the source for new rows on every repro; with none, data/raw is unchanged and nothing after runs
     second = run_tool(["dvc", "repro"], tmp_path)

@@ -14,7 +14,7 @@ import psycopg
 import pytest
 
 from pipelines.config import Paths, StateConfig
-from pipelines.registry import Registry, aliases_from_decisions, force_promote, rollback
+from pipelines.registry import Registry, aliases_from_decisions, answer_approval, force_promote, rollback
 from pipelines.state import Shared
 from pipelines.state.limits import Limit, StateBusy
 from pipelines.state.postgres import MIGRATIONS, Database, PgApiKeys, PgLimits, PgPredictionLog, PgRegistry, migrate
@@ -132,6 +132,23 @@ def test_promote_and_rollback_are_one_transaction_with_their_decision(db_url, tm
         conn.execute("UPDATE registry_aliases SET champion = 'v2'")
         raise Crash
     assert other_host.champion == "v1" and len(other_host.decisions()) == 3
+
+
+def test_an_approval_is_a_decision_with_user_and_note_in_the_database(db_url, tmp_path):
+    registry = Registry(tmp_path / "registry", PgRegistry(Database(db_url)))
+    for version in ("v1", "v2"):
+        bundle = tmp_path / version
+        bundle.mkdir()
+        (bundle / "metadata.json").write_text(f'{{"version": "{version}"}}')
+        registry.register(bundle)
+    force_promote(registry, "v1", "first")
+    registry.record({"action": "gate", "challenger": "v2", "champion_before": "v1", "champion_after": "v1",
+                     "promoted": False, "awaiting_approval": True, "p_value": 0.1})
+    answer_approval(registry, True, "ann", "signed off")
+    other_host = Registry(tmp_path / "elsewhere", PgRegistry(Database(db_url)))
+    assert other_host.champion == "v2"
+    assert {k: other_host.decisions()[-1][k] for k in ("action", "by", "note", "p_value")} == {
+        "action": "approve", "by": "ann", "note": "signed off", "p_value": 0.1}
 
 
 def test_a_file_registry_moves_into_the_database_once(db_url, tmp_path):

@@ -7,10 +7,11 @@ import json
 import subprocess
 
 from pipelines.runner import STAGES
-from tests.conftest import BIN, HEAVY, REPO, airflow_env
+from tests.conftest import BIN, HEAVY, REPO, airflow_env, write_params
 
 
-def test_dags_import_without_errors_and_follow_stage_order(tmp_path):
+def _parse(root) -> dict:
+    """The DAGs as Airflow's DagBag parses them with the settings of the project at `root`."""
     script = (
         "import json, sys; from airflow.dag_processing.dagbag import DagBag\n"
         f"bag = DagBag(dag_folder={str(REPO / 'dags')!r})\n"
@@ -19,27 +20,39 @@ def test_dags_import_without_errors_and_follow_stage_order(tmp_path):
         "'dags': {d.dag_id: {"
         "'order': [t.task_id for t in d.topological_sort()],"
         "'retries': {t.task_id: [t.retries, t.retry_exponential_backoff] for t in d.tasks},"
-        "'params': sorted(d.params), 'doc': bool(d.doc_md),"
+        "'params': sorted(d.params), 'doc': bool(d.doc_md), 'owners': sorted({t.owner for t in d.tasks}),"
+        "'schedule': type(d.timetable).__name__, 'outlets': {t.task_id: [a.name for a in t.outlets] for t in d.tasks"
+        " if t.outlets},"
         "'on_failure': {t.task_id: [repr(c) for c in t.on_failure_callback] for t in d.tasks}}"
         " for d in bag.dags.values()}}))\n"
     )
-    proc = subprocess.run([str(BIN / "python"), "-c", script], env=airflow_env(tmp_path), capture_output=True,
+    proc = subprocess.run([str(BIN / "python"), "-c", script], env=airflow_env(root), capture_output=True,
                           text=True, check=True)
-    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def test_dags_import_without_errors_and_follow_stage_order(tmp_path):
+    write_params(tmp_path, **{"pipeline.owner": "risk-team"})
+    result = _parse(tmp_path)
     assert result["errors"] == {}
     assert result["heavy"] == []  # DAG files are parsed often: the stages' libraries load in the tasks, not here
     dags = result["dags"]
     assert set(dags) == {"training_pipeline", "monitoring", "rollback"}
     training = dags["training_pipeline"]
-    # one task per stage, named as the stage, in pipeline order; then DVC versions what the run wrote
-    assert training["order"] == [*STAGES, "version"]
+    # one task per stage, named as the stage, in pipeline order, the approval and champion asset before deploy;
+    # then DVC versions what the run wrote
+    assert training["order"] == [*STAGES[:-1], "approval", "champion", "deploy", "version"]
+    assert training["outlets"] == {"validate": ["validated_data"], "train": ["trained_model"],
+                                   "champion": ["champion"]}
+    assert dags["monitoring"]["outlets"] == {"validate": ["validated_data"], "retrain": ["retrain_needed"]}
+    assert all(d["owners"] == ["risk-team"] for d in dags.values())
     # what touches a source, a remote or a server retries with backoff; local computation does not
-    retried = {t for t, (retries, backoff) in training["retries"].items() if retries >= 2 and backoff > 1}
+    retried = {t for t, (retries, backoff) in training["retries"].items() if retries and backoff > 1}
     assert retried == {"collect", "deploy", "version"}
     assert training["retries"]["train"][0] == 0 and training["params"] == ["deploy", "reason"]
     assert dags["monitoring"]["retries"]["collect"][0] >= 2 and dags["rollback"]["retries"]["deploy"][0] >= 2
-    assert set(dags["monitoring"]["order"]) == {"collect", "validate", "report", "retrain_needed", "trigger_training",
-                                                "version"}
+    assert set(dags["monitoring"]["order"]) == {"collect", "validate", "report", "retrain_needed", "retrain",
+                                                "trigger_training", "version"}
     assert dags["rollback"]["order"] == ["rollback", "deploy"] and dags["rollback"]["params"] == ["reason"]
     assert all(d["doc"] for d in dags.values())
     # every task of every DAG sends a task_failed alert (pipelines.alerts) when it fails for good
@@ -47,6 +60,15 @@ def test_dags_import_without_errors_and_follow_stage_order(tmp_path):
     for dag_id, found in dags.items():
         assert set(found["on_failure"]) == set(found["order"]), dag_id
         assert {task: calls for task, calls in found["on_failure"].items() if calls != [alert]} == {}, dag_id
+
+
+def test_training_can_be_scheduled_on_the_retrain_needed_asset(tmp_path):
+    """pipeline.training_trigger: asset: monitoring no longer triggers training_pipeline by id; training is
+    scheduled on monitoring's retrain_needed asset (or its weekly schedule)."""
+    write_params(tmp_path, **{"pipeline.training_trigger": "asset"})
+    dags = _parse(tmp_path)["dags"]
+    assert "trigger_training" not in dags["monitoring"]["order"]
+    assert dags["training_pipeline"]["schedule"] == "AssetOrTimeSchedule"
 
 
 def test_a_dag_task_freezes_its_heap_at_exit(tmp_path, monkeypatch):
