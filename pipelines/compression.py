@@ -77,11 +77,13 @@ def distill(cfg: CompressConfig, teacher: Ensemble, student: Learner, X: pd.Data
     """Fit `student` to the teacher's outputs on the training rows and augmented ones (early-stopped on the
     teacher's outputs for the validation rows); returns what was done."""
     extra = augmented_rows(X, cfg.augment_factor, cfg.swap_share, seed)
-    rows = pd.concat([X, extra], ignore_index=True) if len(extra) else X
+    augmented = len(extra)
+    rows = pd.concat([X, extra], ignore_index=True) if augmented else X
+    del extra  # held once, inside `rows`
     soft = teacher.predict_output(rows)
     student.distill(rows, soft, X_valid, teacher.predict_output(X_valid))
-    log.info("student %s distilled on %d rows (%d augmented)", student.kind, len(rows), len(extra))
-    return {"kind": student.kind, "rows": len(rows), "augmented_rows": len(extra)}
+    log.info("student %s distilled on %d rows (%d augmented)", student.kind, len(rows), augmented)
+    return {"kind": student.kind, "rows": len(rows), "augmented_rows": augmented}
 
 
 def prune(student: LightGBMLearner, X_valid: pd.DataFrame, y_valid: np.ndarray, metric: str, threshold: Decision,
@@ -101,6 +103,13 @@ def prune(student: LightGBMLearner, X_valid: pd.DataFrame, y_valid: np.ndarray, 
     log.info("student pruned from %d to %d trees (%s within %s of all trees on validation rows)", full, keep,
              metric, tolerance)
     return (student.pruned(keep) if keep < full else student), curve
+
+
+def check_requested(requested: str, cfg: CompressConfig, ensemble: Ensemble) -> None:
+    """Stop before any work when serve.model names a candidate that will not be made."""
+    if requested == "quantized" and not (cfg.quantize and any(isinstance(m, MLPLearner) for m in ensemble.members_)):
+        raise ValueError("serve.model is quantized, but there is no quantized candidate (quantized needs an mlp in "
+                         "train.learners and compress.quantize: true); set serve.model: auto")
 
 
 def quantized(ensemble: Ensemble) -> Ensemble | None:
@@ -143,10 +152,10 @@ def disk_bytes(folder: Path) -> int:
 
 
 # One fresh interpreter imports the libraries a bundle serves with, then forks a child per bundle (one line of
-# stdin each: its index and folder): each child starts from the heap as the imports left it, not grown by earlier
-# work (the allocator would reuse that), and prints the peak resident memory that loading the bundle and scoring
-# the batch (the file argv[1]) adds over it, less the pages of files it mapped (library code: a forked child maps
-# again what its parent had mapped, and every serving process shares them); a child that failed prints nothing.
+# stdin each: its index and folder; all at once): each child starts from the heap as the imports left it, not grown
+# by earlier work (the allocator would reuse that), and prints the peak resident memory that loading the bundle and
+# scoring the batch (the file argv[1]) adds over it, less the pages of files it mapped (library code: a forked child
+# maps again what its parent had mapped, and every serving process shares them); a child that failed prints nothing.
 _PEAK_SCRIPT = """
 import os, sys, traceback
 from pathlib import Path
@@ -154,9 +163,9 @@ import lightgbm, pandas, torch, xgboost
 from pipelines.accounting import PeakMemory, status_kib
 from pipelines.bundle import ModelBundle
 rows = pandas.read_parquet(sys.argv[1])
-for line in sys.stdin:
-    index, folder = line.rstrip("\\n").split("\\t", 1)
-    sys.stdout.flush()
+children = []
+for line in sys.stdin.read().splitlines():
+    index, folder = line.split("\\t", 1)
     pid = os.fork()
     if pid == 0:
         status = 1
@@ -170,6 +179,8 @@ for line in sys.stdin:
             traceback.print_exc()
         finally:
             os._exit(status)
+    children.append(pid)
+for pid in children:
     os.waitpid(pid, 0)
 """
 
@@ -289,10 +300,6 @@ def choose(requested: str, figures: dict[str, dict[str, Any]], metric: str, cfg:
             f"loses {loss:+.4f} {metric} (at most {cfg.max_metric_loss}) and is {speedup:.1f}x faster on one row "
             f"in CPU time (at least {cfg.min_speedup}x): " + ("passes" if passes else "fails"))}
     if requested != "auto":
-        if requested not in figures:
-            raise ValueError(f"serve.model is {requested}, but there is no {requested} candidate "
-                             f"(quantized needs an mlp in train.learners and compress.quantize: true); "
-                             f"set serve.model: auto")
         served, reason = requested, f"serve.model: {requested}"
     else:
         passing = [n for n in figures if verdicts.get(n, {}).get("passes")]

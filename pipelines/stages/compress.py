@@ -19,7 +19,17 @@ from typing import Any
 import pandas as pd
 
 from pipelines.bundle import ENSEMBLE_DIR, METADATA_FILE, TRANSFORM_FILE, ModelBundle
-from pipelines.compression import PeakMemoryProbe, build_student, choose, distill, measure, mlp_alone, prune, quantized
+from pipelines.compression import (
+    PeakMemoryProbe,
+    build_student,
+    check_requested,
+    choose,
+    distill,
+    measure,
+    mlp_alone,
+    prune,
+    quantized,
+)
 from pipelines.config import Paths, Settings
 from pipelines.contracts import Out, stage
 from pipelines.io import atomic_dir, read_json, tree_sha256, write_json, write_parquet
@@ -43,13 +53,9 @@ def run(settings: Settings, paths: Paths) -> dict[str, Any]:
     cfg, metric, seed = settings.compress, settings.promote.metric, settings.seed
     target = settings.data_schema.target
     trained = ModelBundle.load(paths.trained)
-    train, _ = training_rows(paths.split_features("train"), target, settings.train.max_rows, seed,  # the rows the
-                             stratify=trained.task != "regression")  # ensemble learned on: the student learns there
-    valid = pd.read_parquet(paths.split_features("valid"))
-    X, X_valid, y_valid = train.drop(columns=[target]), valid.drop(columns=[target]), valid[target].to_numpy()
+    check_requested(settings.serve.model, cfg, trained.ensemble)
     test = pd.read_parquet(paths.test_rows)
     y_test = trained.transform.encode_target(test[target])
-
     scratch = paths.trained.parent
     for stale in scratch.glob(".compress-*.tmp"):  # left by a killed run (the project lock keeps runs apart)
         shutil.rmtree(stale, ignore_errors=True)
@@ -57,6 +63,13 @@ def run(settings: Settings, paths: Paths) -> dict[str, Any]:
         tmp = stack.enter_context(tempfile.TemporaryDirectory(prefix=".compress-", suffix=".tmp", dir=scratch))
         # started first: its imports run while the student learns
         probe = stack.enter_context(PeakMemoryProbe(test, Path(tmp))) if cfg.measure_memory else None
+        train, _ = training_rows(paths.split_features("train"), target, settings.train.max_rows, seed,  # the rows
+                                 stratify=trained.task != "regression")  # the ensemble learned on: the student's
+        X = train.drop(columns=[target])
+        del train  # a large table's sample is held once, not twice
+        valid = pd.read_parquet(paths.split_features("valid"))
+        X_valid, y_valid = valid.drop(columns=[target]), valid[target].to_numpy()
+        del valid
         folders: dict[str, Path] = {"ensemble": paths.trained}
         student = build_student(cfg, trained.transform, seed, settings.train.threads)
         student_report = distill(cfg, trained.ensemble, student, X, X_valid, seed)
