@@ -377,7 +377,8 @@ class CompressConfig(_Strict):
     min_speedup: float = Field(default=2.0, ge=1, le=1000)
     # auto: passing candidates this close to the fastest one's single-row CPU time count as tied (smallest on disk)
     tie_margin: float = Field(default=0.15, ge=0, le=10)
-    latency_rows: int = Field(default=200, ge=20, le=100_000)  # single-row predictions timed per candidate (p50, p99)
+    # single-row predictions timed per candidate (p50, p99), at most one per test row (at least 20)
+    latency_rows: int = Field(default=200, ge=20, le=100_000)
     measure_memory: bool = True  # peak memory of each candidate, in one fresh interpreter forked per candidate
 
 
