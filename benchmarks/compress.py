@@ -38,23 +38,26 @@ def main() -> int:
           f"(of {report['student'].get('trees_distilled', '-')} distilled), {report['student']['rows']:,} rows "
           f"({report['student']['augmented_rows']:,} augmented)")
     header = (f"{'candidate':<10} {metric:>9} {'loss':>8} {'p50 ms':>8} {'p99 ms':>8} {'model p50':>10} "
-              f"{'rows/s':>9} {'size KiB':>9} {'peak MiB':>9} {'$/1k rows':>10}")
+              f"{'CPU p50':>8} {'rows/s':>9} {'size KiB':>9} {'peak MiB':>9} {'$/1k rows':>10}")
     print(header)
     for name, f in candidates.items():
         loss = f.get("metric_loss")
         memory = f["peak_memory_bytes"]
         print(f"{name:<10} {_num(f[metric]):>9} {_num(loss):>8} {f['latency_ms_p50']:>8.3f} "
-              f"{f['latency_ms_p99']:>8.3f} {f['model_latency_ms_p50']:>10.3f} {f['rows_per_s']:>9,.0f} "
+              f"{f['latency_ms_p99']:>8.3f} {f['model_latency_ms_p50']:>10.3f} {f['cpu_ms_p50']:>8.3f} "
+              f"{f['rows_per_s']:>9,.0f} "
               f"{f['disk_bytes'] / 1024:>9.1f} {'n/a' if memory is None else f'{memory / 2**20:.1f}':>9} "
               f"{f['usd_per_1k_rows']:>10.2e}")
     print("\nratios to the ensemble (higher is better)")
-    print(f"{'candidate':<10} {'1-row p50':>10} {'1-row p99':>10} {'model p50':>10} {'rows/s':>8} {'size':>8}")
+    print(f"{'candidate':<10} {'1-row p50':>10} {'1-row p99':>10} {'model p50':>10} {'CPU p50':>10} {'rows/s':>8} "
+          f"{'size':>8}")
     for name, f in candidates.items():
         if name == "ensemble":
             continue
         print(f"{name:<10} {base['latency_ms_p50'] / f['latency_ms_p50']:>9.1f}x "
               f"{base['latency_ms_p99'] / f['latency_ms_p99']:>9.1f}x "
               f"{base['model_latency_ms_p50'] / f['model_latency_ms_p50']:>9.1f}x "
+              f"{base['cpu_ms_p50'] / f['cpu_ms_p50']:>9.1f}x "
               f"{f['rows_per_s'] / base['rows_per_s']:>7.1f}x {base['disk_bytes'] / f['disk_bytes']:>7.1f}x")
     mlp = report.get("mlp_int8")
     if mlp:

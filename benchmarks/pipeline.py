@@ -1,5 +1,7 @@
 """Time every stage of one pipeline run on simulator data of a given size; print seconds, CPU seconds and peak
-memory per stage, and the total.
+memory per stage, and the total, each stage's seconds split into its fixed cost (process start, imports, settings:
+the process's wall time less the stage's own, as reports/cost.json records it) and its work; and beside each
+target of issue 32 that applies to this size, the figure as a ratio of the target (at most 1.00 meets it).
 
 Usage: python benchmarks/pipeline.py [--params params.yaml] [--rows N] [--features F] [--rows-per-batch N]
        [--fit-rows N] [--train-max-rows N] [--report-max-rows N] [--keep DIR]
@@ -32,6 +34,10 @@ from pipelines.sources.simulator import extra_schema
 REAL_FEATURES = 13  # the simulator's own feature columns (10 numeric, 3 categorical)
 SCALE_ROWS = 1_000_000  # above this many rows, the scale settings below apply unless given
 SCALE_DEFAULTS = {"fit_rows": 1_000_000, "train_max_rows": 1_000_000, "report_max_rows": 200_000}
+# Targets by table size (issue 32): a small table (5,000 or 200 rows: up to SMALL_ROWS) in SMALL_TOTAL_S seconds,
+# no stage but train over STAGE_SHARE of it; 10M rows (and more) in BIG_TOTAL_S and BIG_PEAK_MIB.
+SMALL_ROWS, SMALL_TOTAL_S, STAGE_SHARE = 10_000, 30.0, 0.25
+BIG_ROWS, BIG_TOTAL_S, BIG_PEAK_MIB = 10_000_000, 20 * 60.0, 6 * 1024.0
 
 
 def project_params(params: dict[str, Any], args: argparse.Namespace) -> dict[str, Any]:
@@ -73,6 +79,22 @@ def run_stage_process(stage: str, root: Path) -> tuple[float, float, float, int]
             proc.returncode)
 
 
+def targets(rows: int, runs: dict[str, tuple[float, float, float, float]], total: float, peak_mib: float) -> list[str]:
+    """The targets that apply to a table of `rows`, each with the figure and its ratio to the target."""
+    def line(name: str, figure: float, target: float, unit: str) -> str:
+        return (f"target {name}: {figure:.1f} {unit} of at most {target:.1f} {unit}: ratio {figure / target:.2f} "
+                + ("(met)" if figure <= target else "(NOT met)"))
+
+    if rows <= SMALL_ROWS:
+        return [line("small table, whole pipeline", total, SMALL_TOTAL_S, "s"),
+                *(line(f"{stage} share of the total (train exempt)", 100 * wall / total, 100 * STAGE_SHARE, "%")
+                  for stage, (wall, *_) in runs.items() if stage != "train")]
+    if rows >= BIG_ROWS:
+        return [line("10M rows, whole pipeline", total, BIG_TOTAL_S, "s"),
+                line("10M rows, peak memory of a stage", peak_mib, BIG_PEAK_MIB, "MiB")]
+    return [f"no target for {rows:,} rows (small: up to {SMALL_ROWS:,}; big: {BIG_ROWS:,} and more)"]
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--params", default="params.yaml")
@@ -84,6 +106,7 @@ def main() -> int:
     parser.add_argument("--keep", type=Path, help="run in this (new) folder and keep it, instead of a temporary one")
     args = parser.parse_args()
     params = project_params(yaml.safe_load(Path(args.params).read_text()), args)
+    load_before = " ".join(f"{x:.2f}" for x in os.getloadavg())
     with tempfile.TemporaryDirectory(prefix="amaas-bench-") as tmp:
         root = args.keep or Path(tmp)
         root.mkdir(parents=True, exist_ok=True)
@@ -94,17 +117,26 @@ def main() -> int:
               f"{features}; prepare.fit_rows={params['prepare']['fit_rows']} train.max_rows="
               f"{params['train']['max_rows']} report.max_rows={params['report']['max_rows']}; "
               f"{os.cpu_count()} CPUs", flush=True)
-        print(f"{'stage':<10} {'seconds':>8} {'CPU s':>8} {'peak RSS MiB':>13}", flush=True)
-        total = cpu_total = peak_max = 0.0
+        print(f"{'stage':<10} {'seconds':>8} {'fixed s':>8} {'work s':>8} {'CPU s':>8} {'peak RSS MiB':>13}",
+              flush=True)
+        runs: dict[str, tuple[float, float, float, float]] = {}  # wall, CPU, peak, fixed
         for stage in STAGES:
             wall, cpu, peak, status = run_stage_process(stage, root)
-            total, cpu_total, peak_max = total + wall, cpu_total + cpu, max(peak_max, peak)
-            print(f"{stage:<10} {wall:>8.1f} {cpu:>8.1f} {peak:>13.0f}" + ("" if status == 0 else
-                  f"   FAILED (exit {status})"), flush=True)
             if status != 0:
+                print(f"{stage:<10} {wall:>8.1f}   FAILED (exit {status})")
                 print((root / "benchmark.log").read_text()[-5000:])
                 return 1
-        print(f"{'total':<10} {total:>8.1f} {cpu_total:>8.1f} {peak_max:>13.0f}")
+            work = json.loads((root / "reports" / "cost.json").read_text())["stages"][stage]["wall_s"]
+            runs[stage] = wall, cpu, peak, wall - work
+            print(f"{stage:<10} {wall:>8.1f} {wall - work:>8.1f} {work:>8.1f} {cpu:>8.1f} {peak:>13.0f}", flush=True)
+        total = sum(r[0] for r in runs.values())
+        peak_max = max(r[2] for r in runs.values())
+        fixed = sum(r[3] for r in runs.values())
+        cpu_total = sum(r[1] for r in runs.values())
+        print(f"{'total':<10} {total:>8.1f} {fixed:>8.1f} {total - fixed:>8.1f} {cpu_total:>8.1f} {peak_max:>13.0f}")
+        print(f"load average before/after: {load_before} / {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
+        for line in targets(sim["n_batches"] * sim["rows_per_batch"], runs, total, peak_max):
+            print(line)
         cost = json.loads((root / "reports" / "cost.json").read_text())
         print(f"cost at ${cost['prices']['cpu_hour_usd']} per CPU-hour: ${cost['total']['usd']:.6f} "
               f"(stage CPU {cost['total']['cpu_s']:.1f} s, as reports/cost.json records it)")

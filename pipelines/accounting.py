@@ -103,7 +103,7 @@ class PeakMemory:
     def __enter__(self) -> PeakMemory:
         try:
             Path("/proc/self/clear_refs").write_text("5")
-            self._start = _status_kib("VmRSS")
+            self._start = status_kib("VmRSS")
         except OSError:
             self._start = None
         return self
@@ -111,10 +111,11 @@ class PeakMemory:
     def __exit__(self, *exc: object) -> None:
         if self._start is not None:
             with contextlib.suppress(OSError, ValueError):
-                self.bytes = max(0, _status_kib("VmHWM") - self._start) * 1024
+                self.bytes = max(0, status_kib("VmHWM") - self._start) * 1024
 
 
-def _status_kib(key: str) -> int:
+def status_kib(key: str) -> int:
+    """A figure of /proc/self/status in KiB (VmRSS, VmHWM, RssFile...)."""
     for line in Path("/proc/self/status").read_text().splitlines():
         if line.startswith(key + ":"):
             return int(line.split()[1])

@@ -10,8 +10,9 @@
 
 Each candidate is measured the way it would serve: the bundle loaded from disk (its peak memory, in a fresh
 interpreter), scoring raw rows through the fitted transform: promote.metric on the test rows, single-row latency
-(p50, p99; and of the model alone), rows/s and CPU seconds per row at batches of 256 (hence the cost of 1,000
-predictions), and its size on disk.
+(p50, p99; of the model alone; and the CPU time, which the choice rests on), rows/s and CPU seconds per row at
+batches of 256 (hence the cost of 1,000 predictions), and its size on disk. The timings are taken in turns across
+the candidates, at a cost proportional to the test rows, so that load falls on all of them alike.
 """
 
 from __future__ import annotations
@@ -38,6 +39,7 @@ from pipelines.transform import FeatureTransform
 log = logging.getLogger(__name__)
 CANDIDATES = ("ensemble", "student", "quantized")
 BATCH = 256
+TIMED_BATCHES = 40  # batches of BATCH rows timed per candidate at most (the rest of the rows in one call)
 
 
 def augmented_rows(X: pd.DataFrame, factor: float, swap_share: float, seed: int) -> pd.DataFrame:
@@ -75,11 +77,13 @@ def distill(cfg: CompressConfig, teacher: Ensemble, student: Learner, X: pd.Data
     """Fit `student` to the teacher's outputs on the training rows and augmented ones (early-stopped on the
     teacher's outputs for the validation rows); returns what was done."""
     extra = augmented_rows(X, cfg.augment_factor, cfg.swap_share, seed)
-    rows = pd.concat([X, extra], ignore_index=True) if len(extra) else X
+    augmented = len(extra)
+    rows = pd.concat([X, extra], ignore_index=True) if augmented else X
+    del extra  # held once, inside `rows`
     soft = teacher.predict_output(rows)
     student.distill(rows, soft, X_valid, teacher.predict_output(X_valid))
-    log.info("student %s distilled on %d rows (%d augmented)", student.kind, len(rows), len(extra))
-    return {"kind": student.kind, "rows": len(rows), "augmented_rows": len(extra)}
+    log.info("student %s distilled on %d rows (%d augmented)", student.kind, len(rows), augmented)
+    return {"kind": student.kind, "rows": len(rows), "augmented_rows": augmented}
 
 
 def prune(student: LightGBMLearner, X_valid: pd.DataFrame, y_valid: np.ndarray, metric: str, threshold: Decision,
@@ -101,6 +105,13 @@ def prune(student: LightGBMLearner, X_valid: pd.DataFrame, y_valid: np.ndarray, 
     return (student.pruned(keep) if keep < full else student), curve
 
 
+def check_requested(requested: str, cfg: CompressConfig, ensemble: Ensemble) -> None:
+    """Stop before any work when serve.model names a candidate that will not be made."""
+    if requested == "quantized" and not (cfg.quantize and any(isinstance(m, MLPLearner) for m in ensemble.members_)):
+        raise ValueError("serve.model is quantized, but there is no quantized candidate (quantized needs an mlp in "
+                         "train.learners and compress.quantize: true); set serve.model: auto")
+
+
 def quantized(ensemble: Ensemble) -> Ensemble | None:
     """The ensemble with each MLP member in int8; None when it has no MLP."""
     members = [m.quantized() if isinstance(m, MLPLearner) else m for m in ensemble.members_]
@@ -115,18 +126,23 @@ def quantized(ensemble: Ensemble) -> Ensemble | None:
 def mlp_alone(ensemble: Ensemble, int8: Ensemble, X: pd.DataFrame, y: np.ndarray, metric: str, threshold: Decision
               ) -> dict[str, dict[str, Any]]:
     """The MLP member on its own, float32 and int8, on model features `X`: `metric` and rows/s at batches of
-    BATCH (what quantization changes, without the other members and the transform around it)."""
-    found: dict[str, dict[str, Any]] = {}
-    for name, members in (("float32", ensemble.members_), ("int8", int8.members_)):
-        mlp = next(m for m in members if isinstance(m, MLPLearner))
-        batches = [X.iloc[i:i + BATCH] for i in range(0, len(X), BATCH)]
-        mlp.predict_output(batches[0])
-        done = calls = 0
-        started = time.perf_counter()
-        while calls < 3 or time.perf_counter() - started < 0.5:
-            done, calls = done + len(mlp.predict_output(batches[calls % len(batches)])), calls + 1
-        found[name] = {metric: score(metric, y, mlp.predict_output(X), threshold),
-                       "rows_per_s": done / (time.perf_counter() - started)}
+    BATCH (what quantization changes, without the other members and the transform around it), the two timed
+    batch by batch in turn over the rows (at most TIMED_BATCHES)."""
+    mlps = {name: next(m for m in members if isinstance(m, MLPLearner))
+            for name, members in (("float32", ensemble.members_), ("int8", int8.members_))}
+    batches = [X.iloc[i:i + BATCH] for i in range(0, min(len(X), TIMED_BATCHES * BATCH), BATCH)] or [X]
+    seconds = {name: 0.0 for name in mlps}
+    for mlp in mlps.values():
+        mlp.predict_output(batches[0])  # warm-up
+    for batch in batches:
+        for name, mlp in mlps.items():
+            started = time.perf_counter()
+            mlp.predict_output(batch)
+            seconds[name] += time.perf_counter() - started
+    done = sum(len(batch) for batch in batches)
+    found: dict[str, dict[str, Any]] = {
+        name: {metric: score(metric, y, mlp.predict_output(X), threshold), "rows_per_s": done / seconds[name]}
+        for name, mlp in mlps.items()}
     found["int8"]["speedup"] = found["int8"]["rows_per_s"] / found["float32"]["rows_per_s"]
     return found
 
@@ -135,84 +151,140 @@ def disk_bytes(folder: Path) -> int:
     return sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
 
 
-# Run in a fresh interpreter, where the heap has not been grown by earlier work (the allocator would reuse it):
-# the peak resident memory that loading a bundle and scoring one batch adds, over the libraries it serves with.
+# One fresh interpreter imports the libraries a bundle serves with, then forks a child per bundle (one line of
+# stdin each: its index and folder; all at once): each child starts from the heap as the imports left it, not grown
+# by earlier work (the allocator would reuse that), and prints the peak resident memory that loading the bundle and
+# scoring the batch (the file argv[1]) adds over it, less the pages of files it mapped (library code: a forked child
+# maps again what its parent had mapped, and every serving process shares them); a child that failed prints nothing.
 _PEAK_SCRIPT = """
-import sys
+import os, sys, traceback
 from pathlib import Path
 import lightgbm, pandas, torch, xgboost
-from pipelines.accounting import PeakMemory
+from pipelines.accounting import PeakMemory, status_kib
 from pipelines.bundle import ModelBundle
-rows = pandas.read_parquet(sys.argv[2])
-with PeakMemory() as memory:
-    ModelBundle.load(Path(sys.argv[1])).predict(rows)
-print(memory.bytes)
+rows = pandas.read_parquet(sys.argv[1])
+children = []
+for line in sys.stdin.read().splitlines():
+    index, folder = line.split("\\t", 1)
+    pid = os.fork()
+    if pid == 0:
+        status = 1
+        try:
+            files = status_kib("RssFile")
+            with PeakMemory() as memory:
+                ModelBundle.load(Path(folder)).predict(rows)
+            print(index, max(0, memory.bytes - (status_kib("RssFile") - files) * 1024), sep="\\t", flush=True)
+            status = 0
+        except BaseException:
+            traceback.print_exc()
+        finally:
+            os._exit(status)
+    children.append(pid)
+for pid in children:
+    os.waitpid(pid, 0)
 """
 
 
-def peak_memory(folders: dict[str, Path], rows: pd.DataFrame, scratch: Path, timeout_s: float = 300
-                ) -> dict[str, int | None]:
-    """Per bundle: the peak memory loading it and scoring a batch of `rows` adds (bytes; None where it could
-    not be measured), each in its own interpreter, all at once."""
-    batch = scratch / "memory_batch.parquet"
-    rows.iloc[:BATCH].to_parquet(batch)
-    code_root = str(Path(__file__).resolve().parents[1])
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [code_root, os.environ.get("PYTHONPATH")]))}
-    procs = {name: subprocess.Popen([sys.executable, "-c", _PEAK_SCRIPT, str(folder), str(batch)],
-                                    stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
-             for name, folder in folders.items()}
-    found: dict[str, int | None] = {}
-    for name, proc in procs.items():
+class PeakMemoryProbe:
+    """Per bundle: the peak memory loading it and scoring a batch of `rows` adds (bytes; None where it could not
+    be measured), in an interpreter of its own (see _PEAK_SCRIPT). Started on entering, so that its imports run
+    while the stage does other work; `measure` hands it the bundles once they are written."""
+
+    def __init__(self, rows: pd.DataFrame, scratch: Path, timeout_s: float = 300) -> None:
+        self.batch, self.timeout_s = scratch / "memory_batch.parquet", timeout_s
+        rows.iloc[:BATCH].to_parquet(self.batch)
+        self.proc: subprocess.Popen[str] | None = None
+
+    def __enter__(self) -> PeakMemoryProbe:
+        code_root = str(Path(__file__).resolve().parents[1])
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [code_root, os.environ.get("PYTHONPATH")]))}
+        self.proc = subprocess.Popen([sys.executable, "-c", _PEAK_SCRIPT, str(self.batch)], stdin=subprocess.PIPE,
+                                     stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.communicate()
+
+    def measure(self, folders: dict[str, Path]) -> dict[str, int | None]:
+        assert self.proc is not None, "measure inside `with PeakMemoryProbe(...)`"
+        names = list(folders)
+        lines = "".join(f"{i}\t{folders[name]}\n" for i, name in enumerate(names))
         try:
-            out, err = proc.communicate(timeout=timeout_s)
+            out, err = self.proc.communicate(lines, timeout=self.timeout_s)
         except subprocess.TimeoutExpired:
-            proc.kill()
-            out, err = proc.communicate()
-        text = out.strip().splitlines()[-1] if out.strip() else ""
-        found[name] = int(text) if proc.returncode == 0 and text.isdigit() else None
-        if found[name] is None:
-            log.warning("peak memory of %s not measured (exit %s): %s", name, proc.returncode, err.strip()[-500:])
-    return found
+            self.proc.kill()
+            out, err = self.proc.communicate()
+        found: dict[str, int | None] = dict.fromkeys(names)
+        for line in out.splitlines():
+            index, _, value = line.partition("\t")
+            if index.isdigit() and int(index) < len(names) and value.isdigit():
+                found[names[int(index)]] = int(value)
+        for name in (n for n, v in found.items() if v is None):
+            log.warning("peak memory of %s not measured (exit %s): %s", name, self.proc.returncode,
+                        err.strip()[-500:])
+        return found
 
 
-def measure(bundle_dir: Path, rows: pd.DataFrame, y: np.ndarray, metric: str, cost: CostConfig,
-            latency_rows: int) -> dict[str, Any]:
-    """How a bundle serves, in this process: loaded from `bundle_dir`, scoring raw `rows` (the test rows)."""
-    bundle = ModelBundle.load(bundle_dir)
-    output = bundle.predict(rows)
-    singles = [rows.iloc[[i % len(rows)]] for i in range(latency_rows)]
-    for row in singles[:5]:  # warm-up: first calls build caches
-        bundle.predict(row)
-    seconds, model_seconds = [], []
+def measure(folders: dict[str, Path], rows: pd.DataFrame, y: np.ndarray, metric: str, cost: CostConfig,
+            latency_rows: int) -> dict[str, dict[str, Any]]:
+    """How each bundle serves, in this process: loaded from its folder, scoring raw `rows` (the test rows).
+
+    The work is proportional to the table and taken in turns, so that whatever else runs on the machine falls on
+    every candidate alike: `latency_rows` single-row calls (at most one per test row, at least 20) in rounds, one
+    row through each candidate in turn, each call's wall time and CPU time (of all the process's threads) kept;
+    then the test rows in batches of BATCH, batch by batch through each candidate (at most TIMED_BATCHES timed),
+    for the metric, rows/s and CPU seconds per row. The single-row CPU medians (`cpu_ms_p50`) are what `choose`
+    compares: they move far less with load than wall times do."""
+    bundles = {name: ModelBundle.load(folder) for name, folder in folders.items()}
+    n_single = min(latency_rows, max(len(rows), 20))
+    singles = [rows.iloc[[i % len(rows)]] for i in range(n_single)]
+    for bundle in bundles.values():
+        for row in singles[:5]:  # warm-up: first calls build caches
+            bundle.predict(row)
+    timings: dict[str, dict[str, list[float]]] = {n: {"wall": [], "model": [], "cpu": []} for n in bundles}
     for row in singles:
-        started = time.perf_counter()
-        bundle.predict(row)
-        seconds.append(time.perf_counter() - started)
-    for features in [bundle.transform.transform(row) for row in singles]:  # the model alone, without the transform
-        started = time.perf_counter()
-        bundle.ensemble.predict_output(features)
-        model_seconds.append(time.perf_counter() - started)
-    batches = [rows.iloc[i:i + BATCH] for i in range(0, len(rows), BATCH)] or [rows]
-    done = calls = 0
-    cpu0, wall0 = cpu_seconds(), time.perf_counter()
-    while calls < 3 or time.perf_counter() - wall0 < 0.5:
-        batch = batches[calls % len(batches)]
-        bundle.predict(batch)
-        done, calls = done + len(batch), calls + 1
-    wall, cpu = time.perf_counter() - wall0, cpu_seconds() - cpu0
-    per_row = cpu / done
-    return {metric: score(metric, y, output, bundle.decision), "version": bundle.version,
-            "latency_ms_p50": float(np.percentile(seconds, 50) * 1e3),
-            "latency_ms_p99": float(np.percentile(seconds, 99) * 1e3),
-            "model_latency_ms_p50": float(np.percentile(model_seconds, 50) * 1e3),
-            "rows_per_s": done / wall, "cpu_s_per_1k_rows": per_row * 1000,
-            "usd_per_1k_rows": usd_per_1k_rows(cost, per_row), "disk_bytes": disk_bytes(bundle_dir)}
+        for name, bundle in bundles.items():
+            cpu0, wall0 = time.process_time(), time.perf_counter()
+            features = bundle.transform.transform(row)
+            wall1 = time.perf_counter()
+            bundle.ensemble.predict_output(features)  # what bundle.predict does, the model timed apart
+            wall2, cpu2 = time.perf_counter(), time.process_time()
+            for key, value in (("wall", wall2 - wall0), ("model", wall2 - wall1), ("cpu", cpu2 - cpu0)):
+                timings[name][key].append(value)
+    timed = [rows.iloc[i:i + BATCH] for i in range(0, min(len(rows), TIMED_BATCHES * BATCH), BATCH)] or [rows]
+    outputs: dict[str, list[np.ndarray]] = {n: [] for n in bundles}
+    spent = {n: [0.0, 0.0] for n in bundles}  # wall, CPU seconds of the timed batches
+    for batch in timed:
+        for name, bundle in bundles.items():
+            cpu0, wall0 = cpu_seconds(), time.perf_counter()
+            outputs[name].append(bundle.predict(batch))
+            spent[name][0] += time.perf_counter() - wall0
+            spent[name][1] += cpu_seconds() - cpu0
+    done = sum(len(batch) for batch in timed)
+    found = {}
+    for name, bundle in bundles.items():
+        if done < len(rows):
+            outputs[name].append(bundle.predict(rows.iloc[done:]))
+        seconds, per_row = timings[name], spent[name][1] / done
+        found[name] = {
+            metric: score(metric, y, np.concatenate(outputs[name]), bundle.decision), "version": bundle.version,
+            "latency_ms_p50": float(np.percentile(seconds["wall"], 50) * 1e3),
+            "latency_ms_p99": float(np.percentile(seconds["wall"], 99) * 1e3),
+            "model_latency_ms_p50": float(np.percentile(seconds["model"], 50) * 1e3),
+            "cpu_ms_p50": float(np.percentile(seconds["cpu"], 50) * 1e3),
+            "rows_per_s": done / spent[name][0], "cpu_s_per_1k_rows": per_row * 1000,
+            "usd_per_1k_rows": usd_per_1k_rows(cost, per_row), "disk_bytes": disk_bytes(folders[name])}
+    return found
 
 
 def choose(requested: str, figures: dict[str, dict[str, Any]], metric: str, cfg: CompressConfig
            ) -> dict[str, Any]:
-    """Which candidate serves: `requested` (serve.model), or with auto the fastest one on one row that loses at
-    most compress.max_metric_loss of the ensemble's metric and is at least compress.min_speedup times faster."""
+    """Which candidate serves: `requested` (serve.model), or with auto the fastest one on one row (CPU time) that
+    loses at most compress.max_metric_loss of the ensemble's metric and is at least compress.min_speedup times
+    faster. Candidates within compress.tie_margin of the fastest count as tied: of those, the smallest on disk
+    (then the first by name), so that the pick does not follow the noise of the timings."""
     base = figures["ensemble"]
     verdicts: dict[str, dict[str, Any]] = {}
     for name, fig in figures.items():
@@ -220,22 +292,23 @@ def choose(requested: str, figures: dict[str, dict[str, Any]], metric: str, cfg:
             continue
         loss = (None if fig[metric] is None or base[metric] is None else -improvement(metric, fig[metric],
                                                                                           base[metric]))
-        speedup = base["latency_ms_p50"] / fig["latency_ms_p50"]
+        speedup = base["cpu_ms_p50"] / fig["cpu_ms_p50"]
         passes = loss is not None and loss <= cfg.max_metric_loss and speedup >= cfg.min_speedup
         verdicts[name] = {"metric_loss": loss, "speedup": speedup, "passes": passes,
                           "model_speedup": base["model_latency_ms_p50"] / fig["model_latency_ms_p50"], "reason": (
             f"{metric} undefined on the test rows: no comparison" if loss is None else
             f"loses {loss:+.4f} {metric} (at most {cfg.max_metric_loss}) and is {speedup:.1f}x faster on one row "
-            f"(at least {cfg.min_speedup}x): " + ("passes" if passes else "fails"))}
+            f"in CPU time (at least {cfg.min_speedup}x): " + ("passes" if passes else "fails"))}
     if requested != "auto":
-        if requested not in figures:
-            raise ValueError(f"serve.model is {requested}, but there is no {requested} candidate "
-                             f"(quantized needs an mlp in train.learners and compress.quantize: true); "
-                             f"set serve.model: auto")
         served, reason = requested, f"serve.model: {requested}"
     else:
-        passing = sorted((f["latency_ms_p50"], n) for n, f in figures.items() if verdicts.get(n, {}).get("passes"))
-        served = passing[0][1] if passing else "ensemble"
-        reason = (f"auto: {served} {verdicts[served]['reason']}" if passing else
+        passing = [n for n in figures if verdicts.get(n, {}).get("passes")]
+        fastest = min((figures[n]["cpu_ms_p50"] for n in passing), default=0.0)
+        tied = sorted((figures[n]["disk_bytes"], n) for n in passing
+                      if figures[n]["cpu_ms_p50"] <= fastest * (1 + cfg.tie_margin))
+        served = tied[0][1] if tied else "ensemble"
+        reason = (f"auto: {served} {verdicts[served]['reason']}" + (
+            f"; tied within {cfg.tie_margin:.0%} of the fastest with {', '.join(n for _, n in tied[1:])}, and the "
+            f"smallest on disk" if len(tied) > 1 else "") if tied else
                   "auto: no candidate passes (compress.max_metric_loss and compress.min_speedup), the ensemble serves")
     return {"served": served, "reason": reason, "verdicts": verdicts}

@@ -389,8 +389,11 @@ class CompressConfig(_Strict):
     max_metric_loss: float = Field(default=0.005, ge=0, le=1e9)
     # ... and must be this many times faster on one row, to be served
     min_speedup: float = Field(default=2.0, ge=1, le=1000)
-    latency_rows: int = Field(default=200, ge=20, le=100_000)  # single-row predictions timed per candidate (p50, p99)
-    measure_memory: bool = True  # peak memory of each candidate, in a fresh interpreter each (seconds of imports)
+    # auto: passing candidates this close to the fastest one's single-row CPU time count as tied (smallest on disk)
+    tie_margin: float = Field(default=0.15, ge=0, le=10)
+    # single-row predictions timed per candidate (p50, p99), at most one per test row (at least 20)
+    latency_rows: int = Field(default=200, ge=20, le=100_000)
+    measure_memory: bool = True  # peak memory of each candidate, in one fresh interpreter forked per candidate
 
 
 class CostConfig(_Strict):

@@ -2,12 +2,14 @@
 
 Candidates (pipelines.compression): the ensemble as trained, a student distilled from it (pruned), and the
 ensemble with an int8 MLP. Each is measured as it would serve; serve.model picks one, or (auto) the fastest on
-one row that passes compress.max_metric_loss and compress.min_speedup, else the ensemble. The pick is copied to
-models/challenger with the figures in its metadata; reports/compression.json holds every candidate's figures.
+one row in CPU time (those within compress.tie_margin of it: the smallest) that passes compress.max_metric_loss
+and compress.min_speedup, else the ensemble. The pick is copied to models/challenger with the figures in its
+metadata; reports/compression.json holds every candidate's figures.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import shutil
 import tempfile
@@ -17,7 +19,17 @@ from typing import Any
 import pandas as pd
 
 from pipelines.bundle import ENSEMBLE_DIR, METADATA_FILE, TRANSFORM_FILE, ModelBundle
-from pipelines.compression import build_student, choose, distill, measure, mlp_alone, peak_memory, prune, quantized
+from pipelines.compression import (
+    PeakMemoryProbe,
+    build_student,
+    check_requested,
+    choose,
+    distill,
+    measure,
+    mlp_alone,
+    prune,
+    quantized,
+)
 from pipelines.config import Paths, Settings
 from pipelines.contracts import Out, stage
 from pipelines.io import atomic_dir, read_json, tree_sha256, write_json, write_parquet
@@ -41,17 +53,23 @@ def run(settings: Settings, paths: Paths) -> dict[str, Any]:
     cfg, metric, seed = settings.compress, settings.promote.metric, settings.seed
     target = settings.data_schema.target
     trained = ModelBundle.load(paths.trained)
-    train, _ = training_rows(paths.split_features("train"), target, settings.train.max_rows, seed,  # the rows the
-                             stratify=trained.task != "regression")  # ensemble learned on: the student learns there
-    valid = pd.read_parquet(paths.split_features("valid"))
-    X, X_valid, y_valid = train.drop(columns=[target]), valid.drop(columns=[target]), valid[target].to_numpy()
+    check_requested(settings.serve.model, cfg, trained.ensemble)
     test = pd.read_parquet(paths.test_rows)
     y_test = trained.transform.encode_target(test[target])
-
     scratch = paths.trained.parent
     for stale in scratch.glob(".compress-*.tmp"):  # left by a killed run (the project lock keeps runs apart)
         shutil.rmtree(stale, ignore_errors=True)
-    with tempfile.TemporaryDirectory(prefix=".compress-", suffix=".tmp", dir=scratch) as tmp:
+    with contextlib.ExitStack() as stack:
+        tmp = stack.enter_context(tempfile.TemporaryDirectory(prefix=".compress-", suffix=".tmp", dir=scratch))
+        # started first: its imports run while the student learns
+        probe = stack.enter_context(PeakMemoryProbe(test, Path(tmp))) if cfg.measure_memory else None
+        train, _ = training_rows(paths.split_features("train"), target, settings.train.max_rows, seed,  # the rows
+                                 stratify=trained.task != "regression")  # the ensemble learned on: the student's
+        X = train.drop(columns=[target])
+        del train  # a large table's sample is held once, not twice
+        valid = pd.read_parquet(paths.split_features("valid"))
+        X_valid, y_valid = valid.drop(columns=[target]), valid[target].to_numpy()
+        del valid
         folders: dict[str, Path] = {"ensemble": paths.trained}
         student = build_student(cfg, trained.transform, seed, settings.train.threads)
         student_report = distill(cfg, trained.ensemble, student, X, X_valid, seed)
@@ -68,13 +86,12 @@ def run(settings: Settings, paths: Paths) -> dict[str, Any]:
         mlp_int8: dict[str, Any] = {}
         if int8 is not None:
             mlp_int8 = mlp_alone(trained.ensemble, int8, trained.transform.transform(test), y_test, metric,
-                                          trained.decision)
+                                 trained.decision)
             folders["quantized"] = write_candidate(Path(tmp) / "quantized", paths, trained, int8, "quantized",
                                                    trained.ensemble.member_valid_log_loss_)
-        memory = (peak_memory(folders, test, Path(tmp)) if cfg.measure_memory  # before the timings: they need
-                  else dict.fromkeys(folders))                                # the cores to themselves
-        figures = {n: {**measure(folder, test, y_test, metric, settings.cost, cfg.latency_rows),
-                       "peak_memory_bytes": memory[n]} for n, folder in folders.items()}
+        memory = probe.measure(folders) if probe else dict.fromkeys(folders)  # before the timings: they need
+        measured = measure(folders, test, y_test, metric, settings.cost, cfg.latency_rows)  # the cores
+        figures = {n: {**f, "peak_memory_bytes": memory[n]} for n, f in measured.items()}
         choice = choose(settings.serve.model, figures, metric, cfg)
         served = choice["served"]
         summary = {"served": served, "reason": choice["reason"], "metric": metric, "trained_version": trained.version,

@@ -16,6 +16,10 @@ from pipelines.stages import collect, compress, deploy, prepare, promote, report
 from tests.conftest import write_params
 
 WEAK = {"train.learners": ["lightgbm"], "train.lightgbm.n_estimators": 2, "train.lightgbm.num_leaves": 2}
+# the registry's behaviour needs a champion and a weaker challenger, not good models: a tiny table, one learner,
+# a few-tree student distilled on the training rows alone
+TINY = {"source.simulator.rows_per_batch": 400, "train.learners": ["lightgbm"], "compress.augment_factor": 0,
+        "compress.student.n_estimators": 10}
 
 
 def _fake_registry(root, versions, decisions):
@@ -105,7 +109,7 @@ def test_read_json_names_the_file(tmp_path):
 
 
 def test_lost_aliases_never_let_a_failed_challenger_through(tmp_path):
-    settings = load_settings(write_params(tmp_path))
+    settings = load_settings(write_params(tmp_path, **TINY))
     paths = Paths(tmp_path)
     for stage in (collect, validate, prepare, train, compress):
         stage.run(settings, paths)
@@ -113,7 +117,7 @@ def test_lost_aliases_never_let_a_failed_challenger_through(tmp_path):
     registry = Registry(paths.registry)
     champion = registry.champion
 
-    weak = load_settings(write_params(tmp_path, **WEAK))
+    weak = load_settings(write_params(tmp_path, **{**TINY, **WEAK}))
     train.run(weak, paths)
     compress.run(weak, paths)
     failed = promote.run(weak, paths)
