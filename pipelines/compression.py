@@ -297,7 +297,8 @@ def choose(requested: str, figures: dict[str, dict[str, Any]], metric: str, cfg:
         verdicts[name] = {"metric_loss": loss, "speedup": speedup, "passes": passes,
                           "model_speedup": base["model_latency_ms_p50"] / fig["model_latency_ms_p50"], "reason": (
             f"{metric} undefined on the test rows: no comparison" if loss is None else
-            f"loses {loss:+.4f} {metric} (at most {cfg.max_metric_loss}) and is {speedup:.1f}x faster on one row "
+            (f"loses {loss:.4f} {metric}" if loss > 0 else f"gains {-loss:.4f} {metric}") +
+            f" (at most {cfg.max_metric_loss} allowed) and is {speedup:.1f}x faster on one row "
             f"in CPU time (at least {cfg.min_speedup}x): " + ("passes" if passes else "fails"))}
     if requested != "auto":
         served, reason = requested, f"serve.model: {requested}"
