@@ -41,7 +41,7 @@ run: install  ## the whole pipeline on the embedded simulator, versioned by DVC
 test: install  ## the whole suite: unit + integration (dvc repro, airflow dags test, bentoml serve)
 	pytest -q -rs --durations=40
 
-test-fast: install  ## the quick tier, under a minute on 2 cores: unit and config tests on tiny data; skips `slow` (all of tests/integration/, heavy unit tests)
+test-fast: install  ## the quick tier (target: a minute on 2 idle cores; see README): unit and config tests on tiny data; skips `slow` (all of tests/integration/, heavy unit tests)
 	pytest -q -m "not slow"
 
 serve: install  ## serve the champion on localhost:3000
