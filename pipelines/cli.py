@@ -341,9 +341,10 @@ def main(argv: list[str] | None = None) -> int:
     """Run one command. A user's mistake (bad settings, bad data, a refused action) is one line on stderr and
     exit code 2; anything else is a bug and shows its traceback."""
     args = _parser(_command(argv)).parse_args(argv)
+    ours = not logging.getLogger().handlers  # the console script's own process, not a host that logs already
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    if not args.verbose and args.command in (*STAGES, "run"):
+    if ours and not args.verbose and args.command in (*STAGES, "run"):  # only the handler basicConfig made
         logging.captureWarnings(True)  # the libraries' Python warnings go through the filter too
         for handler in logging.getLogger().handlers:
             handler.addFilter(_stage_lines)

@@ -144,10 +144,9 @@ def _mlp_forward(learner: MLPLearner, columns: list[str]) -> Callable[[np.ndarra
     for them as a frame, without building one per call (its numeric and category columns picked by position)."""
     import torch
 
-    cats = set(learner._categorical)
-    ordered = [columns.index(c) for c in learner.columns_]
-    numeric = [i for i, c in zip(ordered, learner.columns_, strict=True) if c not in cats]
-    codes = [i for i, c in zip(ordered, learner.columns_, strict=True) if c in cats]
+    cats = list(learner._categorical)  # the embeddings' order (the network takes the codes in it)
+    numeric = [columns.index(c) for c in learner.columns_ if c not in cats]
+    codes = [columns.index(c) for c in cats]
 
     def forward(Z: np.ndarray) -> np.ndarray:
         num = torch.from_numpy(np.ascontiguousarray(Z[:, numeric], dtype="float32")).to(learner.device_)

@@ -172,3 +172,26 @@ def test_attribution_drift_is_a_rank_measure_that_weighs_the_top_columns_most():
     assert drift["swapped"]["attribution_drift"] == pytest.approx(0.12, abs=0.01)
     assert drift["fallen"]["attribution_drift"] == pytest.approx(0.18, abs=0.01)
     assert drift["fallen"]["attribution_drift_columns"] == ["c0"]
+
+
+def test_an_mlp_whose_categories_are_listed_in_another_order_than_its_columns_is_explained(fitted):
+    """The MLP takes the codes in the order of its `categorical` mapping, which need not be the columns' (a table
+    from `amaas init` had them apart: the explanation once fed each embedding another column's codes)."""
+    transform, rows = fitted["transform"], fitted["rows"]
+    X = transform.transform(fitted["train"])
+    soft = fitted["models"]["blending"].predict_output(X)
+    task = fitted["task"]
+    reordered = dict(reversed(list(transform.cardinalities.items())))
+    assert list(reordered) != [c for c in X.columns if c in reordered]
+    mlp = MLPLearner(categorical=reordered, task=task, n_classes=len(transform.classes or ()), random_state=0,
+                     epochs=2).distill(X, soft)
+    from pipelines.explain import _mlp_forward
+
+    encoded = transform.transform(rows)
+    # the function the permutations evaluate is the model's own (a final correction would hide the difference)
+    np.testing.assert_allclose(_mlp_forward(mlp, list(encoded.columns))(encoded.to_numpy(dtype="float64")),
+                               mlp.predict_output(encoded).reshape(len(rows), -1), rtol=1e-5, atol=1e-6)
+    ensemble = Ensemble.of_fitted([mlp], ["student_mlp"])
+    found = explain(transform, ensemble, rows)
+    answer = ensemble.predict_output(encoded).reshape(len(rows), -1)
+    np.testing.assert_allclose(found.base + found.contributions.sum(axis=1), answer, rtol=1e-6, atol=1e-12)

@@ -38,7 +38,7 @@ def test_each_finding_is_a_reason_in_words(settings):
                                 "drifted_columns": ["credit_score", "income"], "prediction_drift": 0.4,
                                 "prediction_drift_p_value": 0.01, "metric_current": 0.70, "decay_p_value": 0.0})
     assert [r.split(":")[0] for r in reasons] == ["data drift", "prediction drift", "performance decay"]
-    assert "credit_score, income" in reasons[0] and "0.400" in reasons[1] and "p=0.010" in reasons[1]
+    assert "credit_score, income" in reasons[0] and "distance 0.4 of" in reasons[1] and "p=0.010" in reasons[1]
     assert "0.0900 under" in reasons[2]
 
 
