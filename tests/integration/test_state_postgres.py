@@ -9,6 +9,7 @@ import threading
 import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import psycopg
 import pytest
@@ -105,13 +106,19 @@ def test_drain_reload_and_routing_flags_are_shared(db_url):
     assert b.routing() == (0.25, False)
 
 
-def test_promote_and_rollback_are_one_transaction_with_their_decision(db_url, tmp_path):
+def _registry_of_two(db_url: str, tmp_path: Path) -> Registry:
+    """A registry on the database holding versions v1 and v2 (bundles of metadata only), no champion yet."""
     registry = Registry(tmp_path / "registry", PgRegistry(Database(db_url)))
     for version in ("v1", "v2"):
         bundle = tmp_path / version
         bundle.mkdir()
         (bundle / "metadata.json").write_text(f'{{"version": "{version}"}}')
         registry.register(bundle)
+    return registry
+
+
+def test_promote_and_rollback_are_one_transaction_with_their_decision(db_url, tmp_path):
+    registry = _registry_of_two(db_url, tmp_path)
     force_promote(registry, "v1", "first")
     force_promote(registry, "v2", "second")
     other_host = Registry(tmp_path / "elsewhere", PgRegistry(Database(db_url)))  # no files: all in the database
@@ -135,12 +142,7 @@ def test_promote_and_rollback_are_one_transaction_with_their_decision(db_url, tm
 
 
 def test_an_approval_is_a_decision_with_user_and_note_in_the_database(db_url, tmp_path):
-    registry = Registry(tmp_path / "registry", PgRegistry(Database(db_url)))
-    for version in ("v1", "v2"):
-        bundle = tmp_path / version
-        bundle.mkdir()
-        (bundle / "metadata.json").write_text(f'{{"version": "{version}"}}')
-        registry.register(bundle)
+    registry = _registry_of_two(db_url, tmp_path)
     force_promote(registry, "v1", "first")
     registry.record({"action": "gate", "challenger": "v2", "champion_before": "v1", "champion_after": "v1",
                      "promoted": False, "awaiting_approval": True, "p_value": 0.1})
