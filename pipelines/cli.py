@@ -24,7 +24,7 @@ from pipelines.config import PARAMS_ENV, ROOT_ENV, ConfigError, Paths, Settings,
 from pipelines.contracts import UndeclaredSetting, declaration
 from pipelines.io import read_json, write_text
 from pipelines.lock import PipelineLocked, project_lock
-from pipelines.runner import STAGES, run_stage, write_dvc_yaml
+from pipelines.runner import STAGES, run_stage, serve_like_openmp, write_dvc_yaml
 from pipelines.state.keys import DEFAULT_SCOPES, SCOPES
 from pipelines.state.limits import NO_USAGE, SERVER_ENV
 
@@ -340,7 +340,10 @@ def _supervise(cmd: list[str], env: dict[str, str]) -> int:
 def main(argv: list[str] | None = None) -> int:
     """Run one command. A user's mistake (bad settings, bad data, a refused action) is one line on stderr and
     exit code 2; anything else is a bug and shows its traceback."""
-    args = _parser(_command(argv)).parse_args(argv)
+    command = _command(argv)
+    if command is not None:
+        serve_like_openmp(command)  # before the stage's module (and OpenMP with it) loads: see pipelines.runner
+    args = _parser(command).parse_args(argv)
     ours = not logging.getLogger().handlers  # the console script's own process, not a host that logs already
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")

@@ -17,11 +17,13 @@ the candidates, at a cost proportional to the test rows, so that load falls on a
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -147,6 +149,20 @@ def mlp_alone(ensemble: Ensemble, int8: Ensemble, X: pd.DataFrame, y: np.ndarray
     return found
 
 
+@contextlib.contextmanager
+def serving_threads() -> Iterator[None]:
+    """torch on one intra-op thread while the block runs, as each serving worker has it (bentos/service.py): the
+    candidates are timed the way they serve."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
 def disk_bytes(folder: Path) -> int:
     return sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
 
@@ -237,7 +253,13 @@ def measure(folders: dict[str, Path], rows: pd.DataFrame, y: np.ndarray, metric:
     then the test rows in batches of BATCH, batch by batch through each candidate (at most TIMED_BATCHES timed),
     for the metric, rows/s and CPU seconds per row. The single-row CPU medians (`cpu_ms_p50`) are what `choose`
     compares: they move far less with load than wall times do."""
-    bundles = {name: ModelBundle.load(folder) for name, folder in folders.items()}
+    with serving_threads():
+        return _measure({name: ModelBundle.load(folder) for name, folder in folders.items()}, folders, rows, y,
+                        metric, cost, latency_rows)
+
+
+def _measure(bundles: dict[str, ModelBundle], folders: dict[str, Path], rows: pd.DataFrame, y: np.ndarray,
+             metric: str, cost: CostConfig, latency_rows: int) -> dict[str, dict[str, Any]]:
     n_single = min(latency_rows, max(len(rows), 20))
     singles = [rows.iloc[[i % len(rows)]] for i in range(n_single)]
     for bundle in bundles.values():

@@ -282,3 +282,17 @@ def test_promotion_rejects_a_challenger_over_the_latency_or_cost_limit(project, 
     for entry in cost["stages"].values():
         assert entry["status"] == "ok" and entry["cpu_s"] > 0 and entry["usd"] > 0 and entry["gpu_s"] == 0
     assert cost["total"]["usd"] == pytest.approx(sum(s["usd"] for s in cost["stages"].values()))
+
+
+def test_compress_runs_with_openmp_threads_asleep_as_serving_does():
+    """OMP_WAIT_POLICY=PASSIVE before the stage's module loads OpenMP (scikit-learn's libgomp, which XGBoost shares);
+    a stage that times nothing keeps the environment as it is, and a policy given by the user wins."""
+    probe = ("import os, sys; from pipelines.runner import serve_like_openmp as s; import pipelines.cli; "
+             "print(s('train'), os.environ.get('OMP_WAIT_POLICY'), s('compress'), os.environ.get('OMP_WAIT_POLICY'));"
+             "import sklearn; print(s('compress'))")
+    env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
+    out = subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True, text=True, check=True).stdout
+    assert out.split() == ["True", "None", "True", "PASSIVE", "False"]
+    out = subprocess.run([sys.executable, "-c", probe], env={**env, "OMP_WAIT_POLICY": "ACTIVE"},
+                         capture_output=True, text=True, check=True).stdout
+    assert out.split() == ["True", "ACTIVE", "True", "ACTIVE", "False"]
