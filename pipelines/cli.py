@@ -24,7 +24,7 @@ from pipelines.config import PARAMS_ENV, ROOT_ENV, ConfigError, Paths, Settings,
 from pipelines.contracts import UndeclaredSetting, declaration
 from pipelines.io import read_json, write_text
 from pipelines.lock import PipelineLocked, project_lock
-from pipelines.runner import STAGES, run_stage, serve_like_openmp, write_dvc_yaml
+from pipelines.runner import STAGES, freeze_heap_at_exit, run_stage, serve_like_openmp, write_dvc_yaml
 from pipelines.state.keys import DEFAULT_SCOPES, SCOPES
 from pipelines.state.limits import NO_USAGE, SERVER_ENV
 
@@ -347,6 +347,8 @@ def main(argv: list[str] | None = None) -> int:
     ours = not logging.getLogger().handlers  # the console script's own process, not a host that logs already
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if args.command in (*STAGES, "run"):
+        freeze_heap_at_exit()  # the stages' libraries are not torn down object by object at exit
     if ours and not args.verbose and args.command in (*STAGES, "run"):  # only the handler basicConfig made
         logging.captureWarnings(True)  # the libraries' Python warnings go through the filter too
         for handler in logging.getLogger().handlers:

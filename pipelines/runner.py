@@ -89,8 +89,8 @@ def project_files(default_root: Path) -> tuple[Path, Path]:
     """(params file, project root) for an orchestrator: $AMAAS_PARAMS / $AMAAS_ROOT, else the given project.
 
     Every task of the DAGs starts here, so this is also where its process is told to exit fast
-    (_freeze_heap_at_exit)."""
-    _freeze_heap_at_exit()
+    (freeze_heap_at_exit)."""
+    freeze_heap_at_exit()
     return _project_files(default_root)
 
 
@@ -107,7 +107,7 @@ def dag_settings(default_root: Path) -> tuple[Settings, Paths]:
 
 
 @functools.cache
-def _freeze_heap_at_exit() -> None:
+def freeze_heap_at_exit() -> None:
     """Let the interpreter's exit skip the garbage collector's walks over the whole heap.
 
     `airflow dags test` runs every task in one process, which ends up holding Airflow, its execution API, pandas,
@@ -115,7 +115,9 @@ def _freeze_heap_at_exit() -> None:
     tears the modules down (4 s on 2 cores, more than the tasks' own overhead together); frozen objects are
     skipped. Nothing is lost: the task's outputs are written and closed by then, and finalizers of objects still
     alive at exit are not guaranteed to run anyway. Airflow's forked task processes end with os._exit after the
-    atexit hooks, so for them this changes nothing."""
+    atexit hooks, so for them this changes nothing. A stage command (`amaas <stage>`, so each stage of `dvc repro`)
+    pays the same at its end: 1.6-2.2 s with pandas, torch, LightGBM, XGBoost and Evidently loaded, 0.2-0.4 s
+    frozen (measured under load 3-5)."""
     atexit.register(gc.freeze)
 
 

@@ -81,7 +81,7 @@ def test_a_dag_task_freezes_its_heap_at_exit(tmp_path, monkeypatch):
 
     registered = []
     monkeypatch.setattr(atexit, "register", registered.append)
-    runner._freeze_heap_at_exit.cache_clear()
+    runner.freeze_heap_at_exit.cache_clear()
     monkeypatch.delenv("AMAAS_ROOT", raising=False)
     monkeypatch.delenv("AMAAS_PARAMS", raising=False)
     assert runner.project_files(tmp_path) == (tmp_path.resolve() / "params.yaml", tmp_path.resolve())

@@ -17,9 +17,9 @@ from tests.conftest import write_params
 
 WEAK = {"train.learners": ["lightgbm"], "train.lightgbm.n_estimators": 2, "train.lightgbm.num_leaves": 2}
 # the registry's behaviour needs a champion and a weaker challenger, not good models: a tiny table, one learner,
-# a few-tree student distilled on the training rows alone
+# a few-tree student distilled on the training rows alone, its memory not measured and 20 single rows timed
 TINY = {"source.simulator.rows_per_batch": 400, "train.learners": ["lightgbm"], "compress.augment_factor": 0,
-        "compress.student.n_estimators": 10}
+        "compress.student.n_estimators": 10, "compress.measure_memory": False, "compress.latency_rows": 20}
 
 
 def _fake_registry(root, versions, decisions):
