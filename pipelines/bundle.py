@@ -8,16 +8,19 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pandas as pd
 
-from pipelines.explain import Explanation, answer_part, explain
 from pipelines.io import read_json
-from pipelines.metrics import Decision, labels_of
-from pipelines.models import Ensemble
 from pipelines.transform import FeatureTransform
+
+if TYPE_CHECKING:  # imported where used: scikit-learn and SciPy come with them, and a stage that only reads a
+    # bundle's metadata or packages its folder (package, deploy) need not load them (about a second of imports)
+    from pipelines.explain import Explanation
+    from pipelines.metrics import Decision
+    from pipelines.models import Ensemble
 
 TRANSFORM_FILE = "transform.json"
 ENSEMBLE_DIR = "ensemble"
@@ -64,6 +67,8 @@ class ModelBundle:
     def labels(self, output: np.ndarray) -> list[str | int]:
         """The predicted class of each row, spelled as in the data (binary: at the bundle's cut-off; multiclass: by
         its class weights)."""
+        from pipelines.metrics import labels_of
+
         return self.transform.decode_labels(labels_of(output, self.decision))
 
     def monitored(self, output: np.ndarray) -> np.ndarray:
@@ -92,6 +97,8 @@ class ModelBundle:
     def explained(self, rows: pd.DataFrame) -> list[dict[str, Any]]:
         """What /explain answers for each row: the answer of `answers` with its `explanation` (base value and
         contributions per input column, in the answer's space; see pipelines.explain)."""
+        from pipelines.explain import answer_part
+
         found = self.explanation(rows)
         names = None if self.classes is None else [str(c) for c in self.classes]
         output = found.output[:, 0] if self.classes is None else found.output
@@ -100,6 +107,8 @@ class ModelBundle:
 
     def explanation(self, rows: pd.DataFrame) -> Explanation:
         """Base values and contributions per input column of raw `rows` (pipelines.explain)."""
+        from pipelines.explain import explain
+
         return explain(self.transform, self.ensemble, rows)
 
     def _answers(self, rows: pd.DataFrame, output: np.ndarray) -> list[dict[str, Any]]:
@@ -123,6 +132,8 @@ class ModelBundle:
         trained on."""
         if not (path / METADATA_FILE).is_file():
             raise FileNotFoundError(f"{path} holds no model bundle ({METADATA_FILE} missing): run `amaas train`")
+        from pipelines.models import Ensemble
+
         return cls(
             transform=FeatureTransform.load(path / TRANSFORM_FILE),
             ensemble=Ensemble.load(path / ENSEMBLE_DIR, device),
