@@ -176,6 +176,7 @@ _PEAK_SCRIPT = """
 import os, sys, traceback
 from pathlib import Path
 import lightgbm, pandas, torch, xgboost
+import pipelines.models  # what ModelBundle.load imports (scikit-learn, SciPy): before the fork, as in a server
 from pipelines.accounting import PeakMemory, status_kib
 from pipelines.bundle import ModelBundle
 rows = pandas.read_parquet(sys.argv[1])
