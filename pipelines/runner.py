@@ -65,12 +65,15 @@ def run_stage(name: str, params: str | Path | None = None, root: str | Path | No
 
 
 def serve_like_openmp(name: str) -> bool:
-    """For a stage of SERVING_TIMED_STAGES: OMP_WAIT_POLICY=PASSIVE unless the environment says otherwise. False
-    where it cannot apply any more (OpenMP loaded already in this process: a host that ran other work first)."""
+    """For a stage of SERVING_TIMED_STAGES: OMP_WAIT_POLICY=PASSIVE unless the environment says otherwise. False,
+    the environment left alone, where it cannot apply any more (OpenMP loaded already in this process: a host
+    that ran other work first, such as `amaas run` or a test session)."""
     if name not in SERVING_TIMED_STAGES:
         return True
+    if any(library in sys.modules for library in OPENMP_LIBRARIES):
+        return False
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-    return not any(library in sys.modules for library in OPENMP_LIBRARIES)
+    return True
 
 
 def key_figures(summary: dict[str, Any]) -> str:

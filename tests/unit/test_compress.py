@@ -24,7 +24,7 @@ from pipelines.config import Paths, load_settings
 from pipelines.io import read_json
 from pipelines.metrics import improvement, score
 from pipelines.models import Ensemble, Learner, LightGBMLearner, MLPLearner
-from pipelines.runner import STAGES, run_stage, serve_like_openmp
+from pipelines.runner import STAGES, run_stage
 from pipelines.stages import compress, promote
 from pipelines.transform import FeatureTransform
 from tests.conftest import write_params
@@ -301,14 +301,15 @@ def test_promotion_rejects_a_challenger_over_the_latency_or_cost_limit(project, 
     assert cost["total"]["usd"] == pytest.approx(sum(s["usd"] for s in cost["stages"].values()))
 
 
-def test_compress_runs_with_openmp_threads_asleep_as_serving_does(monkeypatch):
+def test_compress_runs_with_openmp_threads_asleep_as_serving_does():
     """OMP_WAIT_POLICY=PASSIVE before the stage's module loads OpenMP (scikit-learn's libgomp, which XGBoost shares;
-    the CLI loads none of them); a stage that times nothing keeps the environment as it is; the user's policy wins."""
-    probe = ("import os; from pipelines.runner import serve_like_openmp as s; import pipelines.cli; "
-             "print(s('train'), os.environ.get('OMP_WAIT_POLICY'), s('compress'), os.environ.get('OMP_WAIT_POLICY'));"
-             "import sklearn; print(s('compress'))")
+    the CLI loads none of them); a stage that times nothing keeps the environment as it is; the user's policy wins;
+    once OpenMP is loaded, the environment is left alone."""
+    probe = ("import os; from pipelines.runner import serve_like_openmp as s; import pipelines.cli\n"
+             "policy = lambda: os.environ.get('OMP_WAIT_POLICY')\n"
+             "print(s('train'), policy()); os.environ['OMP_WAIT_POLICY'] = 'ACTIVE'; print(s('compress'), policy())\n"
+             "del os.environ['OMP_WAIT_POLICY']; print(s('compress'), policy())\n"
+             "del os.environ['OMP_WAIT_POLICY']; import sklearn; print(s('compress'), policy())")
     env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
     out = subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True, text=True, check=True).stdout
-    assert out.split() == ["True", "None", "True", "PASSIVE", "False"]
-    monkeypatch.setenv("OMP_WAIT_POLICY", "ACTIVE")
-    assert not serve_like_openmp("compress") and os.environ["OMP_WAIT_POLICY"] == "ACTIVE"  # sklearn is loaded here
+    assert out.split() == ["True", "None", "True", "ACTIVE", "True", "PASSIVE", "False", "None"]
