@@ -123,6 +123,8 @@ class GroupCommit:
     _written = 0  # writes so far (the ticket of the newest)
     _durable = 0  # writes known to be durable
     _syncer: ThreadPoolExecutor | None = None  # the thread `synced` waits on
+    # the event loop whose answers wait, its (ticket, future) waiters and the task that syncs for them
+    _waiting: tuple[asyncio.AbstractEventLoop, list[tuple[int, asyncio.Future[None]]], asyncio.Task[None]] | None = None
 
     def write(self, records: Iterable[PredictionRecord | dict[str, Any]]) -> int:
         raise NotImplementedError
@@ -135,13 +137,44 @@ class GroupCommit:
         self.sync(self.write(records))
 
     async def synced(self) -> None:
-        """Return once everything written before this call is durable, without blocking the event loop."""
+        """Return once everything written before this call is durable, without blocking the event loop.
+
+        The answers waiting on one event loop share one trip to the log's thread per sync (a future each, resolved
+        together), rather than a trip each: a thread hop per request cost the 1-row closed loop a tenth of its
+        server CPU."""
         ticket = self._written
         if self._durable >= ticket:
             return
+        loop = asyncio.get_running_loop()
+        waiter: asyncio.Future[None] = loop.create_future()
+        if self._waiting is None or self._waiting[0] is not loop or self._waiting[2].done():
+            waiters: list[tuple[int, asyncio.Future[None]]] = [(ticket, waiter)]
+            self._waiting = (loop, waiters, loop.create_task(self._sync_waiters(waiters)))
+        else:
+            self._waiting[1].append((ticket, waiter))
+        await waiter
+
+    async def _sync_waiters(self, waiters: list[tuple[int, asyncio.Future[None]]]) -> None:
+        """Sync on the log's thread until no answer waits: each sync covers every waiter that came before it began
+        (later ones wait for the next: their rows may have been written after it began)."""
         if self._syncer is None:
             self._syncer = ThreadPoolExecutor(1, thread_name_prefix="predlog-sync")
-        await asyncio.get_running_loop().run_in_executor(self._syncer, self.sync, ticket)
+        loop = asyncio.get_running_loop()
+        while waiters:
+            ticket = max(t for t, _ in waiters)
+            error: BaseException | None = None
+            try:
+                await loop.run_in_executor(self._syncer, self.sync, ticket)
+            except Exception as exc:  # StateBusy from a fleet's log: every answer it covers gets it
+                error = exc
+            covered = [w for w in waiters if w[0] <= ticket]
+            waiters[:] = [w for w in waiters if w[0] > ticket]
+            for _, waiter in covered:
+                if not waiter.done():  # a request that was cancelled meanwhile
+                    if error is None:
+                        waiter.set_result(None)
+                    else:
+                        waiter.set_exception(error)
 
 
 class PredictionLog(GroupCommit):

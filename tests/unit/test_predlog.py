@@ -122,3 +122,35 @@ def test_writes_are_made_durable_off_the_event_loop_by_one_shared_fsync(tmp_path
     asyncio.run(log.synced())
     assert len(fsyncs) == 1  # nothing new written: nothing to sync
     assert [r.request_id for r in read_prediction_log(tmp_path)] == ["a", "b"]
+
+
+def test_an_answer_written_during_an_fsync_waits_for_the_next_one_and_a_failed_sync_fails_its_waiters(tmp_path):
+    log, began, release, synced = PredictionLog(tmp_path), threading.Event(), threading.Event(), []
+    real_sync = log.sync
+
+    def slow_sync(ticket: int) -> None:
+        began.set()
+        release.wait(5)
+        if ticket == 3:
+            raise OSError("disk gone")
+        real_sync(ticket)
+        synced.append(ticket)
+
+    log.sync = slow_sync  # type: ignore[method-assign]
+
+    async def answers() -> list[BaseException | None]:
+        log.write([PredictionRecord(request_id="a")])
+        first = asyncio.ensure_future(log.synced())
+        await asyncio.to_thread(began.wait, 5)  # the first fsync has begun: a write now is not covered by it
+        log.write([PredictionRecord(request_id="b")])
+        second = asyncio.ensure_future(log.synced())
+        await asyncio.sleep(0)
+        release.set()
+        await asyncio.gather(first, second)
+        log.write([PredictionRecord(request_id="c")])
+        failed = await asyncio.gather(log.synced(), log.synced(), return_exceptions=True)
+        return list(failed)
+
+    failed = asyncio.run(answers())
+    assert synced == [1, 2]  # the second answer waited for a sync of its own write
+    assert [type(e) for e in failed] == [OSError, OSError]  # every answer the failed sync covered gets its error
