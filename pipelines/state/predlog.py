@@ -23,6 +23,9 @@ _ANSWER = ("label", "probabilities", "probability", "value", "unseen", "out_of_r
 # orjson: a third of the standard encoder's time per line (measured on 100-row requests); NaN is written as null,
 # UTF-8 as is; numpy scalars as numbers; anything else as its text
 _LINE = orjson.OPT_APPEND_NEWLINE | orjson.OPT_SERIALIZE_NUMPY
+# Where one entry ends and the next begins in the JSON of a list of entries: every entry starts with its time (see
+# log_entry), no entry holds a list of objects, and inside a JSON string a quote is always escaped
+_BETWEEN, _NEWLINE = b'},{"time":', b'}\n{"time":'
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -115,6 +118,17 @@ def to_line(entry: dict[str, Any]) -> bytes:
     return orjson.dumps(entry, default=str, option=_LINE)
 
 
+def to_lines(entries: list[dict[str, Any]]) -> bytes:
+    """Log entries as lines of the log, the same bytes as `to_line` of each: one orjson call for the whole list, cut
+    between entries (a tenth of the time of a call per entry on 100 rows, measured: 75 against 770-1,080 us)."""
+    if len(entries) < 2 or any(next(iter(entry), None) != "time" for entry in entries):
+        return b"".join(map(to_line, entries))
+    data = orjson.dumps(entries, default=str, option=orjson.OPT_SERIALIZE_NUMPY)[1:-1]
+    if data.count(_BETWEEN) != len(entries) - 1:  # a cut inside an entry (a list of objects in it): one call each
+        return b"".join(map(to_line, entries))
+    return data.replace(_BETWEEN, _NEWLINE) + b"\n"
+
+
 class GroupCommit:
     """What every prediction log shares: writes return tickets, `sync(ticket)` returns once they are durable, and
     `synced` waits for that on the log's own thread, off the event loop (one thread: each sync there covers every
@@ -198,7 +212,7 @@ class PredictionLog(GroupCommit):
     def write(self, records: Iterable[PredictionRecord | dict[str, Any]]) -> int:
         """Write `records` (records, or entries of `log_entry`), not yet durable (see sync); the ticket that
         covers them."""
-        data = b"".join(r.to_line() if isinstance(r, PredictionRecord) else to_line(r) for r in records)
+        data = to_lines([r.to_dict() if isinstance(r, PredictionRecord) else r for r in records])
         with self._lock:
             if data:
                 _write_all(self._open(), data)

@@ -12,8 +12,10 @@ import threading
 import time
 from pathlib import Path
 
+import numpy as np
+
 from pipelines.state import predlog
-from pipelines.state.predlog import PredictionLog, PredictionRecord, read_prediction_log
+from pipelines.state.predlog import PredictionLog, PredictionRecord, log_entry, read_prediction_log, to_line, to_lines
 
 REPO = Path(__file__).resolve().parents[2]
 # a writer process: 4 threads append one record at a time and print each id once append returned (acknowledged)
@@ -154,3 +156,17 @@ def test_an_answer_written_during_an_fsync_waits_for_the_next_one_and_a_failed_s
     failed = asyncio.run(answers())
     assert synced == [1, 2]  # the second answer waited for a sync of its own write
     assert [type(e) for e in failed] == [OSError, OSError]  # every answer the failed sync covered gets its error
+
+
+def test_entries_encoded_together_are_the_lines_of_each_whatever_their_text():
+    tricky = ['},{"time":1}', "a\nb", "ünï", '"quoted"', "\\"]
+    entries = [log_entry(time=f"t{i}", answer={"label": "x", "probabilities": {"x": 0.5, "y": 0.5}, "probability": 0.5},
+                         model_version="v", request_id=text, key_name=None, route="champion", id=i,
+                         features={"time": text, "amount": float("nan") if i == 1 else 1.5, "n": np.float32(2.5)})
+               for i, text in enumerate(tricky)]
+    entries.append({"time": "t", "shadow": [{"time": 1}, {"time": 2}]})  # a list of objects: still one line
+    entries.append({"request_id": "no time first"})
+    for chosen in (entries, entries[:5], entries[:1], []):
+        lines = to_lines(chosen)
+        assert lines == b"".join(to_line(e) for e in chosen)
+        assert len(lines.splitlines()) == len(chosen)
