@@ -72,13 +72,6 @@ def rows_100(i: int) -> dict[str, Any]:
     return {"rows": [ROW] * 100}
 
 
-def warm_up_row(i: int) -> dict[str, Any]:
-    """Rows no measured run sends (half_repeated's new rows have whole incomes): with the cache on, a warm-up of
-    ROW alone would be answered from the cache after its first request, and BentoML's dispatcher would still be
-    training (batches of 2 and 3 requests it waits up to 95 ms to fill) when the measured run begins."""
-    return {"row": {**ROW, "income": 20_000.5 + i}}
-
-
 def half_repeated(i: int) -> dict[str, Any]:
     """Every other request repeats ROW (a cache hit once seen); the others are rows never sent before."""
     return {"row": ROW if i % 2 else {**ROW, "income": 20_000.0 + i}}
@@ -285,7 +278,7 @@ def main() -> int:
                 "batching off": [("closed loop", one_row, args.concurrency)],
                 "cache on": [("50% repeated rows", half_repeated, None)]}[mode]
             try:
-                asyncio.run(closed_loop(f"{url}/predict", key, 4, 2, warm_up_row))  # warm up
+                asyncio.run(closed_loop(f"{url}/predict", key, 4, 2))  # warm up
                 if mode == "adaptive batching":  # explanations one at a time, before any overload
                     r = results["explain"] = asyncio.run(closed_loop(f"{url}/explain", key, 1, args.seconds))
                     print(f"{mode:<22} {'/explain, 1 client':<22} {r['rps']:>8.1f} {r['p50']:>8.1f} "
