@@ -47,7 +47,7 @@ from pipelines.serving.gateway import (  # noqa: E402
     bound_metric_labels,
     cancelled_timeouts,
 )
-from pipelines.serving.metrics import latest_attribution_drift, with_served_metrics  # noqa: E402
+from pipelines.serving.metrics import PhaseTimes, latest_attribution_drift, with_served_metrics  # noqa: E402
 from pipelines.state import Shared, shared  # noqa: E402
 from pipelines.state.artifacts import fetch_bento  # noqa: E402
 from pipelines.state.limits import RELOAD_LOCK, keep_following, one_at_a_time, server_id  # noqa: E402
@@ -206,7 +206,8 @@ class AmaasService:
         attribution = latest_attribution_drift(PATHS.drift_report, self.settings.report.attribution_drift_threshold
                                                ) if PROJECT else {}
         return with_served_metrics(content, MODELS.versions(), MODELS.cache_stats(),
-                                   MODELS.models.explained if MODELS.models else 0, attribution)
+                                   MODELS.models.explained if MODELS.models else 0, attribution,
+                                   MODELS.phases.snapshot())
 
     # BentoML's batching of this API serves /predict: the gateway hands it the rows it checked (MODELS.predict)
     @bentoml.api(batchable=ARGS.batching, max_batch_size=ARGS.max_batch_size, max_latency_ms=ARGS.max_latency_ms)
@@ -236,6 +237,7 @@ class AmaasService:
     def answer(self, rows: list[dict[str, Any]], cached_only: bool = False) -> list[dict[str, Any]] | None:
         """The answers to `rows`, logged: from the response cache where it has them, else from the model. With
         `cached_only` (a request before it queues for a batch), None, nothing logged, unless all are cached."""
+        clock = [time.perf_counter()]  # at the end of each batch phase (metrics.BATCH_PHASES)
         models = self.models.current  # one generation for the whole batch
         champion, challenger = models["champion"], models["challenger"]
         assert champion is not None
@@ -259,7 +261,11 @@ class AmaasService:
             shadow = dict(zip(shadowed, found, strict=True))
         if cached_only:
             cache.count_hits(len(rows) + len(shadow))
-        return self._logged(rows, routes, answered_by, answers, shadow, challenger)
+        clock.append(time.perf_counter())
+        logged = self._logged(rows, routes, answered_by, answers, shadow, challenger)
+        clock.append(time.perf_counter())
+        MODELS.phases.batch(clock)
+        return logged
 
     def _logged(self, rows: list[dict[str, Any]], routes: list[str], answered_by: list[ModelBundle],
                 answers: list[dict[str, Any]], shadow: dict[int, dict[str, Any]], challenger: ModelBundle | None,
@@ -299,6 +305,7 @@ class _Shared:
         # the service's answer from the response cache alone; None while the cache is off
         self.cached_answer: Callable[[Rows], Rows | None] | None = None
         self.log: GroupCommit | None = None  # the files of one host, or a fleet's database
+        self.phases = PhaseTimes()  # where /predict's time goes in this process (/metrics)
         self._batching: Any = None  # BentoML's app of this worker (its adaptive batching), found on first use
         self._thread = anyio.CapacityLimiter(1)  # batching off: one request at a time on the model's thread
 
@@ -368,5 +375,5 @@ bound_metric_labels()  # unknown paths get 404 before BentoML's metrics label th
 cancelled_timeouts()  # BentoML's per-request timeout timers are cancelled when the request is over
 AmaasService.add_asgi_middleware(Gateway, settings=settings, state=state, routing=MODELS.routing,
                                  versions=MODELS.versions, predict=MODELS.predict, durable=MODELS.durable,
-                                 explain=MODELS.explain,
+                                 explain=MODELS.explain, phases=MODELS.phases,
                                  follows_registry=bool(PROJECT))

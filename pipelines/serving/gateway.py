@@ -30,6 +30,7 @@ from pydantic import BaseModel, TypeAdapter, ValidationError
 
 from pipelines.config import ServeConfig, Settings
 from pipelines.serving.asgi import Receive, Send, buffered
+from pipelines.serving.metrics import PhaseTimes
 from pipelines.serving.openapi import document
 from pipelines.serving.routing import route
 from pipelines.serving.schema import answer_model, explained_answer_model, request_schema, with_defaults
@@ -88,7 +89,7 @@ class Gateway:
     def __init__(self, app: Any, settings: Callable[[], Settings], state: Callable[[], Shared],
                  routing: Callable[[], tuple[float, bool]], versions: Callable[[], dict[str, Any]], predict: Predict,
                  durable: Callable[[], Awaitable[None]] | None = None, follows_registry: bool = False,
-                 explain: Predict | None = None) -> None:
+                 explain: Predict | None = None, phases: PhaseTimes | None = None) -> None:
         self.app = app
         self.predict = predict  # the service's answers to checked rows
         self.explain = explain  # ... with their explanations (None: /explain is not served)
@@ -100,6 +101,7 @@ class Gateway:
         self.durable = durable  # returns once the answers given so far are in the prediction log on disk
         self.follows_registry = follows_registry  # False: a bento run on its own model, nothing to reload
         self._broken: str | None = None  # the key store's fault as last logged
+        self.phases = phases  # where /predict's time goes (None: not counted)
 
     @cached_property
     def keys(self) -> ApiKeys | PgApiKeys:
@@ -174,6 +176,7 @@ class Gateway:
             return await self._admin(path, headers, receive, send)
         if path not in MODEL_PATHS:  # health and the Swagger UI: BentoML's, open
             return await self.app(scope, receive, send)
+        clock = [time.perf_counter()]  # at the end of each phase (metrics.REQUEST_PHASES)
         entry = None
         if self.serve.auth:
             entry = await self._authorized(headers, send, "predict", "`amaas keys add NAME` (default scope predict)")
@@ -189,6 +192,7 @@ class Gateway:
             return await self._state_busy(exc, send)
         if decision.refused:
             return await self._refuse(decision, entry, send)
+        clock.append(time.perf_counter())
         if not (headers.get("content-length") or "0").isdigit():
             return await _reply(send, 400, {"error": "Content-Length is not a number"})
         body = await _read_body(receive, self.serve.max_body_bytes, headers)
@@ -199,6 +203,7 @@ class Gateway:
             payload = _parse(body, check_depth=False)
         except ValueError as exc:
             return await self._not_json(exc, send)
+        clock.append(time.perf_counter())
         if isinstance(payload, dict) and isinstance(payload.get("rows"), list) and len(
                 payload["rows"]) > self.serve.max_rows:
             return await _reply(send, 413, {"error": f"{len(payload['rows'])} rows, more than serve.max_rows="
@@ -230,6 +235,7 @@ class Gateway:
         where = route(request_id, *self.routing())
         tags = {REQUEST_ID: request_id, ROUTE: where, KEY_NAME: entry.name if entry else None}
         rows = [{**self.defaults, **r, **tags} for r in received]
+        clock.append(time.perf_counter())
         try:
             answers = await score(scope, rows)
         except ServiceUnavailable:  # BentoML's batching shed it: it would wait over serve.max_latency_ms
@@ -239,6 +245,7 @@ class Gateway:
                     self.state.refund(entry.name, len(received))
             return await _reply(send, 503, {"error": "overloaded, retry", "request_id": request_id},
                                 [(b"retry-after", RETRY_AFTER_S.encode()), (b"x-request-id", request_id.encode())])
+        clock.append(time.perf_counter())
         if self.durable is not None:
             try:
                 await self.durable()  # answered means logged: this answer's rows are durable before it leaves
@@ -246,7 +253,11 @@ class Gateway:
                 log.error("%s", exc)  # 504, not 503: its rows may still reach the log, a balancer must not resend it
                 return await _reply(send, 504, {"error": "the prediction log could not be written in time; the "
                                                          "server log has the details", "request_id": request_id})
+        clock.append(time.perf_counter())
         await _send(send, 200, answers_body(answers), [*decision.headers(), (b"x-request-id", request_id.encode())])
+        if self.phases is not None and path == "/predict":
+            clock.append(time.perf_counter())
+            self.phases.request(clock)
 
     async def _not_json(self, exc: ValueError, send: Send) -> None:
         await _reply(send, 422, {"error": "body is not valid JSON", "detail": [{"msg": _clip(str(exc))}]})

@@ -23,6 +23,9 @@ _ANSWER = ("label", "probabilities", "probability", "value", "unseen", "out_of_r
 # orjson: a third of the standard encoder's time per line (measured on 100-row requests); NaN is written as null,
 # UTF-8 as is; numpy scalars as numbers; anything else as its text
 _LINE = orjson.OPT_APPEND_NEWLINE | orjson.OPT_SERIALIZE_NUMPY
+# Where one entry ends and the next begins in the JSON of a list of entries: every entry starts with its time (see
+# log_entry), no entry holds a list of objects, and inside a JSON string a quote is always escaped
+_BETWEEN, _NEWLINE = b'},{"time":', b'}\n{"time":'
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -115,6 +118,17 @@ def to_line(entry: dict[str, Any]) -> bytes:
     return orjson.dumps(entry, default=str, option=_LINE)
 
 
+def to_lines(entries: list[dict[str, Any]]) -> bytes:
+    """Log entries as lines of the log, the same bytes as `to_line` of each: one orjson call for the whole list, cut
+    between entries (a tenth of the time of a call per entry on 100 rows, measured: 75 against 770-1,080 us)."""
+    if len(entries) < 2 or any(next(iter(entry), None) != "time" for entry in entries):
+        return b"".join(map(to_line, entries))
+    data = orjson.dumps(entries, default=str, option=orjson.OPT_SERIALIZE_NUMPY)[1:-1]
+    if data.count(_BETWEEN) != len(entries) - 1:  # a cut inside an entry (a list of objects in it): one call each
+        return b"".join(map(to_line, entries))
+    return data.replace(_BETWEEN, _NEWLINE) + b"\n"
+
+
 class GroupCommit:
     """What every prediction log shares: writes return tickets, `sync(ticket)` returns once they are durable, and
     `synced` waits for that on the log's own thread, off the event loop (one thread: each sync there covers every
@@ -123,6 +137,8 @@ class GroupCommit:
     _written = 0  # writes so far (the ticket of the newest)
     _durable = 0  # writes known to be durable
     _syncer: ThreadPoolExecutor | None = None  # the thread `synced` waits on
+    # the event loop whose answers wait, its (ticket, future) waiters and the task that syncs for them
+    _waiting: tuple[asyncio.AbstractEventLoop, list[tuple[int, asyncio.Future[None]]], asyncio.Task[None]] | None = None
 
     def write(self, records: Iterable[PredictionRecord | dict[str, Any]]) -> int:
         raise NotImplementedError
@@ -135,13 +151,44 @@ class GroupCommit:
         self.sync(self.write(records))
 
     async def synced(self) -> None:
-        """Return once everything written before this call is durable, without blocking the event loop."""
+        """Return once everything written before this call is durable, without blocking the event loop.
+
+        The answers waiting on one event loop share one trip to the log's thread per sync (a future each, resolved
+        together), rather than a trip each: a thread hop per request cost the 1-row closed loop a tenth of its
+        server CPU."""
         ticket = self._written
         if self._durable >= ticket:
             return
+        loop = asyncio.get_running_loop()
+        waiter: asyncio.Future[None] = loop.create_future()
+        if self._waiting is None or self._waiting[0] is not loop or self._waiting[2].done():
+            waiters: list[tuple[int, asyncio.Future[None]]] = [(ticket, waiter)]
+            self._waiting = (loop, waiters, loop.create_task(self._sync_waiters(waiters)))
+        else:
+            self._waiting[1].append((ticket, waiter))
+        await waiter
+
+    async def _sync_waiters(self, waiters: list[tuple[int, asyncio.Future[None]]]) -> None:
+        """Sync on the log's thread until no answer waits: each sync covers every waiter that came before it began
+        (later ones wait for the next: their rows may have been written after it began)."""
         if self._syncer is None:
             self._syncer = ThreadPoolExecutor(1, thread_name_prefix="predlog-sync")
-        await asyncio.get_running_loop().run_in_executor(self._syncer, self.sync, ticket)
+        loop = asyncio.get_running_loop()
+        while waiters:
+            ticket = max(t for t, _ in waiters)
+            error: BaseException | None = None
+            try:
+                await loop.run_in_executor(self._syncer, self.sync, ticket)
+            except Exception as exc:  # StateBusy from a fleet's log: every answer it covers gets it
+                error = exc
+            covered = [w for w in waiters if w[0] <= ticket]
+            waiters[:] = [w for w in waiters if w[0] > ticket]
+            for _, waiter in covered:
+                if not waiter.done():  # a request that was cancelled meanwhile
+                    if error is None:
+                        waiter.set_result(None)
+                    else:
+                        waiter.set_exception(error)
 
 
 class PredictionLog(GroupCommit):
@@ -165,7 +212,7 @@ class PredictionLog(GroupCommit):
     def write(self, records: Iterable[PredictionRecord | dict[str, Any]]) -> int:
         """Write `records` (records, or entries of `log_entry`), not yet durable (see sync); the ticket that
         covers them."""
-        data = b"".join(r.to_line() if isinstance(r, PredictionRecord) else to_line(r) for r in records)
+        data = to_lines([r.to_dict() if isinstance(r, PredictionRecord) else r for r in records])
         with self._lock:
             if data:
                 _write_all(self._open(), data)

@@ -106,3 +106,16 @@ def test_the_drift_report_counts_values_outside_the_reference_range(tmp_path):
     found = report.out_of_reference(current, schema)
     assert found == {"age": {"rows": 2, "share": 0.4, "reference": [25.0, 60.0], "seen": [61.0, 99.0]}}
     assert report.out_of_reference(current.assign(age=[30.0] * 5), schema) == {}
+
+
+def test_notices_spell_each_distinct_category_once_and_say_what_each_row_would_say_alone():
+    transform = _bundle().transform
+    homes = [" RENT", "castle", None, float("nan"), "own", "castle", "Own ", 7, "rent", None]
+    ages = [41.0, 70.0, None, 20.0, "not a number", 61.0, 25.0, 60.0, float("nan"), 18.0]
+    frame = pd.DataFrame({"age": pd.Series(ages, dtype=object), "home": pd.Series(homes, dtype=object)})
+    many = transform.notices(frame)
+    alone = [transform.notices(frame.iloc[[i]].reset_index(drop=True))[0] for i in range(len(frame))]
+    assert many == alone  # rows sharing a value are noticed exactly as one row with it
+    assert [n.get("unseen") for n in many] == [None, ["home"], None, None, None, ["home"], None, ["home"], None, None]
+    assert [n.get("out_of_reference") for n in many] == [None, ["age"], None, ["age"], None, ["age"], None, None,
+                                                         None, ["age"]]

@@ -12,8 +12,10 @@ import threading
 import time
 from pathlib import Path
 
+import numpy as np
+
 from pipelines.state import predlog
-from pipelines.state.predlog import PredictionLog, PredictionRecord, read_prediction_log
+from pipelines.state.predlog import PredictionLog, PredictionRecord, log_entry, read_prediction_log, to_line, to_lines
 
 REPO = Path(__file__).resolve().parents[2]
 # a writer process: 4 threads append one record at a time and print each id once append returned (acknowledged)
@@ -122,3 +124,49 @@ def test_writes_are_made_durable_off_the_event_loop_by_one_shared_fsync(tmp_path
     asyncio.run(log.synced())
     assert len(fsyncs) == 1  # nothing new written: nothing to sync
     assert [r.request_id for r in read_prediction_log(tmp_path)] == ["a", "b"]
+
+
+def test_an_answer_written_during_an_fsync_waits_for_the_next_one_and_a_failed_sync_fails_its_waiters(tmp_path):
+    log, began, release, synced = PredictionLog(tmp_path), threading.Event(), threading.Event(), []
+    real_sync = log.sync
+
+    def slow_sync(ticket: int) -> None:
+        began.set()
+        release.wait(5)
+        if ticket == 3:
+            raise OSError("disk gone")
+        real_sync(ticket)
+        synced.append(ticket)
+
+    log.sync = slow_sync  # type: ignore[method-assign]
+
+    async def answers() -> list[BaseException | None]:
+        log.write([PredictionRecord(request_id="a")])
+        first = asyncio.ensure_future(log.synced())
+        await asyncio.to_thread(began.wait, 5)  # the first fsync has begun: a write now is not covered by it
+        log.write([PredictionRecord(request_id="b")])
+        second = asyncio.ensure_future(log.synced())
+        await asyncio.sleep(0)
+        release.set()
+        await asyncio.gather(first, second)
+        log.write([PredictionRecord(request_id="c")])
+        failed = await asyncio.gather(log.synced(), log.synced(), return_exceptions=True)
+        return list(failed)
+
+    failed = asyncio.run(answers())
+    assert synced == [1, 2]  # the second answer waited for a sync of its own write
+    assert [type(e) for e in failed] == [OSError, OSError]  # every answer the failed sync covered gets its error
+
+
+def test_entries_encoded_together_are_the_lines_of_each_whatever_their_text():
+    tricky = ['},{"time":1}', "a\nb", "ünï", '"quoted"', "\\"]
+    entries = [log_entry(time=f"t{i}", answer={"label": "x", "probabilities": {"x": 0.5, "y": 0.5}, "probability": 0.5},
+                         model_version="v", request_id=text, key_name=None, route="champion", id=i,
+                         features={"time": text, "amount": float("nan") if i == 1 else 1.5, "n": np.float32(2.5)})
+               for i, text in enumerate(tricky)]
+    entries.append({"time": "t", "shadow": [{"time": 1}, {"time": 2}]})  # a list of objects: still one line
+    entries.append({"request_id": "no time first"})
+    for chosen in (entries, entries[:5], entries[:1], []):
+        lines = to_lines(chosen)
+        assert lines == b"".join(to_line(e) for e in chosen)
+        assert len(lines.splitlines()) == len(chosen)

@@ -16,6 +16,7 @@ import pytest
 
 from pipelines.config import load_settings
 from pipelines.serving.gateway import KEY_NAME, REQUEST_ID, ROUTE, ROUTES, Gateway
+from pipelines.serving.metrics import BATCH_PHASES, REQUEST_PHASES, PhaseTimes, served_metrics
 from pipelines.serving.routing import route
 from pipelines.state.keys import ApiKeys, KeyStoreError
 from pipelines.state.predlog import PredictionLog, PredictionRecord, log_entry, read_prediction_log, to_line
@@ -668,3 +669,28 @@ def test_text_fields_are_bounded_before_anything_is_logged(gateway):
                  {"X-API-Key": key})[0] == 200  # padding and case are the transform's to clean
     assert _call(gw, "/predict", json.dumps({"row": {**ROW, "loan_id": "i" * (MAX_ID_CHARS + 1)}}).encode(),
                  {"X-API-Key": key})[0] == 422
+
+
+def test_the_gateway_times_each_phase_of_an_answered_predict_and_metrics_show_them(tmp_path):
+    params = write_params(tmp_path)
+    app, phases = _App(), PhaseTimes()
+    key = ApiKeys(tmp_path / "keys.json").add("t")
+    gw = Gateway(app, lambda: load_settings(params), files_state(tmp_path / "keys.json"), lambda: (0.0, False),
+                 lambda: {"champion": "v1", "challenger": None}, app.predict, explain=app.explain, phases=phases)
+    auth = {"Authorization": f"Bearer {key}"}
+    assert _call(gw, "/predict", json.dumps({"rows": [ROW, ROW]}).encode(), auth)[0] == 200
+    assert _call(gw, "/explain", json.dumps({"row": ROW}).encode(), auth)[0] == 200  # /predict's phases only
+    assert _call(gw, "/predict", json.dumps({"row": {**ROW, "age": 7}}).encode(), auth)[0] == 422  # not answered
+    phases.batch([1.0, 1.25, 1.5])
+    counted = phases.snapshot()
+    assert counted["requests"] == 1 and counted["batches"] == 1
+    assert set(counted["seconds"]) == {*REQUEST_PHASES, *BATCH_PHASES}
+    assert all(counted["seconds"][p] > 0 for p in ("auth", "parse", "checks", "batch", "answer"))
+    assert counted["seconds"]["score"] == counted["seconds"]["log"] == 0.25
+    text = served_metrics({"champion": "v1", "challenger": None, "canary_share": 0.0, "shadow": False},
+                          {"size": 0, "entries": 0, "hits": 0, "misses": 0}, phases=counted)
+    worker = f'worker="{os.getpid()}"'
+    assert f'amaas_predict_phase_seconds_total{{phase="score",{worker}}} 0.25' in text
+    assert f"amaas_predict_phase_requests_total{{{worker}}} 1.0" in text
+    assert "amaas_predict_phase" not in served_metrics({"canary_share": 0.0, "shadow": False}, {
+        "size": 0, "entries": 0, "hits": 0, "misses": 0})  # a server that counts none shows none
