@@ -25,6 +25,9 @@ if TYPE_CHECKING:
 
 REPO = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
+# `airflow ...` as the README runs it: Airflow's CLI whose in-process execution API starts in a second
+# (pipelines.airflow_cli); a test of Airflow's own CLI calls BIN / "airflow"
+AIRFLOW = (str(BIN / "python"), "-m", "pipelines.airflow_cli")
 # libraries that take seconds to import: the CLI, a collect with nothing new and the DAG files load none of them
 HEAVY = ("pandas", "numpy", "sklearn", "scipy", "lightgbm", "xgboost", "torch", "great_expectations", "evidently")
 
@@ -93,6 +96,25 @@ def airflow_env(root: Path) -> dict[str, str]:
         "AMAAS_ROOT": str(root),
         "AMAAS_PARAMS": str(root / "params.yaml"),
     }
+
+
+@pytest.fixture(scope="session")
+def migrated_airflow_db(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """An Airflow metadata database (SQLite) after `airflow db migrate`, made once per session: a migration takes
+    5 s or more, so each test copies this one into its project's AIRFLOW_HOME (airflow_home) instead."""
+    root = tmp_path_factory.mktemp("airflow-db")
+    subprocess.run([str(BIN / "airflow"), "db", "migrate"], env=airflow_env(root), capture_output=True, text=True,
+                   check=True)
+    return root / ".airflow" / "airflow.db"
+
+
+def airflow_home(env: dict[str, str], migrated_db: Path) -> dict[str, str]:
+    """`env` (airflow_env's) with the migrated database copied into its AIRFLOW_HOME: the state `airflow db migrate`
+    leaves there, but for airflow.cfg, which the next command writes for that home as it would after a migration."""
+    home = Path(env["AIRFLOW_HOME"])
+    home.mkdir(parents=True, exist_ok=True)
+    shutil.copy2(migrated_db, home / "airflow.db")
+    return env
 
 
 def copy_project_files(dest: Path) -> None:

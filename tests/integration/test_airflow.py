@@ -1,4 +1,5 @@
-"""The training DAG: imports cleanly, matches the stage order, and runs with `airflow dags test`."""
+"""The training DAG: imports cleanly, matches the stage order, and runs with `airflow dags test` (the project's
+entry point, pipelines.airflow_cli)."""
 
 from __future__ import annotations
 
@@ -9,13 +10,13 @@ import pandas as pd
 import pytest
 import yaml
 
-from tests.conftest import BIN, airflow_env, amaas, write_params
+from tests.conftest import AIRFLOW, BIN, airflow_env, airflow_home, amaas, write_params
 
 pytestmark = pytest.mark.slow
 
 
 def _dags_test(env: dict[str, str], *args: str) -> str:
-    proc = subprocess.run([str(BIN / "airflow"), "dags", "test", *args], env=env, capture_output=True, text=True,
+    proc = subprocess.run([*AIRFLOW, "dags", "test", *args], env=env, capture_output=True, text=True,
                           timeout=900)
     output = proc.stdout + proc.stderr
     assert proc.returncode == 0, output[-4000:]
@@ -39,12 +40,11 @@ def _next_day(root, days: int = 1, **overrides) -> None:
     (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
 
 
-def test_days_of_monitoring_retrain_only_on_drift_and_promote_only_if_better(tmp_path):
+def test_days_of_monitoring_retrain_only_on_drift_and_promote_only_if_better(tmp_path, migrated_airflow_db):
     """Day 0 trains the champion; stable days: no retrain; drift: monitoring triggers training_pipeline,
     whose challenger replaces the champion only through the gate; the rollback DAG undoes it."""
     write_params(tmp_path, **{"source.simulator.rows_per_batch": 2000})
-    env = airflow_env(tmp_path)
-    subprocess.run([str(BIN / "airflow"), "db", "migrate"], env=env, capture_output=True, text=True, check=True)
+    env = airflow_home(airflow_env(tmp_path), migrated_airflow_db)
     _dags_test(env, "training_pipeline")
     decision = json.loads((tmp_path / "reports" / "promotion.json").read_text())
     first = decision["champion_after"]
@@ -86,7 +86,7 @@ def test_days_of_monitoring_retrain_only_on_drift_and_promote_only_if_better(tmp
     assert json.loads((tmp_path / "models" / "deployment.json").read_text())["champion"] == first
 
 
-def test_monitoring_loop_on_a_small_multiclass_table(tmp_path):
+def test_monitoring_loop_on_a_small_multiclass_table(tmp_path, migrated_airflow_db):
     """A user's table (tests/tables.py), not the simulator: ~100 rows a day in a CSV drop folder, string
     labels with a rare class, no id. Stable days raise no alarm; a day whose x1 and color moved triggers
     training."""
@@ -103,8 +103,7 @@ def test_monitoring_loop_on_a_small_multiclass_table(tmp_path):
     params = params_for("multiclass", **{"source.kind": "files", "source.files.path": "data/drop",
                                          "source.files.pattern": "*.csv"})
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    env = airflow_env(tmp_path)
-    subprocess.run([str(BIN / "airflow"), "db", "migrate"], env=env, capture_output=True, text=True, check=True)
+    env = airflow_home(airflow_env(tmp_path), migrated_airflow_db)
     arrive(0)
     _dags_test(env, "training_pipeline")
     first = json.loads((tmp_path / "reports" / "promotion.json").read_text())["champion_after"]
@@ -123,3 +122,38 @@ def test_monitoring_loop_on_a_small_multiclass_table(tmp_path):
     drift = json.loads((tmp_path / "reports" / "drift_details.json").read_text())
     assert drift["retrain_needed"] and set(drift["drifted_columns"]) == {"x1", "color"}, drift
     assert _training_runs(env)[-1]["state"] == "queued"
+
+
+# Airflow's execution API built as the API server builds it, then as pipelines.airflow_cli does: the routes of the
+# version the Task SDK speaks, with their request and response models
+ROUTES_BOTH_WAYS = """
+import json
+from airflow.api_fastapi.execution_api.app import create_task_execution_api_app
+from airflow.sdk.api.datamodels._generated import API_VERSION
+from fastapi.routing import APIRoute
+from pipelines.airflow_cli import latest_version_routes
+
+def schema(model):
+    return model.model_json_schema() if hasattr(model, "model_json_schema") else repr(model)
+
+def routes():
+    app = create_task_execution_api_app()
+    app._cadwyn_initialize()  # what its first request does
+    return {f"{sorted(r.methods)} {r.path}": [schema(r.response_model),
+                                              schema(r.body_field.field_info.annotation) if r.body_field else None]
+            for r in app.router.versioned_routers[API_VERSION].routes if isinstance(r, APIRoute)}
+
+full = routes()
+latest_version_routes()
+print(json.dumps([full, routes()]))
+"""
+
+
+def test_the_entry_point_serves_the_task_sdk_the_routes_airflow_does():
+    """pipelines.airflow_cli's execution API (Cadwyn builds one API version) has every route of the version the
+    Task SDK speaks, with the same models, as Airflow's own (every version)."""
+    proc = subprocess.run([str(BIN / "python"), "-c", ROUTES_BOTH_WAYS], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    full, trimmed = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert len(full) > 40 and any("/task-instances/" in route for route in full)
+    assert trimmed == full

@@ -1,4 +1,6 @@
-"""A task that fails under real Airflow (`airflow dags test`) alerts through the project's webhook."""
+"""A task that fails under real Airflow (`airflow dags test`) alerts through the project's webhook.
+
+Airflow's own CLI here, not pipelines.airflow_cli: the DAGs run unchanged under what a user without it runs."""
 
 from __future__ import annotations
 
@@ -8,18 +10,17 @@ import subprocess
 import pytest
 
 from pipelines.alerts import WEBHOOK_ENV
-from tests.conftest import BIN, airflow_env, write_params
+from tests.conftest import BIN, airflow_env, airflow_home, write_params
 from tests.unit.test_alerts import webhook  # noqa: F401 (the local webhook server fixture)
 
 pytestmark = pytest.mark.slow
 
 
-def test_a_failed_task_alerts_through_the_webhook(tmp_path, webhook):  # noqa: F811
+def test_a_failed_task_alerts_through_the_webhook(tmp_path, webhook, migrated_airflow_db):  # noqa: F811
     """The rollback DAG on a project with no champion yet: its rollback task fails, and the alert names it."""
     url, received, _ = webhook
     write_params(tmp_path)
-    env = {**airflow_env(tmp_path), WEBHOOK_ENV: url}
-    subprocess.run([str(BIN / "airflow"), "db", "migrate"], env=env, capture_output=True, text=True, check=True)
+    env = {**airflow_home(airflow_env(tmp_path), migrated_airflow_db), WEBHOOK_ENV: url}
     proc = subprocess.run([str(BIN / "airflow"), "dags", "test", "rollback", "--conf",
                            json.dumps({"reason": "test: nothing to roll back to"})], env=env, capture_output=True,
                           text=True, timeout=600)

@@ -24,7 +24,7 @@ from playwright.sync_api import expect, sync_playwright
 
 from pipelines.registry import Registry
 from pipelines.runner import STAGES
-from tests.conftest import BIN, airflow_env, launch_chromium
+from tests.conftest import AIRFLOW, airflow_env, launch_chromium
 from tests.integration.conftest import Airflow, log_in, standalone_airflow
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
@@ -78,7 +78,7 @@ def _new_challenger(root: Path, name: str, timeout_min: int = 30) -> str:
 def _run(root: Path, airflow: Airflow) -> Iterator[subprocess.Popen[str]]:
     """training_pipeline as `airflow dags test` on the standalone's database, stages before promote marked done."""
     log = (root / "dags-test.log").open("w")
-    run = subprocess.Popen([str(BIN / "airflow"), "dags", "test", DAG_ID, "--mark-success-pattern", BEFORE_PROMOTE],
+    run = subprocess.Popen([*AIRFLOW, "dags", "test", DAG_ID, "--mark-success-pattern", BEFORE_PROMOTE],
                            env={**airflow.env, **airflow_env(root)}, stdout=log, stderr=subprocess.STDOUT, text=True)
     try:
         yield run

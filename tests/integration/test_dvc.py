@@ -9,7 +9,7 @@ import pytest
 import yaml
 
 from pipelines.runner import STAGES
-from tests.conftest import REPO, airflow_env, dvc_project, run_tool, write_params
+from tests.conftest import AIRFLOW, REPO, airflow_env, airflow_home, dvc_project, run_tool, write_params
 
 pytestmark = pytest.mark.slow
 
@@ -62,12 +62,11 @@ def test_dvc_repro_twice_and_same_metrics_as_amaas_run(tmp_path, trained_project
     assert any((tmp_path / ".dvc-storage").rglob("*"))
 
 
-def test_an_airflow_run_is_versioned_by_dvc(tmp_path):
+def test_an_airflow_run_is_versioned_by_dvc(tmp_path, migrated_airflow_db):
     """The training DAG ends with dvc commit + push: dvc repro afterwards skips what Airflow did."""
     _dvc_project(tmp_path)
-    env = airflow_env(tmp_path)
-    assert run_tool(["airflow", "db", "migrate"], tmp_path, env=env).returncode == 0
-    run = run_tool(["airflow", "dags", "test", "training_pipeline"], tmp_path, env=env, timeout=900)
+    env = airflow_home(airflow_env(tmp_path), migrated_airflow_db)
+    run = run_tool([*AIRFLOW, "dags", "test", "training_pipeline"], tmp_path, env=env, timeout=900)
     assert run.returncode == 0, (run.stdout + run.stderr)[-4000:]
     assert "'versioned': True" in run.stdout + run.stderr
     assert any(p.is_file() for p in (tmp_path / ".dvc-storage").rglob("*"))  # pushed to the remote
