@@ -18,7 +18,7 @@ import yaml
 from playwright.sync_api import Page
 
 from pipelines.registry import Registry
-from tests.conftest import BIN, amaas, free_port, wait_until
+from tests.conftest import BIN, amaas, dvc_project, free_port, run_tool, wait_until, write_params
 
 # the login lines pipelines/airflow_ui.py (`make airflow`) prints once the UI answers
 BANNER = re.compile(r"^Airflow UI: (\S+)\nUser:\s+(\S+)\nPassword:\s+(\S+)$", re.MULTILINE)
@@ -41,6 +41,22 @@ def two_models(trained_project, tmp_path_factory):
     aliases = registry.aliases()
     assert aliases["challenger"] != aliases["champion"]
     return root, aliases["champion"], aliases["challenger"]
+
+
+@pytest.fixture(scope="session")
+def reproduced(tmp_path_factory) -> tuple[Path, subprocess.CompletedProcess[str]]:
+    """A fresh clone's worth of project (dvc_project, the small params) after its first `dvc repro`, and that run;
+    made once per session and never changed: a test works on a copy (copy_project)."""
+    root = tmp_path_factory.mktemp("reproduced")
+    dvc_project(root)
+    write_params(root)
+    return root, run_tool(["dvc", "repro"], root, timeout=900)
+
+
+def copy_project(source: Path, dest: Path) -> Path:
+    """A copy of the project `source` at `dest` (DVC and git state included; DVC hashes the copied files again)."""
+    shutil.copytree(source, dest, symlinks=True, dirs_exist_ok=True)
+    return dest
 
 
 @dataclass

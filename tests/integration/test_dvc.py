@@ -10,6 +10,7 @@ import yaml
 
 from pipelines.runner import STAGES
 from tests.conftest import AIRFLOW, REPO, airflow_env, airflow_home, dvc_project, run_tool, write_params
+from tests.integration.conftest import copy_project
 
 pytestmark = pytest.mark.slow
 
@@ -29,10 +30,10 @@ def _ran(repro: subprocess.CompletedProcess[str]) -> list[str]:
     return [line for line in repro.stdout.splitlines() if "Running stage" in line]
 
 
-def test_dvc_repro_twice_and_same_metrics_as_amaas_run(tmp_path, trained_project):
-    _dvc_project(tmp_path)
-
-    first = run_tool(["dvc", "repro"], tmp_path)
+def test_dvc_repro_twice_and_same_metrics_as_amaas_run(tmp_path, trained_project, reproduced):
+    """The first `dvc repro` of a fresh project (the session's `reproduced`), then a second on a copy of it."""
+    source, first = reproduced
+    copy_project(source, tmp_path)
     assert first.returncode == 0, first.stdout[-2000:] + first.stderr[-3000:]
     for stage in STAGES:
         assert f"Running stage '{stage}'" in first.stdout

@@ -17,7 +17,8 @@ import pandas as pd
 import pytest
 
 from pipelines.bundle import ModelBundle
-from tests.conftest import BIN, REPO, amaas, dvc_project, run_tool, served, write_params
+from tests.conftest import BIN, REPO, amaas, run_tool, served, write_params
+from tests.integration.conftest import copy_project
 
 pytestmark = pytest.mark.slow
 
@@ -156,13 +157,13 @@ def test_failed_package_leaves_the_champion_serving(tmp_path, trained_project):
         assert after[0]["model_version"] == champion
 
 
-def test_dvc_repro_killed_in_train_keeps_the_previous_outputs(tmp_path):
+def test_dvc_repro_killed_in_train_keeps_the_previous_outputs(tmp_path, reproduced):
     """DVC deletes a stage's outputs before it runs it, unless they persist: those of train and evaluate are
-    replaced atomically by the stages, so a SIGKILL mid-`dvc repro` leaves the previous ones, whole."""
-    dvc_project(tmp_path)
-    write_params(tmp_path)
-    first = run_tool(["dvc", "repro"], tmp_path)
+    replaced atomically by the stages, so a SIGKILL mid-`dvc repro` leaves the previous ones, whole.
+    Starts from a copy of a fresh project after its first `dvc repro` (the session's `reproduced`)."""
+    source, first = reproduced
     assert first.returncode == 0, first.stdout[-2000:] + first.stderr[-3000:]
+    copy_project(source, tmp_path)
     kept = ["reports/tuning.json", "reports/train.json", "reports/metrics.json", "reports/slices.json",
             "reports/test_predictions.parquet", "models/trained/metadata.json", "models/challenger/metadata.json"]
     before = {name: (tmp_path / name).read_bytes() for name in kept}
