@@ -1,16 +1,15 @@
 """`python -m pipelines.airflow_cli dags test training_pipeline`: Airflow's own CLI, whose in-process execution API
-starts in about a second instead of Airflow's 5 to 17.
+starts in about a second instead of Airflow's 9 to 20 (measured at load average 4 to 6 on 2 cores).
 
 `airflow dags test` runs every task inside the CLI's own process and answers the tasks' Task SDK calls with an
 execution API built in that process (InProcessExecutionAPI). Built as for the API server, the app makes Cadwyn
-generate its routes for every version of the API that Airflow still serves (nine dated versions of some 55 routes: 5
-s on 2 idle cores, 10 to 17 s under load) on the first call: most of what a training_pipeline run paid outside its
-stages. Only this process's own Task SDK calls that API, always at the one version it speaks (`API_VERSION`), so
-here Cadwyn generates that version's routes alone: the head routes, which are that version's routes unchanged. Every
-other command, the API server, the scheduler and plain `airflow dags test` build the API as Airflow does; so does
-this one when the Task SDK does not speak the API's newest version (an SDK older than the server), since then older
-routes are what it needs. tests/integration/test_airflow.py checks that both ways give the Task SDK's version the
-same routes and models.
+generate its routes for every version of the API that Airflow still serves (nine dated versions of some 55 routes)
+on the first call: most of what a training_pipeline run paid outside its stages. Only this process's own Task SDK
+calls that API, always at the one version it speaks (`API_VERSION`), so here Cadwyn generates that version's routes
+alone: the head routes, which are that version's routes unchanged. Every other command, the API server, the
+scheduler and plain `airflow dags test` build the API as Airflow does; so does this one when the Task SDK does not
+speak the API's newest version (an SDK older than the server), since then older routes are what it needs.
+tests/integration/test_airflow.py checks that both ways give the Task SDK's version the same routes and models.
 """
 
 from __future__ import annotations
