@@ -98,25 +98,6 @@ def airflow_env(root: Path) -> dict[str, str]:
     }
 
 
-@pytest.fixture(scope="session")
-def migrated_airflow_db(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """An Airflow metadata database (SQLite) after `airflow db migrate`, made once per session: a migration takes
-    5 s or more, so each test copies this one into its project's AIRFLOW_HOME (airflow_home) instead."""
-    root = tmp_path_factory.mktemp("airflow-db")
-    subprocess.run([str(BIN / "airflow"), "db", "migrate"], env=airflow_env(root), capture_output=True, text=True,
-                   check=True)
-    return root / ".airflow" / "airflow.db"
-
-
-def airflow_home(env: dict[str, str], migrated_db: Path) -> dict[str, str]:
-    """`env` (airflow_env's) with the migrated database copied into its AIRFLOW_HOME: the state `airflow db migrate`
-    leaves there, but for airflow.cfg, which the next command writes for that home as it would after a migration."""
-    home = Path(env["AIRFLOW_HOME"])
-    home.mkdir(parents=True, exist_ok=True)
-    shutil.copy2(migrated_db, home / "airflow.db")
-    return env
-
-
 def copy_project_files(dest: Path) -> None:
     """What a fresh clone has that dvc.yaml depends on: code, dvc.yaml, DVC config."""
     for name in ("pipelines", "bentos", "dags", "expectations"):

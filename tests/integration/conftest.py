@@ -18,7 +18,7 @@ import yaml
 from playwright.sync_api import Page
 
 from pipelines.registry import Registry
-from tests.conftest import BIN, amaas, dvc_project, free_port, run_tool, wait_until, write_params
+from tests.conftest import BIN, airflow_env, amaas, dvc_project, free_port, run_tool, wait_until, write_params
 
 # the login lines pipelines/airflow_ui.py (`make airflow`) prints once the UI answers
 BANNER = re.compile(r"^Airflow UI: (\S+)\nUser:\s+(\S+)\nPassword:\s+(\S+)$", re.MULTILINE)
@@ -57,6 +57,25 @@ def copy_project(source: Path, dest: Path) -> Path:
     """A copy of the project `source` at `dest` (DVC and git state included; DVC hashes the copied files again)."""
     shutil.copytree(source, dest, symlinks=True, dirs_exist_ok=True)
     return dest
+
+
+@pytest.fixture(scope="session")
+def migrated_airflow_db(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """An Airflow metadata database (SQLite) after `airflow db migrate`, made once per session: a migration takes
+    5 s or more, so each test copies this one into its project's AIRFLOW_HOME (airflow_home) instead."""
+    root = tmp_path_factory.mktemp("airflow-db")
+    subprocess.run([str(BIN / "airflow"), "db", "migrate"], env=airflow_env(root), capture_output=True, text=True,
+                   check=True)
+    return root / ".airflow" / "airflow.db"
+
+
+def airflow_home(env: dict[str, str], migrated_db: Path) -> dict[str, str]:
+    """`env` (airflow_env's) with the migrated database copied into its AIRFLOW_HOME: the state `airflow db migrate`
+    leaves there, but for airflow.cfg, which the next command writes for that home as it would after a migration."""
+    home = Path(env["AIRFLOW_HOME"])
+    home.mkdir(parents=True, exist_ok=True)
+    shutil.copy2(migrated_db, home / "airflow.db")
+    return env
 
 
 @dataclass

@@ -10,7 +10,8 @@ import pandas as pd
 import pytest
 import yaml
 
-from tests.conftest import AIRFLOW, BIN, airflow_env, airflow_home, amaas, write_params
+from tests.conftest import AIRFLOW, BIN, airflow_env, amaas, write_params
+from tests.integration.conftest import airflow_home
 
 pytestmark = pytest.mark.slow
 

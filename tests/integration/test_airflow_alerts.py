@@ -10,7 +10,8 @@ import subprocess
 import pytest
 
 from pipelines.alerts import WEBHOOK_ENV
-from tests.conftest import BIN, airflow_env, airflow_home, write_params
+from tests.conftest import BIN, airflow_env, write_params
+from tests.integration.conftest import airflow_home
 from tests.unit.test_alerts import webhook  # noqa: F401 (the local webhook server fixture)
 
 pytestmark = pytest.mark.slow

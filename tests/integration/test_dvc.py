@@ -9,8 +9,8 @@ import pytest
 import yaml
 
 from pipelines.runner import STAGES
-from tests.conftest import AIRFLOW, REPO, airflow_env, airflow_home, dvc_project, run_tool, write_params
-from tests.integration.conftest import copy_project
+from tests.conftest import AIRFLOW, REPO, airflow_env, dvc_project, run_tool, write_params
+from tests.integration.conftest import airflow_home, copy_project
 
 pytestmark = pytest.mark.slow
 
