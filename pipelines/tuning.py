@@ -17,6 +17,7 @@ inputs and `trials` only: with fewer `trials` than a study holds, the first `tri
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import html
@@ -107,10 +108,13 @@ def tune(learners: list[Learner], cfg: TuningConfig, seed: int, X: pd.DataFrame,
 
 
 def _create_database(path: Path) -> None:
-    """The study database at `path` as it is (its studies kept for a later search), or an empty SQLite database where
-    there is none: Optuna creates its tables in it when a search opens it."""
+    """The study database at `path` left as it is (its studies kept for a later search), or an empty SQLite database
+    where there is none: Optuna creates its tables in it when a search opens it."""
+    if path.is_file() and path.stat().st_size > 0:
+        return
     path.parent.mkdir(parents=True, exist_ok=True)
-    sqlite3.connect(path).close()
+    with contextlib.closing(sqlite3.connect(path)) as db:
+        db.execute("VACUUM")  # writes the header page: a 0-byte file is a database to SQLite, but DVC warns of it
 
 
 def open_storage(path: Path) -> optuna.storages.RDBStorage:

@@ -182,7 +182,7 @@ def test_time_budget_stops_the_search(data, tmp_path):
 def test_no_tuning_still_creates_the_study_database_and_a_page_that_says_so(data, tmp_path):
     db = tmp_path / "models" / "tuning" / "optuna.db"
     result = _tune(data, db, 0)
-    assert result.report == {} and result.studies == {} and db.is_file()
+    assert result.report == {} and result.studies == {} and db.stat().st_size > 0  # DVC warns of an empty output
     assert "train.tuning.trials" in tuning_html(result.studies, result.report)
     # made without Optuna: a later search opens it, and a run with nothing to tune leaves its studies alone
     study = _tune(data, db, 1).report["lightgbm"]["study"]
