@@ -167,11 +167,12 @@ def disk_bytes(folder: Path) -> int:
     return sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
 
 
-# One fresh interpreter imports the libraries a bundle serves with, then forks a child per bundle (one line of
-# stdin each: its index and folder; all at once): each child starts from the heap as the imports left it, not grown
-# by earlier work (the allocator would reuse that), and prints the peak resident memory that loading the bundle and
-# scoring the batch (the file argv[1]) adds over it, less the pages of files it mapped (library code: a forked child
-# maps again what its parent had mapped, and every serving process shares them); a child that failed prints nothing.
+# One fresh interpreter imports the libraries a bundle serves with, then reads its stdin (all at once: the batch's
+# file, then one line per bundle: its index and folder) and forks a child per bundle: each child starts from the heap
+# as the imports and the batch left it, not grown by earlier work (the allocator would reuse that), and prints the
+# peak resident memory that loading the bundle and scoring the batch adds over it, less the pages of files it mapped
+# (library code: a forked child maps again what its parent had mapped, and every serving process shares them); a
+# child that failed prints nothing.
 _PEAK_SCRIPT = """
 import os, sys, traceback
 from pathlib import Path
@@ -179,9 +180,10 @@ import lightgbm, pandas, torch, xgboost
 import pipelines.models  # what ModelBundle.load imports (scikit-learn, SciPy): before the fork, as in a server
 from pipelines.accounting import PeakMemory, status_kib
 from pipelines.bundle import ModelBundle
-rows = pandas.read_parquet(sys.argv[1])
+batch, *lines = sys.stdin.read().splitlines()
+rows = pandas.read_parquet(batch)
 children = []
-for line in sys.stdin.read().splitlines():
+for line in lines:
     index, folder = line.split("\\t", 1)
     pid = os.fork()
     if pid == 0:
@@ -203,19 +205,19 @@ for pid in children:
 
 
 class PeakMemoryProbe:
-    """Per bundle: the peak memory loading it and scoring a batch of `rows` adds (bytes; None where it could not
-    be measured), in an interpreter of its own (see _PEAK_SCRIPT). Started on entering, so that its imports run
-    while the stage does other work; `measure` hands it the bundles once they are written."""
+    """Per bundle: the peak memory loading it and scoring a batch of rows adds (bytes; None where it could not
+    be measured), in an interpreter of its own (see _PEAK_SCRIPT). Started on entering, so that its imports (about
+    3 CPU s) run while the stage loads the ensemble and distils; `measure` hands it the rows and the bundles once
+    they are written."""
 
-    def __init__(self, rows: pd.DataFrame, scratch: Path, timeout_s: float = 300) -> None:
+    def __init__(self, scratch: Path, timeout_s: float = 300) -> None:
         self.batch, self.timeout_s = scratch / "memory_batch.parquet", timeout_s
-        rows.iloc[:BATCH].to_parquet(self.batch)
         self.proc: subprocess.Popen[str] | None = None
 
     def __enter__(self) -> PeakMemoryProbe:
         code_root = str(Path(__file__).resolve().parents[1])
         env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [code_root, os.environ.get("PYTHONPATH")]))}
-        self.proc = subprocess.Popen([sys.executable, "-c", _PEAK_SCRIPT, str(self.batch)], stdin=subprocess.PIPE,
+        self.proc = subprocess.Popen([sys.executable, "-c", _PEAK_SCRIPT], stdin=subprocess.PIPE,
                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
         return self
 
@@ -224,10 +226,11 @@ class PeakMemoryProbe:
             self.proc.kill()
             self.proc.communicate()
 
-    def measure(self, folders: dict[str, Path]) -> dict[str, int | None]:
+    def measure(self, folders: dict[str, Path], rows: pd.DataFrame) -> dict[str, int | None]:
         assert self.proc is not None, "measure inside `with PeakMemoryProbe(...)`"
+        rows.iloc[:BATCH].to_parquet(self.batch)
         names = list(folders)
-        lines = "".join(f"{i}\t{folders[name]}\n" for i, name in enumerate(names))
+        lines = f"{self.batch}\n" + "".join(f"{i}\t{folders[name]}\n" for i, name in enumerate(names))
         try:
             out, err = self.proc.communicate(lines, timeout=self.timeout_s)
         except subprocess.TimeoutExpired:

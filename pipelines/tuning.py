@@ -17,28 +17,36 @@ inputs and `trials` only: with fewer `trials` than a study holds, the first `tri
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import hashlib
 import html
 import json
 import logging
 import math
+import sqlite3
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import optuna
 import pandas as pd
-import sqlalchemy.exc
-from optuna.samplers import BaseSampler, TPESampler
-from optuna.trial import FrozenTrial, TrialState
 
 from pipelines.config import SearchRange, TuningConfig
-from pipelines.models import Learner
 from pipelines.models.base import Monitor, valid_loss
 from pipelines.progress import progress
+
+if TYPE_CHECKING:
+    import optuna
+    from optuna.samplers import TPESampler
+    from optuna.trial import FrozenTrial, TrialState
+
+    from pipelines.models import Learner
+
+# Optuna (with SQLAlchemy, about 1.3 CPU s to import) is imported where a search runs: a train with nothing to tune
+# (`trials: 0`, the default, or no learner with a space) creates the study database without it.
 
 log = logging.getLogger(__name__)
 
@@ -49,7 +57,7 @@ PRUNER_STARTUP_TRIALS = 5  # completed trials before any trial is pruned (Optuna
 CURVES = {"lightgbm": (10, "early_stopping_rounds"), "xgboost": (10, "early_stopping_rounds"), "mlp": (1, "patience")}
 ENDED = "ended"  # user attr of a trial that ended here (completed, pruned, or a non-finite loss): it counts
 SEARCH = {"sampler": "tpe", "tpe_startup_trials": TPE_STARTUP_TRIALS, "pruner": "median",
-          "pruner_startup_trials": PRUNER_STARTUP_TRIALS, "curves": CURVES, "optuna": optuna.__version__}
+          "pruner_startup_trials": PRUNER_STARTUP_TRIALS, "curves": CURVES}  # and Optuna's version (study_name)
 
 
 class TuningStoreError(RuntimeError):
@@ -69,6 +77,11 @@ def tune(learners: list[Learner], cfg: TuningConfig, seed: int, X: pd.DataFrame,
          X_valid: pd.DataFrame, y_valid: np.ndarray, storage_path: Path) -> Tuning:
     """Each learner with its best parameters found within the budget, a report of every trial, the studies.
     The study database is opened (created) even when nothing is tuned: train declares it as an output."""
+    if cfg.trials == 0 or not any(cfg.space.get(learner.kind) for learner in learners):  # type: ignore[call-overload]
+        _create_database(storage_path)
+        return Tuning(list(learners), {}, {})
+    import optuna
+
     optuna.logging.disable_default_handler()  # Optuna's lines go through logging like every other
     optuna.logging.enable_propagation()
     storage = open_storage(storage_path)
@@ -83,7 +96,7 @@ def tune(learners: list[Learner], cfg: TuningConfig, seed: int, X: pd.DataFrame,
         warmup = int(getattr(learner, patience))
         study = optuna.create_study(
             storage=storage, study_name=study_name(learner, space, seed, data), direction="minimize",
-            load_if_exists=True, sampler=TrialSeededTPE(seed),
+            load_if_exists=True, sampler=trial_seeded_tpe()(seed),
             pruner=optuna.pruners.MedianPruner(n_startup_trials=PRUNER_STARTUP_TRIALS, n_warmup_steps=warmup))
         started = time.monotonic()
         reused, cut_short = _search(study, learner, space, cfg, (every, warmup), (X, y, X_valid, y_valid))
@@ -94,8 +107,21 @@ def tune(learners: list[Learner], cfg: TuningConfig, seed: int, X: pd.DataFrame,
     return result
 
 
+def _create_database(path: Path) -> None:
+    """The study database at `path` left as it is (its studies kept for a later search), or an empty SQLite database
+    where there is none: Optuna creates its tables in it when a search opens it."""
+    if path.is_file() and path.stat().st_size > 0:
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with contextlib.closing(sqlite3.connect(path)) as db:
+        db.execute("VACUUM")  # writes the header page: a 0-byte file is a database to SQLite, but DVC warns of it
+
+
 def open_storage(path: Path) -> optuna.storages.RDBStorage:
     """The SQLite database of the studies at `path`, created if missing."""
+    import optuna
+    import sqlalchemy.exc
+
     path.parent.mkdir(parents=True, exist_ok=True)
     try:
         return optuna.storages.RDBStorage(f"sqlite:///{path}")
@@ -118,49 +144,58 @@ def data_digest(X: pd.DataFrame, y: np.ndarray, X_valid: pd.DataFrame, y_valid: 
 
 def study_name(learner: Learner, space: dict[str, SearchRange], seed: int, data: str) -> str:
     """The learner kind and a hash of what decides its trials: data, space, the params not searched, seed, search."""
+    import optuna
+
     fixed = {k: v for k, v in learner.get_params().items() if k not in space}
     key = json.dumps({"data": data, "space": {n: r.model_dump() for n, r in space.items()}, "fixed": fixed,
-                      "seed": seed, "search": SEARCH}, sort_keys=True, default=str)
+                      "seed": seed, "search": {**SEARCH, "optuna": optuna.__version__}}, sort_keys=True, default=str)
     return f"{learner.kind}-{hashlib.sha256(key.encode()).hexdigest()[:16]}"
 
 
-class TrialSeededTPE(BaseSampler):
-    """TPE whose draws for a trial depend on the seed, the study's history and the trial's index only.
+@functools.cache
+def trial_seeded_tpe() -> Callable[[int], optuna.samplers.BaseSampler]:
+    """TrialSeededTPE, an Optuna sampler: defined where a search first needs it, as it subclasses Optuna's."""
+    from optuna.samplers import BaseSampler, TPESampler
 
-    One seeded TPESampler draws from one random stream for the whole study, so a study resumed in a new process
-    (a fresh stream) would draw other parameters than an uninterrupted one. Here each trial gets its own
-    TPESampler, seeded with (seed, i), i being the number of trials that ended before it."""
+    class TrialSeededTPE(BaseSampler):
+        """TPE whose draws for a trial depend on the seed, the study's history and the trial's index only.
 
-    def __init__(self, seed: int) -> None:
-        self._seed = seed
-        self._by_trial: dict[int, TPESampler] = {}
+        One seeded TPESampler draws from one random stream for the whole study, so a study resumed in a new process
+        (a fresh stream) would draw other parameters than an uninterrupted one. Here each trial gets its own
+        TPESampler, seeded with (seed, i), i being the number of trials that ended before it."""
 
-    def _tpe(self, study: optuna.Study, trial: FrozenTrial) -> TPESampler:
-        if trial.number not in self._by_trial:
-            index = len(ended_trials(study))
-            trial_seed = int(np.random.SeedSequence([self._seed, index]).generate_state(1)[0])
-            self._by_trial[trial.number] = TPESampler(n_startup_trials=TPE_STARTUP_TRIALS, seed=trial_seed)
-        return self._by_trial[trial.number]
+        def __init__(self, seed: int) -> None:
+            self._seed = seed
+            self._by_trial: dict[int, TPESampler] = {}
 
-    def before_trial(self, study: optuna.Study, trial: FrozenTrial) -> None:
-        self._tpe(study, trial).before_trial(study, trial)
+        def _tpe(self, study: optuna.Study, trial: FrozenTrial) -> TPESampler:
+            if trial.number not in self._by_trial:
+                index = len(ended_trials(study))
+                trial_seed = int(np.random.SeedSequence([self._seed, index]).generate_state(1)[0])
+                self._by_trial[trial.number] = TPESampler(n_startup_trials=TPE_STARTUP_TRIALS, seed=trial_seed)
+            return self._by_trial[trial.number]
 
-    def infer_relative_search_space(self, study: optuna.Study, trial: FrozenTrial
-                                    ) -> dict[str, optuna.distributions.BaseDistribution]:
-        return self._tpe(study, trial).infer_relative_search_space(study, trial)
+        def before_trial(self, study: optuna.Study, trial: FrozenTrial) -> None:
+            self._tpe(study, trial).before_trial(study, trial)
 
-    def sample_relative(self, study: optuna.Study, trial: FrozenTrial,
-                        search_space: dict[str, optuna.distributions.BaseDistribution]) -> dict[str, Any]:
-        return self._tpe(study, trial).sample_relative(study, trial, search_space)
+        def infer_relative_search_space(self, study: optuna.Study, trial: FrozenTrial
+                                        ) -> dict[str, optuna.distributions.BaseDistribution]:
+            return self._tpe(study, trial).infer_relative_search_space(study, trial)
 
-    def sample_independent(self, study: optuna.Study, trial: FrozenTrial, param_name: str,
-                           param_distribution: optuna.distributions.BaseDistribution) -> Any:
-        return self._tpe(study, trial).sample_independent(study, trial, param_name, param_distribution)
+        def sample_relative(self, study: optuna.Study, trial: FrozenTrial,
+                            search_space: dict[str, optuna.distributions.BaseDistribution]) -> dict[str, Any]:
+            return self._tpe(study, trial).sample_relative(study, trial, search_space)
 
-    def after_trial(self, study: optuna.Study, trial: FrozenTrial, state: TrialState,
-                    values: Sequence[float] | None) -> None:
-        self._tpe(study, trial).after_trial(study, trial, state, values)
-        self._by_trial.pop(trial.number, None)
+        def sample_independent(self, study: optuna.Study, trial: FrozenTrial, param_name: str,
+                               param_distribution: optuna.distributions.BaseDistribution) -> Any:
+            return self._tpe(study, trial).sample_independent(study, trial, param_name, param_distribution)
+
+        def after_trial(self, study: optuna.Study, trial: FrozenTrial, state: TrialState,
+                        values: Sequence[float] | None) -> None:
+            self._tpe(study, trial).after_trial(study, trial, state, values)
+            self._by_trial.pop(trial.number, None)
+
+    return TrialSeededTPE
 
 
 def ended_trials(study: optuna.Study) -> list[FrozenTrial]:
@@ -178,6 +213,8 @@ def _search(study: optuna.Study, learner: Learner, space: dict[str, SearchRange]
             curve: tuple[int, int], data: tuple[pd.DataFrame, np.ndarray, pd.DataFrame, np.ndarray]
             ) -> tuple[int, bool]:
     """Run the trials the study still lacks; (how many were reused, whether the time budget cut the run short)."""
+    from optuna.trial import TrialState
+
     for stale in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
         study.tell(stale.number, state=TrialState.FAIL)  # a killed run's: not counted, drawn again
     reused = len(ended_trials(study))
@@ -200,6 +237,9 @@ def _search(study: optuna.Study, learner: Learner, space: dict[str, SearchRange]
 def _run_trial(study: optuna.Study, learner: Learner, space: dict[str, SearchRange], curve: tuple[int, int],
                data: tuple[pd.DataFrame, np.ndarray, pd.DataFrame, np.ndarray]) -> None:
     """One trial: fit with the drawn params, pruned on the validation curve, scored on the validation rows."""
+    import optuna
+    from optuna.trial import TrialState
+
     X, y, X_valid, y_valid = data
     trial = study.ask()
     try:
@@ -232,6 +272,8 @@ def _suggest(trial: optuna.Trial, name: str, r: SearchRange) -> Any:
 def _pruning_monitor(trial: optuna.Trial, every: int, warmup: int) -> Monitor:
     """A learner's fit monitor that reports the best validation loss so far every `every` steps from the warm-up on
     (a report is a database write; none before the pruner may act), and prunes."""
+    import optuna
+
     best = math.inf
 
     def monitor(step: int, loss: float) -> None:
@@ -252,6 +294,8 @@ def _finite(value: float | None) -> float | None:
 def _report(study: optuna.Study, learner: Learner, space: dict[str, SearchRange], budget: int, reused: int,
             elapsed: float, cut_short: bool) -> dict[str, Any]:
     """reports/tuning.json of one learner: the best trial and every trial of the search (the first `budget`)."""
+    from optuna.trial import TrialState
+
     counted = ended_trials(study)[:budget]
     trials: list[dict[str, Any]] = []
     for i, t in enumerate(counted):
@@ -296,6 +340,8 @@ def tuning_html(studies: dict[str, optuna.Study], report: dict[str, Any]) -> str
         parts.append("<p>No learner was tuned: set <code>train.tuning.trials</code> above 0 and give the learner "
                      "a search space in <code>train.tuning.space</code> (params.yaml).</p>")
     plotly_js: bool | str = True  # plotly.js once, inline: the page works offline
+    if studies:
+        import optuna.visualization
     for kind, study in studies.items():
         r = report[kind]
         parts.append(f"<h2>{html.escape(kind)}</h2><p>study {html.escape(r['study'])}: {len(r['trials'])} trials, "

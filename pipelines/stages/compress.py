@@ -52,17 +52,17 @@ def run(settings: Settings, paths: Paths) -> dict[str, Any]:
     """Write models/challenger (the served candidate), its test predictions and reports/compression.json."""
     cfg, metric, seed = settings.compress, settings.promote.metric, settings.seed
     target = settings.data_schema.target
-    trained = ModelBundle.load(paths.trained)
-    check_requested(settings.serve.model, cfg, trained.ensemble)
-    test = pd.read_parquet(paths.test_rows)
-    y_test = trained.transform.encode_target(test[target])
     scratch = paths.trained.parent
     for stale in scratch.glob(".compress-*.tmp"):  # left by a killed run (the project lock keeps runs apart)
         shutil.rmtree(stale, ignore_errors=True)
     with contextlib.ExitStack() as stack:
         tmp = stack.enter_context(tempfile.TemporaryDirectory(prefix=".compress-", suffix=".tmp", dir=scratch))
-        # started first: its imports run while the student learns
-        probe = stack.enter_context(PeakMemoryProbe(test, Path(tmp))) if cfg.measure_memory else None
+        # started first: its imports run while the ensemble loads (torch) and the student learns
+        probe = stack.enter_context(PeakMemoryProbe(Path(tmp))) if cfg.measure_memory else None
+        trained = ModelBundle.load(paths.trained)
+        check_requested(settings.serve.model, cfg, trained.ensemble)
+        test = pd.read_parquet(paths.test_rows)
+        y_test = trained.transform.encode_target(test[target])
         train, _ = training_rows(paths.split_features("train"), target, settings.train.max_rows, seed,  # the rows
                                  stratify=trained.task != "regression")  # the ensemble learned on: the student's
         X = train.drop(columns=[target])
@@ -89,7 +89,7 @@ def run(settings: Settings, paths: Paths) -> dict[str, Any]:
                                  trained.decision)
             folders["quantized"] = write_candidate(Path(tmp) / "quantized", paths, trained, int8, "quantized",
                                                    trained.ensemble.member_valid_log_loss_)
-        memory = probe.measure(folders) if probe else dict.fromkeys(folders)  # before the timings: they need
+        memory = probe.measure(folders, test) if probe else dict.fromkeys(folders)  # before the timings: they need
         measured = measure(folders, test, y_test, metric, settings.cost, cfg.latency_rows)  # the cores
         figures = {n: {**f, "peak_memory_bytes": memory[n]} for n, f in measured.items()}
         choice = choose(settings.serve.model, figures, metric, cfg)
