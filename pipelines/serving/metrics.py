@@ -35,7 +35,9 @@ ROLES = ("champion", "challenger")
 # and JSON), checks (the request schema, a daily quota's charge, rows built), batch (from handing the rows to the
 # batching until the answers are back: the wait for a batch, thread hops and the batch's work), durable (the wait
 # for the log's fsync), answer (serialized and sent). Per batch, on the model's thread: score (the cache's or the
-# model's answers) and log (the log entries built, encoded and written); a batch's are shared by its requests.
+# model's answers) and log (the log entries built, encoded and written); a batch's are shared by its requests. A
+# request the response cache answers whole skips the batching: its score and log, on the event loop, count as a
+# batch of its own (so `batch` less `score` and `log` is still the waiting, for hits and misses alike).
 REQUEST_PHASES = ("auth", "parse", "checks", "batch", "durable", "answer")
 BATCH_PHASES = ("score", "log")
 
