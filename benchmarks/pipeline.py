@@ -11,7 +11,11 @@ F - 13 numeric columns (source.simulator.extra_features) and lists them in the p
 200,000 (--fit-rows 0 etc.: null, all rows).
 Each stage runs as `amaas <stage>` does under `dvc repro`: in a process of its own (`python -m pipelines.cli`),
 on a temporary project (the repository's data/ and models/ are not touched), so its peak RSS is its own; the
-stages' logs go to benchmark.log in the project (printed where a stage fails).
+stages' logs go to benchmark.log in the project (printed where a stage fails). As under `dvc repro`, the first
+stage command starts the preloaded stage host (pipelines.stagehost) and the later ones run their stages in it: a
+hosted stage's CPU seconds and peak RSS are its command's plus its stage process's, and the host's preload (in the
+background, while the first stages run) is printed on a line of its own. --no-stage-host runs every stage in a
+process of its own instead (AMAAS_STAGE_HOST=0).
 """
 
 from __future__ import annotations
@@ -28,6 +32,7 @@ from typing import Any
 
 import yaml
 
+from pipelines import stagehost
 from pipelines.runner import STAGES
 from pipelines.sources.simulator import extra_schema
 
@@ -65,18 +70,26 @@ def project_params(params: dict[str, Any], args: argparse.Namespace) -> dict[str
     return params
 
 
-def run_stage_process(stage: str, root: Path) -> tuple[float, float, float, int]:
-    """Run `stage` in a process of its own; (wall s, CPU s, peak RSS MiB, exit status)."""
+def run_stage_process(stage: str, root: Path, hosted: bool) -> tuple[float, float, float, int, dict[str, Any]]:
+    """Run the command of `stage`; (wall s, CPU s, peak RSS MiB, exit status, the stage host's figures where the
+    stage ran in it: its pid and preload)."""
     code_root = str(Path(__file__).resolve().parents[1])
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [code_root, os.environ.get("PYTHONPATH")]))}
+    usage_file = root / ".stage-usage.json"
+    usage_file.unlink(missing_ok=True)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [code_root, os.environ.get("PYTHONPATH")])),
+           stagehost.USAGE_ENV: str(usage_file), **({} if hosted else {stagehost.SWITCH: "0"})}
     start = time.perf_counter()
     with (root / "benchmark.log").open("a") as logged:  # the stages' logs: printed where one fails
         proc = subprocess.Popen([sys.executable, "-m", "pipelines.cli", "--params", str(root / "params.yaml"),
                                  "--root", str(root), stage], env=env, cwd=root, stdout=logged, stderr=logged)
         _, status, usage = os.wait4(proc.pid, 0)
-    proc.returncode = os.waitstatus_to_exitcode(status)
-    return (time.perf_counter() - start, usage.ru_utime + usage.ru_stime, usage.ru_maxrss / 1024,
-            proc.returncode)
+    wall = time.perf_counter() - start
+    cpu, peak = usage.ru_utime + usage.ru_stime, usage.ru_maxrss / 1024
+    host: dict[str, Any] = {}
+    if usage_file.exists():  # the stage ran in the host: its process's figures, besides the command's
+        stage_usage = json.loads(usage_file.read_text())
+        cpu, peak, host = cpu + stage_usage["cpu_s"], max(peak, stage_usage["peak_rss_mib"]), stage_usage["host"]
+    return wall, cpu, peak, os.waitstatus_to_exitcode(status), host
 
 
 def targets(rows: int, runs: dict[str, tuple[float, float, float, float]], total: float, peak_mib: float) -> list[str]:
@@ -103,6 +116,8 @@ def main() -> int:
     parser.add_argument("--rows-per-batch", type=int)
     for name in SCALE_DEFAULTS:
         parser.add_argument(f"--{name.replace('_', '-')}", type=int, help="0: null (all rows)")
+    parser.add_argument("--no-stage-host", action="store_true",
+                        help="every stage in a process of its own, none in the preloaded stage host")
     parser.add_argument("--keep", type=Path, help="run in this (new) folder and keep it, instead of a temporary one")
     args = parser.parse_args()
     params = project_params(yaml.safe_load(Path(args.params).read_text()), args)
@@ -117,23 +132,34 @@ def main() -> int:
               f"{features}; prepare.fit_rows={params['prepare']['fit_rows']} train.max_rows="
               f"{params['train']['max_rows']} report.max_rows={params['report']['max_rows']}; "
               f"{os.cpu_count()} CPUs", flush=True)
-        print(f"{'stage':<10} {'seconds':>8} {'fixed s':>8} {'work s':>8} {'CPU s':>8} {'peak RSS MiB':>13}",
+        print(f"{'stage':<10} {'seconds':>8} {'fixed s':>8} {'work s':>8} {'CPU s':>8} {'peak RSS MiB':>13} "
+              f"{'in host':>8}",
               flush=True)
         runs: dict[str, tuple[float, float, float, float]] = {}  # wall, CPU, peak, fixed
+        hosts: dict[int, dict[str, Any]] = {}
         for stage in STAGES:
-            wall, cpu, peak, status = run_stage_process(stage, root)
+            wall, cpu, peak, status, host = run_stage_process(stage, root, not args.no_stage_host)
+            if host:
+                hosts[host["host_pid"]] = host
             if status != 0:
                 print(f"{stage:<10} {wall:>8.1f}   FAILED (exit {status})")
                 print((root / "benchmark.log").read_text()[-5000:])
                 return 1
             work = json.loads((root / "reports" / "cost.json").read_text())["stages"][stage]["wall_s"]
             runs[stage] = wall, cpu, peak, wall - work
-            print(f"{stage:<10} {wall:>8.1f} {wall - work:>8.1f} {work:>8.1f} {cpu:>8.1f} {peak:>13.0f}", flush=True)
+            print(f"{stage:<10} {wall:>8.1f} {wall - work:>8.1f} {work:>8.1f} {cpu:>8.1f} {peak:>13.0f} "
+                  f"{'yes' if host else 'no':>8}", flush=True)
         total = sum(r[0] for r in runs.values())
         peak_max = max(r[2] for r in runs.values())
         fixed = sum(r[3] for r in runs.values())
         cpu_total = sum(r[1] for r in runs.values())
         print(f"{'total':<10} {total:>8.1f} {fixed:>8.1f} {total - fixed:>8.1f} {cpu_total:>8.1f} {peak_max:>13.0f}")
+        for host in hosts.values():
+            print(f"stage host (pid {host['host_pid']}): " + (
+                f"preloaded in {host['preload_s']:.1f} s ({host['preload_cpu_s']:.1f} CPU s, in the background "
+                "while the first stages ran; not in the totals)" if "preload_s" in host else "still preloading"))
+        if not hosts:
+            print("stage host: " + ("off (--no-stage-host)" if args.no_stage_host else "no stage ran in one"))
         print(f"load average before/after: {load_before} / {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
         for line in targets(sim["n_batches"] * sim["rows_per_batch"], runs, total, peak_max):
             print(line)

@@ -20,6 +20,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from pipelines import stagehost
 from pipelines.config import PARAMS_ENV, ROOT_ENV, ConfigError, Paths, Settings, StateConfig, load_settings
 from pipelines.contracts import UndeclaredSetting, declaration
 from pipelines.io import read_json, write_text
@@ -341,6 +342,10 @@ def main(argv: list[str] | None = None) -> int:
     """Run one command. A user's mistake (bad settings, bad data, a refused action) is one line on stderr and
     exit code 2; anything else is a bug and shows its traceback."""
     command = _command(argv)
+    # the program's own stage command (`amaas <stage>`, `python -m pipelines.cli <stage>`; not a call from Python
+    # code with its argv) runs its stage in the preloaded stage host where one is up (pipelines.stagehost)
+    if argv is None and command in STAGES and (code := stagehost.delegate(command, sys.argv[1:])) is not None:
+        return code
     if command is not None:
         serve_like_openmp(command)  # before the stage's module (and OpenMP with it) loads: see pipelines.runner
     args = _parser(command).parse_args(argv)
