@@ -139,30 +139,28 @@ def _start_host(key: str) -> None:
 
 
 def _run_in_host(sock: socket.socket, stage: str, argv: list[str]) -> int | None:
-    request = json.dumps({"stage": stage, "argv": [sys.argv[0], *argv], "cwd": os.getcwd(), "env": dict(os.environ),
-                          "umask": _umask()}).encode()
-    with _streams() as fds:
-        socket.send_fds(sock, [struct.pack("!I", len(request))], fds)
-    sock.sendall(request)
-    sock.settimeout(READY_WAIT_S)
+    """The stage's exit status once it ran in the host; None where the host did not take it up (so the command
+    runs it itself): it could not, it is still preloading after READY_WAIT_S, or anything failed before GO."""
     try:
-        answer = sock.recv(1)
-    except TimeoutError:  # still preloading (a loaded machine): run it here; the host will find us gone
-        return None
-    if answer != READY:  # INLINE (the host cannot run stages) or nothing (it went away)
-        return None
-    sock.settimeout(None)
-    previous = {sig: signal.signal(sig, lambda signum, _frame: _forward(sock, signum)) for sig in FORWARDED_SIGNALS}
-    try:
+        if not _offered(sock, stage, argv):
+            return None
+        previous = {sig: signal.signal(sig, lambda signum, _frame: _forward(sock, signum))
+                    for sig in FORWARDED_SIGNALS}
         sock.sendall(GO)
-        end = _receive_all(sock, 1 + 4)
-        if end[:1] != END:
-            print("amaas: error: the stage host went away before the stage ended", file=sys.stderr)
-            return 1
-        result = json.loads(_receive_all(sock, struct.unpack("!I", end[1:])[0]))
+    except OSError:  # a folder gone, the host gone, a timeout (TimeoutError): nothing ran
+        return None
+    try:
+        end = _receive_all(sock, 1 + 4)  # END and the length of the JSON that follows
+        ended = end[:1] == END and len(end) == 5
+        result = json.loads(_receive_all(sock, struct.unpack("!I", end[1:])[0])) if ended else None
+    except OSError:
+        result = None
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
+    if result is None:
+        print("amaas: error: the stage host went away before the stage ended", file=sys.stderr)
+        return 1
     if target := os.environ.get(USAGE_ENV):
         Path(target).write_text(json.dumps({**result, "hosted": True}))
     if result["signal"]:  # die as the stage did, so whoever started the command sees the same
@@ -170,6 +168,19 @@ def _run_in_host(sock: socket.socket, stage: str, argv: list[str]) -> int | None
         os.kill(os.getpid(), result["signal"])
         return 128 + int(result["signal"])
     return int(result["code"])
+
+
+def _offered(sock: socket.socket, stage: str, argv: list[str]) -> bool:
+    """Hand the host the command (argv, folder, environment, umask, streams); whether it is ready to run it."""
+    request = json.dumps({"stage": stage, "argv": [sys.argv[0], *argv], "cwd": os.getcwd(), "env": dict(os.environ),
+                          "umask": _umask()}).encode()
+    with _streams() as fds:
+        socket.send_fds(sock, [struct.pack("!I", len(request))], fds)
+    sock.sendall(request)
+    sock.settimeout(READY_WAIT_S)  # the preload of what comes before this stage's libraries, at most
+    answer = sock.recv(1)  # READY; INLINE: the host cannot run stages; nothing: it went away
+    sock.settimeout(None)
+    return answer == READY
 
 
 def _forward(sock: socket.socket, signum: int) -> None:
