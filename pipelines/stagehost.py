@@ -40,6 +40,7 @@ import os
 import select
 import signal
 import socket
+import stat
 import struct
 import subprocess
 import sys
@@ -105,6 +106,9 @@ def log_path(key: str) -> Path:
     """The host's own log: when it started, what its preload cost, each stage it ran, why it ended."""
     folder = Path(tempfile.gettempdir()) / f"amaas-stagehost-{os.getuid()}"
     folder.mkdir(mode=0o700, exist_ok=True)
+    st = os.lstat(folder)  # a shared temp folder: only a folder of our own that nobody else may write to
+    if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.getuid() or st.st_mode & 0o077:
+        return Path(os.devnull)
     return folder / f"{key}.log"
 
 
@@ -275,6 +279,8 @@ def serve(key: str, code_root: str) -> int:
         elif listener.fileno() < 0:
             time.sleep(1.0)
     _note(f"exits after {time.monotonic() - started:.0f} s")
+    if refusal is None and (log := log_path(key)) != Path(os.devnull):  # nothing went wrong: nothing to keep
+        log.unlink(missing_ok=True)
     return 0
 
 
