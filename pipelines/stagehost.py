@@ -250,6 +250,10 @@ def serve(key: str, code_root: str) -> int:
         return 0
     listener.listen(64)
     refusal = None if Path(code_root) == CODE_ROOT else f"host imported {CODE_ROOT}, not the command's {code_root}"
+    try:  # a supervisor waits on its stage through a pidfd (Linux 5.3)
+        os.close(os.pidfd_open(os.getpid()))
+    except OSError as exc:
+        refusal = f"no pidfd here ({exc}): commands run their stages themselves"
     started = last = time.monotonic()
     wall, cpu = time.perf_counter(), time.process_time()
     PRELOADED.update(host_pid=os.getpid(), preloaded=False)
