@@ -253,7 +253,9 @@ def serve(key: str, code_root: str) -> int:
     try:  # a supervisor waits on its stage through a pidfd (Linux 5.3)
         os.close(os.pidfd_open(os.getpid()))
     except OSError as exc:
-        refusal = f"no pidfd here ({exc}): commands run their stages themselves"
+        refusal = f"no pidfd here ({exc})"
+    if refusal:
+        _note(f"{refusal}: commands run their stages themselves")
     started = last = time.monotonic()
     wall, cpu = time.perf_counter(), time.process_time()
     PRELOADED.update(host_pid=os.getpid(), preloaded=False)
