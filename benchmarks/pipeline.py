@@ -9,13 +9,14 @@ Usage: python benchmarks/pipeline.py [--params params.yaml] [--rows N] [--featur
 F - 13 numeric columns (source.simulator.extra_features) and lists them in the project's schema. With --rows over
 1,000,000 the scale settings apply unless given: prepare.fit_rows and train.max_rows 1,000,000, report.max_rows
 200,000 (--fit-rows 0 etc.: null, all rows).
-Each stage runs as `amaas <stage>` does under `dvc repro`: in a process of its own (`python -m pipelines.cli`),
-on a temporary project (the repository's data/ and models/ are not touched), so its peak RSS is its own; the
+Each stage runs as `amaas <stage>` does under `dvc repro`: as a command of its own (`python -m pipelines.entry`,
+the console script's module), on a temporary project (the repository's data/ and models/ are not touched); the
 stages' logs go to benchmark.log in the project (printed where a stage fails). As under `dvc repro`, the first
-stage command starts the preloaded stage host (pipelines.stagehost) and the later ones run their stages in it: a
-hosted stage's CPU seconds and peak RSS are its command's plus its stage process's, and the host's preload (in the
-background, while the first stages run) is printed on a line of its own. --no-stage-host runs every stage in a
-process of its own instead (AMAAS_STAGE_HOST=0).
+stage command starts the preloaded stage host (pipelines.stagehost) and runs its stage itself; the later ones run
+their stages in the host. A hosted stage's CPU seconds are its command's plus its stage process's, its peak RSS
+the larger of the two (the stage process's counts the host's preloaded pages it shares), and the host's preload
+(in the background, while the first stages run) is printed on a line of its own. --no-stage-host runs every
+stage in a process of its own instead (AMAAS_STAGE_HOST=0).
 """
 
 from __future__ import annotations
@@ -80,7 +81,7 @@ def run_stage_process(stage: str, root: Path, hosted: bool) -> tuple[float, floa
            stagehost.USAGE_ENV: str(usage_file), **({} if hosted else {stagehost.SWITCH: "0"})}
     start = time.perf_counter()
     with (root / "benchmark.log").open("a") as logged:  # the stages' logs: printed where one fails
-        proc = subprocess.Popen([sys.executable, "-m", "pipelines.cli", "--params", str(root / "params.yaml"),
+        proc = subprocess.Popen([sys.executable, "-m", "pipelines.entry", "--params", str(root / "params.yaml"),
                                  "--root", str(root), stage], env=env, cwd=root, stdout=logged, stderr=logged)
         _, status, usage = os.wait4(proc.pid, 0)
     wall = time.perf_counter() - start

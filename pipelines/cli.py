@@ -20,9 +20,9 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from pipelines import stagehost
 from pipelines.config import PARAMS_ENV, ROOT_ENV, ConfigError, Paths, Settings, StateConfig, load_settings
 from pipelines.contracts import UndeclaredSetting, declaration
+from pipelines.entry import command_of, global_options
 from pipelines.io import read_json, write_text
 from pipelines.lock import PipelineLocked, project_lock
 from pipelines.runner import STAGES, freeze_heap_at_exit, run_stage, serve_like_openmp, write_dvc_yaml
@@ -32,30 +32,11 @@ from pipelines.state.limits import NO_USAGE, SERVER_ENV
 log = logging.getLogger("amaas")
 
 
-def _command(argv: list[str] | None) -> str | None:
-    """The command `argv` names, found by the global options alone (no stage module imported), or None (the full
-    parser then says what is wrong)."""
-    first = argparse.ArgumentParser(add_help=False, exit_on_error=False)
-    _global_options(first)
-    first.add_argument("command", nargs="?")
-    try:
-        command: str | None = first.parse_known_args(argv)[0].command
-    except argparse.ArgumentError:
-        return None
-    return command
-
-
-def _global_options(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--params", help="settings file (default: $AMAAS_PARAMS or ./params.yaml)")
-    parser.add_argument("--root", help="project folder for data/, models/, reports/ (default: $AMAAS_ROOT or .)")
-    parser.add_argument("-v", "--verbose", action="store_true")
-
-
 def _parser(command: str | None = None) -> argparse.ArgumentParser:
     """The parser of `amaas` for `command`: of the stages, only its declaration is imported (its module); every
     stage's where there is no command yet (`amaas --help`)."""
     parser = argparse.ArgumentParser(prog="amaas", description=__doc__)
-    _global_options(parser)
+    global_options(parser)
     sub = parser.add_subparsers(dest="command", required=True)
     for name in STAGES:
         if command is not None and name != command:
@@ -341,11 +322,7 @@ def _supervise(cmd: list[str], env: dict[str, str]) -> int:
 def main(argv: list[str] | None = None) -> int:
     """Run one command. A user's mistake (bad settings, bad data, a refused action) is one line on stderr and
     exit code 2; anything else is a bug and shows its traceback."""
-    command = _command(argv)
-    # the program's own stage command (`amaas <stage>`, `python -m pipelines.cli <stage>`; not a call from Python
-    # code with its argv) runs its stage in the preloaded stage host where one is up (pipelines.stagehost)
-    if argv is None and command in STAGES and (code := stagehost.delegate(command, sys.argv[1:])) is not None:
-        return code
+    command = command_of(argv)
     if command is not None:
         serve_like_openmp(command)  # before the stage's module (and OpenMP with it) loads: see pipelines.runner
     args = _parser(command).parse_args(argv)
@@ -598,5 +575,7 @@ COMMANDS: dict[str, Callable[[argparse.Namespace, Paths], int]] = {
     "ab-report": _ab_report, "fleet": _fleet}  # every other command is a stage (_stage)
 
 
-if __name__ == "__main__":
-    sys.exit(main())
+if __name__ == "__main__":  # as the console script: a stage command may run in the stage host
+    from pipelines.entry import main as entry
+
+    sys.exit(entry())

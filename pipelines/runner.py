@@ -23,8 +23,8 @@ from pipelines.accounting import measured, record_stage
 from pipelines.config import PARAMS_ENV, ROOT_ENV, Paths, Settings, load_settings
 from pipelines.contracts import Stage, declaration, dvc_yaml
 from pipelines.lock import project_lock
+from pipelines.stages import STAGES
 
-STAGES = ("collect", "validate", "prepare", "train", "evaluate", "compress", "report", "package", "promote", "deploy")
 # Airflow retries, by task id. What touches the network or a database retries with exponential backoff (30 s,
 # 60 s, 120 s): collect reads the source, version pushes to the DVC remote, deploy polls the live service, and
 # each of them can meet a server that is briefly away. A stage that computes on local files would fail the
