@@ -358,7 +358,8 @@ class PromoteConfig(_Strict):
     approval: Literal["never", "borderline", "always"] = "never"
     approval_max_p_value: float = Field(default=0.2, gt=0, le=1)
     max_slice_loss: float = Field(default=0.02, ge=0, le=1e9)  # promote.metric, absolute, on one evaluate.slices value
-    approval_timeout_min: int = Field(default=1440, ge=1, le=43_200)  # no answer in this long rejects the challenger
+    # no answer in this long rejects the challenger; minutes, fractions too (0.5: thirty seconds)
+    approval_timeout_min: float = Field(default=1440, gt=0, le=43_200)
 
     @model_validator(mode="after")
     def _approval_above_gate(self) -> PromoteConfig:

@@ -206,7 +206,7 @@ def approval_request(settings: Settings, paths: Paths, pending: dict[str, Any]) 
         + " per 1,000 rows", "",
         " · ".join(links) or "(no model card or drift report written yet)", "",
         f"Approve makes {challenger} champion; Reject, or no answer within promote.approval_timeout_min "
-        f"({settings.promote.approval_timeout_min} min), keeps {champion}."])
+        f"({settings.promote.approval_timeout_min:g} min), keeps {champion}."])
     return f"Promote {challenger} over champion {champion}?", body
 
 

@@ -108,9 +108,10 @@ def _stop(server: subprocess.Popen[bytes]) -> None:
 
 
 @contextlib.contextmanager
-def standalone_airflow(root: Path) -> Iterator[Airflow]:
+def standalone_airflow(root: Path, **settings: str) -> Iterator[Airflow]:
     """`make airflow`'s script (scheduler, DAG processor, triggerer, API server and UI) on the project at `root`
-    (its params.yaml written), on free ports; stopped with everything it started."""
+    (its params.yaml written), on free ports, with Airflow `settings` (AIRFLOW__... variables) added; stopped
+    with everything it started."""
     env = {
         **os.environ,
         "AIRFLOW_HOME": str(root / ".airflow"),  # `make test` exports the repository's own
@@ -119,6 +120,7 @@ def standalone_airflow(root: Path) -> Iterator[Airflow]:
         # the log servers' fixed ports would clash with a `make airflow` running on this machine
         "AIRFLOW__LOGGING__WORKER_LOG_SERVER_PORT": str(free_port()),
         "AIRFLOW__LOGGING__TRIGGER_LOG_SERVER_PORT": str(free_port()),
+        **settings,
     }
     log_path = root / "airflow.log"
     with log_path.open("w") as log:

@@ -49,7 +49,8 @@ def project(two_models, tmp_path_factory) -> tuple[Path, str]:
 
 @pytest.fixture(scope="module")
 def airflow(project) -> Iterator[Airflow]:
-    with standalone_airflow(project[0]) as running:
+    # the scheduler's sweep of expired approval requests every 2 s instead of 15: a timeout lands when it is due
+    with standalone_airflow(project[0], AIRFLOW__SCHEDULER__TRIGGER_TIMEOUT_CHECK_INTERVAL="2") as running:
         yield running
 
 
@@ -62,7 +63,7 @@ def api(airflow) -> requests.Session:
     return session
 
 
-def _new_challenger(root: Path, name: str, timeout_min: int = 30) -> str:
+def _new_challenger(root: Path, name: str, timeout_min: float = 30) -> str:
     """The challenger again under a new version name (a new release of the same weak model), and the approval
     timeout of the next run."""
     metadata = root / "models" / "challenger" / "metadata.json"
@@ -100,7 +101,7 @@ def _waiting(api: requests.Session, airflow: Airflow, run: subprocess.Popen[str]
         found = [r for r in answer.json()["hitl_details"] if version in r["subject"]] if answer.ok else []
         if found:
             return found[0]
-        time.sleep(2)
+        time.sleep(0.5)
     raise AssertionError("no approval request within 300 s")
 
 
@@ -134,7 +135,8 @@ def test_a_borderline_challenger_waits_and_a_rejection_keeps_the_champion(projec
 
 def test_no_answer_in_time_rejects(project, airflow, api):
     root, champion = project
-    version = _new_challenger(root, "timed-out", timeout_min=1)
+    # a fractional timeout, as a user may set one: 15 s, long enough for the request to be seen waiting first
+    version = _new_challenger(root, "timed-out", timeout_min=0.25)
     with _run(root, airflow) as run:
         _waiting(api, airflow, run, root, version)  # and nobody answers: the scheduler's sweep applies the default
     registry = Registry(root / "models" / "registry")

@@ -47,7 +47,7 @@ def _wait_for_dag(api: requests.Session, url: str) -> None:
     deadline = time.monotonic() + 120
     while (answer := _get(api, f"{url}/api/v2/dags/{DAG_ID}")) is None or answer.status_code != 200:
         assert time.monotonic() < deadline, f"{DAG_ID} not parsed in 120 s"
-        time.sleep(2)
+        time.sleep(0.5)
 
 
 def _trigger(page: Page, url: str) -> None:
@@ -74,7 +74,7 @@ def _finished_runs(api: requests.Session, url: str) -> list[dict[str, Any]]:
             runs = answer.json()["dag_runs"]  # else the last runs seen: a missed poll is no answer
         if (runs and all(r["state"] in ("success", "failed") for r in runs)) or time.monotonic() > deadline:
             return runs
-        time.sleep(5)
+        time.sleep(1)  # a poll is one cheap API call: the run's end is seen within a second
 
 
 def test_training_pipeline_triggered_from_the_ui_succeeds(airflow: Airflow, tmp_path: Path) -> None:

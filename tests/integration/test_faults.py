@@ -122,7 +122,8 @@ def test_concurrent_runs_are_serialized_with_a_clear_message(tmp_path):
     assert refused.returncode == 2
     assert f"another pipeline run holds {lock}" in refused.stderr and f"pid {first.pid}" in refused.stderr
 
-    second = amaas("run", root=tmp_path)  # waits for the first, then runs
+    # one stage takes the lock as a whole run does, and costs seconds instead of a second training
+    second = amaas("collect", root=tmp_path)  # waits for the first, then runs
     assert "waiting for another pipeline run on this project to finish" in second.stderr
     assert first.wait(timeout=10) == 0  # the first had finished before the second could start
     assert json.loads(second.stdout.splitlines()[0])["collect"]["new_rows"] == 0

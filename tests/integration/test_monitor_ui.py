@@ -1,9 +1,10 @@
 """The Evidently UI as `make monitor` starts it, after days of monitoring: the dashboard's panels have points.
 
-Day 0 is a whole `amaas run` (the first report watches the challenger; promote then crowns it), then three
-simulator days of collect, validate and report against that champion. `python -m pipelines.monitor_ui` serves
-reports/workspace; Chromium opens the project's dashboard and finds each panel by its title with a point per
-day for each of its series. The screenshot is kept as docs/monitoring_dashboard.png (the README shows it).
+Day 0 is a whole `amaas run` (a copy of the session's trained_project: the first report watches the challenger;
+promote then crowns it), then three simulator days of collect, validate and report against that champion.
+`python -m pipelines.monitor_ui` serves reports/workspace; Chromium opens the project's dashboard and finds each
+panel by its title with a point per day for each of its series. The screenshot is kept as
+docs/monitoring_dashboard.png (the README shows it).
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import contextlib
 import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import time
@@ -24,7 +26,7 @@ from playwright.sync_api import Error as PlaywrightError
 from playwright.sync_api import Locator, Page, sync_playwright
 
 from pipelines.workspace import PROJECT_ID, panels
-from tests.conftest import BIN, REPO, amaas, free_port, launch_chromium, wait_until, write_params
+from tests.conftest import BIN, REPO, amaas, free_port, launch_chromium, wait_until
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(1500)]
 DAYS = 3  # monitoring days after the training run
@@ -41,12 +43,12 @@ def _next_day(root: Path) -> None:
 
 
 @pytest.fixture(scope="module")
-def monitored(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A project after a training run and DAYS days of monitoring."""
+def monitored(trained_project: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A project after a training run (a copy of the session's, without what its servers logged) and DAYS days of
+    monitoring."""
     root = tmp_path_factory.mktemp("monitored")
-    write_params(root)
-    done = amaas("run", root=root, check=False)
-    assert done.returncode == 0, done.stderr[-3000:]
+    shutil.copytree(trained_project, root, dirs_exist_ok=True, symlinks=True,
+                    ignore=shutil.ignore_patterns("logs", "serve.log"))
     for _ in range(DAYS):
         _next_day(root)
         for stage in ("collect", "validate", "report"):
