@@ -125,7 +125,8 @@ def delegate(stage: str, argv: list[str]) -> int | None:
         sock.connect(address(key))
     except OSError:  # none listening: start one for the commands that follow
         sock.close()
-        _start_host(key)
+        with contextlib.suppress(OSError):  # no host (an unwritable temp folder, say): the stage runs here anyway
+            _start_host(key)
         return None
     with sock:
         if _peer_uid(sock) != os.getuid():  # only a host of our own user runs our stages
