@@ -140,6 +140,16 @@ def data(tmp_path_factory: pytest.TempPathFactory) -> tuple[Any, ...]:
 
 
 @pytest.fixture(scope="session")
+def blended(data: tuple[Any, ...]) -> Any:
+    """A blending ensemble of the configured learners fitted on `data` once for the session, for the tests that
+    only save, load and predict with one (none of them changes it)."""
+    from pipelines.models import Ensemble, build_learners
+
+    settings, transform, X, y, Xv, yv = data
+    return Ensemble(build_learners(settings, transform), "blending").fit(X, y, Xv, yv)
+
+
+@pytest.fixture(scope="session")
 def trained_project(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A project folder after one full `amaas run` on small data (shared by slow tests); the distilled student
     serves (serve.model: student)."""

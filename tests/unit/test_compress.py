@@ -209,6 +209,7 @@ def gated(project: Path) -> dict[str, Any]:
         return _compress(project, **{"compress.min_speedup": 1.0, "compress.max_metric_loss": 0.02})[1]
 
 
+@pytest.mark.slow  # the stages up to evaluate on a small project, then compress with every core busy
 def test_the_gate_picks_a_passing_student_and_serves_what_it_measured(project, gated):
     report = gated
     trained = ModelBundle.load(project / "models" / "trained")
@@ -236,6 +237,7 @@ def test_the_gate_picks_a_passing_student_and_serves_what_it_measured(project, g
     np.testing.assert_allclose(predictions["proba_1"], challenger.predict(recent)[:, 1])
 
 
+@pytest.mark.slow  # the stages up to evaluate on a small project (the fixture the gate test shares)
 def test_a_too_weak_student_leaves_the_ensemble_serving(project):
     _, report = _compress(project, **{**UNMEASURED, "compress.student.n_estimators": 1,
                                       "compress.student.num_leaves": 2, "compress.min_speedup": 1.0,
@@ -249,6 +251,7 @@ def test_a_too_weak_student_leaves_the_ensemble_serving(project):
     assert challenger.version == trained.version and challenger.ensemble.names == trained.ensemble.names
 
 
+@pytest.mark.slow  # the stages up to compress on a small project
 def test_serve_model_forces_the_int8_ensemble(project, gated):
     before = (project / "reports" / "compression.json").read_text()
     with pytest.raises(ValueError, match="no quantized candidate.*serve.model: auto"):  # before any work
@@ -263,6 +266,7 @@ def test_serve_model_forces_the_int8_ensemble(project, gated):
     assert set(report["mlp_int8"]) == {"float32", "int8"} and report["mlp_int8"]["int8"]["speedup"] > 0
 
 
+@pytest.mark.slow  # the stages up to compress on a small project, then promote
 def test_promotion_rejects_a_challenger_over_the_latency_or_cost_limit(project, gated, caplog, capsys):
     paths = Paths(project)  # the challenger of the last compress run of this module
     report = read_json(paths.compression_report)

@@ -5,35 +5,52 @@ from __future__ import annotations
 
 import json
 import subprocess
+from pathlib import Path
+
+import pytest
 
 from pipelines.runner import STAGES
 from tests.conftest import BIN, HEAVY, REPO, airflow_env, write_params
 
 
-def _parse(root) -> dict:
-    """The DAGs as Airflow's DagBag parses them with the settings of the project at `root`."""
+def _parse(*roots: Path) -> list[dict]:
+    """The DAGs as Airflow's DagBag parses them with the settings of the project at each of `roots`, in one
+    process (Airflow's import is most of the cost): a DagBag per root, the DAG files re-imported each time with
+    that project's $AMAAS_ROOT and $AMAAS_PARAMS. `heavy`: the libraries loaded once all of them were parsed."""
     script = (
-        "import json, sys; from airflow.dag_processing.dagbag import DagBag\n"
-        f"bag = DagBag(dag_folder={str(REPO / 'dags')!r})\n"
-        f"heavy = sorted(m for m in {HEAVY!r} if m in sys.modules)\n"
-        "print(json.dumps({'heavy': heavy, 'errors': {k: str(v) for k, v in bag.import_errors.items()},\n"
-        "'dags': {d.dag_id: {"
+        "import json, os, sys; from airflow.dag_processing.dagbag import DagBag\n"
+        "found = []\n"
+        f"for root in {[str(r) for r in roots]!r}:\n"
+        "    os.environ['AMAAS_ROOT'], os.environ['AMAAS_PARAMS'] = root, os.path.join(root, 'params.yaml')\n"
+        f"    bag = DagBag(dag_folder={str(REPO / 'dags')!r})\n"
+        "    found.append({'errors': {k: str(v) for k, v in bag.import_errors.items()},\n"
+        "    'dags': {d.dag_id: {"
         "'order': [t.task_id for t in d.topological_sort()],"
         "'retries': {t.task_id: [t.retries, t.retry_exponential_backoff] for t in d.tasks},"
         "'params': sorted(d.params), 'doc': bool(d.doc_md), 'owners': sorted({t.owner for t in d.tasks}),"
         "'schedule': type(d.timetable).__name__, 'outlets': {t.task_id: [a.name for a in t.outlets] for t in d.tasks"
         " if t.outlets},"
         "'on_failure': {t.task_id: [repr(c) for c in t.on_failure_callback] for t in d.tasks}}"
-        " for d in bag.dags.values()}}))\n"
+        " for d in bag.dags.values()}})\n"
+        f"heavy = sorted(m for m in {HEAVY!r} if m in sys.modules)\n"
+        "print(json.dumps([{**f, 'heavy': heavy} for f in found]))\n"
     )
-    proc = subprocess.run([str(BIN / "python"), "-c", script], env=airflow_env(root), capture_output=True,
+    proc = subprocess.run([str(BIN / "python"), "-c", script], env=airflow_env(roots[0]), capture_output=True,
                           text=True, check=True)
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
-def test_dags_import_without_errors_and_follow_stage_order(tmp_path):
-    write_params(tmp_path, **{"pipeline.owner": "risk-team"})
-    result = _parse(tmp_path)
+@pytest.fixture(scope="module")
+def parsed(tmp_path_factory: pytest.TempPathFactory) -> dict[str, dict]:
+    """The DAGs parsed with a project whose owner is set, and with one whose training is scheduled on an asset."""
+    owned, on_asset = tmp_path_factory.mktemp("owned"), tmp_path_factory.mktemp("asset")
+    write_params(owned, **{"pipeline.owner": "risk-team"})
+    write_params(on_asset, **{"pipeline.training_trigger": "asset"})
+    return dict(zip(("owned", "asset"), _parse(owned, on_asset), strict=True))
+
+
+def test_dags_import_without_errors_and_follow_stage_order(parsed):
+    result = parsed["owned"]
     assert result["errors"] == {}
     assert result["heavy"] == []  # DAG files are parsed often: the stages' libraries load in the tasks, not here
     dags = result["dags"]
@@ -62,13 +79,14 @@ def test_dags_import_without_errors_and_follow_stage_order(tmp_path):
         assert {task: calls for task, calls in found["on_failure"].items() if calls != [alert]} == {}, dag_id
 
 
-def test_training_can_be_scheduled_on_the_retrain_needed_asset(tmp_path):
+def test_training_can_be_scheduled_on_the_retrain_needed_asset(parsed):
     """pipeline.training_trigger: asset: monitoring no longer triggers training_pipeline by id; training is
     scheduled on monitoring's retrain_needed asset (or its weekly schedule)."""
-    write_params(tmp_path, **{"pipeline.training_trigger": "asset"})
-    dags = _parse(tmp_path)["dags"]
+    assert parsed["asset"]["errors"] == {}
+    dags = parsed["asset"]["dags"]
     assert "trigger_training" not in dags["monitoring"]["order"]
     assert dags["training_pipeline"]["schedule"] == "AssetOrTimeSchedule"
+    assert parsed["owned"]["dags"]["training_pipeline"]["schedule"] != "AssetOrTimeSchedule"  # each its own params
 
 
 def test_a_dag_task_freezes_its_heap_at_exit(tmp_path, monkeypatch):

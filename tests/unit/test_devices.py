@@ -16,10 +16,9 @@ from pipelines.models import base as models_base
 from tests.unit.test_transform_models import _small
 
 
-def test_a_bundle_trained_on_cuda_loads_and_predicts_on_cpu(data, tmp_path):
+def test_a_bundle_trained_on_cuda_loads_and_predicts_on_cpu(data, blended, tmp_path):
     """What a GPU machine writes (every learner asked for cuda and trained there) loads where there is none."""
-    settings, transform, X, y, Xv, yv = data
-    ens = Ensemble(build_learners(settings, transform), "blending").fit(X, y, Xv, yv)
+    Xv, ens = data[4], blended
     expected = ens.predict_proba(Xv)
     ens.save(tmp_path / "e")
     for name in ens.names:  # as train.device: cuda leaves them
@@ -113,7 +112,9 @@ def test_without_a_gpu_learners_train_one_after_another(data, monkeypatch):
     rec = _Recorder()
     for cls in (LightGBMLearner, XGBoostLearner, MLPLearner):
         rec.wrap(cls, monkeypatch)
-    Ensemble(build_learners(settings, transform), "blending").fit(X, y, Xv, yv)
+    small = [lr.set_params(**{"epochs" if lr.kind == "mlp" else "n_estimators": 5})  # what runs when, not how
+             for lr in build_learners(settings, transform)]                            # well: a few rounds each
+    Ensemble(small, "blending").fit(X, y, Xv, yv)
     spans = sorted((c[1], c[2]) for c in rec.calls.values())
     assert {c[0] for c in rec.calls.values()} == {threading.current_thread().name}
     assert all(a[1] <= b[0] for a, b in zip(spans, spans[1:], strict=False))  # no overlap

@@ -108,6 +108,7 @@ def test_read_json_names_the_file(tmp_path):
         read_json(file)
 
 
+@pytest.mark.slow  # collect, validate, prepare, train, compress, promote, then train, compress and promote again
 def test_lost_aliases_never_let_a_failed_challenger_through(tmp_path):
     settings = load_settings(write_params(tmp_path, **TINY))
     paths = Paths(tmp_path)

@@ -183,19 +183,112 @@ def test_gateway_reads_settings_on_first_use_not_when_built(gateway, tmp_path):
     assert 0 < calls == len(loads)  # read once, then kept
 
 
-def test_importing_the_service_reads_no_settings(tmp_path):
-    """BentoML imports bentos/service.py to find the service (and `bentoml build` does so at packaging):
-    params.yaml is read when the server starts, so a missing one does not break the import."""
+# Checks run in the interpreter of service_module, in this order (the last one turns batching off).
+SERVICE_CHECKS = {"challenger": """import bentos.service as s
+
+class Bundle:
+    def __init__(self, version): self.version = version
+
+class Registry:
+    store = None  # one host: the aliases in files
+    def __init__(self, aliases): self._aliases, self.loads = aliases, []
+    def aliases(self): return self._aliases
+    def load(self, version):
+        self.loads.append(version)
+        if version == "broken": raise FileNotFoundError("model.txt is missing")
+        return Bundle(version)
+
+models = s.Models(Bundle("v1"))
+registry = Registry({"champion": "v2", "challenger": "broken"})
+models.follow(registry)
+assert models.current["champion"].version == "v2" and models.current["challenger"] is None
+assert models.routing() == (0.0, False)
+models.follow(registry)
+assert registry.loads == ["v2", "broken"]  # not tried again every interval
+registry._aliases = {"champion": "v2", "challenger": "v3"}
+models.follow(registry)
+assert models.current["challenger"].version == "v3"
+
+entered = []  # loads happen inside `loading` (the workers' rolling lock), which is taken only to load
+class Loading:
+    def __enter__(self): entered.append(("in", len(registry.loads)))
+    def __exit__(self, *exc): entered.append(("out", len(registry.loads)))
+registry._aliases = {"champion": "v3", "challenger": None}  # the challenger promoted: it serves as it is
+models.follow(registry, Loading)
+assert models.current == {"champion": models.current["champion"], "challenger": None}
+assert models.current["champion"].version == "v3" and registry.loads == ["v2", "broken", "v3"] and entered == []
+registry._aliases = {"champion": "v4", "challenger": "v5"}
+models.follow(registry, Loading)
+assert entered == [("in", 3), ("out", 5)] and [b.version for b in models.current.values()] == ["v4", "v5"]
+""", "batching": """import asyncio, functools, threading
+import pytest
+import bentos.service as s
+
+class Factory:  # BentoML's ServiceAppFactory: its routes call its api_endpoint_wrapper
+    def __init__(self): self.batched = []
+    async def api_endpoint_wrapper(self, name, request): raise AssertionError("not the route")
+    async def batch_infer(self, name, args, kwargs):
+        self.batched.append((name, args[0]))
+        return [{"value": 2.0} for _ in args[0]]
+
+class Route:
+    def __init__(self, name, endpoint): self.name, self.endpoint = name, endpoint
+
+factory = Factory()
+app = type("App", (), {"routes": [Route("index", lambda request: None),
+                                  Route("predict", functools.partial(factory.api_endpoint_wrapper, "predict"))]})()
+shared, rows = s._Shared(), [{"a": 1}, {"a": 2}]
+assert asyncio.run(shared.predict({"app": app}, rows)) == [{"value": 2.0}] * 2
+assert factory.batched == [("predict", rows)]
+shared.cached_answer = lambda rows: [{"value": 3.0}] * len(rows) if rows[0]["a"] == 1 else None
+assert asyncio.run(shared.predict({"app": app}, rows)) == [{"value": 3.0}] * 2 and len(factory.batched) == 1
+assert asyncio.run(shared.predict({"app": app}, [{"a": 2}])) == [{"value": 2.0}] and len(factory.batched) == 2
+with pytest.raises(RuntimeError, match="no predict route"):
+    asyncio.run(s._Shared().predict({"app": type("App", (), {"routes": []})()}, rows))
+
+s.ARGS.batching = False  # each request on the model's thread, one at a time
+threads = []
+unbatched = s._Shared()
+unbatched.answer = lambda rows: threads.append(threading.current_thread()) or [{"value": 4.0}] * len(rows)
+assert asyncio.run(unbatched.predict({"app": app}, rows)) == [{"value": 4.0}] * 2 and len(factory.batched) == 2
+assert threads and threads[0] is not threading.main_thread()
+"""}
+
+
+@pytest.fixture(scope="module")
+def service_module(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    """bentos/service.py imported in an interpreter of its own (it sets OpenMP's policy and BentoML's arguments
+    at import), as a server of a project whose params.yaml is missing would import it; then, the project's
+    params.yaml written, each check of SERVICE_CHECKS run there in turn, in that one process (importing BentoML
+    is most of the cost). Per check: "ok" or the traceback."""
+    tmp_path = tmp_path_factory.mktemp("service")
     root = Path(__file__).resolve().parents[2]
-    env = {**os.environ, "AMAAS_ROOT": str(tmp_path), "AMAAS_PARAMS": str(tmp_path / "missing.yaml"),
+    env = {**os.environ, "AMAAS_ROOT": str(tmp_path), "AMAAS_PARAMS": str(tmp_path / "params.yaml"),
            "BENTOML_HOME": str(tmp_path / "bentoml"), "BENTOML_DO_NOT_TRACK": "True",
            "PYTHONPATH": os.pathsep.join([str(root), os.environ.get("PYTHONPATH", "")])}
-    code = ("import bentos.service as s; assert s.settings.cache_info().currsize == 0; "
-            "print(s.AmaasService.name)")
+    code = f"""
+import json, traceback
+import bentos.service as s
+found = {{"import": [s.settings.cache_info().currsize, s.AmaasService.name]}}
+s.PARAMS.write_text({(root / "params.yaml").read_text()!r})
+for name, check in {SERVICE_CHECKS!r}.items():
+    try:
+        exec(check, {{"__name__": name}})
+        found[name] = "ok"
+    except BaseException:
+        found[name] = traceback.format_exc()
+print(json.dumps(found))
+"""
     done = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True,
                           timeout=120)
     assert done.returncode == 0, done.stderr[-3000:]
-    assert done.stdout.strip().endswith("amaas_service")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def test_importing_the_service_reads_no_settings(service_module):
+    """BentoML imports bentos/service.py to find the service (and `bentoml build` does so at packaging):
+    params.yaml is read when the server starts, so a missing one does not break the import."""
+    assert service_module["import"] == [0, "amaas_service"]
 
 
 def test_gateway_answers_401_413_422_and_scores_tagged_rows(gateway):
@@ -531,56 +624,10 @@ def test_bentoml_request_timeouts_leave_no_timer_behind_and_still_answer_504():
     assert late == [504] and 0.15 < timed_out < 2
 
 
-def test_a_challenger_that_does_not_load_leaves_the_champion_serving_everything(tmp_path):
+def test_a_challenger_that_does_not_load_leaves_the_champion_serving_everything(service_module):
     """A broken challenger once kept the server from starting (and, running, from following the registry at all),
     even at canary share 0 where it answers nothing."""
-    root = Path(__file__).resolve().parents[2]
-    env = {**os.environ, "BENTOML_HOME": str(tmp_path / "bentoml"), "BENTOML_DO_NOT_TRACK": "True",
-           "PYTHONPATH": os.pathsep.join([str(root), os.environ.get("PYTHONPATH", "")])}
-    env.pop("AMAAS_ROOT", None)
-    code = """
-import bentos.service as s
-
-class Bundle:
-    def __init__(self, version): self.version = version
-
-class Registry:
-    store = None  # one host: the aliases in files
-    def __init__(self, aliases): self._aliases, self.loads = aliases, []
-    def aliases(self): return self._aliases
-    def load(self, version):
-        self.loads.append(version)
-        if version == "broken": raise FileNotFoundError("model.txt is missing")
-        return Bundle(version)
-
-models = s.Models(Bundle("v1"))
-registry = Registry({"champion": "v2", "challenger": "broken"})
-models.follow(registry)
-assert models.current["champion"].version == "v2" and models.current["challenger"] is None
-assert models.routing() == (0.0, False)
-models.follow(registry)
-assert registry.loads == ["v2", "broken"]  # not tried again every interval
-registry._aliases = {"champion": "v2", "challenger": "v3"}
-models.follow(registry)
-assert models.current["challenger"].version == "v3"
-
-entered = []  # loads happen inside `loading` (the workers' rolling lock), which is taken only to load
-class Loading:
-    def __enter__(self): entered.append(("in", len(registry.loads)))
-    def __exit__(self, *exc): entered.append(("out", len(registry.loads)))
-registry._aliases = {"champion": "v3", "challenger": None}  # the challenger promoted: it serves as it is
-models.follow(registry, Loading)
-assert models.current == {"champion": models.current["champion"], "challenger": None}
-assert models.current["champion"].version == "v3" and registry.loads == ["v2", "broken", "v3"] and entered == []
-registry._aliases = {"champion": "v4", "challenger": "v5"}
-models.follow(registry, Loading)
-assert entered == [("in", 3), ("out", 5)] and [b.version for b in models.current.values()] == ["v4", "v5"]
-print("ok")
-"""
-    done = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True,
-                          timeout=120)
-    assert done.returncode == 0, done.stderr[-3000:]
-    assert done.stdout.strip().endswith("ok")
+    assert service_module["challenger"] == "ok", service_module["challenger"]
 
 
 def test_answers_are_strict_compact_json_with_numpy_numbers_as_numbers():
@@ -592,52 +639,10 @@ def test_answers_are_strict_compact_json_with_numpy_numbers_as_numbers():
         b'[{"label":"a","probability":0.5,"n":2}]')
 
 
-def test_the_gateways_rows_go_to_bentomls_batching_unless_the_cache_has_them_all(tmp_path):
+def test_the_gateways_rows_go_to_bentomls_batching_unless_the_cache_has_them_all(service_module):
     """The service's side of the gateway (MODELS.predict): all cached, answered at once; else into the adaptive
     batching of BentoML's app behind the request (found by its predict route), or, batching off, on a thread."""
-    root = Path(__file__).resolve().parents[2]
-    env = {**os.environ, "BENTOML_HOME": str(tmp_path / "bentoml"), "BENTOML_DO_NOT_TRACK": "True",
-           "PYTHONPATH": os.pathsep.join([str(root), os.environ.get("PYTHONPATH", "")])}
-    env.pop("AMAAS_ROOT", None)
-    code = """
-import asyncio, functools, threading
-import pytest
-import bentos.service as s
-
-class Factory:  # BentoML's ServiceAppFactory: its routes call its api_endpoint_wrapper
-    def __init__(self): self.batched = []
-    async def api_endpoint_wrapper(self, name, request): raise AssertionError("not the route")
-    async def batch_infer(self, name, args, kwargs):
-        self.batched.append((name, args[0]))
-        return [{"value": 2.0} for _ in args[0]]
-
-class Route:
-    def __init__(self, name, endpoint): self.name, self.endpoint = name, endpoint
-
-factory = Factory()
-app = type("App", (), {"routes": [Route("index", lambda request: None),
-                                  Route("predict", functools.partial(factory.api_endpoint_wrapper, "predict"))]})()
-shared, rows = s._Shared(), [{"a": 1}, {"a": 2}]
-assert asyncio.run(shared.predict({"app": app}, rows)) == [{"value": 2.0}] * 2
-assert factory.batched == [("predict", rows)]
-shared.cached_answer = lambda rows: [{"value": 3.0}] * len(rows) if rows[0]["a"] == 1 else None
-assert asyncio.run(shared.predict({"app": app}, rows)) == [{"value": 3.0}] * 2 and len(factory.batched) == 1
-assert asyncio.run(shared.predict({"app": app}, [{"a": 2}])) == [{"value": 2.0}] and len(factory.batched) == 2
-with pytest.raises(RuntimeError, match="no predict route"):
-    asyncio.run(s._Shared().predict({"app": type("App", (), {"routes": []})()}, rows))
-
-s.ARGS.batching = False  # each request on the model's thread, one at a time
-threads = []
-unbatched = s._Shared()
-unbatched.answer = lambda rows: threads.append(threading.current_thread()) or [{"value": 4.0}] * len(rows)
-assert asyncio.run(unbatched.predict({"app": app}, rows)) == [{"value": 4.0}] * 2 and len(factory.batched) == 2
-assert threads and threads[0] is not threading.main_thread()
-print("ok")
-"""
-    done = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True,
-                          timeout=120)
-    assert done.returncode == 0, done.stderr[-3000:]
-    assert done.stdout.strip().endswith("ok")
+    assert service_module["batching"] == "ok", service_module["batching"]
 
 
 def test_each_server_counts_its_metrics_in_a_folder_of_its_own(tmp_path):

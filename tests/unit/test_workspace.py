@@ -178,6 +178,8 @@ def test_a_report_run_adds_its_snapshots_with_the_plotted_values(tmp_path, monke
     monkeypatch.setattr(report, "load_reference", lambda s, p: reference)
     paths.quarantine.mkdir(parents=True)
     pd.DataFrame({"batch": ["2026-01-02"] * 4 + ["2026-01-01"]}).to_parquet(paths.quarantined_rows)
+    into_workspace, calls = report._to_workspace, []
+    monkeypatch.setattr(report, "_to_workspace", lambda *args: calls.append(args) or into_workspace(*args))
     result = report.run(settings, paths)
     stored = _snapshots(paths.workspace)
     assert set(stored) == {"data_drift", "prediction_drift", "performance", "values"}
@@ -195,11 +197,18 @@ def test_a_report_run_adds_its_snapshots_with_the_plotted_values(tmp_path, monke
     history = json.loads(paths.monitoring_history.read_text())
     assert [(h["current"], h["champion"]) for h in history] == [("batch 2026-01-02", "v1")]
 
-    # the same batch again: its snapshots replaced; a change is judged against the batch before, never itself
+    # the same batch again: its snapshots replaced; a change is judged against the batch before, never itself.
+    # Once through the whole stage; the other histories through its last step alone, with this run's reports
+    # (each run of the stage renders four Evidently reports, a second or more of them).
     for before, changed in (("v1", 0), ("v0", 1), (None, 1)):
-        paths.monitoring_history.write_text(json.dumps([{"current": "batch 2026-01-01", "champion": before},
-                                                        {"current": "batch 2026-01-02", "champion": "v1"}]))
-        report.run(settings, paths)
+        history = [{"current": "batch 2026-01-01", "champion": before},
+                   {"current": "batch 2026-01-02", "champion": "v1"}]
+        if before == "v1":
+            paths.monitoring_history.write_text(json.dumps(history))
+            report.run(settings, paths)
+        else:
+            *args, _ = calls[-1]
+            report._to_workspace(*args, history)
         assert len(list((Paths(tmp_path).workspace / str(ws.PROJECT_ID) / ws.SNAPSHOTS_DIR).glob("*.json"))) == 4
         assert _values(_snapshots(paths.workspace)["values"])["champion_changed"] == changed, before
 
