@@ -60,15 +60,20 @@ READY_WAIT_S = 120.0  # a command waits this long for the host to take its stage
 # Variables that differ between the stage commands of one pipeline run and are read when the stage runs, not
 # when a library is imported: left out of the host's digest (names, and prefixes ending in "_").
 PER_COMMAND_ENV = ("PWD", "OLDPWD", "SHLVL", "_", USAGE_ENV, "DVC_", "AIRFLOW_CTX_", "PYTEST_")
-# What the stages import, in the order they need it (a stage that comes during the preload waits only for what
-# comes before it): validate's Great Expectations first, then the learners of train, evaluate and compress, then
-# report's Evidently. bentoml is not here: it reads its settings (BENTOML_HOME) when imported; only package needs it.
+# What the stages import, in the order they need it: validate's Great Expectations first, then the learners of
+# train, evaluate and compress. The host takes a command between one module and the next, so a stage that comes
+# during the preload waits only for what comes before it (a stage process imports what its host lacks).
+# bentoml is not here: it reads its settings (BENTOML_HOME) when imported; only package needs it.
 PRELOAD = ("pipelines.cli", "great_expectations", "pipelines.stages.collect", "pipelines.stages.validate",
            "pipelines.stages.prepare", "sklearn.metrics", "scipy.stats", "torch", "lightgbm", "xgboost",
            "pipelines.models.ensemble", "pipelines.models.gbm", "pipelines.models.mlp", "pipelines.bundle",
            "pipelines.metrics", "pipelines.stages.train", "pipelines.stages.evaluate", "pipelines.compression",
-           "pipelines.stages.compress", "pipelines.explain", "evidently", "pipelines.stages.report",
-           "pipelines.stages.package", "pipelines.stages.promote", "pipelines.stages.deploy")
+           "pipelines.stages.compress", "pipelines.explain")
+# What report needs, imported by a successor forked from the host once PRELOAD is in: Evidently alone takes
+# seconds to import, and a host busy with it could take no command meanwhile (train would wait for it). The host
+# serves until its successor has imported these, then hands over to it and ends.
+LATE_PRELOAD = ("evidently", "pipelines.stages.report", "pipelines.stages.package", "pipelines.stages.promote",
+                "pipelines.stages.deploy")
 CODE_ROOT = Path(__file__).resolve().parent
 STREAMS = (0, 1, 2)
 # messages from the host: ready, run it yourself, the stage's end; from the command: go, a signal
@@ -241,9 +246,7 @@ HOST_MAIN = ("import json, sys; sys.path[:] = json.loads(sys.argv[2]); from pipe
 
 def serve(key: str, code_root: str) -> int:
     """Listen at the address of `key`, preload, and run each command's stage in a process forked for it, until
-    idle. Commands are taken between one preloaded module and the next, so a stage that comes early does not
-    wait for the libraries of later ones (PRELOAD has validate's first). A second host for the same key finds the
-    address taken and leaves at once."""
+    idle. A second host for the same key finds the address taken and leaves at once."""
     listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
         listener.bind(address(key))  # taken at once: commands that come during the preload wait for it
@@ -257,38 +260,99 @@ def serve(key: str, code_root: str) -> int:
         refusal = f"no pidfd here ({exc})"
     if refusal:
         _note(f"{refusal}: commands run their stages themselves")
-    started = last = time.monotonic()
-    wall, cpu = time.perf_counter(), time.process_time()
-    PRELOADED.update(host_pid=os.getpid(), preloaded=False)
-    to_load = [] if refusal else list(PRELOAD)
-    supervisors: set[int] = set()
-    while True:
-        supervisors -= _reaped(supervisors)
-        now = time.monotonic()
-        if not supervisors and not to_load and (now - last > IDLE_S or now - started > LIFETIME_S):
-            break
-        if now - started > LIFETIME_S and listener.fileno() >= 0:
-            listener.close()  # the next command starts a fresh host; this one finishes what it runs
-        if listener.fileno() >= 0 and select.select([listener], [], [], 0 if to_load else 1.0)[0]:
-            last = time.monotonic()
-            if (pid := _take(listener, refusal)) is not None:
-                supervisors.add(pid)
-        elif to_load:
-            try:
-                importlib.import_module(to_load.pop(0))
-            except Exception as exc:  # a broken environment: commands run their stages themselves, as without
-                refusal, to_load = f"preload failed: {exc!r}", []
-            if not to_load:
-                PRELOADED.update(preloaded=refusal is None, preload_s=round(time.perf_counter() - wall, 3),
-                                 preload_cpu_s=round(time.process_time() - cpu, 3))
-                _note(refusal or f"preloaded in {PRELOADED['preload_s']:.2f} s ({PRELOADED['preload_cpu_s']:.2f} "
-                                 f"CPU s), {len(sys.modules)} modules")
-        elif listener.fileno() < 0:
-            time.sleep(1.0)
-    _note(f"exits after {time.monotonic() - started:.0f} s")
+    refusal = _Host(listener, refusal).run()
     if refusal is None and (log := log_path(key)) != Path(os.devnull):  # nothing went wrong: nothing to keep
         log.unlink(missing_ok=True)
     return 0
+
+
+class _Host:
+    """The host's loop: take commands, import PRELOAD between them, then fork the successor that imports
+    LATE_PRELOAD and hand over to it once it has; end when idle (or, handed over, when its stages are done)."""
+
+    def __init__(self, listener: socket.socket, refusal: str | None) -> None:
+        self.listener, self.refusal = listener, refusal
+        self.to_load = [] if refusal else list(PRELOAD)
+        self.late = [] if refusal else list(LATE_PRELOAD)
+        self.started = self.last = time.monotonic()
+        self.wall, self.cpu, self.cpu_before = time.perf_counter(), time.process_time(), 0.0
+        self.supervisors: set[int] = set()
+        self.forked: set[int] = set()  # a successor: reaped, not waited for
+        self.successor: int | None = None  # the read end of a pipe: a byte once the successor has its imports
+        self.announce: int | None = None  # in a successor: that pipe's write end
+        self.handed_over = False
+        PRELOADED.update(host_pid=os.getpid(), preloaded=False)
+
+    def run(self) -> str | None:
+        while not self._done():
+            if not self.to_load and self.late and self.successor is None and self.refusal is None:
+                self._fork_successor()
+            taking = self.announce is None  # a successor takes commands once it has its imports
+            watched = [f for f in (self.listener.fileno() if taking else -1, self.successor)
+                       if f is not None and f >= 0]
+            ready = select.select(watched, [], [], 0 if self.to_load else 1.0)[0] if watched else []
+            if self.successor is not None and self.successor in ready:
+                if os.read(self.successor, 1):  # the successor has its imports: it takes the commands from now on
+                    self.handed_over = True
+                    self.listener.close()
+                    _note(f"handed over to a successor after {time.monotonic() - self.started:.0f} s")
+                os.close(self.successor)  # (nothing read: it died, and this host goes on without its imports)
+                self.successor = None
+            elif taking and self.listener.fileno() in ready:
+                self.last = time.monotonic()
+                if (pid := _take(self.listener, self.refusal)) is not None:
+                    self.supervisors.add(pid)
+            elif self.to_load:
+                self._load(self.to_load.pop(0))
+            elif not watched:
+                time.sleep(1.0)
+        if not self.handed_over:
+            _note(f"exits after {time.monotonic() - self.started:.0f} s")
+        return self.refusal
+
+    def _done(self) -> bool:
+        self.supervisors -= _reaped(self.supervisors)
+        self.forked -= _reaped(self.forked)
+        if self.handed_over:
+            return not self.supervisors
+        now = time.monotonic()
+        if now - self.started > LIFETIME_S and self.listener.fileno() >= 0:
+            self.listener.close()  # the next command starts a fresh host; this one finishes what it runs
+        busy = self.supervisors or self.to_load or self.successor is not None
+        return not busy and (now - self.last > IDLE_S or now - self.started > LIFETIME_S)
+
+    def _fork_successor(self) -> None:
+        read_end, write_end = os.pipe()
+        pid = os.fork()
+        if pid:  # this host serves on; the successor is reaped with the supervisors
+            os.close(write_end)
+            self.successor, self.late = read_end, []
+            self.forked.add(pid)
+            return
+        os.close(read_end)  # the successor: imports LATE_PRELOAD, then says so and serves
+        self.to_load, self.late, self.announce, self.supervisors, self.forked = self.late, [], write_end, set(), set()
+        self.cpu_before, self.cpu = PRELOADED.get("preload_cpu_s", 0.0), time.process_time()
+        PRELOADED.update(host_pid=os.getpid())
+
+    def _load(self, module: str) -> None:
+        try:
+            importlib.import_module(module)
+        except Exception as exc:  # a broken environment: commands run their stages themselves, as without a host
+            self.refusal, self.to_load = f"preload failed: {exc!r}", []
+        if self.to_load:
+            return
+        PRELOADED.update(preloaded=self.refusal is None, preload_s=round(time.perf_counter() - self.wall, 3),
+                         preload_cpu_s=round(self.cpu_before + time.process_time() - self.cpu, 3))
+        _note(self.refusal or f"preloaded in {PRELOADED['preload_s']:.2f} s ({PRELOADED['preload_cpu_s']:.2f} CPU "
+                              f"s), {len(sys.modules)} modules")
+        if self.announce is not None:  # a successor: take over, or leave it all to the host that forked it
+            if self.refusal is None:
+                os.write(self.announce, b"1")
+            else:
+                self.handed_over = True
+                self.listener.close()
+            os.close(self.announce)
+            self.announce = None
 
 
 def _take(listener: socket.socket, refusal: str | None) -> int | None:
