@@ -20,9 +20,11 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-import subprocess
+import select
+import signal
 import sys
 import time
+import traceback
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -167,84 +169,116 @@ def disk_bytes(folder: Path) -> int:
     return sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
 
 
-# One fresh interpreter imports the libraries a bundle serves with, then reads its stdin (all at once: the batch's
-# file, then one line per bundle: its index and folder) and forks a child per bundle: each child starts from the heap
-# as the imports and the batch left it, not grown by earlier work (the allocator would reuse that), and prints the
-# peak resident memory that loading the bundle and scoring the batch adds over it, less the pages of files it mapped
-# (library code: a forked child maps again what its parent had mapped, and every serving process shares them); a
-# child that failed prints nothing.
-_PEAK_SCRIPT = """
-import os, sys, traceback
-from pathlib import Path
-import lightgbm, pandas, torch, xgboost
-import pipelines.models  # what ModelBundle.load imports (scikit-learn, SciPy): before the fork, as in a server
-from pipelines.accounting import PeakMemory, status_kib
-from pipelines.bundle import ModelBundle
-batch, *lines = sys.stdin.read().splitlines()
-rows = pandas.read_parquet(batch)
-children = []
-for line in lines:
-    index, folder = line.split("\\t", 1)
-    pid = os.fork()
-    if pid == 0:
-        status = 1
-        try:
-            files = status_kib("RssFile")
-            with PeakMemory() as memory:
-                ModelBundle.load(Path(folder)).predict(rows)
-            print(index, max(0, memory.bytes - (status_kib("RssFile") - files) * 1024), sep="\\t", flush=True)
-            status = 0
-        except BaseException:
-            traceback.print_exc()
-        finally:
-            os._exit(status)
-    children.append(pid)
-for pid in children:
-    os.waitpid(pid, 0)
-"""
-
-
 class PeakMemoryProbe:
     """Per bundle: the peak memory loading it and scoring a batch of rows adds (bytes; None where it could not
-    be measured), in an interpreter of its own (see _PEAK_SCRIPT). Started on entering, so that its imports (about
-    3 CPU s) run while the stage loads the ensemble and distils; `measure` hands it the rows and the bundles once
-    they are written."""
+    be measured), in a process forked from the stage's when the probe is entered, before the stage has loaded a
+    model or run a thread pool: its heap is what the imports left, not grown by the stage's work (the allocator
+    would reuse that and hide what a bundle needs), as a serving process's is. `measure` hands it the batch's file
+    and the bundles once they are written; it forks a child per bundle from the state the batch's rows left, and
+    each child reports the resident memory loading its bundle and scoring the rows adds over that, less the pages
+    of files it mapped (library code: every serving process shares them). A fork costs milliseconds, where a fresh
+    interpreter importing pandas, torch, LightGBM and XGBoost cost the stage 3-4 s of waiting on 2 cores."""
 
     def __init__(self, scratch: Path, timeout_s: float = 300) -> None:
         self.batch, self.timeout_s = scratch / "memory_batch.parquet", timeout_s
-        self.proc: subprocess.Popen[str] | None = None
+        self.pid: int | None = None
+        self.to_probe = self.from_probe = -1
 
     def __enter__(self) -> PeakMemoryProbe:
-        code_root = str(Path(__file__).resolve().parents[1])
-        env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [code_root, os.environ.get("PYTHONPATH")]))}
-        self.proc = subprocess.Popen([sys.executable, "-c", _PEAK_SCRIPT], stdin=subprocess.PIPE,
-                                     stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+        to_read, self.to_probe = os.pipe()
+        self.from_probe, from_write = os.pipe()
+        self.pid = os.fork()
+        if self.pid == 0:  # the probe: never returns
+            os.close(self.to_probe)
+            os.close(self.from_probe)
+            status = 1
+            try:
+                os.setpgid(0, 0)  # a group of its own, with its children: killed together on a timeout
+                status = _probe(to_read, from_write)
+            finally:
+                os._exit(status)
+        os.close(to_read)
+        os.close(from_write)
         return self
 
     def __exit__(self, *exc: object) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.communicate()
+        self._stop(signal.SIGKILL)
+
+    def _stop(self, sig: int | None) -> int | None:
+        """Close the pipes, signal the probe's group if asked, and reap it: its exit status."""
+        for fd in (self.to_probe, self.from_probe):
+            with contextlib.suppress(OSError):
+                os.close(fd)
+        self.to_probe = self.from_probe = -1
+        if self.pid is None:
+            return None
+        pid, self.pid = self.pid, None
+        if sig is not None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(pid, sig)
+        return os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1])
 
     def measure(self, folders: dict[str, Path], rows: pd.DataFrame) -> dict[str, int | None]:
-        assert self.proc is not None, "measure inside `with PeakMemoryProbe(...)`"
+        assert self.pid is not None, "measure inside `with PeakMemoryProbe(...)`"
         rows.iloc[:BATCH].to_parquet(self.batch)
         names = list(folders)
         lines = f"{self.batch}\n" + "".join(f"{i}\t{folders[name]}\n" for i, name in enumerate(names))
-        try:
-            out, err = self.proc.communicate(lines, timeout=self.timeout_s)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            out, err = self.proc.communicate()
+        with contextlib.suppress(BrokenPipeError):  # a probe that died says nothing: the bundles go unmeasured
+            os.write(self.to_probe, lines.encode())
+        os.close(self.to_probe)
+        self.to_probe = -1
+        out, deadline = b"", time.monotonic() + self.timeout_s
+        while (left := deadline - time.monotonic()) > 0 and select.select([self.from_probe], [], [], left)[0]:
+            if not (chunk := os.read(self.from_probe, 65536)):
+                break
+            out += chunk
+        status = self._stop(signal.SIGKILL if left <= 0 else None)
         found: dict[str, int | None] = dict.fromkeys(names)
-        for line in out.splitlines():
+        for line in out.decode().splitlines():
             index, _, value = line.partition("\t")
             if index.isdigit() and int(index) < len(names) and value.isdigit():
                 found[names[int(index)]] = int(value)
         for name in (n for n, v in found.items() if v is None):
-            log.warning("peak memory of %s not measured (exit %s): %s", name, self.proc.returncode,
-                        err.strip()[-500:])
+            log.warning("peak memory of %s not measured (probe exit %s%s; its traceback, if any, is above)", name,
+                        status, ", timed out" if left <= 0 else "")
         return found
+
+
+def _probe(to_read: int, from_write: int) -> int:
+    """The probe's process (PeakMemoryProbe): read the batch's file and the bundles' folders, one child per
+    bundle, each printing its index and the memory it added; a child that failed prints its traceback."""
+    import lightgbm  # noqa: F401 - what ModelBundle.load imports (scikit-learn, SciPy with pipelines.models): before
+    import torch  # noqa: F401 - the forks, as in a server
+    import xgboost  # noqa: F401
+
+    import pipelines.models  # noqa: F401
+    from pipelines.accounting import PeakMemory, status_kib
+
+    with os.fdopen(to_read, "r") as given:
+        batch, *lines = given.read().splitlines()
+    rows = pd.read_parquet(batch)
+    children = []
+    for line in lines:
+        index, folder = line.split("\t", 1)
+        pid = os.fork()
+        if pid == 0:
+            status = 1
+            try:
+                files = status_kib("RssFile")
+                with PeakMemory() as memory:
+                    ModelBundle.load(Path(folder)).predict(rows)
+                added = max(0, (memory.bytes or 0) - (status_kib("RssFile") - files) * 1024)
+                os.write(from_write, f"{index}\t{added}\n".encode() if memory.bytes is not None else b"")
+                status = 0
+            except BaseException:  # noqa: BLE001 - the bundle goes unmeasured, with the reason on stderr
+                traceback.print_exc()
+                sys.stderr.flush()
+            finally:
+                os._exit(status)
+        children.append(pid)
+    for pid in children:
+        os.waitpid(pid, 0)
+    return 0
 
 
 def measure(folders: dict[str, Path], rows: pd.DataFrame, y: np.ndarray, metric: str, cost: CostConfig,
