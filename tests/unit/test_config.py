@@ -110,7 +110,9 @@ def test_a_password_in_params_is_refused_with_the_fix_and_never_echoed(tmp_path,
 
 @pytest.mark.parametrize(("key", "value"), [("serve.workers", 10_000), ("train.lightgbm.n_estimators", 10**12),
                                             ("source.simulator.rows_per_batch", 10**15), ("evaluate.threshold", 5),
-                                            ("evaluate.threshold", -1), ("evaluate.threshold", float("nan"))])
+                                            ("evaluate.threshold", -1), ("evaluate.threshold", float("nan")),
+                                            ("promote.approval_timeout_min", 0), ("promote.approval_timeout_min", -1),
+                                            ("promote.approval_timeout_min", 43_201)])
 def test_numeric_settings_have_bounds_that_name_the_key(tmp_path, key, value):
     """Hardening II, item 8: absurd sizes loaded, and a NaN threshold failed only after training."""
     with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
@@ -125,3 +127,9 @@ def test_an_error_of_a_whole_section_names_its_keys_without_dumping_it(tmp_path)
     with pytest.raises(ConfigError) as err:
         load_settings(_write(tmp_path, params))
     assert "prepare.split: time needs schema.time_column" in str(err.value) and len(str(err.value)) < 600
+
+
+def test_the_approval_timeout_takes_fractions_of_a_minute(tmp_path):
+    """Half a minute is thirty seconds (Airflow's timedelta(minutes=...) takes it as it is)."""
+    settings = load_settings(write_params(tmp_path, **{"promote.approval_timeout_min": 0.5}))
+    assert settings.promote.approval_timeout_min == 0.5
