@@ -22,6 +22,7 @@ import logging
 import os
 import select
 import signal
+import subprocess
 import sys
 import time
 import traceback
@@ -171,32 +172,48 @@ def disk_bytes(folder: Path) -> int:
 
 class PeakMemoryProbe:
     """Per bundle: the peak memory loading it and scoring a batch of rows adds (bytes; None where it could not
-    be measured), in a process forked from the stage's when the probe is entered, before the stage has loaded a
-    model or run a thread pool: its heap is what the imports left, not grown by the stage's work (the allocator
-    would reuse that and hide what a bundle needs), as a serving process's is. `measure` hands it the batch's file
-    and the bundles once they are written; it forks a child per bundle from the state the batch's rows left, and
-    each child reports the resident memory loading its bundle and scoring the rows adds over that, less the pages
-    of files it mapped (library code: every serving process shares them). A fork costs milliseconds, where a fresh
-    interpreter importing pandas, torch, LightGBM and XGBoost cost the stage 3-4 s of waiting on 2 cores."""
+    be measured), in a process of its own started when the probe is entered, before the stage has loaded a model:
+    its heap is what the imports left, not grown by the stage's work (the allocator would reuse that and hide what
+    a bundle needs), as a serving process's is. `measure` hands it the batch's file and the bundles once they are
+    written; it forks a child per bundle from the state the batch's rows left, and each child reports the resident
+    memory loading its bundle and scoring the rows adds over that, less the pages of files it mapped (library
+    code: every serving process shares them).
+
+    The probe is a fork of the stage's process where that is still single-threaded (a stage command's process, as
+    the stage host starts it): a fork costs milliseconds, where a fresh interpreter importing pandas, torch,
+    LightGBM and XGBoost cost the stage 3-4 s of waiting on 2 cores. Anywhere else (a stage after others in one
+    process: `amaas run`, an Airflow task, a test) it is a fresh interpreter: a process that has run OpenMP keeps
+    its pool's threads, and a child forked from it hangs in its first parallel region (GNU libgomp is not
+    fork-safe), as the bundles' children would."""
 
     def __init__(self, scratch: Path, timeout_s: float = 300) -> None:
         self.batch, self.timeout_s = scratch / "memory_batch.parquet", timeout_s
         self.pid: int | None = None
+        self.proc: subprocess.Popen[bytes] | None = None  # the probe where it is a fresh interpreter
         self.to_probe = self.from_probe = -1
 
     def __enter__(self) -> PeakMemoryProbe:
         to_read, self.to_probe = os.pipe()
         self.from_probe, from_write = os.pipe()
-        self.pid = os.fork()
-        if self.pid == 0:  # the probe: never returns
-            os.close(self.to_probe)
-            os.close(self.from_probe)
-            status = 1
-            try:
-                os.setpgid(0, 0)  # a group of its own, with its children: killed together on a timeout
-                status = _probe(to_read, from_write)
-            finally:
-                os._exit(status)
+        forked = _single_threaded()
+        if forked:
+            self.pid = os.fork()
+            if self.pid == 0:  # the probe: never returns
+                os.close(self.to_probe)
+                os.close(self.from_probe)
+                status = 1
+                try:
+                    os.setpgid(0, 0)  # a group of its own, with its children: killed together on a timeout
+                    status = _probe(to_read, from_write)
+                finally:
+                    os._exit(status)
+        else:
+            code_root = str(Path(__file__).resolve().parents[1])
+            env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [code_root, os.environ.get("PYTHONPATH")]))}
+            self.proc = subprocess.Popen([sys.executable, "-c", _PROBE_MAIN, str(to_read), str(from_write)],
+                                         pass_fds=(to_read, from_write), env=env, start_new_session=True)
+            self.pid = self.proc.pid
+        log.debug("memory probe: pid %s, %s", self.pid, "forked" if forked else "a fresh interpreter")
         os.close(to_read)
         os.close(from_write)
         return self
@@ -216,6 +233,8 @@ class PeakMemoryProbe:
         if sig is not None:
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(pid, sig)
+        if self.proc is not None:
+            return self.proc.wait()
         return os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1])
 
     def measure(self, folders: dict[str, Path], rows: pd.DataFrame) -> dict[str, int | None]:
@@ -242,6 +261,17 @@ class PeakMemoryProbe:
             log.warning("peak memory of %s not measured (probe exit %s%s; its traceback, if any, is above)", name,
                         status, ", timed out" if left <= 0 else "")
         return found
+
+
+_PROBE_MAIN = ("import sys; from pipelines.compression import _probe; "
+               "sys.exit(_probe(int(sys.argv[1]), int(sys.argv[2])))")
+
+
+def _single_threaded() -> bool:
+    try:
+        return len(os.listdir("/proc/self/task")) == 1
+    except OSError:  # not Linux: no way to tell
+        return False
 
 
 def _probe(to_read: int, from_write: int) -> int:
