@@ -98,7 +98,9 @@ def _waiting(api: requests.Session, airflow: Airflow, run: subprocess.Popen[str]
         assert run.poll() is None, (root / "dags-test.log").read_text()[-4000:]
         answer = api.get(f"{airflow.url}/api/v2/dags/{DAG_ID}/dagRuns/~/hitlDetails",
                          params={"response_received": False}, timeout=10)
-        found = [r for r in answer.json()["hitl_details"] if version in r["subject"]] if answer.ok else []
+        # the request is written a moment before its task is marked awaiting_input: waiting means both
+        found = [r for r in answer.json()["hitl_details"] if version in r["subject"]
+                 and r["task_instance"]["state"] == "awaiting_input"] if answer.ok else []
         if found:
             return found[0]
         time.sleep(0.5)
